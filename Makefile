@@ -1,0 +1,23 @@
+# Two commands: `make setup` on a fresh Debian machine, then `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nftables python3-nftables python3-pyroute2 python3-watchdog \
+	python3-click python3-yaml python3-pytest python3-venv python3-setuptools \
+	iproute2 nginx-light apache2-utils curl caddy procps util-linux \
+	fail2ban
+
+.PHONY: setup test unit netns
+setup:
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test:
+	$(PY) -m pytest -q -rs tests
+
+unit:
+	$(PY) -m pytest -q -m "not netns" tests
+
+netns:
+	$(PY) -m pytest -q -rs -m netns tests
