@@ -1,0 +1,167 @@
+"""Set-element changes sent straight to the kernel over nfnetlink.
+
+The ban hot path: one batch (one kernel transaction) adds or removes any number
+of timed elements without libnftables, whose cache rebuild would make every ban
+pay for the size of the allowlist. Nothing here parses rules or sets.
+"""
+import errno
+import os
+import socket
+import struct
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_DELSETELEM = 14
+NFT_MSG_DESTROYSETELEM = 30  # Linux >= 6.3: like DEL, but a missing element is fine
+NFPROTO_INET = 1
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_CREATE = 0x400
+NLMSG_ERROR = 0x2
+NLA_F_NESTED = 0x8000
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_DATA_VALUE = 1
+# An attribute's length is 16 bits, so one message carries at most ~64 KiB of
+# elements; larger changes become several messages in the same batch.
+MAX_ELEMENTS_BYTES = 60000
+
+
+def _attr(kind, payload):
+    header = struct.pack("=HH", 4 + len(payload), kind)
+    return header + payload + b"\0" * (-len(payload) % 4)
+
+
+def _element(address, timeout_ms):
+    key = _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, address.packed))
+    body = key
+    if timeout_ms is not None:
+        body += _attr(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", timeout_ms))
+    return _attr(NFTA_LIST_ELEM | NLA_F_NESTED, body)
+
+
+class SetElements:
+    """A netfilter netlink socket that changes set elements in batches."""
+
+    def __init__(self):
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock.bind((0, 0))
+        self._sock.settimeout(10)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, 32, 16 << 20)  # SO_SNDBUFFORCE
+            self._sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
+        except OSError:
+            pass  # without CAP_NET_ADMIN the kernel refuses the batch anyway
+        self._seq = 0
+        self._has_destroy = True
+
+    def close(self):
+        self._sock.close()
+
+    def replace(self, table, changes):
+        """Put every (address, timeout seconds) in its set, replacing existing ones.
+
+        `changes` maps set name -> [(ip_address, seconds)]; all in one transaction.
+        """
+        messages = []
+        if self._has_destroy:
+            for name, items in changes.items():
+                messages += self._messages(NFT_MSG_DESTROYSETELEM, table, name,
+                                           [(a, None) for a, _ in items])
+        for name, items in changes.items():
+            messages += self._messages(NFT_MSG_NEWSETELEM, table, name,
+                                       [(a, s * 1000) for a, s in items], NLM_F_CREATE)
+        try:
+            self._send(messages)
+        except OSError as exc:
+            if self._has_destroy and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                # An older kernel without DESTROY: add only; an existing element keeps
+                # its timeout, which the ban manager tolerates.
+                self._has_destroy = False
+                return self.replace(table, changes)
+            raise
+
+    def delete(self, table, changes):
+        """Remove every address in `changes` (set name -> [ip_address]); missing is fine."""
+        kind = NFT_MSG_DESTROYSETELEM if self._has_destroy else NFT_MSG_DELSETELEM
+        messages = []
+        for name, addresses in changes.items():
+            messages += self._messages(kind, table, name, [(a, None) for a in addresses])
+        try:
+            self._send(messages)
+        except OSError as exc:
+            if kind == NFT_MSG_DESTROYSETELEM and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                self._has_destroy = False
+                return self.delete(table, changes)
+            if exc.errno != errno.ENOENT:
+                raise
+            # Without DESTROY one missing element fails the batch: go one by one.
+            for name, addresses in changes.items():
+                for address in addresses:
+                    try:
+                        self._send(self._messages(kind, table, name, [(address, None)]))
+                    except OSError as one:
+                        if one.errno != errno.ENOENT:
+                            raise
+
+    def _messages(self, kind, table, name, items, flags=0):
+        head = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+        out, chunk = [], b""
+        for address, timeout_ms in items:
+            element = _element(address, timeout_ms)
+            if len(chunk) + len(element) > MAX_ELEMENTS_BYTES:
+                out.append((kind, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, chunk)))
+                chunk = b""
+            chunk += element
+        if chunk:
+            out.append((kind, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, chunk)))
+        return out
+
+    def _next_seq(self):
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _header(self, kind, flags, family, res_id, body, seq):
+        nfgen = struct.pack("=BBH", family, 0, socket.htons(res_id))
+        return struct.pack("=IHHII", 16 + len(nfgen) + len(body), kind, flags, seq, 0) + nfgen + body
+
+    def _send(self, messages):
+        """One batch: begin, the messages (each acked), end; raise OSError on refusal."""
+        if not messages:
+            return
+        batch = [self._header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES,
+                              b"", self._next_seq())]
+        waiting = set()
+        for kind, flags, body in messages:
+            seq = self._next_seq()
+            waiting.add(seq)
+            batch.append(self._header((NFNL_SUBSYS_NFTABLES << 8) | kind,
+                                      NLM_F_REQUEST | NLM_F_ACK | flags, NFPROTO_INET, 0,
+                                      body, seq))
+        batch.append(self._header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES,
+                                  b"", self._next_seq()))
+        self._sock.send(b"".join(batch))
+        failure = 0
+        while waiting:
+            data = self._sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                if length < 16:
+                    break
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, offset + 16)
+                    waiting.discard(seq)
+                    if code and not failure:
+                        failure = -code
+                offset += (length + 3) & ~3
+        if failure:
+            raise OSError(failure, f"nftables set element change refused: {os.strerror(failure)}")

@@ -1,0 +1,322 @@
+"""The policy file: YAML version 1 loaded into frozen dataclasses.
+
+Owns validation. Every error names file, line and key in one line, so a bad
+policy is refused before anything reaches the kernel.
+"""
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from policyd.addr import parse_network
+from policyd.errors import InputError
+
+DEFAULT_POLICY = "/etc/policyd/policy.yaml"
+
+# nftables object names are built from these; the patterns keep nft syntax out.
+TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}\Z")
+SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
+# Linux IFNAMSIZ is 16 including the NUL; a trailing * is an nftables wildcard.
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\*?\Z")
+DURATION = re.compile(r"(\d+)([smhdw]?)\Z")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+RATE = re.compile(r"(\d+)/(second|minute|hour|day)\Z")
+
+
+@dataclass(frozen=True)
+class Rate:
+    count: int
+    per: str  # second | minute | hour | day
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    ports: tuple[int, ...]
+    proto: str = "tcp"
+    allow_any: bool = False
+    allow4: tuple[ipaddress.IPv4Network, ...] = ()
+    allow6: tuple[ipaddress.IPv6Network, ...] = ()
+    allow_interfaces: tuple[str, ...] = ()
+    action: str = "drop"
+    rate: Rate | None = None
+
+
+@dataclass(frozen=True)
+class LogSource:
+    path: str
+    filter: str
+
+
+@dataclass(frozen=True)
+class BanSettings:
+    ports: tuple[int, ...]
+    maxretry: int = 5
+    findtime: int = 600
+    bantime: int = 3600
+    bantime_max: int = 604800
+    ipv6_prefix: int = 64
+    ignore: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    logs: tuple[LogSource, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    table: str
+    services: tuple[Service, ...]
+    bans: BanSettings
+    source: str = "<policy>"
+    digest: str = field(default="", compare=False)
+
+    @property
+    def bans_table(self):
+        return self.table + "_bans"
+
+    def guarded(self):
+        """(proto, port) pairs that this policy guards."""
+        return sorted({(s.proto, p) for s in self.services for p in s.ports})
+
+
+def parse_duration(value, file=None, line=None, key=None):
+    """`30s`, `10m`, `1h`, `2d`, `1w` or a bare integer of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise InputError(f"{value!r} is not a duration", file, line, key)
+    if isinstance(value, int):
+        seconds = value
+    else:
+        match = DURATION.match(str(value).strip())
+        if not match:
+            raise InputError(
+                f"{value!r} is not a duration (use 30s, 10m, 1h, 2d, 1w or seconds)",
+                file, line, key)
+        seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise InputError("a duration must be positive", file, line, key)
+    return seconds
+
+
+def load(path):
+    """Read and validate the policy at `path`; raise InputError on any problem."""
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(exc.strerror or str(exc), path) from None
+    return loads(data, path)
+
+
+def loads(data, source="<policy>"):
+    if isinstance(data, str):
+        data = data.encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 (byte {exc.start})", source) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"malformed YAML: {problem}", source, line) from None
+    reader = _Reader(source)
+    policy = reader.policy(root)
+    return Policy(policy.table, policy.services, policy.bans, source,
+                  hashlib.sha256(data).hexdigest())
+
+
+class _Reader:
+    """Walks the composed YAML node tree, so every error knows its line."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def fail(self, node, key, message):
+        raise InputError(message, self.source, node.start_mark.line + 1 if node else None, key)
+
+    def mapping(self, node, key, allowed, required=()):
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, key, "must be a mapping")
+        items = {}
+        for knode, vnode in node.value:
+            name = self.scalar_text(knode, key)
+            child = f"{key}.{name}" if key else name
+            if name in items:
+                self.fail(knode, child, "appears twice")
+            if allowed is not None and name not in allowed:
+                self.fail(knode, child, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            items[name] = (knode, vnode)
+        for name in required:
+            if name not in items:
+                self.fail(node, f"{key}.{name}" if key else name, "is required")
+        return items
+
+    def scalar_text(self, node, key):
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, key, "must be a single value")
+        return node.value
+
+    def scalar(self, node, key):
+        """The scalar's value with YAML's own typing (int, bool, str)."""
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, key, "must be a single value")
+        return yaml.SafeLoader(" ").construct_object(node)
+
+    def sequence(self, node, key):
+        if isinstance(node, yaml.ScalarNode):
+            return [node]  # `allow: any` reads as well as `allow: [any]`
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, key, "must be a list")
+        return node.value
+
+    def integer(self, node, key, low, high):
+        value = self.scalar(node, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(node, key, f"{node.value!r} is not an integer")
+        if not low <= value <= high:
+            self.fail(node, key, f"{value} is out of range {low}..{high}")
+        return value
+
+    def choice(self, node, key, options):
+        value = self.scalar(node, key)
+        if value not in options:
+            self.fail(node, key, f"{node.value!r} is not one of: {', '.join(options)}")
+        return value
+
+    def duration(self, node, key):
+        return parse_duration(self.scalar(node, key), self.source, node.start_mark.line + 1, key)
+
+    def ports(self, node, key):
+        ports = []
+        for item in self.sequence(node, key):
+            port = self.integer(item, key, 1, 65535)
+            if port in ports:
+                self.fail(item, key, f"port {port} is listed twice")
+            ports.append(port)
+        if not ports:
+            self.fail(node, key, "needs at least one port")
+        return tuple(ports)
+
+    def network(self, node, key):
+        text = self.scalar_text(node, key)
+        try:
+            return parse_network(text)
+        except ValueError as exc:
+            self.fail(node, key, f"{text!r} is not a valid address or network ({exc})")
+
+    def policy(self, root):
+        if root is None:
+            raise InputError("empty policy", self.source)
+        top = self.mapping(root, "", {"version", "table", "services", "bans"},
+                           required=("version", "services"))
+        knode, vnode = top["version"]
+        if self.scalar(vnode, "version") != 1:
+            self.fail(vnode, "version", f"unsupported version {vnode.value!r} (expected 1)")
+        table = "policyd"
+        if "table" in top:
+            vnode = top["table"][1]
+            table = self.scalar_text(vnode, "table")
+            if not TABLE_NAME.match(table):
+                self.fail(vnode, "table", f"{table!r} is not a valid table name "
+                          "(letter, then letters, digits, _; at most 32)")
+        snode = top["services"][1]
+        services = tuple(self.service(name, knode, vnode)
+                         for name, (knode, vnode) in
+                         self.mapping(snode, "services", None).items())
+        if not services:
+            self.fail(snode, "services", "needs at least one service")
+        seen = {}
+        for service in services:
+            for port in service.ports:
+                other = seen.setdefault((service.proto, port), service.name)
+                if other != service.name:
+                    self.fail(snode, f"services.{service.name}.ports",
+                              f"{service.proto} port {port} is also in service {other!r}")
+        bans = self.bans(top.get("bans", (None, None))[1], services)
+        return Policy(table, services, bans, self.source)
+
+    def service(self, name, knode, node):
+        key = f"services.{name}"
+        if not SERVICE_NAME.match(name):
+            self.fail(knode, key, "service names are lower-case letters, digits and _ (at most 32)")
+        items = self.mapping(node, key, {"ports", "proto", "allow", "action", "rate"},
+                             required=("ports", "allow"))
+        ports = self.ports(items["ports"][1], f"{key}.ports")
+        proto = "tcp"
+        if "proto" in items:
+            proto = self.choice(items["proto"][1], f"{key}.proto", ("tcp", "udp"))
+        action = "drop"
+        if "action" in items:
+            action = self.choice(items["action"][1], f"{key}.action", ("drop", "reject"))
+        rate = None
+        if "rate" in items:
+            rate = self.rate(items["rate"][1], f"{key}.rate")
+        allow_any, nets, interfaces = False, [], []
+        akey = f"{key}.allow"
+        for item in self.sequence(items["allow"][1], akey):
+            if isinstance(item, yaml.MappingNode):
+                entry = self.mapping(item, akey, {"iface"}, required=("iface",))
+                iface = self.scalar_text(entry["iface"][1], f"{akey}.iface")
+                if not INTERFACE_NAME.match(iface):
+                    self.fail(item, f"{akey}.iface", f"{iface!r} is not a valid interface name")
+                if iface in interfaces:
+                    self.fail(item, f"{akey}.iface", f"{iface!r} is listed twice")
+                interfaces.append(iface)
+            elif self.scalar_text(item, akey) == "any":
+                allow_any = True
+            else:
+                network = self.network(item, akey)
+                if network in nets:
+                    self.fail(item, akey, f"{network} is listed twice")
+                nets.append(network)
+        return Service(
+            name=name, ports=ports, proto=proto, allow_any=allow_any,
+            allow4=tuple(n for n in nets if n.version == 4),
+            allow6=tuple(n for n in nets if n.version == 6),
+            allow_interfaces=tuple(interfaces), action=action, rate=rate)
+
+    def rate(self, node, key):
+        text = str(self.scalar(node, key))
+        match = RATE.match(text.replace(" ", ""))
+        if not match or int(match.group(1)) < 1:
+            self.fail(node, key, f"{text!r} is not a rate (like 20/second or 100/minute)")
+        return Rate(int(match.group(1)), match.group(2))
+
+    def bans(self, node, services):
+        all_ports = tuple(sorted({p for s in services for p in s.ports}))
+        if node is None:
+            return BanSettings(ports=all_ports)
+        items = self.mapping(node, "bans", {"ports", "maxretry", "findtime", "bantime",
+                                            "bantime_max", "ipv6_prefix", "ignore", "logs"})
+        values = {"ports": all_ports}
+        if "ports" in items:
+            values["ports"] = self.ports(items["ports"][1], "bans.ports")
+        if "maxretry" in items:
+            values["maxretry"] = self.integer(items["maxretry"][1], "bans.maxretry", 1, 1000)
+        for name in ("findtime", "bantime", "bantime_max"):
+            if name in items:
+                values[name] = self.duration(items[name][1], f"bans.{name}")
+        if "ipv6_prefix" in items:
+            values["ipv6_prefix"] = self.integer(items["ipv6_prefix"][1], "bans.ipv6_prefix",
+                                                 16, 128)
+        if "ignore" in items:
+            values["ignore"] = tuple(self.network(n, "bans.ignore")
+                                     for n in self.sequence(items["ignore"][1], "bans.ignore"))
+        if "logs" in items:
+            logs = []
+            for item in self.sequence(items["logs"][1], "bans.logs"):
+                entry = self.mapping(item, "bans.logs", {"path", "filter"},
+                                     required=("path", "filter"))
+                path = self.scalar_text(entry["path"][1], "bans.logs.path")
+                if not path.startswith("/"):
+                    self.fail(entry["path"][1], "bans.logs.path", f"{path!r} must be absolute")
+                logs.append(LogSource(path, self.scalar_text(entry["filter"][1],
+                                                             "bans.logs.filter")))
+            values["logs"] = tuple(logs)
+        settings = BanSettings(**values)
+        if settings.bantime_max < settings.bantime:
+            self.fail(items["bantime_max"][1], "bans.bantime_max", "is shorter than bans.bantime")
+        return settings
