@@ -1,0 +1,212 @@
+"""The daemon's persistent state: one SQLite file with a versioned schema.
+
+Owns active bans, per-network ban history (for escalation), the recent
+failures of the findtime window, and log read positions. Knows nothing of
+nftables or of the ban rules; bans.py decides, this module remembers.
+"""
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InputError
+
+# "pold": marks the file as ours, so a foreign SQLite file is refused instead
+# of having our tables added to it.
+APPLICATION_ID = 0x706F6C64
+
+# The failure window is persisted, not kept only in memory: log positions are
+# persisted too, so after a restart the lines already read are never read
+# again. A window held only in memory would forget up to maxretry-1 failures
+# per source at every restart, and an attacker who can make the daemon restart
+# would never be banned. The cost is one INSERT per failure, batched into the
+# flush transaction that the ban path makes anyway.
+#
+# MIGRATIONS[i] takes the schema from user_version i to i+1. Append only.
+MIGRATIONS = (
+    """
+    CREATE TABLE bans (
+        network    TEXT PRIMARY KEY,
+        version    INTEGER NOT NULL CHECK (version IN (4, 6)),
+        banned_at  REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        failures   INTEGER NOT NULL,
+        filter     TEXT,
+        reason     TEXT NOT NULL CHECK (reason IN ('auto', 'manual'))
+    );
+    CREATE TABLE ban_history (
+        network  TEXT PRIMARY KEY,
+        bans     INTEGER NOT NULL,
+        last_end REAL NOT NULL
+    );
+    CREATE TABLE failures (
+        network TEXT NOT NULL,
+        time    REAL NOT NULL,
+        filter  TEXT NOT NULL
+    );
+    CREATE INDEX failures_by_network ON failures (network);
+    CREATE INDEX failures_by_time ON failures (time);
+    CREATE TABLE log_positions (
+        path     TEXT PRIMARY KEY,
+        position TEXT NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Row shapes exchanged with bans.py, in column order.
+BAN_COLUMNS = ("network", "version", "banned_at", "expires_at", "failures", "filter", "reason")
+
+
+class State:
+    """An open state file. Writes go through `transaction()`, one per flush."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        try:
+            # Autocommit mode: transactions are opened explicitly, so a flush
+            # is exactly one BEGIN ... COMMIT whatever the statements are.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise InputError(f"cannot open state database: {error}", file=self.path) from None
+        try:
+            self._prepare()
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise InputError(f"not a usable policyd state database: {error}", file=self.path) from None
+        except InputError:
+            self._db.close()
+            raise
+
+    def _prepare(self):
+        db = self._db
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+        if application_id != APPLICATION_ID and (application_id != 0 or has_tables):
+            raise InputError("not a policyd state database (foreign SQLite file)", file=self.path)
+        if version > SCHEMA_VERSION:
+            raise InputError(
+                f"state schema version {version} is newer than this policyd understands "
+                f"({SCHEMA_VERSION})", file=self.path)
+        if application_id == APPLICATION_ID and version:
+            # Finds damage in the pages of an existing file now, as a clear
+            # error, instead of later on the ban path.
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise InputError(f"state database is damaged: {problem}", file=self.path)
+        db.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL loses at most the last commits on power loss,
+        # never consistency; FULL would fsync on every flush of the ban path.
+        db.execute("PRAGMA synchronous=NORMAL")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            db.executescript(
+                "BEGIN;\n" + MIGRATIONS[target - 1]
+                + f";\nPRAGMA application_id={APPLICATION_ID};\nPRAGMA user_version={target};\nCOMMIT;")
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def schema_version(self):
+        return self._read("PRAGMA user_version")[0][0]
+
+    def _read(self, sql, args=()):
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as error:
+                raise InputError(f"cannot read state database: {error}", file=self.path) from None
+
+    @contextmanager
+    def transaction(self):
+        """One BEGIN ... COMMIT; yields a Writer. Rolls back if the block raises."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield Writer(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # Reading, at startup.
+
+    def load_bans(self, now):
+        """Rows (BAN_COLUMNS order) of bans that have not expired at `now`."""
+        return self._read(
+            "SELECT network, version, banned_at, expires_at, failures, filter, reason "
+            "FROM bans WHERE expires_at > ?", (now,))
+
+    def load_history(self):
+        """{network text: (times banned, end of the last ban)}."""
+        return {network: (bans, last_end) for network, bans, last_end
+                in self._read("SELECT network, bans, last_end FROM ban_history")}
+
+    def load_failures(self, since):
+        """[(network text, time, filter)] of failures at or after `since`, oldest first."""
+        return self._read(
+            "SELECT network, time, filter FROM failures WHERE time >= ? ORDER BY time", (since,))
+
+    # Log positions: the tail module's PositionStore protocol is load/save.
+
+    def load_position(self, path):
+        rows = self._read("SELECT position FROM log_positions WHERE path = ?", (str(path),))
+        if not rows:
+            return None
+        try:
+            return json.loads(rows[0][0])
+        except ValueError:
+            return None  # a damaged position means "start as for a new log", not a crash
+
+    def save_position(self, path, position):
+        text = json.dumps(position, sort_keys=True)
+        with self.transaction() as writer:
+            writer.execute(
+                "INSERT INTO log_positions (path, position) VALUES (?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET position = excluded.position", (str(path), text))
+
+    load = load_position
+    save = save_position
+
+
+class Writer:
+    """The statements a transaction may run; every method takes a whole batch."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def execute(self, sql, args=()):
+        self._db.execute(sql, args)
+
+    def upsert_bans(self, rows):
+        self._db.executemany(
+            "INSERT OR REPLACE INTO bans (network, version, banned_at, expires_at, failures, "
+            "filter, reason) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def delete_bans(self, networks):
+        self._db.executemany("DELETE FROM bans WHERE network = ?", ((n,) for n in networks))
+
+    def upsert_history(self, rows):
+        """rows: (network text, times banned, end of the last ban)."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO ban_history (network, bans, last_end) VALUES (?, ?, ?)", rows)
+
+    def add_failures(self, rows):
+        """rows: (network text, time, filter)."""
+        self._db.executemany("INSERT INTO failures (network, time, filter) VALUES (?, ?, ?)", rows)
+
+    def forget_failures(self, networks):
+        self._db.executemany("DELETE FROM failures WHERE network = ?", ((n,) for n in networks))
+
+    def prune_failures(self, before):
+        self._db.execute("DELETE FROM failures WHERE time < ?", (before,))

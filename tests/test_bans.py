@@ -1,0 +1,442 @@
+"""BanManager against a fake kernel and a fake clock: the window, escalation,
+never-ban rules, IPv6 aggregation, batching, kernel failures and restarts."""
+import ipaddress
+from dataclasses import dataclass
+
+import pytest
+
+from policyd.bans import Ban, BanManager
+from policyd.errors import InputError, KernelError
+from policyd.state import State
+
+ip = ipaddress.ip_address
+net = ipaddress.ip_network
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Same attribute names as policy.BanSettings; bans.py only reads them."""
+    ports: tuple = (11434,)
+    maxretry: int = 5
+    findtime: int = 600
+    bantime: int = 3600
+    bantime_max: int = 604800
+    ipv6_prefix: int = 64
+    ignore: tuple = ()
+    logs: tuple = ()
+
+
+class FakeClock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class FakeKernel:
+    """Records each call as one batch; keeps elements with an expiry like the kernel."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.batches = []
+        self.elements = {}
+        self.failing = False
+
+    def add_bans(self, bans):
+        if self.failing:
+            raise KernelError("netlink: Operation not permitted")
+        self.batches.append(("add", list(bans)))
+        for network, timeout in bans:
+            self.elements[network] = self.clock() + timeout
+
+    def remove_bans(self, networks):
+        if self.failing:
+            raise KernelError("netlink: Operation not permitted")
+        self.batches.append(("remove", list(networks)))
+        for network in networks:
+            self.elements.pop(network, None)
+
+    def list_bans(self):
+        now = self.clock()
+        return {n: round(end - now) for n, end in self.elements.items() if end > now}
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def kernel(clock):
+    return FakeKernel(clock)
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def make(db_path, clock, kernel):
+    opened = []
+
+    def make(settings=None):
+        state = State(db_path)
+        opened.append(state)
+        return BanManager(settings or Settings(), state, kernel, clock=clock)
+    yield make
+    for state in opened:
+        state.close()
+
+
+def fail(manager, address, times, filter_name="nginx-auth"):
+    """Record `times` failures; return the results."""
+    return [manager.record_failure(ip(address), filter_name) for _ in range(times)]
+
+
+def test_four_failures_in_window_do_not_ban_the_fifth_does(make, clock, kernel):
+    manager = make()
+    for _ in range(4):
+        assert manager.record_failure(ip("192.0.2.10"), "nginx-auth") is None
+        clock.advance(100)
+    ban = manager.record_failure(ip("192.0.2.10"), "nginx-auth")
+    assert ban == Ban(net("192.0.2.10/32"), clock.now + 3600, 5, "nginx-auth", "auto", clock.now)
+    assert kernel.batches == []  # queued only, until flush
+    assert manager.flush() == 1
+    assert kernel.batches == [("add", [(net("192.0.2.10/32"), 3600)])]
+
+
+def test_findtime_edge_first_failure_exactly_findtime_ago_still_counts(make, clock):
+    manager = make()
+    fail(manager, "192.0.2.11", 1)
+    clock.advance(300)
+    fail(manager, "192.0.2.11", 3)
+    clock.advance(300)
+    assert manager.record_failure(ip("192.0.2.11"), "nginx-auth") is not None
+
+
+def test_failures_spread_beyond_findtime_never_ban(make, clock):
+    manager = make()
+    for _ in range(20):
+        assert manager.record_failure(ip("192.0.2.12"), "nginx-auth") is None
+        clock.advance(151)  # the fifth is always 604 s after the first
+    assert manager.active() == []
+
+
+def test_further_failures_while_banned_do_not_reban(make, clock, kernel):
+    manager = make()
+    first = fail(manager, "192.0.2.13", 5)[-1]
+    manager.flush()
+    clock.advance(10)
+    assert fail(manager, "192.0.2.13", 10) == [None] * 10
+    assert manager.flush() == 0
+    assert manager.active() == [first]
+    assert len(kernel.batches) == 1
+    assert manager.failures_total["nginx-auth"] == 15
+
+
+def test_ban_length_doubles_per_previous_ban_and_is_capped(make, clock):
+    manager = make(Settings(bantime=3600, bantime_max=5 * 3600))
+    lengths = []
+    for _ in range(5):
+        ban = fail(manager, "198.51.100.7", 5)[-1]
+        lengths.append(ban.expires_at - ban.banned_at)
+        clock.advance(ban.expires_at - clock.now + 1)
+        assert [b.network for b in manager.expire()] == [ban.network]
+    assert lengths == [3600, 7200, 14400, 18000, 18000]
+
+
+def test_escalation_is_per_network(make, clock):
+    manager = make()
+    first = fail(manager, "198.51.100.8", 5)[-1]
+    clock.advance(first.expires_at - clock.now + 1)
+    manager.expire()
+    again = fail(manager, "198.51.100.8", 5)[-1]
+    other = fail(manager, "198.51.100.9", 5)[-1]
+    assert again.expires_at - again.banned_at == 7200
+    assert other.expires_at - other.banned_at == 3600
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1", "192.168.1.50", "2001:db8:ff::7"])
+def test_loopback_and_ignored_sources_are_never_banned(make, kernel, address):
+    manager = make(Settings(ignore=(net("192.168.1.50/32"), net("2001:db8:ff::/48"))))
+    assert fail(manager, address, 50) == [None] * 50
+    assert manager.flush() == 0
+    assert manager.active() == [] and kernel.batches == []
+    assert manager.ignored_total["nginx-auth"] == 50
+
+
+def test_ipv4_mapped_loopback_is_never_banned_normalized_or_not(make):
+    manager = make()
+    normalized = ip("::ffff:127.0.0.1").ipv4_mapped
+    assert [manager.record_failure(normalized, "caddy-auth") for _ in range(10)] == [None] * 10
+    assert [manager.record_failure(ip("::ffff:127.0.0.1"), "caddy-auth") for _ in range(10)] == [None] * 10
+    assert manager.active() == []
+
+
+def test_ipv4_mapped_offender_is_banned_as_ipv4(make):
+    manager = make()
+    ban = [manager.record_failure(ip("::ffff:192.0.2.77"), "caddy-auth") for _ in range(5)][-1]
+    assert ban.network == net("192.0.2.77/32")
+
+
+def test_ipv6_addresses_in_one_slash64_count_together(make):
+    manager = make()
+    fail(manager, "2001:db8:1:2::1", 2)
+    fail(manager, "2001:db8:1:2::ffff", 2)
+    assert fail(manager, "2001:db8:1:3::1", 4) == [None] * 4  # another /64: own count
+    ban = manager.record_failure(ip("2001:db8:1:2:abcd::9"), "nginx-auth")
+    assert ban.network == net("2001:db8:1:2::/64")
+    assert ban.failures == 5
+    # Once the /64 is banned, any address in it is already covered.
+    assert manager.record_failure(ip("2001:db8:1:2::5"), "nginx-auth") is None
+
+
+def test_ipv6_prefix_is_narrowed_when_it_would_cover_an_ignored_address(make):
+    manager = make(Settings(ignore=(net("2001:db8:5:5::1/128"),)))
+    ban = fail(manager, "2001:db8:5:5::66", 5)[-1]
+    assert ban.network == net("2001:db8:5:5::66/128")
+    assert fail(manager, "2001:db8:5:5::1", 10) == [None] * 10
+
+
+def test_burst_of_1000_offenders_is_one_kernel_batch(make, kernel):
+    manager = make(Settings(maxretry=1))
+    offenders = [ipaddress.IPv4Address(0xC6336400 + i) for i in range(256)] + \
+                [ipaddress.IPv6Address((0x20010DB8 << 96) + (i << 64) + 1) for i in range(744)]
+    bans = [manager.record_failure(address, "nginx-auth") for address in offenders]
+    assert all(bans)
+    assert manager.flush() == 1000
+    assert len(kernel.batches) == 1
+    kind, batch = kernel.batches[0]
+    assert kind == "add" and len(batch) == 1000
+    assert {network for network, _ in batch} == {ban.network for ban in bans}
+    assert {timeout for _, timeout in batch} == {3600}
+    assert manager.flush() == 0 and len(kernel.batches) == 1
+
+
+def test_kernel_failure_keeps_the_queue_for_the_next_flush(make, kernel, clock, caplog):
+    manager = make()
+    kernel.failing = True
+    ban = fail(manager, "203.0.113.5", 5)[-1]
+    assert manager.flush() == 0
+    assert "kept queued" in caplog.text
+    assert manager.active() == [ban]  # still decided and persisted, only not enforced yet
+    clock.advance(30)
+    kernel.failing = False
+    assert manager.flush() == 1
+    assert kernel.batches == [("add", [(net("203.0.113.5/32"), 3600 - 30)])]
+
+
+def test_kernel_failure_on_removal_is_retried(make, kernel):
+    manager = make()
+    manager.ban("203.0.113.6", 600)
+    manager.flush()
+    manager.unban("203.0.113.6")
+    kernel.failing = True
+    assert manager.flush() == 0
+    kernel.failing = False
+    assert manager.flush() == 1
+    assert kernel.batches[-1] == ("remove", [net("203.0.113.6/32")])
+
+
+def test_restart_restores_remaining_time_and_keeps_history(make, clock, kernel, db_path):
+    manager = make()
+    first = fail(manager, "198.51.100.20", 5)[-1]
+    manual = manager.ban(net("2001:db8:77::/48"), 7200)
+    clock.advance(first.expires_at - clock.now + 1)
+    manager.expire()
+    again = fail(manager, "198.51.100.20", 5)[-1]  # second ban: 7200 s
+    manager.flush()
+    manager.state.close()
+
+    clock.advance(1000)
+    kernel.elements.clear()  # e.g. `nft flush ruleset` while the daemon was down
+    kernel.batches.clear()
+    restarted = make()
+    assert restarted.active() == sorted([again, manual], key=lambda ban: ban.expires_at)
+    assert restarted.restore() == 2
+    kind, batch = kernel.batches[0]
+    assert kind == "add"
+    assert sorted(batch, key=lambda pair: str(pair[0])) == sorted(
+        [(again.network, int(again.expires_at - clock.now)),
+         (manual.network, int(manual.expires_at - clock.now))], key=lambda pair: str(pair[0]))
+    assert len(kernel.batches) == 1
+    clock.advance(again.expires_at - clock.now + 1)
+    restarted.expire()
+    third = fail(restarted, "198.51.100.20", 5)[-1]
+    assert third.expires_at - third.banned_at == 14400
+
+
+def test_restart_keeps_the_failure_window(make, clock):
+    manager = make()
+    fail(manager, "192.0.2.30", 4)
+    manager.flush()
+    manager.state.close()
+    clock.advance(60)
+    restarted = make()
+    assert restarted.record_failure(ip("192.0.2.30"), "nginx-auth") is not None
+
+
+def test_restart_does_not_count_failures_that_led_to_a_ban(make, clock):
+    manager = make()
+    fail(manager, "192.0.2.31", 3)
+    manager.flush()
+    fail(manager, "192.0.2.31", 2)
+    manager.unban("192.0.2.31")
+    manager.flush()
+    manager.state.close()
+    restarted = make()
+    assert fail(restarted, "192.0.2.31", 4) == [None] * 4
+
+
+def test_failures_older_than_findtime_are_not_restored(make, clock):
+    manager = make()
+    fail(manager, "192.0.2.32", 4)
+    manager.flush()
+    clock.advance(601)
+    manager.expire()
+    manager.state.close()
+    restarted = make()
+    assert fail(restarted, "192.0.2.32", 4) == [None] * 4
+
+
+def test_expire_drops_only_bans_whose_time_has_passed(make, clock, kernel):
+    manager = make()
+    short = manager.ban("203.0.113.40", 100)
+    long = manager.ban("203.0.113.41", 1000)
+    manager.flush()
+    clock.advance(99)
+    assert manager.expire() == []
+    clock.advance(1)
+    assert manager.expire() == [short]
+    assert manager.active() == [long]
+    assert manager.active_count == 1
+    manager.state.close()
+    assert make().active() == [long]
+    assert [kind for kind, _ in kernel.batches] == ["add"]  # the kernel expires its own
+
+
+def test_manual_ban_and_unban(make, clock, kernel):
+    manager = make()
+    ban = manager.ban("203.0.113.50", 900)
+    assert ban == Ban(net("203.0.113.50/32"), clock.now + 900, 0, None, "manual", clock.now)
+    assert manager.flush() == 1
+    assert manager.unban("203.0.113.50") is True
+    assert manager.unban("203.0.113.50") is False
+    assert manager.flush() == 1
+    assert kernel.batches == [("add", [(net("203.0.113.50/32"), 900)]),
+                              ("remove", [net("203.0.113.50/32")])]
+    assert manager.active() == []
+
+
+def test_manual_ban_without_duration_uses_escalated_bantime(make):
+    manager = make()
+    assert manager.ban(ip("2001:db8:9::1"), None).expires_at - manager.clock() == 3600
+
+
+def test_unban_by_address_lifts_the_covering_slash64(make, kernel):
+    manager = make()
+    fail(manager, "2001:db8:4:4::1", 5)
+    manager.flush()
+    assert manager.unban(ip("2001:db8:4:4::abc")) is True
+    manager.flush()
+    assert kernel.batches[-1] == ("remove", [net("2001:db8:4:4::/64")])
+
+
+def test_ban_then_unban_before_flush_nets_out_to_a_removal(make, kernel):
+    manager = make()
+    manager.ban("198.51.100.60", 600)
+    manager.unban("198.51.100.60")
+    manager.flush()
+    assert kernel.batches == [("remove", [net("198.51.100.60/32")])]
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1", "::1", "127.0.0.0/8", "192.168.1.50",
+                                    "192.168.1.0/24", "0.0.0.0/0"])
+def test_manual_ban_of_loopback_or_ignored_is_refused(make, target):
+    manager = make(Settings(ignore=(net("192.168.1.50/32"),)))
+    with pytest.raises(InputError):
+        manager.ban(target, 600)
+    assert manager.active() == []
+
+
+@pytest.mark.parametrize("target, duration", [("not-an-address", 60), ("192.0.2.1/24", 60),
+                                              ("192.0.2.1", 0), ("192.0.2.1", -5)])
+def test_manual_ban_bad_input_is_an_input_error(make, target, duration):
+    with pytest.raises(InputError):
+        make().ban(target, duration)
+
+
+def test_manual_ban_overlapping_an_existing_ban_is_refused(make):
+    manager = make()
+    manager.ban("198.51.100.0/24", 600)
+    with pytest.raises(InputError, match="inside"):
+        manager.ban("198.51.100.7", 600)
+    manager.ban("203.0.113.9", 600)
+    with pytest.raises(InputError, match="overlap"):
+        manager.ban("203.0.113.0/24", 600)
+
+
+def test_failures_inside_a_wider_manual_ban_do_not_ban_again(make, kernel):
+    manager = make()
+    manager.ban("198.51.100.0/24", 600)
+    assert fail(manager, "198.51.100.99", 6) == [None] * 6
+    manager.flush()
+    assert kernel.batches == [("add", [(net("198.51.100.0/24"), 600)])]
+
+
+def test_reconcile_readds_only_what_the_kernel_lacks(make, kernel):
+    manager = make(Settings(maxretry=1))
+    for last_octet in (1, 2, 3):
+        fail(manager, f"192.0.2.{last_octet}", 1)
+    manager.flush()
+    assert manager.reconcile() == 0
+    del kernel.elements[net("192.0.2.2/32")]
+    assert manager.reconcile() == 1
+    assert kernel.batches[-1] == ("add", [(net("192.0.2.2/32"), 3600)])
+    kernel.elements.clear()
+    assert manager.reconcile() == 3
+    assert len(kernel.batches[-1][1]) == 3
+
+
+def test_stats_count_per_filter_and_reason(make):
+    manager = make()
+    fail(manager, "192.0.2.70", 5, "nginx-auth")
+    fail(manager, "192.0.2.71", 2, "caddy-auth")
+    fail(manager, "127.0.0.1", 1, "caddy-auth")
+    manager.ban("203.0.113.70", 60)
+    stats = manager.stats()
+    assert stats["failures_total"] == {"nginx-auth": 5, "caddy-auth": 3}
+    assert stats["ignored_total"] == {"caddy-auth": 1}
+    assert stats["bans_total"] == {"auto": 1, "manual": 1}
+    assert stats["active"] == 2 and stats["queued"] == 2
+
+
+def test_ban_as_dict_is_json_ready(make):
+    ban = make().ban("2001:db8:abc::/48", 60)
+    assert ban.as_dict()["network"] == "2001:db8:abc::/48"
+    assert ban.as_dict()["reason"] == "manual"
+
+
+def test_kernel_timeout_rounds_up_so_the_kernel_never_lifts_a_ban_early(make, clock, kernel):
+    manager = make()
+    manager.ban("192.0.2.90", 100)
+    clock.advance(0.4)
+    manager.flush()
+    assert kernel.batches == [("add", [(net("192.0.2.90/32"), 100)])]
+
+
+def test_extending_an_active_ban_is_not_a_new_offence(make, clock, kernel):
+    manager = make()
+    manager.ban("192.0.2.91", 100)
+    extended = manager.ban("192.0.2.91", 5000)
+    manager.flush()
+    assert manager.active() == [extended]
+    assert kernel.batches == [("add", [(net("192.0.2.91/32"), 5000)])]
+    clock.advance(5001)
+    manager.expire()
+    assert manager.ban("192.0.2.91", None).expires_at - clock.now == 7200  # one previous ban

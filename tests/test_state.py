@@ -1,0 +1,131 @@
+"""State file: schema versioning, refusal of corrupt and foreign files, log
+positions, and batched writes that survive reopening."""
+import sqlite3
+
+import pytest
+
+from policyd import state as state_module
+from policyd.errors import InputError
+from policyd.state import SCHEMA_VERSION, State
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "state.db"
+
+
+def test_new_file_gets_current_schema_version_wal_and_application_id(db_path):
+    with State(db_path) as state:
+        assert state.schema_version == SCHEMA_VERSION == len(state_module.MIGRATIONS)
+    raw = sqlite3.connect(db_path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert raw.execute("PRAGMA application_id").fetchone()[0] == state_module.APPLICATION_ID
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"bans", "ban_history", "failures", "log_positions"} <= tables
+    raw.close()
+
+
+def test_reopening_does_not_rerun_migrations(db_path):
+    with State(db_path) as state:
+        state.save_position("/var/log/nginx/error.log", {"inode": 7, "offset": 120})
+    with State(db_path) as state:
+        assert state.schema_version == SCHEMA_VERSION
+        assert state.load_position("/var/log/nginx/error.log") == {"inode": 7, "offset": 120}
+
+
+def test_corrupt_file_is_an_input_error_naming_the_file(db_path):
+    db_path.write_bytes(b"this is not sqlite at all\n" * 200)
+    with pytest.raises(InputError) as caught:
+        State(db_path)
+    assert str(db_path) in str(caught.value)
+
+
+def test_damaged_pages_are_an_input_error(db_path):
+    with State(db_path) as state:
+        with state.transaction() as writer:
+            writer.upsert_bans([(f"192.0.2.{i}/32", 4, 1.0, 9e9, 5, "nginx-auth", "auto")
+                                for i in range(256)] + [
+                               (f"2001:db8:{i:x}::/64", 6, 1.0, 9e9, 5, "x" * 200, "auto")
+                               for i in range(2000)])
+    raw = sqlite3.connect(db_path)
+    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw.close()
+    data = bytearray(db_path.read_bytes())
+    page_size = int.from_bytes(data[16:18], "big")
+    assert len(data) > 4 * page_size
+    # Overwrite the middle pages (table and index b-trees), keep the header.
+    for offset in range(2 * page_size, len(data) - page_size):
+        data[offset] = 0xA5
+    db_path.write_bytes(bytes(data))
+    with pytest.raises(InputError) as caught:
+        State(db_path)
+    assert str(db_path) in str(caught.value)
+
+
+def test_foreign_sqlite_database_is_refused_and_left_alone(db_path):
+    raw = sqlite3.connect(db_path)
+    raw.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")
+    raw.commit()
+    raw.close()
+    with pytest.raises(InputError, match="foreign") as caught:
+        State(db_path)
+    assert str(db_path) in str(caught.value)
+    raw = sqlite3.connect(db_path)
+    tables = [row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    raw.close()
+    assert tables == ["photos"]
+
+
+def test_newer_schema_is_refused(db_path):
+    State(db_path).close()
+    raw = sqlite3.connect(db_path)
+    raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    raw.commit()
+    raw.close()
+    with pytest.raises(InputError, match="newer"):
+        State(db_path)
+
+
+def test_unopenable_path_is_an_input_error(tmp_path):
+    missing = tmp_path / "no-such-dir" / "state.db"
+    with pytest.raises(InputError) as caught:
+        State(missing)
+    assert str(missing) in str(caught.value)
+
+
+def test_positions_satisfy_the_position_store_protocol(db_path):
+    with State(db_path) as state:
+        assert state.load("/var/log/caddy/access.log") is None
+        state.save("/var/log/caddy/access.log", {"inode": 1, "offset": 10, "head": "abc"})
+        state.save("/var/log/caddy/access.log", {"inode": 1, "offset": 99, "head": "abc"})
+        assert state.load("/var/log/caddy/access.log") == {"inode": 1, "offset": 99, "head": "abc"}
+        assert state.load_position("/var/log/other.log") is None
+
+
+def test_transaction_rolls_back_entirely_on_error(db_path):
+    with State(db_path) as state:
+        with pytest.raises(RuntimeError):
+            with state.transaction() as writer:
+                writer.upsert_bans([("192.0.2.1/32", 4, 1.0, 100.0, 5, "nginx-auth", "auto")])
+                writer.upsert_history([("192.0.2.1/32", 1, 100.0)])
+                raise RuntimeError("interrupted mid-flush")
+        assert state.load_bans(now=0.0) == []
+        assert state.load_history() == {}
+
+
+def test_loads_filter_by_time(db_path):
+    with State(db_path) as state:
+        with state.transaction() as writer:
+            writer.upsert_bans([("192.0.2.1/32", 4, 1.0, 100.0, 5, "nginx-auth", "auto"),
+                                ("2001:db8::/64", 6, 1.0, 300.0, 0, None, "manual")])
+            writer.add_failures([("198.51.100.1/32", 10.0, "caddy-auth"),
+                                 ("198.51.100.1/32", 50.0, "caddy-auth"),
+                                 ("198.51.100.2/32", 40.0, "nginx-auth")])
+        assert [row[0] for row in state.load_bans(now=200.0)] == ["2001:db8::/64"]
+        assert state.load_failures(since=40.0) == [("198.51.100.2/32", 40.0, "nginx-auth"),
+                                                   ("198.51.100.1/32", 50.0, "caddy-auth")]
+        with state.transaction() as writer:
+            writer.prune_failures(before=45.0)
+            writer.forget_failures(["198.51.100.2/32"])
+        assert state.load_failures(since=0.0) == [("198.51.100.1/32", 50.0, "caddy-auth")]
