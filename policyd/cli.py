@@ -1,10 +1,134 @@
 """Command line: parse arguments, call the owning module, print the result.
 
-Kept thin on purpose; every decision lives in the modules it calls.
+Kept thin on purpose; every decision lives in the modules it calls. Exit codes:
+0 success, 1 the operation ran and said no, 2 the input is wrong.
 """
+import functools
+import json
+import sys
+
 import click
 
+from policyd import explain as explain_mod
+from policyd import policy as policy_mod
+from policyd import render, trial
+from policyd.addr import parse_host
+from policyd.compile import compile_policy
+from policyd.errors import InputError, KernelError
 
-@click.group()
-def main():
+
+class Context:
+    def __init__(self, state_dir, run_dir):
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+
+    def nft(self):
+        from policyd.nft import Nft  # libnftables only where the kernel is needed
+        return Nft()
+
+
+def handle_errors(func):
+    """Turn the two expected failures into one line on stderr and an exit code."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except InputError as exc:
+            click.echo(f"policyd: {exc}", err=True)
+            sys.exit(2)
+        except KernelError as exc:
+            click.echo(f"policyd: the kernel refused: {exc}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+policy_argument = click.argument("policy_path", metavar="[POLICY]", required=False,
+                                 default=policy_mod.DEFAULT_POLICY)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", envvar="POLICYD_STATE_DIR", default="/var/lib/policyd",
+              show_default=True, help="Committed policy, bans and log positions.")
+@click.option("--run-dir", envvar="POLICYD_RUN_DIR", default="/run/policyd",
+              show_default=True, help="Control socket and pid of the running daemon.")
+@click.pass_context
+def main(ctx, state_dir, run_dir):
     """policyd: guard Ollama's port with an nftables allowlist and bans."""
+    ctx.obj = Context(state_dir, run_dir)
+
+
+@main.command()
+@policy_argument
+@click.pass_obj
+@handle_errors
+def check(obj, policy_path):
+    """Validate and compile POLICY; print nothing but errors."""
+    policy = policy_mod.load(policy_path)
+    document = compile_policy(policy)
+    try:
+        nft = obj.nft()
+    except (ImportError, OSError):
+        return  # no libnftables here: the compile above is as far as we can prove
+    try:
+        nft.check(document)
+    except KernelError as exc:
+        if "Operation not permitted" in str(exc):
+            return  # a non-root check validates everything but the kernel's say
+        raise InputError(f"the kernel would refuse it: {exc}", policy_path) from None
+
+
+@main.command()
+@policy_argument
+@handle_errors
+def show(policy_path):
+    """Print the nftables ruleset that apply would load."""
+    click.echo(render.to_text(compile_policy(policy_mod.load(policy_path))), nl=False)
+
+
+@main.command()
+@click.argument("args", nargs=-1, required=True, metavar="[POLICY] SRC PORT")
+@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--iface", help="The interface the connection arrives on.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: verdict, rule.")
+@click.pass_obj
+@handle_errors
+def explain(obj, args, proto, iface, as_json):
+    """Say allow, drop, reject or banned for SRC connecting to PORT, and which rule decides."""
+    if len(args) == 2:
+        policy_path, (src, port_text) = policy_mod.DEFAULT_POLICY, args
+    elif len(args) == 3:
+        policy_path, src, port_text = args
+    else:
+        raise InputError("usage: policyd explain [POLICY] SRC PORT", key="arguments")
+    address = parse_host(src)
+    if address is None:
+        raise InputError(f"{src!r} is not an IP address", key="SRC")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise InputError(f"{port_text!r} is not a port", key="PORT")
+    policy = policy_mod.load(policy_path)
+    decision = explain_mod.decide(policy, address, int(port_text), proto, iface,
+                                  _live_bans(obj, policy))
+    if as_json:
+        click.echo(json.dumps({"verdict": decision.verdict, "rule": decision.rule}))
+    else:
+        click.echo(f"{decision.verdict}\t{decision.rule}")
+
+
+def _live_bans(obj, policy):
+    """The kernel's bans, or none where the kernel cannot be asked."""
+    try:
+        from policyd.nft import BanTable
+        return list(BanTable(obj.nft(), policy.bans_table, policy.bans.ipv6_prefix)
+                    .list_bans().items())
+    except (ImportError, OSError, KernelError):
+        return []
+
+
+@main.command()
+@policy_argument
+@click.pass_obj
+@handle_errors
+def apply(obj, policy_path):
+    """Load POLICY atomically and make it the committed policy."""
+    policy = trial.apply(obj.nft(), trial.PolicyStore(obj.state_dir), policy_path)
+    click.echo(f"applied {policy.source} (sha256 {policy.digest[:12]})")

@@ -100,12 +100,17 @@ def parse_duration(value, file=None, line=None, key=None):
 
 def load(path):
     """Read and validate the policy at `path`; raise InputError on any problem."""
+    return read(path)[1]
+
+
+def read(path):
+    """(the file's exact bytes, the validated Policy) for the policy at `path`."""
     path = str(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(exc.strerror or str(exc), path) from None
-    return loads(data, path)
+    return data, loads(data, path)
 
 
 def loads(data, source="<policy>"):
