@@ -1,0 +1,547 @@
+"""Follow growing log files across rotation, truncation and deletion.
+
+Owns reading new complete lines as bytes, the byte position that a restart
+resumes from (through a PositionStore), and a watchdog wake-up source.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import threading
+import time
+from typing import Callable, Iterable, Protocol
+
+from watchdog.events import EVENT_TYPE_DELETED, FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
+
+from policyd.errors import InputError
+
+HEAD_BYTES = 256
+READ_CHUNK = 1 << 16
+# How long a rotated-away file stays open after its last growth: a writer
+# rotated with logrotate's `create` (Debian's nginx, Apache) keeps writing to
+# the old inode until its postrotate reopen, and those lines must not be lost.
+ROTATE_GRACE_SECONDS = 10.0
+MAX_RETIRED_FILES = 3
+
+
+class PositionStore(Protocol):
+    """Where a follower's committed position lives between runs."""
+
+    def load(self, path: str) -> dict | None: ...
+
+    def save(self, path: str, position: dict) -> None: ...
+
+
+class MemoryPositions:
+    """A PositionStore in a dict; for tests and one-shot runs."""
+
+    def __init__(self):
+        self._positions: dict[str, dict] = {}
+
+    def load(self, path: str) -> dict | None:
+        position = self._positions.get(path)
+        return dict(position) if position is not None else None
+
+    def save(self, path: str, position: dict) -> None:
+        self._positions[path] = dict(position)
+
+
+class JsonFilePositions:
+    """A PositionStore in one JSON file, replaced atomically on every save."""
+
+    def __init__(self, file: str | os.PathLike):
+        self.file = os.fspath(file)
+        self._lock = threading.Lock()
+        self._positions: dict[str, dict] | None = None
+
+    def load(self, path: str) -> dict | None:
+        with self._lock:
+            position = self._all().get(path)
+            return dict(position) if isinstance(position, dict) else None
+
+    def save(self, path: str, position: dict) -> None:
+        with self._lock:
+            positions = self._all()
+            positions[path] = dict(position)
+            self._write(positions)
+
+    def _all(self) -> dict[str, dict]:
+        if self._positions is None:
+            self._positions = self._read()
+        return self._positions
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            with open(self.file, "rb") as handle:
+                data = json.loads(handle.read())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            # Guessing here would re-read or skip whole logs; make it visible.
+            raise InputError(f"cannot read log positions: {error}", file=self.file) from error
+        if not isinstance(data, dict):
+            raise InputError("log positions must be a JSON object", file=self.file)
+        return data
+
+    def _write(self, positions: dict[str, dict]) -> None:
+        directory = os.path.dirname(os.path.abspath(self.file))
+        descriptor, temporary = tempfile.mkstemp(prefix=".positions-", dir=directory)
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(positions, handle, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(temporary, self.file)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            raise
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+
+
+def head_hash(head: bytes) -> str:
+    """A short fingerprint of a file's first bytes: tells a replaced file apart."""
+    return hashlib.sha256(head).hexdigest()[:16]
+
+
+class _OpenLog:
+    """One open descriptor of a log and where reading it has got to."""
+
+    def __init__(self, fd: int, status: os.stat_result, offset: int, head: bytes, now: float):
+        self.fd = fd
+        self.inode = status.st_ino
+        self.device = status.st_dev
+        self.read_offset = offset   # every byte before this has been read
+        self.line_end = offset      # just after the last newline read
+        self.head = head            # the file's first min(HEAD_BYTES, read_offset) bytes
+        self.pending = bytearray()  # bytes after the last newline, at most max_line
+        self.skipping = False       # inside a line longer than max_line
+        self.last_growth = now
+
+    def identity(self) -> tuple[int, int]:
+        return (self.inode, self.device)
+
+    def restart_from_zero(self) -> None:
+        self.read_offset = self.line_end = 0
+        self.head = b""
+        self.pending.clear()
+        self.skipping = False
+
+
+class LogFollower:
+    """Returns the complete new lines of one log path, whatever happens to the file.
+
+    Positions are saved only by commit(), up to the end of the last complete
+    line of the current file that read_lines() returned: call commit() after
+    the lines are handled, so a crash in between re-reads instead of losing.
+
+    After a rotation the old file stays open and is read until it has been
+    quiet for rotate_grace seconds (writers reopen late); then its
+    unterminated last line, if any, is returned as a line. Lines written late
+    to the old file are not covered by the saved position: a crash during
+    that grace period loses them. Not thread-safe; use from one thread, and
+    not after close().
+    """
+
+    def __init__(
+        self,
+        path: str,
+        positions: PositionStore,
+        max_line: int = 1 << 20,
+        *,
+        rotate_grace: float = ROTATE_GRACE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.path = path
+        self.max_line = max_line
+        self._positions = positions
+        self._rotate_grace = rotate_grace
+        self._clock = clock
+        self._current: _OpenLog | None = None
+        self._retired: list[_OpenLog] = []
+        self._exists = False
+        self._error: str | None = None
+        self._lines = 0
+        self._oversized = 0
+        self._rotations = 0
+        self._last_saved: dict | None = None
+        self._resume = self._valid_position(positions.load(path))
+        self._resume_rotated_away()
+
+    # -- public -----------------------------------------------------------
+
+    def read_lines(self) -> list[bytes]:
+        """Every complete line written since the last call, without its newline."""
+        lines: list[bytes] = []
+        self._error = None
+        self._drain_retired(lines)
+        if self._current is not None:
+            self._restart_if_truncated(self._current, lines)
+            self._drain(self._current, lines)
+        self._follow_path(lines)
+        self._lines += len(lines)
+        return lines
+
+    def commit(self) -> None:
+        """Persist the position after the lines returned so far."""
+        current = self._current or (self._retired[-1] if self._retired else None)
+        if current is None:
+            return
+        offset = current.line_end
+        position = {
+            "inode": current.inode,
+            "device": current.device,
+            "offset": offset,
+            "head": head_hash(current.head[: min(HEAD_BYTES, offset)]),
+        }
+        if position != self._last_saved:
+            self._positions.save(self.path, position)
+            self._last_saved = position
+
+    @property
+    def stats(self) -> dict:
+        current = self._current
+        return {
+            "path": self.path,
+            "exists": self._exists,
+            "inode": current.inode if current else None,
+            "offset": current.line_end if current else 0,
+            "lines": self._lines,
+            "oversized": self._oversized,
+            "rotations": self._rotations,
+            "error": self._error,
+        }
+
+    def close(self) -> None:
+        for log in self._retired + ([self._current] if self._current else []):
+            os.close(log.fd)
+        self._retired = []
+        self._current = None
+
+    # -- opening ----------------------------------------------------------
+
+    @staticmethod
+    def _valid_position(position) -> dict | None:
+        if not isinstance(position, dict):
+            return None
+        numbers_ok = all(
+            isinstance(position.get(key), int) and position[key] >= 0
+            for key in ("inode", "device", "offset")
+        )
+        return position if numbers_ok and isinstance(position.get("head"), str) else None
+
+    def _open(self, path: str) -> tuple[int, os.stat_result] | None:
+        """Open a regular file without blocking (a FIFO would block); record failures."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self._error = str(error)
+            return None
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+            return fd, status
+        except OSError as error:
+            os.close(fd)
+            self._error = str(error)
+            return None
+
+    def _resumed(self, fd: int, status: os.stat_result) -> _OpenLog | None:
+        """The saved position applied to this file, if it is the very same file."""
+        saved, now = self._resume, self._clock()
+        if saved is None or (saved["inode"], saved["device"]) != (status.st_ino, status.st_dev):
+            return None
+        offset = saved["offset"]
+        if status.st_size < offset:
+            return None
+        try:
+            head = os.pread(fd, min(HEAD_BYTES, offset), 0)
+        except OSError:
+            return None
+        if head_hash(head) != saved["head"]:
+            return None
+        return _OpenLog(fd, status, offset, head, now)
+
+    def _resume_rotated_away(self) -> None:
+        """After a restart, finish the saved file if it was rotated to a sibling name."""
+        saved = self._resume
+        if saved is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == saved["inode"]:
+                return
+        except OSError:
+            pass
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.inode() != saved["inode"] or not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            opened = self._open(entry.path)
+            if opened is None:
+                continue
+            log = self._resumed(*opened)
+            if log is None:
+                os.close(opened[0])
+                continue
+            self._retired.append(log)
+            return
+
+    def _follow_path(self, lines: list[bytes]) -> None:
+        """Notice the path naming a new file, and switch to it after the old one is read."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            # Deleted, or renamed with its successor not yet created: the
+            # writer may still append to the open descriptor, so keep it.
+            self._exists = False
+            return
+        except OSError as error:
+            self._exists = False
+            self._error = str(error)
+            return
+        self._exists = True
+        current = self._current
+        if current is not None and current.identity() == (status.st_ino, status.st_dev):
+            return
+        opened = self._open(self.path)
+        if opened is None:
+            return
+        fd, status = opened
+        if current is not None and current.identity() == (status.st_ino, status.st_dev):
+            os.close(fd)
+            return
+        new = self._resumed(fd, status) or _OpenLog(fd, status, 0, b"", self._clock())
+        self._resume = None
+        if current is not None:
+            self._drain(current, lines)
+            self._retired.append(current)
+            self._rotations += 1
+            while len(self._retired) > MAX_RETIRED_FILES:
+                self._release(self._retired.pop(0), lines)
+        self._current = new
+        self._drain(new, lines)
+
+    # -- reading ----------------------------------------------------------
+
+    def _drain_retired(self, lines: list[bytes]) -> None:
+        now = self._clock()
+        for log in list(self._retired):
+            self._drain(log, lines)
+            # With no successor yet, a retired file is still the newest one
+            # (and the one commit() saves): keep it until the path reappears.
+            if self._current is not None and now - log.last_growth >= self._rotate_grace:
+                self._retired.remove(log)
+                self._release(log, lines)
+
+    def _release(self, log: _OpenLog, lines: list[bytes]) -> None:
+        self._emit_tail(log, lines)
+        os.close(log.fd)
+
+    def _emit_tail(self, log: _OpenLog, lines: list[bytes]) -> None:
+        """An unterminated last line is a line once its file is finished."""
+        if log.skipping:
+            self._oversized += 1
+        elif log.pending:
+            lines.append(bytes(log.pending))
+        log.pending.clear()
+        log.skipping = False
+
+    def _restart_if_truncated(self, log: _OpenLog, lines: list[bytes]) -> None:
+        """copytruncate, or a file rewritten in place: read it again from the start."""
+        try:
+            size = os.fstat(log.fd).st_size
+            rewritten = bool(log.head) and os.pread(log.fd, len(log.head), 0) != log.head
+        except OSError as error:
+            self._error = str(error)
+            return
+        if size < log.read_offset or rewritten:
+            self._emit_tail(log, lines)
+            log.restart_from_zero()
+            self._rotations += 1
+
+    def _drain(self, log: _OpenLog, lines: list[bytes]) -> None:
+        while True:
+            try:
+                data = os.pread(log.fd, READ_CHUNK, log.read_offset)
+            except OSError as error:
+                self._error = str(error)
+                return
+            if not data:
+                return
+            if len(log.head) < HEAD_BYTES:
+                log.head += data[: HEAD_BYTES - len(log.head)]
+            log.read_offset += len(data)
+            log.last_growth = self._clock()
+            self._split(log, data, lines)
+
+    def _split(self, log: _OpenLog, data: bytes, lines: list[bytes]) -> None:
+        parts = data.split(b"\n")
+        rest = parts.pop()
+        if parts:
+            if log.skipping:
+                self._oversized += 1
+                log.skipping = False
+                parts = parts[1:]
+            elif log.pending:
+                parts[0] = bytes(log.pending) + parts[0]
+                log.pending.clear()
+            kept = [line for line in parts if len(line) <= self.max_line]
+            self._oversized += len(parts) - len(kept)
+            lines.extend(kept)
+            log.line_end = log.read_offset - len(rest)
+        if log.skipping:
+            return
+        if len(log.pending) + len(rest) > self.max_line:
+            # Too long already: drop it now rather than buffer it unboundedly.
+            log.pending.clear()
+            log.skipping = True
+        else:
+            log.pending += rest
+
+
+class LogWatcher:
+    """Wakes the caller when a watched log may have changed.
+
+    Watches each log's parent directory with watchdog (inotify), because the
+    log may not exist yet and rotation puts a new inode under the same name.
+    on_change(path) runs on the observer or the poll thread. A directory that
+    is missing (or deleted later) is polled every missing_dir_interval seconds
+    and watched once it exists; with poll_interval set, every path is also
+    reported that often, as a safety net.
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[str],
+        on_change: Callable[[str], None],
+        poll_interval: float | None = None,
+        missing_dir_interval: float = 1.0,
+    ):
+        self.paths = [os.path.abspath(path) for path in paths]
+        self._on_change = on_change
+        self._poll_interval = poll_interval
+        self._missing_dir_interval = missing_dir_interval
+        self._by_directory: dict[str, list[str]] = {}
+        for path in self.paths:
+            self._by_directory.setdefault(os.path.dirname(path), []).append(path)
+        self._handler = _DirectoryEvents(self)
+        self._watches: dict[str, ObservedWatch] = {}
+        self._dead_watches: list[ObservedWatch] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._observer: Observer | None = None
+        self._poller: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._observer = Observer()
+        self._observer.start()
+        self._watch_directories()
+        self._poller = threading.Thread(target=self._poll, name="policyd-log-poll", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join()
+            self._poller = None
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+        self._watches.clear()
+        self._dead_watches.clear()
+
+    def watching(self, directory: str) -> bool:
+        return os.path.abspath(directory) in self._watches
+
+    def _watch_directories(self) -> None:
+        with self._lock:
+            for watch in self._dead_watches:
+                try:
+                    self._observer.unschedule(watch)
+                except (KeyError, OSError):
+                    pass
+            self._dead_watches.clear()
+            newly_watched = []
+            for directory in self._by_directory:
+                if directory in self._watches or not os.path.isdir(directory):
+                    continue
+                try:
+                    self._watches[directory] = self._observer.schedule(self._handler, directory)
+                except OSError:
+                    continue  # vanished meanwhile; the next poll retries
+                newly_watched.append(directory)
+        # Whatever was written before the watch existed would go unreported.
+        for directory in newly_watched:
+            for path in self._by_directory[directory]:
+                self._on_change(path)
+
+    def _poll(self) -> None:
+        tick = self._missing_dir_interval
+        if self._poll_interval is not None:
+            tick = min(tick, self._poll_interval)
+        last_full_poll = time.monotonic()
+        while not self._stopping.wait(tick):
+            self._watch_directories()
+            with self._lock:
+                unwatched = [d for d in self._by_directory if d not in self._watches]
+            due = self._poll_interval is not None and (
+                time.monotonic() - last_full_poll >= self._poll_interval
+            )
+            if due:
+                last_full_poll = time.monotonic()
+                report = self.paths
+            else:
+                report = [path for d in unwatched for path in self._by_directory[d]]
+            for path in report:
+                self._on_change(path)
+
+    def _event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            if event.event_type == EVENT_TYPE_DELETED and event.src_path in self._by_directory:
+                # The inotify watch died with its directory; the poll thread
+                # replaces it once the directory is back.
+                with self._lock:
+                    watch = self._watches.pop(event.src_path, None)
+                    if watch is not None:
+                        self._dead_watches.append(watch)
+                for path in self._by_directory[event.src_path]:
+                    self._on_change(path)
+            return
+        touched = (event.src_path, getattr(event, "dest_path", None))
+        for path in self.paths:
+            if path in touched:
+                self._on_change(path)
+
+
+class _DirectoryEvents(FileSystemEventHandler):
+    def __init__(self, watcher: LogWatcher):
+        super().__init__()
+        self._watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self._watcher._event(event)
