@@ -177,8 +177,8 @@ class LogFollower:
         self._lines = 0
         self._oversized = 0
         self._rotations = 0
-        self._last_saved: dict | None = None
         self._resume = self._valid_position(positions.load(path))
+        self._last_saved: dict | None = self._resume
         self._resume_rotated_away()
 
     # -- public -----------------------------------------------------------

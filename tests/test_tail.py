@@ -95,7 +95,7 @@ def test_rename_rotation_keeps_lines_written_to_old_file_before_noticed(log, fol
     assert follower.stats["inode"] == os.stat(log).st_ino
 
 
-def test_nginx_style_rotation_writer_keeps_old_inode_until_reopen(log, follower, clock):
+def test_nginx_style_rotation_writer_keeps_old_inode_until_reopen(log, follower):
     writer = open(log, "ab", buffering=0)
     writer.write(b"r1\n")
     assert follower.read_lines() == [b"r1"]
@@ -217,7 +217,7 @@ def test_huge_line_is_counted_as_oversized_and_next_line_comes_through(log, foll
     assert peak < 3 * follower.max_line
 
 
-def test_huge_line_arriving_in_pieces_is_dropped_without_buffering(log, tmp_path):
+def test_huge_line_arriving_in_pieces_is_dropped_without_buffering(log):
     follower = LogFollower(log, MemoryPositions(), max_line=100)
     append(log, b"y" * 60)
     assert follower.read_lines() == []
@@ -349,7 +349,7 @@ def test_same_inode_and_size_with_new_content_is_read_from_start(log, tmp_path):
     second.close()
 
 
-def test_a_different_file_under_the_saved_path_is_read_from_start(log, tmp_path):
+def test_a_different_file_under_the_saved_path_is_read_from_start(log):
     positions = MemoryPositions()
     append(log, b"old\n")
     first = LogFollower(log, positions)
