@@ -1,0 +1,213 @@
+"""A small lab of network namespaces for integration tests: hosts, links, listeners.
+
+Every namespace and process it makes is recorded and removed by close(), which
+the fixtures call also when a test fails. Addresses come from the
+documentation ranges only, and nothing here touches the root namespace's rules.
+"""
+import ctypes
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CLONE_NEWNET = 0x40000000
+REPO = Path(__file__).resolve().parents[2]
+POLICYD = [sys.executable, "-m", "policyd"]
+ECHO_SERVER = Path(__file__).with_name("echo_server.py")
+_libc = ctypes.CDLL(None, use_errno=True)
+_counter = itertools.count()
+
+
+def run(*args, check=True, **kwargs):
+    return subprocess.run(args, check=check, capture_output=True, text=True, **kwargs)
+
+
+def in_namespace(name, func, *args):
+    """Run func(*args) in a thread that has joined namespace `name`; return its result.
+
+    Sockets keep the namespace they were created in, so a socket made here can
+    be used from any thread afterwards.
+    """
+    result = {}
+
+    def target():
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+        finally:
+            os.close(fd)
+        try:
+            result["value"] = func(*args)
+        except BaseException as exc:  # handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class Host:
+    def __init__(self, lab, role):
+        self.lab = lab
+        self.name = f"{lab.prefix}-{role}"
+        self.role = role
+        self.addresses = {}
+
+    def ip(self, *args, check=True):
+        return run("ip", "-n", self.name, *args, check=check)
+
+    def exec(self, *args, check=True, **kwargs):
+        return run("ip", "netns", "exec", self.name, *args, check=check, **kwargs)
+
+    def popen(self, *args, **kwargs):
+        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *args],
+                                start_new_session=True, **kwargs)
+        self.lab.processes.append(proc)
+        return proc
+
+    def policyd(self, *args, check=False, env=None, input=None, timeout=60):
+        """Run the real CLI inside this namespace with the lab's own state dirs."""
+        full_env = dict(os.environ, **self.lab.policyd_env(self), **(env or {}))
+        return subprocess.run(["ip", "netns", "exec", self.name, *POLICYD, *args],
+                              capture_output=True, text=True, check=check, env=full_env,
+                              input=input, timeout=timeout, cwd=REPO)
+
+    def nft(self, *args, check=True):
+        return self.exec("nft", *args, check=check)
+
+    def ruleset(self):
+        return self.nft("list", "ruleset").stdout
+
+    def listen(self, port, proto="tcp"):
+        """Start an echo listener on every address of this host, `port`."""
+        proc = self.popen(sys.executable, str(ECHO_SERVER), str(port), proto,
+                          stdout=subprocess.PIPE, text=True)
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"listener on {self.name}:{port} did not start")
+        return proc
+
+    def socket(self, family, kind=socket.SOCK_STREAM):
+        return in_namespace(self.name, socket.socket, family, kind)
+
+    def connect(self, address, port, timeout=1.0):
+        """A connected TCP socket to address:port, or None if nothing answered in time.
+
+        "Answered" means the echo server's greeting arrived, not only the SYN-ACK.
+        """
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = self.socket(family)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((address, port))
+            if sock.recv(16) != b"hello\n":
+                raise OSError("no greeting")
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def can_connect(self, address, port, timeout=1.0):
+        sock = self.connect(address, port, timeout)
+        if sock is None:
+            return False
+        sock.close()
+        return True
+
+    def udp_answers(self, address, port, timeout=1.0):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = self.socket(family, socket.SOCK_DGRAM)
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(b"ping", (address, port))
+            return sock.recv(16) == b"ping"
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+
+class Lab:
+    """Namespaces joined by veth pairs; `close()` removes all of it."""
+
+    def __init__(self, tmp_path):
+        self.prefix = f"pd{os.getpid() % 100000}x{next(_counter)}"
+        self.tmp = Path(tmp_path)
+        self.hosts = []
+        self.processes = []
+        self.links = itertools.count()
+
+    def policyd_env(self, host):
+        base = self.tmp / host.role
+        return {"POLICYD_STATE_DIR": str(base / "state"), "POLICYD_RUN_DIR": str(base / "run"),
+                "PYTHONPATH": str(REPO)}
+
+    def host(self, role):
+        host = Host(self, role)
+        run("ip", "netns", "add", host.name)
+        self.hosts.append(host)
+        host.ip("link", "set", "lo", "up")
+        return host
+
+    def link(self, a, b, a_addrs, b_addrs, a_ifname=None, b_ifname=None):
+        """A veth pair between hosts a and b with the given addresses (CIDR strings)."""
+        n = next(self.links)
+        a_if = a_ifname or f"v{n}{b.role[:6]}"
+        b_if = b_ifname or f"v{n}{a.role[:6]}"
+        tmp_a, tmp_b = f"{self.prefix}a{n}"[:15], f"{self.prefix}b{n}"[:15]
+        run("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
+        run("ip", "link", "set", tmp_a, "netns", a.name)
+        run("ip", "link", "set", tmp_b, "netns", b.name)
+        for host, tmp, name, addrs in ((a, tmp_a, a_if, a_addrs), (b, tmp_b, b_if, b_addrs)):
+            host.ip("link", "set", tmp, "name", name)
+            for addr in addrs:
+                extra = ["nodad"] if ":" in addr else []
+                host.ip("addr", "add", addr, "dev", name, *extra)
+                host.addresses.setdefault(name, []).append(addr.split("/")[0])
+            host.ip("link", "set", name, "up")
+        return a_if, b_if
+
+    def close(self):
+        for proc in self.processes:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        for host in self.hosts:
+            # Processes started by other means (daemons that forked) die with a kill
+            # of every pid in the namespace.
+            pids = run("ip", "netns", "pids", host.name, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            run("ip", "netns", "del", host.name, check=False)
+
+
+def wait_for(predicate, timeout=5.0, interval=0.02):
+    """Poll `predicate` until it is true or `timeout` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def leftover_namespaces(prefix):
+    names = run("ip", "netns", "list", check=False).stdout.split("\n")
+    return [n.split()[0] for n in names if n.startswith(prefix)]
