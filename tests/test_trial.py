@@ -1,0 +1,553 @@
+"""The trial state machine against a fake kernel and a fake clock: apply, confirm,
+rollback, the daemon's second guard, boot restore, damaged records and the
+anti-lockout lint."""
+import base64
+import copy
+import hashlib
+import ipaddress
+import json
+import logging
+
+import pytest
+
+from policyd import trial
+from policyd.errors import InputError, KernelError
+from policyd.trial import Peer, PolicyStore
+
+ip = ipaddress.ip_address
+
+BASE = """\
+version: 1
+services:
+  base:
+    ports: [11434]
+    allow: [192.0.2.0/24]
+"""
+CANDIDATE = """\
+version: 1
+services:
+  cand:
+    ports: [11434, 22]
+    allow: [198.51.100.0/24]
+"""
+OTHER_TABLE = """\
+version: 1
+table: elsewhere
+services:
+  cand:
+    ports: [11434]
+    allow: [198.51.100.0/24]
+"""
+
+
+class FakeClock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class FakeKernel:
+    """Enough of nftables to run compiled documents: tables, sets with expiring
+    elements, chains; one load is all or nothing, like one transaction.
+
+    `timers=False` models a kernel whose trial element never expires, so only
+    the daemon's deadline can end a trial.
+    """
+
+    def __init__(self, clock, timers=True):
+        self.clock = clock
+        self.timers = timers
+        self.tables = {}
+        self.loads = []
+        self.refuse = None  # a message: the next load fails with it
+        self.before_load = None  # called with the document before it is applied
+
+    def load(self, document):
+        if self.before_load:
+            self.before_load(document)
+        if self.refuse:
+            message, self.refuse = self.refuse, None
+            raise KernelError(message)
+        tables = copy.deepcopy(self.tables)
+        for command in document["nftables"]:
+            (verb, body), = command.items()
+            if verb != "metainfo":
+                self._run(tables, verb, body)
+        self.tables = tables
+        self.loads.append(document)
+
+    def _run(self, tables, verb, body):
+        (kind, obj), = body.items()
+        name = obj.get("table", obj.get("name"))
+        if kind == "table":
+            if verb == "add":
+                tables.setdefault(obj["name"], {"sets": {}, "chains": set()})
+            elif verb == "delete":
+                if obj["name"] not in tables:
+                    raise KernelError("No such file or directory")
+                del tables[obj["name"]]
+            return
+        table = tables.get(name)
+        if table is None:
+            raise KernelError(f"No such file or directory: table {name}")
+        if kind == "set" and verb == "add":
+            table["sets"].setdefault(obj["name"], {})
+        elif kind == "set" and verb == "flush":
+            table["sets"][obj["name"]].clear()
+        elif kind == "chain" and verb == "add":
+            table["chains"].add(obj["name"])
+        elif kind == "element":
+            elements = table["sets"].get(obj["name"])
+            if elements is None:
+                raise KernelError("No such file or directory: set")
+            self._expire(elements)
+            for elem in obj["elem"]:
+                value, timeout = elem, None
+                if isinstance(elem, dict) and "elem" in elem:
+                    value, timeout = elem["elem"]["val"], elem["elem"].get("timeout")
+                if verb == "add":
+                    elements[value] = None if timeout is None else self.clock.now + timeout
+                elif verb == "delete":
+                    if value not in elements:
+                        raise KernelError("Could not process rule: No such file or directory")
+                    del elements[value]
+
+    def _expire(self, elements):
+        if not self.timers:
+            return
+        for value, expiry in list(elements.items()):
+            if expiry is not None and expiry <= self.clock.now:
+                del elements[value]
+
+    def set_elements(self, table, name):
+        try:
+            elements = self.tables[table]["sets"][name]
+        except KeyError:
+            raise KernelError("No such file or directory") from None
+        self._expire(elements)
+        return [(value, None if expiry is None else 0,
+                 None if expiry is None else int(expiry - self.clock.now))
+                for value, expiry in elements.items()]
+
+    def active_services(self, table="policyd"):
+        """Service names the kernel enforces now, from the chains and the trial set."""
+        chains = self.tables[table]["chains"]
+        slot = "committed"
+        if "trial" in self.tables[table]["sets"] and self.set_elements(table, "trial"):
+            slot = "candidate"
+        prefix = f"{slot}_svc_"
+        return sorted(c[len(prefix):] for c in chains if c.startswith(prefix))
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def kernel(clock):
+    return FakeKernel(clock)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return PolicyStore(tmp_path / "state")
+
+
+@pytest.fixture
+def files(tmp_path):
+    paths = {}
+    for name, text in (("base", BASE), ("cand", CANDIDATE), ("other", OTHER_TABLE)):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(text)
+    return paths
+
+
+def no_peers(policy):
+    return []
+
+
+def plain(kernel, store, path, clock, **kwargs):
+    return trial.apply(kernel, store, path, peers=kwargs.pop("peers", no_peers),
+                       now=clock.now, **kwargs)
+
+
+def start(kernel, store, path, clock, seconds=30, **kwargs):
+    return trial.start_trial(kernel, store, path, seconds,
+                             peers=kwargs.pop("peers", no_peers), now=clock.now, **kwargs)
+
+
+@pytest.fixture
+def committed(kernel, store, files, clock):
+    """A store and kernel where BASE was applied and committed."""
+    plain(kernel, store, files["base"], clock)
+    return files["base"].read_bytes()
+
+
+def test_trial_runs_candidate_and_leaves_the_committed_file_alone(
+        kernel, store, files, clock, committed):
+    pending = start(kernel, store, files["cand"], clock, seconds=30)
+    assert kernel.active_services() == ["cand"]
+    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert store.pending() == pending
+    assert pending.deadline == clock.now + 30 and pending.seconds == 30
+    assert pending.data == files["cand"].read_bytes()
+    assert pending.previous_sha256 == store.committed().digest
+
+
+def test_pending_record_is_on_disk_before_the_kernel_sees_the_candidate(
+        kernel, store, files, clock, committed):
+    seen = []
+    kernel.before_load = lambda document: seen.append(store.pending())
+    start(kernel, store, files["cand"], clock)
+    assert seen[0] is not None and seen[0].source == str(files["cand"])
+
+
+def test_kernel_running_out_of_time_brings_committed_back(kernel, store, files, clock,
+                                                           committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(29)
+    assert kernel.active_services() == ["cand"]
+    clock.advance(1)
+    assert kernel.active_services() == ["base"]
+
+
+def test_confirm_in_time_commits_the_candidate(kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(10)
+    policy = trial.confirm(kernel, store, now=clock.now)
+    assert policy.services[0].name == "cand"
+    assert store.pending() is None
+    assert (store.dir / trial.COMMITTED).read_bytes() == files["cand"].read_bytes()
+    assert store.meta()["sha256"] == policy.digest
+    assert kernel.active_services() == ["cand"]
+    assert "trial" not in kernel.tables["policyd"]["sets"]
+    clock.advance(3600)  # no timer is left that could undo it
+    assert kernel.active_services() == ["cand"]
+
+
+def test_confirm_deletes_the_trial_element_in_the_same_transaction(
+        kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock)
+    trial.confirm(kernel, store, now=clock.now)
+    commands = kernel.loads[-1]["nftables"]
+    assert commands[1] == {"delete": {"element": {
+        "family": "inet", "table": "policyd", "name": "trial", "elem": ["tcp"]}}}
+    assert commands[2] == {"add": {"table": {"family": "inet", "name": "policyd"}}}
+
+
+def test_confirm_after_the_kernel_expired_the_trial_is_too_late(
+        kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(31)
+    with pytest.raises(trial.TooLate, match="too late"):
+        # The daemon's clock may lag the kernel's: ask with a time inside the deadline.
+        trial.confirm(kernel, store, now=clock.now - 5)
+    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert store.pending() is None
+    assert kernel.active_services() == ["base"]
+    assert not any(c.startswith("candidate") for c in kernel.tables["policyd"]["chains"])
+
+
+def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
+        kernel, store, files, clock, committed):
+    """The element expires between listing it and deleting it: the transaction fails."""
+    start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(29)
+    original, listings = kernel.set_elements, []
+
+    def list_then_expire(table, name):
+        listings.append(original(table, name))
+        if len(listings) == 1:
+            clock.advance(2)
+        return listings[-1]
+
+    kernel.set_elements = list_then_expire
+    with pytest.raises(trial.TooLate):
+        trial.confirm(kernel, store, now=clock.now)
+    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert kernel.active_services() == ["base"]
+
+
+def test_confirm_after_the_wall_clock_deadline_fails_even_if_the_kernel_kept_it(
+        store, files, clock):
+    kernel = FakeKernel(clock, timers=False)
+    plain(kernel, store, files["base"], clock)
+    start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(30)
+    with pytest.raises(trial.TooLate):
+        trial.confirm(kernel, store, now=clock.now)
+    assert kernel.active_services() == ["base"]
+    assert store.committed().services[0].name == "base"
+
+
+def test_confirm_without_a_trial(kernel, store, clock, committed):
+    with pytest.raises(trial.NoTrial):
+        trial.confirm(kernel, store, now=clock.now)
+
+
+def test_confirm_keeps_the_trial_when_the_kernel_refuses_for_another_reason(
+        kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    kernel.refuse = "Operation not permitted"
+    with pytest.raises(KernelError):
+        trial.confirm(kernel, store, now=clock.now)
+    assert store.pending() is not None
+    assert kernel.active_services() == ["cand"]
+    assert trial.confirm(kernel, store, now=clock.now).services[0].name == "cand"
+
+
+def test_second_trial_and_plain_apply_are_refused_while_one_runs(
+        kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    loads = len(kernel.loads)
+    with pytest.raises(trial.TrialRunning, match="confirm.*rollback"):
+        start(kernel, store, files["base"], clock)
+    with pytest.raises(trial.TrialRunning):
+        plain(kernel, store, files["base"], clock)
+    assert len(kernel.loads) == loads
+    assert store.pending().source == str(files["cand"])
+
+
+def test_a_trial_past_its_deadline_does_not_block_the_next_apply(
+        kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(31)
+    start(kernel, store, files["cand"], clock, seconds=30)
+    assert kernel.active_services() == ["cand"]
+    clock.advance(31)
+    plain(kernel, store, files["cand"], clock)
+    assert store.pending() is None
+    assert store.committed().services[0].name == "cand"
+
+
+def test_rollback_restores_committed_now(kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    ended = trial.rollback(kernel, store)
+    assert ended.source == str(files["cand"])
+    assert kernel.active_services() == ["base"]
+    assert store.pending() is None
+    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+
+
+def test_rollback_without_a_record_still_reloads_committed(kernel, store, files, clock,
+                                                            committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    (store.dir / trial.PENDING).write_text("{")
+    assert trial.rollback(kernel, store) is None
+    assert kernel.active_services() == ["base"]
+
+
+def test_rollback_with_nothing_at_all(kernel, store):
+    with pytest.raises(trial.NoTrial):
+        trial.rollback(kernel, store)
+
+
+def test_first_ever_trial_falls_back_to_guarding_nothing(kernel, store, files, clock):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    assert kernel.active_services() == ["cand"]
+    assert store.pending().previous_sha256 is None
+    clock.advance(30)
+    assert kernel.active_services() == []
+    trial.rollback(kernel, store)
+    assert kernel.active_services() == []
+    assert store.committed() is None
+
+
+def test_failed_trial_load_leaves_no_record(kernel, store, files, clock, committed):
+    kernel.refuse = "set ban4 has the wrong type"
+    with pytest.raises(KernelError):
+        start(kernel, store, files["cand"], clock)
+    assert store.pending() is None
+    assert kernel.active_services() == ["base"]
+
+
+def test_trial_cannot_move_the_table(kernel, store, files, clock, committed):
+    with pytest.raises(InputError, match="table"):
+        start(kernel, store, files["other"], clock)
+    assert store.pending() is None
+
+
+def test_confirm_timeout_must_be_positive(kernel, store, files, clock):
+    with pytest.raises(InputError, match="--confirm-timeout"):
+        start(kernel, store, files["cand"], clock, seconds=0)
+
+
+def test_enforce_is_the_rollback_on_kernels_without_timers(store, files, clock):
+    kernel = FakeKernel(clock, timers=False)
+    plain(kernel, store, files["base"], clock)
+    start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(29)
+    assert trial.enforce(kernel, store, now=clock.now) is False
+    assert kernel.active_services() == ["cand"]
+    clock.advance(1)
+    assert trial.enforce(kernel, store, now=clock.now) is True
+    assert kernel.active_services() == ["base"]
+    assert store.pending() is None
+    assert trial.enforce(kernel, store, now=clock.now) is False
+
+
+def test_restore_committed_is_a_rollback(kernel, store, files, clock, committed):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    kernel.tables.clear()  # a reboot: the kernel starts empty
+    policy = trial.restore_committed(kernel, store)
+    assert policy.services[0].name == "base"
+    assert kernel.active_services() == ["base"]
+    assert store.pending() is None
+
+
+def test_restore_with_nothing_committed_guards_nothing(kernel, store, files, clock):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    assert trial.restore_committed(kernel, store) is None
+    assert kernel.active_services() == []
+    assert trial.restore_committed(kernel, store) is None
+
+
+@pytest.mark.parametrize("damage", [
+    lambda raw: raw[: len(raw) // 2],                          # truncated mid-write
+    lambda raw: b"",                                           # empty
+    lambda raw: b"\x00\xff" * 40,                              # garbage
+    lambda raw: b"[1, 2]",                                     # JSON, wrong shape
+    lambda raw: raw.replace(b'"version": 1', b'"version": 7'),
+    lambda raw: raw.replace(b'"deadline"', b'"dead"'),         # a field missing
+    lambda raw: raw.replace(b'"seconds": 30', b'"seconds": "x"'),
+    lambda raw: raw.replace(b'"policy": "', b'"policy": "!!'),  # not base64
+    lambda raw: _replace_json(raw, sha256="0" * 64),           # bytes do not match
+    lambda raw: _replace_json(raw, policy=base64.b64encode(b"version: 1\n").decode(),
+                              sha256=hashlib.sha256(b"version: 1\n").hexdigest()),
+], ids=["truncated", "empty", "garbage", "list", "version", "missing", "type", "base64",
+        "digest", "policy"])
+def test_damaged_pending_record_is_no_trial(kernel, store, files, clock, committed, damage,
+                                            caplog):
+    start(kernel, store, files["cand"], clock, seconds=30)
+    path = store.dir / trial.PENDING
+    path.write_bytes(damage(path.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="policyd.trial"):
+        assert store.pending() is None
+    assert "treating it as no trial" in caplog.text
+    assert trial.status(store, now=clock.now)["trial"] is None
+    with pytest.raises(trial.NoTrial):
+        trial.confirm(kernel, store, now=clock.now)
+    assert trial.enforce(kernel, store, now=clock.now + 60) is False
+    # The kernel's timer is untouched by all this and still ends the candidate.
+    assert kernel.active_services() == ["cand"]
+    clock.advance(30)
+    assert kernel.active_services() == ["base"]
+    assert trial.restore_committed(kernel, store).services[0].name == "base"
+    assert not path.exists()
+
+
+def _replace_json(raw, **fields):
+    record = json.loads(raw)
+    record.update(fields)
+    return json.dumps(record).encode()
+
+
+def test_bans_survive_apply_trial_confirm_and_rollback(kernel, store, files, clock,
+                                                        committed):
+    bans = kernel.tables["policyd_bans"]["sets"]["ban4"]
+    bans["203.0.113.9"] = clock.now + 3600
+    start(kernel, store, files["cand"], clock)
+    trial.confirm(kernel, store, now=clock.now)
+    start(kernel, store, files["base"], clock)
+    trial.rollback(kernel, store)
+    plain(kernel, store, files["base"], clock)
+    assert "203.0.113.9" in kernel.tables["policyd_bans"]["sets"]["ban4"]
+
+
+def test_status_reports_committed_and_trial(kernel, store, files, clock, committed):
+    assert trial.status(store, now=clock.now)["trial"] is None
+    pending = start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(12)
+    report = trial.status(store, now=clock.now, nft=kernel)
+    assert report["committed"]["sha256"] == store.committed().digest
+    assert report["committed"]["committed_at"] == pending.started_at
+    assert report["trial"]["candidate_sha256"] == pending.sha256
+    assert report["trial"]["seconds_left"] == 18
+    assert report["trial"]["kernel_seconds_left"] == 18
+    clock.advance(20)
+    report = trial.status(store, now=clock.now, nft=kernel)
+    assert report["trial"]["seconds_left"] == 0 and report["trial"]["kernel_seconds_left"] == 0
+    json.dumps(report)
+
+
+# --- the anti-lockout lint ---------------------------------------------------
+
+def test_ssh_peer_from_environment():
+    peer = trial.ssh_peer({"SSH_CONNECTION": "198.51.100.7 51234 192.0.2.1 22"})
+    assert peer.address == ip("198.51.100.7") and peer.port == 22
+    assert trial.ssh_peer({"SSH_CONNECTION": "::ffff:192.0.2.9 5 2001:db8::1 2222"}).address \
+        == ip("192.0.2.9")
+    assert trial.ssh_peer({"SSH_CONNECTION": "2001:db8::9 5 2001:db8::1 22"}).address \
+        == ip("2001:db8::9")
+    for bad in ("", "198.51.100.7 51234 192.0.2.1", "nonsense 1 2 3", "1.2.3.4 1 5.6.7.8 x"):
+        assert trial.ssh_peer({"SSH_CONNECTION": bad}) is None
+    assert trial.ssh_peer({}) is None
+
+
+def test_lint_refuses_a_policy_that_cuts_the_ssh_client(kernel, store, files, clock,
+                                                         committed):
+    peers = lambda policy: [Peer(ip("192.0.2.50"), 22, "tcp", "your SSH session")]
+    with pytest.raises(trial.LockoutRisk) as refused:
+        start(kernel, store, files["cand"], clock, peers=peers)
+    message = str(refused.value)
+    assert "192.0.2.50" in message and "port 22" in message
+    assert "services.cand.action: drop" in message and "--force" in message
+    assert "\n" not in message
+    assert store.pending() is None and kernel.active_services() == ["base"]
+    with pytest.raises(trial.LockoutRisk):
+        plain(kernel, store, files["cand"], clock, peers=peers)
+    start(kernel, store, files["cand"], clock, peers=peers, force=True)
+    assert kernel.active_services() == ["cand"]
+
+
+def test_lint_passes_allowed_and_unguarded_peers():
+    from policyd import policy as policy_mod
+    candidate = policy_mod.loads(CANDIDATE)
+    peers = [Peer(ip("198.51.100.7"), 22, "tcp", "ssh"),        # allowed by address
+             Peer(ip("192.0.2.50"), 8080, "tcp", "ssh"),        # port not guarded
+             Peer(ip("192.0.2.50"), 11434, "udp", "ssh")]       # other protocol
+    assert trial.lockout_cuts(candidate, peers) == []
+    cut = Peer(ip("2001:db8::5"), 11434, "tcp", "an established connection")
+    [(peer, decision)] = trial.lockout_cuts(candidate, peers + [cut, cut])
+    assert peer == cut and decision.verdict == "drop"
+
+
+def test_lint_asks_for_the_interface_only_when_an_iface_rule_could_allow():
+    from policyd import policy as policy_mod
+    candidate = policy_mod.loads(
+        "version: 1\nservices:\n  ssh: {ports: [22], allow: [{iface: tailscale0}]}\n")
+    peer = Peer(ip("100.64.0.9"), 22, "tcp", "ssh")
+    asked = []
+
+    def iface_of(address):
+        asked.append(address)
+        return "tailscale0" if address == ip("100.64.0.9") else "eth0"
+
+    assert trial.lockout_cuts(candidate, [peer], iface_of) == []
+    other = Peer(ip("198.51.100.7"), 22, "tcp", "ssh")
+    assert [p for p, _ in trial.lockout_cuts(candidate, [other], iface_of)] == [other]
+    assert asked == [ip("100.64.0.9"), ip("198.51.100.7")]
+
+
+def test_lint_refusal_names_more_cuts(kernel, store, files, clock, committed):
+    peers = lambda policy: [Peer(ip("192.0.2.50"), 22, "tcp", "a"),
+                            Peer(ip("192.0.2.51"), 11434, "tcp", "b")]
+    with pytest.raises(trial.LockoutRisk, match=r"and 1 more"):
+        start(kernel, store, files["cand"], clock, peers=peers)
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "state" / "committed.yaml"
+    trial.atomic_write(path, b"old")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trial.os, "replace", crash)
+    with pytest.raises(OSError):
+        trial.atomic_write(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in path.parent.iterdir()] == ["committed.yaml"]
