@@ -28,6 +28,15 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 # networks with a very long history.
 MAX_DOUBLINGS = 62
 
+# A network inside this module is a key (version, first address as int,
+# prefix length): building, hashing and comparing ipaddress objects costs
+# microseconds each, and the failure path runs for every matched log line.
+# ipaddress objects exist only in Ban, at the edges.
+_BITS = {4: 32, 6: 128}
+_MASKS = {(version, prefixlen): ((1 << bits) - 1) ^ ((1 << (bits - prefixlen)) - 1)
+          for version, bits in _BITS.items() for prefixlen in range(bits + 1)}
+_NETWORK_TYPES = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
+
 
 class BanKernel(Protocol):
     def add_bans(self, bans: list[tuple[IPNetwork, int]]) -> None:
@@ -40,7 +49,7 @@ class BanKernel(Protocol):
         """network -> seconds left, as the kernel has it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ban:
     network: IPNetwork
     expires_at: float
@@ -59,67 +68,95 @@ class Ban:
         return fields
 
 
-def _ban_row(ban):
-    return (str(ban.network), ban.network.version, ban.banned_at, ban.expires_at,
-            ban.failures, ban.filter, ban.reason)
-
-
-def _ban_from_row(row):
-    network, _version, banned_at, expires_at, failures, filter_name, reason = row
-    return Ban(ipaddress.ip_network(network), expires_at, failures, filter_name, reason, banned_at)
-
-
 class BanManager:
     """Decides bans in memory, mirrors them to `state` and `kernel` on flush()."""
 
     def __init__(self, settings, state, kernel, clock=time.time):
-        self.settings = settings
         self.state = state
         self.kernel = kernel
         self.clock = clock
-        self._protected = LOOPBACK + tuple(settings.ignore)
 
-        self._active: dict[IPNetwork, Ban] = {}
-        # (expires_at, tie-breaker, network): IPv4 and IPv6 networks do not
-        # compare, so equal expiry times must never reach the network. Entries
-        # of replaced or lifted bans stay until popped, then are skipped.
-        self._expiry_heap: list[tuple[float, int, IPNetwork]] = []
+        # key -> Ban fields after `network`, as a plain tuple: 100k Ban and
+        # ipaddress objects cost ~80 MB and ~0.6 s to build at startup, and
+        # most of them are only ever needed as kernel elements.
+        self._active: dict[tuple, tuple] = {}
+        # (expires_at, tie-breaker, key); entries of replaced or lifted bans
+        # stay until popped, then are skipped.
+        self._expiry_heap: list[tuple[float, int, tuple]] = []
         self._heap_sequence = itertools.count()
         # Prefix lengths in use by active bans, per IP version, so "is this
         # address already covered by a ban?" is a few dict lookups.
         self._ban_prefixlens: dict[int, Counter] = {4: Counter(), 6: Counter()}
-        self._history: dict[str, tuple[int, float]] = {}  # network text -> (times banned, last end)
-        self._window: dict[IPNetwork, list[float]] = {}   # failure times, oldest first
-        self._window_order: deque[tuple[float, IPNetwork]] = deque()
+        # Escalation history is read from State when a ban is made (one indexed
+        # lookup), not loaded whole: it only grows, and startup must stay fast.
+        # This holds the entries changed since the last write.
+        self._history_unwritten: dict[tuple, tuple[int, float]] = {}  # key -> (times banned, last end)
+        self._window: dict[tuple, list[float]] = {}       # failure times, oldest first
+        self._window_order: deque[tuple[float, tuple]] = deque()
 
         # Kernel queue: what the next flush must add and remove.
-        self._kernel_add: dict[IPNetwork, Ban] = {}
-        self._kernel_remove: set[IPNetwork] = set()
+        self._kernel_add: dict[tuple, Ban] = {}
+        self._kernel_remove: dict[tuple, IPNetwork] = {}
         # State queue: what the next flush must write.
-        self._state_upsert: dict[IPNetwork, Ban] = {}
-        self._state_delete: set[IPNetwork] = set()
-        self._state_history: set[str] = set()
-        self._state_failures: dict[IPNetwork, list[tuple[float, str]]] = {}
-        self._state_forget: set[IPNetwork] = set()
+        self._state_upsert: dict[tuple, Ban] = {}
+        self._state_delete: set[tuple] = set()
+        self._state_failures: dict[tuple, list[tuple[float, str]]] = {}
+        self._state_forget: set[tuple] = set()
         self._state_prune_before: float | None = None
 
         self.failures_total: Counter = Counter()   # per filter, every failure seen
         self.ignored_total: Counter = Counter()    # per filter, failures from loopback/ignored sources
         self.bans_total: Counter = Counter()       # per reason, bans made since start
+        self._use_settings(settings)
         self._load()
+        self._lift_protected()
+
+    def reconfigure(self, settings):
+        """Take new settings (a policy reload); bans now on the ignore list are lifted
+        (queued; the caller flushes). Every other ban and all history are kept."""
+        self._use_settings(settings)
+        return self._lift_protected()
+
+    def _use_settings(self, settings):
+        self.settings = settings
+        self._protected = LOOPBACK + tuple(settings.ignore)
+        # Per version: [(first, last)] as ints, checked for every failure.
+        self._protected_ranges = {4: [], 6: []}
+        for network in self._protected:
+            version, first, last = _range(_key(network))
+            self._protected_ranges[version].append((first, last))
+
+    def _lift_protected(self):
+        """Lift bans that cover a protected address: the ignore list may have grown
+        since they were made. Returns the lifted bans."""
+        lifted = [key for key in self._active if self._overlaps_protected(key)]
+        now = self.clock()
+        bans = [_ban(key, self._active[key]) for key in lifted]
+        for key in lifted:
+            self._end_ban(key, now)
+            self._kernel_add.pop(key, None)
+            self._kernel_remove[key] = _network(key)
+        if lifted:
+            log.warning("lifted %d ban(s) covering ignored addresses: %s", len(lifted),
+                        _sample(ban.network for ban in bans))
+        return bans
 
     # Startup.
 
     def _load(self):
         now = self.clock()
-        for row in self.state.load_bans(now):
-            self._set_active(_ban_from_row(row))
-        self._history = self.state.load_history()
-        for network_text, when, filter_name in self.state.load_failures(now - self.settings.findtime):
-            network = ipaddress.ip_network(network_text)
-            if network not in self._active:
-                self._window.setdefault(network, []).append(when)
-                self._window_order.append((when, network))
+        for blob, _text, _version, banned_at, expires_at, failures, filter_name, reason \
+                in self.state.load_bans(now):
+            key = _key_from_blob(blob)
+            self._set_active(key, (expires_at, failures, filter_name, reason, banned_at), heap=False)
+        self._expiry_heap = [(entry[0], next(self._heap_sequence), key)
+                             for key, entry in self._active.items()]
+        heapq.heapify(self._expiry_heap)
+        for blob, when, _filter_name in self.state.load_failures(now - self.settings.findtime):
+            key = _key_from_blob(blob)
+            if key not in self._active:
+                self._window.setdefault(key, []).append(when)
+                self._window_order.append((when, key))
 
     # The ban path.
 
@@ -128,36 +165,44 @@ class BanManager:
         self.failures_total[filter_name] += 1
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-        if self._is_protected(address):
+        version, number = address.version, int(address)
+        if self._is_protected(version, number):
             self.ignored_total[filter_name] += 1
             return None
-        network = self._unit_of(address)
-        if self._covering_ban(network) is not None:
+        key = self._unit_of(version, number)
+        if self._covering_ban(key) is not None:
             return None
         now = self.clock()
-        times = self._window.setdefault(network, [])
+        times = self._window.setdefault(key, [])
         cutoff = now - self.settings.findtime
         while times and times[0] < cutoff:
             times.pop(0)
         times.append(now)
-        self._window_order.append((now, network))
-        self._state_failures.setdefault(network, []).append((now, filter_name))
+        self._window_order.append((now, key))
+        self._state_failures.setdefault(key, []).append((now, filter_name))
         if len(times) < self.settings.maxretry:
             return None
         failures = len(times)
-        self._forget_window(network)
-        ban = self._make_ban(network, self._escalated_bantime(network), failures, filter_name, "auto", now)
-        log.info("ban %s for %ds after %d failures (%s)", network, ban.expires_at - now,
-                 failures, filter_name)
+        self._forget_window(key)
+        ban = self._make_ban(key, None, failures, filter_name, "auto", now)
+        log.debug("ban %s until %s after %d failures (%s)", ban.network, ban.expires_at,
+                  failures, filter_name)
         return ban
 
     def flush(self):
-        """Write queued changes to state (one transaction) and the kernel (one add,
-        one remove call); returns how many kernel changes were pushed."""
+        """Push queued changes to the kernel (one add, one remove call), then write
+        them to state (one transaction); returns how many kernel changes were pushed.
+
+        The kernel goes first: enforcement is what the ban latency is measured
+        by, and a ban the kernel has but the file lacks still expires by itself."""
+        pushed = self._push_to_kernel()
         self._write_state()
+        return pushed
+
+    def _push_to_kernel(self):
         now = self.clock()
         pushed = 0
-        additions = [(network, _timeout(ban, now)) for network, ban in self._kernel_add.items()
+        additions = [(ban.network, _timeout(ban.expires_at, now)) for ban in self._kernel_add.values()
                      if ban.expires_at > now]
         if additions:
             try:
@@ -167,9 +212,10 @@ class BanManager:
                           len(additions), error)
                 return pushed
             pushed += len(additions)
+            log.info("banned %d: %s", len(additions), _sample(network for network, _ in additions))
         self._kernel_add.clear()
         if self._kernel_remove:
-            removals = list(self._kernel_remove)
+            removals = list(self._kernel_remove.values())
             try:
                 self.kernel.remove_bans(removals)
             except (KernelError, OSError) as error:
@@ -177,6 +223,7 @@ class BanManager:
                           len(removals), error)
                 return pushed
             pushed += len(removals)
+            log.info("unbanned %d: %s", len(removals), _sample(removals))
             self._kernel_remove.clear()
         return pushed
 
@@ -185,37 +232,36 @@ class BanManager:
     def ban(self, network_or_address, duration=None, reason="manual"):
         """Ban a network or address for `duration` seconds (None: the escalated bantime)."""
         network = _as_network(network_or_address)
-        if duration is not None and (not isinstance(duration, int) or duration <= 0):
+        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, int)
+                                     or duration <= 0):
             raise InputError(f"ban duration must be a positive number of seconds, not {duration!r}",
                              key="duration")
         for protected in self._protected:
             if network.version == protected.version and network.overlaps(protected):
                 what = "loopback" if protected in LOOPBACK else "on the ignore list"
                 raise InputError(f"refusing to ban {network}: {protected} is {what}", key="address")
-        covering = self._covering_ban(network)
-        if covering is not None and covering != network:
-            raise InputError(f"{network} is already inside the ban on {covering}", key="address")
-        inside = self._bans_inside(network)
+        key = _key(network)
+        covering = self._covering_ban(key)
+        if covering is not None and covering != key:
+            raise InputError(f"{network} is already inside the ban on {_network(covering)}",
+                             key="address")
+        inside = self._bans_inside(key)
         if inside:
             # The kernel's interval sets refuse overlapping elements, and one
             # refused element would fail every later flush batch.
             raise InputError(f"{network} would overlap the ban on {inside[0]}; unban it first",
                              key="address")
-        if duration is None:
-            duration = self._escalated_bantime(network)
-        self._forget_window(network)
-        return self._make_ban(network, duration, 0, None, reason, self.clock())
+        self._forget_window(key)
+        return self._make_ban(key, duration, 0, None, reason, self.clock())
 
     def unban(self, network_or_address):
         """Lift the ban on this network, or the ban covering this address. False if none."""
-        network = _as_network(network_or_address)
-        banned = network if network in self._active else self._covering_ban(network)
-        if banned is None:
+        key = self._covering_ban(_key(_as_network(network_or_address)))
+        if key is None:
             return False
-        self._end_ban(self._active[banned], self.clock())
-        self._kernel_add.pop(banned, None)
-        self._kernel_remove.add(banned)
-        log.info("unban %s", banned)
+        self._end_ban(key, self.clock())
+        self._kernel_add.pop(key, None)
+        self._kernel_remove[key] = _network(key)
         return True
 
     # Housekeeping.
@@ -226,22 +272,22 @@ class BanManager:
         now = self.clock()
         expired = []
         while self._expiry_heap and self._expiry_heap[0][0] <= now:
-            expires_at, _sequence, network = heapq.heappop(self._expiry_heap)
-            ban = self._active.get(network)
-            if ban is not None and ban.expires_at == expires_at:
-                self._end_ban(ban, expires_at)
-                self._kernel_add.pop(ban.network, None)
-                expired.append(ban)
+            expires_at, _sequence, key = heapq.heappop(self._expiry_heap)
+            entry = self._active.get(key)
+            if entry is not None and entry[0] == expires_at:
+                expired.append(_ban(key, entry))
+                self._end_ban(key, expires_at)
+                self._kernel_add.pop(key, None)
         cutoff = now - self.settings.findtime
         while self._window_order and self._window_order[0][0] < cutoff:
-            _when, network = self._window_order.popleft()
-            times = self._window.get(network)
+            _when, key = self._window_order.popleft()
+            times = self._window.get(key)
             if times is None:
                 continue
             while times and times[0] < cutoff:
                 times.pop(0)
             if not times:
-                del self._window[network]
+                del self._window[key]
         self._state_prune_before = cutoff
         self._write_state()
         return expired
@@ -249,8 +295,8 @@ class BanManager:
     def active(self):
         """Bans in force now, soonest expiry first."""
         now = self.clock()
-        return sorted((ban for ban in self._active.values() if ban.expires_at > now),
-                      key=lambda ban: (ban.expires_at, str(ban.network)))
+        return sorted((_ban(key, entry) for key, entry in self._active.items() if entry[0] > now),
+                      key=lambda ban: (ban.expires_at, ban.network.version, ban.network))
 
     def restore(self):
         """Push every active ban to the kernel with its remaining time, in one batch.
@@ -258,8 +304,8 @@ class BanManager:
         For a restart or a kernel whose tables were flushed by someone else.
         Raises what the kernel raises; returns the number of bans pushed."""
         now = self.clock()
-        additions = [(network, _timeout(ban, now)) for network, ban in self._active.items()
-                     if ban.expires_at > now]
+        additions = [(_network(key), _timeout(entry[0], now)) for key, entry in self._active.items()
+                     if entry[0] > now]
         if additions:
             self.kernel.add_bans(additions)
         self._kernel_add.clear()
@@ -269,14 +315,15 @@ class BanManager:
     def reconcile(self):
         """Re-add, in one batch, active bans the kernel does not have; returns how many."""
         now = self.clock()
-        present = self.kernel.list_bans()
-        missing = [(network, _timeout(ban, now)) for network, ban in self._active.items()
-                   if ban.expires_at > now and network not in present]
+        present = {_key(network) for network in self.kernel.list_bans()}
+        missing = [(_network(key), _timeout(entry[0], now)) for key, entry in self._active.items()
+                   if entry[0] > now and key not in present]
         if missing:
             self.kernel.add_bans(missing)
-            for network, _timeout_seconds in missing:
-                self._kernel_add.pop(network, None)
-            log.warning("kernel lacked %d ban(s); re-added", len(missing))
+            for network, _seconds in missing:
+                self._kernel_add.pop(_key(network), None)
+            log.warning("kernel lacked %d ban(s), re-added: %s", len(missing),
+                        _sample(network for network, _seconds in missing))
         return len(missing)
 
     def stats(self):
@@ -294,101 +341,125 @@ class BanManager:
 
     # Internals.
 
-    def _is_protected(self, address):
-        return any(address in network for network in self._protected if network.version == address.version)
+    def _is_protected(self, version, number):
+        for first, last in self._protected_ranges[version]:
+            if first <= number <= last:
+                return True
+        return False
 
-    def _unit_of(self, address):
-        """The network a failure counts against: the address, or its IPv6 /prefix
+    def _unit_of(self, version, number):
+        """The key a failure counts against: the address, or its IPv6 /prefix
         unless that prefix would also cover a protected network."""
-        network = addr.ban_network(address, self.settings.ipv6_prefix)
-        if network.prefixlen != network.max_prefixlen and any(
-                network.overlaps(protected) for protected in self._protected
-                if protected.version == network.version):
-            return addr.ban_network(address, network.max_prefixlen)
-        return network
+        if version == 4:
+            return (4, number, 32)
+        prefixlen = self.settings.ipv6_prefix
+        key = (6, number & _MASKS[6, prefixlen], prefixlen)
+        if self._overlaps_protected(key):
+            return (6, number, 128)
+        return key
 
-    def _covering_ban(self, network):
-        """The active ban that contains `network` (itself included), or None."""
-        for prefixlen in self._ban_prefixlens[network.version]:
-            if prefixlen <= network.prefixlen:
-                candidate = network if prefixlen == network.prefixlen else network.supernet(new_prefix=prefixlen)
+    def _overlaps_protected(self, key):
+        version, first, last = _range(key)
+        for protected_first, protected_last in self._protected_ranges[version]:
+            if protected_first <= last and first <= protected_last:
+                return True
+        return False
+
+    def _covering_ban(self, key):
+        """The key of the active ban that contains `key` (itself included), or None."""
+        version, number, prefixlen = key
+        for ban_prefixlen in self._ban_prefixlens[version]:
+            if ban_prefixlen <= prefixlen:
+                candidate = (version, number & _MASKS[version, ban_prefixlen], ban_prefixlen)
                 if candidate in self._active:
                     return candidate
         return None
 
-    def _bans_inside(self, network):
-        """Active bans strictly inside `network`."""
-        if not any(p > network.prefixlen for p in self._ban_prefixlens[network.version]):
+    def _bans_inside(self, key):
+        """Networks of active bans strictly inside `key`."""
+        version, number, prefixlen = key
+        if not any(p > prefixlen for p in self._ban_prefixlens[version]):
             return []
-        return sorted((other for other in self._active
-                       if other.version == network.version and other != network
-                       and other.subnet_of(network)), key=str)
+        mask = _MASKS[version, prefixlen]
+        return sorted(_network((v, n, p)) for v, n, p in self._active
+                      if v == version and p > prefixlen and n & mask == number)
 
-    def _escalated_bantime(self, network):
-        previous = self._history.get(str(network), (0, 0.0))[0]
-        doublings = min(previous, MAX_DOUBLINGS)
+    def _history(self, key):
+        """(times banned, end of the last ban) for this key; (0, 0.0) if never banned."""
+        entry = self._history_unwritten.get(key)
+        if entry is None:
+            entry = self.state.load_history_of(_blob(key)) or (0, 0.0)
+        return entry
+
+    def _escalated_bantime(self, times_banned):
+        doublings = min(times_banned, MAX_DOUBLINGS)
         return min(self.settings.bantime * 2 ** doublings, self.settings.bantime_max)
 
-    def _make_ban(self, network, duration, failures, filter_name, reason, now):
-        previous = self._active.get(network)
+    def _make_ban(self, key, duration, failures, filter_name, reason, now):
+        """duration None: the bantime escalated by this network's history."""
+        times_banned = self._history(key)[0]
+        if duration is None:
+            duration = self._escalated_bantime(times_banned)
+        previous = self._active.get(key)
         if previous is not None:
-            self._drop_active(previous)
-        ban = Ban(network, now + duration, failures, filter_name, reason, now)
-        self._set_active(ban)
-        key = str(network)
-        count = self._history.get(key, (0, 0.0))[0]
-        self._history[key] = (count if previous is not None else count + 1, ban.expires_at)
-        self._state_history.add(key)
-        self._state_upsert[network] = ban
-        self._state_delete.discard(network)
-        self._kernel_add[network] = ban
-        self._kernel_remove.discard(network)
+            self._drop_active(key)
+        ban = Ban(_network(key), now + duration, failures, filter_name, reason, now)
+        self._set_active(key, (ban.expires_at, failures, filter_name, reason, now))
+        # Extending a ban in force is not a new offence.
+        if previous is None:
+            times_banned += 1
+        self._history_unwritten[key] = (times_banned, ban.expires_at)
+        self._state_upsert[key] = ban
+        self._state_delete.discard(key)
+        self._kernel_add[key] = ban
+        self._kernel_remove.pop(key, None)
         self.bans_total[reason] += 1
         return ban
 
-    def _end_ban(self, ban, ended_at):
-        self._drop_active(ban)
-        key = str(ban.network)
-        count = self._history.get(key, (1, 0.0))[0]
-        self._history[key] = (count, ended_at)
-        self._state_history.add(key)
-        self._state_upsert.pop(ban.network, None)
-        self._state_delete.add(ban.network)
+    def _end_ban(self, key, ended_at):
+        self._drop_active(key)
+        self._history_unwritten[key] = (self._history(key)[0], ended_at)
+        self._state_upsert.pop(key, None)
+        self._state_delete.add(key)
 
-    def _set_active(self, ban):
-        self._active[ban.network] = ban
-        self._ban_prefixlens[ban.network.version][ban.network.prefixlen] += 1
-        heapq.heappush(self._expiry_heap, (ban.expires_at, next(self._heap_sequence), ban.network))
+    def _set_active(self, key, entry, heap=True):
+        self._active[key] = entry
+        self._ban_prefixlens[key[0]][key[2]] += 1
+        if heap:
+            heapq.heappush(self._expiry_heap, (entry[0], next(self._heap_sequence), key))
 
-    def _drop_active(self, ban):
-        del self._active[ban.network]
-        counts = self._ban_prefixlens[ban.network.version]
-        counts[ban.network.prefixlen] -= 1
-        if not counts[ban.network.prefixlen]:
-            del counts[ban.network.prefixlen]
+    def _drop_active(self, key):
+        del self._active[key]
+        counts = self._ban_prefixlens[key[0]]
+        counts[key[2]] -= 1
+        if not counts[key[2]]:
+            del counts[key[2]]
 
-    def _forget_window(self, network):
+    def _forget_window(self, key):
         """A ban starts the count afresh: drop this network's failures, queued and stored."""
-        in_window = self._window.pop(network, ())
-        not_yet_written = self._state_failures.pop(network, ())
+        in_window = self._window.pop(key, ())
+        not_yet_written = self._state_failures.pop(key, ())
         # Unwritten failures are the newest; only older ones can be in the file.
         if len(in_window) > len(not_yet_written):
-            self._state_forget.add(network)
+            self._state_forget.add(key)
 
     def _write_state(self):
         """Persist everything queued in one transaction. On a write error the queue
         is kept and the kernel is still served: enforcement matters more."""
-        if not (self._state_upsert or self._state_delete or self._state_history
+        if not (self._state_upsert or self._state_delete or self._history_unwritten
                 or self._state_failures or self._state_forget or self._state_prune_before is not None):
             return
         try:
             with self.state.transaction() as writer:
-                writer.delete_bans([str(network) for network in self._state_delete])
-                writer.upsert_bans([_ban_row(ban) for ban in self._state_upsert.values()])
-                writer.upsert_history([(key, *self._history[key]) for key in self._state_history])
-                writer.forget_failures([str(network) for network in self._state_forget])
-                writer.add_failures([(str(network), when, filter_name)
-                                     for network, entries in self._state_failures.items()
+                writer.delete_bans([_blob(key) for key in self._state_delete])
+                writer.upsert_bans([
+                    (_blob(key), str(ban.network), key[0], ban.banned_at, ban.expires_at,
+                     ban.failures, ban.filter, ban.reason)
+                    for key, ban in self._state_upsert.items()])
+                writer.upsert_history([(_blob(key), *entry) for key, entry in self._history_unwritten.items()])
+                writer.forget_failures([_blob(key) for key in self._state_forget])
+                writer.add_failures([(_blob(key), when, filter_name)
+                                     for key, entries in self._state_failures.items()
                                      for when, filter_name in entries])
                 if self._state_prune_before is not None:
                     writer.prune_failures(self._state_prune_before)
@@ -398,15 +469,50 @@ class BanManager:
             return
         self._state_upsert.clear()
         self._state_delete.clear()
-        self._state_history.clear()
+        self._history_unwritten.clear()
         self._state_failures.clear()
         self._state_forget.clear()
         self._state_prune_before = None
 
 
-def _timeout(ban, now):
+def _key(network):
+    return (network.version, int(network.network_address), network.prefixlen)
+
+
+def _network(key):
+    version, number, prefixlen = key
+    return _NETWORK_TYPES[version]((number, prefixlen))
+
+
+def _range(key):
+    version, number, prefixlen = key
+    return (version, number, number | (_MASKS[version, prefixlen] ^ _MASKS[version, _BITS[version]]))
+
+
+def _blob(key):
+    """The State key: packed address (4 or 16 bytes, so the version) + prefix length."""
+    version, number, prefixlen = key
+    return number.to_bytes(4 if version == 4 else 16, "big") + bytes((prefixlen,))
+
+
+def _key_from_blob(blob):
+    return (4 if len(blob) == 5 else 6, int.from_bytes(blob[:-1], "big"), blob[-1])
+
+
+def _ban(key, entry):
+    return Ban(_network(key), *entry)
+
+
+def _timeout(expires_at, now):
     """Whole seconds for the kernel, rounded up so the kernel never lifts a ban early."""
-    return max(1, math.ceil(ban.expires_at - now))
+    return max(1, math.ceil(expires_at - now))
+
+
+def _sample(networks, limit=5):
+    """A log-sized list: a burst of 100k bans must not become a 2 MB log line."""
+    head = list(itertools.islice(networks, limit + 1))
+    text = " ".join(str(network) for network in head[:limit])
+    return text + (" ..." if len(head) > limit else "")
 
 
 def _as_network(value):

@@ -27,7 +27,8 @@ APPLICATION_ID = 0x706F6C64
 MIGRATIONS = (
     """
     CREATE TABLE bans (
-        network    TEXT PRIMARY KEY,
+        key        BLOB PRIMARY KEY,
+        network    TEXT NOT NULL,
         version    INTEGER NOT NULL CHECK (version IN (4, 6)),
         banned_at  REAL NOT NULL,
         expires_at REAL NOT NULL,
@@ -36,16 +37,16 @@ MIGRATIONS = (
         reason     TEXT NOT NULL CHECK (reason IN ('auto', 'manual'))
     );
     CREATE TABLE ban_history (
-        network  TEXT PRIMARY KEY,
+        key      BLOB PRIMARY KEY,
         bans     INTEGER NOT NULL,
         last_end REAL NOT NULL
     );
     CREATE TABLE failures (
-        network TEXT NOT NULL,
-        time    REAL NOT NULL,
-        filter  TEXT NOT NULL
+        key    BLOB NOT NULL,
+        time   REAL NOT NULL,
+        filter TEXT NOT NULL
     );
-    CREATE INDEX failures_by_network ON failures (network);
+    CREATE INDEX failures_by_key ON failures (key);
     CREATE INDEX failures_by_time ON failures (time);
     CREATE TABLE log_positions (
         path     TEXT PRIMARY KEY,
@@ -55,8 +56,10 @@ MIGRATIONS = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# Row shapes exchanged with bans.py, in column order.
-BAN_COLUMNS = ("network", "version", "banned_at", "expires_at", "failures", "filter", "reason")
+# Networks are keyed by an opaque BLOB that bans.py makes (packed address and
+# prefix length): reading 100k bans back must not parse 100k address strings.
+# `network` keeps the text form for people reading the file with sqlite3.
+BAN_COLUMNS = ("key", "network", "version", "banned_at", "expires_at", "failures", "filter", "reason")
 
 
 class State:
@@ -144,18 +147,22 @@ class State:
     def load_bans(self, now):
         """Rows (BAN_COLUMNS order) of bans that have not expired at `now`."""
         return self._read(
-            "SELECT network, version, banned_at, expires_at, failures, filter, reason "
-            "FROM bans WHERE expires_at > ?", (now,))
+            f"SELECT {', '.join(BAN_COLUMNS)} FROM bans WHERE expires_at > ?", (now,))
 
     def load_history(self):
-        """{network text: (times banned, end of the last ban)}."""
-        return {network: (bans, last_end) for network, bans, last_end
-                in self._read("SELECT network, bans, last_end FROM ban_history")}
+        """{key: (times banned, end of the last ban)}."""
+        return {key: (bans, last_end) for key, bans, last_end
+                in self._read("SELECT key, bans, last_end FROM ban_history")}
+
+    def load_history_of(self, key):
+        """(times banned, end of the last ban) for one key, or None."""
+        rows = self._read("SELECT bans, last_end FROM ban_history WHERE key = ?", (key,))
+        return rows[0] if rows else None
 
     def load_failures(self, since):
-        """[(network text, time, filter)] of failures at or after `since`, oldest first."""
+        """[(key, time, filter)] of failures at or after `since`, oldest first."""
         return self._read(
-            "SELECT network, time, filter FROM failures WHERE time >= ? ORDER BY time", (since,))
+            "SELECT key, time, filter FROM failures WHERE time >= ? ORDER BY time", (since,))
 
     # Log positions: the tail module's PositionStore protocol is load/save.
 
@@ -189,24 +196,25 @@ class Writer:
         self._db.execute(sql, args)
 
     def upsert_bans(self, rows):
+        """rows: BAN_COLUMNS order."""
         self._db.executemany(
-            "INSERT OR REPLACE INTO bans (network, version, banned_at, expires_at, failures, "
-            "filter, reason) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            f"INSERT OR REPLACE INTO bans ({', '.join(BAN_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(BAN_COLUMNS))})", rows)
 
-    def delete_bans(self, networks):
-        self._db.executemany("DELETE FROM bans WHERE network = ?", ((n,) for n in networks))
+    def delete_bans(self, keys):
+        self._db.executemany("DELETE FROM bans WHERE key = ?", ((key,) for key in keys))
 
     def upsert_history(self, rows):
-        """rows: (network text, times banned, end of the last ban)."""
+        """rows: (key, times banned, end of the last ban)."""
         self._db.executemany(
-            "INSERT OR REPLACE INTO ban_history (network, bans, last_end) VALUES (?, ?, ?)", rows)
+            "INSERT OR REPLACE INTO ban_history (key, bans, last_end) VALUES (?, ?, ?)", rows)
 
     def add_failures(self, rows):
-        """rows: (network text, time, filter)."""
-        self._db.executemany("INSERT INTO failures (network, time, filter) VALUES (?, ?, ?)", rows)
+        """rows: (key, time, filter)."""
+        self._db.executemany("INSERT INTO failures (key, time, filter) VALUES (?, ?, ?)", rows)
 
-    def forget_failures(self, networks):
-        self._db.executemany("DELETE FROM failures WHERE network = ?", ((n,) for n in networks))
+    def forget_failures(self, keys):
+        self._db.executemany("DELETE FROM failures WHERE key = ?", ((key,) for key in keys))
 
     def prune_failures(self, before):
         self._db.execute("DELETE FROM failures WHERE time < ?", (before,))

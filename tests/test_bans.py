@@ -440,3 +440,33 @@ def test_extending_an_active_ban_is_not_a_new_offence(make, clock, kernel):
     clock.advance(5001)
     manager.expire()
     assert manager.ban("192.0.2.91", None).expires_at - clock.now == 7200  # one previous ban
+
+
+def test_ban_is_persisted_even_while_the_kernel_refuses(make, kernel):
+    manager = make()
+    kernel.failing = True
+    ban = fail(manager, "203.0.113.80", 5)[-1]
+    manager.flush()
+    manager.state.close()
+    kernel.failing = False
+    restarted = make()
+    assert restarted.active() == [ban]
+    assert restarted.restore() == 1
+
+
+def test_bans_that_the_grown_ignore_list_covers_are_lifted(make, kernel):
+    manager = make()
+    fail(manager, "2001:db8:66:1::9", 5)
+    fail(manager, "192.0.2.66", 5)
+    manager.flush()
+    lifted = manager.reconfigure(Settings(ignore=(net("2001:db8:66:1::1/128"),)))
+    assert [ban.network for ban in lifted] == [net("2001:db8:66:1::/64")]
+    assert manager.flush() == 1
+    assert kernel.batches[-1] == ("remove", [net("2001:db8:66:1::/64")])
+    assert [ban.network for ban in manager.active()] == [net("192.0.2.66/32")]
+    manager.state.close()
+    # A restart with the old ban still on file and a new ignore list lifts it too.
+    restarted = make(Settings(ignore=(net("192.0.2.66/32"),)))
+    assert restarted.active() == []
+    restarted.flush()
+    assert kernel.batches[-1] == ("remove", [net("192.0.2.66/32")])

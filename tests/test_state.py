@@ -1,5 +1,6 @@
 """State file: schema versioning, refusal of corrupt and foreign files, log
 positions, and batched writes that survive reopening."""
+import ipaddress
 import sqlite3
 
 import pytest
@@ -7,6 +8,17 @@ import pytest
 from policyd import state as state_module
 from policyd.errors import InputError
 from policyd.state import SCHEMA_VERSION, State
+
+
+def key(text):
+    """A key as bans.py makes them; State treats it as opaque."""
+    network = ipaddress.ip_network(text)
+    return network.network_address.packed + bytes((network.prefixlen,))
+
+
+def ban_row(text, expires_at, filter_name="nginx-auth", reason="auto"):
+    network = ipaddress.ip_network(text)
+    return (key(text), text, network.version, 1.0, expires_at, 5, filter_name, reason)
 
 
 @pytest.fixture
@@ -44,10 +56,8 @@ def test_corrupt_file_is_an_input_error_naming_the_file(db_path):
 def test_damaged_pages_are_an_input_error(db_path):
     with State(db_path) as state:
         with state.transaction() as writer:
-            writer.upsert_bans([(f"192.0.2.{i}/32", 4, 1.0, 9e9, 5, "nginx-auth", "auto")
-                                for i in range(256)] + [
-                               (f"2001:db8:{i:x}::/64", 6, 1.0, 9e9, 5, "x" * 200, "auto")
-                               for i in range(2000)])
+            writer.upsert_bans([ban_row(f"192.0.2.{i}/32", 9e9) for i in range(256)]
+                               + [ban_row(f"2001:db8:{i:x}::/64", 9e9, "x" * 200) for i in range(2000)])
     raw = sqlite3.connect(db_path)
     raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     raw.close()
@@ -107,8 +117,8 @@ def test_transaction_rolls_back_entirely_on_error(db_path):
     with State(db_path) as state:
         with pytest.raises(RuntimeError):
             with state.transaction() as writer:
-                writer.upsert_bans([("192.0.2.1/32", 4, 1.0, 100.0, 5, "nginx-auth", "auto")])
-                writer.upsert_history([("192.0.2.1/32", 1, 100.0)])
+                writer.upsert_bans([ban_row("192.0.2.1/32", 100.0)])
+                writer.upsert_history([(key("192.0.2.1/32"), 1, 100.0)])
                 raise RuntimeError("interrupted mid-flush")
         assert state.load_bans(now=0.0) == []
         assert state.load_history() == {}
@@ -117,15 +127,23 @@ def test_transaction_rolls_back_entirely_on_error(db_path):
 def test_loads_filter_by_time(db_path):
     with State(db_path) as state:
         with state.transaction() as writer:
-            writer.upsert_bans([("192.0.2.1/32", 4, 1.0, 100.0, 5, "nginx-auth", "auto"),
-                                ("2001:db8::/64", 6, 1.0, 300.0, 0, None, "manual")])
-            writer.add_failures([("198.51.100.1/32", 10.0, "caddy-auth"),
-                                 ("198.51.100.1/32", 50.0, "caddy-auth"),
-                                 ("198.51.100.2/32", 40.0, "nginx-auth")])
-        assert [row[0] for row in state.load_bans(now=200.0)] == ["2001:db8::/64"]
-        assert state.load_failures(since=40.0) == [("198.51.100.2/32", 40.0, "nginx-auth"),
-                                                   ("198.51.100.1/32", 50.0, "caddy-auth")]
+            writer.upsert_bans([ban_row("192.0.2.1/32", 100.0),
+                                ban_row("2001:db8::/64", 300.0, None, "manual")])
+            writer.add_failures([(key("198.51.100.1"), 10.0, "caddy-auth"),
+                                 (key("198.51.100.1"), 50.0, "caddy-auth"),
+                                 (key("198.51.100.2"), 40.0, "nginx-auth")])
+        assert state.load_bans(now=200.0) == [ban_row("2001:db8::/64", 300.0, None, "manual")]
+        assert state.load_failures(since=40.0) == [(key("198.51.100.2"), 40.0, "nginx-auth"),
+                                                   (key("198.51.100.1"), 50.0, "caddy-auth")]
         with state.transaction() as writer:
             writer.prune_failures(before=45.0)
-            writer.forget_failures(["198.51.100.2/32"])
-        assert state.load_failures(since=0.0) == [("198.51.100.1/32", 50.0, "caddy-auth")]
+            writer.forget_failures([key("198.51.100.2")])
+        assert state.load_failures(since=0.0) == [(key("198.51.100.1"), 50.0, "caddy-auth")]
+
+
+def test_history_survives_reopening(db_path):
+    with State(db_path) as state:
+        with state.transaction() as writer:
+            writer.upsert_history([(key("2001:db8:1::/64"), 3, 500.0)])
+    with State(db_path) as state:
+        assert state.load_history() == {key("2001:db8:1::/64"): (3, 500.0)}
