@@ -4,9 +4,11 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nftables python3-nftables python3-pyroute2 python3-watchdog \
 	python3-click python3-yaml python3-pytest python3-venv python3-setuptools \
 	iproute2 nginx-light apache2-utils curl caddy procps util-linux \
-	fail2ban
+	fail2ban \
+	build-essential debhelper dh-python pybuild-plugin-pyproject dpkg-dev \
+	lintian systemd man-db git
 
-.PHONY: setup test unit netns
+.PHONY: setup test unit netns deb package-test
 setup:
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
@@ -21,3 +23,13 @@ unit:
 
 netns:
 	$(PY) -m pytest -q -rs -m netns tests
+
+# The .deb, .changes and .buildinfo go to build/deb; the build runs on a copy
+# of the tree in /tmp, so it leaves nothing behind in the repository.
+deb:
+	tests/package/build_deb.sh build/deb
+
+# Needs root: installs the .deb with apt, applies the shipped policy inside
+# network namespaces it makes, then purges the package again.
+package-test: deb
+	tests/package/test_install.sh build/deb
