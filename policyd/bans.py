@@ -28,6 +28,10 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 # networks with a very long history.
 MAX_DOUBLINGS = 62
 
+# Manual bans longer than this are refused: an element the kernel rejects for
+# its timeout would fail the whole flush batch it is in, every time.
+MAX_MANUAL_BAN = 10 * 365 * 86400
+
 # A network inside this module is a key (version, first address as int,
 # prefix length): building, hashing and comparing ipaddress objects costs
 # microseconds each, and the failure path runs for every matched log line.
@@ -154,9 +158,8 @@ class BanManager:
         heapq.heapify(self._expiry_heap)
         for blob, when, _filter_name in self.state.load_failures(now - self.settings.findtime):
             key = _key_from_blob(blob)
-            if key not in self._active:
-                self._window.setdefault(key, []).append(when)
-                self._window_order.append((when, key))
+            self._window.setdefault(key, []).append(when)
+            self._window_order.append((when, key))
 
     # The ban path.
 
@@ -233,8 +236,8 @@ class BanManager:
         """Ban a network or address for `duration` seconds (None: the escalated bantime)."""
         network = _as_network(network_or_address)
         if duration is not None and (isinstance(duration, bool) or not isinstance(duration, int)
-                                     or duration <= 0):
-            raise InputError(f"ban duration must be a positive number of seconds, not {duration!r}",
+                                     or not 0 < duration <= MAX_MANUAL_BAN):
+            raise InputError(f"ban duration must be 1 to {MAX_MANUAL_BAN} seconds, not {duration!r}",
                              key="duration")
         for protected in self._protected:
             if network.version == protected.version and network.overlaps(protected):
@@ -388,7 +391,12 @@ class BanManager:
         """(times banned, end of the last ban) for this key; (0, 0.0) if never banned."""
         entry = self._history_unwritten.get(key)
         if entry is None:
-            entry = self.state.load_history_of(_blob(key)) or (0, 0.0)
+            try:
+                entry = self.state.load_history_of(_blob(key)) or (0, 0.0)
+            except InputError as error:
+                # Banning without escalation beats not banning.
+                log.error("ban history unreadable, using a first-offence ban: %s", error)
+                entry = (0, 0.0)
         return entry
 
     def _escalated_bantime(self, times_banned):

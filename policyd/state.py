@@ -5,12 +5,15 @@ failures of the findtime window, and log read positions. Knows nothing of
 nftables or of the ban rules; bans.py decides, this module remembers.
 """
 import json
+import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 # "pold": marks the file as ours, so a foreign SQLite file is refused instead
 # of having our tables added to it.
@@ -137,10 +140,13 @@ class State:
             self._db.execute("BEGIN")
             try:
                 yield Writer(self._db)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # Also when COMMIT itself failed (disk full): a transaction
+                # left open would make every later BEGIN fail.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # Reading, at startup.
 
@@ -176,11 +182,17 @@ class State:
             return None  # a damaged position means "start as for a new log", not a crash
 
     def save_position(self, path, position):
+        """Store `position` (JSON-able). A failed write is logged, not raised: the
+        cost is re-reading some lines after a restart, not a dead daemon."""
         text = json.dumps(position, sort_keys=True)
-        with self.transaction() as writer:
-            writer.execute(
-                "INSERT INTO log_positions (path, position) VALUES (?, ?) "
-                "ON CONFLICT (path) DO UPDATE SET position = excluded.position", (str(path), text))
+        try:
+            with self.transaction() as writer:
+                writer.execute(
+                    "INSERT INTO log_positions (path, position) VALUES (?, ?) "
+                    "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
+                    (str(path), text))
+        except (sqlite3.Error, OSError) as error:
+            log.error("could not save the position of %s in %s: %s", path, self.path, error)
 
     load = load_position
     save = save_position

@@ -365,7 +365,8 @@ def test_manual_ban_of_loopback_or_ignored_is_refused(make, target):
 
 
 @pytest.mark.parametrize("target, duration", [("not-an-address", 60), ("192.0.2.1/24", 60),
-                                              ("192.0.2.1", 0), ("192.0.2.1", -5)])
+                                              ("192.0.2.1", 0), ("192.0.2.1", -5),
+                                              ("192.0.2.1", 10**12), ("192.0.2.1", 1.5)])
 def test_manual_ban_bad_input_is_an_input_error(make, target, duration):
     with pytest.raises(InputError):
         make().ban(target, duration)
@@ -470,3 +471,30 @@ def test_bans_that_the_grown_ignore_list_covers_are_lifted(make, kernel):
     assert restarted.active() == []
     restarted.flush()
     assert kernel.batches[-1] == ("remove", [net("192.0.2.66/32")])
+
+
+def test_unban_then_ban_again_before_flush_ends_banned(make, kernel):
+    manager = make()
+    manager.ban("198.51.100.61", 600)
+    manager.flush()
+    manager.unban("198.51.100.61")
+    manager.ban("198.51.100.61", 900)
+    manager.flush()
+    assert kernel.batches[-1] == ("add", [(net("198.51.100.61/32"), 900)])
+    assert net("198.51.100.61/32") in kernel.list_bans()
+
+
+def test_after_restart_bans_expire_in_expiry_order(make, clock):
+    manager = make()
+    for address, seconds in [("192.0.2.101", 300), ("192.0.2.102", 100), ("192.0.2.103", 200),
+                             ("2001:db8:8::", 100), ("192.0.2.104", 50)]:
+        manager.ban(address, seconds)
+    manager.flush()
+    manager.state.close()
+    restarted = make()
+    clock.advance(150)
+    assert sorted(str(ban.network) for ban in restarted.expire()) == [
+        "192.0.2.102/32", "192.0.2.104/32", "2001:db8:8::/128"]
+    clock.advance(100)
+    assert [str(ban.network) for ban in restarted.expire()] == ["192.0.2.103/32"]
+    assert [str(ban.network) for ban in restarted.active()] == ["192.0.2.101/32"]

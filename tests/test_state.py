@@ -147,3 +147,13 @@ def test_history_survives_reopening(db_path):
             writer.upsert_history([(key("2001:db8:1::/64"), 3, 500.0)])
     with State(db_path) as state:
         assert state.load_history() == {key("2001:db8:1::/64"): (3, 500.0)}
+
+
+def test_failed_statement_rolls_back_and_the_next_transaction_works(db_path):
+    with State(db_path) as state:
+        with pytest.raises(sqlite3.IntegrityError):
+            with state.transaction() as writer:
+                writer.add_failures([(b"k", 1.0, None)])  # filter is NOT NULL
+        with state.transaction() as writer:
+            writer.add_failures([(b"k", 2.0, "nginx-auth")])
+        assert state.load_failures(since=0.0) == [(b"k", 2.0, "nginx-auth")]
