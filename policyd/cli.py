@@ -124,11 +124,129 @@ def _live_bans(obj, policy):
         return []
 
 
+def trial_refusals(func):
+    """A trial step that ran and said no (too late, a trial running, a lockout): exit 1."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except trial.TrialRefused as exc:
+            click.echo(f"policyd: {exc}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
 @main.command()
 @policy_argument
+@click.option("--confirm-timeout", type=click.IntRange(1, 86400), metavar="N",
+              help="Load on trial: unless `policyd confirm` runs within N seconds, "
+                   "the kernel puts the previous policy back by itself.")
+@click.option("--wait", is_flag=True,
+              help="With --confirm-timeout: stay, ask to keep the policy, roll back "
+                   "on anything but y or at the deadline.")
+@click.option("--force", is_flag=True,
+              help="Apply even if the policy would cut your SSH session or an "
+                   "established connection on a guarded port.")
 @click.pass_obj
 @handle_errors
-def apply(obj, policy_path):
-    """Load POLICY atomically and make it the committed policy."""
-    policy = trial.apply(obj.nft(), trial.PolicyStore(obj.state_dir), policy_path)
-    click.echo(f"applied {policy.source} (sha256 {policy.digest[:12]})")
+@trial_refusals
+def apply(obj, policy_path, confirm_timeout, wait, force):
+    """Load POLICY atomically and make it the committed policy (or try it, on a timer)."""
+    nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
+    if confirm_timeout is None:
+        if wait:
+            raise InputError("needs --confirm-timeout", key="--wait")
+        policy = trial.apply(nft, store, policy_path, force=force)
+        click.echo(f"applied {policy.source} (sha256 {policy.digest[:12]})")
+        return
+    pending = trial.start_trial(nft, store, policy_path, confirm_timeout, force=force)
+    click.echo(f"on trial: {pending.source} (sha256 {pending.sha256[:12]}) until "
+               f"{trial.format_time(pending.deadline)} ({pending.seconds}s); "
+               "unconfirmed, the previous policy comes back by itself")
+    if not wait:
+        click.echo(f"keep it:  {_policyd_command(obj, 'confirm')}")
+        click.echo(f"undo now: {_policyd_command(obj, 'rollback')}")
+        return
+    answer = _ask_until("Keep this policy? [y/N] ", pending.deadline)
+    if answer is not None and answer.strip().lower() in ("y", "yes"):
+        policy = trial.confirm(nft, store)
+        click.echo(f"confirmed: {policy.source} (sha256 {policy.digest[:12]}) is committed")
+        return
+    trial.rollback(nft, store)
+    reason = "no answer before the deadline" if answer is None else "not confirmed"
+    raise trial.TrialRefused(f"{reason}: rolled back to the committed policy")
+
+
+def _policyd_command(obj, command):
+    """The command line an operator types next, with this run's --state-dir if it is not
+    the default, so that copying it reaches the same trial."""
+    import shlex
+    words = ["policyd"]
+    if obj.state_dir != "/var/lib/policyd":
+        words += ["--state-dir", obj.state_dir]
+    return shlex.join(words + [command])
+
+
+def _ask_until(prompt, deadline):
+    """One line from stdin, "" at end of input, None if the deadline came first.
+
+    A hung-up terminal sends SIGHUP and ends this process: the kernel's timer
+    then does the rollback, which is the point of keeping the timer there.
+    """
+    import os
+    import select
+    import time
+    click.echo(prompt, nl=False)
+    fd, line = sys.stdin.fileno(), b""
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            click.echo()
+            return None
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            continue
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            return ""
+        line += chunk
+        if not chunk or b"\n" in line:
+            return line.decode("utf-8", "replace")
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+@trial_refusals
+def confirm(obj):
+    """Keep the policy on trial: it becomes the committed policy."""
+    policy = trial.confirm(obj.nft(), trial.PolicyStore(obj.state_dir))
+    click.echo(f"confirmed: {policy.source} (sha256 {policy.digest[:12]}) is committed")
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+@trial_refusals
+def rollback(obj):
+    """End the trial now: reload the committed policy."""
+    store = trial.PolicyStore(obj.state_dir)
+    ended = trial.rollback(obj.nft(), store)
+    committed = store.committed()
+    kept = (f"{committed.source} (sha256 {committed.digest[:12]})" if committed
+            else "nothing committed, nothing guarded")
+    what = f"ended the trial of {ended.source}" if ended else "no trial on record"
+    click.echo(f"rolled back: {what}; loaded {kept}")
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+def restore(obj):
+    """Load only the committed policy and drop any trial (at boot: a reboot is a rollback)."""
+    policy = trial.restore_committed(obj.nft(), trial.PolicyStore(obj.state_dir))
+    if policy is None:
+        click.echo("nothing committed: no policy loaded")
+    else:
+        click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]})")

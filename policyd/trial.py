@@ -284,7 +284,7 @@ def _refuse_if_running(store, now):
     pending = store.pending()
     if pending is not None and now < pending.deadline:
         raise TrialRunning(
-            f"a trial of {pending.source} is running until {_clock(pending.deadline)}; "
+            f"a trial of {pending.source} is running until {format_time(pending.deadline)}; "
             "end it first with `policyd confirm` or `policyd rollback`")
     return pending
 
@@ -369,7 +369,7 @@ def confirm(nft, store, now=None):
             raise NoTrial("no trial to confirm")
         candidate = pending.policy()
         too_late = TooLate(f"too late: the trial of {pending.source} ended at "
-                           f"{_clock(pending.deadline)}; the committed policy stays")
+                           f"{format_time(pending.deadline)}; the committed policy stays")
         if now >= pending.deadline:
             _end_expired(nft, store, pending)
             raise too_late
@@ -476,5 +476,5 @@ def _kernel_seconds_left(nft, pending):
     return max((expires or 0 for _value, _timeout, expires in elements), default=0)
 
 
-def _clock(timestamp):
+def format_time(timestamp):
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(timestamp))
