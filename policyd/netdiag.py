@@ -7,7 +7,7 @@ queries see the network namespace the process runs in.
 import socket
 from dataclasses import dataclass
 
-from pyroute2 import DiagSocket, IPRoute
+from pyroute2 import DiagSocket, IPRoute, NetlinkError
 
 from policyd.addr import parse_host
 
@@ -35,10 +35,16 @@ class Listener:
 
 
 def _sockets(state):
-    with DiagSocket() as diag:
-        diag.bind()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            yield from diag.get_sock_stats(family=family, states=1 << state)
+    """Every TCP socket in `state`; OSError if the kernel will not say."""
+    try:
+        with DiagSocket() as diag:
+            diag.bind()
+            found = []
+            for family in (socket.AF_INET, socket.AF_INET6):
+                found += diag.get_sock_stats(family=family, states=1 << state)
+            return found
+    except NetlinkError as exc:
+        raise OSError(exc.code, f"sock_diag: {exc}") from None
 
 
 def established_peers(ports):
@@ -89,5 +95,5 @@ def interface_towards(address):
                 return None
             links = ipr.get_links(index)
             return links[0].get_attr("IFLA_IFNAME") if links else None
-    except OSError:
-        return None
+    except (OSError, NetlinkError):
+        return None  # no route back: no interface rule can match it either

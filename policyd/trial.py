@@ -235,7 +235,12 @@ def operator_peers(policy, environ=None):
         peers.append(ssh)
     ports = [port for proto, port in policy.guarded() if proto == "tcp"]
     if ports:
-        for conn in netdiag.established_peers(ports):
+        try:
+            connections = netdiag.established_peers(ports)
+        except OSError as exc:
+            raise LockoutRisk(f"cannot list established connections to check them ({exc}); "
+                              "use --force to apply without this check") from None
+        for conn in connections:
             peers.append(Peer(conn.peer_address, conn.local_port, "tcp",
                               "an established connection"))
     return peers

@@ -551,3 +551,34 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         trial.atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
     assert [p.name for p in path.parent.iterdir()] == ["committed.yaml"]
+
+
+def test_operator_peers_are_the_ssh_client_and_established_peers(monkeypatch):
+    from policyd import netdiag
+    from policyd import policy as policy_mod
+    asked = []
+
+    def established(ports):
+        asked.append(sorted(ports))
+        return [netdiag.Connection(ip("192.0.2.1"), 11434, ip("192.0.2.77"), 40000)]
+
+    monkeypatch.setattr(netdiag, "established_peers", established)
+    candidate = policy_mod.loads(CANDIDATE + "  dns: {ports: [53], proto: udp, allow: any}\n")
+    peers = trial.operator_peers(candidate, {"SSH_CONNECTION": "198.51.100.7 5 192.0.2.1 22"})
+    assert asked == [[22, 11434]]  # TCP ports only: sock_diag reads TCP here
+    assert [(p.address, p.port) for p in peers] == [(ip("198.51.100.7"), 22),
+                                                   (ip("192.0.2.77"), 11434)]
+
+
+def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, kernel, store, files,
+                                                         clock, committed):
+    from policyd import netdiag
+
+    def broken(ports):
+        raise OSError(95, "sock_diag: Operation not supported")
+
+    monkeypatch.setattr(netdiag, "established_peers", broken)
+    with pytest.raises(trial.LockoutRisk, match="--force"):
+        trial.start_trial(kernel, store, files["cand"], 30, now=clock.now,
+                          peers=lambda policy: trial.operator_peers(policy, {}))
+    assert store.pending() is None

@@ -298,6 +298,14 @@ def test_lint_refuses_to_cut_the_ssh_client_unless_forced(served):
     assert not stranger_reaches(world)
 
 
+def test_lint_names_an_ssh_client_the_server_has_no_route_to(served):
+    world = served
+    ssh = {"SSH_CONNECTION": f"203.0.113.5 50022 {SERVER_WAN_V4} {PORT}"}
+    result = policyd(world.server, "apply", world.candidate_path, env=ssh)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "203.0.113.5" in result.stderr
+
+
 @pytest.mark.parametrize("address", [SERVER_V4, SERVER_V6])
 def test_lint_sees_an_established_connection_from_the_trusted_client(served, address):
     world = served
