@@ -142,7 +142,7 @@ def _lookup(record, path):
     return value
 
 
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+):\d{1,5}\Z")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})\Z")
 
 
 def _parse_host_maybe_port(text):
@@ -150,7 +150,7 @@ def _parse_host_maybe_port(text):
     address = parse_host(text)
     if address is None:
         with_port = _HOST_PORT.match(text)
-        if with_port:
+        if with_port and int(with_port.group(2)) <= 65535:
             address = parse_host(with_port.group(1))
     return address
 
