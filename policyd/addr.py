@@ -4,9 +4,15 @@ One strict notion of "a client address": IPv4-mapped IPv6 becomes IPv4, and
 anything that is not exactly one address is refused rather than guessed at.
 """
 import ipaddress
+import re
+import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Dotted quad without leading zeros, as ipaddress accepts it; checked by hand
+# because allowlists run to 100k entries and ipaddress parses slowly.
+_DOTTED_QUAD = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                          r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
 
 
 def parse_host(text):
@@ -42,6 +48,16 @@ def ban_network(address, ipv6_prefix=128):
 
 def parse_network(text):
     """Parse `text` as an address or network, strictly (host bits set is an error)."""
+    address_text, slash, prefix_text = text.partition("/")
+    if _DOTTED_QUAD.match(address_text):
+        if not slash:
+            return ipaddress.IPv4Network(address_text)
+        if prefix_text.isdigit() and len(prefix_text) <= 2 and int(prefix_text) <= 32:
+            value = int.from_bytes(socket.inet_aton(address_text), "big")
+            prefix = int(prefix_text)
+            if value & ((1 << (32 - prefix)) - 1):
+                raise ValueError(f"{text} has host bits set")
+            return ipaddress.IPv4Network((value, prefix))
     address = parse_host(text)
     if address is not None:
         return ipaddress.ip_network(address)

@@ -182,9 +182,20 @@ def _refresh_ban_table(policy):
 
 
 def _elements(networks):
+    """Interval-set elements: nested networks dropped (nft refuses overlaps), sorted.
+
+    CIDR blocks either nest or are disjoint, so one sweep in address order that
+    skips whatever starts inside the last kept block leaves no overlap.
+    """
     out = []
-    for network in ipaddress.collapse_addresses(networks):
-        if network.num_addresses == 1:
+    end = -1
+    for start, size, network in sorted(
+            (int(n.network_address), -(1 << (n.max_prefixlen - n.prefixlen)), n)
+            for n in networks):
+        if start <= end:
+            continue
+        end = start - size - 1
+        if size == -1:
             out.append(str(network.network_address))
         else:
             out.append({"prefix": {"addr": str(network.network_address),

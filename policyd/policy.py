@@ -80,6 +80,19 @@ class Policy:
         return sorted({(s.proto, p) for s in self.services for p in s.ports})
 
 
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """libyaml's parser (line marks kept, ~10x faster) with a cheap path for addresses.
+
+    Resolving a scalar's implicit tag runs Python regexes per value; an
+    allowlist of 100k networks is mostly strings that are plainly not numbers.
+    """
+
+    def resolve(self, kind, value, implicit):
+        if kind is yaml.ScalarNode and implicit[0] and ("/" in value or ":" in value[1:-1]):
+            return "tag:yaml.org,2002:str"
+        return super().resolve(kind, value, implicit)
+
+
 def parse_duration(value, file=None, line=None, key=None):
     """`30s`, `10m`, `1h`, `2d`, `1w` or a bare integer of seconds -> seconds."""
     if isinstance(value, bool):
@@ -121,7 +134,7 @@ def loads(data, source="<policy>"):
     except UnicodeDecodeError as exc:
         raise InputError(f"not UTF-8 (byte {exc.start})", source) from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -259,7 +272,7 @@ class _Reader:
         rate = None
         if "rate" in items:
             rate = self.rate(items["rate"][1], f"{key}.rate")
-        allow_any, nets, interfaces = False, [], []
+        allow_any, nets, interfaces = False, {}, []
         akey = f"{key}.allow"
         for item in self.sequence(items["allow"][1], akey):
             if isinstance(item, yaml.MappingNode):
@@ -276,7 +289,7 @@ class _Reader:
                 network = self.network(item, akey)
                 if network in nets:
                     self.fail(item, akey, f"{network} is listed twice")
-                nets.append(network)
+                nets[network] = None  # a dict: ordered, and O(1) duplicate checks
         return Service(
             name=name, ports=ports, proto=proto, allow_any=allow_any,
             allow4=tuple(n for n in nets if n.version == 4),

@@ -70,12 +70,14 @@ def test_table_is_replaced_in_one_transaction():
                    for c in commands)
 
 
-def test_overlapping_networks_are_merged_for_the_interval_set():
+def test_nested_networks_are_dropped_for_the_interval_set():
     doc = compile_policy(_load(
         "services:\n  a:\n    ports: [1]\n"
         "    allow: [192.0.2.0/24, 192.0.2.128/25, 192.0.2.7, 198.51.100.0/25, 198.51.100.128/25]\n"))
     assert _set(doc, "committed_a_v4")["elem"] == [
-        {"prefix": {"addr": "192.0.2.0", "len": 24}}, {"prefix": {"addr": "198.51.100.0", "len": 24}}]
+        {"prefix": {"addr": "192.0.2.0", "len": 24}},
+        {"prefix": {"addr": "198.51.100.0", "len": 25}},
+        {"prefix": {"addr": "198.51.100.128", "len": 25}}]
     assert _set(doc, "committed_a_v6") is None
 
 
