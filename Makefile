@@ -15,8 +15,10 @@ setup:
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
+# Unit and namespace tests, then the real install path of the Debian package.
 test:
 	$(PY) -m pytest -q -rs tests
+	$(MAKE) package-test
 
 unit:
 	$(PY) -m pytest -q -m "not netns" tests
