@@ -210,11 +210,3 @@ def _match(left, right, op="=="):
 def _rule(table, chain, *exprs):
     return {"add": {"rule": {"family": FAMILY, "table": table, "chain": chain,
                              "expr": list(exprs)}}}
-
-
-def ban_element(network, ipv6_prefix):
-    """(set name, element value) that holds a ban on `network`."""
-    if network.version == 4:
-        return BAN_SETS[4], str(network.network_address)
-    masked = ipaddress.IPv6Network((network.network_address, ipv6_prefix), strict=False)
-    return BAN_SETS[6], str(masked.network_address)

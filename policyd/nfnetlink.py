@@ -13,6 +13,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_GETTABLE = 1
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NFT_MSG_DESTROYSETELEM = 30  # Linux >= 6.3: like DEL, but a missing element is fine
@@ -21,6 +22,9 @@ NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+NLM_F_DUMP = 0x300
+NFTA_TABLE_NAME = 1
 NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -39,12 +43,25 @@ def _attr(kind, payload):
     return header + payload + b"\0" * (-len(payload) % 4)
 
 
-def _element(address, timeout_ms):
-    key = _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, address.packed))
+def _element(key_bytes, timeout_ms):
+    key = _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, key_bytes))
     body = key
     if timeout_ms is not None:
         body += _attr(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", timeout_ms))
     return _attr(NFTA_LIST_ELEM | NLA_F_NESTED, body)
+
+
+def _string_attrs(payload, kind):
+    """Values of the top-level string attributes of type `kind` in `payload`."""
+    out, offset = [], 0
+    while offset + 4 <= len(payload):
+        length, attr = struct.unpack_from("=HH", payload, offset)
+        if length < 4:
+            break
+        if attr & 0x3FFF == kind:
+            out.append(payload[offset + 4:offset + length].rstrip(b"\0").decode())
+        offset += (length + 3) & ~3
+    return out
 
 
 class SetElements:
@@ -66,9 +83,9 @@ class SetElements:
         self._sock.close()
 
     def replace(self, table, changes):
-        """Put every (address, timeout seconds) in its set, replacing existing ones.
+        """Put every (key, timeout seconds) in its set, replacing existing ones.
 
-        `changes` maps set name -> [(ip_address, seconds)]; all in one transaction.
+        `changes` maps set name -> [(key bytes, seconds)]; all in one transaction.
         """
         messages = []
         if self._has_destroy:
@@ -89,11 +106,11 @@ class SetElements:
             raise
 
     def delete(self, table, changes):
-        """Remove every address in `changes` (set name -> [ip_address]); missing is fine."""
+        """Remove every key in `changes` (set name -> [(key bytes, _)]); missing is fine."""
         kind = NFT_MSG_DESTROYSETELEM if self._has_destroy else NFT_MSG_DELSETELEM
         messages = []
-        for name, addresses in changes.items():
-            messages += self._messages(kind, table, name, [(a, None) for a in addresses])
+        for name, items in changes.items():
+            messages += self._messages(kind, table, name, [(k, None) for k, _ in items])
         try:
             self._send(messages)
         except OSError as exc:
@@ -103,13 +120,38 @@ class SetElements:
             if exc.errno != errno.ENOENT:
                 raise
             # Without DESTROY one missing element fails the batch: go one by one.
-            for name, addresses in changes.items():
-                for address in addresses:
+            for name, items in changes.items():
+                for key, _ in items:
                     try:
-                        self._send(self._messages(kind, table, name, [(address, None)]))
+                        self._send(self._messages(kind, table, name, [(key, None)]))
                     except OSError as one:
                         if one.errno != errno.ENOENT:
                             raise
+
+    def table_names(self):
+        """Names of the inet tables that exist: a cheap dump, no rules or sets read.
+
+        The daemon asks this every half second to notice `nft flush ruleset`.
+        """
+        seq = self._next_seq()
+        self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+                                     NLM_F_REQUEST | NLM_F_DUMP, NFPROTO_INET, 0, b"", seq))
+        names = []
+        while True:
+            data = self._sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                if length < 16:
+                    return names
+                if msg_seq == seq:
+                    if kind == NLMSG_DONE:
+                        return names
+                    if kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", data, offset + 16)
+                        raise OSError(-code, os.strerror(-code))
+                    names += _string_attrs(data[offset + 20:offset + length], NFTA_TABLE_NAME)
+                offset += (length + 3) & ~3
 
     def _messages(self, kind, table, name, items, flags=0):
         head = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")

@@ -11,7 +11,7 @@ import json
 import nftables
 
 from policyd import nfnetlink
-from policyd.compile import BAN_SETS, FAMILY, ban_element
+from policyd.compile import BAN_SETS, FAMILY
 from policyd.errors import KernelError
 
 
@@ -21,6 +21,7 @@ class Nft:
     def __init__(self):
         self._ctx = nftables.Nftables()
         self._ctx.set_handle_output(False)
+        self.netlink = nfnetlink.SetElements()
 
     def _run(self, command):
         rc, out, err = self._ctx.cmd(command)
@@ -50,9 +51,8 @@ class Nft:
         return self._run("list ruleset")
 
     def tables(self):
-        """Names of the inet tables that exist."""
-        out = self._json_list("list tables inet")
-        return sorted(o["table"]["name"] for o in out if "table" in o)
+        """Names of the inet tables that exist (over netlink: cheap enough to poll)."""
+        return sorted(self.netlink.table_names())
 
     def table_objects(self, table):
         """The JSON objects of one inet table, or [] if it does not exist."""
@@ -90,29 +90,35 @@ class BanTable:
         self.nft = nft
         self.table = table
         self.ipv6_prefix = ipv6_prefix
-        self._netlink = nfnetlink.SetElements()
+        self._netlink = nft.netlink
 
     def add_bans(self, bans):
         """Add (network, timeout seconds) pairs in one transaction.
 
         An element that exists already is replaced, so its timeout is the new one.
         """
-        if not bans:
-            return
-        changes = {}
-        for network, timeout in bans:
-            name, value = ban_element(network, self.ipv6_prefix)
-            changes.setdefault(name, []).append((ipaddress.ip_address(value), max(1, int(timeout))))
-        self._netlink.replace(self.table, changes)
+        if bans:
+            self._netlink.replace(self.table, self._by_set(bans))
 
     def remove_bans(self, networks):
-        if not networks:
-            return
-        changes = {}
-        for network in networks:
-            name, value = ban_element(network, self.ipv6_prefix)
-            changes.setdefault(name, []).append(ipaddress.ip_address(value))
-        self._netlink.delete(self.table, changes)
+        if networks:
+            self._netlink.delete(self.table, self._by_set((n, None) for n in networks))
+
+    def _by_set(self, pairs):
+        """set name -> [(key bytes, timeout)]; IPv6 keys masked to the ban prefix.
+
+        Works on integers: restoring 100k bans must not format and parse 100k strings.
+        """
+        mask6 = ((1 << 128) - 1) ^ ((1 << (128 - self.ipv6_prefix)) - 1)
+        changes = {BAN_SETS[4]: [], BAN_SETS[6]: []}
+        for network, timeout in pairs:
+            key = network.network_address.packed
+            if network.version == 6:
+                key = (int.from_bytes(key, "big") & mask6).to_bytes(16, "big")
+            if timeout is not None:
+                timeout = max(1, int(timeout))
+            changes[BAN_SETS[network.version]].append((key, timeout))
+        return {name: items for name, items in changes.items() if items}
 
     def list_bans(self):
         """network -> seconds left, as the kernel holds them."""
@@ -127,9 +133,6 @@ class BanTable:
                 network = ipaddress.ip_network((value, prefix), strict=False)
                 bans[network] = expires if expires is not None else (timeout or 0)
         return bans
-
-    def close(self):
-        self._netlink.close()
 
 
 def _value(raw):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from policyd import policy, render
-from policyd.compile import ban_element, compile_policy
+from policyd.compile import compile_policy
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden")
@@ -138,9 +138,3 @@ def test_ban_ipv6_mask_follows_prefix():
     doc = compile_policy(_load("services:\n  a: {ports: [1], allow: [any]}\n"
                                "bans: {ipv6_prefix: 56}\n"))
     assert "ffff:ffff:ffff:ff00::" in json.dumps(_rules(doc, "input", "policyd_bans"))
-
-
-def test_ban_element_masks_ipv6_to_the_prefix():
-    import ipaddress
-    assert ban_element(ipaddress.ip_network("2001:db8:1:2::/64"), 64) == ("ban6", "2001:db8:1:2::")
-    assert ban_element(ipaddress.ip_network("192.0.2.7/32"), 64) == ("ban4", "192.0.2.7")
