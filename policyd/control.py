@@ -360,7 +360,9 @@ def request(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args) 
         if response.get("ok") is True:
             return response.get("result")
         code = response.get("code")
-        raise ControlError(one_line(response["error"]), code if code in (CODE_REFUSED, CODE_BAD_INPUT) else CODE_REFUSED)
+        if code not in (CODE_REFUSED, CODE_BAD_INPUT):
+            code = CODE_REFUSED
+        raise ControlError(one_line(response["error"]), code)
     except (ValueError, AttributeError, KeyError, TypeError) as exc:
         raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED) from exc
 

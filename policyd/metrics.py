@@ -21,6 +21,7 @@ from policyd.errors import InputError
 
 log = logging.getLogger(__name__)
 
+STOP_POLL_SECONDS = 0.1  # how quickly stop() is noticed by serve_forever
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -106,7 +107,8 @@ class Metric:
 
     def render(self) -> str:
         lines = self.header()
-        lines.extend(f"{name}{format_labels(pairs)} {format_value(value)}" for name, pairs, value in self.samples())
+        for name, pairs, value in self.samples():
+            lines.append(f"{name}{format_labels(pairs)} {format_value(value)}")
         return "\n".join(lines) + "\n"
 
 
@@ -334,7 +336,8 @@ class MetricsServer:
         except OSError as exc:
             raise InputError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
                              key="metrics-listen") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), name="metrics-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(STOP_POLL_SECONDS,),
+                                        name="metrics-http", daemon=True)
         self._thread.start()
 
     @property
