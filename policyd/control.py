@@ -113,10 +113,12 @@ class ControlServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._unlink_own_socket()
+        # Requests in flight get one connection timeout in total to finish.
+        deadline = time.monotonic() + self.timeout
         with self._connections_lock:
             pending = list(self._connections)
         for thread in pending:
-            thread.join(self.timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self):
         self.start()
