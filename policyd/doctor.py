@@ -1,0 +1,611 @@
+"""`policyd doctor`: small checks of the host, each returning findings with a fix.
+
+Owns the diagnosis only; every fact comes from an environment object (the real
+host's is HostEnvironment), so tests can fake sock_diag, the kernel and files.
+
+JSON form (`policyd doctor --json`), stable:
+    {"ok": bool,            # true when every finding is "ok"
+     "findings": [{"level": "ok" | "warn" | "fail",
+                   "check": "listener" | "interface" | "log" | "filter" | "table" |
+                            "drift" | "trial" | "committed" | "nftables-service" |
+                            "daemon",
+                   "message": str,   # what was found, one line
+                   "fix": str}]}     # what to do about it; "" for "ok"
+Text form: one line per finding, "LEVEL CHECK: MESSAGE" plus "; fix: FIX" for
+warn and fail. Exit code 0 when all is ok, 1 when anything is warn or fail.
+"""
+import errno
+import ipaddress
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from policyd.compile import FAMILY, compile_policy
+from policyd.errors import InputError, KernelError
+from policyd.trial import PolicyStore, empty_policy
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+CONTROL_SOCKET = "control.sock"
+# The packaged unit hides these from the daemon (ProtectHome=yes, PrivateTmp=yes).
+HIDDEN_FROM_DAEMON = ("/home/", "/root/", "/run/user/", "/tmp/", "/var/tmp/")
+VERDICTS = ("accept", "drop", "reject", "goto", "jump", "return", "continue", "queue")
+MAX_DIFFERENCES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    check: str
+    message: str
+    fix: str = ""
+
+
+def ok(check, message):
+    return Finding(OK, check, message)
+
+
+def warn(check, message, fix):
+    return Finding(WARN, check, message, fix)
+
+
+def fail(check, message, fix):
+    return Finding(FAIL, check, message, fix)
+
+
+# --- the whole diagnosis --------------------------------------------------
+
+def diagnose(policy, env):
+    """Every finding about `policy` (the file the operator named) on this host."""
+    findings = []
+    committed, unreadable = _committed(env)
+    if unreadable is not None:
+        findings.append(unreadable)
+    pending = env.store.pending()
+    # The kernel should hold the committed policy's tables (a trial cannot move them).
+    expected = committed or (pending.policy() if pending is not None else policy)
+    tables, kernel_error = _kernel_tables(env)
+    guard_loaded = None if tables is None else expected.table in tables
+    findings += check_listeners(policy, env, expected.table, guard_loaded)
+    findings += check_interfaces(policy, env)
+    findings += check_logs(policy, env)
+    findings += check_filters(policy, env)
+    findings += check_committed(policy, committed, pending, env, unreadable is not None)
+    findings += check_trial(pending, env.now())
+    if kernel_error is not None:
+        findings.append(fail("table", f"cannot read the kernel's nftables tables ({kernel_error})",
+                             "run `policyd doctor` as root (it needs CAP_NET_ADMIN)"))
+    else:
+        findings += check_tables(expected, tables)
+        if guard_loaded:
+            findings += check_drift(committed, pending, env)
+    findings += check_nftables_service(env)
+    findings += check_daemon(env)
+    return findings
+
+
+def _committed(env):
+    try:
+        return env.store.committed(), None
+    except InputError as exc:
+        return None, fail("committed", f"the committed policy cannot be read: {exc}",
+                          "apply a good policy again: `policyd apply POLICY`")
+
+
+def _kernel_tables(env):
+    try:
+        return set(env.kernel_tables()), None
+    except (ImportError, OSError, KernelError) as exc:
+        return None, exc
+
+
+def all_ok(findings):
+    return all(f.level == OK for f in findings)
+
+
+def exit_code(findings):
+    return 0 if all_ok(findings) else 1
+
+
+def to_json(findings):
+    return json.dumps({"ok": all_ok(findings), "findings": [asdict(f) for f in findings]})
+
+
+def to_text(findings):
+    lines = []
+    for f in findings:
+        line = f"{f.level:<4} {f.check}: {f.message}"
+        if f.fix:
+            line += f"; fix: {f.fix}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# --- listeners -----------------------------------------------------------
+
+def check_listeners(policy, env, table, guard_loaded):
+    """Who listens on each guarded TCP port, and whether that is the whole world."""
+    ports = sorted({port for proto, port in policy.guarded() if proto == "tcp"})
+    if not ports:
+        return []
+    try:
+        found = env.listeners(ports)
+    except OSError as exc:
+        return [warn("listener", f"cannot list listening sockets ({exc})",
+                     "run `policyd doctor` as root so sock_diag answers")]
+    owners = env.socket_owners({l.inode for l in found}) if found else {}
+    findings = []
+    for port in ports:
+        here = sorted({(str(l.address), l.inode) for l in found if l.port == port})
+        if not here:
+            findings.append(ok("listener", f"tcp/{port}: nothing listens"))
+            continue
+        for address, inode in here:
+            findings.append(_listener_finding(port, ipaddress.ip_address(address),
+                                              owners.get(inode, ()), table, guard_loaded))
+    return findings
+
+
+def _listener_finding(port, address, owners, table, guard_loaded):
+    who = ", ".join(f"{name} (pid {pid})" for pid, name in owners) or "a socket"
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    if address.is_loopback:
+        return ok("listener", f"tcp/{port}: {who} listens on {shown}:{port} (this host only)")
+    if not address.is_unspecified:
+        return ok("listener", f"tcp/{port}: {who} listens on {shown}:{port} only")
+    if guard_loaded:
+        guard = (f"only policyd's table {FAMILY} {table} (loaded) stands between it "
+                 "and the network")
+    elif guard_loaded is None:
+        guard = "whether policyd's table is loaded could not be read"
+    else:
+        guard = (f"policyd's table {FAMILY} {table} is NOT loaded: nothing stands "
+                 "between it and the network")
+    scope = ("every IPv4 address" if address.version == 4
+             else "every IPv6 address, and IPv4 too unless it is IPV6_V6ONLY")
+    return warn("listener", f"tcp/{port}: {who} listens on {shown}:{port}, {scope}; {guard}",
+                _listener_fix(port, {name for _pid, name in owners}))
+
+
+def _listener_fix(port, names):
+    if "docker-proxy" in names:
+        return (f"publish the port on loopback only (`-p 127.0.0.1:{port}:{port}`, or "
+                f"\"127.0.0.1:{port}:{port}\" under ports: in compose) if only this host's "
+                "proxy needs it; otherwise keep policyd's table loaded")
+    if "ollama" in names:
+        return (f"`systemctl edit ollama` and set Environment=OLLAMA_HOST=127.0.0.1:{port} "
+                "if only this host's proxy talks to it; otherwise keep policyd's table loaded")
+    return (f"bind it to 127.0.0.1:{port} (or the one address its clients use) if other "
+            "hosts need not reach it; otherwise keep policyd's table loaded")
+
+
+# --- interfaces ----------------------------------------------------------
+
+def check_interfaces(policy, env):
+    """Every `iface:` allow names an interface that exists (a `wg*` pattern: any match)."""
+    named = sorted({(iface, s.name) for s in policy.services for iface in s.allow_interfaces})
+    if not named:
+        return []
+    try:
+        present = set(env.interfaces())
+    except OSError as exc:
+        return [warn("interface", f"cannot list network interfaces ({exc})",
+                     "run `policyd doctor` on the host itself, as root")]
+    findings = []
+    for iface, service in named:
+        if iface.endswith("*"):
+            exists = any(name.startswith(iface[:-1]) for name in present)
+        else:
+            exists = iface in present
+        if exists:
+            findings.append(ok("interface", f"{iface} (service {service}) exists"))
+        else:
+            findings.append(warn(
+                "interface", f"{iface} (service {service}) does not exist: its allow "
+                "matches nothing until it does",
+                f"fix the name in services.{service}.allow (present: "
+                f"{', '.join(sorted(present)) or 'none'}) or bring the interface up"))
+    return findings
+
+
+# --- logs and filters ----------------------------------------------------
+
+def check_logs(policy, env):
+    """Each log in bans.logs exists, root can read it, and the daemon's unit can see it."""
+    findings = []
+    for index, source in enumerate(policy.bans.logs):
+        key = f"bans.logs[{index}].path"
+        try:
+            env.open_log(source.path)
+        except FileNotFoundError:
+            findings.append(warn(
+                "log", f"{source.path} does not exist: the daemon waits for it and bans "
+                "nothing from it until it appears",
+                f"point {key} at the file the proxy writes (its access_log / log "
+                "setting), or make the proxy log there"))
+            continue
+        except OSError as exc:
+            findings.append(fail(
+                "log", f"{source.path} cannot be read ({exc.strerror or exc})",
+                f"make it a readable regular file (ls -l {source.path}) or fix {key}"))
+            continue
+        if source.path.startswith(HIDDEN_FROM_DAEMON):
+            findings.append(warn(
+                "log", f"{source.path} is readable here, but the packaged unit hides it "
+                "from the daemon (ProtectHome=yes, PrivateTmp=yes)",
+                "have the proxy log under /var/log, or add ReadOnlyPaths= for it with "
+                "`systemctl edit policyd`"))
+            continue
+        findings.append(ok("log", f"{source.path} is readable (filter {source.filter})"))
+    return findings
+
+
+def check_filters(policy, env):
+    """Each filter named in bans.logs loads; a daemon with a broken filter will not start."""
+    findings = []
+    for name in sorted({source.filter for source in policy.bans.logs}):
+        try:
+            env.load_filter(name)
+        except InputError as exc:
+            findings.append(fail(
+                "filter", f"filter {name!r} does not load: {exc}",
+                "name a shipped filter (see /usr/share/policyd/filters) in "
+                "bans.logs[].filter, or fix the filter file"))
+        else:
+            findings.append(ok("filter", f"filter {name!r} loads"))
+    return findings
+
+
+# --- the state dir: committed policy and trial ---------------------------
+
+def check_committed(policy, committed, pending, env, unreadable):
+    if unreadable:
+        return []  # already reported as a fail
+    if committed is None:
+        return [warn("committed", f"nothing is committed in {env.state_dir}: no policy "
+                     "comes back after a reboot or a flush",
+                     f"`policyd apply {policy.source}`")]
+    if committed.digest == policy.digest:
+        return [ok("committed", f"{policy.source} is the committed policy "
+                   f"(sha256 {committed.digest[:12]})")]
+    if pending is not None and pending.sha256 == policy.digest:
+        return [ok("committed", f"{policy.source} is the policy on trial; "
+                   f"the committed one is sha256 {committed.digest[:12]}")]
+    origin = (env.store.meta() or {}).get("source") or committed.source
+    return [warn("committed", f"{policy.source} differs from the committed policy "
+                 f"(sha256 {committed.digest[:12]}, from {origin}): the daemon "
+                 "runs the committed one",
+                 f"`policyd apply --confirm-timeout 120 {policy.source}` then "
+                 "`policyd confirm`, or plain `policyd apply`")]
+
+
+def check_trial(pending, now):
+    if pending is None:
+        return [ok("trial", "no trial pending")]
+    left = pending.deadline - now
+    if left > 0:
+        return [warn("trial", f"a trial of {pending.source} is pending: {int(left)}s left; "
+                     "unconfirmed, the committed policy comes back by itself",
+                     "`policyd confirm` to keep it, `policyd rollback` to end it now")]
+    return [warn("trial", f"the trial of {pending.source} passed its deadline "
+                 f"{int(-left)}s ago unconfirmed; the kernel runs the committed policy, "
+                 "the record waits for the daemon to clear it",
+                 "`policyd rollback` (or start the daemon) to clear the record")]
+
+
+# --- the kernel: tables present and as committed -------------------------
+
+def check_tables(expected, tables):
+    findings = []
+    for table, role, consequence in (
+            (expected.table, "guard", "the guarded ports are open to every source"),
+            (expected.bans_table, "ban", "no source is banned")):
+        if table in tables:
+            findings.append(ok("table", f"{role} table {FAMILY} {table} is loaded"))
+        else:
+            findings.append(fail(
+                "table", f"{role} table {FAMILY} {table} is missing from the kernel: "
+                f"{consequence}",
+                "start or restart the daemon (`systemctl restart policyd`): it reloads "
+                "the committed policy and every ban; `policyd restore` loads the tables "
+                "without the bans"))
+    return findings
+
+
+def check_drift(committed, pending, env):
+    """Compare the guard table's shape with what the committed policy (and a trial) load."""
+    if committed is None and pending is None:
+        return []  # nothing to compare with; check_committed says so
+    trial_policy = pending.policy() if pending is not None else None
+    base = committed or empty_policy(trial_policy.table)
+    table = base.table
+    if trial_policy is not None and trial_policy.table == table:
+        document = compile_policy(base, trial_policy, pending.seconds)
+        what = "the committed policy with the trial"
+    else:
+        document = compile_policy(base)
+        what = "the committed policy"
+    try:
+        loaded = env.table_objects(table)
+    except (OSError, KernelError) as exc:
+        return [fail("drift", f"cannot list table {FAMILY} {table} ({exc})",
+                     "run `policyd doctor` as root")]
+    differences = compare_shapes(table_shape(document_objects(document, table)),
+                                 table_shape(loaded))
+    if not differences:
+        return [ok("drift", f"table {FAMILY} {table} matches {what}")]
+    shown = "; ".join(differences[:MAX_DIFFERENCES_SHOWN])
+    if len(differences) > MAX_DIFFERENCES_SHOWN:
+        shown += f"; and {len(differences) - MAX_DIFFERENCES_SHOWN} more"
+    fix = ("`policyd rollback` ends the trial and reloads the committed policy"
+           if pending is not None else
+           "`policyd restore` reloads the committed policy (a running daemon does it too "
+           "when it notices); make lasting changes in the policy file")
+    return [fail("drift", f"table {FAMILY} {table} differs from {what}: {shown}", fix)]
+
+
+def document_objects(document, table):
+    """Replay a compiled transaction's commands on `table` into listed-object form
+    ({"chain": {...}}, {"set": {...}}, {"rule": {...}}), as `nft -j list table` shows."""
+    objects = []
+    sets = {}
+    for command in document["nftables"]:
+        (verb, body), = command.items()
+        if verb not in ("add", "delete", "flush"):
+            continue
+        (kind, fields), = body.items()
+        if fields.get("family") != FAMILY:
+            continue
+        if kind == "table":
+            if fields["name"] == table and verb == "delete":
+                objects, sets = [], {}
+            continue
+        if fields.get("table") != table:
+            continue
+        if verb == "flush":
+            if kind == "chain":
+                objects = [o for o in objects
+                           if not ("rule" in o and o["rule"]["chain"] == fields["name"])]
+            elif kind == "set" and fields["name"] in sets:
+                sets[fields["name"]]["elem"] = []
+            continue
+        if verb != "add":
+            continue
+        if kind == "element":
+            sets[fields["name"]].setdefault("elem", []).extend(fields["elem"])
+        elif kind == "set":
+            if fields["name"] not in sets:
+                sets[fields["name"]] = dict(fields)
+                objects.append({"set": sets[fields["name"]]})
+        elif kind in ("chain", "rule"):
+            objects.append({kind: dict(fields)})
+    return objects
+
+
+def table_shape(objects):
+    """What doctor compares: base chains' hooks, each chain's verdicts in order, and
+    each set's type, flags and (unless entries time out by themselves) elements.
+
+    Rule matches are left out on purpose: the kernel lists them normalised
+    (implicit protocol matches dropped, anonymous sets sorted), so comparing them
+    would report drift that is not there.
+    """
+    chains, rules, sets = {}, {}, {}
+    for obj in objects:
+        if "chain" in obj:
+            c = obj["chain"]
+            chains[c["name"]] = tuple(c.get(k) for k in ("type", "hook", "prio", "policy"))
+            rules.setdefault(c["name"], [])
+        elif "rule" in obj:
+            r = obj["rule"]
+            rules.setdefault(r["chain"], []).append(_verdict(r.get("expr", [])))
+        elif "set" in obj:
+            s = obj["set"]
+            flags = s.get("flags", [])
+            flags = frozenset([flags] if isinstance(flags, str) else flags)
+            elements = None
+            if "timeout" not in flags:
+                elements = frozenset(_element(e) for e in s.get("elem", []))
+            sets[s["name"]] = (s.get("type"), flags, elements)
+    return {"chains": chains, "rules": rules, "sets": sets}
+
+
+def _verdict(exprs):
+    for expr in reversed(exprs):
+        for kind in VERDICTS:
+            if kind in expr:
+                target = expr[kind].get("target") if isinstance(expr[kind], dict) else None
+                return f"{kind} {target}" if target else kind
+    return "no verdict"
+
+
+def _element(raw):
+    """One set element as a comparable value: networks for addresses and prefixes."""
+    if isinstance(raw, dict) and "elem" in raw:
+        raw = raw["elem"].get("val")
+    try:
+        if isinstance(raw, dict) and "prefix" in raw:
+            return ipaddress.ip_network(f'{raw["prefix"]["addr"]}/{raw["prefix"]["len"]}')
+        if isinstance(raw, dict) and "range" in raw:
+            low, high = (ipaddress.ip_address(x) for x in raw["range"])
+            return tuple(ipaddress.summarize_address_range(low, high))
+        if isinstance(raw, str):
+            return ipaddress.ip_network(raw)
+    except (ValueError, TypeError, KeyError):
+        pass
+    return json.dumps(raw, sort_keys=True)
+
+
+def compare_shapes(expected, loaded):
+    """Differences between two table_shape()s, as short phrases; [] if none."""
+    out = []
+    for name in sorted(expected["chains"].keys() - loaded["chains"].keys()):
+        out.append(f"chain {name} is missing")
+    for name in sorted(loaded["chains"].keys() - expected["chains"].keys()):
+        out.append(f"chain {name} is not in the policy")
+    for name in sorted(expected["chains"].keys() & loaded["chains"].keys()):
+        if expected["chains"][name] != loaded["chains"][name]:
+            out.append(f"chain {name} has a different hook, priority or policy")
+        want, have = expected["rules"].get(name, []), loaded["rules"].get(name, [])
+        if want != have:
+            out.append(f"chain {name} has {len(have)} rules ending in "
+                       f"[{', '.join(have)}], expected {len(want)} [{', '.join(want)}]")
+    for name in sorted(expected["sets"].keys() - loaded["sets"].keys()):
+        out.append(f"set {name} is missing")
+    for name in sorted(loaded["sets"].keys() - expected["sets"].keys()):
+        out.append(f"set {name} is not in the policy")
+    for name in sorted(expected["sets"].keys() & loaded["sets"].keys()):
+        (want_type, want_flags, want), (have_type, have_flags, have) = (
+            expected["sets"][name], loaded["sets"][name])
+        if (want_type, want_flags) != (have_type, have_flags):
+            out.append(f"set {name} has a different type or flags")
+        elif want is not None and want != have:
+            extra, lacking = have - want, want - have
+            parts = []
+            if extra:
+                parts.append(f"{len(extra)} element(s) not in the policy "
+                             f"({_sample(extra)})")
+            if lacking:
+                parts.append(f"{len(lacking)} element(s) missing ({_sample(lacking)})")
+            out.append(f"set {name}: " + ", ".join(parts))
+    return out
+
+
+def _sample(elements, count=3):
+    shown = sorted(str(e) for e in elements)
+    return ", ".join(shown[:count]) + (", ..." if len(shown) > count else "")
+
+
+# --- the host's services ---------------------------------------------------
+
+def check_nftables_service(env):
+    links = env.nftables_service_links()
+    if not links:
+        return [ok("nftables-service", "nftables.service is not enabled")]
+    return [warn(
+        "nftables-service", f"Debian's nftables.service is enabled ({links[0]}): stopping "
+        "it flushes the whole ruleset, and the stock /etc/nftables.conf's `flush ruleset` "
+        "does the same on every start and reload; the daemon puts its tables and bans "
+        "back, but there is a short gap without them",
+        "keep policyd's unit After=nftables.service (the packaged one is) and, in "
+        "/etc/nftables.conf, replace `flush ruleset` by deleting only your own tables "
+        "(`table inet filter` then `delete table inet filter`); or, if that file holds "
+        "nothing you need, `systemctl disable nftables` (without --now: a stop flushes)")]
+
+
+def check_daemon(env):
+    path = env.control_socket_path()
+    state = env.control_socket_state()
+    if state == "listening":
+        return [ok("daemon", f"the daemon answers on {path}")]
+    if state == "denied":
+        return [warn("daemon", f"cannot tell whether the daemon runs: {path} is root's",
+                     "run `policyd doctor` as root")]
+    if state == "stale":
+        return [warn("daemon", f"{path} exists but nothing listens on it: the daemon died",
+                     "`systemctl restart policyd`; `journalctl -u policyd` says why it stopped")]
+    return [warn("daemon", f"the daemon is not running (no {path}): nothing bans, and "
+                 "nothing restores the tables after a flush",
+                 "`systemctl enable --now policyd`")]
+
+
+# --- the real host -----------------------------------------------------------
+
+class HostEnvironment:
+    """The facts diagnose() needs, read from this host and network namespace."""
+
+    def __init__(self, state_dir, run_dir, nft_factory, systemd_dir="/etc/systemd/system",
+                 proc_dir="/proc", filter_dirs=None, clock=time.time):
+        self.state_dir = str(state_dir)
+        self.run_dir = Path(run_dir)
+        self.store = PolicyStore(state_dir)
+        self._nft_factory = nft_factory
+        self._nft = None
+        self.systemd_dir = Path(systemd_dir)
+        self.proc_dir = Path(proc_dir)
+        self.filter_dirs = filter_dirs
+        self.now = clock
+
+    def _kernel(self):
+        if self._nft is None:
+            self._nft = self._nft_factory()
+        return self._nft
+
+    def kernel_tables(self):
+        return self._kernel().tables()
+
+    def table_objects(self, table):
+        return self._kernel().table_objects(table)
+
+    def listeners(self, ports):
+        from policyd import netdiag  # pyroute2 only where the host is asked
+        return netdiag.listeners(ports)
+
+    def socket_owners(self, inodes):
+        """inode -> [(pid, command name)] for the sockets among `inodes`, from /proc."""
+        wanted = {f"socket:[{inode}]": inode for inode in inodes}
+        owners = {}
+        for entry in self.proc_dir.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fds = list((entry / "fd").iterdir())
+            except OSError:
+                continue  # gone, or not ours to read
+            for fd in fds:
+                try:
+                    inode = wanted.get(os.readlink(fd))
+                except OSError:
+                    continue
+                if inode is None:
+                    continue
+                try:
+                    name = (entry / "comm").read_text().strip()
+                except OSError:
+                    name = "?"
+                pair = (int(entry.name), name)
+                if pair not in owners.setdefault(inode, []):
+                    owners[inode].append(pair)
+        return {inode: sorted(pairs) for inode, pairs in owners.items()}
+
+    def interfaces(self):
+        from pyroute2 import IPRoute, NetlinkError
+        try:
+            with IPRoute() as ipr:
+                return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+        except NetlinkError as exc:
+            raise OSError(exc.code, f"rtnetlink: {exc}") from None
+
+    def open_log(self, path):
+        """Open and close `path` for reading; OSError says why it cannot be read."""
+        if not os.access(path, os.R_OK) and os.path.exists(path):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+        with open(path, "rb"):
+            pass
+
+    def load_filter(self, name):
+        from policyd.filters import load_filter
+        return load_filter(name, self.filter_dirs)
+
+    def nftables_service_links(self):
+        return sorted(str(p) for p in self.systemd_dir.glob("*.wants/nftables.service"))
+
+    def control_socket_path(self):
+        return self.run_dir / CONTROL_SOCKET
+
+    def control_socket_state(self):
+        """"listening", "stale" (a socket file nobody answers on), "denied" or "missing"."""
+        path = self.control_socket_path()
+        if not path.exists():
+            return "missing"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.connect(str(path))
+            except PermissionError:
+                return "denied"
+            except OSError:
+                return "stale"
+        return "listening"
