@@ -464,6 +464,18 @@ def test_ranges_and_addresses_compare_as_networks():
     assert doctor.compare_shapes(doctor.table_shape(compiled), doctor.table_shape(listed)) == []
 
 
+def test_addresses_spelled_differently_by_the_kernel_are_the_same_element():
+    compiled = [{"set": {"name": "s", "type": "ipv6_addr", "flags": ["interval"],
+                         "elem": ["::c000:201", {"prefix": {"addr": "2001:db8::", "len": 32}}]}}]
+    listed = [{"set": {"name": "s", "type": "ipv6_addr", "flags": ["interval"],
+                       "elem": ["::192.0.2.1", {"prefix": {"addr": "2001:db8::", "len": 32}}]}}]
+    assert doctor.compare_shapes(doctor.table_shape(compiled), doctor.table_shape(listed)) == []
+    listed[0]["set"]["elem"][0] = "::192.0.2.2"
+    difference, = doctor.compare_shapes(doctor.table_shape(compiled),
+                                        doctor.table_shape(listed))
+    assert "1 element(s) not in the policy (::c000:202/128)" in difference
+
+
 # --- nftables.service and the daemon --------------------------------------
 
 def test_an_enabled_nftables_service_is_found_by_its_wants_symlink(tmp_path):
