@@ -250,3 +250,210 @@ def restore(obj):
         click.echo("nothing committed: no policy loaded")
     else:
         click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]})")
+
+
+# ---------------------------------------------------------------- the daemon and its views
+
+@main.command()
+@policy_argument
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics here, e.g. 127.0.0.1:9611 (loopback only).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info",
+              show_default=True)
+@click.pass_obj
+@handle_errors
+def run(obj, policy_path, metrics_listen, log_level):
+    """The daemon: follow the logs, ban, keep the tables in place (systemd Type=notify)."""
+    from policyd import daemon, systemd
+    systemd.setup_logging(log_level.upper())
+    daemon.run(policy_path, obj.state_dir, obj.run_dir, metrics_listen)
+
+
+def _ask_daemon(obj, command, **args):
+    """The daemon's answer, or None when no daemon runs here."""
+    from policyd import control
+    try:
+        return control.request(obj.run_dir, command, **args)
+    except control.DaemonUnavailable:
+        return None
+    except control.ControlError as exc:
+        click.echo(f"policyd: {exc}", err=True)
+        sys.exit(exc.code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (see README).")
+@click.pass_obj
+@handle_errors
+def status(obj, as_json):
+    """Committed policy, trial and seconds left, bans, and each log's state."""
+    result = _ask_daemon(obj, "status")
+    if result is None:
+        result = _status_without_daemon(obj)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    click.echo(_format_status(result))
+
+
+def _status_without_daemon(obj):
+    store = trial.PolicyStore(obj.state_dir)
+    nft = _nft_or_none(obj)
+    result = {"daemon": None, "policy": trial.status(store, nft=nft), "bans": None, "logs": []}
+    committed = store.committed()
+    if committed is not None and nft is not None:
+        from policyd.nft import BanTable
+        bans = BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix).list_bans()
+        result["bans"] = {"active": len(bans), "total": None}
+    return result
+
+
+def _nft_or_none(obj):
+    try:
+        return obj.nft()
+    except (ImportError, OSError):
+        return None
+
+
+def _format_status(result):
+    lines = []
+    daemon = result.get("daemon")
+    lines.append(f"daemon:    running, pid {daemon['pid']}, up {daemon['uptime']}s"
+                 if daemon else "daemon:    not running")
+    committed = result["policy"]["committed"]
+    if committed:
+        lines.append(f"policy:    {committed['source']} (sha256 {committed['sha256'][:12]}, "
+                     f"committed {trial.format_time(committed['committed_at'])})")
+    else:
+        lines.append("policy:    nothing committed")
+    pending = result["policy"]["trial"]
+    if pending:
+        lines.append(f"trial:     {pending['source']} (sha256 {pending['candidate_sha256'][:12]}), "
+                     f"{pending['seconds_left']}s left; policyd confirm | policyd rollback")
+    else:
+        lines.append("trial:     none")
+    bans = result.get("bans")
+    if bans:
+        total = f", {bans['total']} since start" if bans.get("total") is not None else ""
+        lines.append(f"bans:      {bans['active']} active{total}")
+    for entry in result.get("logs", []):
+        state = "ok" if entry.get("exists") and not entry.get("error") else (
+            entry.get("error") or "missing")
+        lines.append(f"log:       {entry['path']} [{entry['filter']}] {state}, "
+                     f"{entry['lines']} lines, {entry['matched']} failures, "
+                     f"{entry['malformed']} malformed, {entry['rotations']} rotations")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON list (see README).")
+@click.pass_obj
+@handle_errors
+def bans(obj, as_json):
+    """Current bans: source, expiry, failure count, filter."""
+    result = _ask_daemon(obj, "bans")
+    if result is None:
+        result = _bans_from_kernel(obj)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for ban in result:
+        details = " ".join(f"{key}={ban[key]}" for key in ("failures", "filter", "reason")
+                           if ban.get(key) is not None)
+        click.echo(f"{ban['network']}\t{ban['seconds_left']}s left\t{details}")
+
+
+def _bans_from_kernel(obj):
+    """Without a daemon: what the kernel enforces, which is what matters."""
+    committed = trial.PolicyStore(obj.state_dir).committed()
+    if committed is None:
+        return []
+    from policyd.nft import BanTable
+    kernel = BanTable(obj.nft(), committed.bans_table, committed.bans.ipv6_prefix)
+    return [{"network": str(network), "seconds_left": left, "expires_at": None,
+             "failures": None, "filter": None, "reason": None, "banned_at": None}
+            for network, left in sorted(kernel.list_bans().items(), key=lambda kv: kv[1])]
+
+
+@main.command()
+@click.argument("address")
+@click.option("--for", "duration", metavar="DURATION", help="30s, 10m, 1h, 2d, 1w (default: bantime, escalated).")
+@click.pass_obj
+@handle_errors
+def ban(obj, address, duration):
+    """Ban ADDR from the guarded ports now."""
+    result = _ask_daemon(obj, "ban", address=address, duration=duration)
+    if result is None:
+        result = _offline_bans(obj, lambda d: d.manual_ban(address, duration))
+    click.echo(f"banned {result['network']} until {trial.format_time(result['expires_at'])}")
+
+
+@main.command()
+@click.argument("address")
+@click.pass_obj
+@handle_errors
+def unban(obj, address):
+    """Lift the ban on ADDR."""
+    result = _ask_daemon(obj, "unban", address=address)
+    if result is None:
+        result = _offline_bans(obj, lambda d: d.manual_unban(address))
+    if not result["unbanned"]:
+        click.echo(f"policyd: {address} is not banned", err=True)
+        sys.exit(1)
+    click.echo(f"unbanned {address}")
+
+
+def _offline_bans(obj, action):
+    """No daemon runs: change the state file and the kernel directly, then close."""
+    from policyd import daemon
+    return daemon.offline(obj.state_dir, action)
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+def metrics(obj):
+    """Print the daemon's metrics in Prometheus text format."""
+    result = _ask_daemon(obj, "metrics")
+    if result is None:
+        click.echo("policyd: the daemon is not running", err=True)
+        sys.exit(1)
+    click.echo(result, nl=False)
+
+
+@main.command("test-filter")
+@click.argument("filter_name", metavar="FILTER")
+@click.argument("logfile", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (see README).")
+@handle_errors
+def test_filter(filter_name, logfile, as_json):
+    """Run FILTER over LOGFILE offline: lines, matches, hosts, time."""
+    from policyd import filters
+    result = filters.scan(filters.load_filter(filter_name), logfile).to_json()
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    click.echo(f"{result['file']}: {result['lines']} lines, {result['matched']} matched, "
+               f"{result['ignored']} ignored, {result['malformed']} malformed, "
+               f"{len(result['hosts'])} hosts, {result['seconds']:.3f}s "
+               f"({result['lines_per_second']:.0f} lines/s)")
+    for host, count in sorted(result["hosts"].items(), key=lambda kv: -kv[1])[:20]:
+        click.echo(f"  {count:8d}  {host}")
+
+
+@main.command()
+@policy_argument
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: ok, findings.")
+@click.pass_obj
+@handle_errors
+def doctor(obj, policy_path, as_json):
+    """Check the host for POLICY: listeners, interfaces, logs, tables, trial, daemon.
+
+    One line per finding (ok, warn or fail, with a fix); exit 1 if any needs attention.
+    """
+    from policyd import doctor as doctor_mod
+    policy = policy_mod.load(policy_path)
+    findings = doctor_mod.diagnose(
+        policy, doctor_mod.HostEnvironment(obj.state_dir, obj.run_dir, obj.nft))
+    click.echo(doctor_mod.to_json(findings) if as_json else doctor_mod.to_text(findings))
+    sys.exit(doctor_mod.exit_code(findings))

@@ -1,0 +1,202 @@
+"""The daemon in a namespace: it follows a log, bans, and keeps its tables and bans.
+
+These tests write nginx-format lines themselves so they can control every
+byte; tests/netns/test_ban_nginx.py drives the same path through real nginx.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, STRANGER_V6, TRUSTED_V4
+from netlab import POLICYD, REPO, wait_for
+
+POLICY = """\
+    version: 1
+    services:
+      ollama:
+        ports: [11434]
+        allow: [127.0.0.0/8, "::1"]
+      proxy:
+        ports: [8080]
+        allow: [any]
+    bans:
+      ports: [8080, 11434]
+      maxretry: 3
+      findtime: 10m
+      bantime: 1h
+      logs:
+        - path: {log}
+          filter: nginx-auth
+"""
+
+
+def failure(address, user="admin", path="/api/tags", host="ollama.example"):
+    return (f'2026/11/26 20:00:00 [error] 1234#1234: *1 user "{user}": password mismatch, '
+            f'client: {address}, server: _, request: "GET {path} HTTP/1.1", '
+            f'host: "{host}"\n')
+
+
+class Daemon:
+    """`policyd run` in the server namespace, stopped (SIGTERM) at the end."""
+
+    def __init__(self, world, policy_path):
+        self.world = world
+        self.policy_path = policy_path
+        self.proc = None
+
+    def start(self):
+        self.proc = self.world.server.popen(
+            *POLICYD, "run", self.policy_path,
+            env=dict(os.environ, **self.world.lab.policyd_env(self.world.server)),
+            stderr=subprocess.PIPE, text=True, cwd=REPO)
+        ready = wait_for(lambda: self.world.server.policyd("status", "--json").returncode == 0
+                         and json.loads(self.world.server.policyd("status", "--json").stdout)
+                         .get("daemon") is not None, timeout=15)
+        assert ready, self.stop_and_read()
+        return self
+
+    def stop_and_read(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            _out, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _out, err = self.proc.communicate()
+        return err
+
+
+def _setup(world):
+    log = world.lab.tmp / "error.log"
+    log.write_text("")
+    world.server.listen(8080)
+    world.server.listen(11434)
+    return log, world.policy(POLICY.format(log=log))
+
+
+def test_repeated_failures_ban_the_source_and_cut_its_open_connection(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy).start()
+    try:
+        kept_open = world.stranger.connect(SERVER_WAN_V4, 8080)
+        assert kept_open is not None
+        with log.open("a") as out:
+            out.write(failure(STRANGER_V4) * 2)
+        time.sleep(0.3)
+        assert world.stranger.can_connect(SERVER_WAN_V4, 8080), "banned before maxretry"
+        with log.open("a") as out:
+            out.write(failure(STRANGER_V4))
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
+        # The connection opened before the ban is cut too, not only new ones.
+        kept_open.settimeout(0.5)
+        kept_open.sendall(b"still there?\n")
+        try:
+            echoed = kept_open.recv(64)
+        except OSError:
+            echoed = b""
+        assert echoed == b""
+        # IPv6 from the same host is a different source; the trusted client is untouched.
+        assert world.stranger.can_connect(SERVER_WAN_V6, 8080)
+        assert world.trusted.can_connect(SERVER_V4, 8080)
+        bans = json.loads(world.server.policyd("bans", "--json").stdout)
+        assert [(b["network"], b["failures"], b["filter"]) for b in bans] == [
+            (f"{STRANGER_V4}/32", 3, "nginx-auth")]
+    finally:
+        err = daemon.stop_and_read()
+    assert f"addr={STRANGER_V4}/32" in err and "filter=nginx-auth" in err
+
+
+def test_injected_address_bans_nobody_else(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy).start()
+    try:
+        with log.open("a") as out:
+            # What an attacker controls in nginx's error.log: the user name (up to
+            # the first colon), the request line and the Host header.
+            for _ in range(5):
+                out.write(failure(STRANGER_V4, user=f"x client {TRUSTED_V4}",
+                                  path=f"/, client: {TRUSTED_V4}, server: y",
+                                  host=f"h, client: {TRUSTED_V4}"))
+            out.write("\x00\xff binary junk \xfe\n" * 3)
+            out.write("A" * 200000 + "\n")
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
+        assert world.trusted.can_connect(SERVER_V4, 8080)
+        bans = json.loads(world.server.policyd("bans", "--json").stdout)
+        assert [b["network"] for b in bans] == [f"{STRANGER_V4}/32"]
+        status = json.loads(world.server.policyd("status", "--json").stdout)
+        assert status["logs"][0]["matched"] == 5
+    finally:
+        daemon.stop_and_read()
+
+
+def test_bans_survive_apply_restart_and_a_flushed_ruleset(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy).start()
+    try:
+        assert world.server.policyd("ban", STRANGER_V6, "--for", "1h").returncode == 0
+        with log.open("a") as out:
+            out.write(failure(STRANGER_V4) * 3)
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
+        assert not world.stranger.can_connect(SERVER_WAN_V6, 8080, 0.2)
+        # A new policy applied: bans stay.
+        assert world.server.policyd("apply", policy, "--force").returncode == 0
+        assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
+        # Someone runs `nft flush ruleset` (Debian's nftables.service does).
+        world.server.nft("flush", "ruleset")
+        assert wait_for(lambda: "policyd_bans" in world.server.nft("list", "tables").stdout, 2)
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 2)
+        assert not world.stranger.can_connect(SERVER_WAN_V6, 8080, 0.2)
+    finally:
+        err = daemon.stop_and_read()
+    assert "tables were gone" in err
+    # SIGTERM left every table and ban in place.
+    assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
+    # A restarted daemon restores bans into a kernel that lost them.
+    world.server.nft("flush", "ruleset")
+    assert world.stranger.can_connect(SERVER_WAN_V4, 8080)
+    daemon = Daemon(world, policy).start()
+    try:
+        assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
+        assert not world.stranger.can_connect(SERVER_WAN_V6, 8080, 0.2)
+        assert world.server.policyd("unban", STRANGER_V4).returncode == 0
+        assert world.stranger.can_connect(SERVER_WAN_V4, 8080)
+    finally:
+        daemon.stop_and_read()
+
+
+def test_restart_neither_misses_nor_double_counts(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy).start()
+    with log.open("a") as out:
+        out.write(failure(STRANGER_V4) * 2)
+    assert wait_for(lambda: json.loads(world.server.policyd("status", "--json").stdout)
+                    ["logs"][0]["matched"] == 2, 3)
+    daemon.stop_and_read()
+    # Written while the daemon is down: counted once it is back, together with the
+    # two from before, which makes three and a ban; re-reading would make five.
+    with log.open("a") as out:
+        out.write(failure(STRANGER_V4))
+    daemon = Daemon(world, policy).start()
+    try:
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
+        bans = json.loads(world.server.policyd("bans", "--json").stdout)
+        assert bans[0]["failures"] == 3
+    finally:
+        daemon.stop_and_read()
+
+
+def test_sighup_reloads_and_sigkill_leaves_the_kernel_guarding(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy).start()
+    with log.open("a") as out:
+        out.write(failure(STRANGER_V4) * 3)
+    assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert daemon.proc.poll() is None
+    daemon.stop_and_read(signal.SIGKILL)
+    assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
+    assert not world.stranger.can_connect(SERVER_WAN_V4, 11434, 0.2)
+    assert world.trusted.can_connect(SERVER_V4, 8080)
