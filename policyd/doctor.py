@@ -76,8 +76,10 @@ def diagnose(policy, env):
     findings += check_committed(policy, committed, pending, env, unreadable is not None)
     findings += check_trial(pending, env.now())
     if kernel_error is not None:
-        findings.append(fail("table", f"cannot read the kernel's nftables tables ({kernel_error})",
-                             "run `policyd doctor` as root (it needs CAP_NET_ADMIN)"))
+        fix = ("install python3-nftables" if isinstance(kernel_error, ImportError)
+               else "run `policyd doctor` as root (it needs CAP_NET_ADMIN)")
+        findings.append(fail("table", f"cannot read the kernel's nftables tables "
+                             f"({kernel_error})", fix))
     else:
         findings += check_tables(expected, tables)
         if guard_loaded:
@@ -102,7 +104,7 @@ def _committed(policy, env):
         return env.store.committed(), None
     except InputError as exc:
         return None, fail("committed", f"the committed policy cannot be read: {exc}",
-                          "apply a good policy again: `policyd apply POLICY`")
+                          f"apply a good policy again: `policyd apply {policy.source}`")
 
 
 def _kernel_tables(env):

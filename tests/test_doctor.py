@@ -396,6 +396,12 @@ def test_a_kernel_that_cannot_be_read_is_one_failure(host, policy):
     assert by_check(findings, "drift") == []
 
 
+def test_a_missing_nftables_binding_names_the_package(host, policy):
+    host.kernel_error = ImportError("No module named 'nftables'")
+    table, = by_check(doctor.diagnose(policy, host), "table")
+    assert table.level == "fail" and table.fix == "install python3-nftables"
+
+
 def test_the_real_kernel_listing_matches_the_compiled_policy(policy):
     expected = doctor.table_shape(doctor.document_objects(compile_policy(policy), "policyd"))
     assert doctor.compare_shapes(expected, doctor.table_shape(KERNEL_LISTING)) == []
