@@ -210,3 +210,29 @@ def _match(left, right, op="=="):
 def _rule(table, chain, *exprs):
     return {"add": {"rule": {"family": FAMILY, "table": table, "chain": chain,
                              "expr": list(exprs)}}}
+
+
+def skeleton(document, table):
+    """What of `table` the document leaves that the kernel can report cheaply.
+
+    Chain names with their rule counts, and set names: enough to notice a
+    table someone edited, without listing 100k set elements. (Chains the
+    document flushes end with exactly the rules it adds after the flush.)
+    """
+    chains, sets = {}, set()
+    for command in document["nftables"]:
+        (verb, body), = command.items()
+        if verb not in ("add", "delete"):
+            continue
+        (kind, obj), = body.items()
+        if (obj.get("name") if kind == "table" else obj.get("table")) != table:
+            continue
+        if verb == "delete":
+            chains, sets = {}, set()  # the table is replaced from here on
+        elif kind == "chain":
+            chains.setdefault(obj["name"], 0)
+        elif kind == "rule":
+            chains[obj["chain"]] += 1
+        elif kind == "set":
+            sets.add(obj["name"])
+    return frozenset(chains.items()), frozenset(sets)

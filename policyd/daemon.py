@@ -14,7 +14,7 @@ from policyd import __version__, control, metrics, systemd, trial
 from policyd import policy as policy_mod
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
-from policyd.compile import compile_policy
+from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
 from policyd.nft import BanTable, Nft
@@ -75,6 +75,8 @@ class Daemon:
         self.control = None
         self.metrics_server = None
         self.next_reconcile = 0.0
+        self._expected_key = None
+        self._expected = {}
 
     # ------------------------------------------------------------ start and stop
 
@@ -205,13 +207,12 @@ class Daemon:
     def _housekeeping(self):
         self._flush()  # retries a batch the kernel refused before; cheap when empty
         try:
-            if not self._tables_present(self.policy):
-                self._restore_tables()
-            if trial.enforce(self.nft, self.store):
-                self.metrics.applies.labels(kind="rollback").inc()
             meta = self.store.meta()
             if meta and meta.get("sha256") != self.policy.digest:
                 self._reload()
+            if trial.enforce(self.nft, self.store):
+                self.metrics.applies.labels(kind="rollback").inc()
+            self._converge()
             for ban in self.bans.expire():
                 log.info("unban %s", kv(addr=ban.network, reason="expired"))
             if self.clock() >= self.next_reconcile:
@@ -224,19 +225,40 @@ class Daemon:
             log.error("housekeeping failed %s", kv(error=exc))
         systemd.notify(f"STATUS={self._status_line()}")
 
+    def _converge(self):
+        """Put the committed policy and every ban back if the tables are gone or edited.
+
+        Compares chains, rule counts and set names over netlink (well under a
+        millisecond, whatever the allowlist's size) with what the policy loads.
+        """
+        if not self._drifted():
+            return
+        with self.store.locked(wait=False) as got:
+            # A CLI apply holds the lock while it changes the kernel: look again later.
+            if not got or not self._drifted():
+                return
+            started = time.perf_counter()
+            trial.restore_committed_locked(self.nft, self.store)
+            count = self.bans.restore()
+        self.metrics.table_restores.inc()
+        log.warning("tables were gone or changed: restored %s", kv(
+            policy=self.policy.digest[:12], bans=count,
+            ms=round((time.perf_counter() - started) * 1000, 1)))
+
+    def _drifted(self):
+        pending = self.store.pending()
+        key = (self.policy.digest, pending and pending.sha256)
+        if key != self._expected_key:
+            document = (compile_policy(self.policy, pending.policy(), pending.seconds)
+                        if pending else compile_policy(self.policy))
+            self._expected = {table: skeleton(document, table)
+                              for table in (self.policy.table, self.policy.bans_table)}
+            self._expected_key = key
+        return any(self.nft.skeleton(table) != shape for table, shape in self._expected.items())
+
     def _tables_present(self, policy):
         names = self.nft.tables()
         return policy.table in names and policy.bans_table in names
-
-    def _restore_tables(self):
-        """Someone flushed the ruleset (nftables.service does): put policy and bans back."""
-        started = time.perf_counter()
-        trial.restore_committed(self.nft, self.store)
-        count = self.bans.restore()
-        self.metrics.table_restores.inc()
-        log.warning("tables were gone: restored %s", kv(
-            policy=self.policy.digest[:12], bans=count,
-            ms=round((time.perf_counter() - started) * 1000, 1)))
 
     def _reload(self):
         """Take the committed policy again (SIGHUP, or a confirm/apply by the CLI)."""

@@ -1,4 +1,4 @@
-"""Set-element changes sent straight to the kernel over nfnetlink.
+"""Set-element changes and cheap dumps sent straight to the kernel over nfnetlink.
 
 The ban hot path: one batch (one kernel transaction) adds or removes any number
 of timed elements without libnftables, whose cache rebuild would make every ban
@@ -14,6 +14,9 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_GETTABLE = 1
+NFT_MSG_GETCHAIN = 4
+NFT_MSG_GETRULE = 7
+NFT_MSG_GETSET = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NFT_MSG_DESTROYSETELEM = 30  # Linux >= 6.3: like DEL, but a missing element is fine
@@ -25,6 +28,12 @@ NLMSG_ERROR = 0x2
 NLMSG_DONE = 0x3
 NLM_F_DUMP = 0x300
 NFTA_TABLE_NAME = 1
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
+NFTA_RULE_TABLE = 1
+NFTA_RULE_CHAIN = 2
+NFTA_SET_TABLE = 1
+NFTA_SET_NAME = 2
 NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -51,21 +60,22 @@ def _element(key_bytes, timeout_ms):
     return _attr(NFTA_LIST_ELEM | NLA_F_NESTED, body)
 
 
-def _string_attrs(payload, kind):
-    """Values of the top-level string attributes of type `kind` in `payload`."""
-    out, offset = [], 0
+def _string_attrs(payload):
+    """{type: text} for the top-level attributes that hold NUL-terminated names."""
+    out, offset = {}, 0
     while offset + 4 <= len(payload):
         length, attr = struct.unpack_from("=HH", payload, offset)
         if length < 4:
             break
-        if attr & 0x3FFF == kind:
-            out.append(payload[offset + 4:offset + length].rstrip(b"\0").decode())
+        value = payload[offset + 4:offset + length]
+        if value.endswith(b"\0"):
+            out[attr & 0x3FFF] = value[:-1].decode("utf-8", "replace")
         offset += (length + 3) & ~3
     return out
 
 
-class SetElements:
-    """A netfilter netlink socket that changes set elements in batches."""
+class Netlink:
+    """A netfilter netlink socket: set elements changed in batches, cheap dumps."""
 
     def __init__(self):
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -133,24 +143,55 @@ class SetElements:
 
         The daemon asks this every half second to notice `nft flush ruleset`.
         """
+        return [attrs[NFTA_TABLE_NAME] for attrs in self._dump(NFT_MSG_GETTABLE)]
+
+    def skeleton(self, table):
+        """(frozenset of (chain, rule count), frozenset of set names) of one inet table.
+
+        Three dumps that carry no set elements, so the cost does not grow with
+        the allowlist; compile.skeleton() says what they should be.
+        """
+        name = _attr(1, table.encode() + b"\0")  # NFTA_{RULE,SET}_TABLE filter the dump
+        try:
+            return self._skeleton(table, name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # a dump filtered by a table that is gone
+                return frozenset(), frozenset()
+            raise
+
+    def _skeleton(self, table, name):
+        chains = {attrs[NFTA_CHAIN_NAME]: 0 for attrs in self._dump(NFT_MSG_GETCHAIN)
+                  if attrs.get(NFTA_CHAIN_TABLE) == table}
+        for attrs in self._dump(NFT_MSG_GETRULE, name):
+            if attrs.get(NFTA_RULE_TABLE) == table and attrs.get(NFTA_RULE_CHAIN) in chains:
+                chains[attrs[NFTA_RULE_CHAIN]] += 1
+        # Anonymous sets (`__set0`, from `{ 8080, 8443 }` in a rule) belong to their rule.
+        sets = {attrs[NFTA_SET_NAME] for attrs in self._dump(NFT_MSG_GETSET, name)
+                if attrs.get(NFTA_SET_TABLE) == table
+                and not attrs[NFTA_SET_NAME].startswith("__set")}
+        return frozenset(chains.items()), frozenset(sets)
+
+    def _dump(self, kind, body=b""):
+        """Every object of one kind in inet tables, as {attribute type: string}."""
         seq = self._next_seq()
-        self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-                                     NLM_F_REQUEST | NLM_F_DUMP, NFPROTO_INET, 0, b"", seq))
-        names = []
+        self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | kind,
+                                     NLM_F_REQUEST | NLM_F_DUMP, NFPROTO_INET, 0, body, seq))
+        objects = []
         while True:
             data = self._sock.recv(1 << 20)
             offset = 0
             while offset + 16 <= len(data):
-                length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                length, msg_kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data,
+                                                                             offset)
                 if length < 16:
-                    return names
+                    return objects
                 if msg_seq == seq:
-                    if kind == NLMSG_DONE:
-                        return names
-                    if kind == NLMSG_ERROR:
+                    if msg_kind == NLMSG_DONE:
+                        return objects
+                    if msg_kind == NLMSG_ERROR:
                         (code,) = struct.unpack_from("=i", data, offset + 16)
                         raise OSError(-code, os.strerror(-code))
-                    names += _string_attrs(data[offset + 20:offset + length], NFTA_TABLE_NAME)
+                    objects.append(_string_attrs(data[offset + 20:offset + length]))
                 offset += (length + 3) & ~3
 
     def _messages(self, kind, table, name, items, flags=0):

@@ -21,7 +21,7 @@ class Nft:
     def __init__(self):
         self._ctx = nftables.Nftables()
         self._ctx.set_handle_output(False)
-        self.netlink = nfnetlink.SetElements()
+        self.netlink = nfnetlink.Netlink()
 
     def _run(self, command):
         rc, out, err = self._ctx.cmd(command)
@@ -53,6 +53,10 @@ class Nft:
     def tables(self):
         """Names of the inet tables that exist (over netlink: cheap enough to poll)."""
         return sorted(self.netlink.table_names())
+
+    def skeleton(self, table):
+        """Chains with rule counts and set names of one table (see compile.skeleton)."""
+        return self.netlink.skeleton(table)
 
     def table_objects(self, table):
         """The JSON objects of one inet table, or [] if it does not exist."""

@@ -178,16 +178,21 @@ class PolicyStore:
             _fsync_dir(self.dir)
 
     @contextlib.contextmanager
-    def locked(self):
+    def locked(self, wait=True):
         """Serialise state changes between the CLI and the daemon.
 
         An flock dies with its process, so a killed apply never leaves it held.
+        With wait=False it yields False at once when someone else holds it.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / LOCK, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -437,13 +442,18 @@ def restore_committed(nft, store):
     Returns the committed Policy, or None when nothing was ever committed.
     """
     with store.locked():
-        pending = store.pending()
-        committed = store.committed()
-        if committed is not None:
-            nft.load(compile_policy(committed))
-        elif pending is not None:
-            nft.load(compile_policy(empty_policy(pending.policy().table)))
-        store.clear_pending()
+        return restore_committed_locked(nft, store)
+
+
+def restore_committed_locked(nft, store):
+    """restore_committed for a caller that already holds the store's lock."""
+    pending = store.pending()
+    committed = store.committed()
+    if committed is not None:
+        nft.load(compile_policy(committed))
+    elif pending is not None:
+        nft.load(compile_policy(empty_policy(pending.policy().table)))
+    store.clear_pending()
     return committed
 
 

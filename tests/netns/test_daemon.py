@@ -150,7 +150,7 @@ def test_bans_survive_apply_restart_and_a_flushed_ruleset(world):
         assert not world.stranger.can_connect(SERVER_WAN_V6, 8080, 0.2)
     finally:
         err = daemon.stop_and_read()
-    assert "tables were gone" in err
+    assert "tables were gone or changed" in err
     # SIGTERM left every table and ban in place.
     assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
     # A restarted daemon restores bans into a kernel that lost them.
@@ -200,3 +200,79 @@ def test_sighup_reloads_and_sigkill_leaves_the_kernel_guarding(world):
     assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
     assert not world.stranger.can_connect(SERVER_WAN_V4, 11434, 0.2)
     assert world.trusted.can_connect(SERVER_V4, 8080)
+
+
+def test_an_edited_table_is_put_back(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy).start()
+    try:
+        assert not world.stranger.can_connect(SERVER_WAN_V4, 11434, 0.2)
+        # Someone "fixes" the firewall by hand: the guard chain loses its drop.
+        world.server.nft("flush", "chain", "inet", "policyd", "committed_svc_ollama")
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 11434, 0.2), 3)
+        assert world.server.can_connect("127.0.0.1", 11434)
+    finally:
+        err = daemon.stop_and_read()
+    assert "tables were gone or changed" in err
+
+
+def test_readiness_status_and_watchdog_reach_notify_socket(world):
+    import socket as socket_mod
+    log, policy = _setup(world)
+    notify_path = world.lab.tmp / "notify.sock"
+    listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(10)
+    daemon = Daemon(world, policy)
+    daemon.proc = world.server.popen(
+        *POLICYD, "run", policy,
+        env=dict(os.environ, **world.lab.policyd_env(world.server),
+                 NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000"),
+        stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        messages = []
+        while not any(m.startswith(b"WATCHDOG=1") for m in messages):
+            messages.append(listener.recv(4096))
+        first = messages[0].split(b"\n")
+        assert b"READY=1" in first and any(m.startswith(b"STATUS=") for m in first)
+        # READY=1 comes only once the tables are in place.
+        assert "policyd_bans" in world.server.nft("list", "tables").stdout
+    finally:
+        daemon.stop_and_read()
+        listener.close()
+
+
+def test_metrics_are_served_on_loopback_and_by_the_cli(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy)
+    daemon.proc = world.server.popen(
+        *POLICYD, "run", policy, "--metrics-listen", "127.0.0.1:9611",
+        env=dict(os.environ, **world.lab.policyd_env(world.server)),
+        stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert wait_for(lambda: world.server.policyd("metrics").returncode == 0, 15)
+        with log.open("a") as out:
+            out.write(failure(STRANGER_V4) * 3)
+        assert wait_for(lambda: 'policyd_bans_total{reason="auto"} 1' in
+                        world.server.policyd("metrics").stdout, 3)
+        served = world.server.exec("curl", "-sf", "http://127.0.0.1:9611/metrics").stdout
+        assert "policyd_failures_total{filter=\"nginx-auth\"} 3" in served
+        assert "policyd_ban_latency_seconds_count 1" in served
+        assert f'policyd_log_lines_total{{log="{log}"}} 3' in served
+    finally:
+        daemon.stop_and_read()
+
+
+def test_control_socket_refuses_non_root(world):
+    log, policy = _setup(world)
+    daemon = Daemon(world, policy).start()
+    try:
+        env = world.lab.policyd_env(world.server)
+        result = world.server.exec(
+            "env", *(f"{k}={v}" for k, v in env.items()),
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            *POLICYD, "status", check=False, cwd=REPO)
+        assert result.returncode == 1
+        assert "permission denied" in result.stderr and result.stderr.count("\n") == 1
+    finally:
+        daemon.stop_and_read()

@@ -207,3 +207,30 @@ def test_explain_reports_live_ban(world):
     out = world.server.policyd("explain", policy, TRUSTED_V4, "11434")
     assert out.stdout.startswith("banned\t"), out.stdout
     assert not world.trusted.can_connect(SERVER_V4, 11434, timeout=0.5)
+
+
+def test_kernel_skeleton_matches_the_compiled_one(world):
+    """The daemon's cheap drift check must see no drift right after a load."""
+    from netlab import in_namespace, REPO
+    from policyd import policy as policy_mod
+    from policyd.compile import compile_policy, skeleton
+    from policyd.nft import Nft
+
+    def check():
+        nft = Nft()
+        paths = sorted((REPO / "policies").glob("*.yaml"))
+        documents = [compile_policy(policy_mod.load(p)) for p in paths]
+        documents.append(compile_policy(policy_mod.load(paths[0]), policy_mod.load(paths[1]), 30))
+        for document in documents:
+            nft.load(document)
+            for table in ("policyd", "policyd_bans"):
+                assert nft.skeleton(table) == skeleton(document, table)
+        nft.load(documents[0])
+        listing = world.server.nft("-a", "list", "chain", "inet", "policyd",
+                                   "committed_svc_ollama").stdout
+        last_handle = listing.split("# handle")[-1].split()[0]
+        world.server.nft("delete", "rule", "inet", "policyd", "committed_svc_ollama",
+                         "handle", last_handle)
+        assert nft.skeleton("policyd") != skeleton(documents[0], "policyd")
+
+    in_namespace(world.server.name, check)
