@@ -111,10 +111,19 @@ class ProbeSockets:
 
 def one_trial(world, source, server, port, probes, *, maxretry, probe_interval, probe_timeout,
               give_up, confirm_timeout):
-    """(seconds from the last 401 to the first unanswered probe, or None; false alarms)."""
+    """Seconds from the last 401 and from the last request's send to the first
+    unanswered probe (None, None on a miss), and the number of false alarms.
+
+    nginx logs a failure before it sends the 401, so a fast enough ban can drop
+    the 401 itself: that trial counts 0 from the response and has no time from
+    the request (the ban came somewhere before the 401 would have arrived).
+    """
     url = f"http://[{server}]:{port}/api/tags" if ":" in server else f"http://{server}:{port}/api/tags"
     for attempt in range(maxretry):
+        sent_at = time.perf_counter()
         status = http_get(world.stranger, url, auth=WRONG, timeout=2.0, source=source)
+        if status is None and attempt == maxretry - 1:
+            return 0.0, None, 0
         if status != 401:
             raise RuntimeError(f"failing request {attempt + 1} from {source} got {status}, not 401: "
                                "the world is broken or the source was banned early")
@@ -122,13 +131,13 @@ def one_trial(world, source, server, port, probes, *, maxretry, probe_interval, 
     false_alarms = 0
     next_probe = answered_at
     while True:
-        sent = time.perf_counter()
-        if sent - answered_at > give_up:
-            return None, false_alarms
+        probe_at = time.perf_counter()
+        if probe_at - answered_at > give_up:
+            return None, None, false_alarms
         if not syn_answered(world.stranger, server, port, probe_timeout, source, probes.take()):
             # A SYN-ACK delayed past probe_timeout by load is not a ban: confirm it.
             if not syn_answered(world.stranger, server, port, confirm_timeout, source):
-                return sent - answered_at, false_alarms
+                return probe_at - answered_at, probe_at - sent_at, false_alarms
             false_alarms += 1
         next_probe += probe_interval
         delay = next_probe - time.perf_counter()
@@ -155,20 +164,24 @@ def measure(world, n, *, port=8080, family=4, maxretry=5, warmup=1, probe_interv
     server = SERVER_WAN_V4 if family == 4 else SERVER_WAN_V6
     sources = FreshSources.for_world(world, family)
     probes = ProbeSockets(world.stranger, family)
-    latencies, misses, false_alarms = [], 0, 0
+    latencies, from_request, misses, false_alarms, responses_dropped = [], [], 0, 0, 0
     try:
         for index in range(warmup + n):
-            seconds, alarms = one_trial(world, sources.next(), server, port, probes,
-                                        maxretry=maxretry, probe_interval=probe_interval,
-                                        probe_timeout=probe_timeout, give_up=give_up,
-                                        confirm_timeout=confirm_timeout)
+            seconds, since_request, alarms = one_trial(
+                world, sources.next(), server, port, probes, maxretry=maxretry,
+                probe_interval=probe_interval, probe_timeout=probe_timeout, give_up=give_up,
+                confirm_timeout=confirm_timeout)
             if index < warmup:
                 continue
             false_alarms += alarms
             if seconds is None:
                 misses += 1
-                seconds = give_up
+                seconds = since_request = give_up
             latencies.append(seconds)
+            if since_request is None:
+                responses_dropped += 1
+            else:
+                from_request.append(since_request)
             if progress:
                 progress(index - warmup + 1, seconds)
     finally:
@@ -180,5 +193,10 @@ def measure(world, n, *, port=8080, family=4, maxretry=5, warmup=1, probe_interv
         "median_ms": round(statistics.median(latencies) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "min_ms": min(in_ms), "max_ms": max(in_ms),
-        "misses": misses, "false_alarms": false_alarms, "latencies_ms": in_ms,
+        # From sending the last failing request: still meaningful when the ban
+        # is faster than nginx's response and the figures above sit at 0.
+        "from_request_median_ms": round(statistics.median(from_request) * 1000, 2) if from_request else None,
+        "from_request_p99_ms": round(percentile(from_request, 0.99) * 1000, 2) if from_request else None,
+        "responses_dropped": responses_dropped, "misses": misses, "false_alarms": false_alarms,
+        "latencies_ms": in_ms,
     }
