@@ -19,6 +19,9 @@ class DualStackTCP(socketserver.ThreadingTCPServer):
     address_family = socket.AF_INET6
     allow_reuse_address = True
     daemon_threads = True
+    # The default backlog of 5 drops SYNs under a tight connect loop, which
+    # would read as a firewall that let a connection fail.
+    request_queue_size = 512
 
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
