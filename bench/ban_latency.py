@@ -38,12 +38,16 @@ def nginx_world(workdir, error_log_level="error"):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lab = Lab(workdir)
+    nginx = None
     try:
         world = World(lab)
         start_ollama_standin(world.server)
         nginx = start_nginx(world.server, workdir / "nginx", error_log_level=error_log_level)
         yield world, nginx
     finally:
+        # Stopped first so its master reaps the workers (see tests/netns/test_proxies.py).
+        if nginx is not None:
+            nginx.stop()
         lab.close()
 
 

@@ -37,16 +37,22 @@ def new_lines(path, before, needle):
 @pytest.fixture
 def nginx(world, tmp_path):
     start_ollama_standin(world.server)
-    return start_nginx(world.server, tmp_path / "nginx")
+    proxy = start_nginx(world.server, tmp_path / "nginx")
+    yield proxy
+    # A graceful stop lets the master reap its workers; the lab's SIGKILL of the
+    # whole group would leave them as zombies of an init that may not reap.
+    proxy.stop()
 
 
 @pytest.fixture
 def caddy(world, tmp_path):
     start_ollama_standin(world.server)
     try:
-        return start_caddy(world.server, tmp_path / "caddy")
+        proxy = start_caddy(world.server, tmp_path / "caddy")
     except ProxyUnavailable as exc:
         pytest.skip(str(exc))
+    yield proxy
+    proxy.stop()
 
 
 @pytest.mark.parametrize("server, client", FAMILIES)
