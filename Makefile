@@ -8,7 +8,7 @@ APT_PACKAGES := nftables python3-nftables python3-pyroute2 python3-watchdog \
 	build-essential debhelper dh-python pybuild-plugin-pyproject dpkg-dev \
 	lintian systemd man-db git
 
-.PHONY: setup test unit netns deb package-test
+.PHONY: setup test unit netns deb package-test bench demo
 setup:
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
@@ -35,3 +35,13 @@ deb:
 # network namespaces it makes, then purges the package again.
 package-test: deb
 	tests/package/test_install.sh build/deb
+
+# policyd beside Debian's fail2ban (needs root; namespaces only): prints the
+# table, writes bench/results/latest.md and bench/RESULTS.md. About 10 minutes.
+bench:
+	$(PY) bench/run.py
+
+# A narrated tour in throwaway namespaces: nginx, a trusted client, an attacker
+# who gets banned, and a trial that undoes itself. Needs root.
+demo:
+	$(PY) demo/demo.py

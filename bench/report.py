@@ -1,0 +1,145 @@
+"""Turns the benchmark results into one markdown table, target by target.
+
+Owns the targets of SPEC.md "Targets" as numbers, the met/missed verdicts, and
+the machine description printed with every table. Measures nothing itself.
+"""
+import os
+import platform
+import subprocess
+import time
+
+MET, MISSED, INFO = "met", "**missed**", ""
+
+
+def machine():
+    model = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "nproc": os.cpu_count(),
+            "cpu": model, "kernel": platform.release(), "python": platform.python_version(),
+            "nginx": _version(["nginx", "-v"]), "fail2ban": _version(["fail2ban-server", "-V"])}
+
+
+def _version(command):
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].replace("nginx version: ", "") if text else "unknown"
+
+
+def _ms(latency):
+    text = f"median {latency['median_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms ({latency['trials']} trials)"
+    if latency.get("from_request_median_ms") is not None:
+        text += (f"; from the request: {latency['from_request_median_ms']:.1f} / "
+                 f"{latency['from_request_p99_ms']:.1f} ms")
+    if latency.get("responses_dropped"):
+        text += f"; {latency['responses_dropped']} banned before the 401 left"
+    return text
+
+
+def _verdict(ok):
+    return MET if ok else MISSED
+
+
+def rows(results):
+    """[(measurement, policyd, fail2ban, target, verdict)] for whatever `results` holds."""
+    out = []
+    f2b = results.get("fail2ban") or {}
+    if "throughput" in results:
+        t = results["throughput"]
+        out.append((f"(a) filter throughput, nginx error.log, {t['lines']:,} lines ({t['matched']:,} failures)",
+                    f"{t['policyd']['wall_seconds']:.2f} s wall ({t['policyd_lines_per_second']:,} lines/s; "
+                    f"scan {t['policyd']['scan_seconds']:.3f} s)",
+                    f"{t['fail2ban']['wall_seconds']:.2f} s wall ({t['fail2ban_lines_per_second']:,} lines/s; "
+                    f"scan {t['fail2ban']['scan_seconds']:.2f} s)",
+                    f">= 15x fail2ban-regex: {t['ratio_wall']}x wall, {t['ratio_scan']}x scan",
+                    _verdict(t["ratio_wall"] >= 15)))
+    for key, label in (("latency", "(b) ban latency, real nginx, IPv4"),
+                       ("latency_allowlist", "(b) ban latency, with a {n:,}-network allowlist")):
+        if key in results:
+            lat = results[key]
+            f2b_cell = _ms(f2b["latency"]) if key == "latency" and "latency" in f2b else ""
+            ok = lat["median_ms"] <= 10 and lat["p99_ms"] <= 50 and not lat["misses"]
+            out.append((label.format(n=lat.get("allowlist", 0)), _ms(lat) + _misses(lat), f2b_cell,
+                        "median <= 10 ms, p99 <= 50 ms", _verdict(ok)))
+    for restore in results.get("restore", []):
+        out += _restore_rows(restore, f2b.get("restore"))
+    if "apply" in results:
+        a = results["apply"]
+        out.append((f"(d) apply a policy with {a['networks']:,} allowed networks",
+                    f"first {a['first_apply_seconds']:.2f} s, re-apply {a['reapply_seconds']:.2f} s", "",
+                    "<= 3 s", _verdict(max(a["first_apply_seconds"], a["reapply_seconds"]) <= 3)))
+    memory = results.get("memory")
+    if memory:
+        out.append(("(e) daemon RSS, idle", f"{memory['rss_idle_mb']:.1f} MB", "", "<= 40 MB",
+                    _verdict(memory["rss_idle_mb"] <= 40)))
+        out.append((f"(e) daemon RSS, {memory['bans']:,} bans",
+                    f"{memory['rss_bans_mb']:.1f} MB (peak {memory['peak_rss_bans_mb']:.1f} MB)", "",
+                    "<= 150 MB", _verdict(memory["rss_bans_mb"] <= 150)))
+    return out
+
+
+def _misses(latency):
+    return f", {latency['misses']} missed" if latency["misses"] else ""
+
+
+def _restore_cell(scenario):
+    seconds = scenario["restore_seconds"]
+    when = "never back" if seconds is None else f"{seconds:.2f} s"
+    gap = ("none unenforced" if scenario["max_sample_missing"] == 0
+           else "all unenforced until then")
+    return f"{when}, {scenario['lost']} lost, {gap}"
+
+
+def _restore_ok(scenario, must_stay_enforced):
+    seconds = scenario["restore_seconds"]
+    return (seconds is not None and seconds <= 2 and scenario["lost"] == 0
+            and (scenario["max_sample_missing"] == 0 or not must_stay_enforced))
+
+
+def _restore_rows(restore, fail2ban):
+    n = restore["bans"]
+    f2b_cell = ""
+    if fail2ban and fail2ban.get("bans") == n:
+        seconds = fail2ban.get("unenforced_window_seconds")
+        f2b_cell = (f"{seconds:.1f} s from the stop (server ready {fail2ban['server_ready_seconds']:.1f} s), "
+                    f"{fail2ban['still_unenforced_at_limit']} lost, up to {fail2ban['max_unenforced']:,} unenforced"
+                    if seconds is not None else
+                    f"not complete: {fail2ban['still_unenforced_at_limit']:,} still unenforced at the limit")
+    elif fail2ban:
+        per_ban = fail2ban["unenforced_window_seconds"] / fail2ban["bans"] if fail2ban.get(
+            "unenforced_window_seconds") else None
+        f2b_cell = (f"not run (~{per_ban * n / 60:.0f} min at its {fail2ban['bans']:,}-ban rate)"
+                    if per_ban else "not run")
+    restart = restore["restart"]
+    return [
+        (f"(c) restart with {n:,} bans (systemctl restart)",
+         _restore_cell(restart) + f"; ready in {restart['daemon_ready_seconds']:.2f} s", f2b_cell,
+         "<= 2 s, 0 lost, never unenforced", _verdict(_restore_ok(restart, True))),
+        (f"(c) cold start with {n:,} bans (tables gone, e.g. reboot)",
+         _restore_cell(restore["cold_start"]), "", "<= 2 s, 0 lost",
+         _verdict(_restore_ok(restore["cold_start"], False))),
+        (f"(c) `nft flush ruleset` under the daemon, {n:,} bans",
+         _restore_cell(restore["flush"]), "", "<= 2 s, 0 lost",
+         _verdict(_restore_ok(restore["flush"], False))),
+    ]
+
+
+def markdown(results, info):
+    lines = [f"Measured {info['date']} on {info['nproc']} x {info['cpu']}, Linux {info['kernel']}, "
+             f"Python {info['python']}, {info['nginx']}, fail2ban {info['fail2ban']}.", "",
+             "| measurement | policyd | fail2ban | target | |", "|---|---|---|---|---|"]
+    for row in rows(results):
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def missed(results):
+    return [row[0] for row in rows(results) if row[4] == MISSED]

@@ -1,0 +1,71 @@
+"""Offline filter throughput: `policyd test-filter` against `fail2ban-regex`, same file.
+
+Owns generating the nginx error.log (bench/gen_nginx_error_log.py), timing both
+tools as a user runs them (wall clock, best of a few runs) and by their own
+account of the scan, and checking that both found the same failures.
+"""
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gen_nginx_error_log
+
+REPO = Path(__file__).resolve().parents[1]
+POLICYD = [sys.executable, "-m", "policyd"]
+FAIL2BAN_FILTER = "/etc/fail2ban/filter.d/nginx-http-auth.conf"
+
+
+def write_log(path, lines):
+    with open(path, "w", encoding="ascii") as out:
+        for line in gen_nginx_error_log.lines(lines):
+            out.write(line + "\n")
+    return path
+
+
+def _timed(args, **kwargs):
+    started = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, check=True, **kwargs)
+    return time.perf_counter() - started, out.stdout
+
+
+def policyd_scan(path, runs):
+    best = None
+    for _ in range(runs):
+        wall, stdout = _timed([*POLICYD, "test-filter", "nginx-auth", str(path), "--json"], cwd=REPO)
+        report = json.loads(stdout)
+        if best is None or wall < best["wall_seconds"]:
+            best = {"wall_seconds": round(wall, 3), "scan_seconds": report["seconds"],
+                    "lines": report["lines"], "matched": report["matched"]}
+    return best
+
+
+def fail2ban_scan(path, runs):
+    best = None
+    for _ in range(runs):
+        wall, stdout = _timed(["fail2ban-regex", str(path), FAIL2BAN_FILTER])
+        lines = re.search(r"^Lines: (\d+) lines, \d+ ignored, (\d+) matched", stdout, re.M)
+        processed = re.search(r"\[processed in ([\d.]+) sec\]", stdout)
+        if not lines or not processed:
+            raise RuntimeError(f"cannot read fail2ban-regex's summary:\n{stdout[-2000:]}")
+        if best is None or wall < best["wall_seconds"]:
+            best = {"wall_seconds": round(wall, 3), "scan_seconds": float(processed.group(1)),
+                    "lines": int(lines.group(1)), "matched": int(lines.group(2))}
+    return best
+
+
+def measure_throughput(workdir, lines=200000, policyd_runs=3, fail2ban_runs=2):
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    path = write_log(Path(workdir) / "error.log", lines)
+    ours, theirs = policyd_scan(path, policyd_runs), fail2ban_scan(path, fail2ban_runs)
+    if ours["matched"] != theirs["matched"] or ours["lines"] != lines:
+        raise RuntimeError(f"the tools disagree on {path}: policyd {ours}, fail2ban-regex {theirs}")
+    return {
+        "lines": lines, "matched": ours["matched"], "policyd": ours, "fail2ban": theirs,
+        "ratio_wall": round(theirs["wall_seconds"] / ours["wall_seconds"], 1),
+        "ratio_scan": round(theirs["scan_seconds"] / ours["scan_seconds"], 1),
+        "policyd_lines_per_second": round(lines / ours["wall_seconds"]),
+        "fail2ban_lines_per_second": round(lines / theirs["wall_seconds"]),
+    }

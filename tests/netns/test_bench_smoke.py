@@ -1,0 +1,70 @@
+"""`make bench` end to end on tiny sizes: every measurement runs and reports sane results.
+
+No timing is asserted: the numbers only have to exist, be counted right, and
+leave nothing behind (namespaces, the committed bench/RESULTS.md).
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from netlab import REPO, leftover_namespaces
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import run as bench_run  # noqa: E402
+
+TINY = ["--lines", "1000", "--trials", "2", "--allowlist", "1000", "--restore", "200",
+        "--apply-networks", "1000", "--fail2ban-trials", "2", "--fail2ban-restore", "20", "--quiet"]
+
+
+def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
+    for tool in ("nginx", "htpasswd", "fail2ban-server", "fail2ban-regex"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"`{tool}` is not installed (make setup installs it)")
+    committed = REPO / "bench" / "RESULTS.md"
+    before = committed.read_bytes() if committed.exists() else None
+
+    assert bench_run.main([*TINY, "--out", str(tmp_path)]) == 0
+
+    results = json.loads((tmp_path / "latest.json").read_text())
+    throughput = results["throughput"]
+    assert throughput["lines"] == 1000 and throughput["policyd"]["lines"] == 1000
+    assert throughput["matched"] > 0 and throughput["fail2ban"]["matched"] == throughput["matched"]
+    for key, allow in (("latency", 0), ("latency_allowlist", 1000)):
+        latency = results[key]
+        assert latency["trials"] == 2 and len(latency["latencies_ms"]) == 2
+        assert latency["misses"] == 0 and latency["allowlist"] == allow
+    assert results["fail2ban"]["latency"]["trials"] == 2
+    assert results["fail2ban"]["restore"]["bans"] == 20
+    (restore,) = results["restore"]
+    assert restore["bans"] == 200
+    for scenario in ("cold_start", "restart", "flush"):
+        assert restore[scenario]["lost"] == 0, scenario
+        assert restore[scenario]["restore_seconds"] is not None, scenario
+    # A restart keeps the ban table: no sampled ban may ever be missing.
+    assert restore["restart"]["max_sample_missing"] == 0
+    # A flush removes every ban until the daemon puts them back.
+    assert restore["flush"]["max_sample_missing"] == restore["flush"]["sample_keys"]
+    assert results["apply"]["kernel_networks"] == 1000
+    assert 0 < results["memory"]["rss_idle_mb"] <= results["memory"]["peak_rss_bans_mb"]
+
+    table = (tmp_path / "latest.md").read_text()
+    for label in ("(a) filter throughput", "(b) ban latency", "(c) restart with 200 bans",
+                  "(c) cold start", "(c) `nft flush ruleset`", "(d) apply", "(e) daemon RSS"):
+        assert label in table, label
+    assert (committed.read_bytes() if committed.exists() else None) == before, \
+        "a quick run must not overwrite the committed full-size results"
+    assert not leftover_namespaces(f"pd{os.getpid() % 100000}x")
+
+
+def test_report_marks_a_missed_target():
+    import report
+    results = {"apply": {"networks": 100000, "first_apply_seconds": 3.5, "reapply_seconds": 1.0,
+                         "kernel_networks": 100000}}
+    assert report.missed(results) == ["(d) apply a policy with 100,000 allowed networks"]
+    results["apply"]["first_apply_seconds"] = 2.9
+    assert report.missed(results) == []
