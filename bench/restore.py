@@ -123,6 +123,9 @@ def measure_restore(workdir, count, timeout=60, memory=False):
         watch.wait_complete(spawned, timeout)
         watch.stop()
         result["cold_start"] = dict(watch.summary(spawned), daemon_ready_seconds=round(ready, 2))
+        # `policyd status` is answered on the daemon's main loop: once it answers,
+        # the start-up work (restore, first reconcile) is over.
+        daemon.status()
         if memory:
             time.sleep(SETTLE_SECONDS)
             result["rss_bans_mb"], result["peak_rss_bans_mb"] = daemon.memory_mb()
@@ -138,7 +141,8 @@ def measure_restore(workdir, count, timeout=60, memory=False):
         result["restart"] = dict(watch.summary(stopping), daemon_ready_seconds=round(ready, 2),
                                  stop_seconds=round(stop_seconds, 2))
 
-        # Someone runs `nft flush ruleset` under the running daemon.
+        # Someone runs `nft flush ruleset` under the running, settled daemon.
+        daemon.status()
         watch.start()
         time.sleep(0.05)
         flushing = time.monotonic()
