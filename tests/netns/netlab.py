@@ -6,6 +6,7 @@ documentation ranges only, and nothing here touches the root namespace's rules.
 """
 import ctypes
 import itertools
+import json
 import os
 import signal
 import socket
@@ -196,6 +197,40 @@ class Lab:
                 except (ProcessLookupError, ValueError):
                     pass
             run("ip", "netns", "del", host.name, check=False)
+
+
+class PolicydDaemon:
+    """`policyd run POLICY` in a host's namespace; stop_and_read() ends it (SIGTERM)."""
+
+    def __init__(self, host, policy_path, *args, env=None):
+        self.host = host
+        self.command = [*POLICYD, "run", str(policy_path), *args]
+        self.env = dict(os.environ, **host.lab.policyd_env(host), **(env or {}))
+        self.proc = None
+
+    def start(self, ready=True):
+        self.proc = self.host.popen(*self.command, env=self.env, stderr=subprocess.PIPE,
+                                    text=True, cwd=REPO)
+        if ready and not wait_for(self._up, timeout=15):
+            raise RuntimeError("policyd run did not come up:\n" + self.stop_and_read())
+        return self
+
+    def _up(self):
+        if self.proc.poll() is not None:
+            return True  # died: start() reports its stderr
+        status = self.host.policyd("status", "--json")
+        return status.returncode == 0 and json.loads(status.stdout).get("daemon") is not None
+
+    def stop_and_read(self, sig=signal.SIGTERM):
+        """Stop it (if it runs) and return everything it wrote to stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            _out, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _out, err = self.proc.communicate()
+        return err
 
 
 def wait_for(predicate, timeout=5.0, interval=0.02):

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, STRANGER_V6, TRUSTED_V4
-from netlab import POLICYD, REPO, wait_for
+from netlab import POLICYD, REPO, PolicydDaemon, wait_for
 
 POLICY = """\
     version: 1
@@ -38,36 +38,6 @@ def failure(address, user="admin", path="/api/tags", host="ollama.example"):
             f'host: "{host}"\n')
 
 
-class Daemon:
-    """`policyd run` in the server namespace, stopped (SIGTERM) at the end."""
-
-    def __init__(self, world, policy_path):
-        self.world = world
-        self.policy_path = policy_path
-        self.proc = None
-
-    def start(self):
-        self.proc = self.world.server.popen(
-            *POLICYD, "run", self.policy_path,
-            env=dict(os.environ, **self.world.lab.policyd_env(self.world.server)),
-            stderr=subprocess.PIPE, text=True, cwd=REPO)
-        ready = wait_for(lambda: self.world.server.policyd("status", "--json").returncode == 0
-                         and json.loads(self.world.server.policyd("status", "--json").stdout)
-                         .get("daemon") is not None, timeout=15)
-        assert ready, self.stop_and_read()
-        return self
-
-    def stop_and_read(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            _out, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _out, err = self.proc.communicate()
-        return err
-
-
 def _setup(world):
     log = world.lab.tmp / "error.log"
     log.write_text("")
@@ -78,7 +48,7 @@ def _setup(world):
 
 def test_repeated_failures_ban_the_source_and_cut_its_open_connection(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     try:
         kept_open = world.stranger.connect(SERVER_WAN_V4, 8080)
         assert kept_open is not None
@@ -110,7 +80,7 @@ def test_repeated_failures_ban_the_source_and_cut_its_open_connection(world):
 
 def test_injected_address_bans_nobody_else(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     try:
         with log.open("a") as out:
             # What an attacker controls in nginx's error.log: the user name (up to
@@ -133,7 +103,7 @@ def test_injected_address_bans_nobody_else(world):
 
 def test_bans_survive_apply_restart_and_a_flushed_ruleset(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     try:
         assert world.server.policyd("ban", STRANGER_V6, "--for", "1h").returncode == 0
         with log.open("a") as out:
@@ -156,7 +126,7 @@ def test_bans_survive_apply_restart_and_a_flushed_ruleset(world):
     # A restarted daemon restores bans into a kernel that lost them.
     world.server.nft("flush", "ruleset")
     assert world.stranger.can_connect(SERVER_WAN_V4, 8080)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     try:
         assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
         assert not world.stranger.can_connect(SERVER_WAN_V6, 8080, 0.2)
@@ -168,7 +138,7 @@ def test_bans_survive_apply_restart_and_a_flushed_ruleset(world):
 
 def test_restart_neither_misses_nor_double_counts(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     with log.open("a") as out:
         out.write(failure(STRANGER_V4) * 2)
     assert wait_for(lambda: json.loads(world.server.policyd("status", "--json").stdout)
@@ -178,7 +148,7 @@ def test_restart_neither_misses_nor_double_counts(world):
     # two from before, which makes three and a ban; re-reading would make five.
     with log.open("a") as out:
         out.write(failure(STRANGER_V4))
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     try:
         assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
         bans = json.loads(world.server.policyd("bans", "--json").stdout)
@@ -189,7 +159,7 @@ def test_restart_neither_misses_nor_double_counts(world):
 
 def test_sighup_reloads_and_sigkill_leaves_the_kernel_guarding(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     with log.open("a") as out:
         out.write(failure(STRANGER_V4) * 3)
     assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
@@ -204,7 +174,7 @@ def test_sighup_reloads_and_sigkill_leaves_the_kernel_guarding(world):
 
 def test_an_edited_table_is_put_back(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     try:
         assert not world.stranger.can_connect(SERVER_WAN_V4, 11434, 0.2)
         # Someone "fixes" the firewall by hand: the guard chain loses its drop.
@@ -223,12 +193,8 @@ def test_readiness_status_and_watchdog_reach_notify_socket(world):
     listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
     listener.bind(str(notify_path))
     listener.settimeout(10)
-    daemon = Daemon(world, policy)
-    daemon.proc = world.server.popen(
-        *POLICYD, "run", policy,
-        env=dict(os.environ, **world.lab.policyd_env(world.server),
-                 NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000"),
-        stderr=subprocess.PIPE, text=True, cwd=REPO)
+    daemon = PolicydDaemon(world.server, policy, env={
+        "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}).start(ready=False)
     try:
         messages = []
         while not any(m.startswith(b"WATCHDOG=1") for m in messages):
@@ -244,13 +210,8 @@ def test_readiness_status_and_watchdog_reach_notify_socket(world):
 
 def test_metrics_are_served_on_loopback_and_by_the_cli(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy)
-    daemon.proc = world.server.popen(
-        *POLICYD, "run", policy, "--metrics-listen", "127.0.0.1:9611",
-        env=dict(os.environ, **world.lab.policyd_env(world.server)),
-        stderr=subprocess.PIPE, text=True, cwd=REPO)
+    daemon = PolicydDaemon(world.server, policy, "--metrics-listen", "127.0.0.1:9611").start()
     try:
-        assert wait_for(lambda: world.server.policyd("metrics").returncode == 0, 15)
         with log.open("a") as out:
             out.write(failure(STRANGER_V4) * 3)
         assert wait_for(lambda: 'policyd_bans_total{reason="auto"} 1' in
@@ -265,7 +226,7 @@ def test_metrics_are_served_on_loopback_and_by_the_cli(world):
 
 def test_control_socket_refuses_non_root(world):
     log, policy = _setup(world)
-    daemon = Daemon(world, policy).start()
+    daemon = PolicydDaemon(world.server, policy).start()
     try:
         env = world.lab.policyd_env(world.server)
         result = world.server.exec(
