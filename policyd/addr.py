@@ -58,6 +58,18 @@ def parse_network(text):
             if value & ((1 << (32 - prefix)) - 1):
                 raise ValueError(f"{text} has host bits set")
             return ipaddress.IPv4Network((value, prefix))
+    if ":" in address_text and "%" not in address_text and (
+            not slash or (prefix_text.isdigit() and len(prefix_text) <= 3
+                          and int(prefix_text) <= 128)):
+        try:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address_text), "big")
+        except OSError:
+            value = None  # let ipaddress below say what is wrong with it
+        if value is not None and value >> 32 != 0xFFFF:
+            prefix = int(prefix_text) if slash else 128
+            if value & ((1 << (128 - prefix)) - 1):
+                raise ValueError(f"{text} has host bits set")
+            return ipaddress.IPv6Network((value, prefix))
     address = parse_host(text)
     if address is not None:
         return ipaddress.ip_network(address)

@@ -49,6 +49,13 @@ class BanKernel(Protocol):
     def remove_bans(self, networks: list[IPNetwork]) -> None:
         """One transaction; elements that are not there are not an error."""
 
+    def add_ban_keys(self, items: list[tuple[tuple, int]]) -> None:
+        """Bulk restore: ((version, first address as int, prefix length), seconds) pairs,
+        one batch; elements already present keep their own timeout."""
+
+    def list_ban_keys(self) -> set[tuple]:
+        """The kernel's ban elements as (version, first address as int, prefix length)."""
+
     def list_bans(self) -> dict[IPNetwork, int]:
         """network -> seconds left, as the kernel has it."""
 
@@ -307,10 +314,10 @@ class BanManager:
         For a restart or a kernel whose tables were flushed by someone else.
         Raises what the kernel raises; returns the number of bans pushed."""
         now = self.clock()
-        additions = [(_network(key), _timeout(entry[0], now)) for key, entry in self._active.items()
+        additions = [(key, _timeout(entry[0], now)) for key, entry in self._active.items()
                      if entry[0] > now]
         if additions:
-            self.kernel.add_bans(additions)
+            self.kernel.add_ban_keys(additions)
         self._kernel_add.clear()
         log.info("restored %d ban(s) to the kernel", len(additions))
         return len(additions)
@@ -318,15 +325,15 @@ class BanManager:
     def reconcile(self):
         """Re-add, in one batch, active bans the kernel does not have; returns how many."""
         now = self.clock()
-        present = {_key(network) for network in self.kernel.list_bans()}
-        missing = [(_network(key), _timeout(entry[0], now)) for key, entry in self._active.items()
+        present = self.kernel.list_ban_keys()
+        missing = [(key, _timeout(entry[0], now)) for key, entry in self._active.items()
                    if entry[0] > now and key not in present]
         if missing:
-            self.kernel.add_bans(missing)
-            for network, _seconds in missing:
-                self._kernel_add.pop(_key(network), None)
+            self.kernel.add_ban_keys(missing)
+            for key, _seconds in missing:
+                self._kernel_add.pop(key, None)
             log.warning("kernel lacked %d ban(s), re-added: %s", len(missing),
-                        _sample(network for network, _seconds in missing))
+                        _sample(_network(key) for key, _seconds in missing))
         return len(missing)
 
     def stats(self):

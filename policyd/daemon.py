@@ -88,6 +88,8 @@ class Daemon:
         self.state = State(self.state_dir / STATE_FILE)
         self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy))
         restored = self.bans.restore()
+        # restore() just put every ban in: the first full comparison can wait.
+        self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
         self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
         self.control.start()

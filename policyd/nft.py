@@ -124,6 +124,30 @@ class BanTable:
             changes[BAN_SETS[network.version]].append((key, timeout))
         return {name: items for name, items in changes.items() if items}
 
+    def add_ban_keys(self, items):
+        """Restore [((version, first address as int, prefix length), seconds)] in one batch.
+
+        The bulk path for restores: no ipaddress objects, and elements already
+        in the kernel keep counting down instead of being replaced.
+        """
+        changes = {BAN_SETS[4]: [], BAN_SETS[6]: []}
+        mask6 = ((1 << 128) - 1) ^ ((1 << (128 - self.ipv6_prefix)) - 1)
+        for (version, number, _prefixlen), timeout in items:
+            if version == 4:
+                changes[BAN_SETS[4]].append((number.to_bytes(4, "big"), max(1, int(timeout))))
+            else:
+                changes[BAN_SETS[6]].append(((number & mask6).to_bytes(16, "big"),
+                                             max(1, int(timeout))))
+        self._netlink.add(self.table, {name: items for name, items in changes.items() if items})
+
+    def list_ban_keys(self):
+        """{(version, first address as int, prefix length)} of the kernel's ban elements."""
+        keys = {(4, int.from_bytes(k, "big"), 32)
+                for k in self._netlink.set_keys(self.table, BAN_SETS[4])}
+        keys |= {(6, int.from_bytes(k, "big"), self.ipv6_prefix)
+                 for k in self._netlink.set_keys(self.table, BAN_SETS[6])}
+        return keys
+
     def list_bans(self):
         """network -> seconds left, as the kernel holds them."""
         bans = {}

@@ -64,6 +64,13 @@ class FakeKernel:
         now = self.clock()
         return {n: round(end - now) for n, end in self.elements.items() if end > now}
 
+    def add_ban_keys(self, items):
+        self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
+                       for (_version, number, prefixlen), timeout in items])
+
+    def list_ban_keys(self):
+        return {(n.version, int(n.network_address), n.prefixlen) for n in self.list_bans()}
+
 
 @pytest.fixture
 def clock():
