@@ -5,7 +5,11 @@ Kept thin on purpose; every decision lives in the modules it calls. Exit codes:
 """
 import functools
 import json
+import os
+import select
+import shlex
 import sys
+import time
 
 import click
 
@@ -180,7 +184,6 @@ def apply(obj, policy_path, confirm_timeout, wait, force):
 def _policyd_command(obj, command):
     """The command line an operator types next, with this run's --state-dir if it is not
     the default, so that copying it reaches the same trial."""
-    import shlex
     words = ["policyd"]
     if obj.state_dir != "/var/lib/policyd":
         words += ["--state-dir", obj.state_dir]
@@ -193,9 +196,6 @@ def _ask_until(prompt, deadline):
     A hung-up terminal sends SIGHUP and ends this process: the kernel's timer
     then does the rollback, which is the point of keeping the timer there.
     """
-    import os
-    import select
-    import time
     click.echo(prompt, nl=False)
     fd, line = sys.stdin.fileno(), b""
     while True:

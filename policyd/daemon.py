@@ -211,7 +211,7 @@ class Daemon:
         try:
             meta = self.store.meta()
             if meta and meta.get("sha256") != self.policy.digest:
-                self._reload()
+                self._reload(load_kernel=False)
             if trial.enforce(self.nft, self.store):
                 self.metrics.applies.labels(kind="rollback").inc()
             self._converge()
@@ -262,13 +262,16 @@ class Daemon:
         names = self.nft.tables()
         return policy.table in names and policy.bans_table in names
 
-    def _reload(self):
-        """Take the committed policy again (SIGHUP, or a confirm/apply by the CLI)."""
+    def _reload(self, load_kernel=True):
+        """Take the committed policy again: SIGHUP loads it into the kernel too; after
+        a confirm or apply by the CLI (load_kernel=False) the kernel has it already,
+        and _converge() repairs anything that differs."""
         committed = self.store.committed()
         if committed is None:
             return
-        if self.store.pending() is None:
+        if load_kernel and self.store.pending() is None:
             self.nft.load(compile_policy(committed))
+            self.metrics.applies.labels(kind="restore").inc()
         changed_logs = committed.bans.logs != self.policy.bans.logs
         self.policy = committed
         self.bans.kernel = self._ban_table(committed)
