@@ -7,7 +7,7 @@ shows up in the daemon's log as one `ban addr=...` line.
 from pathlib import Path
 
 from ban_latency import measure, nginx_world
-from policyd_daemon import PolicydDaemon, write_policy
+from policyd_daemon import TimedDaemon, write_policy
 
 
 def measure_policyd(workdir, trials, allow_count=0, progress=None, warmup=1):
@@ -15,7 +15,7 @@ def measure_policyd(workdir, trials, allow_count=0, progress=None, warmup=1):
     workdir = Path(workdir)
     with nginx_world(workdir) as (world, nginx):
         policy = write_policy(workdir / "policy.yaml", nginx.error_log, allow_count)
-        daemon = PolicydDaemon(world.lab, world.server, policy, workdir / "policyd.log")
+        daemon = TimedDaemon(world.lab, world.server, policy, workdir / "policyd.log")
         try:
             started_in = daemon.start()
             result = measure(world, trials, port=nginx.port, family=4, warmup=warmup,

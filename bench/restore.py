@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from netlab import Lab, wait_for
-from policyd_daemon import BAN_TABLE, PolicydDaemon, seed_bans, state_dir, write_policy
+from policyd_daemon import BAN_TABLE, TimedDaemon, seed_bans, state_dir, write_policy
 from setcount import SetCounter
 
 SAMPLE_KEYS = 64
@@ -102,7 +102,7 @@ def measure_restore(workdir, count, timeout=60, memory=False):
         log = workdir / "error.log"
         log.write_text("")
         policy = write_policy(workdir / "policy.yaml", log)
-        daemon = PolicydDaemon(lab, host, policy, workdir / "policyd.log")
+        daemon = TimedDaemon(lab, host, policy, workdir / "policyd.log")
         if memory:
             daemon.start()
             time.sleep(SETTLE_SECONDS)
