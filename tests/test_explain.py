@@ -1,0 +1,51 @@
+"""explain.decide: the verdict and the deciding rule, in the compiled rules' order."""
+import ipaddress
+
+from policyd import policy
+from policyd.explain import decide
+
+POLICY = policy.loads("""\
+version: 1
+services:
+  ollama:
+    ports: [11434]
+    allow: [127.0.0.0/8, "::1", 192.168.1.0/24, {iface: "wg*"}]
+  proxy:
+    ports: [8080]
+    allow: [any]
+  dns:
+    ports: [53]
+    proto: udp
+    action: reject
+    allow: ["2001:db8::/32"]
+bans:
+  ports: [8080]
+""")
+ip = ipaddress.ip_address
+
+
+def test_allowed_network_names_the_entry():
+    d = decide(POLICY, ip("192.168.1.9"), 11434)
+    assert (d.verdict, d.rule) == ("allow", "services.ollama.allow: 192.168.1.0/24")
+
+
+def test_other_sources_get_the_action_and_learn_about_interfaces():
+    d = decide(POLICY, ip("203.0.113.5"), 11434)
+    assert d.verdict == "drop" and "unless it arrives on wg*" in d.rule
+    assert decide(POLICY, ip("203.0.113.5"), 11434, iface="wg0").verdict == "allow"
+    assert decide(POLICY, ip("203.0.113.5"), 11434, iface="eth0").verdict == "drop"
+
+
+def test_proto_matters_and_unguarded_ports_are_untouched():
+    assert decide(POLICY, ip("203.0.113.5"), 53, "udp").verdict == "reject"
+    assert decide(POLICY, ip("2001:db8::5"), 53, "udp").verdict == "allow"
+    d = decide(POLICY, ip("203.0.113.5"), 53, "tcp")
+    assert (d.verdict, d.rule) == ("allow", "tcp port 53 is not guarded by any service")
+
+
+def test_a_ban_wins_only_on_ban_ports():
+    bans = [(ipaddress.ip_network("203.0.113.0/28"), 120)]
+    d = decide(POLICY, ip("203.0.113.5"), 8080, bans=bans)
+    assert d.verdict == "banned" and "203.0.113.0/28 (120s left)" in d.rule
+    assert decide(POLICY, ip("203.0.113.5"), 11434, bans=bans).verdict == "drop"
+    assert decide(POLICY, ip("203.0.113.99"), 8080, bans=bans).verdict == "allow"
