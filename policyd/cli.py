@@ -244,8 +244,19 @@ def rollback(obj):
 @click.pass_obj
 @handle_errors
 def restore(obj):
-    """Load only the committed policy and drop any trial (at boot: a reboot is a rollback)."""
-    policy = trial.restore_committed(obj.nft(), trial.PolicyStore(obj.state_dir))
+    """Load the committed policy if policyd's tables are gone (boot: a reboot is a rollback).
+
+    When the tables are there (a service restart, not a boot) the kernel keeps
+    what it has, a trial included; only a trial past its deadline is ended.
+    """
+    nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
+    committed = store.committed()
+    if committed is not None and {committed.table, committed.bans_table} <= set(nft.tables()):
+        ended = trial.enforce(nft, store)
+        kept = "the trial" if store.pending() else "the committed policy"
+        click.echo(f"tables in place: kept {kept}")
+        return
+    policy = trial.restore_committed(nft, store)
     if policy is None:
         click.echo("nothing committed: no policy loaded")
     else:

@@ -174,6 +174,16 @@ def test_reboot_brings_back_only_the_committed_policy(served):
     assert policyd(world.server, "confirm").returncode == 1
 
 
+def test_restore_on_a_service_restart_keeps_a_live_trial(served):
+    """ExecStartPre runs `restore` on every start; only a boot (no tables) rolls back."""
+    world = served
+    deadline = start_trial(world)
+    result = policyd(world.server, "restore")
+    assert result.returncode == 0 and "kept the trial" in result.stdout
+    assert store(world).pending() is not None
+    assert_cut_then_back_by_deadline(world, deadline)
+
+
 @pytest.mark.parametrize("damage", [lambda raw: raw[: len(raw) // 3], lambda raw: b"\0" * 64],
                          ids=["truncated", "garbage"])
 def test_damaged_pending_file_is_no_trial_and_the_deadline_still_holds(served, damage):
