@@ -161,9 +161,11 @@ def apply(obj, policy_path, confirm_timeout, wait, force):
         if wait:
             raise InputError("needs --confirm-timeout", key="--wait")
         policy = trial.apply(nft, store, policy_path, force=force)
+        _tell_daemon(obj, "plain")
         click.echo(f"applied {policy.source} (sha256 {policy.digest[:12]})")
         return
     pending = trial.start_trial(nft, store, policy_path, confirm_timeout, force=force)
+    _tell_daemon(obj, "trial")
     click.echo(f"on trial: {pending.source} (sha256 {pending.sha256[:12]}) until "
                f"{trial.format_time(pending.deadline)} ({pending.seconds}s); "
                "unconfirmed, the previous policy comes back by itself")
@@ -174,11 +176,22 @@ def apply(obj, policy_path, confirm_timeout, wait, force):
     answer = _ask_until("Keep this policy? [y/N] ", pending.deadline)
     if answer is not None and answer.strip().lower() in ("y", "yes"):
         policy = trial.confirm(nft, store)
+        _tell_daemon(obj, "confirm")
         click.echo(f"confirmed: {policy.source} (sha256 {policy.digest[:12]}) is committed")
         return
     trial.rollback(nft, store)
+    _tell_daemon(obj, "rollback")
     reason = "no answer before the deadline" if answer is None else "not confirmed"
     raise trial.TrialRefused(f"{reason}: rolled back to the committed policy")
+
+
+def _tell_daemon(obj, kind):
+    """Let a running daemon count the change; the change itself is done already."""
+    from policyd import control
+    try:
+        control.request(obj.run_dir, "applied", kind=kind)
+    except (control.DaemonUnavailable, control.ControlError):
+        pass
 
 
 def _policyd_command(obj, command):
@@ -222,6 +235,7 @@ def _ask_until(prompt, deadline):
 def confirm(obj):
     """Keep the policy on trial: it becomes the committed policy."""
     policy = trial.confirm(obj.nft(), trial.PolicyStore(obj.state_dir))
+    _tell_daemon(obj, "confirm")
     click.echo(f"confirmed: {policy.source} (sha256 {policy.digest[:12]}) is committed")
 
 
@@ -233,6 +247,7 @@ def rollback(obj):
     """End the trial now: reload the committed policy."""
     store = trial.PolicyStore(obj.state_dir)
     ended = trial.rollback(obj.nft(), store)
+    _tell_daemon(obj, "rollback")
     committed = store.committed()
     kept = (f"{committed.source} (sha256 {committed.digest[:12]})" if committed
             else "nothing committed, nothing guarded")
@@ -252,11 +267,12 @@ def restore(obj):
     nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
     committed = store.committed()
     if committed is not None and {committed.table, committed.bans_table} <= set(nft.tables()):
-        ended = trial.enforce(nft, store)
+        trial.enforce(nft, store)
         kept = "the trial" if store.pending() else "the committed policy"
         click.echo(f"tables in place: kept {kept}")
         return
     policy = trial.restore_committed(nft, store)
+    _tell_daemon(obj, "restore")
     if policy is None:
         click.echo("nothing committed: no policy loaded")
     else:

@@ -214,6 +214,7 @@ class Daemon:
                 self._reload(load_kernel=False)
             if trial.enforce(self.nft, self.store):
                 self.metrics.applies.labels(kind="rollback").inc()
+                log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
             self._converge()
             for ban in self.bans.expire():
                 log.info("unban %s", kv(addr=ban.network, reason="expired"))
@@ -298,6 +299,7 @@ class Daemon:
                                                          args.get("duration"))),
             "unban": lambda: desk.manual_unban(args.get("address")),
             "reload": self._reload_now,
+            "applied": lambda: self._applied(args.get("kind")),
             "metrics": self.registry.render,
         }
         if command not in handlers:
@@ -307,6 +309,14 @@ class Daemon:
     def _counted(self, ban):
         self.metrics.bans.labels(reason="manual").inc()
         return ban
+
+    def _applied(self, kind):
+        """The CLI changed the kernel and the state dir (it tells us, for the metrics)."""
+        if kind not in metrics.APPLY_KINDS:
+            raise InputError(f"unknown apply kind {kind!r}", key="kind")
+        self.metrics.applies.labels(kind=kind).inc()
+        log.info("policy %s", kv(change=kind))
+        return {}
 
     def _reload_now(self):
         self._reload()

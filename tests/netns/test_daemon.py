@@ -237,3 +237,31 @@ def test_control_socket_refuses_non_root(world):
         assert "permission denied" in result.stderr and result.stderr.count("\n") == 1
     finally:
         daemon.stop_and_read()
+
+
+def test_metrics_count_what_the_cli_did(world):
+    log, policy = _setup(world)
+    daemon = PolicydDaemon(world.server, policy).start()
+
+    def applies():
+        out = world.server.policyd("metrics").stdout
+        return {line.split('"')[1]: float(line.split()[-1]) for line in out.splitlines()
+                if line.startswith("policyd_applies_total{")}
+
+    try:
+        other = world.policy(POLICY.format(log=log).replace("maxretry: 3", "maxretry: 4"),
+                             "other.yaml")
+        assert world.server.policyd("apply", other, "--confirm-timeout", "30",
+                                    "--force").returncode == 0
+        assert wait_for(lambda: applies()["trial"] == 1, 3)
+        assert world.server.policyd("confirm").returncode == 0
+        assert wait_for(lambda: applies()["confirm"] == 1, 3)
+        assert world.server.policyd("apply", policy, "--confirm-timeout", "30",
+                                    "--force").returncode == 0
+        assert world.server.policyd("rollback").returncode == 0
+        assert wait_for(lambda: applies()["rollback"] == 1, 3)
+        assert world.server.policyd("apply", policy, "--force").returncode == 0
+        assert wait_for(lambda: applies()["plain"] == 1, 3)
+        assert applies()["trial"] == 2
+    finally:
+        daemon.stop_and_read()
