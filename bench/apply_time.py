@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from netlab import Lab
-from policyd_daemon import allowlist, write_policy
+from policyd_daemon import write_policy
 
 TABLE = "policyd"
 

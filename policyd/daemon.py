@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from policyd import __version__, control, metrics, systemd, trial
-from policyd import policy as policy_mod
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
@@ -55,6 +54,8 @@ class LogSource:
 
 
 class Daemon:
+    """policyd run: start() takes the kernel and the logs in hand, run() loops, stop() lets go."""
+
     def __init__(self, policy_path, state_dir, run_dir, metrics_listen=None, clock=time.time):
         self.policy_path = policy_path
         self.state_dir = Path(state_dir)
@@ -193,9 +194,8 @@ class Daemon:
                                              duration=f"{round(ban.expires_at - ban.banned_at)}s"))
         if new_bans:
             self._flush()
-            if new_bans:
-                self.metrics.ban_latency.observe(time.perf_counter() - started)
-                self.metrics.bans.labels(reason="auto").inc(new_bans)
+            self.metrics.ban_latency.observe(time.perf_counter() - started)
+            self.metrics.bans.labels(reason="auto").inc(new_bans)
         for source in self.sources:
             source.follower.commit()
 
@@ -338,6 +338,7 @@ class Daemon:
         now = self.clock()
         return [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
                 for ban in self.bans.active()]
+
 
 class BanDesk:
     """Manual ban and unban on a BanManager: the daemon's, or the CLI's when none runs."""

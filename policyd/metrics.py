@@ -15,7 +15,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 from policyd.errors import InputError
 

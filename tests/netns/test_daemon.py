@@ -4,9 +4,7 @@ These tests write nginx-format lines themselves so they can control every
 byte; tests/netns/test_ban_nginx.py drives the same path through real nginx.
 """
 import json
-import os
 import signal
-import subprocess
 import time
 
 from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, STRANGER_V6, TRUSTED_V4
