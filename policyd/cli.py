@@ -259,8 +259,10 @@ def rollback(obj):
 @click.pass_obj
 @handle_errors
 def restore(obj):
-    """Load the committed policy if policyd's tables are gone (boot: a reboot is a rollback).
+    """Load the committed policy and the recorded bans if policyd's tables are gone.
 
+    At boot, before the network: a reboot is a rollback, and bans are enforced
+    before the first packet arrives rather than when the daemon is up.
     When the tables are there (a service restart, not a boot) the kernel keeps
     what it has, a trial included; only a trial past its deadline is ended.
     """
@@ -275,8 +277,10 @@ def restore(obj):
     _tell_daemon(obj, "restore")
     if policy is None:
         click.echo("nothing committed: no policy loaded")
-    else:
-        click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]})")
+        return
+    from policyd import daemon
+    bans = daemon.offline(obj.state_dir, lambda desk: desk.bans.restore())
+    click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]}) and {bans} bans")
 
 
 # ---------------------------------------------------------------- the daemon and its views

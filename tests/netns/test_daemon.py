@@ -263,3 +263,17 @@ def test_metrics_count_what_the_cli_did(world):
         assert applies()["trial"] == 2
     finally:
         daemon.stop_and_read()
+
+
+def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
+    log, policy = _setup(world)
+    daemon = PolicydDaemon(world.server, policy).start()
+    with log.open("a") as out:
+        out.write(failure(STRANGER_V4) * 3)
+    assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
+    daemon.stop_and_read()
+    world.server.nft("flush", "ruleset")  # what a reboot leaves
+    result = world.server.policyd("restore")
+    assert result.returncode == 0 and "and 1 bans" in result.stdout, result.stderr
+    assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
+    assert world.trusted.can_connect(SERVER_V4, 8080)

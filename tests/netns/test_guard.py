@@ -151,8 +151,27 @@ def test_other_tables_are_left_alone(world):
     assert world.server.nft("list", "table", "inet", "filter").stdout == foreign
 
 
+def _handshake_seconds(host, address, port):
+    """Seconds the TCP handshake took, or None if it failed within 5 s.
+
+    The handshake is the kernel's alone, so it is not slowed by a loaded
+    machine the way a userspace greeting is; a SYN the firewall drops shows up
+    as a retransmission, one second or more.
+    """
+    sock = host.socket(__import__("socket").AF_INET)
+    sock.settimeout(5)
+    started = time.monotonic()
+    try:
+        sock.connect((address, port))
+        return time.monotonic() - started
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
 def test_reapply_is_atomic_for_a_connecting_client(world):
-    """While policies are swapped again and again, an allowed client never fails."""
+    """While policies are swapped again and again, an allowed client's SYN is never dropped."""
     world.server.listen(11434)
     first = world.policy(LAN_POLICY, "a.yaml")
     second = world.policy("""\
@@ -163,13 +182,17 @@ def test_reapply_is_atomic_for_a_connecting_client(world):
             allow: [192.0.2.0/25, 192.0.2.128/25, 203.0.113.0/24]
     """, "b.yaml")
     assert world.server.policyd("apply", first).returncode == 0
-    failures, attempts, stop = [], [0], threading.Event()
+    slow, attempts, stop = [], [0], threading.Event()
 
     def client():
-        while not stop.is_set():
+        # Paced: unpaced, thousands of handshakes a second overflow the listener's
+        # accept queue while the applies starve it of CPU, and a full queue drops
+        # SYNs too (seen: even `policyd show` in a loop did it).
+        while not stop.wait(0.005):
             attempts[0] += 1
-            if not world.trusted.can_connect(SERVER_V4, 11434, timeout=1.0):
-                failures.append(time.monotonic())
+            seconds = _handshake_seconds(world.trusted, SERVER_V4, 11434)
+            if seconds is None or seconds > 0.9:
+                slow.append(seconds)
 
     thread = threading.Thread(target=client)
     thread.start()
@@ -181,7 +204,9 @@ def test_reapply_is_atomic_for_a_connecting_client(world):
         stop.set()
         thread.join()
     assert attempts[0] > 20
-    assert failures == []
+    assert slow == []
+    # The same probe does see a drop: the stranger's SYNs go unanswered.
+    assert _handshake_seconds(world.stranger, SERVER_WAN_V4, 11434) is None
 
 
 def test_show_output_loads_into_nft_as_the_same_ruleset(world, lab):
