@@ -3,6 +3,7 @@
 One main thread owns every piece of state. Wake-ups (inotify), control
 requests and signals only post to it, so nothing here needs a lock.
 """
+import hashlib
 import logging
 import os
 import signal
@@ -97,9 +98,11 @@ class Daemon:
         if self.metrics_listen:
             self.metrics_server = metrics.MetricsServer(self.metrics_listen, self.registry)
             self.metrics_server.start()
-        log.info("started %s", kv(version=__version__, policy=self.policy.source,
+        source = (self.store.meta() or {}).get("source", self.policy.source)
+        log.info("started %s", kv(version=__version__, policy=source,
                                   sha256=self.policy.digest[:12], bans=restored,
                                   logs=len(self.sources)))
+        self._warn_if_file_differs()
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
 
     def _committed_or_first_policy(self):
@@ -115,6 +118,16 @@ class Daemon:
             # A live trial survives a daemon restart; one past its deadline ends.
             trial.enforce(self.nft, self.store)
         return committed
+
+    def _warn_if_file_differs(self):
+        """An edited policy file takes effect through `policyd apply`, never silently."""
+        try:
+            data = Path(self.policy_path).read_bytes()
+        except OSError:
+            return
+        if hashlib.sha256(data).hexdigest() != self.policy.digest:
+            log.warning("policy file differs from the committed policy %s", kv(
+                file=self.policy_path, hint="policyd apply --confirm-timeout 60 to load it"))
 
     def _ban_table(self, policy):
         return BanTable(self.nft, policy.bans_table, policy.bans.ipv6_prefix)

@@ -277,3 +277,16 @@ def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
     assert result.returncode == 0 and "and 1 bans" in result.stdout, result.stderr
     assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
     assert world.trusted.can_connect(SERVER_V4, 8080)
+
+
+def test_an_edited_policy_file_does_not_take_effect_behind_the_operators_back(world):
+    log, policy = _setup(world)
+    assert world.server.policyd("apply", policy, "--force").returncode == 0
+    edited = world.policy(POLICY.format(log=log).replace('allow: [any]', 'allow: [192.0.2.0/24]'),
+                          "edited.yaml")
+    daemon = PolicydDaemon(world.server, edited).start()
+    try:
+        assert world.stranger.can_connect(SERVER_WAN_V4, 8080)  # still the committed policy
+    finally:
+        err = daemon.stop_and_read()
+    assert "policy file differs from the committed policy" in err
