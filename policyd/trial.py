@@ -124,6 +124,7 @@ class PolicyStore:
 
     def __init__(self, state_dir):
         self.dir = Path(state_dir)
+        self._validated = set()  # sha256 of trial records whose policy parsed
 
     def committed(self):
         """The committed Policy, or None if nothing was ever committed."""
@@ -162,7 +163,11 @@ class PolicyStore:
             return None
         try:
             pending = Pending.from_json(raw)
-            pending.policy()
+            # Validated once per candidate: the daemon looks twice a second, and
+            # parsing a 100k-network policy each time would cost it seconds.
+            if pending.sha256 not in self._validated:
+                pending.policy()
+                self._validated.add(pending.sha256)
         except (ValueError, InputError) as exc:
             log.warning("%s: damaged trial record (%s); treating it as no trial", path, exc)
             return None
