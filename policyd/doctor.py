@@ -139,35 +139,37 @@ def to_text(findings):
 # --- listeners -----------------------------------------------------------
 
 def check_listeners(policy, env, table, guard_loaded):
-    """Who listens on each guarded TCP port, and whether that is the whole world."""
-    ports = sorted({port for proto, port in policy.guarded() if proto == "tcp"})
-    if not ports:
-        return []
-    try:
-        found = env.listeners(ports)
-    except OSError as exc:
-        return [warn("listener", f"cannot list listening sockets ({exc})",
-                     "run `policyd doctor` as root so sock_diag answers")]
-    owners = env.socket_owners({l.inode for l in found}) if found else {}
+    """Who listens on each guarded port, and whether that is the whole world."""
     findings = []
-    for port in ports:
-        here = sorted({(str(l.address), l.inode) for l in found if l.port == port})
-        if not here:
-            findings.append(ok("listener", f"tcp/{port}: nothing listens"))
+    for proto in ("tcp", "udp"):
+        ports = sorted({port for p, port in policy.guarded() if p == proto})
+        if not ports:
             continue
-        for address, inode in here:
-            findings.append(_listener_finding(port, ipaddress.ip_address(address),
-                                              owners.get(inode, ()), table, guard_loaded))
+        try:
+            found = env.listeners(ports, proto)
+        except OSError as exc:
+            return findings + [warn("listener", f"cannot list listening sockets ({exc})",
+                                    "run `policyd doctor` as root so sock_diag answers")]
+        owners = env.socket_owners({l.inode for l in found}) if found else {}
+        for port in ports:
+            here = sorted({(str(l.address), l.inode) for l in found if l.port == port})
+            if not here:
+                findings.append(ok("listener", f"{proto}/{port}: nothing listens"))
+                continue
+            for address, inode in here:
+                findings.append(_listener_finding(port, ipaddress.ip_address(address),
+                                                  owners.get(inode, ()), table, guard_loaded,
+                                                  proto))
     return findings
 
 
-def _listener_finding(port, address, owners, table, guard_loaded):
+def _listener_finding(port, address, owners, table, guard_loaded, proto="tcp"):
     who = ", ".join(f"{name} (pid {pid})" for pid, name in owners) or "a socket"
     shown = f"[{address}]" if address.version == 6 else str(address)
     if address.is_loopback:
-        return ok("listener", f"tcp/{port}: {who} listens on {shown}:{port} (this host only)")
+        return ok("listener", f"{proto}/{port}: {who} listens on {shown}:{port} (this host only)")
     if not address.is_unspecified:
-        return ok("listener", f"tcp/{port}: {who} listens on {shown}:{port} only")
+        return ok("listener", f"{proto}/{port}: {who} listens on {shown}:{port} only")
     if guard_loaded:
         guard = (f"only policyd's table {FAMILY} {table} (loaded) stands between it "
                  "and the network")
@@ -178,7 +180,7 @@ def _listener_finding(port, address, owners, table, guard_loaded):
                  "between it and the network")
     scope = ("every IPv4 address" if address.version == 4
              else "every IPv6 address, and IPv4 too unless it is IPV6_V6ONLY")
-    return warn("listener", f"tcp/{port}: {who} listens on {shown}:{port}, {scope}; {guard}",
+    return warn("listener", f"{proto}/{port}: {who} listens on {shown}:{port}, {scope}; {guard}",
                 _listener_fix(port, {name for _pid, name in owners}))
 
 
@@ -575,9 +577,9 @@ class HostEnvironment:
     def table_objects(self, table):
         return self._kernel().table_objects(table)
 
-    def listeners(self, ports):
+    def listeners(self, ports, proto="tcp"):
         from policyd import netdiag  # pyroute2 only where the host is asked
-        return netdiag.listeners(ports)
+        return netdiag.listeners(ports, proto)
 
     def socket_owners(self, inodes):
         """inode -> [(pid, command name)] for the sockets among `inodes`, from /proc."""

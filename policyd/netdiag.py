@@ -1,7 +1,7 @@
 """Who is connected to, and who listens on, this host's ports: read from sock_diag.
 
-Owns the pyroute2 queries (TCP over IPv4 and IPv6) that the anti-lockout lint
-and `policyd doctor` use. Results are plain tuples of ipaddress objects; the
+Owns the pyroute2 queries (TCP and UDP, IPv4 and IPv6) that the anti-lockout
+lint and `policyd doctor` use. Results are plain tuples of ipaddress objects; the
 queries see the network namespace the process runs in.
 """
 import socket
@@ -13,6 +13,7 @@ from policyd.addr import parse_host
 
 # Kernel TCP states (include/net/tcp_states.h).
 TCP_ESTABLISHED = 1
+TCP_CLOSE = 7  # what sock_diag reports for a bound, unconnected UDP socket
 TCP_LISTEN = 10
 
 
@@ -27,21 +28,23 @@ class Connection:
 
 @dataclass(frozen=True)
 class Listener:
-    """One listening TCP socket: its bound address (0.0.0.0 / :: for all) and port."""
+    """One listening socket: its bound address (0.0.0.0 / :: for all) and port."""
     address: object
     port: int
     uid: int
     inode: int
+    proto: str = "tcp"
 
 
-def _sockets(state):
-    """Every TCP socket in `state`; OSError if the kernel will not say."""
+def _sockets(state, protocol=socket.IPPROTO_TCP):
+    """Every TCP (or UDP) socket in `state`; OSError if the kernel will not say."""
     try:
         with DiagSocket() as diag:
             diag.bind()
             found = []
             for family in (socket.AF_INET, socket.AF_INET6):
-                found += diag.get_sock_stats(family=family, states=1 << state)
+                found += diag.get_sock_stats(family=family, states=1 << state,
+                                             protocol=protocol)
             return found
     except NetlinkError as exc:
         raise OSError(exc.code, f"sock_diag: {exc}") from None
@@ -64,18 +67,21 @@ def established_peers(ports):
     return found
 
 
-def listeners(ports):
-    """Listening TCP sockets on any of `ports`, IPv4 and IPv6."""
+def listeners(ports, proto="tcp"):
+    """Sockets that accept traffic on any of `ports`, IPv4 and IPv6: listening TCP
+    sockets, or for proto="udp" bound UDP sockets that are not connected."""
     wanted = set(ports)
     found = []
-    for msg in _sockets(TCP_LISTEN):
+    query = (TCP_LISTEN, socket.IPPROTO_TCP) if proto == "tcp" else (TCP_CLOSE,
+                                                                       socket.IPPROTO_UDP)
+    for msg in _sockets(*query):
         if msg["idiag_sport"] not in wanted:
             continue
         address = parse_host(msg["idiag_src"])
         if address is None:
             continue
         found.append(Listener(address, msg["idiag_sport"], msg["idiag_uid"],
-                              msg["idiag_inode"]))
+                              msg["idiag_inode"], proto))
     return found
 
 

@@ -92,7 +92,7 @@ class FakeHost:
         self.listener_error = None
         self.service_links = []
         self.daemon = "listening"
-        self.asked_ports = None
+        self.asked_ports = {}
 
     def now(self):
         return self.clock
@@ -105,11 +105,11 @@ class FakeHost:
     def table_objects(self, table):
         return self.objects.get(table, []) if table in self.tables else []
 
-    def listeners(self, ports):
-        self.asked_ports = list(ports)
+    def listeners(self, ports, proto="tcp"):
+        self.asked_ports[proto] = list(ports)
         if self.listener_error:
             raise self.listener_error
-        return [l for l in self.listening if l.port in ports]
+        return [l for l in self.listening if l.port in ports and l.proto == proto]
 
     def socket_owners(self, inodes):
         return {i: o for i, o in self.owners.items() if i in inodes}
@@ -163,7 +163,7 @@ def test_a_healthy_host_is_all_ok_and_exits_0(host, policy):
     assert {"listener", "interface", "committed", "trial", "table", "drift",
             "nftables-service", "daemon"} <= checks
     # Only TCP ports are listed: sock_diag is asked for them alone.
-    assert host.asked_ports == [8080, 11434]
+    assert host.asked_ports == {"tcp": [8080, 11434], "udp": [5353]}
 
 
 def test_json_form_is_stable(host, policy):
@@ -221,11 +221,19 @@ def test_loopback_and_specific_addresses_are_ok_and_silence_is_noted(host, polic
     host.listening = [Listener(ip("127.0.0.1"), 11434, 0, 501),
                       Listener(ip("192.0.2.1"), 11434, 0, 502)]
     findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
-    assert [f.level for f in findings] == ["ok", "ok", "ok"]
+    assert [f.level for f in findings] == ["ok", "ok", "ok", "ok"]
     messages = [f.message for f in findings]
     assert messages[0] == "tcp/8080: nothing listens"
     assert "127.0.0.1:11434 (this host only)" in messages[1]
     assert "192.0.2.1:11434 only" in messages[2]
+    assert messages[3] == "udp/5353: nothing listens"
+
+
+def test_a_udp_listener_on_every_address_is_a_warning(host, policy):
+    host.listening = [Listener(ip("::"), 5353, 0, 901, "udp")]
+    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    udp = [f for f in findings if f.message.startswith("udp/5353")]
+    assert [f.level for f in udp] == ["warn"] and "[::]:5353" in udp[0].message
 
 
 def test_listeners_that_cannot_be_listed_are_a_warning(host, policy):
