@@ -42,6 +42,7 @@ NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_SET_ELEM_EXPIRATION = 5
 NFTA_DATA_VALUE = 1
 # An attribute's length is 16 bits, so one message carries at most ~64 KiB of
 # elements; larger changes become several messages in the same batch.
@@ -140,18 +141,24 @@ class Netlink:
         self._send(messages)
 
     def set_keys(self, table, name):
-        """The keys (bytes) of every element in one set, by a netlink dump."""
+        """{key bytes: milliseconds left, or None without a timeout} of one set's
+        elements, by a netlink dump (no libnftables cache, so no allowlist cost)."""
         body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
-        keys = []
+        keys = {}
         for payload in self._dump_raw(NFT_MSG_GETSETELEM, body):
             for kind, value in _attrs(payload):
                 if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
                     continue
                 for _elem_kind, element in _attrs(value):
+                    key, left = None, None
                     for attr, data in _attrs(element):
                         if attr == NFTA_SET_ELEM_KEY:
-                            keys += [v for k, v in _attrs(data) if k == NFTA_DATA_VALUE]
+                            key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
+                        elif attr == NFTA_SET_ELEM_EXPIRATION:
+                            left = int.from_bytes(data, "big")
+                    if key is not None:
+                        keys[key] = left
         return keys
 
     def delete(self, table, changes):

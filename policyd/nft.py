@@ -5,6 +5,7 @@ loaded, and keeps ban elements in step. Ban element changes go over raw
 nfnetlink (policyd.nfnetlink) because libnftables rebuilds its whole cache on
 every command, which costs hundreds of ms once a large allowlist is loaded.
 """
+import errno
 import ipaddress
 import json
 
@@ -142,25 +143,28 @@ class BanTable:
 
     def list_ban_keys(self):
         """{(version, first address as int, prefix length)} of the kernel's ban elements."""
-        keys = {(4, int.from_bytes(k, "big"), 32)
-                for k in self._netlink.set_keys(self.table, BAN_SETS[4])}
-        keys |= {(6, int.from_bytes(k, "big"), self.ipv6_prefix)
-                 for k in self._netlink.set_keys(self.table, BAN_SETS[6])}
-        return keys
+        return set(self._elements())
 
     def list_bans(self):
-        """network -> seconds left, as the kernel holds them."""
-        bans = {}
+        """network -> seconds left, as the kernel holds them ({} without the table)."""
+        types = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
+        return {types[version]((number, prefix)): round((left or 0) / 1000)
+                for (version, number, prefix), left in self._elements().items()}
+
+    def _elements(self):
+        """(version, first address as int, prefix length) -> ms left, over netlink."""
+        found = {}
         for version, name in BAN_SETS.items():
+            prefix = 32 if version == 4 else self.ipv6_prefix
             try:
-                elements = self.nft.set_elements(self.table, name)
-            except KernelError:
-                continue  # the table is gone; the caller restores it
-            for value, timeout, expires in elements:
-                prefix = 32 if version == 4 else self.ipv6_prefix
-                network = ipaddress.ip_network((value, prefix), strict=False)
-                bans[network] = expires if expires is not None else (timeout or 0)
-        return bans
+                keys = self._netlink.set_keys(self.table, name)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue  # the table is gone; the daemon restores it
+                raise
+            for key, left in keys.items():
+                found[(version, int.from_bytes(key, "big"), prefix)] = left
+        return found
 
 
 def _value(raw):
