@@ -39,13 +39,6 @@ def parse_host(text):
     return address
 
 
-def ban_network(address, ipv6_prefix=128):
-    """The network a ban on `address` covers: the address itself, or its IPv6 /prefix."""
-    if address.version == 4:
-        return ipaddress.ip_network(address)
-    return ipaddress.ip_network((address, ipv6_prefix), strict=False)
-
-
 def parse_network(text):
     """Parse `text` as an address or network, strictly (host bits set is an error)."""
     address_text, slash, prefix_text = text.partition("/")

@@ -15,6 +15,8 @@ from policyd import nfnetlink
 from policyd.compile import BAN_SETS, FAMILY
 from policyd.errors import KernelError
 
+PROTOCOLS = {6: "tcp", 17: "udp"}
+
 
 class Nft:
     """One long-lived libnftables context, bound to the current network namespace."""
@@ -66,18 +68,14 @@ class Nft:
         return self._json_list(f"list table {FAMILY} {table}")
 
     def set_elements(self, table, name):
-        """Elements of one set: list of (value, timeout seconds or None, expires or None)."""
-        out = self._json_list(f"list set {FAMILY} {table} {name}")
-        elements = []
-        for obj in out:
-            for elem in obj.get("set", {}).get("elem", []):
-                if isinstance(elem, dict) and "elem" in elem:
-                    inner = elem["elem"]
-                    elements.append((_value(inner["val"]), inner.get("timeout"),
-                                     inner.get("expires")))
-                else:
-                    elements.append((_value(elem), None, None))
-        return elements
+        """Elements of one of policyd's sets: (value, None, seconds left or None), over
+        netlink, so a large allowlist elsewhere costs nothing. KernelError if absent."""
+        try:
+            keys = self.netlink.set_keys(table, name)
+        except OSError as exc:
+            raise KernelError(f"{table} {name}: {exc.strerror}") from None
+        return [(_key_text(key), None, None if left is None else round(left / 1000))
+                for key, left in keys.items()]
 
     def _json_list(self, command):
         self._ctx.set_json_output(True)
@@ -167,10 +165,11 @@ class BanTable:
         return found
 
 
-def _value(raw):
-    if isinstance(raw, dict) and "prefix" in raw:
-        return f'{raw["prefix"]["addr"]}/{raw["prefix"]["len"]}'
-    return raw
+def _key_text(key):
+    """A set key as nft writes it: a protocol name (inet_proto) or an address."""
+    if len(key) == 1:
+        return PROTOCOLS.get(key[0], str(key[0]))
+    return str(ipaddress.ip_address(key))
 
 
 def _first_error(stderr):

@@ -151,6 +151,7 @@ class _Reader:
 
     def __init__(self, source):
         self.source = source
+        self.constructor = yaml.constructor.SafeConstructor()
 
     def fail(self, node, key, message):
         raise InputError(message, self.source, node.start_mark.line + 1 if node else None, key)
@@ -181,7 +182,7 @@ class _Reader:
         """The scalar's value with YAML's own typing (int, bool, str)."""
         if not isinstance(node, yaml.ScalarNode):
             self.fail(node, key, "must be a single value")
-        return yaml.SafeLoader(" ").construct_object(node)
+        return self.constructor.construct_object(node)
 
     def sequence(self, node, key):
         if isinstance(node, yaml.ScalarNode):
