@@ -222,7 +222,8 @@ class BanManager:
                           len(additions), error)
                 return pushed
             pushed += len(additions)
-            log.info("banned %d: %s", len(additions), _sample(network for network, _ in additions))
+            # debug: the daemon logs each ban once, as key=value, with its reason.
+            log.debug("banned %d: %s", len(additions), _sample(network for network, _ in additions))
         self._kernel_add.clear()
         if self._kernel_remove:
             removals = list(self._kernel_remove.values())
@@ -233,7 +234,7 @@ class BanManager:
                           len(removals), error)
                 return pushed
             pushed += len(removals)
-            log.info("unbanned %d: %s", len(removals), _sample(removals))
+            log.debug("unbanned %d: %s", len(removals), _sample(removals))
             self._kernel_remove.clear()
         return pushed
 
@@ -412,7 +413,11 @@ class BanManager:
 
     def _make_ban(self, key, duration, failures, filter_name, reason, now):
         """duration None: the bantime escalated by this network's history."""
-        times_banned = self._history(key)[0]
+        times_banned, last_ended = self._history(key)
+        if now - last_ended >= self.settings.bantime_max:
+            # History decays: a network quiet for bantime_max since its last ban
+            # ended starts again at the first bantime.
+            times_banned = 0
         if duration is None:
             duration = self._escalated_bantime(times_banned)
         previous = self._active.get(key)

@@ -13,9 +13,10 @@ import time
 
 import click
 
+from policyd import __version__
 from policyd import explain as explain_mod
 from policyd import policy as policy_mod
-from policyd import render, trial
+from policyd import preflight, render, trial
 from policyd.addr import parse_host
 from policyd.compile import compile_policy
 from policyd.errors import InputError, KernelError
@@ -50,7 +51,29 @@ policy_argument = click.argument("policy_path", metavar="[POLICY]", required=Fal
                                  default=policy_mod.DEFAULT_POLICY)
 
 
+class Duration(click.ParamType):
+    """30s, 10m, 1h, 2d, 1w or bare seconds, as in the policy file, within [low, high]."""
+    name = "duration"
+
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            seconds = value
+        else:
+            try:
+                seconds = policy_mod.parse_duration(value)
+            except InputError as exc:
+                self.fail(exc.message, param, ctx)
+        if not self.low <= seconds <= self.high:
+            self.fail(f"{value} is not between {self.low}s and {self.high}s", param, ctx)
+        return seconds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="policyd",
+                      message="%(prog)s %(version)s")
 @click.option("--state-dir", envvar="POLICYD_STATE_DIR", default="/var/lib/policyd",
               show_default=True, help="Committed policy, bans and log positions.")
 @click.option("--run-dir", envvar="POLICYD_RUN_DIR", default="/run/policyd",
@@ -68,6 +91,7 @@ def main(ctx, state_dir, run_dir):
 def check(obj, policy_path):
     """Validate and compile POLICY; print nothing but errors."""
     policy = policy_mod.load(policy_path)
+    preflight.check_log_sources(policy)
     document = compile_policy(policy)
     try:
         nft = obj.nft()
@@ -98,6 +122,10 @@ def show(policy_path):
 @handle_errors
 def explain(obj, args, proto, iface, as_json):
     """Say allow, drop, reject or banned for SRC connecting to PORT, and which rule decides."""
+    if len(args) == 2 and parse_host(args[0]) is None and parse_host(args[1]) is not None:
+        # `explain policy.yaml 203.0.113.66`: the port was forgotten, not the address.
+        raise InputError(f"missing after {args[1]}: which port? "
+                         "(usage: policyd explain [POLICY] SRC PORT)", key="PORT")
     if len(args) == 2:
         policy_path, (src, port_text) = policy_mod.DEFAULT_POLICY, args
     elif len(args) == 3:
@@ -142,9 +170,9 @@ def trial_refusals(func):
 
 @main.command()
 @policy_argument
-@click.option("--confirm-timeout", type=click.IntRange(1, 86400), metavar="N",
-              help="Load on trial: unless `policyd confirm` runs within N seconds, "
-                   "the kernel puts the previous policy back by itself.")
+@click.option("--confirm-timeout", type=Duration(1, 86400), metavar="DURATION",
+              help="Load on trial: unless `policyd confirm` runs within DURATION (120, "
+                   "90s, 2m, 1h), the kernel puts the previous policy back by itself.")
 @click.option("--wait", is_flag=True,
               help="With --confirm-timeout: stay, ask to keep the policy, roll back "
                    "on anything but y or at the deadline.")
@@ -251,7 +279,8 @@ def rollback(obj):
     committed = store.committed()
     kept = (f"{committed.source} (sha256 {committed.digest[:12]})" if committed
             else "nothing committed, nothing guarded")
-    what = f"ended the trial of {ended.source}" if ended else "no trial on record"
+    what = (f"ended the trial of {ended.source}" if ended
+            else "ended the kernel's trial (its record was lost)")
     click.echo(f"rolled back: {what}; loaded {kept}")
 
 
@@ -288,14 +317,26 @@ def restore(obj):
 @main.command()
 @policy_argument
 @click.option("--metrics-listen", metavar="HOST:PORT",
-              help="Serve Prometheus metrics here, e.g. 127.0.0.1:9611 (loopback only).")
+              help="Also serve Prometheus metrics over HTTP here: 127.0.0.1:PORT or "
+                   "[::1]:PORT (loopback only; anything else is refused). Off by default.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info",
               show_default=True)
 @click.pass_obj
 @handle_errors
 def run(obj, policy_path, metrics_listen, log_level):
-    """The daemon: follow the logs, ban, keep the tables in place (systemd Type=notify)."""
-    from policyd import daemon, systemd
+    """The daemon: follow the logs, ban, keep the tables in place (systemd Type=notify).
+
+    It always runs the COMMITTED policy (the one `policyd apply` or `confirm`
+    last made committed); POLICY is not loaded over it. Only when nothing is
+    committed yet (a fresh install) is POLICY applied, as `policyd apply POLICY`
+    would: after the anti-lockout lint. If it would cut a connected client, or
+    does not load, nothing is enforced; status and doctor say why, and the
+    daemon takes the first policy an operator applies. An edited POLICY takes
+    effect only through `policyd apply`.
+    """
+    from policyd import daemon, metrics, systemd
+    if metrics_listen is not None:
+        metrics.parse_listen(metrics_listen)  # refused before anything is touched
     systemd.setup_logging(log_level.upper())
     daemon.run(policy_path, obj.state_dir, obj.run_dir, metrics_listen)
 
@@ -352,15 +393,25 @@ def _format_status(result):
     lines.append(f"daemon:    running, pid {daemon['pid']}, up {daemon['uptime']}s"
                  if daemon else "daemon:    not running")
     committed = result["policy"]["committed"]
+    held_back = result["policy"].get("held_back")
     if committed:
         lines.append(f"policy:    {committed['source']} (sha256 {committed['sha256'][:12]}, "
                      f"committed {trial.format_time(committed['committed_at'])})")
+    elif held_back:
+        lines.append(f"policy:    NOT ENFORCED: {held_back['source']} was not loaded: "
+                     f"{held_back['reason']}")
+        lines.append("           nothing is guarded and nobody is banned until you fix it and "
+                     "`policyd apply --confirm-timeout 120`")
     else:
         lines.append("policy:    nothing committed")
     pending = result["policy"]["trial"]
+    ended = result["policy"].get("ended_trial")
     if pending:
         lines.append(f"trial:     {pending['source']} (sha256 {pending['candidate_sha256'][:12]}), "
                      f"{pending['seconds_left']}s left; policyd confirm | policyd rollback")
+    elif ended:
+        lines.append(f"trial:     none; the trial of {ended['source']} ended unconfirmed at "
+                     f"{trial.format_time(ended['deadline'])} and the committed policy is back")
     else:
         lines.append("trial:     none")
     bans = result.get("bans")
@@ -369,7 +420,7 @@ def _format_status(result):
         lines.append(f"bans:      {bans['active']} active{total}")
     for entry in result.get("logs", []):
         state = "ok" if entry.get("exists") and not entry.get("error") else (
-            entry.get("error") or "missing")
+            f"NOT FOLLOWED: {entry['error']}" if entry.get("error") else "missing")
         lines.append(f"log:       {entry['path']} [{entry['filter']}] {state}, "
                      f"{entry['lines']} lines, {entry['matched']} failures, "
                      f"{entry['malformed']} malformed, {entry['rotations']} rotations")

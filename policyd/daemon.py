@@ -37,7 +37,19 @@ class LogSource:
 
     def __init__(self, config, positions):
         self.path = config.path
-        self.filter = load_filter(config.filter)
+        # A filter that stopped loading since `apply` checked it (a file edited
+        # or removed) costs this log only; the daemon runs on with the rest.
+        self.broken = None
+        try:
+            self.filter = load_filter(config.filter)
+        except InputError as exc:
+            self.filter, self.broken = None, f"filter {config.filter!r} does not load: {exc}"
+        self.filter_name = config.filter
+        self.matched = 0
+        self.malformed = 0
+        self.follower = None
+        if self.broken:
+            return
         fresh = positions.load(self.path) is None
         self.follower = LogFollower(self.path, positions)
         if fresh and os.path.exists(self.path):
@@ -46,10 +58,12 @@ class LogSource:
             # read from its start, since all of it is new.
             self.follower.read_lines()
             self.follower.commit()
-        self.matched = 0
-        self.malformed = 0
 
     def stats(self):
+        if self.broken:
+            return {"path": self.path, "filter": self.filter_name, "exists": None,
+                    "inode": None, "offset": 0, "lines": 0, "matched": 0, "malformed": 0,
+                    "oversized": 0, "rotations": 0, "error": self.broken}
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
                     malformed=self.malformed)
 
@@ -70,8 +84,18 @@ class Daemon:
         self.started_at = clock()
         self.registry = metrics.Registry()
         self.metrics = metrics.standard_metrics(
-            self.registry, bans_active=lambda: self.bans.active_count,
+            self.registry, bans_active=lambda: self.bans.active_count if self.bans else 0,
             trial_active=lambda: int(self.store.pending() is not None))
+        self.log_errors = metrics.Gauge(
+            "policyd_log_errors", "1 while a log is not followed: its filter does not load or "
+            "its path cannot be read; the daemon runs on with the other logs.", ["log"],
+            self.registry)
+        self.enforcing = metrics.Gauge(
+            "policyd_enforcing", "1 while a committed policy is in force; 0 while the daemon "
+            "waits because the first policy would cut a connected client or does not load.",
+            (), self.registry, function=lambda: int(self.held_back is None))
+        self.held_back = None  # why nothing is enforced yet, or None
+        self.bans = None
         self.sources = []
         self.watcher = None
         self.control = None
@@ -84,40 +108,66 @@ class Daemon:
 
     def start(self):
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The control socket first: a second daemon on this run dir must refuse
+        # before it touches the kernel, the bans or the state file.
+        self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
+        self.control.start()
+        if self.metrics_listen:
+            self.metrics_server = metrics.MetricsServer(self.metrics_listen, self.registry)
+            self.metrics_server.start()
         self.nft = Nft()
         self.store = trial.PolicyStore(self.state_dir)
         self.policy = self._committed_or_first_policy()
+        if self.policy is None:
+            systemd.notify("READY=1", f"STATUS={self._status_line()}")
+            return
+        self._start_enforcing()
+        self._warn_if_file_differs()
+        systemd.notify("READY=1", f"STATUS={self._status_line()}")
+
+    def _start_enforcing(self):
+        """The committed policy is in the kernel: restore its bans and follow its logs."""
+        self.held_back = None
         self.state = State(self.state_dir / STATE_FILE)
         self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy))
         restored = self.bans.restore()
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
-        self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
-        self.control.start()
-        if self.metrics_listen:
-            self.metrics_server = metrics.MetricsServer(self.metrics_listen, self.registry)
-            self.metrics_server.start()
         source = (self.store.meta() or {}).get("source", self.policy.source)
         log.info("started %s", kv(version=__version__, policy=source,
                                   sha256=self.policy.digest[:12], bans=restored,
                                   logs=len(self.sources)))
-        self._warn_if_file_differs()
-        systemd.notify("READY=1", f"STATUS={self._status_line()}")
 
     def _committed_or_first_policy(self):
-        """The committed policy, kept in the kernel; the policy file if none is committed."""
+        """The committed policy, kept in the kernel; else the policy file, applied as
+        `policyd apply` would: after the anti-lockout lint. None when the first policy
+        is held back (it would cut a connected client, or it does not load); the daemon
+        then enforces nothing and waits for an operator's `policyd apply`."""
         committed = self.store.committed()
         if committed is None:
-            log.info("nothing committed yet: applying %s", self.policy_path)
-            # Nobody is connected to lint for: the operator chose this file.
-            return trial.apply(self.nft, self.store, self.policy_path, force=True)
+            log.info("nothing committed yet %s", kv(applying=self.policy_path))
+            try:
+                return trial.apply(self.nft, self.store, self.policy_path)
+            except (trial.LockoutRisk, InputError) as exc:
+                self._hold_back(exc)
+                return None
         if not self._tables_present(committed):
             trial.restore_committed(self.nft, self.store)
         else:
             # A live trial survives a daemon restart; one past its deadline ends.
             trial.enforce(self.nft, self.store)
         return committed
+
+    def _hold_back(self, exc):
+        """Enforce nothing, say so plainly, and remember it for status and doctor."""
+        reason = str(exc)
+        self.held_back = {"source": self.policy_path, "reason": reason, "at": self.clock()}
+        self.store.hold_back(self.policy_path, reason, self.clock())
+        log.error("NOT ENFORCING %s", kv(
+            policy=self.policy_path, reason=reason,
+            fix="fix the policy (or add the client to its allow list), then "
+                "`policyd apply --confirm-timeout 120`; the daemon takes it at once"))
 
     def _warn_if_file_differs(self):
         """An edited policy file takes effect through `policyd apply`, never silently."""
@@ -134,11 +184,21 @@ class Daemon:
 
     def _follow(self, policy):
         for source in self.sources:
-            source.follower.close()
+            if source.follower:
+                source.follower.close()
         if self.watcher is not None:
             self.watcher.stop()
         self.sources = [LogSource(config, self.state) for config in policy.bans.logs]
-        self.watcher = LogWatcher([s.path for s in self.sources], self._on_log_change,
+        for source in self.sources:
+            self.log_errors.labels(log=source.path).set(int(source.broken is not None))
+            if source.broken:
+                log.error("log not followed %s", kv(log=source.path, error=source.broken))
+            elif not os.path.exists(source.path):
+                log.warning("log missing %s", kv(log=source.path, filter=source.filter_name,
+                                                 action="followed from its start once it "
+                                                        "appears"))
+        followed = [s for s in self.sources if not s.broken]
+        self.watcher = LogWatcher([s.path for s in followed], self._on_log_change,
                                   poll_interval=1.0)
         self.watcher.start()
 
@@ -151,8 +211,12 @@ class Daemon:
             if closer:
                 closer()
         for source in self.sources:
-            source.follower.commit()
-            source.follower.close()
+            if source.follower:
+                source.follower.commit()
+                source.follower.close()
+        if self.bans is None:
+            log.info("stopped %s", kv(enforcing="no"))
+            return
         self.bans.flush()
         self.state.close()
         log.info("stopped %s", kv(bans=self.bans.active_count))
@@ -185,6 +249,8 @@ class Daemon:
         started = time.perf_counter()
         new_bans = 0
         for source in self.sources:
+            if source.broken:
+                continue
             lines = source.follower.read_lines()
             if not lines:
                 continue
@@ -210,7 +276,8 @@ class Daemon:
             self.metrics.ban_latency.observe(time.perf_counter() - started)
             self.metrics.bans.labels(reason="auto").inc(new_bans)
         for source in self.sources:
-            source.follower.commit()
+            if source.follower:
+                source.follower.commit()
 
     def _flush(self):
         try:
@@ -220,6 +287,10 @@ class Daemon:
             log.error("kernel refused bans %s", kv(error=exc))
 
     def _housekeeping(self):
+        if self.bans is None:
+            self._take_first_commit()
+            systemd.notify(f"STATUS={self._status_line()}")
+            return
         self._flush()  # retries a batch the kernel refused before; cheap when empty
         try:
             meta = self.store.meta()
@@ -240,6 +311,18 @@ class Daemon:
             self.metrics.kernel_errors.inc()
             log.error("housekeeping failed %s", kv(error=exc))
         systemd.notify(f"STATUS={self._status_line()}")
+
+    def _take_first_commit(self):
+        """While held back: an operator's apply committed a policy; enforce from now on."""
+        try:
+            committed = self.store.committed()
+        except InputError as exc:
+            log.error("committed policy unreadable %s", kv(error=exc))
+            return
+        if committed is None:
+            return
+        self.policy = committed
+        self._start_enforcing()
 
     def _converge(self):
         """Put the committed policy and every ban back if the tables are gone or edited.
@@ -280,6 +363,9 @@ class Daemon:
         """Take the committed policy again: SIGHUP loads it into the kernel too; after
         a confirm or apply by the CLI (load_kernel=False) the kernel has it already,
         and _converge() repairs anything that differs."""
+        if self.bans is None:
+            self._take_first_commit()
+            return
         committed = self.store.committed()
         if committed is None:
             return
@@ -297,6 +383,8 @@ class Daemon:
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
 
     def _status_line(self):
+        if self.bans is None:
+            return f"NOT ENFORCING: {self.held_back['reason'] if self.held_back else '?'}"
         return (f"{self.bans.active_count} bans, {len(self.sources)} logs, "
                 f"policy {self.policy.digest[:12]}")
 
@@ -304,6 +392,9 @@ class Daemon:
 
     def _handle(self, command, args):
         """A control request, on the main thread."""
+        if self.bans is None and command in ("ban", "unban"):
+            raise InputError("nothing is enforced yet (see `policyd status`): apply a policy "
+                             "first", key="policy")
         desk = BanDesk(self.bans)
         handlers = {
             "status": self.status,
@@ -343,14 +434,20 @@ class Daemon:
                        "uptime": round(now - self.started_at, 1)},
             "policy": trial.status(self.store, now=now),
             "bans": {"active": self.bans.active_count,
-                     "total": sum(self.bans.bans_total.values())},
+                     "total": sum(self.bans.bans_total.values())} if self.bans else None,
             "logs": [source.stats() for source in self.sources],
         }
 
     def ban_list(self):
+        if self.bans is None:
+            return []
         now = self.clock()
         return [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
                 for ban in self.bans.active()]
+
+
+# bans.py names a refusal after its own parameter; the operator typed ADDR or --for.
+_OPERATOR_KEYS = {"address": "ADDR", "duration": "--for"}
 
 
 class BanDesk:
@@ -362,7 +459,11 @@ class BanDesk:
     def manual_ban(self, address, duration):
         target = _target(address)
         seconds = parse_duration(duration, key="--for") if duration is not None else None
-        ban = self.bans.ban(target, seconds, reason="manual")
+        try:
+            ban = self.bans.ban(target, seconds, reason="manual")
+        except InputError as exc:
+            exc.key = _OPERATOR_KEYS.get(exc.key, exc.key)
+            raise
         self.bans.flush()
         log.warning("ban %s", kv(addr=ban.network, reason="manual",
                                  duration=f"{round(ban.expires_at - ban.banned_at)}s"))

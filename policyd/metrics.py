@@ -292,8 +292,8 @@ class Registry:
         return "".join(parts)
 
 
-def parse_listen(text: str, key: str = "metrics-listen") -> tuple[str, int]:
-    """'127.0.0.1:9611' or '[::1]:9611' -> (host, port); IP literals only."""
+def parse_listen(text: str, key: str = "--metrics-listen") -> tuple[str, int]:
+    """'127.0.0.1:9611' or '[::1]:9611' -> (host, port); loopback IP literals only."""
     match = LISTEN.match(text or "")
     if not match:
         raise InputError(f"expected ADDRESS:PORT or [IPV6]:PORT, got {text!r}", key=key)
@@ -307,6 +307,12 @@ def parse_listen(text: str, key: str = "metrics-listen") -> tuple[str, int]:
     port = int(match["port"])
     if port > 65535 or (len(match["port"]) > 1 and match["port"].startswith("0")):
         raise InputError(f"port {match['port']} is not a port number", key=key)
+    if not address.is_loopback:
+        # The metrics name every log path, filter and ban count: this host's
+        # business only, and the endpoint has no authentication.
+        raise InputError(f"{text} is not a loopback address; the metrics listener serves "
+                         "this host only (127.0.0.1:9611 or [::1]:9611; a scraper elsewhere "
+                         "goes through an authenticating proxy or an SSH tunnel)", key=key)
     return str(address), port
 
 
@@ -335,7 +341,7 @@ class MetricsServer:
             self._server = Server((self.host, self.port), Handler)
         except OSError as exc:
             raise InputError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
-                             key="metrics-listen") from exc
+                             key="--metrics-listen") from exc
         self._thread = threading.Thread(target=self._server.serve_forever, args=(STOP_POLL_SECONDS,),
                                         name="metrics-http", daemon=True)
         self._thread.start()

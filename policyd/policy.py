@@ -49,6 +49,10 @@ class Service:
 class LogSource:
     path: str
     filter: str
+    # Where the entry is written, so check and apply can name the line of a
+    # filter that does not load or a path that cannot be followed.
+    path_line: int | None = field(default=None, compare=False)
+    filter_line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class _Reader:
     def __init__(self, source):
         self.source = source
         self.constructor = yaml.constructor.SafeConstructor()
+        self._port_nodes = {}  # service name -> {port: the YAML node listing it}
 
     def fail(self, node, key, message):
         raise InputError(message, self.source, node.start_mark.line + 1 if node else None, key)
@@ -208,13 +213,15 @@ class _Reader:
     def duration(self, node, key):
         return parse_duration(self.scalar(node, key), self.source, node.start_mark.line + 1, key)
 
-    def ports(self, node, key):
+    def ports(self, node, key, item_nodes=None):
         ports = []
         for item in self.sequence(node, key):
             port = self.integer(item, key, 1, 65535)
             if port in ports:
                 self.fail(item, key, f"port {port} is listed twice")
             ports.append(port)
+            if item_nodes is not None:
+                item_nodes[port] = item
         if not ports:
             self.fail(node, key, "needs at least one port")
         return tuple(ports)
@@ -252,7 +259,9 @@ class _Reader:
             for port in service.ports:
                 other = seen.setdefault((service.proto, port), service.name)
                 if other != service.name:
-                    self.fail(snode, f"services.{service.name}.ports",
+                    # The later listing is the one to blame: its own line.
+                    self.fail(self._port_nodes[service.name][port],
+                              f"services.{service.name}.ports",
                               f"{service.proto} port {port} is also in service {other!r}")
         bans = self.bans(top.get("bans", (None, None))[1], services)
         return Policy(table, services, bans, self.source)
@@ -263,7 +272,8 @@ class _Reader:
             self.fail(knode, key, "service names are lower-case letters, digits and _ (at most 32)")
         items = self.mapping(node, key, {"ports", "proto", "allow", "action", "rate"},
                              required=("ports", "allow"))
-        ports = self.ports(items["ports"][1], f"{key}.ports")
+        ports = self.ports(items["ports"][1], f"{key}.ports",
+                           self._port_nodes.setdefault(name, {}))
         proto = "tcp"
         if "proto" in items:
             proto = self.choice(items["proto"][1], f"{key}.proto", ("tcp", "udp"))
@@ -332,8 +342,10 @@ class _Reader:
                 path = self.scalar_text(entry["path"][1], "bans.logs.path")
                 if not path.startswith("/"):
                     self.fail(entry["path"][1], "bans.logs.path", f"{path!r} must be absolute")
-                logs.append(LogSource(path, self.scalar_text(entry["filter"][1],
-                                                             "bans.logs.filter")))
+                fnode = entry["filter"][1]
+                logs.append(LogSource(path, self.scalar_text(fnode, "bans.logs.filter"),
+                                      path_line=entry["path"][1].start_mark.line + 1,
+                                      filter_line=fnode.start_mark.line + 1))
             values["logs"] = tuple(logs)
         settings = BanSettings(**values)
         if settings.bantime_max < settings.bantime:

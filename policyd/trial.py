@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from policyd import explain
+from policyd import explain, preflight
 from policyd import policy as policy_mod
 from policyd.addr import parse_host
 from policyd.compile import FAMILY, TRIAL_SET, compile_policy
@@ -29,6 +29,9 @@ COMMITTED_META = "committed.json"
 PENDING = "pending.json"
 LOCK = "trial.lock"
 PENDING_VERSION = 1
+# Written by a daemon that found nothing committed and did not enforce the policy
+# file (it would cut a connected client, or it does not load); gone at the first commit.
+HELD_BACK = "held-back.json"
 
 log = logging.getLogger("policyd.trial")
 
@@ -145,6 +148,22 @@ class PolicyStore:
             "source": policy.source, "sha256": policy.digest,
             "committed_at": time.time() if now is None else now,
         }).encode())
+        (self.dir / HELD_BACK).unlink(missing_ok=True)
+
+    def hold_back(self, source, reason, now):
+        """Record that the first policy was not enforced, and why (status, doctor)."""
+        atomic_write(self.dir / HELD_BACK, json.dumps(
+            {"source": str(source), "reason": reason, "at": now}).encode())
+
+    def held_back(self):
+        """{"source", "reason", "at"} while nothing is enforced for that reason, else None."""
+        try:
+            record = json.loads((self.dir / HELD_BACK).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or (self.dir / COMMITTED).exists():
+            return None
+        return {key: record.get(key) for key in ("source", "reason", "at")}
 
     def pending(self):
         """The trial on record, or None. A damaged record counts as no trial.
@@ -308,11 +327,22 @@ def _fallback(store, table):
     return store.committed() or empty_policy(table)
 
 
+def read_candidate(path):
+    """(bytes, Policy) of the file an operator applies, proven loadable by the daemon.
+
+    The path is made absolute first: the state dir records where a policy came
+    from, and "policy.yaml" means nothing to a later reader in another directory.
+    """
+    data, policy = policy_mod.read(os.path.abspath(path))
+    preflight.check_log_sources(policy)
+    return data, policy
+
+
 def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=_route_iface,
           now=None):
     """Load the policy at `path` in one transaction and make it the committed one."""
     now = time.time() if now is None else now
-    data, policy = policy_mod.read(path)
+    data, policy = read_candidate(path)
     if not force:
         _lint(policy, peers, iface_of)
     with store.locked():
@@ -334,7 +364,7 @@ def start_trial(nft, store, path, seconds, *, force=False, peers=operator_peers,
     if seconds < 1:
         raise InputError("must be at least 1 second", key="--confirm-timeout")
     now = time.time() if now is None else now
-    data, candidate = policy_mod.read(path)
+    data, candidate = read_candidate(path)
     if not force:
         _lint(candidate, peers, iface_of)
     with store.locked():
@@ -377,6 +407,9 @@ def confirm(nft, store, now=None):
     committed policy. After the deadline the element is gone, the delete fails
     and so does the whole transaction: TooLate, and the candidate never returns.
     """
+    if store.pending() is None:
+        # Before the lock: saying no must not create a state dir or lock file.
+        raise NoTrial("no trial to confirm")
     with store.locked():
         now = time.time() if now is None else now
         pending = store.pending()
@@ -412,14 +445,19 @@ def confirm(nft, store, now=None):
 def rollback(nft, store):
     """Reload the committed policy now and forget the trial; return the Pending ended.
 
-    Without a trial on record it still reloads the committed policy, which ends
-    a trial whose record was damaged.
+    Without a trial on record it still reloads the committed policy when the
+    kernel runs a trial (its record was damaged), and returns None; with no
+    trial anywhere it says no (NoTrial), as confirm does, and changes nothing.
     """
+    if store.pending() is None and store.committed() is None:
+        # Before the lock: saying no must not create a state dir or lock file.
+        raise NoTrial("no trial to roll back")
     with store.locked():
         pending = store.pending()
         committed = store.committed()
-        if committed is None and pending is None:
-            raise NoTrial("nothing to roll back: no trial and no committed policy")
+        if pending is None and (committed is None
+                                or not _trial_elements(nft, committed.table)):
+            raise NoTrial("no trial to roll back; the committed policy stays")
         nft.load(compile_policy(committed or empty_policy(pending.policy().table)))
         store.clear_pending()
     return pending
@@ -467,8 +505,12 @@ def status(store, now=None, nft=None):
 
     {"committed": {"sha256", "source", "committed_at"} | None,
      "trial": {"candidate_sha256", "source", "started_at", "deadline", "seconds",
-               "seconds_left", "previous_sha256", ["kernel_seconds_left"]} | None}
+               "seconds_left", "previous_sha256", ["kernel_seconds_left"]} | None,
+     "ended_trial": {"candidate_sha256", "source", "deadline"} | None,
+     "held_back": {"source", "reason", "at"} | None}
     `kernel_seconds_left` (only when `nft` is given) is what the kernel's timer says.
+    A trial past its deadline is `ended_trial`, never `trial`: the kernel has
+    already gone back to the committed policy.
     """
     now = time.time() if now is None else now
     meta = store.meta()
@@ -476,8 +518,13 @@ def status(store, now=None, nft=None):
     if meta:
         committed = {key: meta.get(key) for key in ("sha256", "source", "committed_at")}
     pending = store.pending()
-    trial = None
-    if pending is not None:
+    trial = ended = None
+    if pending is not None and now >= pending.deadline:
+        # The kernel ended it at the deadline; only the record waits for a daemon
+        # (or `policyd rollback`) to clear it. It is not pending any more.
+        ended = {"candidate_sha256": pending.sha256, "source": pending.source,
+                 "deadline": pending.deadline}
+    elif pending is not None:
         trial = {"candidate_sha256": pending.sha256, "source": pending.source,
                  "started_at": pending.started_at, "deadline": pending.deadline,
                  "seconds": pending.seconds,
@@ -485,7 +532,8 @@ def status(store, now=None, nft=None):
                  "previous_sha256": pending.previous_sha256}
         if nft is not None:
             trial["kernel_seconds_left"] = _kernel_seconds_left(nft, pending)
-    return {"committed": committed, "trial": trial}
+    return {"committed": committed, "trial": trial, "ended_trial": ended,
+            "held_back": store.held_back()}
 
 
 def _kernel_seconds_left(nft, pending):

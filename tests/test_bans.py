@@ -168,6 +168,25 @@ def test_escalation_is_per_network(make, clock):
     assert other.expires_at - other.banned_at == 3600
 
 
+def test_escalation_history_decays_after_bantime_max_of_quiet(make, clock):
+    manager = make(Settings(bantime=3600, bantime_max=4 * 3600))
+    for expected in (3600, 7200):
+        ban = fail(manager, "198.51.100.10", 5)[-1]
+        assert ban.expires_at - ban.banned_at == expected
+        clock.advance(ban.expires_at - clock.now + 1)
+        manager.expire()
+    # Just short of bantime_max after the last ban ended: still a repeat offender.
+    clock.advance(4 * 3600 - 10)
+    ban = fail(manager, "198.51.100.10", 5)[-1]
+    assert ban.expires_at - ban.banned_at == 14400
+    clock.advance(ban.expires_at - clock.now)
+    manager.expire()
+    # A full bantime_max without a ban: it starts again at the first bantime.
+    clock.advance(4 * 3600)
+    ban = fail(manager, "198.51.100.10", 5)[-1]
+    assert ban.expires_at - ban.banned_at == 3600
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1", "192.168.1.50", "2001:db8:ff::7"])
 def test_loopback_and_ignored_sources_are_never_banned(make, kernel, address):
     manager = make(Settings(ignore=(net("192.168.1.50/32"), net("2001:db8:ff::/48"))))

@@ -196,8 +196,8 @@ def test_standard_gauges_are_settable_without_callbacks():
 @pytest.mark.parametrize("text, expected", [
     ("127.0.0.1:9611", ("127.0.0.1", 9611)),
     ("[::1]:9611", ("::1", 9611)),
-    ("0.0.0.0:0", ("0.0.0.0", 0)),
-    ("[2001:db8::1]:65535", ("2001:db8::1", 65535)),
+    ("127.0.0.2:0", ("127.0.0.2", 0)),
+    ("[::1]:65535", ("::1", 65535)),
 ])
 def test_listen_addresses_parse(text, expected):
     assert parse_listen(text) == expected
@@ -211,7 +211,15 @@ def test_listen_addresses_parse(text, expected):
 def test_junk_listen_addresses_refused(text):
     with pytest.raises(InputError) as caught:
         MetricsServer(text, Registry())
-    assert caught.value.key == "metrics-listen"
+    assert caught.value.key == "--metrics-listen"
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0:9611", "[::]:9611", "192.0.2.1:9611",
+                                  "[2001:db8::1]:9611", "[::ffff:127.0.0.1]:9611"])
+def test_listeners_beyond_loopback_are_refused_as_the_help_says(text):
+    with pytest.raises(InputError, match="not a loopback address") as caught:
+        parse_listen(text)
+    assert caught.value.key == "--metrics-listen"
 
 
 def test_http_server_serves_metrics_and_404s_the_rest():

@@ -467,10 +467,45 @@ def test_status_reports_committed_and_trial(kernel, store, files, clock, committ
     assert report["trial"]["candidate_sha256"] == pending.sha256
     assert report["trial"]["seconds_left"] == 18
     assert report["trial"]["kernel_seconds_left"] == 18
-    clock.advance(20)
-    report = trial.status(store, now=clock.now, nft=kernel)
-    assert report["trial"]["seconds_left"] == 0 and report["trial"]["kernel_seconds_left"] == 0
     json.dumps(report)
+
+
+def test_status_reports_a_trial_past_its_deadline_as_ended_not_pending(
+        kernel, store, files, clock, committed):
+    # No daemon has cleared the record yet; the kernel has already rolled back.
+    pending = start(kernel, store, files["cand"], clock, seconds=30)
+    clock.advance(31)
+    assert kernel.active_services() == ["base"]
+    report = trial.status(store, now=clock.now, nft=kernel)
+    assert report["trial"] is None
+    assert report["ended_trial"] == {"candidate_sha256": pending.sha256,
+                                     "source": pending.source, "deadline": pending.deadline}
+    json.dumps(report)
+
+
+def test_plain_apply_stores_a_relative_path_as_absolute(kernel, store, files, clock,
+                                                        monkeypatch):
+    monkeypatch.chdir(files["cand"].parent)
+    plain(kernel, store, files["cand"].name, clock)
+    assert store.meta()["source"] == str(files["cand"])
+    assert store.committed().source == str(store.dir / trial.COMMITTED)
+
+
+def test_confirm_and_rollback_without_a_trial_both_say_no_and_create_nothing(kernel, tmp_path):
+    store = PolicyStore(tmp_path / "never-made")
+    for step in (trial.confirm, trial.rollback):
+        with pytest.raises(trial.NoTrial):
+            step(kernel, store)
+    assert not (tmp_path / "never-made").exists()
+    assert kernel.loads == []
+
+
+def test_rollback_with_a_committed_policy_but_no_trial_says_no(kernel, store, files, clock,
+                                                               committed):
+    loads = len(kernel.loads)
+    with pytest.raises(trial.NoTrial, match="no trial"):
+        trial.rollback(kernel, store)
+    assert len(kernel.loads) == loads
 
 
 # --- the anti-lockout lint ---------------------------------------------------
