@@ -146,3 +146,20 @@ def test_missing_file_names_it(tmp_path):
 
 def test_not_utf8():
     assert "not UTF-8" in _error(b"version: 1\nservices: \xff\n")
+
+
+def test_a_port_in_two_services_is_reported_at_the_later_listing():
+    text = ("version: 1\nservices:\n  a:\n    ports: [80]\n    allow: [any]\n"
+            "  b:\n    allow: [any]\n    ports:\n      - 443\n      - 80\n")
+    with pytest.raises(InputError) as caught:
+        policy.loads(text, "p.yaml")
+    assert str(caught.value) == ("p.yaml:10: services.b.ports: tcp port 80 is also in "
+                                 "service 'a'")
+
+
+def test_log_entries_know_their_lines_without_changing_equality():
+    text = ("version: 1\nservices:\n  a:\n    ports: [80]\n    allow: [any]\nbans:\n  logs:\n"
+            "    - path: /var/log/a.log\n      filter: nginx-auth\n")
+    source, = policy.loads(text, "p.yaml").bans.logs
+    assert (source.path_line, source.filter_line) == (8, 9)
+    assert source == type(source)("/var/log/a.log", "nginx-auth")

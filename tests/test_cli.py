@@ -1,0 +1,210 @@
+"""The command line without root: what `check`, `explain`, `apply`'s options, `run`'s
+options, `status` and `--version` say, and with which exit code."""
+import json
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from policyd import __version__, cli, trial
+
+GOOD = """\
+version: 1
+services:
+  ollama:
+    ports: [11434]
+    allow: [127.0.0.0/8]
+"""
+
+
+def write(tmp_path, text, name="policy.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def invoke(tmp_path, *args):
+    runner = CliRunner(mix_stderr=False)
+    return runner.invoke(cli.main, ["--state-dir", str(tmp_path / "state"),
+                                    "--run-dir", str(tmp_path / "run"), *map(str, args)])
+
+
+def test_version():
+    result = CliRunner().invoke(cli.main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"policyd {__version__}"
+
+
+def test_a_filter_typo_is_an_error_at_check_naming_file_line_and_key(tmp_path):
+    path = write(tmp_path, """\
+        version: 1
+        services:
+          proxy:
+            ports: [8080]
+            allow: [any]
+        bans:
+          logs:
+            - path: /var/log/nginx/error.log
+              filter: ngnix-auth
+        """)
+    result = invoke(tmp_path, "check", path)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"policyd: {path}:9: bans.logs[0].filter: "
+                                    "filter 'ngnix-auth' does not load")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_filter_file_that_does_not_load_is_an_error_at_check(tmp_path):
+    broken = write(tmp_path, "rules: [{regex: 'no anchor (?P<host>x)'}]\n", "broken.yaml")
+    path = write(tmp_path, f"""\
+        version: 1
+        services:
+          proxy: {{ports: [8080], allow: [any]}}
+        bans:
+          logs:
+            - path: /var/log/x.log
+              filter: {broken}
+        """)
+    result = invoke(tmp_path, "check", path)
+    assert result.exit_code == 2
+    assert f"{path}:7: bans.logs[0].filter" in result.stderr
+    assert "anchored" in result.stderr
+
+
+def test_a_log_path_that_is_a_directory_is_an_error_at_check(tmp_path):
+    (tmp_path / "logs").mkdir()
+    path = write(tmp_path, f"""\
+        version: 1
+        services:
+          proxy: {{ports: [8080], allow: [any]}}
+        bans:
+          logs:
+            - filter: nginx-auth
+              path: {tmp_path / "logs"}
+        """)
+    result = invoke(tmp_path, "check", path)
+    assert result.exit_code == 2
+    assert f"{path}:7: bans.logs[0].path" in result.stderr
+    assert "is a directory" in result.stderr
+
+
+def test_a_missing_log_is_fine_at_check(tmp_path):
+    path = write(tmp_path, f"""\
+        version: 1
+        services:
+          proxy: {{ports: [8080], allow: [any]}}
+        bans:
+          logs:
+            - {{path: {tmp_path / "not-yet.log"}, filter: nginx-auth}}
+        """)
+    result = invoke(tmp_path, "check", path)
+    assert result.exit_code == 0, result.stderr
+
+
+def test_apply_refuses_a_filter_typo_before_the_kernel(tmp_path, monkeypatch):
+    path = write(tmp_path, """\
+        version: 1
+        services:
+          proxy: {ports: [8080], allow: [any]}
+        bans:
+          logs:
+            - {path: /var/log/x.log, filter: ngnix-auth}
+        """)
+
+    class NoKernel:
+        def load(self, document):
+            raise AssertionError("the kernel must not be asked")
+
+    monkeypatch.setattr(cli.Context, "nft", lambda self: NoKernel())
+    for extra in ((), ("--confirm-timeout", "60")):
+        result = invoke(tmp_path, "apply", path, "--force", *extra)
+        assert result.exit_code == 2, result.output
+        assert f"{path}:6: bans.logs[0].filter" in result.stderr
+
+
+def test_explain_without_a_port_blames_the_missing_port_not_the_address(tmp_path):
+    path = write(tmp_path, GOOD)
+    result = invoke(tmp_path, "explain", path, "203.0.113.66")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("policyd: PORT: missing after 203.0.113.66")
+    assert "not an IP address" not in result.stderr
+
+
+@pytest.mark.parametrize("given, seconds", [("120", 120), ("2m", 120), ("90s", 90),
+                                            ("1h", 3600)])
+def test_confirm_timeout_takes_durations_like_the_policy(tmp_path, monkeypatch, given, seconds):
+    path = write(tmp_path, GOOD)
+    seen = {}
+
+    def fake_start(nft, store, policy_path, timeout, force=False):
+        seen["seconds"] = timeout
+        return trial.Pending(b"", policy_path, "0" * 64, 0.0, 0.0 + timeout, timeout, None)
+
+    monkeypatch.setattr(cli.Context, "nft", lambda self: None)
+    monkeypatch.setattr(trial, "start_trial", fake_start)
+    result = invoke(tmp_path, "apply", path, "--confirm-timeout", given)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert seen["seconds"] == seconds
+
+
+@pytest.mark.parametrize("given", ["0", "2x", "2d", "-5"])
+def test_confirm_timeout_refuses_nonsense_and_more_than_a_day(tmp_path, given):
+    result = invoke(tmp_path, "apply", write(tmp_path, GOOD), "--confirm-timeout", given)
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9611", "[::]:9611", "192.0.2.1:9611"])
+def test_run_refuses_a_metrics_listener_beyond_loopback_before_starting(tmp_path, listen,
+                                                                       monkeypatch):
+    from policyd import daemon
+    monkeypatch.setattr(daemon, "run", lambda *a, **k: pytest.fail("the daemon started"))
+    result = invoke(tmp_path, "run", write(tmp_path, GOOD), "--metrics-listen", listen)
+    assert result.exit_code == 2
+    assert "policyd: --metrics-listen: " in result.stderr
+    assert "not a loopback address" in result.stderr
+
+
+def test_confirm_and_rollback_without_a_trial_both_exit_1(tmp_path):
+    for command in ("confirm", "rollback"):
+        result = invoke(tmp_path, command)
+        assert result.exit_code == 1, (command, result.output, result.stderr)
+        assert "no trial" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def _expired_trial(tmp_path):
+    store = trial.PolicyStore(tmp_path / "state")
+    data = GOOD.encode()
+    policy = trial.policy_mod.loads(data, "/etc/policyd/policy.yaml")
+    store.commit(data, policy, now=1000.0)
+    store.set_pending(trial.Pending(data, "/tmp/candidate.yaml", policy.digest, 1000.0,
+                                    1060.0, 60, policy.digest))
+
+
+def test_status_without_a_daemon_shows_an_expired_trial_as_ended(tmp_path, monkeypatch):
+    _expired_trial(tmp_path)
+    monkeypatch.setattr(cli, "_nft_or_none", lambda obj: None)
+    result = invoke(tmp_path, "status")
+    assert result.exit_code == 0, result.stderr
+    assert "left" not in result.output
+    assert "ended unconfirmed" in result.output
+    result = invoke(tmp_path, "status", "--json")
+    report = json.loads(result.output)
+    assert report["policy"]["trial"] is None
+    assert report["policy"]["ended_trial"]["source"] == "/tmp/candidate.yaml"
+
+
+def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monkeypatch):
+    store = trial.PolicyStore(tmp_path / "state")
+    store.hold_back("/etc/policyd/policy.yaml", "refusing: 192.0.2.7 on tcp port 11434 "
+                    "(an established connection) would be cut", 1000.0)
+    monkeypatch.setattr(cli, "_nft_or_none", lambda obj: None)
+    result = invoke(tmp_path, "status")
+    assert "NOT ENFORCED" in result.output and "192.0.2.7" in result.output
+    report = json.loads(invoke(tmp_path, "status", "--json").output)
+    assert report["policy"]["held_back"]["reason"].startswith("refusing: 192.0.2.7")
+    # The first commit ends it.
+    policy = trial.policy_mod.loads(GOOD.encode(), "/etc/policyd/policy.yaml")
+    store.commit(GOOD.encode(), policy)
+    report = json.loads(invoke(tmp_path, "status", "--json").output)
+    assert report["policy"]["held_back"] is None
