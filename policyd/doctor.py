@@ -8,7 +8,7 @@ JSON form (`policyd doctor --json`), stable:
      "findings": [{"level": "ok" | "warn" | "fail",
                    "check": "listener" | "interface" | "log" | "filter" | "table" |
                             "drift" | "trial" | "committed" | "nftables-service" |
-                            "daemon",
+                            "daemon" | "policy-file",
                    "message": str,   # what was found, one line
                    "fix": str}]}     # what to do about it; "" for "ok"
 Text form: one line per finding, "LEVEL CHECK: MESSAGE" plus "; fix: FIX" for
@@ -74,6 +74,7 @@ def diagnose(policy, env):
     findings += check_logs(policy, env)
     findings += check_filters(policy, env)
     findings += check_committed(policy, committed, pending, env, unreadable is not None)
+    findings += check_daemon_logs(env)
     findings += check_trial(pending, env.now())
     if kernel_error is not None:
         fix = ("install python3-nftables" if isinstance(kernel_error, ImportError)
@@ -141,6 +142,10 @@ def to_text(findings):
 def check_listeners(policy, env, table, guard_loaded):
     """Who listens on each guarded port, and whether that is the whole world."""
     findings = []
+    # A port the policy opens to `any` is meant for the world (a proxy in front
+    # of Ollama): a wildcard listener there is the set-up, not a finding.
+    public = {(s.proto, port): s.name for s in policy.services if s.allow_any
+              for port in s.ports}
     for proto in ("tcp", "udp"):
         ports = sorted({port for p, port in policy.guarded() if p == proto})
         if not ports:
@@ -157,6 +162,11 @@ def check_listeners(policy, env, table, guard_loaded):
                 findings.append(ok("listener", f"{proto}/{port}: nothing listens"))
                 continue
             for address, inode in here:
+                if (proto, port) in public:
+                    findings.append(_public_listener_finding(
+                        port, ipaddress.ip_address(address), owners.get(inode, ()), proto,
+                        public[(proto, port)]))
+                    continue
                 findings.append(_listener_finding(port, ipaddress.ip_address(address),
                                                   owners.get(inode, ()), table, guard_loaded,
                                                   proto))
@@ -182,6 +192,13 @@ def _listener_finding(port, address, owners, table, guard_loaded, proto="tcp"):
              else "every IPv6 address, and IPv4 too unless it is IPV6_V6ONLY")
     return warn("listener", f"{proto}/{port}: {who} listens on {shown}:{port}, {scope}; {guard}",
                 _listener_fix(port, {name for _pid, name in owners}))
+
+
+def _public_listener_finding(port, address, owners, proto, service):
+    who = ", ".join(f"{name} (pid {pid})" for pid, name in owners) or "a socket"
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    return ok("listener", f"{proto}/{port}: {who} listens on {shown}:{port}; service {service} "
+              "allows any source there (bans still apply)")
 
 
 def _listener_fix(port, names):
@@ -278,6 +295,14 @@ def check_filters(policy, env):
 def check_committed(policy, committed, pending, env, unreadable):
     if unreadable:
         return []  # already reported as a fail
+    held_back = env.store.held_back() if committed is None else None
+    if held_back is not None:
+        return [fail("committed", f"NOT ENFORCED: the daemon found nothing committed and did "
+                     f"not load {held_back['source']}: {held_back['reason']}; nothing is "
+                     "guarded and nobody is banned",
+                     "allow that client in the policy (or accept cutting it), then "
+                     f"`policyd apply --confirm-timeout 120 {held_back['source']}` and "
+                     "`policyd confirm`; the running daemon takes it at once")]
     if committed is None:
         return [warn("committed", f"nothing is committed in {env.state_dir}: no policy "
                      "comes back after a reboot or a flush",
@@ -308,6 +333,39 @@ def check_trial(pending, now):
                  f"{int(-left)}s ago unconfirmed; the kernel runs the committed policy, "
                  "the record waits for the daemon to clear it",
                  "`policyd rollback` (or start the daemon) to clear the record")]
+
+
+def check_daemon_logs(env):
+    """Logs the running daemon reports it cannot follow (a filter that stopped loading,
+    a path that cannot be read), from its own status; nothing when no daemon answers."""
+    status = env.daemon_status()
+    if not status:
+        return []
+    return [fail("log", f"the daemon does not follow {entry.get('path')}: {entry['error']}",
+                 "fix the filter or the path, then `policyd apply` (or `systemctl reload "
+                 "policyd` if the policy itself did not change)")
+            for entry in status.get("logs", []) if entry.get("error")]
+
+
+def policy_or_committed(path, store, explicit):
+    """The Policy doctor diagnoses and any finding about the file itself.
+
+    Without a policy file at the default path the committed policy is what runs:
+    diagnose that and say so, rather than refuse (exit 2) on a host that works.
+    A POLICY named on the command line must exist.
+    """
+    from policyd import policy as policy_mod
+    try:
+        return policy_mod.load(path), []
+    except InputError:
+        if explicit or os.path.exists(path):
+            raise
+        committed = store.committed()
+        if committed is None:
+            raise
+    origin = (store.meta() or {}).get("source") or committed.source
+    return committed, [ok("policy-file", f"no policy file at {path}: diagnosing the committed "
+                          f"policy (sha256 {committed.digest[:12]}, from {origin})")]
 
 
 # --- the kernel: tables present and as committed -------------------------
@@ -632,6 +690,14 @@ class HostEnvironment:
 
     def control_socket_path(self):
         return self.run_dir / CONTROL_SOCKET
+
+    def daemon_status(self):
+        """The running daemon's `status` answer, or None when none answers."""
+        from policyd import control
+        try:
+            return control.request(self.run_dir, "status")
+        except (control.DaemonUnavailable, control.ControlError, OSError):
+            return None
 
     def control_socket_state(self):
         """"listening", "stale" (a socket file nobody answers on), "denied" or "missing"."""

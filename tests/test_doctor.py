@@ -134,6 +134,9 @@ class FakeHost:
     def control_socket_state(self):
         return self.daemon
 
+    def daemon_status(self):
+        return getattr(self, "status_answer", None)
+
 
 @pytest.fixture
 def policy():
@@ -547,3 +550,72 @@ def test_a_bad_policy_exits_2(tmp_path):
                                        str(tmp_path / "r"), "doctor", str(bad)])
     assert result.exit_code == 2
     assert "services.a.ports" in result.output
+
+
+# --- set-ups the README recommends are healthy --------------------------------
+
+PROXY_TEXT = """\
+version: 1
+services:
+  ollama:
+    ports: [11434]
+    allow: [127.0.0.0/8, "::1"]
+  proxy:
+    ports: [8080, 8443]
+    allow: [any]
+"""
+
+
+def test_a_wildcard_listener_on_an_allow_any_port_is_ok(tmp_path):
+    proxy = load(PROXY_TEXT)
+    host = FakeHost(tmp_path, proxy)
+    host.listening = [Listener(ip("0.0.0.0"), 8080, 0, 601), Listener(ip("::"), 8443, 0, 602),
+                      Listener(ip("127.0.0.1"), 11434, 0, 501)]
+    host.owners = {601: [(10, "nginx")], 602: [(10, "nginx")], 501: [(11, "ollama")]}
+    findings = doctor.check_listeners(proxy, host, proxy.table, True)
+    assert [f.level for f in findings] == ["ok", "ok", "ok"]
+    assert "allows any source" in findings[1].message
+
+
+def test_a_wildcard_listener_on_an_allowlisted_port_is_still_a_warning(tmp_path):
+    proxy = load(PROXY_TEXT)
+    host = FakeHost(tmp_path, proxy)
+    host.listening = [Listener(ip("0.0.0.0"), 11434, 0, 501)]
+    findings = doctor.check_listeners(proxy, host, proxy.table, True)
+    assert [f.level for f in findings if "11434" in f.message] == ["warn"]
+
+
+def test_a_held_back_first_policy_fails_and_says_why(tmp_path, policy):
+    host = FakeHost(tmp_path, policy)  # nothing committed
+    host.store.hold_back("/etc/policyd/policy.yaml", "refusing: 192.0.2.7 on tcp port 11434 "
+                         "(an established connection) would be cut", NOW)
+    finding, = by_check(doctor.diagnose(policy, host), "committed")
+    assert finding.level == "fail"
+    assert "NOT ENFORCED" in finding.message and "192.0.2.7" in finding.message
+
+
+def test_logs_the_running_daemon_cannot_follow_fail(host, policy):
+    host.status_answer = {"logs": [
+        {"path": "/var/log/a.log", "error": None},
+        {"path": "/var/log/b.log", "error": "filter 'gone' does not load: unknown filter"}]}
+    findings = [f for f in doctor.diagnose(policy, host) if f.level != "ok"]
+    assert [(f.check, f.level) for f in findings] == [("log", "fail")]
+    assert "/var/log/b.log" in findings[0].message
+
+
+def test_without_the_default_policy_file_the_committed_policy_is_diagnosed(host, policy,
+                                                                          tmp_path):
+    missing = str(tmp_path / "policy.yaml")
+    diagnosed, about = doctor.policy_or_committed(missing, host.store, explicit=False)
+    assert diagnosed.digest == policy.digest
+    assert [(f.level, f.check) for f in about] == [("ok", "policy-file")]
+    with pytest.raises(InputError):
+        doctor.policy_or_committed(missing, host.store, explicit=True)
+    with pytest.raises(InputError):
+        doctor.policy_or_committed(missing, PolicyStore(tmp_path / "empty"), explicit=False)
+
+
+def test_doctor_with_a_missing_named_policy_exits_2(tmp_path):
+    result = CliRunner(mix_stderr=False).invoke(main, [
+        "--state-dir", str(tmp_path), "doctor", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
