@@ -188,8 +188,11 @@ def apply(obj, policy_path, confirm_timeout, wait, force):
     if confirm_timeout is None:
         if wait:
             raise InputError("needs --confirm-timeout", key="--wait")
+        previous = store.committed()
         policy = trial.apply(nft, store, policy_path, force=force)
         _tell_daemon(obj, "plain")
+        if previous is not None and previous.bans_table != policy.bans_table:
+            _move_bans(obj, nft, previous.bans_table)
         click.echo(f"applied {policy.source} (sha256 {policy.digest[:12]})")
         return
     pending = trial.start_trial(nft, store, policy_path, confirm_timeout, force=force)
@@ -211,6 +214,16 @@ def apply(obj, policy_path, confirm_timeout, wait, force):
     _tell_daemon(obj, "rollback")
     reason = "no answer before the deadline" if answer is None else "not confirmed"
     raise trial.TrialRefused(f"{reason}: rolled back to the committed policy")
+
+
+def _move_bans(obj, nft, old_bans_table):
+    """After `table:` changed: a running daemon moves the bans itself when it reloads;
+    without one, put them into the new ban table here, then retire the old one."""
+    if _ask_daemon(obj, "reload") is not None:
+        return
+    from policyd import daemon
+    daemon.offline(obj.state_dir, lambda desk: desk.bans.restore())
+    trial.retire_table(nft, old_bans_table)
 
 
 def _tell_daemon(obj, kind):

@@ -373,8 +373,13 @@ class Daemon:
             self.nft.load(compile_policy(committed))
             self.metrics.applies.labels(kind="restore").inc()
         changed_logs = committed.bans.logs != self.policy.bans.logs
-        self.policy = committed
+        previous, self.policy = self.policy, committed
         self.bans.kernel = self._ban_table(committed)
+        if previous.bans_table != committed.bans_table:
+            # `table:` changed: the bans move to the new ban table, then the old goes.
+            self.bans.restore()
+            trial.retire_table(self.nft, previous.bans_table)
+            self._expected_key = None
         for ban in self.bans.reconfigure(committed.bans):
             log.info("unban %s", kv(addr=ban.network, reason="now ignored"))
         self._flush()

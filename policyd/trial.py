@@ -347,10 +347,29 @@ def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=_rout
         _lint(policy, peers, iface_of)
     with store.locked():
         _refuse_if_running(store, now)
-        nft.load(compile_policy(policy))
+        previous = store.committed()
+        document = compile_policy(policy)
+        if previous is not None and previous.table != policy.table:
+            # The old guard table goes in the same transaction: left loaded it
+            # would go on dropping what the new policy allows. The old ban table
+            # stays until its bans are in the new one (move_bans), so no ban
+            # lapses meanwhile.
+            document["nftables"] += _delete_table(previous.table)
+        nft.load(document)
         store.commit(data, policy, now)
         store.clear_pending()  # an expired trial's record, if one was left
     return policy
+
+
+def _delete_table(name):
+    # `add` first makes `delete` safe when the table is gone already.
+    return [{"add": {"table": {"family": FAMILY, "name": name}}},
+            {"delete": {"table": {"family": FAMILY, "name": name}}}]
+
+
+def retire_table(nft, name):
+    """Delete one of policyd's former tables (a policy moved to another `table:`)."""
+    nft.load({"nftables": [{"metainfo": {"json_schema_version": 1}}, *_delete_table(name)]})
 
 
 def start_trial(nft, store, path, seconds, *, force=False, peers=operator_peers,

@@ -617,3 +617,16 @@ def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, kernel, st
         trial.start_trial(kernel, store, files["cand"], 30, now=clock.now,
                           peers=lambda policy: trial.operator_peers(policy, {}))
     assert store.pending() is None
+
+
+def test_a_plain_apply_that_changes_the_table_removes_the_old_guard_table(
+        kernel, store, files, clock, committed):
+    assert "policyd" in kernel.tables
+    plain(kernel, store, files["other"], clock)
+    assert "policyd" not in kernel.tables
+    assert "elsewhere" in kernel.tables and "elsewhere_bans" in kernel.tables
+    # The old ban table stays until its bans are in the new one (the CLI or daemon
+    # moves them, then retires it).
+    assert "policyd_bans" in kernel.tables
+    trial.retire_table(kernel, "policyd_bans")
+    assert "policyd_bans" not in kernel.tables
