@@ -181,9 +181,13 @@ def _listener_finding(port, address, owners, table, guard_loaded, proto="tcp"):
     if not address.is_unspecified:
         return ok("listener", f"{proto}/{port}: {who} listens on {shown}:{port} only")
     if guard_loaded:
-        guard = (f"only policyd's table {FAMILY} {table} (loaded) stands between it "
-                 "and the network")
-    elif guard_loaded is None:
+        # Sharing a port with a LAN needs a wildcard listener (loopback clients
+        # too); with the table loaded that is the set-up, and table/drift say
+        # when it is not. The advice stays in the message.
+        return ok("listener", f"{proto}/{port}: {who} listens on {shown}:{port}; policyd's "
+                  f"table {FAMILY} {table} (loaded) admits only the allow list (bind it to "
+                  "127.0.0.1 if only this host needs it)")
+    if guard_loaded is None:
         guard = "whether policyd's table is loaded could not be read"
     else:
         guard = (f"policyd's table {FAMILY} {table} is NOT loaded: nothing stands "

@@ -194,12 +194,21 @@ def test_text_form_is_one_line_per_finding_with_the_fix(host, policy):
 
 def test_ollama_on_every_ipv4_address_is_a_warning_naming_address_and_fix(host, policy):
     host.listening = [Listener(ip("0.0.0.0"), 11434, 0, 501)]
-    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=None)
     warning, = [f for f in findings if f.level == "warn"]
     assert "0.0.0.0:11434" in warning.message and "ollama (pid 4242)" in warning.message
-    assert "(loaded)" in warning.message
+    assert "could not be read" in warning.message
     assert "OLLAMA_HOST=127.0.0.1:11434" in warning.fix
     assert doctor.exit_code(findings) == 1
+
+
+def test_a_wildcard_listener_behind_the_loaded_table_is_the_lan_set_up(host, policy):
+    # ollama-lan.yaml: OLLAMA_HOST=0.0.0.0 so that the LAN and loopback both reach it.
+    host.listening = [Listener(ip("0.0.0.0"), 11434, 0, 501)]
+    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    assert doctor.exit_code(findings) == 0
+    finding, = [f for f in findings if "11434" in f.message]
+    assert "(loaded) admits only the allow list" in finding.message
 
 
 def test_a_wildcard_listener_without_the_table_says_nothing_guards_it(host, policy):
@@ -214,7 +223,7 @@ def test_a_wildcard_listener_without_the_table_says_nothing_guards_it(host, poli
 def test_an_unknown_process_on_a_wildcard_gets_the_generic_fix(host, policy):
     host.listening = [Listener(ip("0.0.0.0"), 8080, 0, 888)]
     host.owners = {}
-    warning, = [f for f in doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    warning, = [f for f in doctor.check_listeners(policy, host, "policyd", guard_loaded=False)
                 if f.level == "warn"]
     assert warning.message.startswith("tcp/8080: a socket listens on 0.0.0.0:8080")
     assert "bind it to 127.0.0.1:8080" in warning.fix
@@ -234,7 +243,7 @@ def test_loopback_and_specific_addresses_are_ok_and_silence_is_noted(host, polic
 
 def test_a_udp_listener_on_every_address_is_a_warning(host, policy):
     host.listening = [Listener(ip("::"), 5353, 0, 901, "udp")]
-    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=False)
     udp = [f for f in findings if f.message.startswith("udp/5353")]
     assert [f.level for f in udp] == ["warn"] and "[::]:5353" in udp[0].message
 
@@ -577,11 +586,11 @@ def test_a_wildcard_listener_on_an_allow_any_port_is_ok(tmp_path):
     assert "allows any source" in findings[1].message
 
 
-def test_a_wildcard_listener_on_an_allowlisted_port_is_still_a_warning(tmp_path):
+def test_a_wildcard_listener_on_an_allowlisted_port_without_the_table_is_a_warning(tmp_path):
     proxy = load(PROXY_TEXT)
     host = FakeHost(tmp_path, proxy)
     host.listening = [Listener(ip("0.0.0.0"), 11434, 0, 501)]
-    findings = doctor.check_listeners(proxy, host, proxy.table, True)
+    findings = doctor.check_listeners(proxy, host, proxy.table, False)
     assert [f.level for f in findings if "11434" in f.message] == ["warn"]
 
 
