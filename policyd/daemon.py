@@ -145,6 +145,13 @@ class Daemon:
         is held back (it would cut a connected client, or it does not load); the daemon
         then enforces nothing and waits for an operator's `policyd apply`."""
         committed = self.store.committed()
+        earlier = self.store.held_back() if committed is None else None
+        if earlier is not None:
+            # Once held back, only an operator's apply enforces: a restart or a
+            # reboot (no connections yet to lint) must not cut those clients later.
+            self._hold_back(f"{earlier['reason']} (held back since "
+                            f"{trial.format_time(earlier['at'])})", earlier["at"])
+            return None
         if committed is None:
             log.info("nothing committed yet %s", kv(applying=self.policy_path))
             try:
@@ -159,11 +166,13 @@ class Daemon:
             trial.enforce(self.nft, self.store)
         return committed
 
-    def _hold_back(self, exc):
+    def _hold_back(self, exc, since=None):
         """Enforce nothing, say so plainly, and remember it for status and doctor."""
         reason = str(exc)
-        self.held_back = {"source": self.policy_path, "reason": reason, "at": self.clock()}
-        self.store.hold_back(self.policy_path, reason, self.clock())
+        since = self.clock() if since is None else since
+        self.held_back = {"source": self.policy_path, "reason": reason, "at": since}
+        if self.store.held_back() is None:
+            self.store.hold_back(self.policy_path, reason, since)
         log.error("NOT ENFORCING %s", kv(
             policy=self.policy_path, reason=reason,
             fix="fix the policy (or add the client to its allow list), then "

@@ -91,8 +91,14 @@ def test_the_first_start_does_not_cut_a_connected_client_and_says_so(world):
         doctor = world.server.policyd("doctor", policy)
         assert doctor.returncode == 1 and "NOT ENFORCED" in doctor.stdout
         assert "policyd_enforcing 0" in world.server.policyd("metrics").stdout
-        # The operator decides: an apply (here forced) and the daemon enforces at once.
+        # A restart (or a reboot) with nobody connected to lint for does not enforce
+        # behind the operator's back either: only an apply does.
         client.close()
+        first_err = daemon.stop_and_read()
+        daemon = PolicydDaemon(world.server, policy).start()
+        assert world.trusted.can_connect(SERVER_V4, 11434)
+        assert "NOT ENFORCED" in world.server.policyd("status").stdout
+        # The operator decides: an apply (here forced) and the daemon enforces at once.
         assert world.server.policyd("apply", policy, "--force").returncode == 0
         assert wait_for(lambda: "policyd_enforcing 1" in world.server.policyd("metrics").stdout, 5)
         assert not world.trusted.can_connect(SERVER_V4, 11434, 0.3)
@@ -100,7 +106,8 @@ def test_the_first_start_does_not_cut_a_connected_client_and_says_so(world):
             "policy"]["held_back"] is None
     finally:
         err = daemon.stop_and_read()
-    assert "NOT ENFORCING" in err and TRUSTED_V4 in err
+    assert "NOT ENFORCING" in first_err and TRUSTED_V4 in first_err
+    assert "NOT ENFORCING" in err and "held back since" in err
 
 
 def test_the_first_start_enforces_when_nobody_would_be_cut(world):
