@@ -74,7 +74,6 @@ def diagnose(policy, env):
     findings += check_logs(policy, env)
     findings += check_filters(policy, env)
     findings += check_committed(policy, committed, pending, env, unreadable is not None)
-    findings += check_daemon_logs(env)
     findings += check_trial(pending, env.now())
     if kernel_error is not None:
         fix = ("install python3-nftables" if isinstance(kernel_error, ImportError)
@@ -86,7 +85,10 @@ def diagnose(policy, env):
         if guard_loaded:
             findings += check_drift(committed, pending, env)
     findings += check_nftables_service(env)
-    findings += check_daemon(env)
+    daemon = check_daemon(env)
+    findings += daemon
+    if daemon[0].level == OK:
+        findings += check_daemon_logs(env)
     return findings
 
 

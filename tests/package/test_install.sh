@@ -156,6 +156,45 @@ done
 reach "$client" 192.0.2.1 11434 \
     || abort "before apply, the client reaches 192.0.2.1:11434 (else the test proves nothing)"
 
+# --- the first start never silently cuts a client that is using Ollama now ----------
+# What the service does on install, in the namespace: nothing committed, a LAN
+# client connected to 11434, the shipped loopback-only policy. The daemon must
+# not enforce it, and status and doctor must say so.
+ip netns exec "$client" python3 -c '
+import socket, sys, time
+s = socket.create_connection(("192.0.2.1", 11434), timeout=2)
+print("connected", flush=True)
+time.sleep(60)' >"$workdir/held-client.out" 2>&1 &
+held_client=$!
+listeners+=($held_client)
+for _ in $(seq 50); do grep -q connected "$workdir/held-client.out" && break; sleep 0.1; done
+first_env=(env POLICYD_STATE_DIR="$workdir/first-state" POLICYD_RUN_DIR="$workdir/first-run")
+ip netns exec "$server" "${first_env[@]}" /usr/bin/policyd run >"$workdir/first-run.log" 2>&1 &
+first_daemon=$!
+listeners+=($first_daemon)
+held=0
+for _ in $(seq 100); do
+    if ip netns exec "$server" "${first_env[@]}" /usr/bin/policyd status 2>/dev/null \
+            | grep -q "NOT ENFORCED"; then held=1; break; fi
+    sleep 0.1
+done
+check "the first start with a connected LAN client holds the policy back (status says NOT ENFORCED)" \
+    test "$held" = 1
+check "the connected LAN client still reaches 11434" reach "$client" 192.0.2.1 11434
+check "the first start loaded no table" \
+    bash -c "! ip netns exec $server nft list table inet policyd"
+doctor_out=$(ip netns exec "$server" "${first_env[@]}" /usr/bin/policyd doctor 2>&1)
+doctor_rc=$?
+check "doctor exits 1 and says NOT ENFORCED" \
+    bash -c "test $doctor_rc = 1 && grep -q 'NOT ENFORCED' <<<\"\$1\"" _ "$doctor_out"
+check "the daemon's log says NOT ENFORCING and names the client" \
+    grep -q "NOT ENFORCING.*192.0.2.2" "$workdir/first-run.log"
+kill "$first_daemon" "$held_client" 2>/dev/null; wait "$first_daemon" "$held_client" 2>/dev/null
+sleep 0.5  # the server's side of the held connection closes too; the apply below lints
+
+check "README and the filter format are installed as documentation" \
+    bash -c 'compgen -G "/usr/share/doc/policyd/README.md*" && compgen -G "/usr/share/doc/policyd/filters.md*"'
+
 check "policyd apply /etc/policyd/policy.yaml inside $server" \
     ip netns exec "$server" env POLICYD_STATE_DIR="$workdir/state" POLICYD_RUN_DIR="$workdir/run" \
         /usr/bin/policyd apply /etc/policyd/policy.yaml
