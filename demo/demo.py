@@ -29,7 +29,7 @@ SERVER_WAN, ATTACKER = "198.51.100.1", "198.51.100.66"
 CREDENTIALS = ("ollama", "secret")
 WRONG = ("admin", "letmein")
 SHIPPED_POLICY = REPO / "policies" / "ollama-behind-proxy.yaml"
-SHIPPED_LOG = "/var/log/nginx/error.log"
+SHIPPED_LOG = "/var/log/nginx/access.log"
 TRIAL_SECONDS = 5
 # Seconds between steps, so a person can read along; DEMO_PAUSE=0 runs it flat out.
 PAUSE = float(os.environ.get("DEMO_PAUSE", "1.5"))
@@ -106,14 +106,14 @@ class Demo:
         text = SHIPPED_POLICY.read_text()
         expect(SHIPPED_LOG in text, f"{SHIPPED_POLICY} no longer names {SHIPPED_LOG}")
         self.policy = self.work / "ollama-behind-proxy.yaml"
-        self.policy.write_text(text.replace(SHIPPED_LOG, str(self.nginx.error_log)))
-        say(f"(a copy whose log path is this nginx's error.log: {self.nginx.error_log})")
+        self.policy.write_text(text.replace(SHIPPED_LOG, str(self.nginx.access_log)))
+        say(f"(a copy whose log path is this nginx's access.log: {self.nginx.access_log})")
         say("11434 from loopback only; 8080 open to all; 5 failed logins in 10 minutes => banned")
         out = self.policyd("apply", self.policy)
         expect(out.returncode == 0, f"policyd apply failed: {out.stderr.strip()}")
 
     def start_daemon(self):
-        header("Starting the daemon (`policyd run`), which follows nginx's error.log")
+        header("Starting the daemon (`policyd run`), which follows nginx's access.log")
         env = {k: v for k, v in os.environ.items() if k != "SSH_CONNECTION"}
         env.update(self.lab.policyd_env(self.server))
         with open(self.daemon_log, "wb") as log:
@@ -148,7 +148,7 @@ class Demo:
             expect(status == 401, f"wrong password {attempt} got {status}, not 401")
         banned = wait_for(lambda: f"ban addr={ATTACKER}/32" in self.log(), 5)
         expect(banned, f"no ban for {ATTACKER} in the daemon's log:\n{self.log()[-2000:]}")
-        say("nginx wrote 5 failures to its error.log; the daemon read them at once:")
+        say("nginx wrote 5 failures to its access.log; the daemon read them at once:")
         self.show_log_lines(" ban addr=")
         out = self.policyd("bans")
         expect(out.returncode == 0 and out.stdout.startswith(f"{ATTACKER}/32"),

@@ -18,7 +18,9 @@ def check_log_sources(policy, filter_dirs=None):
         try:
             load_filter(source.filter, filter_dirs)
         except InputError as exc:
-            raise InputError(f"filter {source.filter!r} does not load: {exc}", policy.source,
+            # A filter file's own error keeps its file:line; a name lookup's is the message.
+            detail = str(exc) if exc.file else exc.message
+            raise InputError(f"filter {source.filter!r} does not load: {detail}", policy.source,
                              source.filter_line, f"bans.logs[{index}].filter") from None
         problem = log_path_problem(source.path)
         if problem is not None:

@@ -7,7 +7,7 @@ import pytest
 
 from netlab import REPO, PolicydDaemon
 
-NGINX_ERROR_LOG = "/var/log/nginx/error.log"
+NGINX_ACCESS_LOG = "/var/log/nginx/access.log"
 
 
 def listen(host, family, address, port):
@@ -37,8 +37,8 @@ def _tailscale(host):
 
 
 def _behind_proxy(host):
-    if not os.access(NGINX_ERROR_LOG, os.R_OK):
-        pytest.skip(f"{NGINX_ERROR_LOG} is missing (make setup installs nginx-light)")
+    if not os.access(NGINX_ACCESS_LOG, os.R_OK):
+        pytest.skip(f"{NGINX_ACCESS_LOG} is missing (make setup installs nginx-light)")
     # Ollama on loopback; nginx on every address for 8080 and 8443.
     return [listen(host, socket.AF_INET, "127.0.0.1", 11434),
             listen(host, socket.AF_INET, "0.0.0.0", 8080),
