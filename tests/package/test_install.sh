@@ -182,7 +182,7 @@ check "the first start with a connected LAN client holds the policy back (status
     test "$held" = 1
 check "the connected LAN client still reaches 11434" reach "$client" 192.0.2.1 11434
 check "the first start loaded no table" \
-    bash -c "! ip netns exec $server nft list table inet policyd"
+    bash -c "! ip netns exec $server nft list table inet policyd 2>/dev/null"
 doctor_out=$(ip netns exec "$server" "${first_env[@]}" /usr/bin/policyd doctor 2>&1)
 doctor_rc=$?
 check "doctor exits 1 and says NOT ENFORCED" \
