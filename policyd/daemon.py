@@ -72,7 +72,7 @@ class Daemon:
     """policyd run: start() takes the kernel and the logs in hand, run() loops, stop() lets go."""
 
     def __init__(self, policy_path, state_dir, run_dir, metrics_listen=None, clock=time.time):
-        self.policy_path = policy_path
+        self.policy_path = os.path.abspath(policy_path)
         self.state_dir = Path(state_dir)
         self.run_dir = Path(run_dir)
         self.metrics_listen = metrics_listen

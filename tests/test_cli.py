@@ -208,3 +208,38 @@ def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monke
     store.commit(GOOD.encode(), policy)
     report = json.loads(invoke(tmp_path, "status", "--json").output)
     assert report["policy"]["held_back"] is None
+
+
+def test_ban_refusals_name_the_argument_the_operator_typed(tmp_path):
+    from policyd.bans import BanManager
+    from policyd.daemon import BanDesk
+    from policyd.errors import InputError
+    from policyd.policy import BanSettings
+    from policyd.state import State
+
+    class Kernel:
+        def add_bans(self, bans):
+            pass
+
+        def remove_bans(self, networks):
+            pass
+
+    state = State(tmp_path / "state.db")
+    try:
+        desk = BanDesk(BanManager(BanSettings(ports=(8080,)), state, Kernel()))
+        for address, duration in (("127.0.0.1", None), ("not-an-address", None),
+                                  ("192.0.2.7", "0s")):
+            with pytest.raises(InputError) as caught:
+                desk.manual_ban(address, duration)
+            assert caught.value.key in ("ADDR", "--for"), (address, caught.value.key)
+            assert str(caught.value).startswith(f"{caught.value.key}: ")
+    finally:
+        state.close()
+
+
+def test_explain_names_its_arguments_like_the_usage(tmp_path):
+    path = write(tmp_path, GOOD)
+    assert invoke(tmp_path, "explain", path, "nonsense", "11434").stderr.startswith(
+        "policyd: SRC: ")
+    assert invoke(tmp_path, "explain", path, "192.0.2.7", "99999").stderr.startswith(
+        "policyd: PORT: ")
