@@ -108,7 +108,10 @@ class Daemon:
 
     def start(self):
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The control socket first: a second daemon on this run dir must refuse
+        self.store = trial.PolicyStore(self.state_dir)
+        # The first start's lint forks: before any thread of ours runs.
+        first_lint = self._first_start_lint()
+        # The control socket next: a second daemon on this run dir must refuse
         # before it touches the kernel, the bans or the state file.
         self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
         self.control.start()
@@ -116,8 +119,7 @@ class Daemon:
             self.metrics_server = metrics.MetricsServer(self.metrics_listen, self.registry)
             self.metrics_server.start()
         self.nft = Nft()
-        self.store = trial.PolicyStore(self.state_dir)
-        self.policy = self._committed_or_first_policy()
+        self.policy = self._committed_or_first_policy(first_lint)
         if self.policy is None:
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             return
@@ -139,7 +141,23 @@ class Daemon:
                                   sha256=self.policy.digest[:12], bans=restored,
                                   logs=len(self.sources)))
 
-    def _committed_or_first_policy(self):
+    def _first_start_lint(self):
+        """With nothing committed: the lint's verdict on the policy file, as a callable
+        for trial.apply (it re-raises a refusal); None otherwise."""
+        if self.store.committed() is not None or self.store.held_back() is not None:
+            return None
+        try:
+            policy = trial.read_candidate(self.policy_path)[1]
+            trial.lint_in_child(policy)
+        except (trial.LockoutRisk, InputError) as exc:
+            refusal = exc
+
+            def refuse(_policy):
+                raise refusal
+            return refuse
+        return lambda _policy: None
+
+    def _committed_or_first_policy(self, first_lint=None):
         """The committed policy, kept in the kernel; else the policy file, applied as
         `policyd apply` would: after the anti-lockout lint. None when the first policy
         is held back (it would cut a connected client, or it does not load); the daemon
@@ -155,7 +173,7 @@ class Daemon:
         if committed is None:
             log.info("nothing committed yet %s", kv(applying=self.policy_path))
             try:
-                return trial.apply(self.nft, self.store, self.policy_path)
+                return trial.apply(self.nft, self.store, self.policy_path, lint=first_lint)
             except (trial.LockoutRisk, InputError) as exc:
                 self._hold_back(exc)
                 return None

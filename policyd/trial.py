@@ -312,6 +312,39 @@ def _lint(policy, peers, iface_of):
         f"would be cut by {decision.rule}{more}; fix the policy or use --force")
 
 
+def lint_in_child(policy, peers=operator_peers, iface_of=_route_iface):
+    """_lint in a forked child, for the daemon's first start: the sock_diag queries
+    load pyroute2 (~11 MB), which must not stay resident in a long-running daemon.
+    Raises LockoutRisk as _lint does; any other failure of the child is a LockoutRisk
+    too (it could not prove that nobody is cut)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no threads run here yet (the daemon forks before any)
+        code = 0
+        try:
+            os.close(read_end)
+            try:
+                _lint(policy, peers, iface_of)
+                answer = b""
+            except LockoutRisk as exc:
+                answer = str(exc).encode()
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                answer = f"the lint could not run ({exc}); use `policyd apply`".encode()
+            with os.fdopen(write_end, "wb") as out:
+                out.write(answer)
+        except BaseException:  # noqa: BLE001 - never return into the parent's code
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer_pipe:
+        answer = answer_pipe.read()
+    _pid, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise LockoutRisk("the lint could not run; use `policyd apply`")
+    if answer:
+        raise LockoutRisk(answer.decode("utf-8", "replace"))
+
+
 # --- the state machine ------------------------------------------------------
 
 def _refuse_if_running(store, now):
@@ -339,11 +372,15 @@ def read_candidate(path):
 
 
 def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=_route_iface,
-          now=None):
-    """Load the policy at `path` in one transaction and make it the committed one."""
+          now=None, lint=None):
+    """Load the policy at `path` in one transaction and make it the committed one.
+
+    `lint(policy)` replaces the anti-lockout lint (the daemon runs it in a child)."""
     now = time.time() if now is None else now
     data, policy = read_candidate(path)
-    if not force:
+    if lint is not None and not force:
+        lint(policy)
+    elif not force:
         _lint(policy, peers, iface_of)
     with store.locked():
         _refuse_if_running(store, now)

@@ -630,3 +630,21 @@ def test_a_plain_apply_that_changes_the_table_removes_the_old_guard_table(
     assert "policyd_bans" in kernel.tables
     trial.retire_table(kernel, "policyd_bans")
     assert "policyd_bans" not in kernel.tables
+
+
+def test_the_lint_in_a_child_refuses_as_the_lint_does_and_loads_nothing_here(files):
+    import sys
+    policy = trial.policy_mod.load(files["base"])
+    cut = [Peer(ip("198.51.100.7"), 11434, "tcp", "an established connection")]
+    with pytest.raises(trial.LockoutRisk, match="198.51.100.7 on tcp port 11434"):
+        trial.lint_in_child(policy, peers=lambda _p: cut, iface_of=lambda _a: None)
+    trial.lint_in_child(policy, peers=lambda _p: [], iface_of=lambda _a: None)
+
+    def broken(_policy):
+        raise RuntimeError("sock_diag said no")
+    with pytest.raises(trial.LockoutRisk, match="could not run"):
+        trial.lint_in_child(policy, peers=broken, iface_of=lambda _a: None)
+    if "pyroute2" not in sys.modules:
+        # The real peers load pyroute2, in the child only.
+        trial.lint_in_child(policy)
+        assert "pyroute2" not in sys.modules
