@@ -342,9 +342,14 @@ class Daemon:
     def _take_first_commit(self):
         """While held back: an operator's apply committed a policy; enforce from now on."""
         try:
+            trial.enforce(self.nft, self.store)  # a first trial past its deadline ends
             committed = self.store.committed()
         except InputError as exc:
             log.error("committed policy unreadable %s", kv(error=exc))
+            return
+        except (KernelError, OSError) as exc:
+            self.metrics.kernel_errors.inc()
+            log.error("housekeeping failed %s", kv(error=exc))
             return
         if committed is None:
             return
