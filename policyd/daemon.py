@@ -129,13 +129,13 @@ class Daemon:
 
     def _start_enforcing(self):
         """The committed policy is in the kernel: restore its bans and follow its logs."""
-        self.held_back = None
         self.state = State(self.state_dir / STATE_FILE)
         self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy))
         restored = self.bans.restore()
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
+        self.held_back = None
         source = (self.store.meta() or {}).get("source", self.policy.source)
         log.info("started %s", kv(version=__version__, policy=source,
                                   sha256=self.policy.digest[:12], bans=restored,
@@ -354,7 +354,14 @@ class Daemon:
         if committed is None:
             return
         self.policy = committed
-        self._start_enforcing()
+        try:
+            self._start_enforcing()
+        except (KernelError, OSError) as exc:
+            # Still held back; the next housekeeping tries again.
+            self.metrics.kernel_errors.inc()
+            log.error("could not start enforcing %s", kv(error=exc))
+            self.bans = None
+            self.state.close()
 
     def _converge(self):
         """Put the committed policy and every ban back if the tables are gone or edited.
