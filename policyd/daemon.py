@@ -217,7 +217,8 @@ class Daemon:
             self.watcher.stop()
         self.sources = [LogSource(config, self.state) for config in policy.bans.logs]
         for source in self.sources:
-            self.log_errors.labels(log=source.path).set(int(source.broken is not None))
+            self.log_errors.labels(log=source.path).set_function(
+                lambda source=source: int(source.stats()["error"] is not None))
             if source.broken:
                 log.error("log not followed %s", kv(log=source.path, error=source.broken))
             elif not os.path.exists(source.path):

@@ -204,3 +204,30 @@ def test_a_plain_apply_to_another_table_leaves_no_old_table_and_keeps_bans(world
     assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.3), "the ban lapsed"
     bans = json.loads(world.server.policyd("bans", "--json").stdout)
     assert [b["network"] for b in bans] == [f"{STRANGER_V4}/32"]
+
+
+def test_a_log_path_that_turns_into_a_directory_is_reported_not_fatal(world):
+    log = world.lab.tmp / "error.log"
+    log.write_text("")
+    world.server.listen(8080)
+    policy = world.policy(f"""\
+        version: 1
+        services:
+          proxy: {{ports: [8080], allow: [any]}}
+        bans:
+          logs: [{{path: {log}, filter: nginx-auth}}]
+        """)
+    assert world.server.policyd("apply", policy, "--force").returncode == 0
+    log.unlink()
+    log.mkdir()
+    daemon = PolicydDaemon(world.server, policy).start()
+    try:
+        assert wait_for(lambda: json.loads(world.server.policyd("status", "--json").stdout)[
+            "logs"][0]["error"], 5)
+        assert wait_for(lambda: f'policyd_log_errors{{log="{log}"}} 1' in
+                        world.server.policyd("metrics").stdout, 5)
+        assert f"the daemon does not follow {log}" in world.server.policyd("doctor",
+                                                                          policy).stdout
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop_and_read()
