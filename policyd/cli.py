@@ -89,7 +89,7 @@ def main(ctx, state_dir, run_dir):
 @click.pass_obj
 @handle_errors
 def check(obj, policy_path):
-    """Validate and compile POLICY; print nothing but errors."""
+    """Validate and compile POLICY, load its filters; print nothing but errors."""
     policy = policy_mod.load(policy_path)
     preflight.check_log_sources(policy)
     document = compile_policy(policy)
@@ -341,8 +341,8 @@ def run(obj, policy_path, metrics_listen, log_level):
 
     It always runs the COMMITTED policy (the one `policyd apply` or `confirm`
     last made committed); POLICY is not loaded over it. Only when nothing is
-    committed yet (a fresh install) is POLICY applied, as `policyd apply POLICY`
-    would: after the anti-lockout lint. If it would cut a connected client, or
+    committed yet (a fresh install) is POLICY (default /etc/policyd/policy.yaml)
+    applied, as `policyd apply POLICY` would: after the anti-lockout lint. If it would cut a connected client, or
     does not load, nothing is enforced; status and doctor say why, and the
     daemon takes the first policy an operator applies. An edited POLICY takes
     effect only through `policyd apply`.
