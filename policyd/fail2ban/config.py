@@ -28,6 +28,7 @@ _CONDITIONAL = re.compile(r"^(\w+)(\?.+)$")
 @dataclass(frozen=True)
 class FilterDefinition:
     name: str
+    path: str               # NAME.conf, the file errors name
     files: tuple            # every file read, in order
     failregex: tuple
     ignoreregex: tuple
@@ -98,9 +99,12 @@ class ConfigSet:
         if "/" in option:
             found = _SECTION_OPTION.match(option)
             if found:
-                value = self._section_ref(section, found.group(1), found.group(2).lower())
+                target = found.group(1)
+                value = self._section_ref(section, target, found.group(2).lower())
                 if value is not None:
-                    return self._expand(value, section, vars, 0)
+                    # Read in the referenced section, where its own %(...)s resolve.
+                    context = section if target.lower() in ("known", "default") else target
+                    return self._expand(value, context, {}, 0)
         return self._expand(self.raw(section, option, vars), section, vars, 0)
 
     def _section_ref(self, section, target, option):
@@ -233,7 +237,7 @@ def read_filter(name_or_path, options=None, filter_dir=DEFAULT_FILTER_DIR):
         raise InputError(f"maxlines {maxlines_text!r} is not an integer", file=base + ".conf",
                          key="maxlines") from None
     return FilterDefinition(
-        name=name, files=tuple(config.files),
+        name=name, path=base + ".conf", files=tuple(config.files),
         failregex=_lines(resolved.get("failregex")),
         ignoreregex=_lines(resolved.get("ignoreregex")),
         prefregex=resolved.get("prefregex") or None,

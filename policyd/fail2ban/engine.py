@@ -1,0 +1,284 @@
+"""Runs a fail2ban filter definition over log lines: policyd's Filter interface.
+
+Owns fail2ban's regex tags (<HOST> as an address only, <ADDR>, <IP4>, <IP6>,
+<CIDR>, <SUBNET>, <F-...> groups), prefregex with <F-CONTENT>, ignoreregex,
+<F-NOFAIL>, and the <F-MLFID> connection cache (sshd names the address once per
+connection). A reimplementation; no fail2ban code is used.
+"""
+import collections
+import ipaddress
+import re
+import time
+
+from policyd.errors import InputError
+from policyd.fail2ban.config import read_filter
+from policyd.fail2ban.dates import DateCutter
+from policyd.filters import MAX_LINE_BYTES, Failure, Outcome
+
+_IP4 = r"(?:\d{1,3}\.){3}\d{1,3}"
+_IP6 = r"(?:[0-9a-fA-F]{1,4}::?|::){1,7}(?:[0-9a-fA-F]{1,4}|(?<=:):)"
+_IP4_GROUP = rf"(?:::f{{4,6}}:)?(?P<ip4>{_IP4})"
+_IP6_GROUP = rf"(?P<ip6>{_IP6})"
+_ADDR = rf"\[?(?:{_IP4_GROUP}|{_IP6_GROUP})\]?"
+_CIDR = r"(?P<cidr>\d+)"
+# policyd never resolves names (usedns = no): <HOST> is an address, never a DNS name.
+STATIC_TAGS = {
+    "HOST": _ADDR, "ADDR": _ADDR, "F-ADDR/": _ADDR,
+    "IP4": _IP4_GROUP, "F-IP4/": _IP4_GROUP,
+    "IP6": _IP6_GROUP, "F-IP6/": _IP6_GROUP,
+    "CIDR": _CIDR, "F-CIDR/": _CIDR,
+    "SUBNET": rf"\[?(?:{_IP4_GROUP}|{_IP6_GROUP})(?:/{_CIDR})?\]?",
+    "F-SUBNET/": rf"\[?(?:{_IP4_GROUP}|{_IP6_GROUP})(?:/{_CIDR})?\]?",
+    "F-ID/": r"(?P<fid>\S+)",
+    "F-PORT/": r"(?P<fport>\w+)",
+}
+_GROUP_ALIASES = {"id": "fid", "port": "fport"}
+_ANY_TAG = re.compile(r"</?[\w\-]+/?>")
+_CUSTOM_TAG = re.compile(r"^(/?)F-([A-Z0-9_\-]+)$")
+_GLOBAL_TO_LOCAL_FLAGS = re.compile(r"(?<!\\)\((?:\?:)?(\(\?[a-z]+)\)")
+MLFID_CACHE_SIZE = 100
+MLFID_CACHE_SECONDS = 300
+
+
+def tags_to_regex(regex):
+    """fail2ban's tags -> named groups: <F-USER>..</F-USER> -> (?P<user>..), <HOST> -> address."""
+    opened = set()
+
+    def replace(found):
+        tag = found.group()
+        name = tag[1:-1]
+        if name in STATIC_TAGS:
+            return STATIC_TAGS[name]
+        if name == "SKIPLINES":
+            raise InputError("<SKIPLINES> needs multi-line buffering (maxlines > 1), "
+                             "which policyd does not support", key="failregex")
+        custom = _CUSTOM_TAG.match(name)
+        if not custom:
+            return tag
+        closing, custom_name = custom.groups()
+        if closing:
+            return ")" if custom_name in opened else tag
+        opened.add(custom_name)
+        group = custom_name.lower()
+        return f"(?P<{_GROUP_ALIASES.get(group, group)}>"
+
+    return _GLOBAL_TO_LOCAL_FLAGS.sub(r"\1:", _ANY_TAG.sub(replace, regex))
+
+
+def _compile(regex, key):
+    text = tags_to_regex(regex)
+    if not text.strip():
+        raise InputError("empty regex", key=key)
+    try:
+        return re.compile(text)
+    except re.error as error:
+        raise InputError(f"regex does not compile: {error}: {regex!r}", key=key) from None
+
+
+class _ConnectionCache:
+    """<F-MLFID> groups by connection id: bounded in count and age, oldest dropped first."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.entries = collections.OrderedDict()
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if self.clock() - entry[0] > MLFID_CACHE_SECONDS:
+            del self.entries[key]
+            return None
+        return entry[1]
+
+    def set(self, key, groups):
+        self.entries[key] = (self.clock(), groups)
+        self.entries.move_to_end(key)
+        while len(self.entries) > MLFID_CACHE_SIZE:
+            self.entries.popitem(last=False)
+
+    def forget(self, key):
+        self.entries.pop(key, None)
+
+
+class Fail2banFilter:
+    """A fail2ban filter.d filter behind policyd's Filter interface (classify bytes)."""
+
+    prefilter = ()          # no shared substring prefilter: scan() goes line by line
+    several_rules = True
+
+    def __init__(self, definition, clock=time.time, name=None):
+        if definition.maxlines > 1:
+            raise InputError(
+                f"fail2ban filter {definition.name} needs maxlines = {definition.maxlines} "
+                "(multi-line matching), which policyd does not support", file=definition.path,
+                key="maxlines")
+        if not definition.failregex:
+            raise InputError("fail2ban filter has no failregex", file=definition.path,
+                             key="failregex")
+        self.definition = definition
+        self.name = name or f"fail2ban:{definition.name}"
+        self.source = definition.path
+        self.clock = clock
+        where = definition.path
+        try:
+            self.prefregex = _compile(definition.prefregex, "prefregex") if definition.prefregex else None
+            self.failregex = [_compile(r, "failregex") for r in definition.failregex]
+            self.ignoreregex = [_compile(r, "ignoreregex") for r in definition.ignoreregex]
+        except InputError as error:
+            raise InputError(error.message, file=where, key=error.key) from None
+        self.dates = DateCutter(definition.datepatterns, now=clock)
+        # fail2ban tries ignoreregex before prefregex only when there are few of them.
+        self.ignore_first = bool(self.ignoreregex) and (
+            len(self.ignoreregex) < len(self.failregex) - 2)
+        self.connections = _ConnectionCache(clock)
+        self.last_time = None
+
+    def __repr__(self):
+        return f"Fail2banFilter({self.name!r})"
+
+    def classify(self, line):
+        """Failure(host, filter), Outcome.IGNORED or Outcome.MALFORMED; never raises."""
+        return self.classify_timed(line)[0]
+
+    def classify_timed(self, line, when=None):
+        """(outcome, the line's Unix time or None). `when` given: the line has no date
+        (a journal MESSAGE): matching starts on the line as it is."""
+        if line.endswith(b"\n"):
+            line = line[:-1]
+        if len(line) > MAX_LINE_BYTES or b"\x00" in line or b"\n" in line:
+            return Outcome.MALFORMED, None
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return Outcome.MALFORMED, None
+        return self.classify_text(text, when)
+
+    def classify_text(self, text, when=None):
+        if when is None:
+            text, when = self.dates.cut(text)
+        try:
+            return self._match(text + "\n"), when
+        except (ValueError, KeyError, TypeError):
+            return Outcome.MALFORMED, when
+
+    def _match(self, buffer):
+        if self.ignore_first and self._ignored(buffer):
+            return Outcome.IGNORED
+        prefix_groups = {}
+        if self.prefregex is not None:
+            found = self.prefregex.search(buffer)
+            if found is None:
+                return Outcome.IGNORED
+            prefix_groups = found.groupdict()
+            content = prefix_groups.pop("content", None)
+            if content:
+                buffer = content + "\n"
+        for regex in self.failregex:
+            found = regex.search(buffer)
+            if found is None:
+                continue
+            if self.ignoreregex and self._ignored(buffer):
+                return Outcome.IGNORED
+            groups = dict(prefix_groups)
+            groups.update(found.groupdict())
+            _merge_alternates(groups)
+            return self._failure(groups)
+        return Outcome.IGNORED
+
+    def _ignored(self, buffer):
+        return any(regex.search(buffer) for regex in self.ignoreregex)
+
+    def _failure(self, groups):
+        connection = groups.get("mlfid")
+        if connection is not None:
+            groups = self._merge_connection(connection, groups)
+            if groups.get("nofail"):
+                return Outcome.IGNORED
+        host = groups.get("ip4") or groups.get("ip6")
+        if host is None:
+            host = groups.get("fid")
+            if host is None:
+                if connection is not None:
+                    groups["mlfpending"] = 1   # a failure whose address comes later
+                return Outcome.IGNORED
+        if groups.get("nofail"):
+            return Outcome.IGNORED
+        address = _address(host)
+        if address is None:
+            return Outcome.MALFORMED
+        return Failure(address, self.name)
+
+    def _merge_connection(self, connection, groups):
+        """One connection's lines merged: its address, pending failures, success."""
+        gained = bool(groups.get("mlfgained"))
+        if gained and not groups.get("nofail"):
+            groups["nofail"] = groups["mlfgained"]
+        forget = bool(groups.pop("mlfforget", None))
+        cached = self.connections.get(connection)
+        users = None
+        if cached is not None:
+            users = _add_user(cached, groups.get("user"))
+            cached.pop("nofail", None)
+            cached.pop("mlfgained", None)
+            if gained:
+                cached.pop("mlfpending", None)
+            cached.update((k, v) for k, v in groups.items() if v is not None)
+            groups = cached
+            if forget:
+                self.connections.forget(connection)
+        elif not forget:
+            users = _add_user(groups, groups.get("user"))
+            self.connections.set(connection, groups)
+        if groups.pop("mlfpending", 0) or (users and len(users) > 1):
+            # Failures seen before, or several user names: a success or a
+            # disconnect no longer excuses this connection.
+            groups.pop("nofail", None)
+            groups.pop("mlfgained", None)
+        return groups
+
+
+_COMPOSITE_NAME = re.compile(r"^(alt_|tuple_)(.*?)(?:_\d+)?$")
+
+
+def _merge_alternates(groups):
+    """<F-ALT_USER> fills `user` when that is empty; <F-TUPLE_X> parts join `x`."""
+    for name in sorted(k for k in groups if k.startswith(("alt_", "tuple_"))):
+        kind, target = _COMPOSITE_NAME.match(name).groups()
+        target = _GROUP_ALIASES.get(target, target)
+        value = groups[name]
+        if kind == "alt_":
+            if value and not groups.get(target):
+                groups[target] = value
+        else:
+            current = groups.get(target)
+            groups[target] = (current + (value,)) if isinstance(current, tuple) else (current, value)
+
+
+def _add_user(groups, user):
+    users = groups.get("users")
+    if user:
+        if users is None:
+            users = groups["users"] = set()
+        users.add(user)
+    return users
+
+
+def _address(text):
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def load(name_or_path, mode=None, options=None, clock=time.time, filter_dir=None):
+    """`sshd` or a path ending in .conf -> Fail2banFilter; mode is the jail's `mode`."""
+    given = dict(options or {})
+    if mode is not None:
+        given["mode"] = mode
+    kwargs = {"filter_dir": filter_dir} if filter_dir else {}
+    definition = read_filter(name_or_path, given, **kwargs)
+    return Fail2banFilter(definition, clock=clock)
