@@ -17,6 +17,7 @@ from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
+from policyd.journal import JournalSource
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
@@ -35,9 +36,11 @@ STATE_FILE = "state.db"
 class LogSource:
     """One followed log and the filter that reads it, with its counters."""
 
+    kind = "file"
+
     def __init__(self, config, positions):
         self.path = config.path
-        self.filter = load_filter(config.filter)
+        self.filter = load_filter(config.filter, mode=config.mode)
         fresh = positions.load(self.path) is None
         self.follower = LogFollower(self.path, positions)
         if fresh and os.path.exists(self.path):
@@ -137,9 +140,11 @@ class Daemon:
             source.follower.close()
         if self.watcher is not None:
             self.watcher.stop()
-        self.sources = [LogSource(config, self.state) for config in policy.bans.logs]
-        self.watcher = LogWatcher([s.path for s in self.sources], self._on_log_change,
-                                  poll_interval=1.0)
+        self.sources = [
+            JournalSource(config, self.state, self._on_log_change, self.bans.queue_position)
+            if config.journal else LogSource(config, self.state) for config in policy.bans.logs]
+        self.watcher = LogWatcher([s.path for s in self.sources if s.kind == "file"],
+                                  self._on_log_change, poll_interval=1.0)
         self.watcher.start()
 
     def stop(self):
@@ -185,6 +190,9 @@ class Daemon:
         started = time.perf_counter()
         new_bans = 0
         for source in self.sources:
+            if source.kind == "journal":
+                new_bans += self._read_journal(source)
+                continue
             lines = source.follower.read_lines()
             if not lines:
                 continue
@@ -211,6 +219,28 @@ class Daemon:
             self.metrics.bans.labels(reason="auto").inc(new_bans)
         for source in self.sources:
             source.follower.commit()
+
+    def _read_journal(self, source):
+        """Like the file path, with each entry's own time; returns how many bans it made."""
+        new_bans = 0
+        outcomes = source.read()
+        if outcomes:
+            self.metrics.log_lines.labels(log=source.path).inc(len(outcomes))
+        for outcome, when in outcomes:
+            if outcome is Outcome.IGNORED:
+                continue
+            if outcome is Outcome.MALFORMED:
+                source.malformed += 1
+                self.metrics.log_malformed.labels(log=source.path).inc()
+                continue
+            source.matched += 1
+            self.metrics.failures.labels(filter=outcome.filter).inc()
+            ban = self.bans.record_failure(outcome.host, outcome.filter, when=when)
+            if ban is not None:
+                new_bans += 1
+                log.warning("ban %s", kv(addr=ban.network, filter=ban.filter, failures=ban.failures,
+                                         duration=f"{round(ban.expires_at - ban.banned_at)}s"))
+        return new_bans
 
     def _flush(self):
         try:

@@ -233,9 +233,13 @@ _RULE_KEYS = {"contains", "regex", "json"}
 _JSON_KEYS = {"match", "match_regex", "host", "present", "nonempty"}
 
 
-def load_filter(name_or_path, search_dirs=None):
-    """Load a filter by bare name (searched in search_dirs) or by path."""
+def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
+    """Load a filter by bare name (searched in search_dirs) or by path;
+    `fail2ban:NAME` or a .conf path loads a fail2ban filter.d filter."""
     text = str(name_or_path)
+    if text.startswith("fail2ban:") or text.endswith(".conf"):
+        from policyd.fail2ban.engine import load
+        return load(text.removeprefix("fail2ban:"), mode=mode, journal=journal)
     if "/" in text or text.endswith(".yaml"):
         return _load_file(Path(text))
     if not _FILTER_NAME.match(text):

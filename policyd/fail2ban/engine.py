@@ -274,11 +274,14 @@ def _address(text):
     return address
 
 
-def load(name_or_path, mode=None, options=None, clock=time.time, filter_dir=None):
-    """`sshd` or a path ending in .conf -> Fail2banFilter; mode is the jail's `mode`."""
+def load(name_or_path, mode=None, options=None, clock=time.time, filter_dir=None, journal=False):
+    """`sshd` or a path ending in .conf -> Fail2banFilter; mode is the jail's `mode`;
+    journal: lines are `IDENTIFIER[PID]: MESSAGE` from the journal (fail2ban's logtype)."""
     given = dict(options or {})
     if mode is not None:
         given["mode"] = mode
+    if journal:
+        given.setdefault("logtype", "journal")
     kwargs = {"filter_dir": filter_dir} if filter_dir else {}
     definition = read_filter(name_or_path, given, **kwargs)
     return Fail2banFilter(definition, clock=clock)
