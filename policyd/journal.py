@@ -70,6 +70,9 @@ class JournalFollower:
             raise InputError(f"cannot open the journal: {error}",
                              file=self.directory, key="bans.logs.journal") from None
         reader.add_match(_SYSTEMD_UNIT=self.unit)
+        # sd-journal watches the directory (new files after a rotation, removed
+        # ones after a vacuum) only once its inotify descriptor exists.
+        reader.fileno()
         return reader
 
     def _resume(self, saved):

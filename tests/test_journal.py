@@ -1,0 +1,223 @@
+"""Journal sources over real journal files (systemd-journal-remote): unit matching on
+_SYSTEMD_UNIT only, first start at the tail, restart and crash without missing or
+double-counting, rotation and vacuum, and the daemon's own read path."""
+import ipaddress
+import json
+import time
+
+import pytest
+
+from journal_files import JournalWriter, available, entry
+from policyd.bans import BanManager
+from policyd.daemon import Daemon
+from policyd.filters import Outcome
+from policyd.journal import JournalSource
+from policyd.policy import LogSource
+from policyd.state import State
+from test_bans import FakeClock, FakeKernel, Settings
+
+pytestmark = pytest.mark.skipif(not available, reason="systemd-journal-remote is not installed")
+ip = ipaddress.ip_address
+
+
+def caddy_401(address, user="mallory"):
+    return json.dumps({
+        "level": "error", "ts": time.time(), "logger": "http.log.access.log0",
+        "msg": "handled request",
+        "request": {"remote_ip": address, "remote_port": "40000", "proto": "HTTP/1.1",
+                    "method": "GET", "host": "ollama.example.org", "uri": "/",
+                    "headers": {"Authorization": ["REDACTED"]}},
+        "user_id": user, "status": 401}, separators=(",", ":"))
+
+
+def ssh_failure(address, user="root"):
+    return f"Failed password for {user} from {address} port 50022 ssh2"
+
+
+class Harness:
+    """The daemon's read path (Daemon._read_logs) on real journal files and a real
+    state file, with a fake kernel; restart() drops everything not yet written."""
+
+    def __init__(self, tmp_path, logs, maxretry=3):
+        self.tmp_path = tmp_path
+        self.logs = tuple(logs)
+        self.settings = Settings(maxretry=maxretry, logs=self.logs)
+        self.clock = FakeClock(time.time())
+        self.kernel = FakeKernel(self.clock)
+        self.start()
+
+    def start(self):
+        self.state = State(self.tmp_path / "state.db")
+        daemon = Daemon(self.tmp_path / "policy.yaml", self.tmp_path, self.tmp_path,
+                        clock=self.clock)
+        daemon.state = self.state
+        daemon.bans = self.bans = BanManager(self.settings, self.state, self.kernel,
+                                             clock=self.clock)
+        daemon.sources = [JournalSource(c, self.state, None, self.bans.queue_position)
+                          for c in self.logs]
+        self.daemon = daemon
+
+    def read(self):
+        self.clock.now = time.time()
+        self.daemon._read_logs()
+
+    def housekeeping(self):
+        self.bans.expire()   # what the daemon does every 0.5 s: writes queued state
+
+    def stop(self):
+        for source in self.daemon.sources:
+            source.follower.commit()
+            source.follower.close()
+        self.bans.flush()
+        self.state.close()
+
+    def crash(self):
+        for source in self.daemon.sources:
+            source.follower.close()
+        self.state.close()
+
+    def banned(self):
+        return {n.network_address for n in self.kernel.list_bans()}
+
+    def source(self, index=0):
+        return self.daemon.sources[index]
+
+
+@pytest.fixture
+def journal(tmp_path):
+    writer = JournalWriter(tmp_path / "journal")
+    yield writer
+    writer.cleanup()
+
+
+def caddy_source(journal):
+    return LogSource(path=None, filter="caddy-auth", journal="caddy.service",
+                     journal_dir=journal.directory)
+
+
+def test_first_start_begins_at_the_tail(tmp_path, journal):
+    journal.write([entry("caddy.service", caddy_401("192.0.2.1")) for _ in range(5)])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    harness.read()
+    assert harness.source().matched == 0 and not harness.banned()
+    journal.write([entry("caddy.service", caddy_401("192.0.2.1")) for _ in range(3)])
+    harness.read()
+    assert harness.source().matched == 3
+    assert harness.banned() == {ip("192.0.2.1")}
+
+
+def test_only_the_units_own_entries_count(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    journal.write([entry("other.service", caddy_401("192.0.2.2")) for _ in range(5)]
+                  + [entry("caddy.service", caddy_401("192.0.2.3")) for _ in range(3)])
+    harness.read()
+    assert harness.banned() == {ip("192.0.2.3")}
+    assert harness.source().follower.stats["lines"] == 3
+
+
+def test_a_forged_syslog_identifier_bans_nobody(tmp_path, journal):
+    # `systemd-cat -t sshd` by a local user: SYSLOG_IDENTIFIER says sshd, the
+    # trusted _SYSTEMD_UNIT says the user's session.
+    journal.write([entry("ssh.service", "Server listening on 0.0.0.0 port 22.", "sshd")])
+    source = LogSource(path=None, filter="fail2ban:sshd", journal="ssh.service",
+                       journal_dir=journal.directory)
+    harness = Harness(tmp_path, [source])
+    journal.write([entry("session-3.scope", ssh_failure("198.51.100.9"), "sshd", pid=str(900 + i),
+                         _COMM="systemd-cat")
+                   for i in range(10)])
+    harness.read()
+    assert not harness.banned()
+    assert harness.source().follower.stats["lines"] == 0
+    # The real unit's failures do ban, through fail2ban's own sshd filter.
+    journal.write([entry("ssh.service", ssh_failure("203.0.113.5"), "sshd", pid="77")
+                   for _ in range(3)])
+    harness.read()
+    assert harness.banned() == {ip("203.0.113.5")}
+
+
+def test_restart_neither_misses_nor_double_counts(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    journal.write([entry("caddy.service", caddy_401("192.0.2.4")) for _ in range(2)])
+    harness.read()
+    harness.stop()
+    # Written while the daemon was down: read after the restart, not lost.
+    journal.write([entry("caddy.service", caddy_401("192.0.2.5"))])
+    harness.start()
+    harness.read()
+    assert harness.source().matched == 1       # the two old entries are not read again
+    assert not harness.banned()                # 2 + 0 re-read: below maxretry
+    journal.write([entry("caddy.service", caddy_401("192.0.2.4"))])
+    harness.read()
+    assert harness.banned() == {ip("192.0.2.4")}
+
+
+def test_a_crash_before_the_write_rereads_exactly_the_unwritten_entries(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    journal.write([entry("caddy.service", caddy_401("192.0.2.6")) for _ in range(2)])
+    harness.read()
+    harness.housekeeping()                     # cursor and the 2 failures, one transaction
+    journal.write([entry("caddy.service", caddy_401("192.0.2.6"))])
+    harness.read()                             # counted in memory only ...
+    harness.crash()                            # ... and lost with its cursor
+    harness.start()
+    harness.read()
+    assert harness.source().matched == 1       # read again, exactly once
+    assert harness.banned() == {ip("192.0.2.6")}
+
+
+def test_rotation_and_vacuum_lose_nothing_across_restarts(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)], maxretry=4)
+    journal.write([entry("caddy.service", caddy_401("192.0.2.7"))])
+    journal.rotate()                           # journald starts a new file
+    journal.write([entry("caddy.service", caddy_401("192.0.2.7"))])
+    harness.read()
+    assert harness.source().matched == 2
+    harness.stop()
+    journal.write([entry("caddy.service", caddy_401("192.0.2.7"))])
+    journal.rotate()
+    journal.write([entry("caddy.service", caddy_401("192.0.2.8"))])
+    journal.vacuum(0)                          # the oldest file is removed while down
+    harness.start()
+    harness.read()
+    assert harness.source().matched == 2       # one in file 1, one in file 2
+    assert not harness.banned()
+    journal.vacuum(1)
+    journal.write([entry("caddy.service", caddy_401("192.0.2.7"))])
+    harness.read()
+    assert harness.banned() == {ip("192.0.2.7")}
+
+
+def test_the_failure_window_uses_each_entrys_own_time(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    old = time.time() - 3600                   # older than findtime (600 s)
+    journal.write([entry("caddy.service", caddy_401("192.0.2.9"), when=old) for _ in range(5)])
+    harness.read()
+    assert harness.source().matched == 5
+    assert not harness.banned()
+
+
+def test_an_entry_with_embedded_newlines_is_malformed_never_a_failure(tmp_path, journal):
+    journal.write([entry("ssh.service", "Server listening", "sshd")])
+    source = LogSource(path=None, filter="fail2ban:sshd", journal="ssh.service",
+                       journal_dir=journal.directory)
+    harness = Harness(tmp_path, [source])
+    forged = "Connection from 203.0.113.50\n" + ssh_failure("192.0.2.66")
+    journal.write([entry("ssh.service", forged, "sshd", pid=str(500 + i)) for i in range(5)])
+    harness.read()
+    assert not harness.banned()
+    assert harness.source().malformed == 5
+
+
+def test_status_names_the_unit_and_its_cursor(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    stats = harness.source().stats()
+    assert stats["path"] == "journal:caddy.service"
+    assert stats["journal"] == "caddy.service" and stats["cursor"]
+    assert stats["filter"] == "caddy-auth"
+    assert Outcome.IGNORED  # the enum the daemon's loop dispatches on
