@@ -226,17 +226,29 @@ class DateCutter:
         self.templates = templates(datepatterns)
         self.now = now
         self._last = None
+        self._cached = (None, None, None)
 
     def cut(self, line):
+        """(line without its date, a zero-argument function giving the date's Unix
+        time or None): the time is worked out only for lines that turn out to matter."""
         found, template = self._find(line)
         if found is None:
-            return line, None
+            return line, _no_time
         start, end = found.span(1)
+        if start == end:
+            return line[:start] + line[end:], _no_time
+        return line[:start] + line[end:], lambda: self._time(found, template)
+
+    def _time(self, found, template):
+        text = found.group(1)
+        if self._cached[0] == text and self._cached[1] is template:
+            return self._cached[2]
         try:
-            when = template.to_time(found, self.now()) if start != end else None
+            when = template.to_time(found, self.now())
         except (ValueError, OverflowError, KeyError):
             when = None
-        return line[:start] + line[end:], when
+        self._cached = (text, template, when)
+        return when
 
     def _find(self, line):
         last = self._last
@@ -269,6 +281,10 @@ ZONE_HOURS = {
     "ACST": 9.5, "ACDT": 10.5, "AEST": 10, "AEDT": 11, "NZST": 12, "NZDT": 13,
     "BRT": -3, "ART": -3, "AST": -4, "ADT": -3, "NST": -3.5, "NDT": -2.5,
 }
+
+
+def _no_time():
+    return None
 
 
 def _offset_minutes(zone):

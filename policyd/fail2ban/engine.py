@@ -6,6 +6,7 @@ Owns fail2ban's regex tags (<HOST> as an address only, <ADDR>, <IP4>, <IP6>,
 connection). A reimplementation; no fail2ban code is used.
 """
 import collections
+import functools
 import ipaddress
 import re
 import time
@@ -127,6 +128,7 @@ class Fail2banFilter:
             self.ignoreregex = [_compile(r, "ignoreregex") for r in definition.ignoreregex]
         except InputError as error:
             raise InputError(error.message, file=where, key=error.key) from None
+        self.any_failregex = _alternation(self.failregex)
         self.dates = DateCutter(definition.datepatterns, now=clock)
         # fail2ban tries ignoreregex before prefregex only when there are few of them.
         self.ignore_first = bool(self.ignoreregex) and (
@@ -155,12 +157,16 @@ class Fail2banFilter:
         return self.classify_text(text, when)
 
     def classify_text(self, text, when=None):
+        clock = None
         if when is None:
-            text, when = self.dates.cut(text)
+            text, clock = self.dates.cut(text)
         try:
-            return self._match(text + "\n"), when
+            outcome = self._match(text + "\n")
         except (ValueError, KeyError, TypeError):
-            return Outcome.MALFORMED, when
+            outcome = Outcome.MALFORMED
+        if clock is not None and isinstance(outcome, Failure):
+            when = clock()
+        return outcome, when
 
     def _match(self, buffer):
         if self.ignore_first and self._ignored(buffer):
@@ -174,6 +180,8 @@ class Fail2banFilter:
             content = prefix_groups.pop("content", None)
             if content:
                 buffer = content + "\n"
+        if self.any_failregex is not None and self.any_failregex.search(buffer) is None:
+            return Outcome.IGNORED
         for regex in self.failregex:
             found = regex.search(buffer)
             if found is None:
@@ -241,6 +249,33 @@ class Fail2banFilter:
 _COMPOSITE_NAME = re.compile(r"^(alt_|tuple_)(.*?)(?:_\d+)?$")
 
 
+_NAMED = re.compile(r"\(\?P<(\w+)>|\(\?P=(\w+)\)|\(\?\((\w+)\)")
+_NUMBERED_REFERENCE = re.compile(r"\\[1-9]|\(\?\(\d+\)")
+
+
+def _alternation(regexes):
+    """All failregexes as one regex, to skip a line none of them matches in one C-level
+    search (the regexes then run one by one, in order, only on lines it matches).
+    Group names get a per-regex prefix so they cannot clash; None if not possible."""
+    if len(regexes) < 2 or any(_NUMBERED_REFERENCE.search(r.pattern) for r in regexes):
+        return None
+
+    def renamed(index, pattern):
+        def rename(found):
+            name_def, reference, condition = found.groups()
+            if name_def:
+                return f"(?P<r{index}_{name_def}>"
+            if reference:
+                return f"(?P=r{index}_{reference})"
+            return f"(?(r{index}_{condition})"
+        return _NAMED.sub(rename, pattern)
+
+    try:
+        return re.compile("|".join(f"(?:{renamed(i, r.pattern)})" for i, r in enumerate(regexes)))
+    except re.error:
+        return None
+
+
 def _merge_alternates(groups):
     """<F-ALT_USER> fills `user` when that is empty; <F-TUPLE_X> parts join `x`."""
     for name in sorted(k for k in groups if k.startswith(("alt_", "tuple_"))):
@@ -264,6 +299,7 @@ def _add_user(groups, user):
     return users
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(text):
     try:
         address = ipaddress.ip_address(text.strip("[]"))
