@@ -420,7 +420,9 @@ def scan(log_filter, path):
     try:
         with open(path, "rb") as stream:
             for buffer, end in _line_regions(stream, result):
-                if log_filter.prefilter and _plain_region(buffer, end):
+                if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.fail2ban)
+                    log_filter.scan_region(buffer, end, result, hosts)
+                elif log_filter.prefilter and _plain_region(buffer, end):
                     _scan_region(log_filter, buffer, end, result, hosts)
                 else:
                     lines = buffer[:end].split(b"\n")

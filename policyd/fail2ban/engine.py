@@ -12,6 +12,7 @@ import re
 import time
 
 from policyd.errors import InputError
+from policyd.fail2ban import literals
 from policyd.fail2ban.config import read_filter
 from policyd.fail2ban.dates import DateCutter
 from policyd.filters import MAX_LINE_BYTES, Failure, Outcome
@@ -128,7 +129,18 @@ class Fail2banFilter:
             self.ignoreregex = [_compile(r, "ignoreregex") for r in definition.ignoreregex]
         except InputError as error:
             raise InputError(error.message, file=where, key=error.key) from None
-        self.any_failregex = _alternation(self.failregex)
+        # With a required substring for every failregex the per-regex checks below
+        # are cheaper than one search of the whole alternation.
+        self.any_failregex = None
+        self.scan_tokens = literals.tokens([r.pattern for r in self.failregex])
+        # Per failregex, in order: (regex, substrings one of which it needs or None,
+        # whether it has <F-ALT_..>/<F-TUPLE_..> groups to merge).
+        self.plan = [(r, literals.required_literals(r.pattern),
+                      any(k.startswith(("alt_", "tuple_")) for k in r.groupindex))
+                     for r in self.failregex]
+        if self.scan_tokens is None:
+            self.any_failregex = _alternation(self.failregex)
+        self.content_group = self.prefregex is not None and "content" in self.prefregex.groupindex
         self.dates = DateCutter(definition.datepatterns, now=clock)
         # fail2ban tries ignoreregex before prefregex only when there are few of them.
         self.ignore_first = bool(self.ignoreregex) and (
@@ -171,28 +183,115 @@ class Fail2banFilter:
     def _match(self, buffer):
         if self.ignore_first and self._ignored(buffer):
             return Outcome.IGNORED
-        prefix_groups = {}
+        prefix = None
         if self.prefregex is not None:
-            found = self.prefregex.search(buffer)
-            if found is None:
+            prefix = self.prefregex.search(buffer)
+            if prefix is None:
                 return Outcome.IGNORED
-            prefix_groups = found.groupdict()
-            content = prefix_groups.pop("content", None)
-            if content:
-                buffer = content + "\n"
+            if self.content_group:
+                content = prefix.group("content")
+                if content:
+                    buffer = content + "\n"
         if self.any_failregex is not None and self.any_failregex.search(buffer) is None:
             return Outcome.IGNORED
-        for regex in self.failregex:
+        for regex, needs, composite in self.plan:
+            if needs is not None:
+                # A regex whose required text is not in the line cannot match it.
+                for token in needs:
+                    if token in buffer:
+                        break
+                else:
+                    continue
             found = regex.search(buffer)
             if found is None:
                 continue
             if self.ignoreregex and self._ignored(buffer):
                 return Outcome.IGNORED
-            groups = dict(prefix_groups)
+            groups = prefix.groupdict() if prefix is not None else {}
+            groups.pop("content", None)
             groups.update(found.groupdict())
-            _merge_alternates(groups)
+            if composite:
+                _merge_alternates(groups)
             return self._failure(groups)
         return Outcome.IGNORED
+
+    def scan_region(self, buffer, end, result, hosts):
+        """policyd.filters.scan's hook: buffer[:end] is whole lines. Decoded at once
+        when it is plain UTF-8 without over-long lines; else line by line."""
+        from policyd.filters import _plain_region
+        if self.scan_tokens and _plain_region(buffer, end):
+            return self._scan_candidates(buffer, end, result, hosts)
+        if _plain_region(buffer, end):
+            try:
+                text = buffer[:end].decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                return self.scan_text(text, result, hosts)
+        lines = buffer[:end].split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for line in lines:
+            outcome = self.classify(line)
+            if outcome is Outcome.IGNORED:
+                result.ignored += 1
+            elif outcome is Outcome.MALFORMED:
+                result.malformed += 1
+            else:
+                result.matched += 1
+                hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+        result.lines += len(lines)
+
+    def _scan_candidates(self, buffer, end, result, hosts):
+        # Only lines holding a failregex's required substring can match one (a
+        # token split by the cut-out date is the one blind spot: offline only).
+        spans = set()
+        for token in self.scan_tokens:
+            position = buffer.find(token, 0, end)
+            while position >= 0:
+                start = buffer.rfind(b"\n", 0, position) + 1
+                stop = buffer.find(b"\n", position, end)
+                spans.add((start, stop))
+                position = buffer.find(token, stop + 1, end)
+        line_count = buffer.count(b"\n", 0, end)
+        matched = malformed = 0
+        for start, stop in sorted(spans):   # file order: the connection cache needs it
+            outcome = self.classify(buffer[start:stop])
+            if outcome is Outcome.IGNORED:
+                continue
+            if outcome is Outcome.MALFORMED:
+                malformed += 1
+                continue
+            matched += 1
+            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+        result.lines += line_count
+        result.matched += matched
+        result.malformed += malformed
+        result.ignored += line_count - matched - malformed
+
+    def scan_text(self, text, result, hosts):
+        """Offline scan of decoded whole lines."""
+        classify = self.classify_text
+        matched = malformed = 0
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        for line in lines:
+            if "\x00" in line:
+                malformed += 1
+                continue
+            outcome = classify(line)[0]
+            if outcome is Outcome.IGNORED:
+                continue
+            if outcome is Outcome.MALFORMED:
+                malformed += 1
+                continue
+            matched += 1
+            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+        result.lines += len(lines)
+        result.matched += matched
+        result.malformed += malformed
+        result.ignored += len(lines) - matched - malformed
 
     def _ignored(self, buffer):
         return any(regex.search(buffer) for regex in self.ignoreregex)
