@@ -33,6 +33,8 @@ class Result:
     names_skipped: int = 0      # expected host is a DNS name: policyd never bans names
     problems: list = field(default_factory=list)
     refused: str | None = None
+    anchored: bool = False          # every failregex starts at ^ (of the line or content)
+    free_text_before_host: bool = False  # a wildcard or user field precedes the address
 
     @property
     def ok(self):
@@ -84,6 +86,8 @@ def run_filter(name, check_time=True):
         key = json.dumps(options, sort_keys=True)
         if key not in cache:
             cache[key] = load(name, options=options, clock=lambda: SAMPLE_NOW)
+            if not options:
+                describe(result, cache[key].definition.failregex)
         return cache[key]
 
     files = [name]
@@ -146,6 +150,19 @@ def run_filter(name, check_time=True):
     return result
 
 
+_HOST_TAG = re.compile(r"<(?:HOST|ADDR|IP4|IP6|SUBNET|F-ID)>|<F-(?:ID|IP4|IP6|ADDR)>")
+_FREE_TEXT = re.compile(r"\.[*+]|<F-USER>|<F-ALT_USER>|\\S[*+]|\[\^[^\]]*\][*+]")
+
+
+def describe(result, failregexes):
+    """How much of a line an attacker may shape before the address (from the regexes)."""
+    result.anchored = all(r.startswith("^") for r in failregexes)
+    for regex in failregexes:
+        host = _HOST_TAG.search(regex)
+        if host and _FREE_TEXT.search(regex[:host.start()]):
+            result.free_text_before_host = True
+
+
 def _check(result, log_filter, options, line, expected, check_time, failure_type):
     if options.get("logtype") == "journal":
         outcome, when = log_filter.classify_text(options.get("test.prefix-line", "") + line,
@@ -178,8 +195,9 @@ def _check(result, log_filter, options, line, expected, check_time, failure_type
 
 
 def table(results):
-    rows = ["| filter | sample lines | agree | DNS-name lines | result |",
-            "|---|---:|---:|---:|---|"]
+    rows = ["| filter | sample lines | agree | DNS-name lines | result | anchored "
+            "| free text before address |",
+            "|---|---:|---:|---:|---|---|---|"]
     for r in results:
         if r.refused:
             verdict = f"refused: {r.refused.split(': ')[-1][:90]}"
@@ -187,7 +205,10 @@ def table(results):
             verdict = "agrees on every line"
         else:
             verdict = f"{len(r.problems)} line(s) differ"
-        rows.append(f"| {r.name} | {r.lines} | {r.agree} | {r.names_skipped} | {verdict} |")
+        shape = ("-", "-") if r.refused else (
+            "yes" if r.anchored else "NO", "yes" if r.free_text_before_host else "no")
+        rows.append(f"| {r.name} | {r.lines} | {r.agree} | {r.names_skipped} | {verdict} "
+                    f"| {shape[0]} | {shape[1]} |")
     agreeing = sum(r.ok for r in results)
     rows.append(f"\n{agreeing} of {len(results)} filters agree on every line.")
     return "\n".join(rows)
