@@ -212,3 +212,27 @@ class JournalSource:
     def stats(self):
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
                     malformed=self.malformed)
+
+
+def probe(unit, directory=None):
+    """What `policyd doctor` reports about a journal source: a dict with
+    readable (bool), error (str or None), entries (bool), last (Unix time or None)."""
+    try:
+        journal = _journal_module()
+        reader = journal.Reader(path=directory) if directory else journal.Reader()
+    except (InputError, OSError) as error:
+        return {"readable": False, "error": str(error), "entries": False, "last": None}
+    try:
+        if not reader.get_usage():
+            return {"readable": False, "entries": False, "last": None,
+                    "error": "no journal files can be read there"}
+        reader.add_match(_SYSTEMD_UNIT=unit)
+        reader.seek_tail()
+        if reader._previous():
+            return {"readable": True, "error": None, "entries": True,
+                    "last": reader._get_realtime() / 1e6}
+        return {"readable": True, "error": None, "entries": False, "last": None}
+    except OSError as error:
+        return {"readable": False, "error": str(error), "entries": False, "last": None}
+    finally:
+        reader.close()

@@ -221,3 +221,49 @@ def test_status_names_the_unit_and_its_cursor(tmp_path, journal):
     assert stats["journal"] == "caddy.service" and stats["cursor"]
     assert stats["filter"] == "caddy-auth"
     assert Outcome.IGNORED  # the enum the daemon's loop dispatches on
+
+
+class DoctorEnv:
+    def now(self):
+        return time.time()
+
+
+def test_doctor_says_journal_or_file_and_whether_each_is_readable(tmp_path, journal):
+    from policyd import doctor
+    from policyd.policy import loads
+    journal.write([entry("caddy.service", "started")])
+    log = tmp_path / "access.log"
+    log.write_text("")
+    policy = loads(f"""
+version: 1
+services:
+  proxy: {{ports: [8080], allow: any}}
+bans:
+  logs:
+    - {{journal: caddy.service, journal_dir: {journal.directory}, filter: caddy-auth}}
+    - {{journal: ssh.service, journal_dir: {journal.directory}, filter: "fail2ban:sshd"}}
+    - {{journal: nginx.service, journal_dir: {tmp_path / 'nowhere'}, filter: nginx-access}}
+""")
+    findings = doctor.check_logs(policy, DoctorEnv())
+    assert [f.level for f in findings] == ["ok", "warn", "fail"]
+    assert findings[0].message.startswith("journal caddy.service in ")
+    assert "readable" in findings[0].message
+    assert "no entry of that unit" in findings[1].message and "ssh.service" in findings[1].fix
+    assert "cannot be read" in findings[2].message and "journal_dir" in findings[2].fix
+
+
+def test_policy_journal_entries_are_validated():
+    from policyd.errors import InputError
+    from policyd.policy import loads
+    head = "version: 1\nservices:\n  p: {ports: [80], allow: any}\nbans:\n  logs:\n"
+    ok = loads(head + "    - {journal: ssh.service, filter: 'fail2ban:sshd', mode: aggressive}\n")
+    assert ok.bans.logs[0].label == "journal:ssh.service"
+    for bad, words in (
+            ("{journal: ssh, filter: nginx-auth}", "not a systemd unit name"),
+            ("{journal: a.service, path: /x, filter: nginx-auth}", "exactly one of"),
+            ("{journal: a.service, filter: nginx-auth, mode: aggressive}", "only fail2ban"),
+            ("{path: /x, journal_dir: /y, filter: nginx-auth}", "only with `journal`"),
+            ("{journal: a.service, journal_dir: rel, filter: nginx-auth}", "must be absolute")):
+        with pytest.raises(InputError, match=words) as error:
+            loads(head + f"    - {bad}\n")
+        assert error.value.line == 6
