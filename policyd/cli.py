@@ -456,11 +456,14 @@ def metrics(obj):
 @click.argument("filter_name", metavar="FILTER")
 @click.argument("logfile", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (see README).")
+@click.option("--mode", help="fail2ban filters: the jail's mode (normal, aggressive, ...).")
 @handle_errors
-def test_filter(filter_name, logfile, as_json):
-    """Run FILTER over LOGFILE offline: lines, matches, hosts, time."""
+def test_filter(filter_name, logfile, as_json, mode):
+    """Run FILTER over LOGFILE offline: lines, matches, hosts, time.
+
+    FILTER is a policyd filter name or file, or fail2ban:NAME (filter.d/NAME.conf)."""
     from policyd import filters
-    result = filters.scan(filters.load_filter(filter_name), logfile).to_json()
+    result = filters.scan(filters.load_filter(filter_name, mode=mode), logfile).to_json()
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return

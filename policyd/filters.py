@@ -240,6 +240,8 @@ def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
     if text.startswith("fail2ban:") or text.endswith(".conf"):
         from policyd.fail2ban.engine import load
         return load(text.removeprefix("fail2ban:"), mode=mode, journal=journal)
+    if mode is not None:
+        raise InputError(f"filter {text!r} has no modes (only fail2ban filters do)", key="mode")
     if "/" in text or text.endswith(".yaml"):
         return _load_file(Path(text))
     if not _FILTER_NAME.match(text):

@@ -67,6 +67,17 @@ def tags_to_regex(regex):
     return _GLOBAL_TO_LOCAL_FLAGS.sub(r"\1:", _ANY_TAG.sub(replace, regex))
 
 
+_TAG_REFERENCE = re.compile(r"(?<!\(\?P)<([\w-]+)>")
+
+
+def _unresolved_tag(regex, mode):
+    """A <name> naming the mode, left after substitution: the mode is not defined."""
+    for found in _TAG_REFERENCE.finditer(regex):
+        if mode in found.group(1).split("-"):
+            return found.group(1)
+    return None
+
+
 def _compile(regex, key):
     text = tags_to_regex(regex)
     if not text.strip():
@@ -109,7 +120,7 @@ class Fail2banFilter:
     prefilter = ()          # no shared substring prefilter: scan() goes line by line
     several_rules = True
 
-    def __init__(self, definition, clock=time.time, name=None):
+    def __init__(self, definition, clock=time.time, name=None, mode=None):
         if definition.maxlines > 1:
             raise InputError(
                 f"fail2ban filter {definition.name} needs maxlines = {definition.maxlines} "
@@ -118,6 +129,14 @@ class Fail2banFilter:
         if not definition.failregex:
             raise InputError("fail2ban filter has no failregex", file=definition.path,
                              key="failregex")
+        if mode:
+            for regex in (*definition.failregex, *definition.ignoreregex,
+                          definition.prefregex or ""):
+                unknown = _unresolved_tag(regex, mode)
+                if unknown:
+                    raise InputError(f"mode {mode!r}: <{unknown}> is not defined in the "
+                                     "filter (a mode it does not have?)", file=definition.path,
+                                     key="mode")
         self.definition = definition
         self.name = name or f"fail2ban:{definition.name}"
         self.source = definition.path
@@ -419,4 +438,4 @@ def load(name_or_path, mode=None, options=None, clock=time.time, filter_dir=None
         given.setdefault("logtype", "journal")
     kwargs = {"filter_dir": filter_dir} if filter_dir else {}
     definition = read_filter(name_or_path, given, **kwargs)
-    return Fail2banFilter(definition, clock=clock)
+    return Fail2banFilter(definition, clock=clock, mode=given.get("mode"))
