@@ -475,6 +475,18 @@ def test_filter(filter_name, logfile, as_json, mode):
         click.echo(f"  {count:8d}  {host}")
 
 
+@main.command("import-fail2ban")
+@click.option("--config-dir", default="/etc/fail2ban", show_default=True,
+              help="fail2ban's configuration: jail.conf, jail.local, jail.d/, filter.d/.")
+@handle_errors
+def import_fail2ban(config_dir):
+    """Print policy YAML (bans:) for the enabled fail2ban jails policyd can express.
+
+    Jails it cannot express are named in comments with the reason."""
+    from policyd.fail2ban import jails
+    click.echo(jails.to_yaml(jails.import_jails(config_dir)), nl=False)
+
+
 @main.command()
 @policy_argument
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: ok, findings.")
