@@ -90,10 +90,13 @@ class JournalFollower:
                 self._unread_current = reader._next() and not reader.test_cursor(cursor)
                 self.cursor = cursor
                 return
-        # First start: only what is written from now on counts.
+        # First start: only what is written from now on counts. With no entry of
+        # the unit yet, everything that comes is new: start at the head.
         reader.seek_tail()
         if reader._previous():
             self.cursor = reader._get_cursor()
+        else:
+            reader.seek_head()
         if self.cursor is not None:
             self._positions.save(self.key, {"cursor": self.cursor})
 

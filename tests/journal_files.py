@@ -67,3 +67,36 @@ def entry(unit, message, identifier=None, pid="4242", when=None, **extra):
     if when is not None:
         fields["time"] = when
     return fields
+
+
+class JournalPipe:
+    """A long-running systemd-journal-remote reading export format on stdin: entries
+    sent are in the journal file within a fraction of a millisecond (as with journald)."""
+
+    def __init__(self, file):
+        self.monotonic = 1_000_000
+        self.proc = subprocess.Popen([JOURNAL_REMOTE, f"--output={file}", "-"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+    def send(self, entries):
+        blob = bytearray()
+        for fields in entries:
+            self.monotonic += 1000
+            fields = {"__REALTIME_TIMESTAMP": str(int(fields.pop("time", time.time()) * 1e6)),
+                      "__MONOTONIC_TIMESTAMP": str(self.monotonic), "_BOOT_ID": BOOT_ID,
+                      "_HOSTNAME": "box", "_TRANSPORT": "stdout", **fields}
+            for key, value in fields.items():
+                blob += f"{key}={value}\n".encode()
+            blob += b"\n"
+        self.proc.stdin.write(bytes(blob))
+        self.proc.stdin.flush()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

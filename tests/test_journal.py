@@ -267,3 +267,11 @@ def test_policy_journal_entries_are_validated():
         with pytest.raises(InputError, match=words) as error:
             loads(head + f"    - {bad}\n")
         assert error.value.line == 6
+
+
+def test_a_unit_with_no_entries_yet_is_read_from_its_first_entry(tmp_path, journal):
+    journal.write([entry("other.service", "noise")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    journal.write([entry("caddy.service", caddy_401("192.0.2.11")) for _ in range(3)])
+    harness.read()
+    assert harness.banned() == {ip("192.0.2.11")}
