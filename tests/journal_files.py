@@ -5,6 +5,7 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 import time
 
 JOURNAL_REMOTE = "/usr/lib/systemd/systemd-journal-remote"
@@ -75,11 +76,16 @@ class JournalPipe:
 
     def __init__(self, file):
         self.monotonic = 1_000_000
+        self.lock = threading.Lock()   # one entry's fields must not interleave with another's
         self.proc = subprocess.Popen([JOURNAL_REMOTE, f"--output={file}", "-"],
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
 
     def send(self, entries):
+        with self.lock:
+            self._send(entries)
+
+    def _send(self, entries):
         blob = bytearray()
         for fields in entries:
             self.monotonic += 1000
