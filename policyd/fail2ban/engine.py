@@ -172,9 +172,9 @@ class Fail2banFilter:
 
     def classify(self, line):
         """Failure(host, filter), Outcome.IGNORED or Outcome.MALFORMED; never raises."""
-        return self.classify_timed(line)[0]
+        return self.classify_timed(line, want_time=False)[0]
 
-    def classify_timed(self, line, when=None):
+    def classify_timed(self, line, when=None, want_time=True):
         """(outcome, the line's Unix time or None). `when` given: the line has no date
         (a journal MESSAGE): matching starts on the line as it is."""
         if line.endswith(b"\n"):
@@ -185,9 +185,9 @@ class Fail2banFilter:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             return Outcome.MALFORMED, None
-        return self.classify_text(text, when)
+        return self.classify_text(text, when, want_time)
 
-    def classify_text(self, text, when=None):
+    def classify_text(self, text, when=None, want_time=True):
         clock = None
         if when is None:
             text, clock = self.dates.cut(text)
@@ -195,7 +195,7 @@ class Fail2banFilter:
             outcome = self._match(text + "\n")
         except (ValueError, KeyError, TypeError):
             outcome = Outcome.MALFORMED
-        if clock is not None and isinstance(outcome, Failure):
+        if want_time and clock is not None and isinstance(outcome, Failure):
             when = clock()
         return outcome, when
 
@@ -299,7 +299,7 @@ class Fail2banFilter:
             if "\x00" in line:
                 malformed += 1
                 continue
-            outcome = classify(line)[0]
+            outcome = classify(line, None, False)[0]
             if outcome is Outcome.IGNORED:
                 continue
             if outcome is Outcome.MALFORMED:
