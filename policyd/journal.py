@@ -50,6 +50,7 @@ class JournalFollower:
         self._journal = _journal_module()
         self.reader = self._open()
         self.cursor = None
+        self._committed = None     # the cursor last handed to commit()
         self._unread_current = False
         self._entries = 0
         self._oversized = 0
@@ -88,7 +89,7 @@ class JournalFollower:
                 # handled: skip it), else on the next one (not handled yet).
                 # (Stepping back with previous() would lose an entry.)
                 self._unread_current = reader._next() and not reader.test_cursor(cursor)
-                self.cursor = cursor
+                self.cursor = self._committed = cursor
                 return
         # First start: only what is written from now on counts. With no entry of
         # the unit yet, everything that comes is new: start at the head.
@@ -99,6 +100,7 @@ class JournalFollower:
             reader.seek_head()
         if self.cursor is not None:
             self._positions.save(self.key, {"cursor": self.cursor})
+            self._committed = self.cursor
 
     def read_entries(self, limit=100000):
         """Every new entry of the unit since the last call (at most `limit`)."""
@@ -145,8 +147,9 @@ class JournalFollower:
 
     def commit(self):
         """Queue the cursor after the entries returned so far (written with the failures)."""
-        if self.cursor is None:
+        if self.cursor is None or self.cursor == self._committed:
             return
+        self._committed = self.cursor
         position = {"cursor": self.cursor}
         if self._queue_position is not None:
             self._queue_position(self.key, position)

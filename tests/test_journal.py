@@ -275,3 +275,16 @@ def test_a_unit_with_no_entries_yet_is_read_from_its_first_entry(tmp_path, journ
     journal.write([entry("caddy.service", caddy_401("192.0.2.11")) for _ in range(3)])
     harness.read()
     assert harness.banned() == {ip("192.0.2.11")}
+
+
+def test_an_idle_journal_writes_no_state(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    harness.read()
+    harness.housekeeping()
+    for _ in range(5):
+        harness.read()
+        assert not harness.bans._state_positions   # nothing new: nothing queued
+    journal.write([entry("caddy.service", "GET / 200")])
+    harness.read()
+    assert harness.bans._state_positions           # a new cursor, written with the next batch
