@@ -207,7 +207,8 @@ class Daemon:
                     continue
                 source.matched += 1
                 self.metrics.failures.labels(filter=outcome.filter).inc()
-                ban = self.bans.record_failure(outcome.host, outcome.filter)
+                ban = self.bans.record_failure(outcome.host, outcome.filter,
+                                               when=getattr(outcome, "time", None))
                 if ban is not None:
                     new_bans += 1
                     log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,

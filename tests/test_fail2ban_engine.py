@@ -167,3 +167,11 @@ def test_test_filter_counts_like_native_filters(tmp_path):
     assert (result["lines"], result["matched"]) == (7, 5)
     assert result["hosts"] == {f"192.0.2.{i}": 1 for i in range(5)}
     assert result["filter"] == "fail2ban:sshd"
+
+
+def test_a_failure_carries_its_lines_time_for_the_window(filter_dir):
+    flt = load("demo", filter_dir=str(filter_dir), clock=lambda: NOW)
+    failure = flt.classify(b"2026-05-01 10:00:00 demod[1]: bad password for x from 192.0.2.7")
+    assert failure == Failure(ip("192.0.2.7"), "fail2ban:demo")
+    assert failure.time == flt.classify_timed(
+        b"2026-05-01 10:00:00 demod[1]: bad password for x from 192.0.2.7")[1]

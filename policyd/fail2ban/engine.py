@@ -171,8 +171,12 @@ class Fail2banFilter:
         return f"Fail2banFilter({self.name!r})"
 
     def classify(self, line):
-        """Failure(host, filter), Outcome.IGNORED or Outcome.MALFORMED; never raises."""
-        return self.classify_timed(line, want_time=False)[0]
+        """Failure(host, filter), Outcome.IGNORED or Outcome.MALFORMED; never raises.
+        A Failure carries the line's own Unix time as `.time` (None: no date found)."""
+        outcome, when = self.classify_timed(line)
+        if isinstance(outcome, Failure):
+            outcome = _with_time(outcome, when)
+        return outcome
 
     def classify_timed(self, line, when=None, want_time=True):
         """(outcome, the line's Unix time or None). `when` given: the line has no date
@@ -251,7 +255,7 @@ class Fail2banFilter:
         if lines and lines[-1] == b"":
             lines.pop()
         for line in lines:
-            outcome = self.classify(line)
+            outcome = self.classify_timed(line, None, False)[0]
             if outcome is Outcome.IGNORED:
                 result.ignored += 1
             elif outcome is Outcome.MALFORMED:
@@ -274,8 +278,9 @@ class Fail2banFilter:
                 position = buffer.find(token, stop + 1, end)
         line_count = buffer.count(b"\n", 0, end)
         matched = malformed = 0
+        classify = self.classify_timed
         for start, stop in sorted(spans):   # file order: the connection cache needs it
-            outcome = self.classify(buffer[start:stop])
+            outcome = classify(buffer[start:stop], None, False)[0]
             if outcome is Outcome.IGNORED:
                 continue
             if outcome is Outcome.MALFORMED:
@@ -406,6 +411,16 @@ def _merge_alternates(groups):
         else:
             current = groups.get(target)
             groups[target] = (current + (value,)) if isinstance(current, tuple) else (current, value)
+
+
+def _with_time(failure, when):
+    """The Failure with the line's time: as a field where Failure has one, else as an
+    attribute (equality stays that of host and filter)."""
+    try:
+        return Failure(failure.host, failure.filter, time=when)
+    except TypeError:
+        object.__setattr__(failure, "time", when)
+        return failure
 
 
 def _add_user(groups, user):
