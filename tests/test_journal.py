@@ -288,3 +288,26 @@ def test_an_idle_journal_writes_no_state(tmp_path, journal):
     journal.write([entry("caddy.service", "GET / 200")])
     harness.read()
     assert harness.bans._state_positions           # a new cursor, written with the next batch
+
+
+def test_fail2ban_filters_on_files_put_failures_at_their_lines_time(tmp_path):
+    from policyd.daemon import LogSource as FileSource
+    log = tmp_path / "auth.log"
+    log.write_text("")
+    config = LogSource(path=str(log), filter="fail2ban:sshd")
+    harness = Harness(tmp_path, [])
+    harness.daemon.sources = [FileSource(config, harness.state)]
+
+    def failures(at, count, address):
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(at))
+        with log.open("a") as out:
+            for i in range(count):
+                out.write(f"{stamp} box sshd[{600 + i}]: Failed password for root from "
+                          f"{address} port 22 ssh2\n")
+
+    failures(time.time() - 3600, 5, "192.0.2.20")     # an hour old: outside findtime
+    harness.read()
+    assert harness.daemon.sources[0].matched == 5 and not harness.banned()
+    failures(time.time(), 3, "192.0.2.20")
+    harness.read()
+    assert harness.banned() == {ip("192.0.2.20")}
