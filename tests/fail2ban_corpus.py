@@ -86,14 +86,13 @@ def run_filter(name, check_time=True):
         key = json.dumps(options, sort_keys=True)
         if key not in cache:
             cache[key] = load(name, options=options, clock=lambda: SAMPLE_NOW)
-            if not options:
-                describe(result, cache[key].definition.failregex)
         return cache[key]
 
     files = [name]
     common = {}
     index = 0
     try:
+        describe(result, get_filter({}).definition.failregex)
         active = None
         while index < len(files):
             path = os.path.join(SAMPLE_DIR, files[index])
