@@ -12,7 +12,7 @@ import re
 import time
 
 from policyd.errors import InputError
-from policyd.fail2ban import literals
+from policyd.fail2ban import literals, offline
 from policyd.fail2ban.config import read_filter
 from policyd.fail2ban.dates import DateCutter
 from policyd.filters import MAX_LINE_BYTES, Failure, Outcome
@@ -239,83 +239,8 @@ class Fail2banFilter:
         return Outcome.IGNORED
 
     def scan_region(self, buffer, end, result, hosts):
-        """policyd.filters.scan's hook: buffer[:end] is whole lines. Decoded at once
-        when it is plain UTF-8 without over-long lines; else line by line."""
-        from policyd.filters import _plain_region
-        if self.scan_tokens and _plain_region(buffer, end):
-            return self._scan_candidates(buffer, end, result, hosts)
-        if _plain_region(buffer, end):
-            try:
-                text = buffer[:end].decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-            else:
-                return self.scan_text(text, result, hosts)
-        lines = buffer[:end].split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        for line in lines:
-            outcome = self.classify_timed(line, None, False)[0]
-            if outcome is Outcome.IGNORED:
-                result.ignored += 1
-            elif outcome is Outcome.MALFORMED:
-                result.malformed += 1
-            else:
-                result.matched += 1
-                hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
-        result.lines += len(lines)
-
-    def _scan_candidates(self, buffer, end, result, hosts):
-        # Only lines holding a failregex's required substring can match one (a
-        # token split by the cut-out date is the one blind spot: offline only).
-        spans = set()
-        for token in self.scan_tokens:
-            position = buffer.find(token, 0, end)
-            while position >= 0:
-                start = buffer.rfind(b"\n", 0, position) + 1
-                stop = buffer.find(b"\n", position, end)
-                spans.add((start, stop))
-                position = buffer.find(token, stop + 1, end)
-        line_count = buffer.count(b"\n", 0, end)
-        matched = malformed = 0
-        classify = self.classify_timed
-        for start, stop in sorted(spans):   # file order: the connection cache needs it
-            outcome = classify(buffer[start:stop], None, False)[0]
-            if outcome is Outcome.IGNORED:
-                continue
-            if outcome is Outcome.MALFORMED:
-                malformed += 1
-                continue
-            matched += 1
-            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
-        result.lines += line_count
-        result.matched += matched
-        result.malformed += malformed
-        result.ignored += line_count - matched - malformed
-
-    def scan_text(self, text, result, hosts):
-        """Offline scan of decoded whole lines."""
-        classify = self.classify_text
-        matched = malformed = 0
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        for line in lines:
-            if "\x00" in line:
-                malformed += 1
-                continue
-            outcome = classify(line, None, False)[0]
-            if outcome is Outcome.IGNORED:
-                continue
-            if outcome is Outcome.MALFORMED:
-                malformed += 1
-                continue
-            matched += 1
-            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
-        result.lines += len(lines)
-        result.matched += matched
-        result.malformed += malformed
-        result.ignored += len(lines) - matched - malformed
+        """policyd.filters.scan's hook: buffer[:end] is whole lines (see offline.py)."""
+        offline.scan_region(self, buffer, end, result, hosts)
 
     def _ignored(self, buffer):
         return any(regex.search(buffer) for regex in self.ignoreregex)
