@@ -16,6 +16,8 @@ from policyd.policy import JOURNAL_UNIT
 log = logging.getLogger(__name__)
 
 WAIT_SECONDS = 1.0
+# Entries handled per read: bounds memory during a flood (the rest come next round).
+BATCH_ENTRIES = 20000
 
 
 def _journal_module():
@@ -47,6 +49,8 @@ class JournalFollower:
         self.key = position_key(unit)
         self._positions = positions
         self._queue_position = queue_position
+        self._on_change = on_change
+        self.batch = BATCH_ENTRIES
         self._journal = _journal_module()
         self.reader = self._open()
         self.cursor = None
@@ -102,9 +106,11 @@ class JournalFollower:
             self._positions.save(self.key, {"cursor": self.cursor})
             self._committed = self.cursor
 
-    def read_entries(self, limit=100000):
-        """Every new entry of the unit since the last call (at most `limit`)."""
+    def read_entries(self):
+        """The new entries of the unit since the last call, at most self.batch; with
+        more waiting, the caller is woken again at once."""
         reader = self.reader
+        limit = self.batch
         entries = []
         self._error = None
         try:
@@ -117,6 +123,8 @@ class JournalFollower:
         except OSError as error:
             self._error = str(error)
         self._entries += len(entries)
+        if len(entries) >= limit and self._on_change is not None:
+            self._on_change(self.key)
         return entries
 
     def _entry(self, reader):

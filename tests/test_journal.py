@@ -311,3 +311,19 @@ def test_fail2ban_filters_on_files_put_failures_at_their_lines_time(tmp_path):
     failures(time.time(), 3, "192.0.2.20")
     harness.read()
     assert harness.banned() == {ip("192.0.2.20")}
+
+
+def test_a_flood_is_read_in_bounded_batches_and_nothing_is_lost(tmp_path, journal):
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)], maxretry=1000)
+    woken = []
+    follower = harness.source().follower
+    follower._on_change = woken.append
+    journal.write([entry("caddy.service", caddy_401(f"198.51.100.{i % 200 + 1}"))
+                   for i in range(250)])
+    follower.batch = 100
+    harness.read()
+    assert harness.source().matched == 100 and woken   # the loop is asked to come back
+    for _ in range(3):
+        harness.read()
+    assert harness.source().matched == 250
