@@ -68,6 +68,7 @@ def main(ctx, state_dir, run_dir):
 def check(obj, policy_path):
     """Validate and compile POLICY; print nothing but errors."""
     policy = policy_mod.load(policy_path)
+    _check_log_filters(policy, policy_path)
     document = compile_policy(policy)
     try:
         nft = obj.nft()
@@ -79,6 +80,17 @@ def check(obj, policy_path):
         if "Operation not permitted" in str(exc):
             return  # a non-root check validates everything but the kernel's say
         raise InputError(f"the kernel would refuse it: {exc}", policy_path) from None
+
+
+def _check_log_filters(policy, policy_path):
+    """Every bans.logs filter loads as the daemon will load it (fail2ban: with its mode)."""
+    from policyd.filters import load_filter
+    for index, source in enumerate(policy.bans.logs):
+        try:
+            load_filter(source.filter, mode=source.mode, journal=bool(source.journal))
+        except InputError as error:
+            raise InputError(f"filter {source.filter!r}: {error}", policy_path,
+                             key=f"bans.logs[{index}].filter") from None
 
 
 @main.command()

@@ -175,3 +175,20 @@ def test_a_failure_carries_its_lines_time_for_the_window(filter_dir):
     assert failure == Failure(ip("192.0.2.7"), "fail2ban:demo")
     assert failure.time == flt.classify_timed(
         b"2026-05-01 10:00:00 demod[1]: bad password for x from 192.0.2.7")[1]
+
+
+@installed
+@pytest.mark.parametrize("entry, words", [
+    ("{path: /var/log/auth.log, filter: 'fail2ban:sshd', mode: bogus}", "mode 'bogus'"),
+    ("{path: /var/log/auth.log, filter: 'fail2ban:slapd'}", "maxlines"),
+    ("{path: /var/log/auth.log, filter: 'fail2ban:nosuch'}", "no fail2ban filter"),
+])
+def test_check_refuses_a_fail2ban_filter_the_daemon_could_not_run(tmp_path, entry, words):
+    from click.testing import CliRunner
+    from policyd.cli import main
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nservices:\n  p: {ports: [80], allow: any}\n"
+                      f"bans:\n  logs:\n    - {entry}\n")
+    result = CliRunner().invoke(main, ["check", str(policy)])
+    assert result.exit_code == 2
+    assert "bans.logs[0].filter" in result.output and words in result.output
