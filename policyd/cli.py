@@ -168,7 +168,6 @@ def trial_refusals(func):
 @trial_refusals
 def apply(obj, policy_path, confirm_timeout, wait, force):
     """Load POLICY atomically and make it the committed policy (or try it, on a timer)."""
-    _check_log_filters(policy_mod.load(policy_path), policy_path)
     nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
     if confirm_timeout is None:
         if wait:
