@@ -51,6 +51,7 @@ class JournalFollower:
         self._queue_position = queue_position
         self._on_change = on_change
         self.batch = BATCH_ENTRIES
+        self.with_prefix = True    # `IDENTIFIER[PID]: ` for fail2ban filters
         self._journal = _journal_module()
         self.reader = self._open()
         self.cursor = None
@@ -120,6 +121,8 @@ class JournalFollower:
                 entries.append(self._entry(reader))
             while len(entries) < limit and reader._next():
                 entries.append(self._entry(reader))
+            if entries:
+                self.cursor = reader._get_cursor()   # the last entry read
         except OSError as error:
             self._error = str(error)
         self._entries += len(entries)
@@ -135,11 +138,10 @@ class JournalFollower:
         if isinstance(message, str):
             message = message.encode("utf-8", "surrogateescape")
         when = reader._get_realtime() / 1e6
-        self.cursor = reader._get_cursor()
         if len(message) > MAX_LINE_BYTES:
             self._oversized += 1
             message = b"\x00"   # classified MALFORMED by every filter
-        return message, when, self._prefix(reader)
+        return message, when, self._prefix(reader) if self.with_prefix else ""
 
     @staticmethod
     def _prefix(reader):
@@ -206,6 +208,7 @@ class JournalSource:
         self.timed = getattr(self.filter, "classify_timed", None)
         self.follower = JournalFollower(config.journal, positions, config.journal_dir,
                                         on_change, queue_position)
+        self.follower.with_prefix = self.timed is not None
         self.matched = 0
         self.malformed = 0
 
