@@ -137,7 +137,12 @@ class Daemon:
 
     def _follow(self, policy):
         for source in self.sources:
+            source.follower.commit()
             source.follower.close()
+        if self.sources:
+            # A journal cursor is only queued until written with its failures;
+            # the followers made below resume from what is written.
+            self._flush()
         if self.watcher is not None:
             self.watcher.stop()
         self.sources = [

@@ -327,3 +327,22 @@ def test_a_flood_is_read_in_bounded_batches_and_nothing_is_lost(tmp_path, journa
     for _ in range(3):
         harness.read()
     assert harness.source().matched == 250
+
+
+def test_a_reload_that_refollows_the_logs_does_not_read_entries_twice(tmp_path, journal):
+    from types import SimpleNamespace
+    journal.write([entry("caddy.service", "started")])
+    harness = Harness(tmp_path, [caddy_source(journal)])
+    journal.write([entry("caddy.service", caddy_401("192.0.2.12")) for _ in range(2)])
+    harness.read()                         # cursor queued, not yet written
+    daemon = harness.daemon
+    daemon.watcher = None
+    daemon._follow(SimpleNamespace(bans=harness.settings))   # what a reload with new logs does
+    try:
+        harness.read()
+        assert harness.source().matched == 0 and not harness.banned()
+        journal.write([entry("caddy.service", caddy_401("192.0.2.12"))])
+        harness.read()
+        assert harness.banned() == {ip("192.0.2.12")}
+    finally:
+        daemon.watcher.stop()
