@@ -121,10 +121,13 @@ class JournalFollower:
                 entries.append(self._entry(reader))
             while len(entries) < limit and reader._next():
                 entries.append(self._entry(reader))
-            if entries:
-                self.cursor = reader._get_cursor()   # the last entry read
         except OSError as error:
             self._error = str(error)
+        if entries:
+            try:
+                self.cursor = reader._get_cursor()   # the last entry read
+            except OSError as error:
+                self._error = str(error)
         self._entries += len(entries)
         if len(entries) >= limit and self._on_change is not None:
             self._on_change(self.key)
