@@ -34,7 +34,7 @@ def position_key(unit):
 
 
 class JournalFollower:
-    """Returns new entries of one unit as (message bytes, Unix time, prefix bytes).
+    """Returns new entries of one unit as (message bytes, Unix time, prefix text).
 
     prefix is `IDENTIFIER[PID]: `, for fail2ban filters that key connections
     by process. Call commit() after handling what read_entries() returned.
