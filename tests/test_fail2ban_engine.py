@@ -192,3 +192,9 @@ def test_check_refuses_a_fail2ban_filter_the_daemon_could_not_run(tmp_path, entr
     result = CliRunner().invoke(main, ["check", str(policy)])
     assert result.exit_code == 2
     assert "bans.logs[0].filter" in result.output and words in result.output
+
+
+def test_a_failregex_without_an_address_is_refused(filter_dir):
+    write(filter_dir, "noaddr.conf", "[Definition]\nfailregex = ^login failed for \\S+$\n")
+    with pytest.raises(InputError, match="names no address"):
+        load("noaddr", filter_dir=str(filter_dir))

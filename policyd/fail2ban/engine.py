@@ -38,6 +38,8 @@ _GROUP_ALIASES = {"id": "fid", "port": "fport"}
 _ANY_TAG = re.compile(r"</?[\w\-]+/?>")
 _CUSTOM_TAG = re.compile(r"^(/?)F-([A-Z0-9_\-]+)$")
 _GLOBAL_TO_LOCAL_FLAGS = re.compile(r"(?<!\\)\((?:\?:)?(\(\?[a-z]+)\)")
+# A failregex must capture one of these (itself or through prefregex), as in fail2ban.
+FAILURE_ID_GROUPS = {"ip4", "ip6", "fid", "mlfid"}
 MLFID_CACHE_SIZE = 100
 MLFID_CACHE_SECONDS = 300
 
@@ -117,8 +119,7 @@ class _ConnectionCache:
 class Fail2banFilter:
     """A fail2ban filter.d filter behind policyd's Filter interface (classify bytes)."""
 
-    prefilter = ()          # no shared substring prefilter: scan() goes line by line
-    several_rules = True
+    prefilter = ()          # policyd.filters.scan uses scan_region() instead
 
     def __init__(self, definition, clock=time.time, name=None, mode=None):
         if definition.maxlines > 1:
@@ -148,6 +149,11 @@ class Fail2banFilter:
             self.ignoreregex = [_compile(r, "ignoreregex") for r in definition.ignoreregex]
         except InputError as error:
             raise InputError(error.message, file=where, key=error.key) from None
+        prefix_ids = set(self.prefregex.groupindex) if self.prefregex else set()
+        for regex, text in zip(self.failregex, definition.failregex):
+            if not (set(regex.groupindex) | prefix_ids) & FAILURE_ID_GROUPS:
+                raise InputError(f"failregex names no address or failure id: {text!r}",
+                                 file=where, key="failregex")
         # With a required substring for every failregex the per-regex checks below
         # are cheaper than one search of the whole alternation.
         self.any_failregex = None
@@ -165,7 +171,6 @@ class Fail2banFilter:
         self.ignore_first = bool(self.ignoreregex) and (
             len(self.ignoreregex) < len(self.failregex) - 2)
         self.connections = _ConnectionCache(clock)
-        self.last_time = None
 
     def __repr__(self):
         return f"Fail2banFilter({self.name!r})"
