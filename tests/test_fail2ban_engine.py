@@ -116,9 +116,31 @@ def test_hosts_are_addresses_never_names(filter_dir):
     assert mapped.host == ip("192.0.2.7")
 
 
-def test_multi_line_filters_are_refused_with_the_reason(filter_dir):
-    write(filter_dir, "multi.conf", "[Definition]\nfailregex = ^a <HOST>\nmaxlines = 3\n")
-    with pytest.raises(InputError, match="maxlines = 3.*multi-line"):
+def test_multi_line_filters_match_across_lines_and_consume_what_they_matched(filter_dir):
+    write(filter_dir, "multi.conf", textwrap.dedent("""\
+        [Definition]
+        failregex = ^\\s*\\S+ conn=(?P<_c>\\d+) ACCEPT from <HOST><SKIPLINES>\\s*\\S+ conn=(?P=_c) DENIED$
+        maxlines = 4
+        datepattern = {^LN-BEG}
+        """))
+    flt = load("multi", filter_dir=str(filter_dir), clock=lambda: NOW)
+    outcomes = [flt.classify(line) for line in (
+        b"Jun  1 10:00:00 x conn=1 ACCEPT from 192.0.2.30",
+        b"Jun  1 10:00:01 x conn=2 ACCEPT from 192.0.2.31",
+        b"Jun  1 10:00:02 x conn=1 DENIED",
+        b"Jun  1 10:00:03 x conn=2 DENIED",
+        b"Jun  1 10:00:04 x conn=1 DENIED")]
+    assert outcomes[:2] == [Outcome.IGNORED, Outcome.IGNORED]
+    assert outcomes[2] == Failure(ip("192.0.2.30"), "fail2ban:multi")
+    # conn=2's ACCEPT was skipped over, not consumed: it still pairs with its DENIED.
+    assert outcomes[3] == Failure(ip("192.0.2.31"), "fail2ban:multi")
+    assert outcomes[4] is Outcome.IGNORED          # conn=1's ACCEPT was consumed
+
+
+def test_multi_line_with_a_prefregex_is_refused_with_the_reason(filter_dir):
+    write(filter_dir, "multi.conf", "[Definition]\nprefregex = ^<F-CONTENT>.+</F-CONTENT>$\n"
+          "failregex = ^a <HOST>\nmaxlines = 3\n")
+    with pytest.raises(InputError, match="maxlines = 3 together with a prefregex"):
         load("multi", filter_dir=str(filter_dir))
 
 
@@ -180,7 +202,6 @@ def test_a_failure_carries_its_lines_time_for_the_window(filter_dir):
 @installed
 @pytest.mark.parametrize("entry, words", [
     ("{path: /var/log/auth.log, filter: 'fail2ban:sshd', mode: bogus}", "mode 'bogus'"),
-    ("{path: /var/log/auth.log, filter: 'fail2ban:slapd'}", "maxlines"),
     ("{path: /var/log/auth.log, filter: 'fail2ban:nosuch'}", "no fail2ban filter"),
 ])
 def test_check_refuses_a_fail2ban_filter_the_daemon_could_not_run(tmp_path, entry, words):

@@ -226,18 +226,24 @@ class DateCutter:
         self.templates = templates(datepatterns)
         self.now = now
         self._last = None
+        self._last_clock = None
         self._cached = (None, None, None)
 
     def cut(self, line):
         """(line without its date, a zero-argument function giving the date's Unix
         time or None): the time is worked out only for lines that turn out to matter."""
         found, template = self._find(line)
-        if found is None:
-            return line, _no_time
+        if found is None or found.start(1) == found.end(1):
+            # No date here: the last line's, if it is recent (a continuation line).
+            previous = self._last_clock
+            return line, (lambda: self._recent(previous)) if previous else _no_time
         start, end = found.span(1)
-        if start == end:
-            return line[:start] + line[end:], _no_time
-        return line[:start] + line[end:], lambda: self._time(found, template)
+        clock = self._last_clock = lambda: self._time(found, template)
+        return line[:start] + line[end:], clock
+
+    def _recent(self, previous):
+        when = previous()
+        return when if when is not None and when > self.now() - RECENT_SECONDS else None
 
     def _time(self, found, template):
         text = found.group(1)
@@ -281,6 +287,10 @@ ZONE_HOURS = {
     "ACST": 9.5, "ACDT": 10.5, "AEST": 10, "AEDT": 11, "NZST": 12, "NZDT": 13,
     "BRT": -3, "ART": -3, "AST": -4, "ADT": -3, "NST": -3.5, "NDT": -2.5,
 }
+
+
+# A line without a date takes the previous line's if that is at most this old.
+RECENT_SECONDS = 60
 
 
 def _no_time():

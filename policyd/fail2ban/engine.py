@@ -2,17 +2,17 @@
 
 Owns fail2ban's regex tags (<HOST> as an address only, <ADDR>, <IP4>, <IP6>,
 <CIDR>, <SUBNET>, <F-...> groups), prefregex with <F-CONTENT>, ignoreregex,
-<F-NOFAIL>, and the <F-MLFID> connection cache (sshd names the address once per
-connection). A reimplementation; no fail2ban code is used.
+<F-NOFAIL>, the <F-MLFID> connection cache (sshd names the address once per
+connection) and, through multiline.py, maxlines. No fail2ban code is used.
 """
-import collections
 import functools
 import ipaddress
 import re
 import time
 
 from policyd.errors import InputError
-from policyd.fail2ban import literals, offline
+from policyd.fail2ban import connections, literals, offline
+from policyd.fail2ban import multiline as multiline_mod
 from policyd.fail2ban.config import read_filter
 from policyd.fail2ban.dates import DateCutter
 from policyd.filters import MAX_LINE_BYTES, Failure, Outcome
@@ -40,13 +40,12 @@ _CUSTOM_TAG = re.compile(r"^(/?)F-([A-Z0-9_\-]+)$")
 _GLOBAL_TO_LOCAL_FLAGS = re.compile(r"(?<!\\)\((?:\?:)?(\(\?[a-z]+)\)")
 # A failregex must capture one of these (itself or through prefregex), as in fail2ban.
 FAILURE_ID_GROUPS = {"ip4", "ip6", "fid", "mlfid"}
-MLFID_CACHE_SIZE = 100
-MLFID_CACHE_SECONDS = 300
 
 
-def tags_to_regex(regex):
+def tags_to_regex(regex, multiline=False):
     """fail2ban's tags -> named groups: <F-USER>..</F-USER> -> (?P<user>..), <HOST> -> address."""
     opened = set()
+    skips = []
 
     def replace(found):
         tag = found.group()
@@ -54,8 +53,10 @@ def tags_to_regex(regex):
         if name in STATIC_TAGS:
             return STATIC_TAGS[name]
         if name == "SKIPLINES":
-            raise InputError("<SKIPLINES> needs multi-line buffering (maxlines > 1), "
-                             "which policyd does not support", key="failregex")
+            if not multiline:
+                raise InputError("<SKIPLINES> needs maxlines > 1", key="failregex")
+            skips.append(None)
+            return multiline_mod.skiplines_regex(len(skips) - 1)
         custom = _CUSTOM_TAG.match(name)
         if not custom:
             return tag
@@ -80,40 +81,14 @@ def _unresolved_tag(regex, mode):
     return None
 
 
-def _compile(regex, key):
-    text = tags_to_regex(regex)
+def _compile(regex, key, multiline=False):
+    text = tags_to_regex(regex, multiline)
     if not text.strip():
         raise InputError("empty regex", key=key)
     try:
-        return re.compile(text)
+        return re.compile(text, re.MULTILINE if multiline else 0)
     except re.error as error:
         raise InputError(f"regex does not compile: {error}: {regex!r}", key=key) from None
-
-
-class _ConnectionCache:
-    """<F-MLFID> groups by connection id: bounded in count and age, oldest dropped first."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.entries = collections.OrderedDict()
-
-    def get(self, key):
-        entry = self.entries.get(key)
-        if entry is None:
-            return None
-        if self.clock() - entry[0] > MLFID_CACHE_SECONDS:
-            del self.entries[key]
-            return None
-        return entry[1]
-
-    def set(self, key, groups):
-        self.entries[key] = (self.clock(), groups)
-        self.entries.move_to_end(key)
-        while len(self.entries) > MLFID_CACHE_SIZE:
-            self.entries.popitem(last=False)
-
-    def forget(self, key):
-        self.entries.pop(key, None)
 
 
 class Fail2banFilter:
@@ -122,10 +97,11 @@ class Fail2banFilter:
     prefilter = ()          # policyd.filters.scan uses scan_region() instead
 
     def __init__(self, definition, clock=time.time, name=None, mode=None):
-        if definition.maxlines > 1:
+        multiline = definition.maxlines > 1
+        if multiline and definition.prefregex:
             raise InputError(
-                f"fail2ban filter {definition.name} needs maxlines = {definition.maxlines} "
-                "(multi-line matching), which policyd does not support", file=definition.path,
+                f"fail2ban filter {definition.name}: maxlines = {definition.maxlines} together "
+                "with a prefregex is not supported by policyd", file=definition.path,
                 key="maxlines")
         if not definition.failregex:
             raise InputError("fail2ban filter has no failregex", file=definition.path,
@@ -145,8 +121,8 @@ class Fail2banFilter:
         where = definition.path
         try:
             self.prefregex = _compile(definition.prefregex, "prefregex") if definition.prefregex else None
-            self.failregex = [_compile(r, "failregex") for r in definition.failregex]
-            self.ignoreregex = [_compile(r, "ignoreregex") for r in definition.ignoreregex]
+            self.failregex = [_compile(r, "failregex", multiline) for r in definition.failregex]
+            self.ignoreregex = [_compile(r, "ignoreregex", multiline) for r in definition.ignoreregex]
         except InputError as error:
             raise InputError(error.message, file=where, key=error.key) from None
         prefix_ids = set(self.prefregex.groupindex) if self.prefregex else set()
@@ -163,14 +139,18 @@ class Fail2banFilter:
         self.plan = [(r, literals.required_literals(r.pattern),
                       any(k.startswith(("alt_", "tuple_")) for k in r.groupindex))
                      for r in self.failregex]
-        if self.scan_tokens is None:
+        # maxlines > 1: a window of lines; the offline scan must then see every line.
+        self.window = multiline_mod.LineWindow(definition.maxlines) if multiline else None
+        if multiline:
+            self.scan_tokens = None
+        elif self.scan_tokens is None:
             self.any_failregex = _alternation(self.failregex)
         self.content_group = self.prefregex is not None and "content" in self.prefregex.groupindex
         self.dates = DateCutter(definition.datepatterns, now=clock)
         # fail2ban tries ignoreregex before prefregex only when there are few of them.
         self.ignore_first = bool(self.ignoreregex) and (
             len(self.ignoreregex) < len(self.failregex) - 2)
-        self.connections = _ConnectionCache(clock)
+        self.connections = connections.ConnectionCache(clock)
 
     def __repr__(self):
         return f"Fail2banFilter({self.name!r})"
@@ -209,6 +189,8 @@ class Fail2banFilter:
         return outcome, when
 
     def _match(self, buffer):
+        if self.window is not None:
+            return self._match_window(buffer[:-1])
         if self.ignore_first and self._ignored(buffer):
             return Outcome.IGNORED
         prefix = None
@@ -243,6 +225,28 @@ class Fail2banFilter:
             return self._failure(groups)
         return Outcome.IGNORED
 
+    def _match_window(self, line):
+        """maxlines > 1: the regexes search the last lines; a match consumes its lines."""
+        window = self.window
+        window.push(line)
+        buffer = window.text()
+        if self.ignore_first and self._ignored(buffer):
+            return Outcome.IGNORED
+        for regex, needs, composite in self.plan:
+            if needs is not None and not any(token in buffer for token in needs):
+                continue
+            found = regex.search(buffer)
+            if found is None:
+                continue
+            covered, window.lines = window.split(found)
+            if self.ignoreregex and self._ignored("\n".join(covered) + "\n"):
+                return Outcome.IGNORED
+            groups = found.groupdict()
+            if composite:
+                _merge_alternates(groups)
+            return self._failure(groups)
+        return Outcome.IGNORED
+
     def scan_region(self, buffer, end, result, hosts):
         """policyd.filters.scan's hook: buffer[:end] is whole lines (see offline.py)."""
         offline.scan_region(self, buffer, end, result, hosts)
@@ -253,7 +257,7 @@ class Fail2banFilter:
     def _failure(self, groups):
         connection = groups.get("mlfid")
         if connection is not None:
-            groups = self._merge_connection(connection, groups)
+            groups = connections.merge(self.connections, connection, groups)
             if groups.get("nofail"):
                 return Outcome.IGNORED
         host = groups.get("ip4") or groups.get("ip6")
@@ -269,35 +273,6 @@ class Fail2banFilter:
         if address is None:
             return Outcome.MALFORMED
         return Failure(address, self.name)
-
-    def _merge_connection(self, connection, groups):
-        """One connection's lines merged: its address, pending failures, success."""
-        gained = bool(groups.get("mlfgained"))
-        if gained and not groups.get("nofail"):
-            groups["nofail"] = groups["mlfgained"]
-        forget = bool(groups.pop("mlfforget", None))
-        cached = self.connections.get(connection)
-        users = None
-        if cached is not None:
-            users = _add_user(cached, groups.get("user"))
-            cached.pop("nofail", None)
-            cached.pop("mlfgained", None)
-            if gained:
-                cached.pop("mlfpending", None)
-            cached.update((k, v) for k, v in groups.items() if v is not None)
-            groups = cached
-            if forget:
-                self.connections.forget(connection)
-        elif not forget:
-            users = _add_user(groups, groups.get("user"))
-            self.connections.set(connection, groups)
-        if groups.pop("mlfpending", 0) or (users and len(users) > 1):
-            # Failures seen before, or several user names: a success or a
-            # disconnect no longer excuses this connection.
-            groups.pop("nofail", None)
-            groups.pop("mlfgained", None)
-        return groups
-
 
 _COMPOSITE_NAME = re.compile(r"^(alt_|tuple_)(.*?)(?:_\d+)?$")
 
@@ -351,15 +326,6 @@ def _with_time(failure, when):
     except TypeError:
         object.__setattr__(failure, "time", when)
         return failure
-
-
-def _add_user(groups, user):
-    users = groups.get("users")
-    if user:
-        if users is None:
-            users = groups["users"] = set()
-        users.add(user)
-    return users
 
 
 @functools.lru_cache(maxsize=4096)
