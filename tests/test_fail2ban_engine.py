@@ -219,3 +219,14 @@ def test_a_failregex_without_an_address_is_refused(filter_dir):
     write(filter_dir, "noaddr.conf", "[Definition]\nfailregex = ^login failed for \\S+$\n")
     with pytest.raises(InputError, match="names no address"):
         load("noaddr", filter_dir=str(filter_dir))
+
+
+def test_the_multi_line_window_stays_small_whatever_the_line_lengths(filter_dir):
+    from policyd.fail2ban.multiline import MAX_WINDOW_CHARS
+    write(filter_dir, "multi.conf", "[Definition]\nfailregex = ^a <HOST>\\nb$\nmaxlines = 20\n")
+    flt = load("multi", filter_dir=str(filter_dir), clock=lambda: NOW)
+    for _ in range(20):
+        flt.classify(b"x" * 60000)
+    assert sum(map(len, flt.window.lines)) <= MAX_WINDOW_CHARS
+    assert flt.classify(b"a 192.0.2.40") is Outcome.IGNORED
+    assert flt.classify(b"b") == Failure(ip("192.0.2.40"), "fail2ban:multi")

@@ -7,6 +7,9 @@ skipped over, which stay for later matches (as fail2ban does).
 import re
 
 SKIPLINES = "skiplines"
+# The window's text is searched once per line: bounded, so that long lines an
+# attacker writes cannot make each search cost megabytes (the oldest go first).
+MAX_WINDOW_CHARS = 256 * 1024
 
 
 def skiplines_regex(index):
@@ -25,6 +28,8 @@ class LineWindow:
         self.lines.append(line)
         if len(self.lines) > self.size:
             del self.lines[:-self.size]
+        while len(self.lines) > 1 and sum(map(len, self.lines)) > MAX_WINDOW_CHARS:
+            del self.lines[0]
 
     def text(self):
         return "\n".join(self.lines) + "\n"
