@@ -2,6 +2,7 @@
 ignore list and loopback, IPv6 prefixes. Queues kernel changes and state
 writes, and hands each batch to the kernel and to State in one piece per flush.
 """
+import bisect
 import heapq
 import ipaddress
 import itertools
@@ -114,6 +115,9 @@ class BanManager:
         self._state_failures: dict[tuple, list[tuple[float, str]]] = {}
         self._state_forget: set[tuple] = set()
         self._state_prune_before: float | None = None
+        # Log positions (journal cursors) written in the same transaction as the
+        # failures read up to them: a crash loses both or neither.
+        self._state_positions: dict[str, dict] = {}
 
         self.failures_total: Counter = Counter()   # per filter, every failure seen
         self.ignored_total: Counter = Counter()    # per filter, failures from loopback/ignored sources
@@ -170,8 +174,13 @@ class BanManager:
 
     # The ban path.
 
-    def record_failure(self, address, filter_name):
-        """Count one failure from `address`; returns the Ban it triggered, else None."""
+    def queue_position(self, key, position):
+        """Store a log position with the next state write (with the failures before it)."""
+        self._state_positions[key] = position
+
+    def record_failure(self, address, filter_name, when=None):
+        """Count one failure from `address`; returns the Ban it triggered, else None.
+        when: the line's own Unix time (None: now); it places the failure in the window."""
         self.failures_total[filter_name] += 1
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
@@ -183,13 +192,16 @@ class BanManager:
         if self._covering_ban(key) is not None:
             return None
         now = self.clock()
+        at = now if when is None else min(when, now)
         times = self._window.setdefault(key, [])
         cutoff = now - self.settings.findtime
         while times and times[0] < cutoff:
             times.pop(0)
-        times.append(now)
-        self._window_order.append((now, key))
-        self._state_failures.setdefault(key, []).append((now, filter_name))
+        if at < cutoff:
+            return None
+        bisect.insort(times, at)
+        self._window_order.append((at, key))
+        self._state_failures.setdefault(key, []).append((at, filter_name))
         if len(times) < self.settings.maxretry:
             return None
         failures = len(times)
@@ -467,7 +479,8 @@ class BanManager:
         """Persist everything queued in one transaction. On a write error the queue
         is kept and the kernel is still served: enforcement matters more."""
         if not (self._state_upsert or self._state_delete or self._history_unwritten
-                or self._state_failures or self._state_forget or self._state_prune_before is not None):
+                or self._state_failures or self._state_forget or self._state_prune_before is not None
+                or self._state_positions):
             return
         try:
             with self.state.transaction() as writer:
@@ -483,6 +496,8 @@ class BanManager:
                                      for when, filter_name in entries])
                 if self._state_prune_before is not None:
                     writer.prune_failures(self._state_prune_before)
+                if self._state_positions:
+                    writer.save_positions(self._state_positions)
         except (sqlite3.Error, OSError) as error:  # disk full, read-only, locked
             log.error("could not write ban state to %s, will retry on the next flush: %s",
                       self.state.path, error)
@@ -493,6 +508,7 @@ class BanManager:
         self._state_failures.clear()
         self._state_forget.clear()
         self._state_prune_before = None
+        self._state_positions.clear()
 
 
 def _key(network):

@@ -520,11 +520,14 @@ def metrics(obj):
 @click.argument("filter_name", metavar="FILTER")
 @click.argument("logfile", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (see README).")
+@click.option("--mode", help="fail2ban filters: the jail's mode (normal, aggressive, ...).")
 @handle_errors
-def test_filter(filter_name, logfile, as_json):
-    """Run FILTER over LOGFILE offline: lines, matches, hosts, time."""
+def test_filter(filter_name, logfile, as_json, mode):
+    """Run FILTER over LOGFILE offline: lines, matches, hosts, time.
+
+    FILTER is a policyd filter name or file, or fail2ban:NAME (filter.d/NAME.conf)."""
     from policyd import filters
-    result = filters.scan(filters.load_filter(filter_name), logfile).to_json()
+    result = filters.scan(filters.load_filter(filter_name, mode=mode), logfile).to_json()
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
@@ -534,6 +537,18 @@ def test_filter(filter_name, logfile, as_json):
                f"({result['lines_per_second']:.0f} lines/s)")
     for host, count in sorted(result["hosts"].items(), key=lambda kv: -kv[1])[:20]:
         click.echo(f"  {count:8d}  {host}")
+
+
+@main.command("import-fail2ban")
+@click.option("--config-dir", default="/etc/fail2ban", show_default=True,
+              help="fail2ban's configuration: jail.conf, jail.local, jail.d/, filter.d/.")
+@handle_errors
+def import_fail2ban(config_dir):
+    """Print policy YAML (bans:) for the enabled fail2ban jails policyd can express.
+
+    Jails it cannot express are named in comments with the reason."""
+    from policyd.fail2ban import jails
+    click.echo(jails.to_yaml(jails.import_jails(config_dir)), nl=False)
 
 
 @main.command()

@@ -17,6 +17,7 @@ from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
+from policyd.journal import JournalSource
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
@@ -33,23 +34,17 @@ STATE_FILE = "state.db"
 
 
 class LogSource:
-    """One followed log and the filter that reads it, with its counters."""
+    """One followed log file and the filter that reads it, with its counters."""
+
+    kind = "file"
+    broken = None
 
     def __init__(self, config, positions):
         self.path = config.path
-        # A filter that stopped loading since `apply` checked it (a file edited
-        # or removed) costs this log only; the daemon runs on with the rest.
-        self.broken = None
-        try:
-            self.filter = load_filter(config.filter)
-        except InputError as exc:
-            self.filter, self.broken = None, f"filter {config.filter!r} does not load: {exc}"
+        self.filter = load_filter(config.filter, mode=config.mode)
         self.filter_name = config.filter
         self.matched = 0
         self.malformed = 0
-        self.follower = None
-        if self.broken:
-            return
         fresh = positions.load(self.path) is None
         self.follower = LogFollower(self.path, positions)
         if fresh and os.path.exists(self.path):
@@ -60,12 +55,28 @@ class LogSource:
             self.follower.commit()
 
     def stats(self):
-        if self.broken:
-            return {"path": self.path, "filter": self.filter_name, "exists": None,
-                    "inode": None, "offset": 0, "lines": 0, "matched": 0, "malformed": 0,
-                    "oversized": 0, "rotations": 0, "error": self.broken}
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
                     malformed=self.malformed)
+
+
+class UnfollowedSource:
+    """A bans.logs entry whose filter or journal stopped loading since `apply` checked
+    it (a file edited or removed): it costs this log only, and is reported."""
+
+    kind = "unfollowed"
+    follower = None
+
+    def __init__(self, config, error):
+        self.path = config.label
+        self.filter_name = config.filter
+        self.broken = error
+        self.matched = 0
+        self.malformed = 0
+
+    def stats(self):
+        return {"path": self.path, "filter": self.filter_name, "exists": None,
+                "inode": None, "offset": 0, "lines": 0, "matched": 0, "malformed": 0,
+                "oversized": 0, "rotations": 0, "error": self.broken}
 
 
 class Daemon:
@@ -212,23 +223,37 @@ class Daemon:
     def _follow(self, policy):
         for source in self.sources:
             if source.follower:
+                source.follower.commit()
                 source.follower.close()
+        if self.sources:
+            # A journal cursor is only queued until written with its failures;
+            # the followers made below resume from what is written.
+            self._flush()
         if self.watcher is not None:
             self.watcher.stop()
-        self.sources = [LogSource(config, self.state) for config in policy.bans.logs]
+        self.sources = [self._source(config) for config in policy.bans.logs]
         for source in self.sources:
             self.log_errors.labels(log=source.path).set_function(
                 lambda source=source: int(source.stats()["error"] is not None))
             if source.broken:
                 log.error("log not followed %s", kv(log=source.path, error=source.broken))
-            elif not os.path.exists(source.path):
+            elif source.kind == "file" and not os.path.exists(source.path):
                 log.warning("log missing %s", kv(log=source.path, filter=source.filter_name,
                                                  action="followed from its start once it "
                                                         "appears"))
-        followed = [s for s in self.sources if not s.broken]
+        followed = [s for s in self.sources if not s.broken and s.kind == "file"]
         self.watcher = LogWatcher([s.path for s in followed], self._on_log_change,
                                   poll_interval=1.0)
         self.watcher.start()
+
+    def _source(self, config):
+        try:
+            if config.journal:
+                return JournalSource(config, self.state, self._on_log_change,
+                                     self.bans.queue_position)
+            return LogSource(config, self.state)
+        except InputError as exc:
+            return UnfollowedSource(config, f"filter {config.filter!r} does not load: {exc}")
 
     def stop(self):
         """Stop following and serving; every table and ban stays in the kernel."""
@@ -279,6 +304,9 @@ class Daemon:
         for source in self.sources:
             if source.broken:
                 continue
+            if source.kind == "journal":
+                new_bans += self._read_journal(source)
+                continue
             lines = source.follower.read_lines()
             if not lines:
                 continue
@@ -293,7 +321,8 @@ class Daemon:
                     continue
                 source.matched += 1
                 self.metrics.failures.labels(filter=outcome.filter).inc()
-                ban = self.bans.record_failure(outcome.host, outcome.filter)
+                ban = self.bans.record_failure(outcome.host, outcome.filter,
+                                               when=getattr(outcome, "time", None))
                 if ban is not None:
                     new_bans += 1
                     log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
@@ -306,6 +335,28 @@ class Daemon:
         for source in self.sources:
             if source.follower:
                 source.follower.commit()
+
+    def _read_journal(self, source):
+        """Like the file path, with each entry's own time; returns how many bans it made."""
+        new_bans = 0
+        outcomes = source.read()
+        if outcomes:
+            self.metrics.log_lines.labels(log=source.path).inc(len(outcomes))
+        for outcome, when in outcomes:
+            if outcome is Outcome.IGNORED:
+                continue
+            if outcome is Outcome.MALFORMED:
+                source.malformed += 1
+                self.metrics.log_malformed.labels(log=source.path).inc()
+                continue
+            source.matched += 1
+            self.metrics.failures.labels(filter=outcome.filter).inc()
+            ban = self.bans.record_failure(outcome.host, outcome.filter, when=when)
+            if ban is not None:
+                new_bans += 1
+                log.warning("ban %s", kv(addr=ban.network, filter=ban.filter, failures=ban.failures,
+                                         duration=f"{round(ban.expires_at - ban.banned_at)}s"))
+        return new_bans
 
     def _flush(self):
         try:

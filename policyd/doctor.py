@@ -254,6 +254,9 @@ def check_logs(policy, env):
     """Each log in bans.logs exists, root can read it, and the daemon's unit can see it."""
     findings = []
     for index, source in enumerate(policy.bans.logs):
+        if source.journal:
+            findings.append(check_journal(source, index, env))
+            continue
         key = f"bans.logs[{index}].path"
         try:
             env.open_log(source.path)
@@ -276,8 +279,26 @@ def check_logs(policy, env):
                 "have the proxy log under /var/log, or add ReadOnlyPaths= for it with "
                 "`systemctl edit policyd`"))
             continue
-        findings.append(ok("log", f"{source.path} is readable (filter {source.filter})"))
+        findings.append(ok("log", f"file {source.path} is readable (filter {source.filter})"))
     return findings
+
+
+def check_journal(source, index, env):
+    """A `journal: UNIT` source: the journal can be read and holds entries of that unit."""
+    from policyd.journal import probe
+    where = f" in {source.journal_dir}" if source.journal_dir else ""
+    state = getattr(env, "journal_probe", probe)(source.journal, source.journal_dir)
+    name = f"journal {source.journal}{where}"
+    if not state["readable"]:
+        return fail("log", f"{name} cannot be read ({state['error']})",
+                    "run as root; for a journal outside /var/log/journal and /run/log/journal "
+                    f"set bans.logs[{index}].journal_dir")
+    if not state["entries"]:
+        return warn("log", f"{name} is readable but holds no entry of that unit yet",
+                    f"check the unit name with `journalctl -u {source.journal}` (Debian's "
+                    "OpenSSH unit is ssh.service; policyd matches _SYSTEMD_UNIT, not aliases)")
+    age = max(0, round(env.now() - state["last"]))
+    return ok("log", f"{name} is readable, last entry {age}s ago (filter {source.filter})")
 
 
 def check_filters(policy, env):

@@ -233,9 +233,15 @@ _RULE_KEYS = {"contains", "regex", "json"}
 _JSON_KEYS = {"match", "match_regex", "host", "present", "nonempty"}
 
 
-def load_filter(name_or_path, search_dirs=None):
-    """Load a filter by bare name (searched in search_dirs) or by path."""
+def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
+    """Load a filter by bare name (searched in search_dirs) or by path;
+    `fail2ban:NAME` or a .conf path loads a fail2ban filter.d filter."""
     text = str(name_or_path)
+    if text.startswith("fail2ban:") or text.endswith(".conf"):
+        from policyd.fail2ban.engine import load
+        return load(text.removeprefix("fail2ban:"), mode=mode, journal=journal)
+    if mode is not None:
+        raise InputError(f"filter {text!r} has no modes (only fail2ban filters do)", key="mode")
     if "/" in text or text.endswith(".yaml"):
         return _load_file(Path(text))
     if not _FILTER_NAME.match(text):
@@ -416,7 +422,9 @@ def scan(log_filter, path):
     try:
         with open(path, "rb") as stream:
             for buffer, end in _line_regions(stream, result):
-                if log_filter.prefilter and _plain_region(buffer, end):
+                if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.fail2ban)
+                    log_filter.scan_region(buffer, end, result, hosts)
+                elif log_filter.prefilter and _plain_region(buffer, end):
                     _scan_region(log_filter, buffer, end, result, hosts)
                 else:
                     lines = buffer[:end].split(b"\n")

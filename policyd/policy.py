@@ -23,6 +23,8 @@ SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\*?\Z")
 DURATION = re.compile(r"(\d+)([smhdw]?)\Z")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+JOURNAL_UNIT = re.compile(
+    r"[A-Za-z0-9:_.\\@-]{1,250}\.(service|socket|scope|timer|mount|target|path|slice)\Z")
 RATE = re.compile(r"(\d+)/(second|minute|hour|day)\Z")
 
 
@@ -47,12 +49,19 @@ class Service:
 
 @dataclass(frozen=True)
 class LogSource:
-    path: str
+    path: str | None            # a log file, or None for a journal source
     filter: str
+    journal: str | None = None  # a systemd unit, matched on the journal's _SYSTEMD_UNIT
+    mode: str | None = None     # fail2ban filters: the jail's `mode`
+    journal_dir: str | None = None  # a journal directory other than the system's
     # Where the entry is written, so check and apply can name the line of a
     # filter that does not load or a path that cannot be followed.
     path_line: int | None = field(default=None, compare=False)
     filter_line: int | None = field(default=None, compare=False)
+
+    @property
+    def label(self):
+        return self.path if self.path is not None else f"journal:{self.journal}"
 
 
 @dataclass(frozen=True)
@@ -337,17 +346,52 @@ class _Reader:
         if "logs" in items:
             logs = []
             for item in self.sequence(items["logs"][1], "bans.logs"):
-                entry = self.mapping(item, "bans.logs", {"path", "filter"},
-                                     required=("path", "filter"))
-                path = self.scalar_text(entry["path"][1], "bans.logs.path")
-                if not path.startswith("/"):
-                    self.fail(entry["path"][1], "bans.logs.path", f"{path!r} must be absolute")
-                fnode = entry["filter"][1]
-                logs.append(LogSource(path, self.scalar_text(fnode, "bans.logs.filter"),
-                                      path_line=entry["path"][1].start_mark.line + 1,
-                                      filter_line=fnode.start_mark.line + 1))
+                logs.append(self.log_source(item))
             values["logs"] = tuple(logs)
         settings = BanSettings(**values)
+        seen = set()
+        for source in settings.logs:
+            if source.label in seen:
+                self.fail(items["logs"][1], "bans.logs", f"{source.label} is listed twice")
+            seen.add(source.label)
         if settings.bantime_max < settings.bantime:
             self.fail(items["bantime_max"][1], "bans.bantime_max", "is shorter than bans.bantime")
         return settings
+
+    def log_source(self, item):
+        """One bans.logs entry: `path:` a file or `journal:` a unit, `filter:`, and
+        for fail2ban filters `mode:`; `journal_dir:` points at another journal."""
+        key = "bans.logs"
+        entry = self.mapping(item, key, {"path", "journal", "journal_dir", "filter", "mode"},
+                             required=("filter",))
+        if ("path" in entry) == ("journal" in entry):
+            self.fail(item, key, "needs exactly one of `path` (a log file) or `journal` (a unit)")
+        values = {}
+        for name in ("path", "journal_dir"):
+            if name in entry:
+                text = self.scalar_text(entry[name][1], f"{key}.{name}")
+                if not text.startswith("/"):
+                    self.fail(entry[name][1], f"{key}.{name}", f"{text!r} must be absolute")
+                values[name] = text
+        if "journal" in entry:
+            unit = self.scalar_text(entry["journal"][1], f"{key}.journal")
+            if not JOURNAL_UNIT.match(unit):
+                self.fail(entry["journal"][1], f"{key}.journal",
+                          f"{unit!r} is not a systemd unit name (like caddy.service or ssh.service)")
+            values["journal"] = unit
+        elif "journal_dir" in entry:
+            self.fail(entry["journal_dir"][0], f"{key}.journal_dir", "only with `journal`")
+        name = self.scalar_text(entry["filter"][1], f"{key}.filter")
+        fail2ban = name.startswith("fail2ban:") or name.endswith(".conf")
+        if "mode" in entry:
+            if not fail2ban:
+                self.fail(entry["mode"][0], f"{key}.mode",
+                          "only fail2ban filters (fail2ban:NAME or a .conf path) have a mode")
+            values["mode"] = self.scalar_text(entry["mode"][1], f"{key}.mode")
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", values["mode"]):
+                self.fail(entry["mode"][1], f"{key}.mode", f"{values['mode']!r} is not a mode name")
+        where = entry["path" if "path" in entry else "journal"][1]
+        return LogSource(path=values.get("path"), filter=name, journal=values.get("journal"),
+                         mode=values.get("mode"), journal_dir=values.get("journal_dir"),
+                         path_line=where.start_mark.line + 1,
+                         filter_line=entry["filter"][1].start_mark.line + 1)

@@ -12,17 +12,18 @@ from policyd.errors import InputError
 
 
 def check_log_sources(policy, filter_dirs=None):
-    """Raise InputError for the first bans.logs entry the daemon could not follow."""
+    """Raise InputError for the first bans.logs entry the daemon could not follow
+    (fail2ban filters are loaded with their mode, and for a journal source as one)."""
     from policyd.filters import load_filter  # the regex machinery only where it is needed
     for index, source in enumerate(policy.bans.logs):
         try:
-            load_filter(source.filter, filter_dirs)
+            load_filter(source.filter, filter_dirs, mode=source.mode, journal=bool(source.journal))
         except InputError as exc:
             # A filter file's own error keeps its file:line; a name lookup's is the message.
             detail = str(exc) if exc.file else exc.message
             raise InputError(f"filter {source.filter!r} does not load: {detail}", policy.source,
                              source.filter_line, f"bans.logs[{index}].filter") from None
-        problem = log_path_problem(source.path)
+        problem = source.path and log_path_problem(source.path)
         if problem is not None:
             raise InputError(f"{source.path!r} {problem}", policy.source, source.path_line,
                              f"bans.logs[{index}].path")

@@ -230,3 +230,11 @@ class Writer:
 
     def prune_failures(self, before):
         self._db.execute("DELETE FROM failures WHERE time < ?", (before,))
+
+    def save_positions(self, positions):
+        """{path: position}: log positions that belong to this batch of failures."""
+        self._db.executemany(
+            "INSERT INTO log_positions (path, position) VALUES (?, ?) "
+            "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
+            ((str(path), json.dumps(position, sort_keys=True))
+             for path, position in positions.items()))

@@ -1,0 +1,105 @@
+"""`policyd test-filter` over a fail2ban filter: whole buffers at a time.
+
+Owns the offline scan's speed trick: a buffer-wide search for the substrings
+every failregex requires (literals.py) picks the only lines that can match; the
+rest are counted without being decoded. The daemon never takes this path: it
+runs every line in full, so a required text split by a cut-out date (the one
+blind spot of a raw-line search) can only make test-filter undercount.
+"""
+from policyd.filters import Outcome, _plain_region
+
+
+def scan_region(flt, buffer, end, result, hosts):
+    """policyd.filters.scan's hook: buffer[:end] is whole lines. Decoded at once
+    when it is plain UTF-8 without over-long lines; else line by line."""
+    if flt.scan_tokens and _plain_region(buffer, end):
+        return _scan_candidates(flt, buffer, end, result, hosts)
+    if _plain_region(buffer, end):
+        try:
+            text = buffer[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return scan_text(flt, text, result, hosts)
+    lines = buffer[:end].split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for line in lines:
+        outcome = flt.classify_timed(line, None, False)[0]
+        if outcome is Outcome.IGNORED:
+            result.ignored += 1
+        elif outcome is Outcome.MALFORMED:
+            result.malformed += 1
+        else:
+            result.matched += 1
+            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+    result.lines += len(lines)
+
+
+def _scan_candidates(flt, buffer, end, result, hosts):
+    spans = set()
+    for token in flt.scan_tokens:
+        position = buffer.find(token, 0, end)
+        while position >= 0:
+            start = buffer.rfind(b"\n", 0, position) + 1
+            stop = buffer.find(b"\n", position, end)
+            spans.add((start, stop))
+            position = buffer.find(token, stop + 1, end)
+    line_count = buffer.count(b"\n", 0, end)
+    matched = malformed = 0
+    cut, match = flt.dates.cut, flt._match
+    counts = {}   # by the host object's id: ipaddress hashes slowly; _address caches objects
+    for start, stop in sorted(spans):   # file order: the connection cache needs it
+        # classify_timed() inlined: the region has no NUL and no over-long line.
+        try:
+            text = buffer[start:stop].decode("utf-8")
+        except UnicodeDecodeError:
+            malformed += 1
+            continue
+        try:
+            outcome = match(cut(text)[0] + "\n")
+        except (ValueError, KeyError, TypeError):
+            outcome = Outcome.MALFORMED
+        if outcome is Outcome.IGNORED:
+            continue
+        if outcome is Outcome.MALFORMED:
+            malformed += 1
+            continue
+        matched += 1
+        host = outcome.host
+        entry = counts.get(id(host))
+        if entry is None:
+            counts[id(host)] = [host, 1]
+        else:
+            entry[1] += 1
+    for host, count in counts.values():
+        hosts[host] = hosts.get(host, 0) + count
+    result.lines += line_count
+    result.matched += matched
+    result.malformed += malformed
+    result.ignored += line_count - matched - malformed
+
+
+def scan_text(flt, text, result, hosts):
+    """Offline scan of decoded whole lines."""
+    classify = flt.classify_text
+    matched = malformed = 0
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in lines:
+        if "\x00" in line:
+            malformed += 1
+            continue
+        outcome = classify(line, None, False)[0]
+        if outcome is Outcome.IGNORED:
+            continue
+        if outcome is Outcome.MALFORMED:
+            malformed += 1
+            continue
+        matched += 1
+        hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+    result.lines += len(lines)
+    result.matched += matched
+    result.malformed += malformed
+    result.ignored += len(lines) - matched - malformed
