@@ -2,6 +2,7 @@
 ignore list and loopback, IPv6 prefixes. Queues kernel changes and state
 writes, and hands each batch to the kernel and to State in one piece per flush.
 """
+import bisect
 import heapq
 import ipaddress
 import itertools
@@ -170,8 +171,10 @@ class BanManager:
 
     # The ban path.
 
-    def record_failure(self, address, filter_name):
-        """Count one failure from `address`; returns the Ban it triggered, else None."""
+    def record_failure(self, address, filter_name, when=None):
+        """Count one failure from `address` at `when` (the log line's own time; None:
+        now; a future time counts as now); returns the Ban it triggered, else None.
+        Times may arrive out of order: the window counts failures by their time."""
         self.failures_total[filter_name] += 1
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
@@ -183,13 +186,16 @@ class BanManager:
         if self._covering_ban(key) is not None:
             return None
         now = self.clock()
-        times = self._window.setdefault(key, [])
         cutoff = now - self.settings.findtime
+        when = now if when is None or when > now else when
+        if when < cutoff:
+            return None  # older than the window: it cannot help any ban now
+        times = self._window.setdefault(key, [])
         while times and times[0] < cutoff:
             times.pop(0)
-        times.append(now)
-        self._window_order.append((now, key))
-        self._state_failures.setdefault(key, []).append((now, filter_name))
+        bisect.insort(times, when)
+        self._window_order.append((when, key))
+        self._state_failures.setdefault(key, []).append((when, filter_name))
         if len(times) < self.settings.maxretry:
             return None
         failures = len(times)

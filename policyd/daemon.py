@@ -17,6 +17,7 @@ from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
+from policyd.guard import Forgery, judge_for
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
@@ -44,14 +45,16 @@ class LogSource:
             # A log seen for the first time is followed from its end: old
             # failures must not ban anyone today. One that appears later is
             # read from its start, since all of it is new.
-            self.follower.read_lines()
+            self.follower.skip_to_end()
             self.follower.commit()
+        self.judge = judge_for(self.filter)
         self.matched = 0
         self.malformed = 0
+        self.forged = 0
 
     def stats(self):
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
-                    malformed=self.malformed)
+                    malformed=self.malformed, forged=self.forged)
 
 
 class Daemon:
@@ -186,20 +189,22 @@ class Daemon:
         new_bans = 0
         for source in self.sources:
             lines = source.follower.read_lines()
-            if not lines:
+            if not lines and not source.judge.holding:
                 continue
             self.metrics.log_lines.labels(log=source.path).inc(len(lines))
-            for line in lines:
-                outcome = source.filter.classify(line)
-                if outcome is Outcome.IGNORED:
-                    continue
+            for outcome in source.judge.judge(lines, source.follower.mid_write):
                 if outcome is Outcome.MALFORMED:
                     source.malformed += 1
                     self.metrics.log_malformed.labels(log=source.path).inc()
                     continue
-                source.matched += 1
-                self.metrics.failures.labels(filter=outcome.filter).inc()
-                ban = self.bans.record_failure(outcome.host, outcome.filter)
+                if isinstance(outcome, Forgery):
+                    if not self._forged(source, outcome):
+                        continue
+                    outcome = outcome.failure()
+                else:
+                    source.matched += 1
+                    self.metrics.failures.labels(filter=outcome.filter).inc()
+                ban = self.bans.record_failure(outcome.host, outcome.filter, outcome.time)
                 if ban is not None:
                     new_bans += 1
                     log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
@@ -211,6 +216,16 @@ class Daemon:
             self.metrics.bans.labels(reason="auto").inc(new_bans)
         for source in self.sources:
             source.follower.commit()
+
+    def _forged(self, source, forgery):
+        """Count and report a request that wrote lines into another entry; True if
+        its sender is known, so that it counts as a failure of that sender."""
+        source.forged += 1
+        self.metrics.log_forged.labels(log=source.path).inc()
+        log.warning("forged-lines %s", kv(log=source.path, filter=forgery.filter,
+                                          sender=forgery.sender or "unknown",
+                                          dropped=forgery.dropped, reason=forgery.reason))
+        return forgery.sender is not None
 
     def _flush(self):
         try:

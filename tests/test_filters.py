@@ -199,7 +199,7 @@ def test_scan_counts_a_generated_file(tmp_path):
     assert (result.lines, result.matched, result.ignored, result.malformed) == (352, 151, 100, 101)
     assert result.hosts == {"192.0.2.1": 101, "2001:db8::5": 50}
     report = result.to_json()
-    assert set(report) == {"lines", "matched", "ignored", "malformed", "hosts", "seconds",
+    assert set(report) == {"lines", "matched", "ignored", "malformed", "forged", "hosts", "seconds",
                            "lines_per_second", "filter", "file"}
     assert report["filter"] == "nginx-auth" and report["file"] == str(log)
     json.dumps(report)

@@ -1,0 +1,283 @@
+"""Whole log entries from physical lines: no request can write a failure line for someone else.
+
+Owns the judgement between a filter and the ban engine: which failure lines a
+request wrote into another entry (dropped, and counted against the request's
+real sender when that can be read), holding failures while a write may still
+be arriving, and the same judgement for the offline scan. Filters opt in with
+their `guard` key; see filters/README.md for what each kind guarantees.
+"""
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from urllib.parse import unquote_to_bytes
+
+from policyd.filters import Failure, Outcome, _cached_parse_host
+
+# A failure read while its write may be incomplete waits this long for the rest.
+HOLD_SECONDS = 1.0
+
+# nginx writes the client, server and raw request after the message; the raw
+# request line holds no space or control byte (nginx >= 1.21.1 refuses them).
+_NGINX_TAIL = re.compile(rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)')
+# A complete nginx entry ends with the host (which holds no quote or space) or
+# the referrer nginx writes after it.
+_NGINX_COMPLETE = re.compile(rb', (?:host|referrer): "[^" ]*"\Z')
+
+
+@dataclass(frozen=True)
+class Forgery:
+    """A request that wrote lines into another entry of the log."""
+    sender: IPv4Address | IPv6Address | None  # the request's real client, if it can be read
+    filter: str
+    dropped: int        # failure lines it wrote, dropped
+    reason: str         # encoded-newline | truncated | continuation
+    time: float | None = None
+
+    def failure(self):
+        """The request itself, as one failure of its sender (who must be known)."""
+        return Failure(self.sender, self.filter, self.time)
+
+
+def judge_for(log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
+    """The judge a followed log needs: one per LogSource."""
+    kind = (log_filter.guard or {}).get("kind")
+    if kind == "nginx-error":
+        return NginxErrorJudge(log_filter, clock, hold_seconds)
+    if kind == "continuation":
+        return ContinuationJudge(log_filter)
+    return PlainJudge(log_filter)
+
+
+class PlainJudge:
+    """A log no request can write a line into: every line stands on its own."""
+
+    holding = False
+
+    def __init__(self, log_filter):
+        self.filter = log_filter
+
+    def judge(self, lines, mid_write=False):
+        """Failures, Forgery events and Outcome.MALFORMED, in log order."""
+        classify = self.filter.classify
+        results = []
+        for line in lines:
+            outcome = classify(line)
+            if outcome is not Outcome.IGNORED:
+                results.append(outcome)
+        return results
+
+
+class ContinuationJudge(PlainJudge):
+    """For logs where a field a request controls may hold newlines but never the
+    entry's own skeleton (Traefik's Common Log Format, oauth2-proxy: a Basic user
+    name holds no colon, so no line of it can carry the entry's time). A line is
+    `whole` when it holds that skeleton; a failure line right after a line that is
+    not whole was written by the request inside an entry, and is dropped."""
+
+    def __init__(self, log_filter):
+        super().__init__(log_filter)
+        self.whole = log_filter.guard["whole"]
+        self.sender_regex = log_filter.guard["sender"]
+        self.after_whole = True   # a resumed log starts after a whole entry
+        self.entry_sender = None  # the client named by the line the current entry began with
+
+    def judge(self, lines, mid_write=False):
+        classify, whole = self.filter.classify, self.whole.search
+        results = []
+        for line in lines:
+            outcome = classify(line)
+            if self.after_whole:
+                found = self.sender_regex.match(line)
+                self.entry_sender = _cached_parse_host(found.group("host")) if found else None
+            elif isinstance(outcome, Failure):
+                results.append(Forgery(self.entry_sender, self.filter.name, 1, "continuation",
+                                       outcome.time))
+                outcome = Outcome.IGNORED
+            if outcome is not Outcome.IGNORED:
+                results.append(outcome)
+            self.after_whole = whole(line) is not None
+        return results
+
+
+class _Line:
+    __slots__ = ("index", "start", "end", "outcome")
+
+    def __init__(self, index, start, end, outcome):
+        self.index, self.start, self.end, self.outcome = index, start, end, outcome
+
+
+class NginxErrorJudge(PlainJudge):
+    """nginx's error.log, shared with any site that logs decoded paths.
+
+    nginx writes each entry with one write(2) of at most entry_max_bytes
+    (NGX_MAX_ERROR_STR, 2048), truncating longer ones. A request can put
+    newlines into an entry only through a decoded path, so its entry either
+    ends in a line holding the raw request with `%0A`, or was truncated to
+    exactly entry_max_bytes. Such a line drops every failure line of its write
+    (those within entry_max_bytes before it); failures are held while the
+    follower may have read only part of a write.
+    """
+
+    def __init__(self, log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
+        super().__init__(log_filter)
+        self.max_bytes = log_filter.guard["entry_max_bytes"]
+        self.clock = clock
+        self.hold_seconds = hold_seconds
+        self._position = 0          # where the next line starts, counting from the first line read
+        self._index = 0
+        self._recent = deque()      # _Line of the last max_bytes, newest last
+        self._held = []             # results waiting for the rest of their write
+        self._held_since = None
+
+    @property
+    def holding(self):
+        return bool(self._held)
+
+    def judge(self, lines, mid_write=False):
+        results = self._held
+        self._process(lines, results)
+        if mid_write and any(isinstance(e.outcome, Failure) for e in results if isinstance(e, _Line)):
+            if self._held_since is None:
+                self._held_since = self.clock()
+            if self.clock() - self._held_since < self.hold_seconds:
+                self._held = results
+                return []
+        self._held, self._held_since = [], None
+        return [e.outcome if isinstance(e, _Line) else e for e in results
+                if not isinstance(e, _Line) or e.outcome is not None]
+
+    def _process(self, lines, results):
+        classify = self.filter.classify
+        recent = self._recent
+        for line in lines:
+            start = self._position
+            end = start + len(line)
+            self._position = end + 1
+            while recent and recent[0].start < end + 1 - self.max_bytes:
+                recent.popleft()
+            outcome = classify(line)
+            entry = _Line(self._index, start, end, outcome if outcome is not Outcome.IGNORED else None)
+            self._index += 1
+            if b"%0a" in line or b"%0A" in line:
+                self._encoded_newline(line, entry, results)
+            elif _NGINX_COMPLETE.search(line) is None and end + 1 - self.max_bytes >= 0:
+                self._maybe_truncated(entry, results)
+            recent.append(entry)
+            if entry.outcome is not None:
+                results.append(entry)
+
+    @staticmethod
+    def _drop(lines):
+        dropped = 0
+        for line in lines:
+            if isinstance(line.outcome, Failure):
+                dropped += 1
+            line.outcome = None
+        return dropped
+
+    def _encoded_newline(self, line, entry, results):
+        count = line.count(b"%0a") + line.count(b"%0A")
+        first = entry.index - count
+        # The request's own line is never a failure either: its start is the
+        # request's text, dressed as it likes.
+        dropped = self._drop([e for e in self._recent if e.index >= first] + [entry])
+        sender = nginx_sender(line)
+        if dropped or sender is not None:
+            results.append(Forgery(sender, self.filter.name, dropped, "encoded-newline"))
+
+    def _maybe_truncated(self, entry, results):
+        head = entry.end + 1 - self.max_bytes
+        for i, earlier in enumerate(self._recent):
+            if earlier.start == head:
+                dropped = self._drop(list(self._recent)[i:] + [entry])
+                results.append(Forgery(None, self.filter.name, dropped, "truncated"))
+                return
+
+
+def nginx_sender(line):
+    """The client nginx named in the tail of an entry whose raw request wrote newlines.
+
+    Every `client:, server:, request:` group in the line is a candidate (the
+    request's text can hold more of them, before and after the real one). A
+    candidate explains the line if the last line of its decoded, normalized path
+    is what the physical line starts with; the real one always does. The sender
+    is the one address among those explaining the longest start, else None.
+    """
+    best, senders = -1, set()
+    for found in _NGINX_TAIL.finditer(line):
+        path = found.group(2).split(b"?", 1)[0]
+        if b"%0a" not in path and b"%0A" not in path:
+            continue
+        written = _nginx_normalized(unquote_to_bytes(path)).rsplit(b"\n", 1)[-1]
+        if len(written) > found.start() or not line.startswith(written):
+            continue
+        if len(written) > best:
+            best, senders = len(written), set()
+        if len(written) == best:
+            senders.add(found.group(1))
+    if len(senders) != 1:
+        return None
+    return _cached_parse_host(senders.pop())
+
+
+def _nginx_normalized(path):
+    """The path as nginx writes it after decoding: slashes merged, dot segments resolved."""
+    kept = []
+    for segment in path.split(b"/")[1:]:
+        if segment == b"." or segment == b"":
+            continue
+        if segment == b"..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(segment)
+    trailing = b"/" if path.endswith((b"/", b"/.", b"/..")) and kept else b""
+    return b"/" + b"/".join(kept) + trailing
+
+
+# ---------------------------------------------------------------- offline scan
+
+def dropped_in_region(log_filter, buffer, start, end):
+    """For the offline scan: True if the daemon's judge drops the failure line
+    buffer[start:end]. Reads only the bytes around that line, and judges them
+    in full only when a cheap look finds a reason to."""
+    guard = log_filter.guard or {}
+    if guard.get("kind") == "continuation":
+        if start == 0:
+            return False
+        before = buffer.rfind(b"\n", 0, start - 1) + 1
+        return guard["whole"].search(buffer, before, start - 1) is None
+    if guard.get("kind") != "nginx-error":
+        return False
+    size = guard["entry_max_bytes"]
+    if not _nginx_suspect_near(buffer, start, end, size):
+        return False
+    context_start = buffer.rfind(b"\n", 0, max(0, start - size)) + 1 if start > size else 0
+    context_end = buffer.find(b"\n", min(len(buffer), end + size))
+    context_end = len(buffer) if context_end < 0 else context_end
+    judge = NginxErrorJudge(log_filter)
+    judge._position = context_start
+    results = []
+    judge._process(buffer[context_start:context_end].split(b"\n"), results)
+    return not any(isinstance(e, _Line) and e.start == start and isinstance(e.outcome, Failure)
+                   for e in results)
+
+
+def _nginx_suspect_near(buffer, start, end, size):
+    """Could a line after this one (within one write) drop it? Encoded newlines, or a
+    line that ends exactly `size` bytes after a line start at or before this one."""
+    window_end = min(len(buffer), start + size)
+    if (buffer.find(b"%0a", start, window_end) >= 0 or buffer.find(b"%0A", start, window_end) >= 0):
+        return True
+    head = start
+    lowest = end + 1 - size
+    while head >= max(lowest, 0):
+        last = head + size - 1
+        if last < len(buffer) and buffer[last] == 10:
+            return True
+        if head == 0:
+            break
+        head = buffer.rfind(b"\n", 0, head - 1) + 1
+    return False
