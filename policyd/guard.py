@@ -248,7 +248,7 @@ def dropped_in_region(log_filter, buffer, start, end):
         if start == 0:
             return False
         before = buffer.rfind(b"\n", 0, start - 1) + 1
-        return guard["whole"].search(buffer, before, start - 1) is None
+        return guard["whole"].search(buffer[before:start - 1]) is None
     if guard.get("kind") != "nginx-error":
         return False
     size = guard["entry_max_bytes"]
