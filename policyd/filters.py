@@ -32,6 +32,7 @@ the line MALFORMED, never a ban. Lines over MAX_LINE_BYTES, lines with NUL bytes
 candidate JSON lines that do not parse as a JSON object, and candidate text lines
 that match no rule and are not UTF-8 are MALFORMED.
 """
+import bisect
 import enum
 import json
 import re
@@ -77,17 +78,15 @@ class _RegexRule:
         self.time_parser = time_parser
 
     def classify(self, line):
-        """(address, time or None), Outcome.MALFORMED, or None if the rule does not match."""
+        """(address, raw time or None), Outcome.MALFORMED, or None if the rule does not match.
+        The time is parsed only when a Failure is made (the offline scan never needs it)."""
         found = self.regex.match(line)
         if found is None:
             return None
         address = _cached_parse_host(found.group("host"))
         if address is None:
             return Outcome.MALFORMED
-        if self.time_parser is None:
-            return address, None
-        raw = found.group("time")
-        return address, (self.time_parser(raw) if raw is not None else None)
+        return address, (found.group("time") if self.time_parser is not None else None)
 
 
 class _JsonRule:
@@ -134,11 +133,11 @@ class _JsonRule:
             address = _parse_host_maybe_port(value)
             if address is None:
                 return Outcome.MALFORMED
-            when = None
+            raw = None
             if self.time is not None:
                 raw = _lookup(record, self.time)
-                when = self.time_parser(raw) if raw is not _MISSING else None
-            return address, when
+                raw = None if raw is _MISSING else raw
+            return address, raw
         return Outcome.MALFORMED
 
 
@@ -193,8 +192,11 @@ class Filter:
             tokens.extend(t for t in rule.contains if t not in tokens)
         # A rule without `contains` must see every line, so no shared prefilter.
         self.prefilter = tuple(tokens) if all(r.contains for r in self.rules) else ()
-        # With one rule, passing the shared prefilter already proves its `contains`.
-        self.several_rules = len(self.rules) > 1 or not self.prefilter
+        # Passing the shared prefilter already proves the `contains` of a rule that
+        # lists every prefilter token: only the other rules look again.
+        self._checked_rules = tuple(
+            (rule, bool(rule.contains) and not (self.prefilter and set(self.prefilter) <= set(rule.contains)))
+            for rule in self.rules)
 
     def __repr__(self):
         return f"Filter({self.name!r})"
@@ -214,13 +216,14 @@ class Filter:
         outcome = self._candidate_host(line)
         if isinstance(outcome, Outcome):
             return outcome
-        return Failure(outcome[0], self.name, outcome[1])
+        address, rule, raw_time = outcome
+        return Failure(address, self.name, rule.time_parser(raw_time) if raw_time is not None else None)
 
     def _candidate_host(self, line):
         """(host, time) of a failing line that passed the prefilter, or an Outcome."""
         malformed = False
-        for rule in self.rules:
-            if self.several_rules and rule.contains and not _holds_any(line, rule.contains):
+        for rule, look in self._checked_rules:
+            if look and not _holds_any(line, rule.contains):
                 continue
             result = rule.classify(line)
             if result is None:
@@ -228,9 +231,10 @@ class Filter:
             if result is Outcome.MALFORMED:
                 malformed = True
                 continue
-            if any(pattern.match(line) for pattern in self.ignore):
-                return Outcome.IGNORED
-            return result
+            for pattern in self.ignore:
+                if pattern.match(line):
+                    return Outcome.IGNORED
+            return result[0], rule, result[1]
         if malformed or b"\x00" in line or not _is_utf8(line):
             return Outcome.MALFORMED
         return Outcome.IGNORED
@@ -505,7 +509,10 @@ def scan(log_filter, path):
     except OSError as error:
         raise InputError(f"cannot read log: {error.strerror}", file=path) from None
     result.seconds = time.perf_counter() - started
-    result.hosts = {str(address): count for address, count in hosts.items()}
+    by_text = {}
+    for address, count in hosts.values():
+        by_text[str(address)] = by_text.get(str(address), 0) + count
+    result.hosts = by_text
     return result
 
 
@@ -571,8 +578,12 @@ def _scan_region(log_filter, buffer, end, result, hosts):
             position = buffer.find(token, line_end + 1, end)
     matched = malformed = forged = 0
     host_of = log_filter._candidate_host
+    suspects = ()
     if log_filter.guard:
-        from policyd.guard import dropped_in_region
+        from policyd.guard import dropped_in_region, suspect_ranges
+        suspects = suspect_ranges(log_filter, buffer, end, candidates)
+        suspect_starts = [lo for lo, _hi in suspects]
+        reach = max((hi - lo for lo, hi in suspects), default=0)
     for line_start, line_end in candidates:
         line = buffer[line_start:line_end]
         if len(line) > MAX_LINE_BYTES:
@@ -584,16 +595,32 @@ def _scan_region(log_filter, buffer, end, result, hosts):
         if outcome is Outcome.MALFORMED:
             malformed += 1
             continue
-        if log_filter.guard and dropped_in_region(log_filter, buffer, line_start, line_end):
+        if (suspects or log_filter.guard and log_filter.guard["kind"] == "continuation") \
+                and _in_suspect_range(suspects, suspect_starts, reach, line_start, line_end, log_filter) \
+                and dropped_in_region(log_filter, buffer, line_start, line_end):
             forged += 1
             continue
         matched += 1
-        hosts[outcome[0]] = hosts.get(outcome[0], 0) + 1
+        # Keyed by the (cached, kept alive) address object's id: hashing an
+        # ipaddress object is slow Python code, and this runs once per failure.
+        counted = hosts.get(id(outcome[0]))
+        if counted is None:
+            hosts[id(outcome[0])] = [outcome[0], 1]
+        else:
+            counted[1] += 1
     result.lines += line_count
     result.matched += matched
     result.malformed += malformed
     result.forged += forged
     result.ignored += line_count - matched - malformed - forged
+
+
+def _in_suspect_range(suspects, starts, reach, line_start, line_end, log_filter):
+    if log_filter.guard.get("kind") != "nginx-error":
+        return True   # continuation: dropped_in_region reads one line back, cheaply
+    first = bisect.bisect_left(starts, line_start - reach)
+    last = bisect.bisect_right(starts, line_start)
+    return any(suspects[i][1] >= line_end for i in range(first, last))
 
 
 def _scan_lines(log_filter, lines, result, hosts):
@@ -610,6 +637,7 @@ def _scan_lines(log_filter, lines, result, hosts):
         else:
             result.matched += 1
             counted += 1
-            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+            tally = hosts.setdefault(id(outcome.host), [outcome.host, 0])
+            tally[1] += 1
     result.ignored += len(lines) - counted
     result.lines += len(lines)

@@ -24,6 +24,12 @@ _NGINX_TAIL = re.compile(rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: 
 # A complete nginx entry ends with the host (which holds no quote or space) or
 # the referrer nginx writes after it.
 _NGINX_COMPLETE = re.compile(rb', (?:host|referrer): "[^" ]*"\Z')
+# A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
+# it, marking the cut with "..."), so a truncated entry that wrote newlines ends
+# in a line holding the errno and no complete tail.
+_NGINX_ERRNO = re.compile(rb' \(\d+: ')
+_NGINX_ENCODED_NEWLINE = re.compile(rb'%0[aA]')
+_NGINX_CUT_LINE = re.compile(rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n')
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,8 @@ class NginxErrorJudge(PlainJudge):
             self._index += 1
             if b"%0a" in line or b"%0A" in line:
                 self._encoded_newline(line, entry, results)
-            elif _NGINX_COMPLETE.search(line) is None and end + 1 - self.max_bytes >= 0:
+            elif (end + 1 - self.max_bytes >= 0 and _NGINX_COMPLETE.search(line) is None
+                  and _NGINX_ERRNO.search(line) is not None):
                 self._maybe_truncated(entry, results)
             recent.append(entry)
             if entry.outcome is not None:
@@ -239,10 +246,41 @@ def _nginx_normalized(path):
 
 # ---------------------------------------------------------------- offline scan
 
+def suspect_ranges(log_filter, buffer, end, candidates=None):
+    """For the offline scan of buffer[:end] (whole lines): sorted (lo, hi) byte
+    ranges holding every failure line the daemon's judge might drop. Regex
+    passes at C speed over the region, or only over the write after each of the
+    (start, end) failure candidates when those windows are the smaller part."""
+    guard = log_filter.guard or {}
+    if guard.get("kind") != "nginx-error":
+        return []
+    size = guard["entry_max_bytes"]
+    windows = [(0, end)]
+    if candidates is not None and len(candidates) * size < end // 2:
+        windows = []
+        for start, _ in sorted(candidates):
+            high = min(end, start + size + 1)
+            if windows and start <= windows[-1][1]:
+                windows[-1] = (windows[-1][0], max(windows[-1][1], high))
+            else:
+                windows.append((start, high))
+    ranges = []
+    for low, high in windows:
+        for found in _NGINX_ENCODED_NEWLINE.finditer(buffer, low, high):
+            line_end = buffer.find(b"\n", found.start(), end)
+            line_end = end if line_end < 0 else line_end
+            ranges.append((max(0, line_end + 1 - size), line_end))
+        for found in _NGINX_CUT_LINE.finditer(buffer, low, high):
+            line_end = found.end() - 1
+            head = line_end + 1 - size       # the first byte of its write, if it was truncated
+            if head >= 0 and (head == 0 or buffer[head - 1] == 10):
+                ranges.append((head, line_end))
+    return sorted(set(ranges))
+
+
 def dropped_in_region(log_filter, buffer, start, end):
     """For the offline scan: True if the daemon's judge drops the failure line
-    buffer[start:end]. Reads only the bytes around that line, and judges them
-    in full only when a cheap look finds a reason to."""
+    buffer[start:end]. Judges the lines around it (within one write either side)."""
     guard = log_filter.guard or {}
     if guard.get("kind") == "continuation":
         if start == 0:
@@ -252,8 +290,6 @@ def dropped_in_region(log_filter, buffer, start, end):
     if guard.get("kind") != "nginx-error":
         return False
     size = guard["entry_max_bytes"]
-    if not _nginx_suspect_near(buffer, start, end, size):
-        return False
     context_start = buffer.rfind(b"\n", 0, max(0, start - size)) + 1 if start > size else 0
     context_end = buffer.find(b"\n", min(len(buffer), end + size))
     context_end = len(buffer) if context_end < 0 else context_end
@@ -263,21 +299,3 @@ def dropped_in_region(log_filter, buffer, start, end):
     judge._process(buffer[context_start:context_end].split(b"\n"), results)
     return not any(isinstance(e, _Line) and e.start == start and isinstance(e.outcome, Failure)
                    for e in results)
-
-
-def _nginx_suspect_near(buffer, start, end, size):
-    """Could a line after this one (within one write) drop it? Encoded newlines, or a
-    line that ends exactly `size` bytes after a line start at or before this one."""
-    window_end = min(len(buffer), start + size)
-    if (buffer.find(b"%0a", start, window_end) >= 0 or buffer.find(b"%0A", start, window_end) >= 0):
-        return True
-    head = start
-    lowest = end + 1 - size
-    while head >= max(lowest, 0):
-        last = head + size - 1
-        if last < len(buffer) and buffer[last] == 10:
-            return True
-        if head == 0:
-            break
-        head = buffer.rfind(b"\n", 0, head - 1) + 1
-    return False
