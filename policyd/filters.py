@@ -68,7 +68,8 @@ class Outcome(enum.Enum):
 class Failure:
     host: IPv4Address | IPv6Address
     filter: str
-    time: float | None = None   # Unix seconds the line carries; None: none readable
+    # Unix seconds the line carries (None: none readable); not part of a failure's identity.
+    time: float | None = field(default=None, compare=False)
 
 
 class _RegexRule:
