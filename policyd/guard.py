@@ -133,7 +133,8 @@ class NginxErrorJudge(PlainJudge):
         self.hold_seconds = hold_seconds
         self._position = 0          # where the next line starts, counting from the first line read
         self._index = 0
-        self._recent = deque()      # _Line of the last max_bytes, newest last
+        self._starts = deque()      # where each line of the last max_bytes starts
+        self._recent = deque()      # _Line of each non-ignored line of the last max_bytes
         self._held = []             # results waiting for the rest of their write
         self._held_since = None
 
@@ -151,29 +152,71 @@ class NginxErrorJudge(PlainJudge):
                 self._held = results
                 return []
         self._held, self._held_since = [], None
+        self._recent.clear()
         return [e.outcome if isinstance(e, _Line) else e for e in results
                 if not isinstance(e, _Line) or e.outcome is not None]
 
     def _process(self, lines, results):
-        classify = self.filter.classify
-        recent = self._recent
+        if not results:
+            self._recent.clear()   # what was returned can no longer be dropped
+        blob = b"\n".join(lines) + b"\n"
+        if _NGINX_ENCODED_NEWLINE.search(blob) or _NGINX_CUT_LINE.search(blob):
+            self._judge_each(lines, results)
+        else:
+            self._classify_each(lines, results)
+
+    def _classify_each(self, lines, results):
+        """The common case, nothing in the batch could end a forging write: classify only."""
+        classify, ignored = self.filter.classify, Outcome.IGNORED
+        position, index, recent = self._position, self._index, self._recent
         for line in lines:
-            start = self._position
-            end = start + len(line)
-            self._position = end + 1
-            while recent and recent[0].start < end + 1 - self.max_bytes:
+            outcome = classify(line)
+            if outcome is not ignored:
+                entry = _Line(index, position, position + len(line), outcome)
+                recent.append(entry)
+                results.append(entry)
+            position += len(line) + 1
+            index += 1
+        # Keep the line starts of the last max_bytes for a truncated write still to come.
+        starts, oldest, start = self._starts, position - self.max_bytes, position
+        tail = []
+        for line in reversed(lines):
+            start -= len(line) + 1
+            if start < oldest:
+                break
+            tail.append(start)
+        if len(tail) < len(lines):
+            starts.clear()
+        starts.extend(reversed(tail))
+        while starts and starts[0] < oldest:
+            starts.popleft()
+        self._position, self._index = position, index
+
+    def _judge_each(self, lines, results):
+        classify, ignored = self.filter.classify, Outcome.IGNORED
+        starts, recent, max_bytes = self._starts, self._recent, self.max_bytes
+        position, index = self._position, self._index
+        for line in lines:
+            start, end = position, position + len(line)
+            position = end + 1
+            oldest = position - max_bytes
+            while starts and starts[0] < oldest:
+                starts.popleft()
+            while recent and recent[0].start < oldest:
                 recent.popleft()
             outcome = classify(line)
-            entry = _Line(self._index, start, end, outcome if outcome is not Outcome.IGNORED else None)
-            self._index += 1
+            entry = _Line(index, start, end, outcome) if outcome is not ignored else None
             if b"%0a" in line or b"%0A" in line:
-                self._encoded_newline(line, entry, results)
-            elif (end + 1 - self.max_bytes >= 0 and _NGINX_COMPLETE.search(line) is None
-                  and _NGINX_ERRNO.search(line) is not None):
-                self._maybe_truncated(entry, results)
-            recent.append(entry)
-            if entry.outcome is not None:
+                self._encoded_newline(line, entry or _Line(index, start, end, None), results)
+            elif (oldest >= 0 and _NGINX_ERRNO.search(line) is not None
+                  and not (line.endswith(b'"') and _NGINX_COMPLETE.search(line))):
+                self._maybe_truncated(entry or _Line(index, start, end, None), oldest, results)
+            starts.append(start)
+            if entry is not None:
+                recent.append(entry)
                 results.append(entry)
+            index += 1
+        self._position, self._index = position, index
 
     @staticmethod
     def _drop(lines):
@@ -181,7 +224,7 @@ class NginxErrorJudge(PlainJudge):
         for line in lines:
             if isinstance(line.outcome, Failure):
                 dropped += 1
-            line.outcome = None
+                line.outcome = None
         return dropped
 
     def _encoded_newline(self, line, entry, results):
@@ -194,13 +237,11 @@ class NginxErrorJudge(PlainJudge):
         if dropped or sender is not None:
             results.append(Forgery(sender, self.filter.name, dropped, "encoded-newline"))
 
-    def _maybe_truncated(self, entry, results):
-        head = entry.end + 1 - self.max_bytes
-        for i, earlier in enumerate(self._recent):
-            if earlier.start == head:
-                dropped = self._drop(list(self._recent)[i:] + [entry])
-                results.append(Forgery(None, self.filter.name, dropped, "truncated"))
-                return
+    def _maybe_truncated(self, entry, head, results):
+        # Truncated entries are exactly max_bytes: did one start at a line start?
+        if head in self._starts and head < entry.start:
+            dropped = self._drop([e for e in self._recent if e.start >= head] + [entry])
+            results.append(Forgery(None, self.filter.name, dropped, "truncated"))
 
 
 def nginx_sender(line):

@@ -16,6 +16,8 @@ class TimeParser:
     def __init__(self, time_format):
         self.format = time_format
         self._cache = {}
+        # Lines of one minute differ only in their seconds: parse the minute once.
+        self._by_minute = time_format.endswith(":%S")
 
     def __call__(self, raw):
         if isinstance(raw, bytes):
@@ -23,6 +25,13 @@ class TimeParser:
                 raw = raw.decode("ascii")
             except UnicodeDecodeError:
                 return None
+        if self._by_minute and isinstance(raw, str) and len(raw) > 3 and raw[-3] == ":" \
+                and raw[-2:].isdigit() and raw[-2:] < "60":
+            minute = self._cached(raw[:-3] + ":00")
+            return minute + int(raw[-2:]) if minute is not None else None
+        return self._cached(raw)
+
+    def _cached(self, raw):
         # Failures from one burst share their second: parse each text once.
         when = self._cache.get(raw) if isinstance(raw, str) else None
         if when is None:
