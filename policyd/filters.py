@@ -32,7 +32,6 @@ the line MALFORMED, never a ban. Lines over MAX_LINE_BYTES, lines with NUL bytes
 candidate JSON lines that do not parse as a JSON object, and candidate text lines
 that match no rule and are not UTF-8 are MALFORMED.
 """
-import bisect
 import enum
 import json
 import re
@@ -579,12 +578,10 @@ def _scan_region(log_filter, buffer, end, result, hosts):
             position = buffer.find(token, line_end + 1, end)
     matched = malformed = forged = 0
     host_of = log_filter._candidate_host
-    suspects = ()
+    region_judge = None
     if log_filter.guard:
-        from policyd.guard import dropped_in_region, suspect_ranges
-        suspects = suspect_ranges(log_filter, buffer, end, candidates)
-        suspect_starts = [lo for lo, _hi in suspects]
-        reach = max((hi - lo for lo, hi in suspects), default=0)
+        from policyd.guard import RegionJudge  # guard builds on this module
+        region_judge = RegionJudge(log_filter, buffer, end, candidates)
     for line_start, line_end in candidates:
         line = buffer[line_start:line_end]
         if len(line) > MAX_LINE_BYTES:
@@ -596,9 +593,7 @@ def _scan_region(log_filter, buffer, end, result, hosts):
         if outcome is Outcome.MALFORMED:
             malformed += 1
             continue
-        if (suspects or log_filter.guard and log_filter.guard["kind"] == "continuation") \
-                and _in_suspect_range(suspects, suspect_starts, reach, line_start, line_end, log_filter) \
-                and dropped_in_region(log_filter, buffer, line_start, line_end):
+        if region_judge is not None and region_judge.drops(line_start, line_end):
             forged += 1
             continue
         matched += 1
@@ -614,14 +609,6 @@ def _scan_region(log_filter, buffer, end, result, hosts):
     result.malformed += malformed
     result.forged += forged
     result.ignored += line_count - matched - malformed - forged
-
-
-def _in_suspect_range(suspects, starts, reach, line_start, line_end, log_filter):
-    if log_filter.guard.get("kind") != "nginx-error":
-        return True   # continuation: dropped_in_region reads one line back, cheaply
-    first = bisect.bisect_left(starts, line_start - reach)
-    last = bisect.bisect_right(starts, line_start)
-    return any(suspects[i][1] >= line_end for i in range(first, last))
 
 
 def _scan_lines(log_filter, lines, result, hosts):

@@ -6,6 +6,7 @@ real sender when that can be read), holding failures while a write may still
 be arriving, and the same judgement for the offline scan. Filters opt in with
 their `guard` key; see filters/README.md for what each kind guarantees.
 """
+import bisect
 import re
 import time
 from collections import deque
@@ -286,6 +287,28 @@ def _nginx_normalized(path):
 
 
 # ---------------------------------------------------------------- offline scan
+
+class RegionJudge:
+    """The daemon's judgement for `policyd test-filter`, which never splits a
+    region into lines: drops(start, end) says whether the failure line
+    buffer[start:end] would be dropped. Only failures near a suspect line are
+    judged in full, so a clean region costs two regex passes."""
+
+    def __init__(self, log_filter, buffer, end, candidates):
+        self.filter, self.buffer = log_filter, buffer
+        self.continuation = log_filter.guard["kind"] == "continuation"
+        self.suspects = suspect_ranges(log_filter, buffer, end, candidates)
+        self.starts = [low for low, _high in self.suspects]
+        self.reach = max((high - low for low, high in self.suspects), default=0)
+
+    def drops(self, start, end):
+        if not self.continuation:
+            first = bisect.bisect_left(self.starts, start - self.reach)
+            last = bisect.bisect_right(self.starts, start)
+            if not any(self.suspects[i][1] >= end for i in range(first, last)):
+                return False
+        return dropped_in_region(self.filter, self.buffer, start, end)
+
 
 def suspect_ranges(log_filter, buffer, end, candidates=None):
     """For the offline scan of buffer[:end] (whole lines): sorted (lo, hi) byte
