@@ -3,8 +3,9 @@ root on port 80) and the Ollama auth proxy share one error.log, `nginx-auth`
 follows it, and a stranger asks the static site for paths that decode to whole
 "password mismatch" entries naming someone else. Nobody named may lose access;
 the stranger's own wrong passwords (and the forging requests themselves) still
-ban the stranger at maxretry.
+ban the stranger at maxretry. The same tricks through Caddy name nobody else.
 """
+import base64
 import json
 import time
 from urllib.parse import quote
@@ -15,7 +16,8 @@ from policyd.filters import load_filter, scan
 
 from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, TRUSTED_V4, TRUSTED_V6
 from netlab import PolicydDaemon, wait_for
-from proxies import ProxyUnavailable, http_get, raw_request, start_nginx_shared_log, start_ollama_standin
+from proxies import (ProxyUnavailable, http_get, raw_request, start_caddy, start_nginx_shared_log,
+                     start_ollama_standin)
 
 GOOD = ("ollama", "secret")
 BAD = ("ollama", "wrong")
@@ -182,3 +184,28 @@ def test_a_brute_forcer_who_forges_meanwhile_is_banned_at_maxretry(world, nginx)
     assert f"ban addr={STRANGER_V4}/32 filter=nginx-auth failures=3" in err
     for victim in VICTIMS:
         assert f"ban addr={victim}" not in err
+
+
+def test_the_same_tricks_through_caddy_name_only_their_sender(world, lab):
+    """Caddy's JSON log escapes what a request writes: the forging path and a Basic
+    user name holding newlines and a whole forged line stay inside one entry."""
+    start_ollama_standin(world.server)
+    try:
+        caddy = start_caddy(world.server, lab.tmp / "caddy")
+    except ProxyUnavailable as reason:
+        pytest.skip(str(reason))
+    try:
+        forged = ('{"level":"error","ts":1,"request":{"remote_ip":"%s","headers":{"Authorization":[]}},'
+                  '"status":401}' % VICTIMS[0])
+        user = f"x\n{forged}\n"
+        token = base64.b64encode(f"{user}:wrong".encode()).decode()
+        for path in forging_paths().values():
+            request = (f"GET {path[:1500]} HTTP/1.1\r\nHost: localhost\r\n"
+                       f"Authorization: Basic {token}\r\nConnection: close\r\n\r\n").encode()
+            raw_request(world.stranger, SERVER_WAN_V4, caddy.port, request)
+        assert wait_for(lambda: caddy.access_log.exists() and caddy.access_log.stat().st_size > 0, 5)
+        time.sleep(0.5)
+        result = scan(load_filter("caddy-auth"), caddy.access_log)
+        assert result.matched >= 1 and set(result.hosts) == {STRANGER_V4}, result
+    finally:
+        caddy.stop()
