@@ -179,8 +179,9 @@ class BanManager:
         self._state_positions[key] = position
 
     def record_failure(self, address, filter_name, when=None):
-        """Count one failure from `address`; returns the Ban it triggered, else None.
-        when: the line's own Unix time (None: now); it places the failure in the window."""
+        """Count one failure from `address` at `when` (the log line's own time; None:
+        now; a future time counts as now); returns the Ban it triggered, else None.
+        Times may arrive out of order: the window counts failures by their time."""
         self.failures_total[filter_name] += 1
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
@@ -192,16 +193,16 @@ class BanManager:
         if self._covering_ban(key) is not None:
             return None
         now = self.clock()
-        at = now if when is None else min(when, now)
-        times = self._window.setdefault(key, [])
         cutoff = now - self.settings.findtime
+        when = now if when is None or when > now else when
+        if when < cutoff:
+            return None  # older than the window: it cannot help any ban now
+        times = self._window.setdefault(key, [])
         while times and times[0] < cutoff:
             times.pop(0)
-        if at < cutoff:
-            return None
-        bisect.insort(times, at)
-        self._window_order.append((at, key))
-        self._state_failures.setdefault(key, []).append((at, filter_name))
+        bisect.insort(times, when)
+        self._window_order.append((when, key))
+        self._state_failures.setdefault(key, []).append((when, filter_name))
         if len(times) < self.settings.maxretry:
             return None
         failures = len(times)

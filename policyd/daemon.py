@@ -17,6 +17,7 @@ from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
+from policyd.guard import Forgery, judge_for
 from policyd.journal import JournalSource
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
@@ -51,12 +52,14 @@ class LogSource:
             # A log seen for the first time is followed from its end: old
             # failures must not ban anyone today. One that appears later is
             # read from its start, since all of it is new.
-            self.follower.read_lines()
+            self.follower.skip_to_end()
             self.follower.commit()
+        self.judge = judge_for(self.filter)
+        self.forged = 0
 
     def stats(self):
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
-                    malformed=self.malformed)
+                    malformed=self.malformed, forged=self.forged)
 
 
 class UnfollowedSource:
@@ -76,7 +79,7 @@ class UnfollowedSource:
     def stats(self):
         return {"path": self.path, "filter": self.filter_name, "exists": None,
                 "inode": None, "offset": 0, "lines": 0, "matched": 0, "malformed": 0,
-                "oversized": 0, "rotations": 0, "error": self.broken}
+                "forged": 0, "oversized": 0, "rotations": 0, "error": self.broken}
 
 
 class Daemon:
@@ -308,21 +311,22 @@ class Daemon:
                 new_bans += self._read_journal(source)
                 continue
             lines = source.follower.read_lines()
-            if not lines:
+            if not lines and not source.judge.holding:
                 continue
             self.metrics.log_lines.labels(log=source.path).inc(len(lines))
-            for line in lines:
-                outcome = source.filter.classify(line)
-                if outcome is Outcome.IGNORED:
-                    continue
+            for outcome in source.judge.judge(lines, source.follower.mid_write):
                 if outcome is Outcome.MALFORMED:
                     source.malformed += 1
                     self.metrics.log_malformed.labels(log=source.path).inc()
                     continue
-                source.matched += 1
-                self.metrics.failures.labels(filter=outcome.filter).inc()
-                ban = self.bans.record_failure(outcome.host, outcome.filter,
-                                               when=getattr(outcome, "time", None))
+                if isinstance(outcome, Forgery):
+                    if not self._forged(source, outcome):
+                        continue
+                    outcome = outcome.failure()
+                else:
+                    source.matched += 1
+                    self.metrics.failures.labels(filter=outcome.filter).inc()
+                ban = self.bans.record_failure(outcome.host, outcome.filter, outcome.time)
                 if ban is not None:
                     new_bans += 1
                     log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
@@ -357,6 +361,16 @@ class Daemon:
                 log.warning("ban %s", kv(addr=ban.network, filter=ban.filter, failures=ban.failures,
                                          duration=f"{round(ban.expires_at - ban.banned_at)}s"))
         return new_bans
+
+    def _forged(self, source, forgery):
+        """Count and report a request that wrote lines into another entry; True if
+        its sender is known, so that it counts as a failure of that sender."""
+        source.forged += 1
+        self.metrics.log_forged.labels(log=source.path).inc()
+        log.warning("forged-lines %s", kv(log=source.path, filter=forgery.filter,
+                                          sender=forgery.sender or "unknown",
+                                          dropped=forgery.dropped, reason=forgery.reason))
+        return forgery.sender is not None
 
     def _flush(self):
         try:

@@ -9,7 +9,8 @@ Filter file format (YAML mapping; unknown keys are errors):
     description: free text
     rules:                      # tried in order; the first rule that matches wins
       - contains: ["password mismatch", "was not found in"]
-        regex: '^\\d{4}/... client: (?P<host>[0-9A-Fa-f:.]+), server: '
+        regex: '^(?P<time>\\d{4}/\\d\\d/\\d\\d \\d\\d:\\d\\d:\\d\\d) ... client: (?P<host>[0-9A-Fa-f:.]+), server: '
+        time_format: '%Y/%m/%d %H:%M:%S'   # for the group `time` (or json.time); see policyd.logtime
       - contains: ['"status":401']
         json:
           match: {status: 401}              # dotted path -> value (or list of values)
@@ -17,8 +18,11 @@ Filter file format (YAML mapping; unknown keys are errors):
           host: [request.client_ip, request.remote_ip]  # first path that is present
           present: [request.headers.Authorization]      # path must exist
           nonempty: [ClientUsername]        # path must exist and not be "", "-", [], {}
+          time: StartUTC                    # the line's own time, read with time_format
     ignore:                     # anchored regexes; a matching line is never a failure
       - '^\\S+ \\S+ \\[info\\] .* no user/password was provided'
+    guard:                      # how a request could write a line into this log: policyd.guard
+      kind: nginx-error         # or `continuation` with `whole` and `sender` regexes
 
 `contains` is the speed trick: a line that holds none of the listed substrings is
 IGNORED without running the regex or parsing JSON. `regex` must start with `^`
@@ -41,6 +45,7 @@ from yaml.constructor import SafeConstructor
 
 from policyd.addr import parse_host
 from policyd.errors import InputError
+from policyd.logtime import TimeParser, valid_format
 
 MAX_LINE_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 4 * 1024 * 1024
@@ -62,23 +67,34 @@ class Outcome(enum.Enum):
 class Failure:
     host: IPv4Address | IPv6Address
     filter: str
+    # Unix seconds the line carries (None: none readable); not part of a failure's identity.
+    time: float | None = field(default=None, compare=False)
 
 
 class _RegexRule:
-    def __init__(self, regex, contains):
+    def __init__(self, regex, contains, time_parser=None):
         self.regex = regex
         self.contains = contains
+        self.time_parser = time_parser
 
     def classify(self, line):
+        """(address, raw time or None), Outcome.MALFORMED, or None if the rule does not match.
+        The time is parsed only when a Failure is made (the offline scan never needs it)."""
         found = self.regex.match(line)
         if found is None:
             return None
-        return _cached_parse_host(found.group("host")) or Outcome.MALFORMED
+        address = _cached_parse_host(found.group("host"))
+        if address is None:
+            return Outcome.MALFORMED
+        return address, (found.group("time") if self.time_parser is not None else None)
 
 
 class _JsonRule:
-    def __init__(self, contains, match, match_regex, host, present, nonempty):
+    def __init__(self, contains, match, match_regex, host, present, nonempty, time=None,
+                 time_parser=None):
         self.contains = contains
+        self.time = time
+        self.time_parser = time_parser
         self.match = match
         self.match_regex = match_regex
         self.host = host
@@ -114,7 +130,14 @@ class _JsonRule:
                 continue
             if not isinstance(value, str):
                 return Outcome.MALFORMED
-            return _parse_host_maybe_port(value) or Outcome.MALFORMED
+            address = _parse_host_maybe_port(value)
+            if address is None:
+                return Outcome.MALFORMED
+            raw = None
+            if self.time is not None:
+                raw = _lookup(record, self.time)
+                raw = None if raw is _MISSING else raw
+            return address, raw
         return Outcome.MALFORMED
 
 
@@ -158,18 +181,22 @@ def _parse_host_maybe_port(text):
 class Filter:
     """One loaded filter file; classify() is safe on any bytes."""
 
-    def __init__(self, name, rules, ignore, source=None):
+    def __init__(self, name, rules, ignore, source=None, guard=None):
         self.name = name
         self.rules = tuple(rules)
         self.ignore = tuple(ignore)
         self.source = source
+        self.guard = guard  # dict from the `guard` key, read by policyd.guard; None: no guard
         tokens = []
         for rule in self.rules:
             tokens.extend(t for t in rule.contains if t not in tokens)
         # A rule without `contains` must see every line, so no shared prefilter.
         self.prefilter = tuple(tokens) if all(r.contains for r in self.rules) else ()
-        # With one rule, passing the shared prefilter already proves its `contains`.
-        self.several_rules = len(self.rules) > 1 or not self.prefilter
+        # Passing the shared prefilter already proves the `contains` of a rule that
+        # lists every prefilter token: only the other rules look again.
+        self._checked_rules = tuple(
+            (rule, bool(rule.contains) and not (self.prefilter and set(self.prefilter) <= set(rule.contains)))
+            for rule in self.rules)
 
     def __repr__(self):
         return f"Filter({self.name!r})"
@@ -189,13 +216,14 @@ class Filter:
         outcome = self._candidate_host(line)
         if isinstance(outcome, Outcome):
             return outcome
-        return Failure(outcome, self.name)
+        address, rule, raw_time = outcome
+        return Failure(address, self.name, rule.time_parser(raw_time) if raw_time is not None else None)
 
     def _candidate_host(self, line):
-        """The failing host of a line that passed the prefilter, or an Outcome."""
+        """(host, time) of a failing line that passed the prefilter, or an Outcome."""
         malformed = False
-        for rule in self.rules:
-            if self.several_rules and rule.contains and not _holds_any(line, rule.contains):
+        for rule, look in self._checked_rules:
+            if look and not _holds_any(line, rule.contains):
                 continue
             result = rule.classify(line)
             if result is None:
@@ -203,9 +231,10 @@ class Filter:
             if result is Outcome.MALFORMED:
                 malformed = True
                 continue
-            if any(pattern.match(line) for pattern in self.ignore):
-                return Outcome.IGNORED
-            return result
+            for pattern in self.ignore:
+                if pattern.match(line):
+                    return Outcome.IGNORED
+            return result[0], rule, result[1]
         if malformed or b"\x00" in line or not _is_utf8(line):
             return Outcome.MALFORMED
         return Outcome.IGNORED
@@ -228,9 +257,11 @@ def _is_utf8(line):
 
 # ---------------------------------------------------------------- loading
 
-_TOP_KEYS = {"description", "rules", "ignore"}
-_RULE_KEYS = {"contains", "regex", "json"}
-_JSON_KEYS = {"match", "match_regex", "host", "present", "nonempty"}
+_TOP_KEYS = {"description", "rules", "ignore", "guard"}
+_RULE_KEYS = {"contains", "regex", "json", "time_format"}
+_JSON_KEYS = {"match", "match_regex", "host", "present", "nonempty", "time"}
+_GUARD_KEYS = {"kind", "entry_max_bytes", "whole", "sender"}
+GUARD_KINDS = ("nginx-error", "continuation")
 
 
 def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
@@ -283,7 +314,8 @@ def _load_file(path):
             ignore.append(loader.regex(node, f"ignore[{i}]", need_host=False))
     if "description" in top:
         loader.string(top["description"], "description")
-    return Filter(path.stem, rules, ignore, source=path)
+    guard = loader.guard(top["guard"]) if "guard" in top else None
+    return Filter(path.stem, rules, ignore, source=path, guard=guard)
 
 
 class _Loader:
@@ -349,11 +381,57 @@ class _Loader:
             contains = tuple(s.encode("utf-8") for s in self.strings(fields["contains"], f"{key}.contains"))
         if ("regex" in fields) == ("json" in fields):
             self.fail(node, key, "a rule needs exactly one of `regex` or `json`")
+        time_parser = None
+        if "time_format" in fields:
+            time_format = self.string(fields["time_format"], f"{key}.time_format")
+            problem = valid_format(time_format)
+            if problem:
+                self.fail(fields["time_format"], f"{key}.time_format", problem)
+            time_parser = TimeParser(time_format)
         if "regex" in fields:
-            return _RegexRule(self.regex(fields["regex"], f"{key}.regex", need_host=True), contains)
-        return self.json_rule(fields["json"], f"{key}.json", contains)
+            regex = self.regex(fields["regex"], f"{key}.regex", need_host=True)
+            if ("time" in regex.groupindex) != (time_parser is not None):
+                self.fail(fields["regex"], f"{key}.regex",
+                          "a named group (?P<time>...) and time_format go together")
+            return _RegexRule(regex, contains, time_parser)
+        return self.json_rule(fields["json"], f"{key}.json", contains, time_parser)
 
-    def json_rule(self, node, key, contains):
+    def guard(self, node):
+        fields = self.mapping(node, _GUARD_KEYS, "guard")
+        if "kind" not in fields:
+            self.fail(node, "guard.kind", "missing key")
+        kind = self.string(fields["kind"], "guard.kind")
+        if kind not in GUARD_KINDS:
+            self.fail(fields["kind"], "guard.kind", f"must be one of {', '.join(GUARD_KINDS)}")
+        guard = {"kind": kind}
+        if kind == "nginx-error":
+            size = self.value(fields["entry_max_bytes"]) if "entry_max_bytes" in fields else 2048
+            if type(size) is not int or not 256 <= size <= 1 << 20:
+                self.fail(fields.get("entry_max_bytes", node), "guard.entry_max_bytes",
+                          "must be an integer from 256 to 1048576 (nginx's NGX_MAX_ERROR_STR)")
+            guard["entry_max_bytes"] = size
+            unused = {"whole", "sender"} & set(fields)
+        else:
+            for name in ("whole", "sender"):
+                if name not in fields:
+                    self.fail(node, f"guard.{name}", "missing key (a continuation guard needs it)")
+            guard["whole"] = self.regex_any(fields["whole"], "guard.whole")
+            guard["sender"] = self.regex(fields["sender"], "guard.sender", need_host=True)
+            unused = {"entry_max_bytes"} & set(fields)
+        if unused:
+            name = sorted(unused)[0]
+            self.fail(fields[name], f"guard.{name}", f"not used by kind {kind}")
+        return guard
+
+    def regex_any(self, node, key):
+        """An unanchored regex (searched, not matched), compiled for bytes."""
+        pattern = self.string(node, key)
+        try:
+            return re.compile(pattern.encode("utf-8"))
+        except re.error as error:
+            self.fail(node, key, f"bad regex: {error}")
+
+    def json_rule(self, node, key, contains, time_parser=None):
         fields = self.mapping(node, _JSON_KEYS, key)
         if "host" not in fields:
             self.fail(node, f"{key}.host", "missing key: a JSON rule needs host paths")
@@ -375,7 +453,10 @@ class _Loader:
                 match_regex.append((_path(name), pattern))
         present = [_path(p) for p in self.strings(fields["present"], f"{key}.present")] if "present" in fields else []
         nonempty = [_path(p) for p in self.strings(fields["nonempty"], f"{key}.nonempty")] if "nonempty" in fields else []
-        return _JsonRule(contains, match, match_regex, hosts, present, nonempty)
+        time_path = _path(self.string(fields["time"], f"{key}.time")) if "time" in fields else None
+        if (time_path is None) != (time_parser is None):
+            self.fail(node, f"{key}.time", "json.time and the rule's time_format go together")
+        return _JsonRule(contains, match, match_regex, hosts, present, nonempty, time_path, time_parser)
 
 
 def _path(dotted):
@@ -392,6 +473,7 @@ class ScanResult:
     matched: int = 0
     ignored: int = 0
     malformed: int = 0
+    forged: int = 0     # failure lines a request wrote into another entry (policyd.guard)
     hosts: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -406,6 +488,7 @@ class ScanResult:
             "matched": self.matched,
             "ignored": self.ignored,
             "malformed": self.malformed,
+            "forged": self.forged,
             "hosts": dict(sorted(self.hosts.items(), key=lambda kv: (-kv[1], kv[0]))),
             "seconds": round(self.seconds, 6),
             "lines_per_second": round(self.lines_per_second, 1),
@@ -434,7 +517,10 @@ def scan(log_filter, path):
     except OSError as error:
         raise InputError(f"cannot read log: {error.strerror}", file=path) from None
     result.seconds = time.perf_counter() - started
-    result.hosts = {str(address): count for address, count in hosts.items()}
+    by_text = {}
+    for address, count in hosts.values():
+        by_text[str(address)] = by_text.get(str(address), 0) + count
+    result.hosts = by_text
     return result
 
 
@@ -498,8 +584,12 @@ def _scan_region(log_filter, buffer, end, result, hosts):
             line_end = buffer.find(b"\n", position, end)
             candidates.add((line_start, line_end))
             position = buffer.find(token, line_end + 1, end)
-    matched = malformed = 0
+    matched = malformed = forged = 0
     host_of = log_filter._candidate_host
+    region_judge = None
+    if log_filter.guard:
+        from policyd.guard import RegionJudge  # guard builds on this module
+        region_judge = RegionJudge(log_filter, buffer, end, candidates)
     for line_start, line_end in candidates:
         line = buffer[line_start:line_end]
         if len(line) > MAX_LINE_BYTES:
@@ -511,24 +601,39 @@ def _scan_region(log_filter, buffer, end, result, hosts):
         if outcome is Outcome.MALFORMED:
             malformed += 1
             continue
+        if region_judge is not None and region_judge.drops(line_start, line_end):
+            forged += 1
+            continue
         matched += 1
-        hosts[outcome] = hosts.get(outcome, 0) + 1
+        # Keyed by the (cached, kept alive) address object's id: hashing an
+        # ipaddress object is slow Python code, and this runs once per failure.
+        counted = hosts.get(id(outcome[0]))
+        if counted is None:
+            hosts[id(outcome[0])] = [outcome[0], 1]
+        else:
+            counted[1] += 1
     result.lines += line_count
     result.matched += matched
     result.malformed += malformed
-    result.ignored += line_count - matched - malformed
+    result.forged += forged
+    result.ignored += line_count - matched - malformed - forged
 
 
 def _scan_lines(log_filter, lines, result, hosts):
     """The per-line path, for regions with NUL bytes or very long lines."""
-    classify = log_filter.classify
-    for line in lines:
-        outcome = classify(line)
-        if outcome is Outcome.IGNORED:
-            result.ignored += 1
+    from policyd.guard import Forgery, judge_for
+    counted = 0
+    for outcome in judge_for(log_filter).judge(lines):
+        if isinstance(outcome, Forgery):
+            result.forged += outcome.dropped
+            counted += outcome.dropped
         elif outcome is Outcome.MALFORMED:
             result.malformed += 1
+            counted += 1
         else:
             result.matched += 1
-            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+            counted += 1
+            tally = hosts.setdefault(id(outcome.host), [outcome.host, 0])
+            tally[1] += 1
+    result.ignored += len(lines) - counted
     result.lines += len(lines)

@@ -232,8 +232,9 @@ class JournalSource:
         return results
 
     def stats(self):
+        # A journal entry is one record: no request can write another into it.
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
-                    malformed=self.malformed)
+                    malformed=self.malformed, forged=0)
 
 
 def probe(unit, directory=None):

@@ -394,6 +394,7 @@ APPLY_KINDS = ("plain", "trial", "confirm", "rollback", "restore")
 class StandardMetrics:
     log_lines: Counter
     log_malformed: Counter
+    log_forged: Counter
     failures: Counter
     bans: Counter
     bans_active: Gauge
@@ -411,6 +412,8 @@ def standard_metrics(registry: Registry, *, bans_active: Callable[[], float] | N
         log_lines=Counter("policyd_log_lines_total", "Complete lines read from each log.", ["log"], registry),
         log_malformed=Counter("policyd_log_malformed_total",
                               "Lines skipped as malformed, huge, binary or not UTF-8.", ["log"], registry),
+        log_forged=Counter("policyd_log_forged_total",
+                           "Requests caught writing lines into another log entry.", ["log"], registry),
         failures=Counter("policyd_failures_total", "Authentication failures matched by each filter.",
                          ["filter"], registry),
         bans=Counter("policyd_bans_total", "Bans added, by reason.", ["reason"], registry),

@@ -24,6 +24,9 @@ from policyd.errors import InputError
 
 HEAD_BYTES = 256
 READ_CHUNK = 1 << 16
+# A reader can see a write(2) in progress cut only where the kernel copies it
+# page by page into the file: at a page boundary.
+PAGE_BYTES = 4096
 # How long a rotated-away file stays open after its last growth: a writer
 # rotated with logrotate's `create` (Debian's nginx, Apache) keeps writing to
 # the old inode until its postrotate reopen, and those lines must not be lost.
@@ -194,6 +197,45 @@ class LogFollower:
         self._follow_path(lines)
         self._lines += len(lines)
         return lines
+
+    def skip_to_end(self) -> None:
+        """Follow the log from its current end without reading what is there (a log
+        seen for the first time: its old failures must not ban anyone today)."""
+        if self._current is not None:
+            return
+        opened = self._open(self.path)
+        if opened is None:
+            return
+        fd, status = opened
+        size = status.st_size
+        try:
+            head = os.pread(fd, min(HEAD_BYTES, size), 0)
+            tail_start = max(0, size - self.max_line)
+            tail = os.pread(fd, size - tail_start, tail_start) if size else b""
+        except OSError as error:
+            os.close(fd)
+            self._error = str(error)
+            return
+        log = _OpenLog(fd, status, size, head, self._clock())
+        cut = tail.rfind(b"\n")
+        log.line_end = tail_start + cut + 1 if cut >= 0 else (0 if tail_start == 0 else size)
+        if cut >= 0 or tail_start == 0:
+            log.pending += tail[cut + 1:]   # a line still being written: returned once complete
+        else:
+            log.skipping = True             # inside a line longer than max_line
+        self._current = log
+        self._exists = True
+        self._resume = None
+
+    @property
+    def mid_write(self) -> bool:
+        """True if the last read may have cut a write in two: it ended inside a line,
+        or at a page boundary. A caller that must see whole writes waits a little then."""
+        log = self._current
+        if log is None:
+            return False
+        return bool(log.pending) or log.skipping or (log.read_offset > 0
+                                                     and log.read_offset % PAGE_BYTES == 0)
 
     def commit(self) -> None:
         """Persist the position after the lines returned so far."""

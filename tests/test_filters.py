@@ -47,7 +47,11 @@ def test_sample_lines_classify_as_annotated(name):
             assert outcome is Outcome.MALFORMED, where
         elif expected["match"]:
             kinds["match"] += 1
-            assert outcome == Failure(ipaddress.ip_address(expected["host"]), name), f"{where} -> {outcome}"
+            assert isinstance(outcome, Failure), f"{where} -> {outcome}"
+            assert (outcome.host, outcome.filter) == (ipaddress.ip_address(expected["host"]), name), \
+                f"{where} -> {outcome}"
+            # Every proxy writes its time: the failure window uses it (issue 10, point 4).
+            assert outcome.time is not None, f"{where}: no time read"
         else:
             kinds["nomatch"] += 1
             assert not isinstance(outcome, Failure), f"{where} -> {outcome}"
@@ -199,7 +203,7 @@ def test_scan_counts_a_generated_file(tmp_path):
     assert (result.lines, result.matched, result.ignored, result.malformed) == (352, 151, 100, 101)
     assert result.hosts == {"192.0.2.1": 101, "2001:db8::5": 50}
     report = result.to_json()
-    assert set(report) == {"lines", "matched", "ignored", "malformed", "hosts", "seconds",
+    assert set(report) == {"lines", "matched", "ignored", "malformed", "forged", "hosts", "seconds",
                            "lines_per_second", "filter", "file"}
     assert report["filter"] == "nginx-auth" and report["file"] == str(log)
     json.dumps(report)

@@ -532,3 +532,63 @@ def test_follower_driven_by_watcher_sees_rotation(log):
     finally:
         watcher.stop()
         follower.close()
+
+
+# --- a log seen for the first time, and where a write may be cut -------------
+
+def test_a_first_seen_log_is_followed_from_its_end_without_reading_it(log, tmp_path):
+    line = b"2026/12/01 10:00:00 [error] 1#1: *1 old failure, client: 192.0.2.1\n"
+    with open(log, "wb") as handle:
+        for _ in range((20 << 20) // len(line)):   # 20 MB of old lines
+            handle.write(line)
+        handle.write(b"half a line")
+    positions = MemoryPositions()
+    follower = LogFollower(log, positions)
+    tracemalloc.start()
+    try:
+        follower.skip_to_end()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Seeking reads the head and at most one max_line from the end, never the file.
+    assert peak < follower.max_line + (1 << 20)
+    follower.commit()
+    assert positions.load(log)["offset"] == os.path.getsize(log) - len(b"half a line")
+    append(log, b" completed\nnew\n")
+    assert follower.read_lines() == [b"half a line completed", b"new"]
+    follower.commit()
+    follower.close()
+    # A restart resumes from the committed position, not from the end.
+    append(log, b"while down\n")
+    again = LogFollower(log, positions)
+    assert again.read_lines() == [b"while down"]
+    again.close()
+
+
+def test_skip_to_end_of_a_missing_or_empty_log_reads_it_from_the_start(log):
+    follower = LogFollower(log, MemoryPositions())
+    follower.skip_to_end()                # missing: nothing to skip
+    append(log, b"first\n")
+    assert follower.read_lines() == [b"first"]
+    follower.close()
+    open(log, "wb").close()
+    empty = LogFollower(log, MemoryPositions())
+    empty.skip_to_end()
+    append(log, b"one\n")
+    assert empty.read_lines() == [b"one"]
+    empty.close()
+
+
+def test_mid_write_is_true_only_inside_a_line_or_at_a_page_boundary(log, follower):
+    append(log, b"a" * 99 + b"\n")
+    follower.read_lines()
+    assert not follower.mid_write
+    append(log, b"partial")
+    follower.read_lines()
+    assert follower.mid_write
+    append(log, b"x" * (4096 - 100 - len(b"partial") - 1) + b"\n")   # ends at 4096 exactly
+    assert len(follower.read_lines()) == 1 and os.path.getsize(log) == 4096
+    assert follower.mid_write
+    append(log, b"more\n")
+    follower.read_lines()
+    assert not follower.mid_write

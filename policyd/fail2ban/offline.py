@@ -32,7 +32,7 @@ def scan_region(flt, buffer, end, result, hosts):
             result.malformed += 1
         else:
             result.matched += 1
-            hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+            _tally(hosts, outcome.host, 1)
     result.lines += len(lines)
 
 
@@ -73,7 +73,7 @@ def _scan_candidates(flt, buffer, end, result, hosts):
         else:
             entry[1] += 1
     for host, count in counts.values():
-        hosts[host] = hosts.get(host, 0) + count
+        _tally(hosts, host, count)
     result.lines += line_count
     result.matched += matched
     result.malformed += malformed
@@ -98,8 +98,18 @@ def scan_text(flt, text, result, hosts):
             malformed += 1
             continue
         matched += 1
-        hosts[outcome.host] = hosts.get(outcome.host, 0) + 1
+        _tally(hosts, outcome.host, 1)
     result.lines += len(lines)
     result.matched += matched
     result.malformed += malformed
     result.ignored += len(lines) - matched - malformed
+
+
+def _tally(hosts, host, count):
+    """Count into filters.scan's tally: id(address) -> [address, count] (the list
+    keeps the address alive, so its id cannot be reused meanwhile)."""
+    entry = hosts.get(id(host))
+    if entry is None:
+        hosts[id(host)] = [host, count]
+    else:
+        entry[1] += count

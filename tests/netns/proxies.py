@@ -433,3 +433,91 @@ if __name__ == "__main__":
         serve_ollama_standin(int(sys.argv[2]))
     else:
         sys.exit("usage: proxies.py ollama-standin PORT")
+
+
+# --- nginx as Debian leaves it: a static site and the auth proxy share error.log ---
+
+SHARED_LOG_CONF = """\
+# Written by tests/netns/proxies.py: Debian's default site (a static root on port
+# {static_port}) and the Ollama auth proxy, both writing the one error.log at
+# Debian's default level. No try_files: with it nginx logs no 404 at all, without
+# it every 404 is an `open() "..." failed` entry holding the decoded path.
+user root;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log {work}/access.log;
+    client_body_temp_path {work}/tmp/body;
+    proxy_temp_path {work}/tmp/proxy;
+    fastcgi_temp_path {work}/tmp/fastcgi;
+    uwsgi_temp_path {work}/tmp/uwsgi;
+    scgi_temp_path {work}/tmp/scgi;
+
+    server {{
+        listen {static_port} default_server;
+        listen [::]:{static_port} default_server;
+        root {work}/html;
+        index index.html;
+        server_name _;
+    }}
+
+    server {{
+        listen {port};
+        listen [::]:{port};
+        server_name localhost;
+        location / {{
+            auth_basic "Ollama API Access";
+            auth_basic_user_file {work}/htpasswd;
+            proxy_pass http://127.0.0.1:{upstream};
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx_shared_log(host, workdir, listen_port=8080, static_port=80, users=None,
+                           upstream_port=OLLAMA_PORT):
+    """nginx as Debian's default site leaves it: a static server on static_port and
+    the auth proxy on listen_port, both logging to one error.log at level error."""
+    for tool in ("nginx", "htpasswd"):
+        if shutil.which(tool) is None:
+            raise ProxyUnavailable(f"`{tool}` is not installed (make setup installs nginx-light, apache2-utils)")
+    work = Path(workdir).resolve()
+    (work / "tmp").mkdir(parents=True, exist_ok=True)
+    (work / "html").mkdir(exist_ok=True)
+    (work / "html" / "index.html").write_text("<h1>Welcome to nginx!</h1>\n")
+    htpasswd = work / "htpasswd"
+    for n, (user, password) in enumerate((users or DEFAULT_USERS).items()):
+        create = ["-c"] if n == 0 else []
+        subprocess.run(["htpasswd", *create, "-B", "-b", str(htpasswd), user, password],
+                       check=True, capture_output=True)
+    conf = work / "nginx.conf"
+    conf.write_text(SHARED_LOG_CONF.format(work=work, port=listen_port, static_port=static_port,
+                                           upstream=upstream_port))
+    with open(work / "stderr.log", "wb") as stderr:
+        proc = host.popen("nginx", "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf),
+                          "-g", "daemon off;", stdout=subprocess.DEVNULL, stderr=stderr)
+    _wait_listening(host, proc, listen_port, "nginx", work / "stderr.log")
+    _wait_listening(host, proc, static_port, "nginx", work / "stderr.log")
+    return Nginx(host, work, conf, proc, listen_port)
+
+
+def raw_request(host, address, port, request, timeout=2.0, source=None):
+    """Send `request` (bytes, sent as is) over a new connection; the status code or None."""
+    sock = open_connection(host, address, port, timeout, source)
+    if sock is None:
+        return None
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(request)
+        return _Response(sock).read()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    finally:
+        sock.close()

@@ -31,7 +31,8 @@ POLICY = """\
 
 
 def failure(address, user="admin", path="/api/tags", host="ollama.example"):
-    return (f'2026/11/26 20:00:00 [error] 1234#1234: *1 user "{user}": password mismatch, '
+    # Stamped now, as nginx does: the failure window runs on the line's own time.
+    return (f'{time.strftime("%Y/%m/%d %H:%M:%S")} [error] 1234#1234: *1 user "{user}": password mismatch, '
             f'client: {address}, server: _, request: "GET {path} HTTP/1.1", '
             f'host: "{host}"\n')
 

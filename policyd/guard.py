@@ -1,0 +1,365 @@
+"""Whole log entries from physical lines: no request can write a failure line for someone else.
+
+Owns the judgement between a filter and the ban engine: which failure lines a
+request wrote into another entry (dropped, and counted against the request's
+real sender when that can be read), holding failures while a write may still
+be arriving, and the same judgement for the offline scan. Filters opt in with
+their `guard` key; see filters/README.md for what each kind guarantees.
+"""
+import bisect
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from urllib.parse import unquote_to_bytes
+
+from policyd.filters import Failure, Outcome, _cached_parse_host
+
+# A failure read while its write may be incomplete waits this long for the rest.
+HOLD_SECONDS = 1.0
+
+# nginx writes the client, server and raw request after the message; the raw
+# request line holds no space or control byte (nginx >= 1.21.1 refuses them).
+_NGINX_TAIL = re.compile(rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)')
+# A complete nginx entry ends with the host (which holds no quote or space) or
+# the referrer nginx writes after it.
+_NGINX_COMPLETE = re.compile(rb', (?:host|referrer): "[^" ]*"\Z')
+# A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
+# it, marking the cut with "..."), so a truncated entry that wrote newlines ends
+# in a line holding the errno and no complete tail.
+_NGINX_ERRNO = re.compile(rb' \(\d+: ')
+_NGINX_ENCODED_NEWLINE = re.compile(rb'%0[aA]')
+_NGINX_CUT_LINE = re.compile(rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n')
+
+
+@dataclass(frozen=True)
+class Forgery:
+    """A request that wrote lines into another entry of the log."""
+    sender: IPv4Address | IPv6Address | None  # the request's real client, if it can be read
+    filter: str
+    dropped: int        # failure lines it wrote, dropped
+    reason: str         # encoded-newline | truncated | continuation
+    time: float | None = None
+
+    def failure(self):
+        """The request itself, as one failure of its sender (who must be known)."""
+        return Failure(self.sender, self.filter, self.time)
+
+
+def judge_for(log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
+    """The judge a followed log needs: one per LogSource."""
+    kind = (log_filter.guard or {}).get("kind")
+    if kind == "nginx-error":
+        return NginxErrorJudge(log_filter, clock, hold_seconds)
+    if kind == "continuation":
+        return ContinuationJudge(log_filter)
+    return PlainJudge(log_filter)
+
+
+class PlainJudge:
+    """A log no request can write a line into: every line stands on its own."""
+
+    holding = False
+
+    def __init__(self, log_filter):
+        self.filter = log_filter
+
+    def judge(self, lines, mid_write=False):
+        """Failures, Forgery events and Outcome.MALFORMED, in log order."""
+        classify = self.filter.classify
+        results = []
+        for line in lines:
+            outcome = classify(line)
+            if outcome is not Outcome.IGNORED:
+                results.append(outcome)
+        return results
+
+
+class ContinuationJudge(PlainJudge):
+    """For logs where a field a request controls may hold newlines but never the
+    entry's own skeleton (Traefik's Common Log Format, oauth2-proxy: a Basic user
+    name holds no colon, so no line of it can carry the entry's time). A line is
+    `whole` when it holds that skeleton; a failure line right after a line that is
+    not whole was written by the request inside an entry, and is dropped."""
+
+    def __init__(self, log_filter):
+        super().__init__(log_filter)
+        self.whole = log_filter.guard["whole"]
+        self.sender_regex = log_filter.guard["sender"]
+        self.after_whole = True   # a resumed log starts after a whole entry
+        self.entry_sender = None  # the client named by the line the current entry began with
+
+    def judge(self, lines, mid_write=False):
+        classify, whole = self.filter.classify, self.whole.search
+        results = []
+        for line in lines:
+            outcome = classify(line)
+            if self.after_whole:
+                found = self.sender_regex.match(line)
+                self.entry_sender = _cached_parse_host(found.group("host")) if found else None
+            elif isinstance(outcome, Failure):
+                results.append(Forgery(self.entry_sender, self.filter.name, 1, "continuation",
+                                       outcome.time))
+                outcome = Outcome.IGNORED
+            if outcome is not Outcome.IGNORED:
+                results.append(outcome)
+            self.after_whole = whole(line) is not None
+        return results
+
+
+class _Line:
+    __slots__ = ("index", "start", "end", "outcome")
+
+    def __init__(self, index, start, end, outcome):
+        self.index, self.start, self.end, self.outcome = index, start, end, outcome
+
+
+class NginxErrorJudge(PlainJudge):
+    """nginx's error.log, shared with any site that logs decoded paths.
+
+    nginx writes each entry with one write(2) of at most entry_max_bytes
+    (NGX_MAX_ERROR_STR, 2048), truncating longer ones. A request can put
+    newlines into an entry only through a decoded path, so its entry either
+    ends in a line holding the raw request with `%0A`, or was truncated to
+    exactly entry_max_bytes. Such a line drops every failure line of its write
+    (those within entry_max_bytes before it); failures are held while the
+    follower may have read only part of a write.
+    """
+
+    def __init__(self, log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
+        super().__init__(log_filter)
+        self.max_bytes = log_filter.guard["entry_max_bytes"]
+        self.clock = clock
+        self.hold_seconds = hold_seconds
+        self._position = 0          # where the next line starts, counting from the first line read
+        self._index = 0
+        self._starts = deque()      # where each line of the last max_bytes starts
+        self._recent = deque()      # _Line of each non-ignored line of the last max_bytes
+        self._held = []             # results waiting for the rest of their write
+        self._held_since = None
+
+    @property
+    def holding(self):
+        return bool(self._held)
+
+    def judge(self, lines, mid_write=False):
+        results = self._held
+        self._process(lines, results)
+        if mid_write and any(isinstance(e.outcome, Failure) for e in results if isinstance(e, _Line)):
+            if self._held_since is None:
+                self._held_since = self.clock()
+            if self.clock() - self._held_since < self.hold_seconds:
+                self._held = results
+                return []
+        self._held, self._held_since = [], None
+        self._recent.clear()
+        return [e.outcome if isinstance(e, _Line) else e for e in results
+                if not isinstance(e, _Line) or e.outcome is not None]
+
+    def _process(self, lines, results):
+        if not results:
+            self._recent.clear()   # what was returned can no longer be dropped
+        blob = b"\n".join(lines) + b"\n"
+        if _NGINX_ENCODED_NEWLINE.search(blob) or _NGINX_CUT_LINE.search(blob):
+            self._judge_each(lines, results)
+        else:
+            self._classify_each(lines, results)
+
+    def _classify_each(self, lines, results):
+        """The common case, nothing in the batch could end a forging write: classify only."""
+        classify, ignored = self.filter.classify, Outcome.IGNORED
+        position, index, recent = self._position, self._index, self._recent
+        for line in lines:
+            outcome = classify(line)
+            if outcome is not ignored:
+                entry = _Line(index, position, position + len(line), outcome)
+                recent.append(entry)
+                results.append(entry)
+            position += len(line) + 1
+            index += 1
+        # Keep the line starts of the last max_bytes for a truncated write still to come.
+        starts, oldest, start = self._starts, position - self.max_bytes, position
+        tail = []
+        for line in reversed(lines):
+            start -= len(line) + 1
+            if start < oldest:
+                break
+            tail.append(start)
+        if len(tail) < len(lines):
+            starts.clear()
+        starts.extend(reversed(tail))
+        while starts and starts[0] < oldest:
+            starts.popleft()
+        self._position, self._index = position, index
+
+    def _judge_each(self, lines, results):
+        classify, ignored = self.filter.classify, Outcome.IGNORED
+        starts, recent, max_bytes = self._starts, self._recent, self.max_bytes
+        position, index = self._position, self._index
+        for line in lines:
+            start, end = position, position + len(line)
+            position = end + 1
+            oldest = position - max_bytes
+            while starts and starts[0] < oldest:
+                starts.popleft()
+            while recent and recent[0].start < oldest:
+                recent.popleft()
+            outcome = classify(line)
+            entry = _Line(index, start, end, outcome) if outcome is not ignored else None
+            if b"%0a" in line or b"%0A" in line:
+                self._encoded_newline(line, entry or _Line(index, start, end, None), results)
+            elif (oldest >= 0 and _NGINX_ERRNO.search(line) is not None
+                  and not (line.endswith(b'"') and _NGINX_COMPLETE.search(line))):
+                self._maybe_truncated(entry or _Line(index, start, end, None), oldest, results)
+            starts.append(start)
+            if entry is not None:
+                recent.append(entry)
+                results.append(entry)
+            index += 1
+        self._position, self._index = position, index
+
+    @staticmethod
+    def _drop(lines):
+        dropped = 0
+        for line in lines:
+            if isinstance(line.outcome, Failure):
+                dropped += 1
+                line.outcome = None
+        return dropped
+
+    def _encoded_newline(self, line, entry, results):
+        count = line.count(b"%0a") + line.count(b"%0A")
+        first = entry.index - count
+        # The request's own line is never a failure either: its start is the
+        # request's text, dressed as it likes.
+        dropped = self._drop([e for e in self._recent if e.index >= first] + [entry])
+        sender = nginx_sender(line)
+        if dropped or sender is not None:
+            results.append(Forgery(sender, self.filter.name, dropped, "encoded-newline"))
+
+    def _maybe_truncated(self, entry, head, results):
+        # Truncated entries are exactly max_bytes: did one start at a line start?
+        if head in self._starts and head < entry.start:
+            dropped = self._drop([e for e in self._recent if e.start >= head] + [entry])
+            results.append(Forgery(None, self.filter.name, dropped, "truncated"))
+
+
+def nginx_sender(line):
+    """The client nginx named in the tail of an entry whose raw request wrote newlines.
+
+    Every `client:, server:, request:` group in the line is a candidate (the
+    request's text can hold more of them, before and after the real one). A
+    candidate explains the line if the last line of its decoded, normalized path
+    is what the physical line starts with; the real one always does. The sender
+    is the one address among those explaining the longest start, else None.
+    """
+    best, senders = -1, set()
+    for found in _NGINX_TAIL.finditer(line):
+        path = found.group(2).split(b"?", 1)[0]
+        if b"%0a" not in path and b"%0A" not in path:
+            continue
+        written = _nginx_normalized(unquote_to_bytes(path)).rsplit(b"\n", 1)[-1]
+        if len(written) > found.start() or not line.startswith(written):
+            continue
+        if len(written) > best:
+            best, senders = len(written), set()
+        if len(written) == best:
+            senders.add(found.group(1))
+    if len(senders) != 1:
+        return None
+    return _cached_parse_host(senders.pop())
+
+
+def _nginx_normalized(path):
+    """The path as nginx writes it after decoding: slashes merged, dot segments resolved."""
+    kept = []
+    for segment in path.split(b"/")[1:]:
+        if segment == b"." or segment == b"":
+            continue
+        if segment == b"..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(segment)
+    trailing = b"/" if path.endswith((b"/", b"/.", b"/..")) and kept else b""
+    return b"/" + b"/".join(kept) + trailing
+
+
+# ---------------------------------------------------------------- offline scan
+
+class RegionJudge:
+    """The daemon's judgement for `policyd test-filter`, which never splits a
+    region into lines: drops(start, end) says whether the failure line
+    buffer[start:end] would be dropped. Only failures near a suspect line are
+    judged in full, so a clean region costs two regex passes."""
+
+    def __init__(self, log_filter, buffer, end, candidates):
+        self.filter, self.buffer = log_filter, buffer
+        self.continuation = log_filter.guard["kind"] == "continuation"
+        self.suspects = suspect_ranges(log_filter, buffer, end, candidates)
+        self.starts = [low for low, _high in self.suspects]
+        self.reach = max((high - low for low, high in self.suspects), default=0)
+
+    def drops(self, start, end):
+        if not self.continuation:
+            first = bisect.bisect_left(self.starts, start - self.reach)
+            last = bisect.bisect_right(self.starts, start)
+            if not any(self.suspects[i][1] >= end for i in range(first, last)):
+                return False
+        return dropped_in_region(self.filter, self.buffer, start, end)
+
+
+def suspect_ranges(log_filter, buffer, end, candidates=None):
+    """For the offline scan of buffer[:end] (whole lines): sorted (lo, hi) byte
+    ranges holding every failure line the daemon's judge might drop. Regex
+    passes at C speed over the region, or only over the write after each of the
+    (start, end) failure candidates when those windows are the smaller part."""
+    guard = log_filter.guard or {}
+    if guard.get("kind") != "nginx-error":
+        return []
+    size = guard["entry_max_bytes"]
+    windows = [(0, end)]
+    if candidates is not None and len(candidates) * size < end // 2:
+        windows = []
+        for start, _ in sorted(candidates):
+            high = min(end, start + size + 1)
+            if windows and start <= windows[-1][1]:
+                windows[-1] = (windows[-1][0], max(windows[-1][1], high))
+            else:
+                windows.append((start, high))
+    ranges = []
+    for low, high in windows:
+        for found in _NGINX_ENCODED_NEWLINE.finditer(buffer, low, high):
+            line_end = buffer.find(b"\n", found.start(), end)
+            line_end = end if line_end < 0 else line_end
+            ranges.append((max(0, line_end + 1 - size), line_end))
+        for found in _NGINX_CUT_LINE.finditer(buffer, low, high):
+            line_end = found.end() - 1
+            head = line_end + 1 - size       # the first byte of its write, if it was truncated
+            if head >= 0 and (head == 0 or buffer[head - 1] == 10):
+                ranges.append((head, line_end))
+    return sorted(set(ranges))
+
+
+def dropped_in_region(log_filter, buffer, start, end):
+    """For the offline scan: True if the daemon's judge drops the failure line
+    buffer[start:end]. Judges the lines around it (within one write either side)."""
+    guard = log_filter.guard or {}
+    if guard.get("kind") == "continuation":
+        if start == 0:
+            return False
+        before = buffer.rfind(b"\n", 0, start - 1) + 1
+        return guard["whole"].search(buffer[before:start - 1]) is None
+    if guard.get("kind") != "nginx-error":
+        return False
+    size = guard["entry_max_bytes"]
+    context_start = buffer.rfind(b"\n", 0, max(0, start - size)) + 1 if start > size else 0
+    context_end = buffer.find(b"\n", min(len(buffer), end + size))
+    context_end = len(buffer) if context_end < 0 else context_end
+    judge = NginxErrorJudge(log_filter)
+    judge._position = context_start
+    results = []
+    judge._process(buffer[context_start:context_end].split(b"\n"), results)
+    return not any(isinstance(e, _Line) and e.start == start and isinstance(e.outcome, Failure)
+                   for e in results)

@@ -1,0 +1,67 @@
+"""A daemon catching up on a log written while it was down judges failures by the
+time each line carries (issue 10, point 4): failures an hour apart ban nobody,
+a burst within findtime still bans, and a first-seen log is not read at all.
+"""
+import json
+import time
+
+from conftest import SERVER_WAN_V4, STRANGER_V4
+from netlab import PolicydDaemon, wait_for
+
+POLICY = """\
+    version: 1
+    services:
+      proxy:
+        ports: [8080]
+        allow: [any]
+    bans:
+      ports: [8080]
+      maxretry: 3
+      findtime: 10m
+      bantime: 1h
+      logs:
+        - path: {log}
+          filter: nginx-auth
+"""
+
+
+def failure(address, ago):
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(time.time() - ago))
+    return (f'{stamp} [error] 812#812: *1 user "admin": password mismatch, client: {address}, '
+            f'server: _, request: "GET /api/tags HTTP/1.1", host: "ollama.example"\n')
+
+
+def _status(world):
+    return json.loads(world.server.policyd("status", "--json").stdout)["logs"][0]
+
+
+def test_catching_up_bans_by_the_time_each_line_carries(world):
+    log = world.lab.tmp / "error.log"
+    # A first-seen log is followed from its end: this burst is history.
+    log.write_text(failure(STRANGER_V4, 30) * 5)
+    world.server.listen(8080)
+    policy = world.policy(POLICY.format(log=log))
+    daemon = PolicydDaemon(world.server, policy).start()
+    try:
+        time.sleep(0.5)
+        assert _status(world)["matched"] == 0
+        assert world.stranger.can_connect(SERVER_WAN_V4, 8080, 1.0)
+    finally:
+        daemon.stop_and_read()
+    # Down for three hours, as the log tells it: one failure an hour.
+    with log.open("a") as out:
+        for hours in (3, 2, 1):
+            out.write(failure(STRANGER_V4, hours * 3600))
+    daemon = PolicydDaemon(world.server, policy).start()
+    try:
+        assert wait_for(lambda: _status(world)["matched"] == 3, 5)
+        time.sleep(0.3)
+        assert world.stranger.can_connect(SERVER_WAN_V4, 8080, 1.0), "banned for failures hours apart"
+        # A burst five minutes ago, read now: three failures within findtime.
+        with log.open("a") as out:
+            for seconds in (302, 301, 300):
+                out.write(failure(STRANGER_V4, seconds))
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 5)
+    finally:
+        err = daemon.stop_and_read()
+    assert f"ban addr={STRANGER_V4}/32 filter=nginx-auth failures=3" in err
