@@ -239,7 +239,7 @@ class BanManager:
 
     # Manual operations; the caller flushes.
 
-    def ban(self, network_or_address, duration=None, reason="manual"):
+    def ban(self, network_or_address, duration=None, reason="manual", filter_name=None):
         """Ban a network or address for `duration` seconds (None: the escalated bantime)."""
         network = _as_network(network_or_address)
         if duration is not None and (isinstance(duration, bool) or not isinstance(duration, int)
@@ -262,7 +262,16 @@ class BanManager:
             raise InputError(f"{network} would overlap the ban on {inside[0]}; unban it first",
                              key="address")
         self._forget_window(key)
-        return self._make_ban(key, duration, 0, None, reason, self.clock())
+        return self._make_ban(key, duration, 0, filter_name, reason, self.clock())
+
+    def protects(self, network_or_address):
+        """True if banning this network would cover loopback or an ignored address."""
+        return self._overlaps_protected(_key(_as_network(network_or_address)))
+
+    def expiry_of(self, network_or_address):
+        """When the ban covering this network ends, or None if none does."""
+        key = self._covering_ban(_key(_as_network(network_or_address)))
+        return None if key is None else self._active[key][0]
 
     def unban(self, network_or_address):
         """Lift the ban on this network, or the ban covering this address. False if none."""

@@ -373,6 +373,9 @@ def _format_status(result):
         lines.append(f"log:       {entry['path']} [{entry['filter']}] {state}, "
                      f"{entry['lines']} lines, {entry['matched']} failures, "
                      f"{entry['malformed']} malformed, {entry['rotations']} rotations")
+    if result.get("fleet"):
+        from policyd.fleet import status_line
+        lines.append(status_line(result["fleet"]))
     return "\n".join(lines)
 
 

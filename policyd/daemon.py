@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from policyd import __version__, control, metrics, systemd, trial
+from policyd import __version__, control, fleet, metrics, systemd, trial
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
@@ -76,6 +76,7 @@ class Daemon:
         self.watcher = None
         self.control = None
         self.metrics_server = None
+        self.fleet = None
         self.next_reconcile = 0.0
         self._expected_key = None
         self._expected = {}
@@ -93,6 +94,7 @@ class Daemon:
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
+        self._start_fleet()  # catches up with the other nodes before READY
         self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
         self.control.start()
         if self.metrics_listen:
@@ -129,6 +131,13 @@ class Daemon:
             log.warning("policy file differs from the committed policy %s", kv(
                 file=self.policy_path, hint="policyd apply --confirm-timeout 60 to load it"))
 
+    def _start_fleet(self):
+        if self.policy.fleet is not None:
+            self.fleet = fleet.Fleet(self.policy.fleet, self.state, self.bans, self.registry,
+                                     wake=self.wake.set, clock=self.clock)
+            if self.fleet.start():
+                self._flush()
+
     def _ban_table(self, policy):
         return BanTable(self.nft, policy.bans_table, policy.bans.ipv6_prefix)
 
@@ -147,7 +156,8 @@ class Daemon:
         systemd.notify("STOPPING=1")
         for closer in (self.watcher and self.watcher.stop,
                        self.control and self.control.stop,
-                       self.metrics_server and self.metrics_server.stop):
+                       self.metrics_server and self.metrics_server.stop,
+                       self.fleet and self.fleet.stop):
             if closer:
                 closer()
         for source in self.sources:
@@ -169,6 +179,8 @@ class Daemon:
             self.wake.wait(HOUSEKEEPING_SECONDS)
             self.wake.clear()
             self._read_logs()
+            if self.fleet is not None and self.fleet.pump():
+                self._flush()
             self.calls.run_pending()
             now = time.monotonic()
             if self.reload_requested:
@@ -202,11 +214,15 @@ class Daemon:
                 ban = self.bans.record_failure(outcome.host, outcome.filter)
                 if ban is not None:
                     new_bans += 1
+                    if self.fleet is not None:
+                        self.fleet.publish_ban(ban)
                     log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
                                              failures=ban.failures,
                                              duration=f"{round(ban.expires_at - ban.banned_at)}s"))
         if new_bans:
             self._flush()
+            if self.fleet is not None:
+                self.fleet.commit()
             self.metrics.ban_latency.observe(time.perf_counter() - started)
             self.metrics.bans.labels(reason="auto").inc(new_bans)
         for source in self.sources:
@@ -287,6 +303,7 @@ class Daemon:
             self.nft.load(compile_policy(committed))
             self.metrics.applies.labels(kind="restore").inc()
         changed_logs = committed.bans.logs != self.policy.bans.logs
+        changed_fleet = committed.fleet != self.policy.fleet
         self.policy = committed
         self.bans.kernel = self._ban_table(committed)
         for ban in self.bans.reconfigure(committed.bans):
@@ -294,6 +311,11 @@ class Daemon:
         self._flush()
         if changed_logs:
             self._follow(committed)
+        if changed_fleet:
+            if self.fleet is not None:
+                self.fleet.stop()
+                self.fleet = None
+            self._start_fleet()
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
 
     def _status_line(self):
@@ -310,7 +332,8 @@ class Daemon:
             "bans": self.ban_list,
             "ban": lambda: self._counted(desk.manual_ban(args.get("address"),
                                                          args.get("duration"))),
-            "unban": lambda: desk.manual_unban(args.get("address")),
+            "unban": lambda: self._unbanned(args.get("address"),
+                                            desk.manual_unban(args.get("address"))),
             "reload": self._reload_now,
             "applied": lambda: self._applied(args.get("kind")),
             "metrics": self.registry.render,
@@ -321,7 +344,14 @@ class Daemon:
 
     def _counted(self, ban):
         self.metrics.bans.labels(reason="manual").inc()
+        if self.fleet is not None:
+            self.fleet.publish("ban", ban["network"], ban["expires_at"], "manual")
         return ban
+
+    def _unbanned(self, address, result):
+        if self.fleet is not None:
+            self.fleet.publish("unban", address, None, "manual")
+        return result
 
     def _applied(self, kind):
         """The CLI changed the kernel and the state dir (it tells us, for the metrics)."""
@@ -345,6 +375,7 @@ class Daemon:
             "bans": {"active": self.bans.active_count,
                      "total": sum(self.bans.bans_total.values())},
             "logs": [source.stats() for source in self.sources],
+            "fleet": self.fleet.status() if self.fleet is not None else None,
         }
 
     def ban_list(self):

@@ -8,7 +8,7 @@ JSON form (`policyd doctor --json`), stable:
      "findings": [{"level": "ok" | "warn" | "fail",
                    "check": "listener" | "interface" | "log" | "filter" | "table" |
                             "drift" | "trial" | "committed" | "nftables-service" |
-                            "daemon",
+                            "daemon" | "fleet",
                    "message": str,   # what was found, one line
                    "fix": str}]}     # what to do about it; "" for "ok"
 Text form: one line per finding, "LEVEL CHECK: MESSAGE" plus "; fix: FIX" for
@@ -86,6 +86,7 @@ def diagnose(policy, env):
             findings += check_drift(committed, pending, env)
     findings += check_nftables_service(env)
     findings += check_daemon(env)
+    findings += check_fleet(policy)
     return findings
 
 
@@ -547,6 +548,21 @@ def check_daemon(env):
     return [warn("daemon", f"the daemon is not running (no {path}): nothing bans, and "
                  "nothing restores the tables after a flush",
                  "`systemctl enable --now policyd`")]
+
+
+def check_fleet(policy):
+    """Redis reachable with this node's credentials, and its ACL as the README sets it."""
+    if policy.fleet is None:
+        return []
+    from policyd import fleet_redis
+    from policyd.fleet_config import read_password
+    try:
+        password = read_password(policy.fleet.password_file)
+    except InputError as exc:
+        return [fail("fleet", f"the fleet password cannot be used: {exc}",
+                     "chown root: and chmod 600 the password file")]
+    return [Finding(level, "fleet", message, fix)
+            for level, message, fix in fleet_redis.probe(policy.fleet, password)]
 
 
 # --- the real host -----------------------------------------------------------
