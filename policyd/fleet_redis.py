@@ -21,6 +21,7 @@ BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
 READ_COUNT = 1000
 RESCAN_SECONDS = 1.0             # how soon a new node's stream is found
 CLOCK_SECONDS = 30.0             # how often the server's clock is sampled again
+CHECK_SECONDS = 1.0              # how often an idle publisher checks that Redis kept its stream
 
 
 def connect(settings, password):
@@ -101,6 +102,7 @@ class Publisher(_Worker):
         self.pending = collections.deque()
         self.lock = threading.Condition()
         self.offset_ms = 0.0
+        self.next_check = 0.0
 
     def submit(self, items):
         with self.lock:
@@ -120,25 +122,35 @@ class Publisher(_Worker):
                     continue
             with self.lock:
                 if not self.pending:
-                    self.lock.wait(0.5)
+                    self.lock.wait(CHECK_SECONDS)
                 batch = list(self.pending)[:READ_COUNT]
-            if not batch:
-                continue
             try:
-                self._send(batch)
+                if batch:
+                    self._send(batch)
+                elif time.monotonic() >= self.next_check:
+                    # Idle: a Redis that restarted empty would otherwise go
+                    # unnoticed until this node next bans someone.
+                    self._check(self.client)
             except Exception as exc:
                 self._down(exc)
 
     def _connect(self):
         client = self.open_client()
         self.offset_ms = server_offset_ms(client)
+        self.client = client
+        self._check(client, hello=True)
+        self.failures = 0
+
+    def _check(self, client, hello=False):
+        """Say hello (creating the stream) and post ("connected", ..., lost, last id)."""
+        self.next_check = time.monotonic() + CHECK_SECONDS
         state = stream_state(client, self.key)
         last = state[0] if state else None
         # Redis lost this node's stream (restarted empty) or holds an older one:
         # everything still banned here must be sent again.
         lost = self.last_published is not None and (last is None or last < self.last_published)
-        self.client = client
-        self.failures = 0
+        if not (hello or lost):
+            return
         entry_id = client.xadd(self.key, fleet_wire.encode_hello(), minid=self._minid())
         self.last_published = fleet_wire.parse_id(entry_id)
         self.post(("connected", self.name, self.offset_ms, lost,
