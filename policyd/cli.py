@@ -330,7 +330,8 @@ def status(obj, as_json):
 def _status_without_daemon(obj):
     store = trial.PolicyStore(obj.state_dir)
     nft = _nft_or_none(obj)
-    result = {"daemon": None, "policy": trial.status(store, nft=nft), "bans": None, "logs": []}
+    result = {"daemon": None, "policy": trial.status(store, nft=nft), "bans": None, "logs": [],
+              "fleet": None}
     committed = store.committed()
     if committed is not None and nft is not None:
         from policyd.nft import BanTable

@@ -326,14 +326,13 @@ class Daemon:
 
     def _handle(self, command, args):
         """A control request, on the main thread."""
-        desk = BanDesk(self.bans)
+        desk = BanDesk(self.bans, publish=self.fleet and self.fleet.publish)
         handlers = {
             "status": self.status,
             "bans": self.ban_list,
             "ban": lambda: self._counted(desk.manual_ban(args.get("address"),
                                                          args.get("duration"))),
-            "unban": lambda: self._unbanned(args.get("address"),
-                                            desk.manual_unban(args.get("address"))),
+            "unban": lambda: desk.manual_unban(args.get("address")),
             "reload": self._reload_now,
             "applied": lambda: self._applied(args.get("kind")),
             "metrics": self.registry.render,
@@ -344,14 +343,7 @@ class Daemon:
 
     def _counted(self, ban):
         self.metrics.bans.labels(reason="manual").inc()
-        if self.fleet is not None:
-            self.fleet.publish("ban", ban["network"], ban["expires_at"], "manual")
         return ban
-
-    def _unbanned(self, address, result):
-        if self.fleet is not None:
-            self.fleet.publish("unban", address, None, "manual")
-        return result
 
     def _applied(self, kind):
         """The CLI changed the kernel and the state dir (it tells us, for the metrics)."""
@@ -387,14 +379,17 @@ class Daemon:
 class BanDesk:
     """Manual ban and unban on a BanManager: the daemon's, or the CLI's when none runs."""
 
-    def __init__(self, bans):
+    def __init__(self, bans, publish=None):
         self.bans = bans
+        self.publish = publish  # the fleet's: (op, network, expires_at, reason)
 
     def manual_ban(self, address, duration):
         target = _target(address)
         seconds = parse_duration(duration, key="--for") if duration is not None else None
         ban = self.bans.ban(target, seconds, reason="manual")
         self.bans.flush()
+        if self.publish:
+            self.publish("ban", ban.network, ban.expires_at, "manual")
         log.warning("ban %s", kv(addr=ban.network, reason="manual",
                                  duration=f"{round(ban.expires_at - ban.banned_at)}s"))
         return ban.as_dict()
@@ -402,6 +397,8 @@ class BanDesk:
     def manual_unban(self, address):
         lifted = self.bans.unban(_target(address))
         self.bans.flush()
+        if self.publish:
+            self.publish("unban", _target(address), None, "manual")
         if lifted:
             log.info("unban %s", kv(addr=address, reason="manual"))
         return {"unbanned": lifted}
@@ -417,7 +414,9 @@ def offline(state_dir, action):
     try:
         bans = BanManager(committed.bans, state,
                           BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix))
-        return action(BanDesk(bans))
+        # With a fleet, what is banned here waits in the outbox for the daemon.
+        publish = fleet.outbox_writer(state) if committed.fleet is not None else None
+        return action(BanDesk(bans, publish=publish))
     finally:
         state.close()
 

@@ -130,10 +130,11 @@ class Fleet:
         changed = 0
         started = time.monotonic()
         try:
-            entries = self.reader.catch_up()
+            entries, own_unbans = self.reader.catch_up()
             self.connected["fleet-read"] = True
             self.offset_ms = self.reader.offset_ms
-            changed = self._apply_entries(entries, self.offset_ms, live=False)
+            changed = self._apply_entries(entries, self.offset_ms, live=False,
+                                          superseded=own_unbans)
             log.info("fleet caught up %s", kv(node=self.node, entries=len(entries), applied=changed,
                                               streams=len(self.reader.cursors),
                                               ms=round((time.monotonic() - started) * 1000, 1)))
@@ -249,7 +250,8 @@ class Fleet:
 
     # ------------------------------------------------------------ receiving
 
-    def _apply_entries(self, entries, offset_ms, live):
+    def _apply_entries(self, entries, offset_ms, live, superseded=None):
+        """superseded: network -> ms of this node's own unbans; older bans of it are skipped."""
         changed = 0
         for entry in entries:
             server_now_ms = self.clock() * 1000 + offset_ms
@@ -262,6 +264,8 @@ class Fleet:
             sent_ms = min(entry.id[0], server_now_ms)
             peer.last_seen = max(peer.last_seen or 0, sent_ms / 1000)
             if entry.op == "hello":
+                continue
+            if superseded and entry.op == "ban" and entry.id[0] < superseded.get(entry.network, 0):
                 continue
             peer.received += 1
             self.received += 1
@@ -347,6 +351,14 @@ class Fleet:
 
 def _node_of(key):
     return key.rsplit(":", 1)[-1]
+
+
+def outbox_writer(state):
+    """publish() for the CLI without a daemon: straight into the durable outbox."""
+    def publish(op, address, expires_at, reason):
+        with state.transaction() as writer:
+            writer.add_fleet_outbox([(op, str(_as_network(address)), expires_at, reason)])
+    return publish
 
 
 def status_line(fleet):

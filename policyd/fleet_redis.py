@@ -21,6 +21,7 @@ BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
 READ_COUNT = 1000
 RESCAN_SECONDS = 1.0             # how soon a new node's stream is found
 CLOCK_SECONDS = 30.0             # how often the server's clock is sampled again
+FUTURE_MS = 60_000               # a stream id further ahead of the server's clock is not trusted
 CHECK_SECONDS = 1.0              # how often an idle publisher checks that Redis kept its stream
 
 
@@ -149,6 +150,13 @@ class Publisher(_Worker):
         # Redis lost this node's stream (restarted empty) or holds an older one:
         # everything still banned here must be sent again.
         lost = self.last_published is not None and (last is None or last < self.last_published)
+        if last is not None and last[0] > self._server_now_ms() + FUTURE_MS:
+            # Ids a day ahead (an XADD with an explicit id, a server clock that
+            # jumped back) would order this node's bans after everyone's unbans.
+            log.warning("fleet stream ids lie in the future, starting it again %s",
+                        f"stream={self.key} last={fleet_wire.format_id(last)}")
+            client.delete(self.key)
+            lost = True
         if not (hello or lost):
             return
         entry_id = client.xadd(self.key, fleet_wire.encode_hello(), minid=self._minid())
@@ -156,8 +164,11 @@ class Publisher(_Worker):
         self.post(("connected", self.name, self.offset_ms, lost,
                    fleet_wire.format_id(self.last_published)))
 
+    def _server_now_ms(self):
+        return self.clock() * 1000 + self.offset_ms
+
     def _minid(self):
-        return max(0, int(self.clock() * 1000 + self.offset_ms - self.retain_ms))
+        return max(0, int(self._server_now_ms() - self.retain_ms))
 
     def _send(self, batch):
         now = self.clock()
@@ -179,6 +190,8 @@ class Publisher(_Worker):
                 self.pending.popleft()
         if ids:
             self.last_published = fleet_wire.parse_id(ids[-1])
+            if self.last_published[0] > self._server_now_ms() + FUTURE_MS:
+                self.next_check = 0.0  # _check() starts the stream again
         self.post(("published", [seq for seq, *_ in batch], len(sent),
                    fleet_wire.format_id(self.last_published) if self.last_published else None))
 
@@ -200,9 +213,28 @@ class Reader(_Worker):
         self.next_scan = self.next_clock = 0.0
 
     def catch_up(self):
-        """Connect and read everything there is, on the calling thread (start-up)."""
+        """Connect and read everything there is, on the calling thread (start-up).
+
+        Returns (entries, own unbans: network -> ms): an unban this node
+        published outranks any older ban it now reads from the others."""
         self._connect()
-        return self._drain()
+        return self._drain(), self._own_unbans()
+
+    def _own_unbans(self):
+        unbans = {}
+        start = "-"
+        while True:
+            entries = self.client.xrange(self.own_key, min=start, count=READ_COUNT)
+            for raw_id, fields in entries:
+                try:
+                    entry = fleet_wire.decode(None, raw_id, fields)
+                except fleet_wire.Malformed:
+                    continue
+                if entry.op == "unban":
+                    unbans[entry.network] = entry.id[0]
+            if len(entries) < READ_COUNT:
+                return unbans
+            start = "(" + entries[-1][0].decode()
 
     def run(self):
         while not self.stopping.is_set():
@@ -218,17 +250,34 @@ class Reader(_Worker):
     def _connect(self):
         client = self.open_client()
         self.offset_ms = server_offset_ms(client)
-        for key, cursor in list(self.cursors.items()):
-            state = stream_state(client, key)
-            if state is None or state[0] < cursor:
-                log.warning("fleet stream reset %s", f"stream={key} cursor={fleet_wire.format_id(cursor)}"
-                            f" last={fleet_wire.format_id(state[0]) if state else 'none'}")
-                self.cursors[key] = (0, 0)
         self.client = client
         self.failures = 0
         self._scan()
 
+    def _verify_cursors(self):
+        """Start again any stream that is gone or whose last id is below our cursor:
+        Redis restarted empty, or its node started it again. XREAD would wait for
+        ids that will not come, silently."""
+        keys = [key for key, cursor in self.cursors.items() if cursor != (0, 0)]
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.xinfo_stream(key)
+        for key, info in zip(keys, pipe.execute(raise_on_error=False)):
+            if isinstance(info, Exception):
+                if "no such key" not in str(info).lower():
+                    raise info
+                last = None
+            else:
+                last = fleet_wire.parse_id(info["last-generated-id"])
+            cursor = self.cursors[key]
+            if last is None or last < cursor:
+                log.warning("fleet stream read again from its start %s",
+                            f"stream={key} cursor={fleet_wire.format_id(cursor)} "
+                            f"last={fleet_wire.format_id(last) if last else 'none'}")
+                self.cursors[key] = (0, 0)
+
     def _scan(self):
+        self._verify_cursors()
         for raw in self.client.scan_iter(match=STREAM_PREFIX + "*", count=1000, _type="stream"):
             key = raw.decode("utf-8", "replace")
             if key != self.own_key and key not in self.cursors and node_of_stream(key):

@@ -148,8 +148,9 @@ def test_garbage_in_the_streams_is_skipped_and_counted(fleet):
     def write(client):
         for fields in garbage:
             client.xadd(STREAM_PREFIX + "n2", fields)
-        # An explicit id one day ahead: n2's later ids follow it, and a Redis
-        # restarted empty must not leave readers waiting for that day.
+        # An explicit id one day ahead: n2's later ids would follow it and sort
+        # its bans after everyone's unbans; n2 starts its stream again, and
+        # the readers, whose cursors are a day ahead, read it from the start.
         client.xadd(STREAM_PREFIX + "n2", {"v": "1", "op": "hello"}, id=f"{future_ms}-0")
         client.xadd(STREAM_PREFIX + "evil node", {"v": "1", "op": "hello"})
         client.set(STREAM_PREFIX + "n7", "not a stream")
@@ -162,13 +163,19 @@ def test_garbage_in_the_streams_is_skipped_and_counted(fleet):
     assert wait_for(lambda: dropped_by(fleet, fleet.nodes, source), PROPAGATION)
     left = fleet.kernel_bans(n3)[source]
     assert left <= 600, left  # the future id bought no extra time
+    last = fleet.admin(lambda c: c.xinfo_stream(STREAM_PREFIX + "n2")["last-generated-id"])
+    assert int(last.split(b"-")[0]) < future_ms - 3600 * 1000
 
 
 def test_a_restarted_node_catches_up_before_it_is_ready(fleet):
     n2, n5 = fleet.nodes[1], node(fleet, "n5")
-    banned, lifted = ATTACKER_EXTRA[2], ATTACKER_EXTRA[3]
-    assert n2.policyd("ban", lifted, "--for", "10m").returncode == 0
-    assert wait_for(lambda: lifted in fleet.kernel_bans(n5), PROPAGATION)
+    banned, lifted, unbanned_here = ATTACKER_EXTRA[2], ATTACKER_EXTRA[3], ATTACKER_EXTRA[6]
+    for source in (lifted, unbanned_here):
+        assert n2.policyd("ban", source, "--for", "10m").returncode == 0
+    assert wait_for(lambda: {lifted, unbanned_here} <= set(fleet.kernel_bans(n5)), PROPAGATION)
+    # n5's own unban outranks n2's older ban when n5 reads n2's stream again.
+    assert n5.policyd("unban", unbanned_here).returncode == 0
+    assert wait_for(lambda: unbanned_here not in fleet.kernel_bans(n2), PROPAGATION)
     err = fleet.stop_daemon(n5)
     assert "Traceback" not in err
     assert n2.policyd("ban", banned, "--for", "10m").returncode == 0
@@ -176,8 +183,18 @@ def test_a_restarted_node_catches_up_before_it_is_ready(fleet):
     fleet.start_daemon(n5, fleet.policies[n5])
     # Ready means caught up: the kernel has what happened while it was away.
     kernel = fleet.kernel_bans(n5)
-    assert banned in kernel and lifted not in kernel
+    assert banned in kernel and lifted not in kernel and unbanned_here not in kernel
     assert not answers(fleet, n5, banned)
+
+
+def test_a_ban_made_without_a_daemon_is_published_when_it_starts(fleet):
+    n3 = node(fleet, "n3")
+    source = ATTACKER_EXTRA[7]
+    fleet.stop_daemon(n3)
+    out = n3.policyd("ban", source, "--for", "10m")
+    assert out.returncode == 0, out.stderr
+    fleet.start_daemon(n3, fleet.policies[n3])
+    assert wait_for(lambda: dropped_by(fleet, fleet.nodes, source), PROPAGATION)
 
 
 def test_redis_down_then_back_empty(fleet):
