@@ -2,7 +2,7 @@
 the rules a received entry passes before it touches this node's bans.
 
 Every entry here is what a hostile or broken node could write into its stream.
-tests/netns/test_fleet.py runs the same code against real redis-server.
+tests/netns/test_fleet_netns.py runs the same code against real redis-server.
 """
 import ipaddress
 import os
@@ -304,3 +304,28 @@ def test_token_bucket_refills_by_entry_time_and_never_backwards():
     assert [bucket.take(0) for _ in range(3)] == [True, True, False]
     assert bucket.take(1000) is True and bucket.take(1000) is False
     assert bucket.take(0) is False  # an older time refills nothing
+
+
+def test_at_catch_up_this_nodes_own_later_unban_outranks_an_older_ban(node):
+    old = entry(node, ago=50)
+    newer = entry(node, net="192.0.2.10/32", ago=5)
+    own_unbans = {NET("192.0.2.9/32"): server_ms(node, ago=20), NET("192.0.2.10/32"): server_ms(node, ago=20)}
+    assert node._apply_entries([old, newer], node.offset, live=False, superseded=own_unbans) == 1
+    node.bans.flush()
+    assert list(node.kernel_.list_bans()) == [NET("192.0.2.10/32")]
+
+
+def test_manual_bans_and_unbans_are_published_by_the_ban_desk(node):
+    from policyd.daemon import BanDesk
+    desk = BanDesk(node.bans, publish=node.publish)
+    desk.manual_ban("203.0.113.7", "10m")
+    desk.manual_unban("203.0.113.8")  # not banned here: still said, the others may have it
+    ops = [(op, network, reason) for _seq, op, network, _expires, reason in node.publisher.submitted]
+    assert ops == [("ban", "203.0.113.7/32", "manual"), ("unban", "203.0.113.8/32", "manual")]
+
+
+def test_without_a_daemon_the_outbox_keeps_the_ban_for_later(node):
+    from policyd.fleet import outbox_writer
+    outbox_writer(node.state)("ban", NET("203.0.113.9/32"), 1_700_000_600.0, "manual")
+    assert [row[1:] for row in node.state.fleet_outbox()] == \
+        [("ban", "203.0.113.9/32", 1_700_000_600.0, "manual")]

@@ -1,6 +1,6 @@
 """A fleet in namespaces: N policyd nodes, a Redis and an attacker on one bridged network.
 
-Shared by tests/netns/test_fleet.py and bench/fleet_latency.py. A switch
+Shared by tests/netns/test_fleet_netns.py and bench/fleet_latency.py. A switch
 namespace holds the bridge; every other namespace has one eth0 on it (192.0.2.0/24).
 redis-server runs in its own namespace without persistence, with one ACL user
 per node that may write only its own stream (the README's ACL line).
