@@ -221,10 +221,10 @@ class Daemon:
                                              duration=f"{round(ban.expires_at - ban.banned_at)}s"))
         if new_bans:
             self._flush()
-            if self.fleet is not None:
-                self.fleet.commit()
             self.metrics.ban_latency.observe(time.perf_counter() - started)
             self.metrics.bans.labels(reason="auto").inc(new_bans)
+            if self.fleet is not None:
+                self.fleet.commit()
         for source in self.sources:
             source.follower.commit()
 

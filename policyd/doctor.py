@@ -557,6 +557,11 @@ def check_fleet(policy):
     from policyd import fleet_redis
     from policyd.fleet_config import read_password
     try:
+        import redis  # noqa: F401
+    except ImportError:
+        return [fail("fleet", "python3-redis is not installed: the fleet cannot run",
+                     "apt install python3-redis")]
+    try:
         password = read_password(policy.fleet.password_file)
     except InputError as exc:
         return [fail("fleet", f"the fleet password cannot be used: {exc}",

@@ -111,6 +111,12 @@ class Fleet:
         Redis being down is not an error: local banning goes on, the threads retry.
         """
         try:
+            import redis  # noqa: F401  (python3-redis: only a node in a fleet needs it)
+        except ImportError:
+            self.last_error = "python3-redis is not installed"
+            log.error("fleet disabled %s", kv(error=self.last_error))
+            return 0
+        try:
             password = read_password(self.settings.password_file)
         except InputError as exc:
             self.last_error = str(exc)
@@ -274,7 +280,13 @@ class Fleet:
             if verdict is not None:
                 self._reject(entry.node, verdict, entry.network)
                 continue
-            if self._apply(entry, sent_ms, server_now_ms):
+            try:
+                applied = self._apply(entry, sent_ms, server_now_ms)
+            except Exception as exc:  # another node's entry must never end this daemon
+                log.exception("fleet entry not applied %s", kv(node=entry.node))
+                self._reject(entry.node, "malformed", exc)
+                continue
+            if applied:
                 changed += 1
                 peer.applied += 1
                 self.applied += 1

@@ -19,6 +19,7 @@ SOCKET_TIMEOUT = 5.0             # longer than BLOCK_MS, or redis-py raises Time
 CONNECT_TIMEOUT = 2.0
 BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
 READ_COUNT = 1000
+DRAIN_LIMIT = 200_000
 RESCAN_SECONDS = 1.0             # how soon a new node's stream is found
 CLOCK_SECONDS = 30.0             # how often the server's clock is sampled again
 FUTURE_MS = 60_000               # a stream id further ahead of the server's clock is not trusted
@@ -285,9 +286,11 @@ class Reader(_Worker):
         self.next_scan = time.monotonic() + RESCAN_SECONDS
 
     def _drain(self):
-        """Every entry past the cursors, across streams, oldest id first."""
+        """Entries past the cursors, across streams, oldest id first; at most
+        DRAIN_LIMIT (a node that filled its stream cannot fill this daemon's
+        memory: the rest follows through the normal reads)."""
         found = []
-        while self.cursors:
+        while self.cursors and len(found) < DRAIN_LIMIT:
             batch = self._xread(block=None)
             if not batch:
                 break

@@ -329,3 +329,11 @@ def test_without_a_daemon_the_outbox_keeps_the_ban_for_later(node):
     outbox_writer(node.state)("ban", NET("203.0.113.9/32"), 1_700_000_600.0, "manual")
     assert [row[1:] for row in node.state.fleet_outbox()] == \
         [("ban", "203.0.113.9/32", 1_700_000_600.0, "manual")]
+
+
+def test_an_entry_that_trips_a_bug_is_counted_not_fatal(node, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(node.bans, "ban", broken)
+    assert receive(node, entry(node)) == 0
+    assert node.rejected["malformed"] == 1

@@ -167,6 +167,29 @@ def test_garbage_in_the_streams_is_skipped_and_counted(fleet):
     assert int(last.split(b"-")[0]) < future_ms - 3600 * 1000
 
 
+def test_a_compromised_node_flooding_its_own_stream_is_held_to_the_rate_limit(fleet):
+    n2, n3 = fleet.nodes[1], fleet.nodes[2]
+    flood = [f"203.0.113.{n}/32" for n in range(1, 255)] + [f"198.51.100.{n}/32" for n in range(1, 255)]
+
+    def write(client):
+        pipe = client.pipeline(transaction=False)
+        for network in flood:
+            pipe.xadd(STREAM_PREFIX + "n2", {"v": "1", "op": "ban", "net": network,
+                                             "ttl": "600000", "reason": "auto"})
+        # Loopback and n3's own neighbours are this node's business, not n2's.
+        pipe.xadd(STREAM_PREFIX + "n2", {"v": "1", "op": "ban", "net": "127.0.0.1/32",
+                                         "ttl": "600000", "reason": "auto"})
+        pipe.execute()
+    fleet.as_user(n2, "n2", fleet.passwords["n2"], write)  # n2's own credentials
+    assert wait_for(lambda: fleet.status(n3)["fleet"]["rejected"]["rate"] > 0, PROPAGATION)
+    status = fleet.status(n3)
+    flooded = [b for b in fleet.kernel_bans(n3) if b.startswith(("203.0.113.", "198.51.100."))]
+    # Burst 200 (2 x 100/second) plus what the seconds of writing refilled; never all 508.
+    assert 0 < len(flooded) < len(flood), len(flooded)
+    assert "127.0.0.1" not in fleet.kernel_bans(n3)
+    assert status["fleet"]["connected"]
+
+
 def test_a_restarted_node_catches_up_before_it_is_ready(fleet):
     n2, n5 = fleet.nodes[1], node(fleet, "n5")
     banned, lifted, unbanned_here = ATTACKER_EXTRA[2], ATTACKER_EXTRA[3], ATTACKER_EXTRA[6]
