@@ -53,6 +53,13 @@ class KernelWatch:
                 self.seen.setdefault(match.group(1), now)
 
 
+def rss_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -140,6 +147,7 @@ def measure_fleet(workdir, trials=100, nodes=5, progress=None):
                       crowdsec_poll_seconds=CROWDSEC_POLL_SECONDS)
         applied = world.status(world.nodes[-1])["fleet"]
         result["last_node_applied"] = applied["applied"]
+        result["rss_mb_last_node"] = rss_mb(world.daemons[world.nodes[-1].role].proc.pid)
         return result
     finally:
         for watch in watches:

@@ -95,7 +95,8 @@ def _fleet_row(fleet):
     poll_ms = fleet["crowdsec_poll_seconds"] * 1000
     return (f"(f) fleet: ban on n1's kernel -> all {fleet['nodes']} kernels, over Redis",
             f"median {fleet['median_ms']:.1f} ms, p99 {fleet['p99_ms']:.1f} ms, max {fleet['max_ms']:.0f} ms "
-            f"({fleet['trials']} trials{_misses(fleet)}); bare XADD->XREAD here: median "
+            f"({fleet['trials']} trials{_misses(fleet)}; a node's RSS {fleet.get('rss_mb_last_node')} MB); "
+            f"bare XADD->XREAD here: median "
             f"{floor['median_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms",
             f"CrowdSec bouncer polls every {fleet['crowdsec_poll_seconds']:.0f} s (not run; mean wait "
             f"~{poll_ms / 2:.0f} ms = {poll_ms / 2 / max(fleet['median_ms'], 0.01):.0f}x policyd's median)",
