@@ -78,29 +78,41 @@ class Fleet:
         self._metrics(registry)
 
     def _metrics(self, registry):
-        self.m_published = metrics.Counter("policyd_fleet_published_total",
-                                           "Bans and unbans this node added to its stream.", (), registry)
-        self.m_received = metrics.Counter("policyd_fleet_received_total",
-                                          "Entries read from other nodes' streams.", ["node"], registry)
-        self.m_applied = metrics.Counter("policyd_fleet_applied_total",
-                                         "Received bans and unbans applied to this node's kernel.",
-                                         ["op"], registry)
-        self.m_rejected = metrics.Counter("policyd_fleet_rejected_total",
-                                          "Received entries skipped, by reason.", ["reason"], registry)
-        self.m_latency = metrics.Histogram(
-            "policyd_fleet_latency_seconds",
-            "Seconds from the entry's XADD (server clock) to this node's kernel holding it.",
-            metrics.LATENCY_BUCKETS, (), registry)
-        metrics.Gauge("policyd_fleet_connected", "1 while both Redis connections are up.", (),
-                      registry, function=lambda: int(all(self.connected.values())))
-        metrics.Gauge("policyd_fleet_outbox", "Bans and unbans waiting for Redis.", (), registry,
-                      function=lambda: self.publisher.queued() if self.publisher else 0)
-        self.m_published.labels()
-        self.m_latency.labels()
-        for reason in REJECT_REASONS:
-            self.m_rejected.labels(reason=reason)
-        for op in ("ban", "unban"):
-            self.m_applied.labels(op=op)
+        """The fleet's metrics, made once per registry: a reload that restarts
+        the fleet keeps counting in the same series."""
+        made = getattr(registry, "policyd_fleet_metrics", None)
+        if made is None:
+            made = registry.policyd_fleet_metrics = {
+                "published": metrics.Counter("policyd_fleet_published_total",
+                                             "Bans and unbans this node added to its stream.", (),
+                                             registry),
+                "received": metrics.Counter("policyd_fleet_received_total",
+                                            "Entries read from other nodes' streams.", ["node"],
+                                            registry),
+                "applied": metrics.Counter("policyd_fleet_applied_total",
+                                           "Received bans and unbans applied to this node's kernel.",
+                                           ["op"], registry),
+                "rejected": metrics.Counter("policyd_fleet_rejected_total",
+                                            "Received entries skipped, by reason.", ["reason"], registry),
+                "latency": metrics.Histogram(
+                    "policyd_fleet_latency_seconds",
+                    "Seconds from the entry's XADD (server clock) to this node's kernel holding it.",
+                    metrics.LATENCY_BUCKETS, (), registry),
+                "connected": metrics.Gauge("policyd_fleet_connected",
+                                           "1 while both Redis connections are up.", (), registry),
+                "outbox": metrics.Gauge("policyd_fleet_outbox", "Bans and unbans waiting for Redis.",
+                                        (), registry),
+            }
+            made["published"].labels()
+            made["latency"].labels()
+            for reason in REJECT_REASONS:
+                made["rejected"].labels(reason=reason)
+            for op in ("ban", "unban"):
+                made["applied"].labels(op=op)
+        made["connected"].set_function(lambda: int(all(self.connected.values())))
+        made["outbox"].set_function(lambda: self.publisher.queued() if self.publisher else 0)
+        self.m_published, self.m_received = made["published"], made["received"]
+        self.m_applied, self.m_rejected, self.m_latency = made["applied"], made["rejected"], made["latency"]
 
     # ------------------------------------------------------------ start and stop
 
@@ -117,19 +129,24 @@ class Fleet:
             log.error("fleet disabled %s", kv(error=self.last_error))
             return 0
         try:
-            password = read_password(self.settings.password_file)
+            read_password(self.settings.password_file)  # refused now, said once, clearly
         except InputError as exc:
             self.last_error = str(exc)
             log.error("fleet disabled %s", kv(error=exc))
             return 0
 
         def open_client():
-            return fleet_redis.connect(self.settings, password)
+            # Read again at every connection: a rotated password needs no restart.
+            return fleet_redis.connect(self.settings, read_password(self.settings.password_file))
 
         last = self.state.fleet_meta("last_published")
+        try:
+            last = fleet_wire.parse_id(last) if last else None
+        except fleet_wire.Malformed:
+            last = None
         retain_ms = self.settings.max_duration * 1000
         self.publisher = fleet_redis.Publisher(open_client, self.node, self._post,
-                                               fleet_wire.parse_id(last) if last else None,
+                                               last,
                                                max(retain_ms, self.bans.settings.bantime_max * 1000),
                                                clock=self.clock)
         self.reader = fleet_redis.Reader(open_client, self.node, self._post)

@@ -195,7 +195,9 @@ def node(tmp_path):
     state = State(tmp_path / "state.db")
     loaded = load(FLEET + "  accept:\n    rate: 5/second\n")
     bans = BanManager(loaded.bans, state, kernel, clock=clock)
-    fleet = Fleet(loaded.fleet, state, bans, metrics.Registry(), wake=lambda: None, clock=clock)
+    registry = metrics.Registry()
+    fleet = Fleet(loaded.fleet, state, bans, registry, wake=lambda: None, clock=clock)
+    fleet.registry_ = registry
     fleet.publisher = Recorder()
     fleet.clock_, fleet.kernel_, fleet.offset = clock, kernel, 3600 * 1000
     yield fleet
@@ -337,3 +339,12 @@ def test_an_entry_that_trips_a_bug_is_counted_not_fatal(node, monkeypatch):
     monkeypatch.setattr(node.bans, "ban", broken)
     assert receive(node, entry(node)) == 0
     assert node.rejected["malformed"] == 1
+
+
+def test_a_fleet_started_again_by_a_reload_counts_in_the_same_series(node):
+    receive(node, entry(node))
+    again = Fleet(node.settings, node.state, node.bans, node.registry_, wake=lambda: None)
+    assert again.m_applied is node.m_applied
+    text = node.registry_.render()
+    assert "policyd_fleet_applied_total{op=\"ban\"} 1" in text
+    assert "policyd_fleet_connected 0" in text

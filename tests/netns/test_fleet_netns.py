@@ -220,6 +220,21 @@ def test_a_ban_made_without_a_daemon_is_published_when_it_starts(fleet):
     assert wait_for(lambda: dropped_by(fleet, fleet.nodes, source), PROPAGATION)
 
 
+def test_a_new_fleet_block_takes_effect_on_apply_and_caps_received_bans(fleet):
+    n2, n5 = fleet.nodes[1], node(fleet, "n5")
+    capped = fleet.policy(n5, extra="  accept:\n    max_duration: 2m\n")
+    out = n5.policyd("apply", str(capped), "--force")
+    assert out.returncode == 0, out.stderr
+    fleet.policies[n5] = capped
+    assert wait_for(lambda: fleet.status(n5)["policy"]["committed"]["source"] == str(capped), 10)
+    assert wait_for(lambda: fleet.status(n5)["fleet"]["connected"], PROPAGATION)
+    source = ATTACKER_EXTRA[8]
+    assert n2.policyd("ban", source, "--for", "1h").returncode == 0
+    assert wait_for(lambda: source in fleet.kernel_bans(n5), PROPAGATION)
+    assert fleet.kernel_bans(n5)[source] <= 120
+    assert fleet.kernel_bans(n2)[source] > 3000
+
+
 def test_redis_down_then_back_empty(fleet):
     n1, n2, n3 = fleet.nodes[:3]
     during = ATTACKER_EXTRA[4]
