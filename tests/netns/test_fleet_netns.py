@@ -85,8 +85,12 @@ def test_nginx_failures_on_one_node_ban_the_attacker_on_every_node_but_the_one_i
     assert status["connected"] and status["node"] == "n2"
     assert status["peers"]["n1"]["applied"] >= 1
     assert fleet.status(n1)["fleet"]["published"] >= 1
-    metrics = node(fleet, "n3").policyd("status", "--json")
-    assert metrics.returncode == 0
+    text = node(fleet, "n3").policyd("status").stdout
+    assert "fleet:     node n3 connected to redis://n3@" in text and "4 peers seen" in text
+    metrics = node(fleet, "n3").policyd("metrics").stdout
+    assert 'policyd_fleet_received_total{node="n1"}' in metrics
+    assert "policyd_fleet_latency_seconds_count" in metrics
+    assert 'policyd_fleet_applied_total{op="ban"}' in metrics
 
 
 def test_manual_ban_and_unban_from_other_nodes(fleet):
