@@ -23,7 +23,7 @@ ORIGIN = "fleet:"            # the filter name of a ban received from another no
 CATCH_UP_SECONDS = 5.0
 FUTURE_TOLERANCE_MS = 60_000
 WARN_EVERY_SECONDS = 10.0
-REJECT_REASONS = ("malformed", "expired", "rate", "prefix", "protected", "overlap")
+REJECT_REASONS = ("malformed", "expired", "rate", "prefix", "protected", "overlap", "unban")
 
 
 class TokenBucket:
@@ -317,6 +317,8 @@ class Fleet:
         """None if `entry` may be applied here, else the reason it may not."""
         if entry.op == "ban" and sent_ms + entry.ttl_ms <= server_now_ms:
             return "expired"
+        if entry.op == "unban" and not self.settings.accept_unbans:
+            return "unban"
         bucket = self.buckets.setdefault(entry.node, TokenBucket(self.settings.rate_per_second))
         if not bucket.take(sent_ms):
             return "rate"

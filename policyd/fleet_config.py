@@ -36,6 +36,7 @@ class FleetSettings:
     accept_ipv6_prefix: int
     max_duration: int             # longest ban applied from other nodes, seconds
     rate_per_second: float        # bans+unbans applied per sending node; burst is twice that
+    accept_unbans: bool           # False: other nodes may add bans here but never lift one
     url: str                      # as written (it holds no password)
 
     def node_name(self):
@@ -91,10 +92,15 @@ def read_fleet(reader, node, bans):
             reader.fail(items["node"][1], "fleet.node",
                         f"{node_name!r} is not a node name (letters, digits, _ . -; at most 63)")
     limits = {"ipv4_prefix": 32, "ipv6_prefix": bans.ipv6_prefix,
-              "max_duration": bans.bantime_max, "rate": DEFAULT_RATE_PER_SECOND}
+              "max_duration": bans.bantime_max, "rate": DEFAULT_RATE_PER_SECOND, "unbans": True}
     if "accept" in items:
         accept = reader.mapping(items["accept"][1], "fleet.accept",
-                                {"ipv4_prefix", "ipv6_prefix", "max_duration", "rate"})
+                                {"ipv4_prefix", "ipv6_prefix", "max_duration", "rate", "unbans"})
+        if "unbans" in accept:
+            limits["unbans"] = reader.scalar(accept["unbans"][1], "fleet.accept.unbans")
+            if not isinstance(limits["unbans"], bool):
+                reader.fail(accept["unbans"][1], "fleet.accept.unbans",
+                            f"{accept['unbans'][1].value!r} is not true or false")
         if "ipv4_prefix" in accept:
             limits["ipv4_prefix"] = reader.integer(accept["ipv4_prefix"][1],
                                                    "fleet.accept.ipv4_prefix", 8, 32)
@@ -116,7 +122,7 @@ def read_fleet(reader, node, bans):
                          accept_ipv4_prefix=limits["ipv4_prefix"],
                          accept_ipv6_prefix=limits["ipv6_prefix"],
                          max_duration=min(limits["max_duration"], MAX_DURATION_LIMIT),
-                         rate_per_second=limits["rate"], url=url)
+                         rate_per_second=limits["rate"], accept_unbans=limits["unbans"], url=url)
 
 
 def parse_url(url):

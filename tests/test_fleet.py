@@ -84,6 +84,7 @@ def test_accept_limits():
     ("  redis: redis://10.0.0.5/0\n  accept:\n    rate: lots\n", "fleet.accept.rate: 'lots' is not a rate"),
     ("  redis: redis://10.0.0.5/0\n  accept:\n    max_duration: 20000w\n", "fleet.accept.max_duration: is longer"),
     ("  redis: redis://10.0.0.5/0\n  accept:\n    burst: 1\n", "fleet.accept.burst: unknown key"),
+    ("  redis: redis://10.0.0.5/0\n  accept:\n    unbans: maybe\n", "fleet.accept.unbans: 'maybe' is not true"),
 ])
 def test_bad_fleet_blocks_name_file_line_and_key(text, expected):
     assert expected in error(text)
@@ -287,6 +288,13 @@ def test_unban_from_another_node_lifts_the_ban(node):
     receive(node, entry(node))
     assert receive(node, entry(node, op="unban", ago=0.5, seq=1)) == 1
     assert node.kernel_.list_bans() == {}
+
+
+def test_a_node_may_refuse_unbans_from_the_others(node):
+    node.settings = load(FLEET + "  accept:\n    unbans: false\n").fleet
+    receive(node, entry(node))
+    assert receive(node, entry(node, op="unban", ago=0.5, seq=1)) == 0
+    assert node.rejected["unban"] == 1 and list(node.kernel_.list_bans()) == [NET("192.0.2.9/32")]
 
 
 def test_a_shorter_ban_never_shortens_a_longer_one(node):
