@@ -39,7 +39,6 @@ class KernelWatch:
 
     def __init__(self, host):
         self.seen = {}
-        self.ready = threading.Event()
         self.proc = host.popen("stdbuf", "-oL", "nft", "monitor", "new", "elements",
                                stdout=subprocess.PIPE, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)

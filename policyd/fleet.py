@@ -163,7 +163,7 @@ class Fleet:
                                               ms=round((time.monotonic() - started) * 1000, 1)))
         except Exception as exc:  # Redis down or refusing: start anyway, catch up later
             self.reader.client = None
-            self.last_error = fleet_redis._describe(exc)
+            self.last_error = fleet_redis.describe(exc)
             log.warning("fleet catch-up failed, banning locally %s", kv(error=self.last_error))
         outbox = self.state.fleet_outbox()
         self.publisher.submit(outbox)

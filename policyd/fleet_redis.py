@@ -5,6 +5,7 @@ through `post(item)` (a queue plus the daemon's wake-up). Each owns one Redis
 connection: the reader sits in a blocking XREAD, so publishing never waits for it.
 """
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -59,7 +60,7 @@ def stream_state(client, key):
     return fleet_wire.parse_id(info["last-generated-id"]), info.get("entries-added")
 
 
-def _describe(exc):
+def describe(exc):
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
@@ -82,7 +83,7 @@ class _Worker(threading.Thread):
             except Exception:  # closing a broken connection may fail too
                 pass
         self.client = None
-        self.post(("down", self.name, _describe(exc)))
+        self.post(("down", self.name, describe(exc)))
         self.stopping.wait(BACKOFF[min(self.failures, len(BACKOFF) - 1)])
         self.failures += 1
 
@@ -125,7 +126,7 @@ class Publisher(_Worker):
             with self.lock:
                 if not self.pending:
                     self.lock.wait(CHECK_SECONDS)
-                batch = list(self.pending)[:READ_COUNT]
+                batch = list(itertools.islice(self.pending, READ_COUNT))
             try:
                 if batch:
                     self._send(batch)
@@ -200,9 +201,10 @@ class Publisher(_Worker):
 class Reader(_Worker):
     """Follows every other node's stream with plain XREAD (each node sees every entry).
 
-    Cursors are concrete ids, never `$`. On every (re)connect it checks each
-    cursor against the stream: a stream that is gone, or whose last id is below
-    the cursor (Redis restarted empty), is read again from the start.
+    Cursors are concrete ids, never `$`. Every second (and on every reconnect)
+    it checks each cursor against its stream: a stream that is gone, or whose
+    last id is below the cursor (Redis restarted empty, or its node started it
+    again), is read again from the start.
     Posts ("entries", [Entry or (node, Malformed)], offset_ms, live).
     """
 
@@ -344,7 +346,7 @@ def probe(settings, password):
         client.ping()
     except Exception as exc:
         return [("fail", f"Redis at {where} is not reachable as user "
-                 f"{settings.redis_username()} ({_describe(exc)})",
+                 f"{settings.redis_username()} ({describe(exc)})",
                  "check fleet.redis, the password file, the CA file and that redis-server runs")]
     findings = [("ok", f"Redis at {where} answers (user {settings.redis_username()})", "")]
     try:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import textwrap
-import time
 
 from netlab import PolicydDaemon, in_namespace, run, wait_for
 
@@ -218,10 +217,3 @@ def make_tls_files(directory, ip_address):
     os.chmod(directory / "server.key", 0o644)  # redis-server reads it; the lab is root's tmp
     return directory / "ca.pem"
 
-
-def wait_until(predicate, timeout):
-    return wait_for(predicate, timeout=timeout, interval=0.05)
-
-
-def monotonic_ms():
-    return time.monotonic() * 1000
