@@ -239,6 +239,30 @@ def test_a_new_fleet_block_takes_effect_on_apply_and_caps_received_bans(fleet):
     assert fleet.kernel_bans(n2)[source] > 3000
 
 
+def test_a_node_cut_off_from_redis_catches_up_both_ways(fleet):
+    n1, n2 = fleet.nodes[0], fleet.nodes[1]
+    from_n1, from_n2 = ATTACKER_EXTRA[9], ATTACKER_EXTRA[10]
+    n1.ip("link", "set", "eth0", "down")
+    try:
+        assert n1.policyd("ban", from_n1, "--for", "10m").returncode == 0
+        assert n2.policyd("ban", from_n2, "--for", "10m").returncode == 0
+        assert from_n1 in fleet.kernel_bans(n1)
+        assert wait_for(lambda: from_n2 in fleet.kernel_bans(fleet.nodes[2]), PROPAGATION)
+        assert from_n2 not in fleet.kernel_bans(n1) and from_n1 not in fleet.kernel_bans(n2)
+        time.sleep(fleet_socket_timeout() + 1)  # long enough for n1's links to notice
+        assert not fleet.status(n1)["fleet"]["connected"]
+    finally:
+        n1.ip("link", "set", "eth0", "up")
+    assert wait_for(lambda: from_n2 in fleet.kernel_bans(n1), 3 * PROPAGATION)
+    assert wait_for(lambda: all(from_n1 in fleet.kernel_bans(host) for host in fleet.nodes[1:]),
+                    3 * PROPAGATION)
+
+
+def fleet_socket_timeout():
+    from policyd.fleet_redis import SOCKET_TIMEOUT
+    return SOCKET_TIMEOUT
+
+
 def test_redis_down_then_back_empty(fleet):
     n1, n2, n3 = fleet.nodes[:3]
     during = ATTACKER_EXTRA[4]
