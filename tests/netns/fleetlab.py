@@ -44,7 +44,7 @@ fleet:
 def acl_line(node, password):
     """The ACL of one node, exactly as the README documents it."""
     return (f"user {node} on >{password} resetchannels -@all +ping +time +scan +xadd +xtrim "
-            f"+xread +xrange +xrevrange +xinfo|stream +del %RW~{STREAM_PREFIX}{node} "
+            f"+xread +xrange +xinfo|stream +del %RW~{STREAM_PREFIX}{node} "
             f"%R~{STREAM_PREFIX}*")
 
 
