@@ -554,20 +554,9 @@ def check_fleet(policy):
     """Redis reachable with this node's credentials, and its ACL as the README sets it."""
     if policy.fleet is None:
         return []
-    from policyd import fleet_redis
-    from policyd.fleet_config import read_password
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        return [fail("fleet", "python3-redis is not installed: the fleet cannot run",
-                     "apt install python3-redis")]
-    try:
-        password = read_password(policy.fleet.password_file)
-    except InputError as exc:
-        return [fail("fleet", f"the fleet password cannot be used: {exc}",
-                     "chown root: and chmod 600 the password file")]
+    from policyd.fleet_redis import doctor_findings
     return [Finding(level, "fleet", message, fix)
-            for level, message, fix in fleet_redis.probe(policy.fleet, password)]
+            for level, message, fix in doctor_findings(policy.fleet)]
 
 
 # --- the real host -----------------------------------------------------------

@@ -11,7 +11,8 @@ import threading
 import time
 
 from policyd import fleet_wire
-from policyd.fleet_config import STREAM_PREFIX, node_of_stream, stream_key
+from policyd.errors import InputError
+from policyd.fleet_config import STREAM_PREFIX, node_of_stream, read_password, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +336,18 @@ class Reader(_Worker):
         return out
 
 
-def probe(settings, password):
+def doctor_findings(settings):
     """doctor: [(level, message, fix)] about reaching Redis and the ACL of this node."""
-    import redis
+    try:
+        import redis
+    except ImportError:
+        return [("fail", "python3-redis is not installed: the fleet cannot run",
+                 "apt install python3-redis")]
+    try:
+        password = read_password(settings.password_file)
+    except InputError as exc:
+        return [("fail", f"the fleet password cannot be used: {exc}",
+                 "chown root: and chmod 600 the password file")]
     node = settings.node_name()
     own = stream_key(node)
     where = f"{settings.host}:{settings.port}"

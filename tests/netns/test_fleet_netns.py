@@ -107,6 +107,19 @@ def test_manual_ban_and_unban_from_other_nodes(fleet):
     assert wait_for(lambda: open_to(fleet, fleet.nodes, source), PROPAGATION)
 
 
+def test_an_ipv6_ban_travels_as_the_receivers_own_ban_unit(fleet):
+    n1, n4 = fleet.nodes[0], node(fleet, "n4")
+    assert n1.policyd("ban", "2001:db8:9:1::5", "--for", "10m").returncode == 0
+
+    def ban6(host):
+        return host.nft("list", "set", "inet", "policyd_bans", "ban6", check=False).stdout
+    assert wait_for(lambda: all("2001:db8:9:1::" in ban6(host) for host in fleet.nodes),
+                    PROPAGATION)
+    assert n4.policyd("unban", "2001:db8:9:1::5").returncode == 0
+    assert wait_for(lambda: all("2001:db8:9:1::" not in ban6(host) for host in fleet.nodes),
+                    PROPAGATION)
+
+
 def test_a_node_cannot_write_another_nodes_stream_and_doctor_says_the_acl_works(fleet):
     import redis
     n1, n2 = fleet.nodes[0], fleet.nodes[1]
