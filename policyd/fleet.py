@@ -20,8 +20,6 @@ from policyd.systemd import kv
 log = logging.getLogger("policyd")
 
 ORIGIN = "fleet:"            # the filter name of a ban received from another node
-CATCH_UP_SECONDS = 5.0
-FUTURE_TOLERANCE_MS = 60_000
 WARN_EVERY_SECONDS = 10.0
 REJECT_REASONS = ("malformed", "expired", "rate", "prefix", "protected", "overlap", "unban")
 
@@ -56,6 +54,8 @@ class Peer:
 
 
 class Fleet:
+    """One node's part of the fleet; every method runs on the daemon's main thread."""
+
     def __init__(self, settings, state, bans, registry, wake, clock=time.time):
         self.settings = settings
         self.node = settings.node_name()
@@ -175,9 +175,12 @@ class Fleet:
         for worker in (self.publisher, self.reader):
             if worker is not None:
                 worker.stop()
+        # A blocked XREAD returns within BLOCK_MS; a hung connection is not worth
+        # a slow stop: the threads are daemon threads and the outbox is on disk.
+        deadline = time.monotonic() + 2 * fleet_redis.BLOCK_MS / 1000
         for worker in (self.publisher, self.reader):
             if worker is not None and worker.is_alive():
-                worker.join(fleet_redis.SOCKET_TIMEOUT + 1)
+                worker.join(max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------ publishing
 
