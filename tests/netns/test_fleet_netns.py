@@ -227,6 +227,19 @@ def test_a_restarted_node_catches_up_before_it_is_ready(fleet):
     assert not answers(fleet, n5, banned)
 
 
+def test_a_new_node_starts_with_every_active_ban(fleet):
+    n5 = node(fleet, "n5")
+    expected = {ip for ip in fleet.kernel_bans(fleet.nodes[1]) if ip.startswith("192.0.2.")}
+    assert ATTACKER_V4 in expected
+    fleet.stop_daemon(n5)
+    # A new box: no state, no tables; only its policy and the fleet's streams.
+    shutil.rmtree(fleet.lab.tmp / "n5" / "state")
+    n5.nft("flush", "ruleset")
+    fleet.start_daemon(n5, fleet.policies[n5])
+    assert expected <= set(fleet.kernel_bans(n5))
+    assert not answers(fleet, n5, ATTACKER_V4)
+
+
 def test_a_ban_made_without_a_daemon_is_published_when_it_starts(fleet):
     n3 = node(fleet, "n3")
     source = ATTACKER_EXTRA[7]
