@@ -356,3 +356,24 @@ def test_a_fleet_started_again_by_a_reload_counts_in_the_same_series(node):
     text = node.registry_.render()
     assert "policyd_fleet_applied_total{op=\"ban\"} 1" in text
     assert "policyd_fleet_connected 0" in text
+
+
+def test_any_bytes_an_attacker_writes_are_an_entry_or_malformed_never_a_crash():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    interesting = st.sampled_from([b"v", b"op", b"net", b"ttl", b"reason", b"1", b"ban", b"unban",
+                                   b"hello", b"auto", b"192.0.2.1", b"2001:db8::/64", b"60000"])
+    field = st.one_of(interesting, st.binary(max_size=200))
+
+    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.given(st.one_of(st.binary(max_size=30), st.just(b"1700000000000-0")),
+                      st.dictionaries(field, field, max_size=10))
+    def check(raw_id, fields):
+        try:
+            decoded = fleet_wire.decode("n2", raw_id, fields)
+        except fleet_wire.Malformed:
+            return
+        assert decoded.op in fleet_wire.OPS
+        if decoded.op == "ban":
+            assert 0 < decoded.ttl_ms <= fleet_wire.MAX_TTL_MS
+    check()
