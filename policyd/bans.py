@@ -268,10 +268,10 @@ class BanManager:
         """True if banning this network would cover loopback or an ignored address."""
         return self._overlaps_protected(_key(_as_network(network_or_address)))
 
-    def expiry_of(self, network_or_address):
-        """When the ban covering this network ends, or None if none does."""
+    def covering(self, network_or_address):
+        """The active Ban that covers this network (itself included), or None."""
         key = self._covering_ban(_key(_as_network(network_or_address)))
-        return None if key is None else self._active[key][0]
+        return None if key is None else _ban(key, self._active[key])
 
     def unban(self, network_or_address):
         """Lift the ban on this network, or the ban covering this address. False if none."""

@@ -326,9 +326,15 @@ class Fleet:
         if not bucket.take(sent_ms):
             return "rate"
         network = entry.network
+        if entry.op == "unban":
+            # An unban lifts what covers the address here, but never a wider ban
+            # than this node would take from another: one address inside a
+            # local /24 must not free the /24.
+            covering = self.bans.covering(network)
+            network = covering.network if covering is not None else network
         shortest = (self.settings.accept_ipv4_prefix if network.version == 4
                     else self.settings.accept_ipv6_prefix)
-        if entry.op == "ban" and network.prefixlen < shortest:
+        if network.prefixlen < shortest:
             return "prefix"
         if entry.op == "ban" and self.bans.protects(network):
             return "protected"
@@ -339,8 +345,8 @@ class Fleet:
             return self.bans.unban(entry.network)
         left_ms = sent_ms + entry.ttl_ms - server_now_ms
         seconds = min(math.ceil(left_ms / 1000), self.settings.max_duration)
-        current = self.bans.expiry_of(entry.network)
-        if current is not None and current >= self.clock() + seconds - 1:
+        current = self.bans.covering(entry.network)
+        if current is not None and current.expires_at >= self.clock() + seconds - 1:
             return False  # already banned here at least as long
         try:
             self.bans.ban(entry.network, seconds, reason=entry.reason,

@@ -290,6 +290,16 @@ def test_unban_from_another_node_lifts_the_ban(node):
     assert node.kernel_.list_bans() == {}
 
 
+def test_an_unban_lifts_the_covering_unit_but_never_a_wider_local_ban(node):
+    node.bans.ban(NET("203.0.113.0/24"), 600)  # an operator's manual ban of a whole /24
+    node.bans.flush()
+    assert receive(node, entry(node, op="unban", net="203.0.113.7/32")) == 0
+    assert node.rejected["prefix"] == 1 and NET("203.0.113.0/24") in node.kernel_.list_bans()
+    receive(node, entry(node, net="2001:db8:5::/64", seq=1))
+    assert receive(node, entry(node, op="unban", net="2001:db8:5::9/128", ago=0.5, seq=2)) == 1
+    assert NET("2001:db8:5::/64") not in node.kernel_.list_bans()
+
+
 def test_a_node_may_refuse_unbans_from_the_others(node):
     node.settings = load(FLEET + "  accept:\n    unbans: false\n").fleet
     receive(node, entry(node))
