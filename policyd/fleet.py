@@ -397,6 +397,11 @@ class Fleet:
             "applied": self.applied,
             "rejected": dict(self.rejected),
             "last_error": self.last_error,
+            "accept": {"ipv4_prefix": self.settings.accept_ipv4_prefix,
+                       "ipv6_prefix": self.settings.accept_ipv6_prefix,
+                       "max_duration": self.settings.max_duration,
+                       "rate_per_second": self.settings.rate_per_second,
+                       "unbans": self.settings.accept_unbans},
         }
 
 
