@@ -7,6 +7,7 @@ per node that may write only its own stream (the README's ACL line).
 """
 import json
 import os
+import signal
 import subprocess
 import textwrap
 
@@ -174,8 +175,8 @@ class FleetLab:
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"{host.role} died:\n" + daemon.stop_and_read())
 
-    def stop_daemon(self, host):
-        return self.daemons.pop(host.role).stop_and_read()
+    def stop_daemon(self, host, sig=signal.SIGTERM):
+        return self.daemons.pop(host.role).stop_and_read(sig)
 
     def stop_all(self):
         return {role: daemon.stop_and_read() for role, daemon in list(self.daemons.items())}

@@ -5,6 +5,7 @@ daemons; n1 runs real nginx with basic auth, n4 has the attacker's main address
 on its ignore list. Each test bans its own attacker address so they do not mix.
 """
 import shutil
+import signal
 import time
 
 import pytest
@@ -309,8 +310,8 @@ def test_redis_down_then_back_empty(fleet):
     assert not answers(fleet, n1, during)
     assert time.monotonic() - started < 30
     assert fleet.status(n1)["fleet"]["outbox"] >= 1
-    # n1 restarts while Redis is away: the outbox is in its state, not in memory.
-    fleet.stop_daemon(n1)
+    # n1 dies (SIGKILL) while Redis is away: the outbox is in its state, not in memory.
+    fleet.stop_daemon(n1, signal.SIGKILL)
     fleet.start_daemon(n1, fleet.policies[n1])
     assert fleet.status(n1)["fleet"]["outbox"] >= 1
     fleet.start_redis()  # empty: no persistence
