@@ -412,8 +412,12 @@ def _node_of(key):
 def outbox_writer(state):
     """publish() for the CLI without a daemon: straight into the durable outbox."""
     def publish(op, address, expires_at, reason):
-        with state.transaction() as writer:
-            writer.add_fleet_outbox([(op, str(_as_network(address)), expires_at, reason)])
+        try:
+            with state.transaction() as writer:
+                writer.add_fleet_outbox([(op, str(_as_network(address)), expires_at, reason)])
+        except (sqlite3.Error, OSError) as exc:  # the ban itself is in force already
+            log.error("fleet outbox not written, the other nodes will not hear of it %s",
+                      kv(op=op, addr=address, error=exc))
     return publish
 
 
