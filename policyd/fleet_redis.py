@@ -25,6 +25,7 @@ DRAIN_LIMIT = 200_000
 RESCAN_SECONDS = 1.0             # how soon a new node's stream is found
 CLOCK_SECONDS = 30.0             # how often the server's clock is sampled again
 FUTURE_MS = 60_000               # a stream id further ahead of the server's clock is not trusted
+HELLO_SECONDS = 60.0             # a quiet node's heartbeat (peers' last_seen in status)
 CHECK_SECONDS = 1.0              # how often an idle publisher checks that Redis kept its stream
 
 
@@ -107,6 +108,7 @@ class Publisher(_Worker):
         self.lock = threading.Condition()
         self.offset_ms = 0.0
         self.next_check = 0.0
+        self.next_hello = 0.0
 
     def submit(self, items):
         with self.lock:
@@ -160,8 +162,11 @@ class Publisher(_Worker):
                         f"stream={self.key} last={fleet_wire.format_id(last)}")
             client.delete(self.key)
             lost = True
+        # A quiet node says hello now and then, so the others see it is alive.
+        hello = hello or time.monotonic() >= self.next_hello
         if not (hello or lost):
             return
+        self.next_hello = time.monotonic() + HELLO_SECONDS
         entry_id = client.xadd(self.key, fleet_wire.encode_hello(), minid=self._minid())
         self.last_published = fleet_wire.parse_id(entry_id)
         self.post(("connected", self.name, self.offset_ms, lost,
