@@ -4,6 +4,7 @@ One lab (module scope) serves every test: a bridge, Redis, an attacker and five
 daemons; n1 runs real nginx with basic auth, n4 has the attacker's main address
 on its ignore list. Each test bans its own attacker address so they do not mix.
 """
+import os
 import shutil
 import signal
 import time
@@ -143,6 +144,19 @@ def test_a_node_cannot_write_another_nodes_stream_and_doctor_says_the_acl_works(
     fleet_lines = [line for line in doctor.stdout.splitlines() if " fleet: " in line]
     assert len(fleet_lines) == 4, doctor.stdout
     assert all(line.startswith("ok") for line in fleet_lines), doctor.stdout
+    # A node user whose ACL lets it write every stream: doctor says so.
+    fleet.admin(lambda c: c.acl_setuser("n6", enabled=True, passwords=["+pw-n6"],
+                                        commands=["+@all"], keys=["policyd:{bans}:*"]))
+    secret = fleet.tmp / "n6.secret"
+    secret.write_text("pw-n6\n")
+    os.chmod(secret, 0o600)
+    wide = fleet.tmp / "n6.yaml"
+    wide.write_text(fleet.policies[n2].read_text().replace("n2@", "n6@")
+                    .replace("node: n2", "node: n6")
+                    .replace(str(fleet.tmp / "n2.secret"), str(secret)))
+    doctor = n2.policyd("doctor", str(wide))
+    assert "fail fleet: this node may write other nodes' streams" in doctor.stdout, doctor.stdout
+    assert doctor.returncode == 1
 
 
 def test_garbage_in_the_streams_is_skipped_and_counted(fleet):
