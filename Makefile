@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nftables python3-nftables python3-pyroute2 python3-watchdog \
 	python3-click python3-yaml python3-pytest python3-venv python3-setuptools \
 	iproute2 nginx-light apache2-utils curl caddy procps util-linux \
-	fail2ban python3-pyinotify openssh-server \
+	fail2ban python3-pyinotify openssh-server openssl \
 	python3-hypothesis python3-prometheus-client python3-redis redis-server \
 	python3-systemd systemd-journal-remote \
 	qemu-system-x86 busybox-static kmod \

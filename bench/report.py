@@ -83,7 +83,24 @@ def rows(results):
         out.append((f"(e) daemon RSS, {memory['bans']:,} bans",
                     f"{memory['rss_bans_mb']:.1f} MB (peak {memory['peak_rss_bans_mb']:.1f} MB)", "",
                     "<= 150 MB", _verdict(memory["rss_bans_mb"] <= 150)))
+    if "fleet" in results:
+        out.append(_fleet_row(results["fleet"]))
     return out
+
+
+def _fleet_row(fleet):
+    floor = fleet["redis_floor"]
+    ok = (fleet["median_ms"] <= 20 and fleet["p99_ms"] <= 100 and fleet["max_ms"] <= 1000
+          and not fleet["misses"])
+    poll_ms = fleet["crowdsec_poll_seconds"] * 1000
+    return (f"(f) fleet: ban on n1's kernel -> all {fleet['nodes']} kernels, over Redis",
+            f"median {fleet['median_ms']:.1f} ms, p99 {fleet['p99_ms']:.1f} ms, max {fleet['max_ms']:.0f} ms "
+            f"({fleet['trials']} trials{_misses(fleet)}; a node's RSS {fleet.get('rss_mb_last_node')} MB); "
+            f"bare XADD->XREAD here: median "
+            f"{floor['median_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms",
+            f"CrowdSec bouncer polls every {fleet['crowdsec_poll_seconds']:.0f} s (not run; mean wait "
+            f"~{poll_ms / 2:.0f} ms = {poll_ms / 2 / max(fleet['median_ms'], 0.01):.0f}x policyd's median)",
+            "median <= 20 ms, p99 <= 100 ms, max <= 1 s", _verdict(ok))
 
 
 def _misses(latency):

@@ -21,12 +21,14 @@ sys.path.insert(0, str(BENCH.parent / "tests" / "netns"))
 
 import report  # noqa: E402
 from apply_time import measure_apply  # noqa: E402
+from fleet_latency import measure_fleet  # noqa: E402
 from policyd_latency import measure_policyd  # noqa: E402
 from restore import measure_restore  # noqa: E402
 from throughput import measure_throughput  # noqa: E402
 
 FULL = {"lines": 200000, "trials": 50, "allowlist": 100000, "restore": [2000, 100000],
-        "apply_networks": 100000, "fail2ban_trials": 50, "fail2ban_restore": 2000}
+        "apply_networks": 100000, "fail2ban_trials": 50, "fail2ban_restore": 2000,
+        "fleet_trials": 100}
 
 
 def step(text):
@@ -80,6 +82,10 @@ def measure_all(sizes, workdir, quiet=False):
 
     step(f"(d) apply a policy with {sizes['apply_networks']:,} allowed networks")
     results["apply"] = measure_apply(workdir / "apply", sizes["apply_networks"])
+
+    if sizes.get("fleet_trials"):
+        step(f"(f) fleet: {sizes['fleet_trials']} bans on one node -> kernels of all five, over Redis")
+        results["fleet"] = measure_fleet(workdir / "fleet", sizes["fleet_trials"])
     return results
 
 
@@ -94,11 +100,13 @@ def main(argv=None):
     parser.add_argument("--apply-networks", type=int, default=FULL["apply_networks"])
     parser.add_argument("--fail2ban-trials", type=int, default=FULL["fail2ban_trials"])
     parser.add_argument("--fail2ban-restore", type=int, default=FULL["fail2ban_restore"])
+    parser.add_argument("--fleet-trials", type=int, default=FULL["fleet_trials"])
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     sizes = {"lines": args.lines, "trials": args.trials, "allowlist": args.allowlist,
              "restore": [int(n) for n in args.restore.split(",")], "apply_networks": args.apply_networks,
-             "fail2ban_trials": args.fail2ban_trials, "fail2ban_restore": args.fail2ban_restore}
+             "fail2ban_trials": args.fail2ban_trials, "fail2ban_restore": args.fail2ban_restore,
+             "fleet_trials": args.fleet_trials}
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     try:

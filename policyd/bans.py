@@ -253,7 +253,7 @@ class BanManager:
 
     # Manual operations; the caller flushes.
 
-    def ban(self, network_or_address, duration=None, reason="manual"):
+    def ban(self, network_or_address, duration=None, reason="manual", filter_name=None):
         """Ban a network or address for `duration` seconds (None: the escalated bantime)."""
         network = _as_network(network_or_address)
         if duration is not None and (isinstance(duration, bool) or not isinstance(duration, int)
@@ -276,7 +276,16 @@ class BanManager:
             raise InputError(f"{network} would overlap the ban on {inside[0]}; unban it first",
                              key="address")
         self._forget_window(key)
-        return self._make_ban(key, duration, 0, None, reason, self.clock())
+        return self._make_ban(key, duration, 0, filter_name, reason, self.clock())
+
+    def protects(self, network_or_address):
+        """True if banning this network would cover loopback or an ignored address."""
+        return self._overlaps_protected(_key(_as_network(network_or_address)))
+
+    def covering(self, network_or_address):
+        """The active Ban that covers this network (itself included), or None."""
+        key = self._covering_ban(_key(_as_network(network_or_address)))
+        return None if key is None else _ban(key, self._active[key])
 
     def unban(self, network_or_address):
         """Lift the ban on this network, or the ban covering this address. False if none."""

@@ -384,7 +384,8 @@ def status(obj, as_json):
 def _status_without_daemon(obj):
     store = trial.PolicyStore(obj.state_dir)
     nft = _nft_or_none(obj)
-    result = {"daemon": None, "policy": trial.status(store, nft=nft), "bans": None, "logs": []}
+    result = {"daemon": None, "policy": trial.status(store, nft=nft), "bans": None, "logs": [],
+              "fleet": None}
     committed = store.committed()
     if committed is not None and nft is not None:
         from policyd.nft import BanTable
@@ -437,6 +438,9 @@ def _format_status(result):
         lines.append(f"log:       {entry['path']} [{entry['filter']}] {state}, "
                      f"{entry['lines']} lines, {entry['matched']} failures, "
                      f"{entry['malformed']} malformed, {entry['rotations']} rotations")
+    if result.get("fleet"):
+        from policyd.fleet import status_line
+        lines.append(status_line(result["fleet"]))
     return "\n".join(lines)
 
 

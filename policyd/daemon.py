@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from policyd import __version__, control, metrics, systemd, trial
+from policyd import __version__, control, fleet, metrics, systemd, trial
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
@@ -114,6 +114,7 @@ class Daemon:
         self.watcher = None
         self.control = None
         self.metrics_server = None
+        self.fleet = None
         self.next_reconcile = 0.0
         self._expected_key = None
         self._expected = {}
@@ -149,6 +150,7 @@ class Daemon:
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
+        self._start_fleet()  # catches up with the other nodes before READY
         self.held_back = None
         source = (self.store.meta() or {}).get("source", self.policy.source)
         log.info("started %s", kv(version=__version__, policy=source,
@@ -220,6 +222,13 @@ class Daemon:
             log.warning("policy file differs from the committed policy %s", kv(
                 file=self.policy_path, hint="policyd apply --confirm-timeout 60 to load it"))
 
+    def _start_fleet(self):
+        if self.policy.fleet is not None:
+            self.fleet = fleet.Fleet(self.policy.fleet, self.state, self.bans, self.registry,
+                                     wake=self.wake.set, clock=self.clock)
+            if self.fleet.start():
+                self._flush()
+
     def _ban_table(self, policy):
         return BanTable(self.nft, policy.bans_table, policy.bans.ipv6_prefix)
 
@@ -263,7 +272,8 @@ class Daemon:
         systemd.notify("STOPPING=1")
         for closer in (self.watcher and self.watcher.stop,
                        self.control and self.control.stop,
-                       self.metrics_server and self.metrics_server.stop):
+                       self.metrics_server and self.metrics_server.stop,
+                       self.fleet and self.fleet.stop):
             if closer:
                 closer()
         for source in self.sources:
@@ -289,6 +299,8 @@ class Daemon:
             self.wake.wait(HOUSEKEEPING_SECONDS)
             self.wake.clear()
             self._read_logs()
+            if self.fleet is not None and self.fleet.pump():
+                self._flush()
             self.calls.run_pending()
             now = time.monotonic()
             if self.reload_requested:
@@ -329,6 +341,8 @@ class Daemon:
                 ban = self.bans.record_failure(outcome.host, outcome.filter, outcome.time)
                 if ban is not None:
                     new_bans += 1
+                    if self.fleet is not None:
+                        self.fleet.publish_ban(ban)
                     log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
                                              failures=ban.failures,
                                              duration=f"{round(ban.expires_at - ban.banned_at)}s"))
@@ -336,6 +350,8 @@ class Daemon:
             self._flush()
             self.metrics.ban_latency.observe(time.perf_counter() - started)
             self.metrics.bans.labels(reason="auto").inc(new_bans)
+            if self.fleet is not None:
+                self.fleet.commit()
         for source in self.sources:
             if source.follower:
                 source.follower.commit()
@@ -358,6 +374,8 @@ class Daemon:
             ban = self.bans.record_failure(outcome.host, outcome.filter, when=when)
             if ban is not None:
                 new_bans += 1
+                if self.fleet is not None:
+                    self.fleet.publish_ban(ban)
                 log.warning("ban %s", kv(addr=ban.network, filter=ban.filter, failures=ban.failures,
                                          duration=f"{round(ban.expires_at - ban.banned_at)}s"))
         return new_bans
@@ -478,6 +496,7 @@ class Daemon:
             self.nft.load(compile_policy(committed))
             self.metrics.applies.labels(kind="restore").inc()
         changed_logs = committed.bans.logs != self.policy.bans.logs
+        changed_fleet = committed.fleet != self.policy.fleet
         previous, self.policy = self.policy, committed
         self.bans.kernel = self._ban_table(committed)
         if previous.bans_table != committed.bans_table:
@@ -490,6 +509,11 @@ class Daemon:
         self._flush()
         if changed_logs:
             self._follow(committed)
+        if changed_fleet:
+            if self.fleet is not None:
+                self.fleet.stop()
+                self.fleet = None
+            self._start_fleet()
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
 
     def _status_line(self):
@@ -505,7 +529,7 @@ class Daemon:
         if self.bans is None and command in ("ban", "unban"):
             raise InputError("nothing is enforced yet (see `policyd status`): apply a policy "
                              "first", key="policy")
-        desk = BanDesk(self.bans)
+        desk = BanDesk(self.bans, publish=self.fleet and self.fleet.publish)
         handlers = {
             "status": self.status,
             "bans": self.ban_list,
@@ -546,6 +570,7 @@ class Daemon:
             "bans": {"active": self.bans.active_count,
                      "total": sum(self.bans.bans_total.values())} if self.bans else None,
             "logs": [source.stats() for source in self.sources],
+            "fleet": self.fleet.status() if self.fleet is not None else None,
         }
 
     def ban_list(self):
@@ -563,8 +588,9 @@ _OPERATOR_KEYS = {"address": "ADDR", "duration": "--for"}
 class BanDesk:
     """Manual ban and unban on a BanManager: the daemon's, or the CLI's when none runs."""
 
-    def __init__(self, bans):
+    def __init__(self, bans, publish=None):
         self.bans = bans
+        self.publish = publish  # the fleet's: (op, network, expires_at, reason)
 
     def manual_ban(self, address, duration):
         target = _target(address)
@@ -575,6 +601,8 @@ class BanDesk:
             exc.key = _OPERATOR_KEYS.get(exc.key, exc.key)
             raise
         self.bans.flush()
+        if self.publish:
+            self.publish("ban", ban.network, ban.expires_at, "manual")
         log.warning("ban %s", kv(addr=ban.network, reason="manual",
                                  duration=f"{round(ban.expires_at - ban.banned_at)}s"))
         return ban.as_dict()
@@ -582,6 +610,8 @@ class BanDesk:
     def manual_unban(self, address):
         lifted = self.bans.unban(_target(address))
         self.bans.flush()
+        if self.publish:
+            self.publish("unban", _target(address), None, "manual")
         if lifted:
             log.info("unban %s", kv(addr=address, reason="manual"))
         return {"unbanned": lifted}
@@ -597,7 +627,9 @@ def offline(state_dir, action):
     try:
         bans = BanManager(committed.bans, state,
                           BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix))
-        return action(BanDesk(bans))
+        # With a fleet, what is banned here waits in the outbox for the daemon.
+        publish = fleet.outbox_writer(state) if committed.fleet is not None else None
+        return action(BanDesk(bans, publish=publish))
     finally:
         state.close()
 

@@ -8,7 +8,7 @@ JSON form (`policyd doctor --json`), stable:
      "findings": [{"level": "ok" | "warn" | "fail",
                    "check": "listener" | "interface" | "log" | "filter" | "table" |
                             "drift" | "trial" | "committed" | "nftables-service" |
-                            "daemon" | "policy-file",
+                            "daemon" | "policy-file" | "fleet",
                    "message": str,   # what was found, one line
                    "fix": str}]}     # what to do about it; "" for "ok"
 Text form: one line per finding, "LEVEL CHECK: MESSAGE" plus "; fix: FIX" for
@@ -89,6 +89,7 @@ def diagnose(policy, env):
     findings += daemon
     if daemon[0].level == OK:
         findings += check_daemon_logs(env)
+    findings += check_fleet(policy)
     return findings
 
 
@@ -632,6 +633,15 @@ def check_daemon(env):
     return [warn("daemon", f"the daemon is not running (no {path}): nothing bans, and "
                  "nothing restores the tables after a flush",
                  "`systemctl enable --now policyd`")]
+
+
+def check_fleet(policy):
+    """Redis reachable with this node's credentials, and its ACL as the README sets it."""
+    if policy.fleet is None:
+        return []
+    from policyd.fleet_redis import doctor_findings
+    return [Finding(level, "fleet", message, fix)
+            for level, message, fix in doctor_findings(policy.fleet)]
 
 
 # --- the real host -----------------------------------------------------------

@@ -13,6 +13,7 @@ import yaml
 
 from policyd.addr import parse_network
 from policyd.errors import InputError
+from policyd.fleet_config import FleetSettings, read_fleet
 
 DEFAULT_POLICY = "/etc/policyd/policy.yaml"
 
@@ -83,6 +84,7 @@ class Policy:
     bans: BanSettings
     source: str = "<policy>"
     digest: str = field(default="", compare=False)
+    fleet: FleetSettings | None = None
 
     @property
     def bans_table(self):
@@ -156,7 +158,7 @@ def loads(data, source="<policy>"):
     reader = _Reader(source)
     policy = reader.policy(root)
     return Policy(policy.table, policy.services, policy.bans, source,
-                  hashlib.sha256(data).hexdigest())
+                  hashlib.sha256(data).hexdigest(), fleet=policy.fleet)
 
 
 class _Reader:
@@ -245,7 +247,7 @@ class _Reader:
     def policy(self, root):
         if root is None:
             raise InputError("empty policy", self.source)
-        top = self.mapping(root, "", {"version", "table", "services", "bans"},
+        top = self.mapping(root, "", {"version", "table", "services", "bans", "fleet"},
                            required=("version", "services"))
         knode, vnode = top["version"]
         if self.scalar(vnode, "version") != 1:
@@ -273,7 +275,8 @@ class _Reader:
                               f"services.{service.name}.ports",
                               f"{service.proto} port {port} is also in service {other!r}")
         bans = self.bans(top.get("bans", (None, None))[1], services)
-        return Policy(table, services, bans, self.source)
+        fleet = read_fleet(self, top["fleet"][1], bans) if "fleet" in top else None
+        return Policy(table, services, bans, self.source, fleet=fleet)
 
     def service(self, name, knode, node):
         key = f"services.{name}"

@@ -56,6 +56,23 @@ MIGRATIONS = (
         position TEXT NOT NULL
     );
     """,
+    # The fleet's outbox: bans and unbans this node made that Redis has not
+    # taken yet (Redis down, or the daemon stopped first), sent in seq order.
+    # fleet_meta keeps the last id Redis gave this node's stream, which tells
+    # a Redis restarted empty from one that kept its data.
+    """
+    CREATE TABLE fleet_outbox (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        op         TEXT NOT NULL CHECK (op IN ('ban', 'unban')),
+        network    TEXT NOT NULL,
+        expires_at REAL,
+        reason     TEXT NOT NULL
+    );
+    CREATE TABLE fleet_meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -197,6 +214,16 @@ class State:
     load = load_position
     save = save_position
 
+    # The fleet's outbox and its one remembered stream id (policyd.fleet uses these).
+
+    def fleet_outbox(self):
+        """[(seq, op, network, expires_at, reason)] not yet published, oldest first."""
+        return self._read("SELECT seq, op, network, expires_at, reason FROM fleet_outbox ORDER BY seq")
+
+    def fleet_meta(self, name):
+        rows = self._read("SELECT value FROM fleet_meta WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
+
 
 class Writer:
     """The statements a transaction may run; every method takes a whole batch."""
@@ -238,3 +265,19 @@ class Writer:
             "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
             ((str(path), json.dumps(position, sort_keys=True))
              for path, position in positions.items()))
+
+    def add_fleet_outbox(self, rows):
+        """rows: (op, network, expires_at, reason); returns the seq given to each."""
+        seqs = []
+        for row in rows:
+            seqs.append(self._db.execute(
+                "INSERT INTO fleet_outbox (op, network, expires_at, reason) VALUES (?, ?, ?, ?)",
+                row).lastrowid)
+        return seqs
+
+    def delete_fleet_outbox(self, seqs):
+        self._db.executemany("DELETE FROM fleet_outbox WHERE seq = ?", ((seq,) for seq in seqs))
+
+    def set_fleet_meta(self, name, value):
+        self._db.execute("INSERT OR REPLACE INTO fleet_meta (name, value) VALUES (?, ?)",
+                         (name, str(value)))

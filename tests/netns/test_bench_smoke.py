@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import run as bench_run  # noqa: E402
 
 TINY = ["--lines", "1000", "--trials", "2", "--allowlist", "1000", "--restore", "200",
-        "--apply-networks", "1000", "--fail2ban-trials", "2", "--fail2ban-restore", "20", "--quiet"]
+        "--apply-networks", "1000", "--fail2ban-trials", "2", "--fail2ban-restore", "20", "--fleet-trials", "2", "--quiet"]
 
 
 def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
@@ -50,10 +50,13 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     assert restore["flush"]["max_sample_missing"] == restore["flush"]["sample_keys"]
     assert results["apply"]["kernel_networks"] == 1000
     assert 0 < results["memory"]["rss_idle_mb"] <= results["memory"]["peak_rss_bans_mb"]
+    fleet = results["fleet"]
+    assert fleet["trials"] == 2 and fleet["misses"] == 0 and fleet["last_node_applied"] == 3
 
     table = (tmp_path / "latest.md").read_text()
     for label in ("(a) filter throughput", "(b) ban latency", "(c) restart with 200 bans",
-                  "(c) cold start", "(c) `nft flush ruleset`", "(d) apply", "(e) daemon RSS"):
+                  "(c) cold start", "(c) `nft flush ruleset`", "(d) apply", "(e) daemon RSS",
+                  "(f) fleet"):
         assert label in table, label
     assert (committed.read_bytes() if committed.exists() else None) == before, \
         "a quick run must not overwrite the committed full-size results"
@@ -67,3 +70,8 @@ def test_report_marks_a_missed_target():
     assert report.missed(results) == ["(d) apply a policy with 100,000 allowed networks"]
     results["apply"]["first_apply_seconds"] = 2.9
     assert report.missed(results) == []
+    fleet = {"trials": 100, "median_ms": 4.0, "p99_ms": 150.0, "max_ms": 400.0, "nodes": 5,
+             "misses": 0, "redis_floor": {"median_ms": 0.6, "p99_ms": 2.0}, "crowdsec_poll_seconds": 10.0}
+    assert report.missed({"fleet": fleet}) == ["(f) fleet: ban on n1's kernel -> all 5 kernels, over Redis"]
+    fleet["p99_ms"] = 90.0
+    assert report.missed({"fleet": fleet}) == []
