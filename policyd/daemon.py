@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from policyd import __version__, control, metrics, systemd, trial
@@ -29,6 +30,20 @@ log = logging.getLogger("policyd")
 HOUSEKEEPING_SECONDS = 0.5
 # A full comparison of kernel bans against state costs a set listing; rare.
 RECONCILE_SECONDS = 300
+# Lines taken from one log per turn of the loop: a flood in one log delays the
+# bans of another log, control requests and housekeeping by one slice (a few
+# ms), and each slice's bans reach the kernel before the next slice is read.
+READ_SLICE_LINES = 2000
+# More bans than this from one slice are logged as one summary line: a flood of
+# 100k bans must not become 100k journal lines (20 us each, on the ban path).
+BAN_LOG_LINES = 20
+# Bans reach the kernel at once; state (bans, failures, log positions) is
+# written at most this often while logs keep coming, in one transaction each,
+# and while a backlog of lines waits, only every STATE_DEFER_SECONDS: the
+# write then comes after the flood's bans, not between them. The kernel's
+# timeouts keep the bans meanwhile, and unsaved positions mean re-reading.
+STATE_WRITE_SECONDS = 0.25
+STATE_DEFER_SECONDS = 2.0
 STATE_FILE = "state.db"
 
 
@@ -77,6 +92,9 @@ class Daemon:
         self.control = None
         self.metrics_server = None
         self.next_reconcile = 0.0
+        self.next_state_write = 0.0
+        self.last_state_write = 0.0
+        self.backlog = False
         self._expected_key = None
         self._expected = {}
 
@@ -166,9 +184,10 @@ class Daemon:
         watchdog = systemd.watchdog_interval()
         next_housekeeping = next_watchdog = 0.0
         while not self.stopping:
-            self.wake.wait(HOUSEKEEPING_SECONDS)
+            if not self.backlog:
+                self.wake.wait(HOUSEKEEPING_SECONDS)
             self.wake.clear()
-            self._read_logs()
+            self.backlog = self._read_logs()
             self.calls.run_pending()
             now = time.monotonic()
             if self.reload_requested:
@@ -182,45 +201,82 @@ class Daemon:
                 systemd.notify("WATCHDOG=1")
 
     def _read_logs(self):
-        started = time.perf_counter()
-        new_bans = 0
+        """One slice of new lines from every log, their bans pushed to the kernel;
+        True if a log has more lines waiting (the loop comes back at once)."""
+        backlog = False
         for source in self.sources:
-            lines = source.follower.read_lines()
+            started = time.perf_counter()
+            lines = source.follower.read_lines(max_lines=READ_SLICE_LINES)
             if not lines:
                 continue
+            backlog = backlog or len(lines) >= READ_SLICE_LINES
             self.metrics.log_lines.labels(log=source.path).inc(len(lines))
+            failures = []
+            malformed = 0
+            classify = source.filter.classify
             for line in lines:
-                outcome = source.filter.classify(line)
+                outcome = classify(line)
                 if outcome is Outcome.IGNORED:
                     continue
                 if outcome is Outcome.MALFORMED:
-                    source.malformed += 1
-                    self.metrics.log_malformed.labels(log=source.path).inc()
+                    malformed += 1
                     continue
-                source.matched += 1
-                self.metrics.failures.labels(filter=outcome.filter).inc()
-                ban = self.bans.record_failure(outcome.host, outcome.filter)
-                if ban is not None:
-                    new_bans += 1
-                    log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
-                                             failures=ban.failures,
-                                             duration=f"{round(ban.expires_at - ban.banned_at)}s"))
-        if new_bans:
-            self._flush()
-            self.metrics.ban_latency.observe(time.perf_counter() - started)
-            self.metrics.bans.labels(reason="auto").inc(new_bans)
+                failures.append((outcome.host, outcome.filter))
+            if malformed:
+                source.malformed += malformed
+                self.metrics.log_malformed.labels(log=source.path).inc(malformed)
+            if failures:
+                source.matched += len(failures)
+                for name, count in Counter(name for _host, name in failures).items():
+                    self.metrics.failures.labels(filter=name).inc(count)
+                bans = self.bans.record_failures(failures)
+                if bans:
+                    self._flush(write_state=False)
+                    self.metrics.ban_latency.observe(time.perf_counter() - started)
+                    self.metrics.bans.labels(reason="auto").inc(len(bans))
+                    self._log_bans(bans)
+        self.backlog = backlog
+        if time.monotonic() >= self.next_state_write:
+            self._save()
+        return backlog
+
+    def _state_deferred(self):
+        return self.backlog and time.monotonic() - self.last_state_write < STATE_DEFER_SECONDS
+
+    def _save(self):
+        """Write queued state, then the log positions it covers (kernel only while
+        a backlog defers the write)."""
+        if self._state_deferred():
+            self._flush(write_state=False)
+            return
+        now = time.monotonic()
+        self.next_state_write = now + STATE_WRITE_SECONDS
+        self.last_state_write = now
+        self._flush()
         for source in self.sources:
             source.follower.commit()
 
-    def _flush(self):
+    @staticmethod
+    def _log_bans(bans):
+        if len(bans) <= BAN_LOG_LINES:
+            for ban in bans:
+                log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
+                                         failures=ban.failures,
+                                         duration=f"{round(ban.expires_at - ban.banned_at)}s"))
+            return
+        log.warning("bans %s", kv(count=len(bans), filter=",".join(bans.filters()),
+                                  sample=" ".join(str(ban.network) for ban in bans[:5]),
+                                  hint="policyd bans lists them all"))
+
+    def _flush(self, write_state=True):
         try:
-            self.bans.flush()
+            self.bans.flush(write_state)
         except (KernelError, OSError) as exc:
             self.metrics.kernel_errors.inc()
             log.error("kernel refused bans %s", kv(error=exc))
 
     def _housekeeping(self):
-        self._flush()  # retries a batch the kernel refused before; cheap when empty
+        self._save()  # also retries a batch the kernel refused before; cheap when empty
         try:
             meta = self.store.meta()
             if meta and meta.get("sha256") != self.policy.digest:
@@ -229,7 +285,7 @@ class Daemon:
                 self.metrics.applies.labels(kind="rollback").inc()
                 log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
             self._converge()
-            for ban in self.bans.expire():
+            for ban in self.bans.expire(write_state=not self._state_deferred()):
                 log.info("unban %s", kv(addr=ban.network, reason="expired"))
             if self.clock() >= self.next_reconcile:
                 self.next_reconcile = self.clock() + RECONCILE_SECONDS

@@ -123,12 +123,22 @@ class BanTable:
             changes[BAN_SETS[network.version]].append((key, timeout))
         return {name: items for name, items in changes.items() if items}
 
+    def replace_ban_keys(self, items):
+        """add_bans by key: [((version, first address as int, prefix length), seconds)],
+        one transaction, existing elements take the new timeout. No ipaddress objects:
+        a flood bans 100k networks."""
+        if items:
+            self._netlink.replace(self.table, self._keys_by_set(items))
+
     def add_ban_keys(self, items):
         """Restore [((version, first address as int, prefix length), seconds)] in one batch.
 
         The bulk path for restores: no ipaddress objects, and elements already
         in the kernel keep counting down instead of being replaced.
         """
+        self._netlink.add(self.table, self._keys_by_set(items))
+
+    def _keys_by_set(self, items):
         changes = {BAN_SETS[4]: [], BAN_SETS[6]: []}
         mask6 = ((1 << 128) - 1) ^ ((1 << (128 - self.ipv6_prefix)) - 1)
         for (version, number, _prefixlen), timeout in items:
@@ -137,7 +147,7 @@ class BanTable:
             else:
                 changes[BAN_SETS[6]].append(((number & mask6).to_bytes(16, "big"),
                                              max(1, int(timeout))))
-        self._netlink.add(self.table, {name: items for name, items in changes.items() if items})
+        return {name: items for name, items in changes.items() if items}
 
     def list_ban_keys(self):
         """{(version, first address as int, prefix length)} of the kernel's ban elements."""
