@@ -606,33 +606,59 @@ class BanManager:
         self._state_failures.pop(key, None)
 
     def _write_state(self):
-        """Persist everything queued in one transaction. On a write error the queue
-        is kept and the kernel is still served: enforcement matters more."""
-        if not (self._state_upsert or self._state_delete or self._history_unwritten
-                or self._state_failures or self._state_prune_before is not None):
-            return
+        self.write_state()
+
+    def state_pending(self):
+        """Whether changes wait to be written to state."""
+        return bool(self._state_upsert or self._state_delete or self._history_unwritten
+                    or self._state_failures or self._state_prune_before is not None)
+
+    def write_state(self, max_rows=None):
+        """Persist queued changes in one transaction, at most about max_rows rows of
+        them (None: all); returns the rows written. On a write error the queue is
+        kept and the kernel is still served: enforcement matters more.
+
+        A flood queues 100k bans: written in bounded pieces between slices of
+        log lines, no single transaction holds up the next ban for long."""
+        if not self.state_pending():
+            return 0
+        budget = max_rows
+        deletes = list(itertools.islice(self._state_delete, budget))
+        budget = None if budget is None else max(0, budget - len(deletes))
+        upserts = list(itertools.islice(self._state_upsert.items(), budget))
+        budget = None if budget is None else max(0, budget - len(upserts))
+        history = list(itertools.islice(self._history_unwritten.items(), budget))
+        budget = None if budget is None else max(0, budget - len(history))
+        failure_keys, failures = [], []
+        for key, entries in self._state_failures.items():
+            if budget is not None and len(failures) >= budget:
+                break
+            failure_keys.append(key)
+            blob = _blob(key)
+            failures.extend((blob, when, filter_name) for when, filter_name in entries)
         try:
             with self.state.transaction() as writer:
-                writer.delete_bans([_blob(key) for key in self._state_delete])
+                writer.delete_bans([_blob(key) for key in deletes])
                 writer.upsert_bans([
                     (_blob(key), _text(key), key[0], banned_at, expires_at, failures, filter_name, reason)
-                    for key, (expires_at, failures, filter_name, reason, banned_at)
-                    in self._state_upsert.items()])
-                writer.upsert_history([(_blob(key), *entry) for key, entry in self._history_unwritten.items()])
-                writer.add_failures([(_blob(key), when, filter_name)
-                                     for key, entries in self._state_failures.items()
-                                     for when, filter_name in entries])
+                    for key, (expires_at, failures, filter_name, reason, banned_at) in upserts])
+                writer.upsert_history([(_blob(key), *entry) for key, entry in history])
+                writer.add_failures(failures)
                 if self._state_prune_before is not None:
                     writer.prune_failures(self._state_prune_before)
         except (sqlite3.Error, OSError) as error:  # disk full, read-only, locked
             log.error("could not write ban state to %s, will retry on the next flush: %s",
                       self.state.path, error)
-            return
-        self._state_upsert.clear()
-        self._state_delete.clear()
-        self._history_unwritten.clear()
-        self._state_failures.clear()
+            return 0
+        self._state_delete.difference_update(deletes)
+        for key, _entry in upserts:
+            del self._state_upsert[key]
+        for key, _entry in history:
+            del self._history_unwritten[key]
+        for key in failure_keys:
+            del self._state_failures[key]
         self._state_prune_before = None
+        return len(deletes) + len(upserts) + len(history) + len(failures) or 1
 
 
 def _key(network):

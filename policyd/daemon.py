@@ -33,17 +33,16 @@ RECONCILE_SECONDS = 300
 # Lines taken from one log per turn of the loop: a flood in one log delays the
 # bans of another log, control requests and housekeeping by one slice (a few
 # ms), and each slice's bans reach the kernel before the next slice is read.
-READ_SLICE_LINES = 2000
+READ_SLICE_LINES = 500
 # More bans than this from one slice are logged as one summary line: a flood of
 # 100k bans must not become 100k journal lines (20 us each, on the ban path).
 BAN_LOG_LINES = 20
-# Bans reach the kernel at once; state (bans, failures, log positions) is
-# written at most this often while logs keep coming, in one transaction each,
-# and while a backlog of lines waits, only every STATE_DEFER_SECONDS: the
-# write then comes after the flood's bans, not between them. The kernel's
-# timeouts keep the bans meanwhile, and unsaved positions mean re-reading.
+# Bans reach the kernel at once; state (bans, failures, then the log positions
+# they cover) is written at most this often while logs keep coming, at most
+# STATE_CHUNK_ROWS rows per transaction and per turn of the loop, so that a
+# flood's 100k bans are written between slices of lines, never in one stall.
 STATE_WRITE_SECONDS = 0.25
-STATE_DEFER_SECONDS = 2.0
+STATE_CHUNK_ROWS = 1500
 STATE_FILE = "state.db"
 
 
@@ -93,7 +92,6 @@ class Daemon:
         self.metrics_server = None
         self.next_reconcile = 0.0
         self.next_state_write = 0.0
-        self.last_state_write = 0.0
         self.backlog = False
         self._expected_key = None
         self._expected = {}
@@ -168,10 +166,12 @@ class Daemon:
                        self.metrics_server and self.metrics_server.stop):
             if closer:
                 closer()
-        for source in self.sources:
-            source.follower.commit()
-            source.follower.close()
         self.bans.flush()
+        for source in self.sources:
+            # After the state: a position never runs ahead of the failures it covers.
+            if not self.bans.state_pending():
+                source.follower.commit()
+            source.follower.close()
         self.state.close()
         log.info("stopped %s", kv(bans=self.bans.active_count))
 
@@ -185,7 +185,10 @@ class Daemon:
         next_housekeeping = next_watchdog = 0.0
         while not self.stopping:
             if not self.backlog:
-                self.wake.wait(HOUSEKEEPING_SECONDS)
+                pause = HOUSEKEEPING_SECONDS
+                if self.bans.state_pending():  # the rest of a flood's state, piece by piece
+                    pause = min(pause, max(0.0, self.next_state_write - time.monotonic()))
+                self.wake.wait(pause)
             self.wake.clear()
             self.backlog = self._read_logs()
             self.calls.run_pending()
@@ -235,26 +238,24 @@ class Daemon:
                     self.metrics.ban_latency.observe(time.perf_counter() - started)
                     self.metrics.bans.labels(reason="auto").inc(len(bans))
                     self._log_bans(bans)
-        self.backlog = backlog
-        if time.monotonic() >= self.next_state_write:
-            self._save()
+        self._save()
         return backlog
 
-    def _state_deferred(self):
-        return self.backlog and time.monotonic() - self.last_state_write < STATE_DEFER_SECONDS
-
     def _save(self):
-        """Write queued state, then the log positions it covers (kernel only while
-        a backlog defers the write)."""
-        if self._state_deferred():
-            self._flush(write_state=False)
-            return
+        """Push queued bans to the kernel; when due, write one piece of queued state,
+        and once none is left, the log positions it covers (so a crash re-reads
+        lines whose failures were not written, never skips them)."""
+        self._flush(write_state=False)
         now = time.monotonic()
-        self.next_state_write = now + STATE_WRITE_SECONDS
-        self.last_state_write = now
-        self._flush()
-        for source in self.sources:
-            source.follower.commit()
+        if now < self.next_state_write:
+            return
+        written = self.bans.write_state(STATE_CHUNK_ROWS)
+        if not self.bans.state_pending():
+            for source in self.sources:
+                source.follower.commit()
+            self.next_state_write = now + STATE_WRITE_SECONDS
+        elif not written:
+            self.next_state_write = now + STATE_WRITE_SECONDS  # a write error: retry later
 
     @staticmethod
     def _log_bans(bans):
@@ -285,7 +286,7 @@ class Daemon:
                 self.metrics.applies.labels(kind="rollback").inc()
                 log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
             self._converge()
-            for ban in self.bans.expire(write_state=not self._state_deferred()):
+            for ban in self.bans.expire(write_state=False):  # _save() writes it
                 log.info("unban %s", kv(addr=ban.network, reason="expired"))
             if self.clock() >= self.next_reconcile:
                 self.next_reconcile = self.clock() + RECONCILE_SECONDS
