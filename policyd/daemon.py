@@ -1,21 +1,25 @@
 """The daemon: wires logs -> filters -> bans -> kernel, and keeps the kernel converged.
 
 One main thread owns every piece of state. Wake-ups (inotify), control
-requests and signals only post to it, so nothing here needs a lock.
+requests, signals and the worker's results (policyd.chores: parsing,
+compiling, libnftables) only post to it, so nothing here needs a lock, and
+no reload or drift repair stands between a log line and its ban.
 """
 import hashlib
 import logging
 import os
 import signal
+import sys
 import threading
+from concurrent.futures import Future
 import time
 from collections import Counter
 from pathlib import Path
 
 from policyd import __version__, control, metrics, systemd, trial
+from policyd.chores import Chores, PolicyUpkeep
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
-from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
 from policyd.nft import BanTable, Nft
@@ -43,6 +47,12 @@ BAN_LOG_LINES = 20
 # flood's 100k bans are written between slices of lines, never in one stall.
 STATE_WRITE_SECONDS = 0.25
 STATE_CHUNK_ROWS = 1500
+# While the worker parses or compiles (pure Python), the main thread gets the
+# GIL back after this long at most, each time it returns from a system call:
+# the default 5 ms, paid on each of a ban's dozen calls, would be 50 ms.
+GIL_SWITCH_SECONDS = 0.0005
+# How long a `reload` control request waits for the worker's reload.
+RELOAD_REPLY_SECONDS = 60.0
 STATE_FILE = "state.db"
 
 
@@ -93,15 +103,19 @@ class Daemon:
         self.next_reconcile = 0.0
         self.next_state_write = 0.0
         self.backlog = False
-        self._expected_key = None
-        self._expected = {}
+        self.chores = None
+        self._reload_again = None   # (load_kernel, replies) asked for while one ran
 
     # ------------------------------------------------------------ start and stop
 
     def start(self):
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         self.nft = Nft()
         self.store = trial.PolicyStore(self.state_dir)
+        self.upkeep = PolicyUpkeep(self.store)
+        self.chores = Chores(Nft, wake=self.wake.set)
+        self.chores.start()
         self.policy = self._committed_or_first_policy()
         self.state = State(self.state_dir / STATE_FILE)
         self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy))
@@ -109,7 +123,7 @@ class Daemon:
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
-        self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
+        self.control = control.ControlServer(control.socket_path(self.run_dir), self._control)
         self.control.start()
         if self.metrics_listen:
             self.metrics_server = metrics.MetricsServer(self.metrics_listen, self.registry)
@@ -163,7 +177,8 @@ class Daemon:
         systemd.notify("STOPPING=1")
         for closer in (self.watcher and self.watcher.stop,
                        self.control and self.control.stop,
-                       self.metrics_server and self.metrics_server.stop):
+                       self.metrics_server and self.metrics_server.stop,
+                       self.chores and self.chores.stop):
             if closer:
                 closer()
         self.bans.flush()
@@ -191,6 +206,7 @@ class Daemon:
                 self.wake.wait(pause)
             self.wake.clear()
             self.backlog = self._read_logs()
+            self.chores.collect()
             self.calls.run_pending()
             now = time.monotonic()
             if self.reload_requested:
@@ -278,14 +294,11 @@ class Daemon:
 
     def _housekeeping(self):
         self._save()  # also retries a batch the kernel refused before; cheap when empty
+        # The policy half (a newer committed policy, a trial's deadline, tables
+        # gone or edited) runs on the worker; _upkept() takes its findings.
+        policy = self.policy
+        self.chores.submit("upkeep", lambda nft: self.upkeep.check(nft, policy), self._upkept)
         try:
-            meta = self.store.meta()
-            if meta and meta.get("sha256") != self.policy.digest:
-                self._reload(load_kernel=False)
-            if trial.enforce(self.nft, self.store):
-                self.metrics.applies.labels(kind="rollback").inc()
-                log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
-            self._converge()
             for ban in self.bans.expire(write_state=False):  # _save() writes it
                 log.info("unban %s", kv(addr=ban.network, reason="expired"))
             if self.clock() >= self.next_reconcile:
@@ -298,51 +311,69 @@ class Daemon:
             log.error("housekeeping failed %s", kv(error=exc))
         systemd.notify(f"STATUS={self._status_line()}")
 
-    def _converge(self):
-        """Put the committed policy and every ban back if the tables are gone or edited.
-
-        Compares chains, rule counts and set names over netlink (well under a
-        millisecond, whatever the allowlist's size) with what the policy loads.
-        """
-        if not self._drifted():
+    def _upkept(self, found, error):
+        """The worker's housekeeping findings, on the main thread."""
+        if error is not None:
+            self._worker_failed("housekeeping", error)
             return
-        with self.store.locked(wait=False) as got:
-            # A CLI apply holds the lock while it changes the kernel: look again later.
-            if not got or not self._drifted():
-                return
+        if found.get("committed") is not None:
+            self._adopt(found["committed"])
+        if found.get("rolled_back"):
+            self.metrics.applies.labels(kind="rollback").inc()
+            log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
+        if "restored_ms" in found:
+            # The worker put the committed policy back; the bans are this thread's.
             started = time.perf_counter()
-            trial.restore_committed_locked(self.nft, self.store)
-            count = self.bans.restore()
-        self.metrics.table_restores.inc()
-        log.warning("tables were gone or changed: restored %s", kv(
-            policy=self.policy.digest[:12], bans=count,
-            ms=round((time.perf_counter() - started) * 1000, 1)))
+            try:
+                count = self.bans.restore()
+            except (KernelError, OSError) as exc:
+                self._worker_failed("restoring bans", exc)
+                return
+            self.metrics.table_restores.inc()
+            log.warning("tables were gone or changed: restored %s", kv(
+                policy=self.policy.digest[:12], bans=count,
+                ms=round(found["restored_ms"] + (time.perf_counter() - started) * 1000, 1)))
 
-    def _drifted(self):
-        pending = self.store.pending()
-        key = (self.policy.digest, pending and pending.sha256)
-        if key != self._expected_key:
-            document = (compile_policy(self.policy, pending.policy(), pending.seconds)
-                        if pending else compile_policy(self.policy))
-            self._expected = {table: skeleton(document, table)
-                              for table in (self.policy.table, self.policy.bans_table)}
-            self._expected_key = key
-        return any(self.nft.skeleton(table) != shape for table, shape in self._expected.items())
+    def _worker_failed(self, what, error):
+        if isinstance(error, (KernelError, OSError)):
+            self.metrics.kernel_errors.inc()
+        log.error("%s failed %s", what, kv(error=error))
 
     def _tables_present(self, policy):
         names = self.nft.tables()
         return policy.table in names and policy.bans_table in names
 
-    def _reload(self, load_kernel=True):
-        """Take the committed policy again: SIGHUP loads it into the kernel too; after
-        a confirm or apply by the CLI (load_kernel=False) the kernel has it already,
-        and _converge() repairs anything that differs."""
-        committed = self.store.committed()
-        if committed is None:
-            return
-        if load_kernel and self.store.pending() is None:
-            self.nft.load(compile_policy(committed))
-            self.metrics.applies.labels(kind="restore").inc()
+    def _reload(self, load_kernel=True, replies=()):
+        """Take the committed policy again, on the worker: SIGHUP loads it into the
+        kernel too; after a confirm or apply by the CLI (load_kernel=False) the
+        kernel has it already. Each of `replies` (Futures) gets {"sha256"} once the
+        policy is in use. Asked for while one runs, it runs once more afterwards."""
+        replies = list(replies)
+        if not self.chores.submit("reload", lambda nft: self.upkeep.reload(nft, load_kernel),
+                                  lambda result, error: self._reloaded(result, error, replies)):
+            again_kernel, again_replies = self._reload_again or (False, [])
+            self._reload_again = (again_kernel or load_kernel, again_replies + replies)
+
+    def _reloaded(self, result, error, replies):
+        if error is not None:
+            self._worker_failed("reload", error)
+            for reply in replies:
+                reply.set_exception(error)
+        else:
+            committed, loaded = result
+            if loaded:
+                self.metrics.applies.labels(kind="restore").inc()
+            if committed is not None:
+                self._adopt(committed)
+            for reply in replies:
+                reply.set_result({"sha256": self.policy.digest})
+        if self._reload_again is not None:
+            load_kernel, waiting = self._reload_again
+            self._reload_again = None
+            self._reload(load_kernel, waiting)
+
+    def _adopt(self, committed):
+        """Make `committed` the daemon's policy: ban settings, ban table, logs."""
         changed_logs = committed.bans.logs != self.policy.bans.logs
         self.policy = committed
         self.bans.kernel = self._ban_table(committed)
@@ -389,8 +420,18 @@ class Daemon:
         return {}
 
     def _reload_now(self):
-        self._reload()
-        return {"sha256": self.policy.digest}
+        """Answered once the worker's reload is in use; _control() waits for it."""
+        reply = Future()
+        self._reload(replies=[reply])
+        return reply
+
+    def _control(self, command, args):
+        """ControlServer's handler, on a server thread: the command runs on the main
+        loop; a reload is answered when done, without the main loop waiting for it."""
+        answer = self.calls(command, args)
+        if isinstance(answer, Future):
+            return answer.result(RELOAD_REPLY_SECONDS)
+        return answer
 
     def status(self):
         now = self.clock()
