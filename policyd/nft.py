@@ -42,10 +42,12 @@ class Nft:
 
     def _json(self, document, dry_run):
         old = self._ctx.set_dry_run(dry_run)
+        json_before = self._ctx.set_json_output(True)  # what json_cmd() does, with _json_text
         try:
-            rc, _out, err = self._ctx.json_cmd(document)
+            rc, _out, err = self._ctx.cmd(_json_text(document))
         finally:
             self._ctx.set_dry_run(old)
+            self._ctx.set_json_output(json_before)
         if rc != 0:
             raise KernelError(_first_error(err) or "nftables refused the transaction")
 
@@ -173,6 +175,25 @@ class BanTable:
             for key, left in keys.items():
                 found[(version, int.from_bytes(key, "big"), prefix)] = left
         return found
+
+
+# Items per json.dumps call for a long list (see _json_text).
+JSON_PIECE = 2000
+
+
+def _json_text(value):
+    """json.dumps(value), but a list longer than JSON_PIECE goes through the C encoder
+    a piece at a time: one call holds the GIL for all of a 100k-element document
+    (~100 ms), and the daemon loads documents on a worker beside its ban path."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(key)}: {_json_text(item)}"
+                               for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        if len(value) > JSON_PIECE:
+            return "[" + ", ".join(json.dumps(value[start:start + JSON_PIECE])[1:-1]
+                                   for start in range(0, len(value), JSON_PIECE)) + "]"
+        return "[" + ", ".join(_json_text(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 def _key_text(key):

@@ -137,3 +137,16 @@ def test_the_fast_address_parser_agrees_with_ipaddress(text):
         expected = expected.ipv4_mapped
     assert parse_host(text) == expected
     assert parse_host(text.encode()) == expected
+
+
+def test_a_document_is_written_in_pieces_as_json_dumps_writes_it_whole():
+    import json
+
+    from policyd import nft
+    document = {"nftables": [{"add": {"table": {"family": "inet", "name": "t"}}},
+                             {"add": {"element": {"family": "inet", "table": "t", "name": "s",
+                                                  "elem": [{"prefix": {"addr": f"2001:db8:{n:x}::", "len": 64}}
+                                                           for n in range(nft.JSON_PIECE * 2 + 7)]}}},
+                             {"add": {"rule": {"expr": [], "comment": "é \"q\"", "n": 1.5, "b": True,
+                                               "none": None, "empty": [], "obj": {}}}}]}
+    assert nft._json_text(document) == json.dumps(document)
