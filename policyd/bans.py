@@ -17,6 +17,7 @@ from typing import Protocol
 
 from . import addr
 from .errors import InputError, KernelError
+from .statewriter import write_rows
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,15 @@ class NewBans(Sequence):
 class BanManager:
     """Decides bans in memory, mirrors them to `state` and `kernel` on flush()."""
 
-    def __init__(self, settings, state, kernel, clock=time.time):
+    def __init__(self, settings, state, kernel, clock=time.time, writer=None):
         self.state = state
         self.kernel = kernel
         self.clock = clock
+        # A policyd.statewriter.StateWriter, or None to write in the caller's thread.
+        self.writer = writer
+        self._batches = itertools.count()
+        self._in_flight: dict[int, list] = {}   # batch -> its history items, until written
+        self._history_in_flight: dict[tuple, tuple[int, float]] = {}
 
         # key -> Ban fields after `network`, as a plain tuple: 100k Ban and
         # ipaddress objects cost ~80 MB and ~0.6 s to build at startup, and
@@ -298,7 +304,7 @@ class BanManager:
         maxretry = self.settings.maxretry
         due = [key for key, count in counts.items()
                if count + len(self._window.get(key, ())) >= maxretry
-               and key not in self._history_unwritten]
+               and key not in self._history_unwritten and key not in self._history_in_flight]
         if not due:
             return
         blobs = [_blob(key) for key in due]
@@ -530,7 +536,7 @@ class BanManager:
 
     def _history(self, key):
         """(times banned, end of the last ban) for this key; (0, 0.0) if never banned."""
-        entry = self._history_unwritten.get(key)
+        entry = self._history_unwritten.get(key) or self._history_in_flight.get(key)
         if entry is None and key in self._history_prefetched:
             entry = self._history_prefetched[key] or (0, 0.0)
         if entry is None:
@@ -615,8 +621,10 @@ class BanManager:
 
     def write_state(self, max_rows=None):
         """Persist queued changes in one transaction, at most about max_rows rows of
-        them (None: all); returns the rows written. On a write error the queue is
-        kept and the kernel is still served: enforcement matters more.
+        them (None: all); returns the rows handed over. With a writer the
+        transaction runs on its thread (state_written() hears of it); without, here,
+        and on a write error the rows go back to the queue: the kernel is still
+        served, enforcement matters more.
 
         A flood queues 100k bans: written in bounded pieces between slices of
         log lines, no single transaction holds up the next ban for long."""
@@ -629,36 +637,59 @@ class BanManager:
         budget = None if budget is None else max(0, budget - len(upserts))
         history = list(itertools.islice(self._history_unwritten.items(), budget))
         budget = None if budget is None else max(0, budget - len(history))
-        failure_keys, failures = [], []
+        failures, failure_rows = [], []
         for key, entries in self._state_failures.items():
-            if budget is not None and len(failures) >= budget:
+            if budget is not None and len(failure_rows) >= budget:
                 break
-            failure_keys.append(key)
+            failures.append((key, entries))
             blob = _blob(key)
-            failures.extend((blob, when, filter_name) for when, filter_name in entries)
-        try:
-            with self.state.transaction() as writer:
-                writer.delete_bans([_blob(key) for key in deletes])
-                writer.upsert_bans([
-                    (_blob(key), _text(key), key[0], banned_at, expires_at, failures, filter_name, reason)
-                    for key, (expires_at, failures, filter_name, reason, banned_at) in upserts])
-                writer.upsert_history([(_blob(key), *entry) for key, entry in history])
-                writer.add_failures(failures)
-                if self._state_prune_before is not None:
-                    writer.prune_failures(self._state_prune_before)
-        except (sqlite3.Error, OSError) as error:  # disk full, read-only, locked
-            log.error("could not write ban state to %s, will retry on the next flush: %s",
-                      self.state.path, error)
-            return 0
+            failure_rows.extend((blob, when, filter_name) for when, filter_name in entries)
+        rows = {
+            "delete_bans": [_blob(key) for key in deletes],
+            "upsert_bans": [(_blob(key), _text(key), key[0], banned_at, expires_at, count, name, reason)
+                            for key, (expires_at, count, name, reason, banned_at) in upserts],
+            "upsert_history": [(_blob(key), *entry) for key, entry in history],
+            "add_failures": failure_rows,
+            "prune_before": self._state_prune_before,
+        }
         self._state_delete.difference_update(deletes)
         for key, _entry in upserts:
             del self._state_upsert[key]
         for key, _entry in history:
             del self._history_unwritten[key]
-        for key in failure_keys:
+        for key, _entries in failures:
             del self._state_failures[key]
         self._state_prune_before = None
-        return len(deletes) + len(upserts) + len(history) + len(failures) or 1
+        handed = len(deletes) + len(upserts) + len(history) + len(failure_rows) or 1
+        if self.writer is not None:
+            batch = next(self._batches)
+            self._in_flight[batch] = history
+            self._history_in_flight.update(history)
+            self.writer.submit(batch, rows)
+            return handed
+        try:
+            write_rows(self.state, rows)
+        except (sqlite3.Error, OSError) as error:  # disk full, read-only, locked
+            log.error("could not write ban state to %s, will retry on the next flush: %s",
+                      self.state.path, error)
+            # Nothing was queued meanwhile (same thread): put it all back as it was.
+            self._state_delete.update(deletes)
+            self._state_upsert.update(upserts)
+            self._history_unwritten.update(history)
+            self._state_failures.update(failures)
+            self._state_prune_before = rows["prune_before"]
+            return 0
+        return handed
+
+    def state_written(self, batches):
+        """The writer wrote these batches (tokens of write_state's submissions)."""
+        for batch in batches:
+            for key, entry in self._in_flight.pop(batch, ()):
+                if self._history_in_flight.get(key) is entry:
+                    del self._history_in_flight[key]
+
+    def state_in_flight(self):
+        return bool(self._in_flight)
 
 
 def _key(network):

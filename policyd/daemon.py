@@ -26,6 +26,7 @@ from policyd.filters import Outcome, load_filter
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
+from policyd.statewriter import QueuedPositions, StateWriter
 from policyd.systemd import kv
 from policyd.tail import LogFollower, LogWatcher
 
@@ -47,7 +48,10 @@ BAN_LOG_LINES = 20
 # STATE_CHUNK_ROWS rows per transaction and per turn of the loop, so that a
 # flood's 100k bans are written between slices of lines, never in one stall.
 STATE_WRITE_SECONDS = 0.25
-STATE_CHUNK_ROWS = 1500
+STATE_CHUNK_ROWS = 1000
+# Batches handed to the state writer and not yet written, at most: beyond,
+# rows wait in the ban manager's queues (less memory than prepared rows).
+STATE_BATCHES_QUEUED = 3
 # While the worker parses or compiles (pure Python), the main thread gets the
 # GIL back after this long at most, each time it returns from a system call:
 # the default 5 ms, paid on each of a ban's dozen calls, would be 50 ms.
@@ -56,7 +60,7 @@ GIL_SWITCH_SECONDS = 0.0005
 # with a 100k-network policy in memory that is 50-100 ms, many times during
 # a reload. Collections are made rarer, and what start-up and each adopted
 # policy leave in memory is frozen out of them (gc.freeze).
-GC_THRESHOLDS = (50000, 50, 100)
+GC_THRESHOLDS = (10000, 20, 100)
 # How long a `reload` control request waits for the worker's reload.
 RELOAD_REPLY_SECONDS = 60.0
 STATE_FILE = "state.db"
@@ -125,7 +129,11 @@ class Daemon:
         self.chores.start()
         self.policy = self._committed_or_first_policy()
         self.state = State(self.state_dir / STATE_FILE)
-        self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy))
+        self.state_writer = StateWriter(self.state.path, wake=self.wake.set)
+        self.state_writer.start()
+        self.positions = QueuedPositions(self.state, self.state_writer)
+        self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy),
+                               writer=self.state_writer)
         restored = self.bans.restore()
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
@@ -175,7 +183,7 @@ class Daemon:
             source.follower.close()
         if self.watcher is not None:
             self.watcher.stop()
-        self.sources = [LogSource(config, self.state) for config in policy.bans.logs]
+        self.sources = [LogSource(config, self.positions) for config in policy.bans.logs]
         self.watcher = LogWatcher([s.path for s in self.sources], self._on_log_change,
                                   poll_interval=1.0)
         self.watcher.start()
@@ -189,6 +197,10 @@ class Daemon:
                        self.chores and self.chores.stop):
             if closer:
                 closer()
+        self._flush(write_state=False)
+        self.state_writer.stop()  # writes what it was given
+        self.bans.state_written(self.state_writer.collect())
+        self.bans.writer = None
         self.bans.flush()
         for source in self.sources:
             # After the state: a position never runs ahead of the failures it covers.
@@ -209,11 +221,16 @@ class Daemon:
         while not self.stopping:
             if not self.backlog:
                 pause = HOUSEKEEPING_SECONDS
-                if self.bans.state_pending():  # the rest of a flood's state, piece by piece
+                if self.bans.state_pending() and self.state_writer.queued() < STATE_BATCHES_QUEUED:
+                    # The rest of a flood's state, piece by piece (a full writer wakes us).
                     pause = min(pause, max(0.0, self.next_state_write - time.monotonic()))
                 self.wake.wait(pause)
             self.wake.clear()
-            self.backlog = self._read_logs()
+            backlog = self._read_logs()
+            if backlog != self.backlog:
+                self._collect_garbage_after(flood_over=not backlog)
+            self.backlog = backlog
+            self.bans.state_written(self.state_writer.collect())
             self.chores.collect()
             self.calls.run_pending()
             now = time.monotonic()
@@ -265,13 +282,24 @@ class Daemon:
         self._save()
         return backlog
 
+    @staticmethod
+    def _collect_garbage_after(flood_over):
+        """No cyclic GC while a backlog of lines is read: each collection walked the
+        flood's fresh bans again (80 ms), between two bans. After it, what the flood
+        left is frozen out of later collections (it is mostly bans, alive for hours)."""
+        if flood_over:
+            gc.freeze()
+            gc.enable()
+        else:
+            gc.disable()
+
     def _save(self):
         """Push queued bans to the kernel; when due, write one piece of queued state,
         and once none is left, the log positions it covers (so a crash re-reads
         lines whose failures were not written, never skips them)."""
         self._flush(write_state=False)
         now = time.monotonic()
-        if now < self.next_state_write:
+        if now < self.next_state_write or self.state_writer.queued() >= STATE_BATCHES_QUEUED:
             return
         written = self.bans.write_state(STATE_CHUNK_ROWS)
         if not self.bans.state_pending():

@@ -206,13 +206,9 @@ class State:
     def save_position(self, path, position):
         """Store `position` (JSON-able). A failed write is logged, not raised: the
         cost is re-reading some lines after a restart, not a dead daemon."""
-        text = json.dumps(position, sort_keys=True)
         try:
             with self.transaction() as writer:
-                writer.execute(
-                    "INSERT INTO log_positions (path, position) VALUES (?, ?) "
-                    "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
-                    (str(path), text))
+                writer.save_position(path, position)
         except (sqlite3.Error, OSError) as error:
             log.error("could not save the position of %s in %s: %s", path, self.path, error)
 
@@ -249,6 +245,12 @@ class Writer:
 
     def forget_failures(self, keys):
         self._db.executemany("DELETE FROM failures WHERE key = ?", ((key,) for key in keys))
+
+    def save_position(self, path, position):
+        self._db.execute(
+            "INSERT INTO log_positions (path, position) VALUES (?, ?) "
+            "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
+            (str(path), json.dumps(position, sort_keys=True)))
 
     def prune_failures(self, before):
         self._db.execute("DELETE FROM failures WHERE time < ?", (before,))

@@ -5,6 +5,7 @@ of the policy on the worker thread; the fast address parser agreeing with
 ipaddress."""
 import ipaddress
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from policyd.addr import parse_host
 from policyd.bans import BanManager
 from policyd.chores import Chores
 from policyd.state import State
+from policyd.statewriter import QueuedPositions, StateWriter
 from test_bans import FakeClock, Settings
 
 
@@ -54,13 +56,27 @@ def daemon(tmp_path):
     state = State(tmp_path / "state.db")
     the_daemon = daemon_mod.Daemon(tmp_path / "policy.yaml", tmp_path, tmp_path)
     the_daemon.state = state
+    the_daemon.state_writer = StateWriter(state.path)
+    the_daemon.state_writer.start()
+    positions = QueuedPositions(state, the_daemon.state_writer)
     the_daemon.kernel = CountingKernel()
-    the_daemon.bans = BanManager(Settings(maxretry=3), state, the_daemon.kernel, clock=FakeClock())
+    the_daemon.bans = BanManager(Settings(maxretry=3), state, the_daemon.kernel, clock=FakeClock(),
+                                 writer=the_daemon.state_writer)
     the_daemon.sources = [daemon_mod.LogSource(SimpleNamespace(path=str(log), filter="nginx-auth"),
-                                               state)]
+                                               positions)]
     the_daemon.log_path = log
     yield the_daemon
+    the_daemon.state_writer.stop()
     state.close()
+
+
+def settle(daemon):
+    """Turn the loop's state half until everything is written (the writer is real)."""
+    while daemon.bans.state_pending() or daemon.state_writer.queued():
+        daemon.next_state_write = 0.0
+        daemon._save()
+        time.sleep(0.001)
+        daemon.bans.state_written(daemon.state_writer.collect())
 
 
 def test_a_flood_is_banned_slice_by_slice_and_every_source_once(daemon, monkeypatch):
@@ -69,8 +85,7 @@ def test_a_flood_is_banned_slice_by_slice_and_every_source_once(daemon, monkeypa
     turns = 0
     while daemon._read_logs():
         turns += 1
-    while daemon.bans.state_pending():
-        daemon._save()
+    settle(daemon)
     banned = [key for batch in daemon.kernel.batches for key in batch]
     assert len(banned) == len(set(banned)) == 3000
     assert turns > 5 and len(daemon.kernel.batches) > 3  # bans went in as the slices came
@@ -86,10 +101,10 @@ def test_positions_wait_until_the_state_they_cover_is_written(daemon, monkeypatc
     saved = lambda: (daemon.state.load_position(source.path) or {}).get("offset", 0)
     assert daemon.bans.state_pending()
     assert saved() == 0
-    while daemon.bans.state_pending():
-        daemon.next_state_write = 0.0
-        daemon._save()
+    settle(daemon)
     assert saved() == daemon.log_path.stat().st_size
+    assert not daemon.bans.state_in_flight()
+    assert len(daemon.state.load_failures(since=0.0)) == 600
 
 
 def test_chores_run_off_the_calling_thread_one_per_kind_and_report_back():
@@ -150,3 +165,46 @@ def test_a_document_is_written_in_pieces_as_json_dumps_writes_it_whole():
                              {"add": {"rule": {"expr": [], "comment": "é \"q\"", "n": 1.5, "b": True,
                                                "none": None, "empty": [], "obj": {}}}}]}
     assert nft._json_text(document) == json.dumps(document)
+
+
+def test_the_state_writer_keeps_order_and_retries_a_failed_batch(tmp_path, monkeypatch):
+    from policyd import statewriter
+    monkeypatch.setattr(statewriter, "RETRY_SECONDS", 0.01)
+    path = tmp_path / "state.db"
+    State(path).close()
+    writer = StateWriter(path)
+    real_write, attempts = statewriter.write_rows, []
+
+    def flaky(state, rows):
+        attempts.append(rows)
+        if len(attempts) == 1:
+            raise OSError(28, "No space left on device")
+        real_write(state, rows)
+    monkeypatch.setattr(statewriter, "write_rows", flaky)
+    writer.start()
+    writer.submit(1, {"upsert_history": [(b"k", 1, 10.0)]})
+    writer.submit(2, {"upsert_history": [(b"k", 2, 20.0)]})
+    writer.stop()
+    assert writer.collect() == [1, 2] and len(attempts) == 3
+    with State(path) as state:
+        assert state.load_history_of(b"k") == (2, 20.0)  # the later batch won
+
+
+def test_a_ban_in_flight_to_the_writer_still_counts_for_escalation(tmp_path):
+    state = State(tmp_path / "state.db")
+    writer = StateWriter(state.path)
+    clock = FakeClock()
+    try:
+        manager = BanManager(Settings(maxretry=1), state, CountingKernel(), clock=clock, writer=writer)
+        first = manager.record_failures([(ipaddress.ip_address("192.0.2.9"), "nginx-auth")])
+        manager.unban("192.0.2.9")
+        manager.flush()  # handed to the writer, which has not started: still in flight
+        assert manager.state_in_flight()
+        again = manager.record_failures([(ipaddress.ip_address("192.0.2.9"), "nginx-auth")])
+        assert again[0].expires_at - again[0].banned_at == 2 * (first[0].expires_at - first[0].banned_at)
+        writer.start()
+        writer.stop()
+        manager.state_written(writer.collect())
+        assert not manager.state_in_flight()
+    finally:
+        state.close()
