@@ -461,9 +461,12 @@ class BanManager:
 
     def active(self):
         """Bans in force now, soonest expiry first."""
-        now = self.clock()
-        return sorted((_ban(key, entry) for key, entry in self._active.items() if entry[0] > now),
-                      key=lambda ban: (ban.expires_at, ban.network.version, ban.network))
+        return active_in(self.snapshot(), self.clock())
+
+    def snapshot(self):
+        """The ban book as it is now, for active_in() on another thread: a copy of
+        immutable pairs, a few ms for 100k bans where building them all takes 1 s."""
+        return list(self._active.items())
 
     def restore(self):
         """Push every active ban to the kernel with its remaining time, in one batch.
@@ -690,6 +693,12 @@ class BanManager:
 
     def state_in_flight(self):
         return bool(self._in_flight)
+
+
+def active_in(snapshot, now):
+    """The Bans of a snapshot() in force at `now`, soonest expiry first."""
+    return sorted((_ban(key, entry) for key, entry in snapshot if entry[0] > now),
+                  key=lambda ban: (ban.expires_at, ban.network.version, ban.network))
 
 
 def _key(network):

@@ -20,7 +20,7 @@ from pathlib import Path
 from policyd import __version__, control, metrics, systemd, trial
 from policyd.chores import Chores, PolicyUpkeep
 from policyd.addr import parse_host, parse_network
-from policyd.bans import BanManager
+from policyd.bans import BanManager, active_in
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
 from policyd.nft import BanTable, Nft
@@ -468,6 +468,8 @@ class Daemon:
         answer = self.calls(command, args)
         if isinstance(answer, Future):
             return answer.result(RELOAD_REPLY_SECONDS)
+        if isinstance(answer, OffLoop):
+            return answer.work()
         return answer
 
     def status(self):
@@ -483,9 +485,18 @@ class Daemon:
         }
 
     def ban_list(self):
-        now = self.clock()
-        return [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
-                for ban in self.bans.active()]
+        """Answered off the main loop (see _control): it only takes a snapshot."""
+        snapshot, now = self.bans.snapshot(), self.clock()
+        return OffLoop(lambda: [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
+                                for ban in active_in(snapshot, now)])
+
+
+class OffLoop:
+    """A control answer the main loop leaves to the server thread: work() builds it
+    from data the main loop copied (100k bans formatted would hold bans up 1 s)."""
+
+    def __init__(self, work):
+        self.work = work
 
 
 class BanDesk:

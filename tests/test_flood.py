@@ -60,7 +60,8 @@ def daemon(tmp_path):
     the_daemon.state_writer.start()
     positions = QueuedPositions(state, the_daemon.state_writer)
     the_daemon.kernel = CountingKernel()
-    the_daemon.bans = BanManager(Settings(maxretry=3), state, the_daemon.kernel, clock=FakeClock(),
+    the_daemon.clock = FakeClock()
+    the_daemon.bans = BanManager(Settings(maxretry=3), state, the_daemon.kernel, clock=the_daemon.clock,
                                  writer=the_daemon.state_writer)
     the_daemon.sources = [daemon_mod.LogSource(SimpleNamespace(path=str(log), filter="nginx-auth"),
                                                positions)]
@@ -208,3 +209,15 @@ def test_a_ban_in_flight_to_the_writer_still_counts_for_escalation(tmp_path):
         assert not manager.state_in_flight()
     finally:
         state.close()
+
+
+def test_the_ban_list_is_a_snapshot_formatted_off_the_main_loop(daemon):
+    flood(daemon.log_path, 5, 3)
+    while daemon._read_logs():
+        pass
+    answer = daemon.ban_list()
+    assert isinstance(answer, daemon_mod.OffLoop)
+    daemon.bans.unban("2001:db8:0:1::7")  # after the snapshot: not in this answer
+    listed = answer.work()
+    assert len(listed) == 5 and {entry["reason"] for entry in listed} == {"auto"}
+    assert len(daemon.ban_list().work()) == 4
