@@ -72,7 +72,7 @@ def measure_reload_latency(workdir, trials=50, allow_count=100000, progress=None
         daemon = TimedDaemon(world.lab, world.server, policy, workdir / "policyd.log")
         try:
             daemon.start(timeout=300)
-            quiet = measure(world, 40, port=nginx.port, family=4, progress=progress)
+            quiet = measure(world, min(40, trials), port=nginx.port, family=4, progress=progress)
             reloads = ReloadLoop(daemon)
             reloads.start()
             # The first reload is under way before the first counted trial.

@@ -79,3 +79,21 @@ def test_a_flood_of_sources_is_banned_every_one_and_a_newcomer_too(world):
     # A flood is logged as summaries, not one journal line per ban.
     assert err.count(" ban addr=") < 100
     assert "bans count=" in err
+
+
+def test_a_control_reload_is_answered_once_the_worker_has_it_in_use(world):
+    from policyd import control
+    flood, other = world.lab.tmp / "flood.log", world.lab.tmp / "other.log"
+    flood.write_text("")
+    other.write_text("")
+    daemon = PolicydDaemon(world.server, world.policy(POLICY.format(flood=flood, other=other))).start()
+    try:
+        run_dir = world.lab.policyd_env(world.server)["POLICYD_RUN_DIR"]
+        digest = json.loads(world.server.policyd("status", "--json").stdout)["policy"]["committed"]["sha256"]
+        assert control.request(run_dir, "reload", timeout=60) == {"sha256": digest}
+        # Bans still work after the policy was taken again on the worker.
+        other.write_text(line(1, "198.51.100.78") * 3)
+        assert wait_for(lambda: "198.51.100.78" in elements(world.server, "ban4"), timeout=30)
+    finally:
+        err = daemon.stop_and_read()
+    assert "reloaded " in err and "failed" not in err
