@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from policyd import __version__, control, metrics, systemd, trial
-from policyd.chores import Chores, PolicyUpkeep
+from policyd.chores import Chores, PolicyUpkeep, give_back_memory
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager, active_in
 from policyd.errors import InputError, KernelError
@@ -290,6 +290,7 @@ class Daemon:
         if flood_over:
             gc.freeze()
             gc.enable()
+            give_back_memory()
         else:
             gc.disable()
 

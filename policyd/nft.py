@@ -26,6 +26,11 @@ class Nft:
         self._ctx.set_handle_output(False)
         self.netlink = nfnetlink.Netlink()
 
+    def close(self):
+        """Free the libnftables context (and its cache) now, not at garbage collection."""
+        self.netlink.close()
+        self._ctx = None
+
     def _run(self, command):
         rc, out, err = self._ctx.cmd(command)
         if rc != 0:
