@@ -229,12 +229,36 @@ class BanManager:
         made. The flood path: one loop with everything it needs in locals (a flood
         is 300k calls), and the ban history of every network that may reach
         maxretry here read in one query, not one query per ban."""
+        # _failure_key, inlined: this loop runs once per failure of a flood.
         keyed = []
-        failure_key = self._failure_key
+        seen = Counter()
+        protected4, protected6 = self._protected_ranges[4], self._protected_ranges[6]
+        mask6, hostmask6, prefix6 = self._mask6, self._hostmask6, self._prefix6
         for address, filter_name in failures:
-            key = failure_key(address, filter_name)
-            if key is not None:
+            seen[filter_name] += 1
+            number = int(address)
+            if address.version == 6 and number >> 32 != 0xFFFF:
+                first = number & mask6
+                last = first | hostmask6
+                key = (6, first, prefix6)
+                for low, high in protected6:
+                    if low <= number <= high:
+                        key = None
+                        break
+                    if low <= last and first <= high:
+                        key = (6, number, 128)  # its /prefix would cover a protected network
+            else:
+                number &= 0xFFFFFFFF  # IPv4, or IPv4-mapped IPv6 (::ffff:0:0/96) counted as IPv4
+                key = (4, number, 32)
+                for low, high in protected4:
+                    if low <= number <= high:
+                        key = None
+                        break
+            if key is None:
+                self.ignored_total[filter_name] += 1
+            else:
                 keyed.append((key, filter_name))
+        self.failures_total.update(seen)
         if not keyed:
             return NewBans([])
         self._prefetch_history(keyed)
@@ -244,6 +268,7 @@ class BanManager:
         active, prefixlens, window = self._active, self._ban_prefixlens, self._window
         open_window = self._window_order.append
         unwritten = self._state_failures
+        stamps = {}
         bans = []
         try:
             for key, filter_name in keyed:
@@ -266,11 +291,14 @@ class BanManager:
                     while times and times[0] < cutoff:
                         times.pop(0)
                 times.append(now)
+                stamp = stamps.get(filter_name)
+                if stamp is None:
+                    stamp = stamps[filter_name] = (now, filter_name)  # shared: one per batch
                 queued = unwritten.get(key)
                 if queued is None:
-                    unwritten[key] = [(now, filter_name)]
+                    unwritten[key] = [stamp]
                 else:
-                    queued.append((now, filter_name))
+                    queued.append(stamp)
                 if len(times) >= maxretry:
                     bans.append((key, self._ban_after_failures(key, filter_name, now)))
         finally:
