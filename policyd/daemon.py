@@ -12,15 +12,15 @@ import os
 import signal
 import sys
 import threading
-from concurrent.futures import Future
 import time
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 from policyd import __version__, control, metrics, systemd, trial
-from policyd.chores import Chores, PolicyUpkeep, give_back_memory
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager, active_in
+from policyd.chores import Chores, PolicyUpkeep, give_back_memory
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
 from policyd.nft import BanTable, Nft
@@ -310,6 +310,16 @@ class Daemon:
         elif not written:
             self.next_state_write = now + STATE_WRITE_SECONDS  # a write error: retry later
 
+    def _write_everything(self):
+        """All queued state, then the positions it covers, written now (waits)."""
+        self._flush(write_state=False)
+        while self.bans.state_pending() and self.bans.write_state():
+            pass
+        for source in self.sources:
+            source.follower.commit()
+        self.state_writer.wait()
+        self.bans.state_written(self.state_writer.collect())
+
     @staticmethod
     def _log_bans(bans):
         if len(bans) <= BAN_LOG_LINES:
@@ -418,6 +428,7 @@ class Daemon:
             log.info("unban %s", kv(addr=ban.network, reason="now ignored"))
         self._flush()
         if changed_logs:
+            self._write_everything()  # so a log followed anew resumes where it stopped
             self._follow(committed)
         gc.freeze()
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))

@@ -10,6 +10,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 
 from policyd.state import State
 
@@ -50,6 +51,16 @@ class StateWriter:
         self._queued += 1
         self._batches.put((token, rows))
 
+    def wait(self, timeout=10.0):
+        """Until every batch submitted so far is written; False if `timeout` passed
+        first (a failing disk: the batches stay queued and are retried)."""
+        deadline = time.monotonic() + timeout
+        while self._thread is not None and self._batches.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def queued(self):
         """Batches submitted whose completion was not collected yet."""
         return self._queued
@@ -74,13 +85,16 @@ class StateWriter:
         try:
             while True:
                 item = self._batches.get()
-                if item is None:
-                    return
-                token, rows = item
-                while not self._write(state, rows):
-                    if self._stopping.wait(RETRY_SECONDS):
+                try:
+                    if item is None:
                         return
-                self._written.put(token)
+                    token, rows = item
+                    while not self._write(state, rows):
+                        if self._stopping.wait(RETRY_SECONDS):
+                            return
+                    self._written.put(token)
+                finally:
+                    self._batches.task_done()
                 if self._wake is not None:
                     self._wake()
         finally:

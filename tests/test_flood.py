@@ -221,3 +221,12 @@ def test_the_ban_list_is_a_snapshot_formatted_off_the_main_loop(daemon):
     listed = answer.work()
     assert len(listed) == 5 and {entry["reason"] for entry in listed} == {"auto"}
     assert len(daemon.ban_list().work()) == 4
+
+
+def test_a_reload_that_changes_the_logs_resumes_each_kept_log_where_it_stopped(daemon):
+    flood(daemon.log_path, 100, 2)  # 200 failures, none banned, not yet written
+    daemon._read_logs()
+    daemon._write_everything()
+    source = daemon.sources[0]
+    assert daemon.state.load_position(source.path)["offset"] == daemon.log_path.stat().st_size
+    assert len(daemon.state.load_failures(since=0.0)) == 200
