@@ -187,8 +187,8 @@ class LogFollower:
     def read_lines(self, max_lines: int | None = None) -> list[bytes]:
         """Every complete line written since the last call, without its newline.
 
-        With max_lines, stops reading once that many lines are in hand (a few
-        more may come with the last chunk); the rest comes with the next call.
+        With max_lines, stops reading once that many lines are in hand (the last
+        chunk read may bring up to READ_CHUNK bytes more); the next call goes on.
         """
         lines: list[bytes] = []
         self._max_lines = max_lines
