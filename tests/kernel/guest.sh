@@ -15,8 +15,8 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/r
 ip link set lo up
 echo "POLICYD-LANE-KERNEL $(uname -r)"
 cd "$POLICYD_REPO" || { echo "POLICYD-LANE-RESULT rc=99"; echo o > /proc/sysrq-trigger; }
-# POLICYD_TESTS: pytest arguments, ':' for spaces (kernel arguments cannot hold spaces).
-IFS=: read -r -a tests <<< "$POLICYD_TESTS"
+# POLICYD_TESTS: pytest arguments, ',' for spaces (kernel arguments cannot hold spaces).
+IFS=, read -r -a tests <<< "$POLICYD_TESTS"
 PYTHONPATH=. POLICYD_TEST_TIME_SCALE=$POLICYD_TEST_TIME_SCALE \
     python3 -m pytest -q -rs -p no:cacheprovider --color=no "${tests[@]}"
 echo "POLICYD-LANE-RESULT rc=$?"

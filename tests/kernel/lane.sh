@@ -77,7 +77,7 @@ echo "test-kernel: booting $KV ($ACCEL, waits x$SCALE): pytest $TESTS"
 # Kernel arguments with '=' and no '.' reach /init as environment variables.
 APPEND="console=ttyS0 quiet loglevel=3 panic=-1 oops=panic \
 POLICYD_REPO=$REPO POLICYD_TEST_TIME_SCALE=$SCALE POLICYD_MODULES=$MODULES \
-POLICYD_TESTS=${TESTS// /:}"
+POLICYD_TESTS=${TESTS// /,}"
 set +e
 timeout "${LANE_TIMEOUT:-1800}" qemu-system-x86_64 "${ACCEL_ARGS[@]}" -m 2048 -smp 2 \
     -display none -serial stdio -monitor none -no-reboot -nic none \
