@@ -32,6 +32,10 @@ MAX_DOUBLINGS = 62
 # its timeout would fail the whole flush batch it is in, every time.
 MAX_MANUAL_BAN = 10 * 365 * 86400
 
+# Bans shorter than these are refused: they cut off a large share of the
+# internet, which is what a policy's deny list is for (reviewed, in a file).
+MIN_BAN_PREFIX = {4: 8, 6: 16}
+
 # A network inside this module is a key (version, first address as int,
 # prefix length): building, hashing and comparing ipaddress objects costs
 # microseconds each, and the failure path runs for every matched log line.
@@ -246,6 +250,10 @@ class BanManager:
                                      or not 0 < duration <= MAX_MANUAL_BAN):
             raise InputError(f"ban duration must be 1 to {MAX_MANUAL_BAN} seconds, not {duration!r}",
                              key="duration")
+        if network.prefixlen < MIN_BAN_PREFIX[network.version]:
+            raise InputError(f"refusing to ban {network}: shorter than "
+                             f"/{MIN_BAN_PREFIX[network.version]}; put networks that large in a "
+                             "service's deny list", key="address")
         for protected in self._protected:
             if network.version == protected.version and network.overlaps(protected):
                 what = "loopback" if protected in LOOPBACK else "on the ignore list"
@@ -265,14 +273,15 @@ class BanManager:
         return self._make_ban(key, duration, 0, None, reason, self.clock())
 
     def unban(self, network_or_address):
-        """Lift the ban on this network, or the ban covering this address. False if none."""
+        """Lift the ban on this network, or the ban covering this address (for an
+        IPv6 address usually its /64). Returns the network lifted, or None."""
         key = self._covering_ban(_key(_as_network(network_or_address)))
         if key is None:
-            return False
+            return None
         self._end_ban(key, self.clock())
         self._kernel_add.pop(key, None)
         self._kernel_remove[key] = _network(key)
-        return True
+        return _network(key)
 
     # Housekeeping.
 

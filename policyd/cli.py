@@ -431,7 +431,9 @@ def unban(obj, address):
     if not result["unbanned"]:
         click.echo(f"policyd: {address} is not banned", err=True)
         sys.exit(1)
-    click.echo(f"unbanned {address}")
+    lifted = result.get("network") or address
+    covering = "" if lifted in (address, f"{address}/32", f"{address}/128") else f" (covering {address})"
+    click.echo(f"unbanned {lifted}{covering}")
 
 
 def _offline_bans(obj, action):

@@ -372,8 +372,9 @@ class BanDesk:
         lifted = self.bans.unban(_target(address))
         self.bans.flush()
         if lifted:
-            log.info("unban %s", kv(addr=address, reason="manual"))
-        return {"unbanned": lifted}
+            log.info("unban %s", kv(addr=lifted, reason="manual"))
+        # The network lifted, which may be wider than the address asked for.
+        return {"unbanned": lifted is not None, "network": str(lifted) if lifted else None}
 
 
 def offline(state_dir, action):

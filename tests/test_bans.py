@@ -332,12 +332,20 @@ def test_manual_ban_and_unban(make, clock, kernel):
     ban = manager.ban("203.0.113.50", 900)
     assert ban == Ban(net("203.0.113.50/32"), clock.now + 900, 0, None, "manual", clock.now)
     assert manager.flush() == 1
-    assert manager.unban("203.0.113.50") is True
-    assert manager.unban("203.0.113.50") is False
+    assert manager.unban("203.0.113.50") == net("203.0.113.50/32")
+    assert manager.unban("203.0.113.50") is None
     assert manager.flush() == 1
     assert kernel.batches == [("add", [(net("203.0.113.50/32"), 900)]),
                               ("remove", [net("203.0.113.50/32")])]
     assert manager.active() == []
+
+
+@pytest.mark.parametrize("network", ["128.0.0.0/1", "10.0.0.0/7", "2000::/3", "2000::/15"])
+def test_bans_wider_than_a_deny_list_belongs_are_refused(make, kernel, network):
+    manager = make()
+    with pytest.raises(InputError, match="deny list"):
+        manager.ban(network, 60)
+    assert manager.flush() == 0 and kernel.batches == []
 
 
 def test_manual_ban_without_duration_uses_escalated_bantime(make):
@@ -349,7 +357,8 @@ def test_unban_by_address_lifts_the_covering_slash64(make, kernel):
     manager = make()
     fail(manager, "2001:db8:4:4::1", 5)
     manager.flush()
-    assert manager.unban(ip("2001:db8:4:4::abc")) is True
+    # It says which network it lifted: more than the address asked for.
+    assert manager.unban(ip("2001:db8:4:4::abc")) == net("2001:db8:4:4::/64")
     manager.flush()
     assert kernel.batches[-1] == ("remove", [net("2001:db8:4:4::/64")])
 
