@@ -336,6 +336,8 @@ def _status_without_daemon(obj):
         from policyd.nft import BanTable
         bans = BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix).list_bans()
         result["bans"] = {"active": len(bans), "total": None}
+    if nft is not None:
+        result["kernel"] = nft.features()
     return result
 
 
@@ -367,6 +369,9 @@ def _format_status(result):
     if bans:
         total = f", {bans['total']} since start" if bans.get("total") is not None else ""
         lines.append(f"bans:      {bans['active']} active{total}")
+    kernel = result.get("kernel")
+    if kernel:
+        lines.append(f"kernel:    {kernel['kernel']}, re-ban by {kernel['reban']}")
     for entry in result.get("logs", []):
         state = "ok" if entry.get("exists") and not entry.get("error") else (
             entry.get("error") or "missing")

@@ -85,6 +85,8 @@ class Daemon:
     def start(self):
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.nft = Nft()
+        self.kernel_features = self.nft.features()
+        log.info("kernel %s", kv(**self.kernel_features))
         self.store = trial.PolicyStore(self.state_dir)
         self.policy = self._committed_or_first_policy()
         self.state = State(self.state_dir / STATE_FILE)
@@ -345,6 +347,7 @@ class Daemon:
             "bans": {"active": self.bans.active_count,
                      "total": sum(self.bans.bans_total.values())},
             "logs": [source.stats() for source in self.sources],
+            "kernel": self.kernel_features,
         }
 
     def ban_list(self):

@@ -129,7 +129,8 @@ class Netlink:
         self._sock.close()
 
     def has_destroy(self):
-        """Whether the kernel knows NFT_MSG_DESTROYSETELEM (Linux >= 6.3); probed once.
+        """Whether the kernel knows NFT_MSG_DESTROYSETELEM (Linux >= 6.3); probed once,
+        None while unknown (no CAP_NET_ADMIN); without it, the DEL path is used.
 
         The probe destroys an element of a table that does not exist: a kernel
         that knows the message answers ENOENT, an older one EINVAL for an
@@ -142,7 +143,7 @@ class Netlink:
                 self._has_destroy = True  # cannot happen: the table does not exist
             except OSError as exc:
                 if exc.errno in (errno.EPERM, errno.EACCES):
-                    return False  # unprivileged: ask again when it matters
+                    return None  # unprivileged: unknown, ask again when it matters
                 self._has_destroy = exc.errno != errno.EINVAL
         return self._has_destroy
 

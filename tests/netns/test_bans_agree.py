@@ -4,6 +4,7 @@ One table of bans, IPv4 and IPv6, single addresses, the /64 aggregation of
 automatic bans and ranges, checked against real packets from each source.
 """
 import json
+import os
 
 from netlab import PolicydDaemon, wait_for
 
@@ -107,6 +108,11 @@ def test_ban_bans_explain_and_unban_agree_with_the_kernel(lab):
                 if explain(source) != "allow":
                     wrong.append(f"explain {source} 8080 is not `allow` (outside {network})")
         assert not wrong, "\n".join(wrong)
+        # The kernel feature probe is in status (and doctor).
+        kernel = json.loads(server.policyd("status", "--json").stdout)["kernel"]
+        assert kernel["kernel"] == os.uname().release and kernel["destroy_set_element"] in (
+            True, False)
+        assert "DESTROYSETELEM" in server.policyd("doctor", str(policy)).stdout
         assert listed == {row[1] for row in rows}
 
         # Bans drop udp only on ports a udp service guards (issue 11).
