@@ -31,7 +31,7 @@ netns:
 
 # The kernel-contract suite (tests/kernel) inside Debian 12's own kernel (6.1),
 # booted in qemu: fetches linux-image-6.1.0-*-amd64 once into build/kernel.
-# Needs root; about 5 minutes under software emulation (TCG).
+# Needs root; about 10 minutes under software emulation (TCG).
 test-kernel:
 	tests/kernel/lane.sh
 

@@ -53,9 +53,10 @@ class BanKernel(Protocol):
     def remove_bans(self, networks: list[IPNetwork]) -> None:
         """One transaction; elements that are not there are not an error."""
 
-    def add_ban_keys(self, items: list[tuple[tuple, int]]) -> None:
+    def add_ban_keys(self, items: list[tuple[tuple, int]], flush_ipv6: bool = False) -> None:
         """Bulk restore: ((version, first address as int, prefix length), seconds) pairs,
-        one batch; elements already present keep their own timeout."""
+        one batch; elements already present keep their own timeout. flush_ipv6: the
+        IPv6 ban sets are emptied first, in the same batch (ipv6_prefix changed)."""
 
     def list_ban_keys(self) -> set[tuple]:
         """The kernel's ban elements as (version, first address as int, prefix length)."""
@@ -317,15 +318,19 @@ class BanManager:
         return sorted((_ban(key, entry) for key, entry in self._active.items() if entry[0] > now),
                       key=lambda ban: (ban.expires_at, ban.network.version, ban.network))
 
-    def restore(self):
+    def restore(self, flush_ipv6=False):
         """Push every active ban to the kernel with its remaining time, in one batch.
 
-        For a restart or a kernel whose tables were flushed by someone else.
-        Raises what the kernel raises; returns the number of bans pushed."""
+        For a restart or a kernel whose tables were flushed by someone else;
+        flush_ipv6 after bans.ipv6_prefix changed (the kernel's IPv6 elements
+        are replaced, atomically). Raises what the kernel raises; returns the
+        number of bans pushed."""
         now = self.clock()
         additions = [(key, _timeout(entry[0], now)) for key, entry in self._active.items()
                      if entry[0] > now]
-        if additions:
+        if flush_ipv6:
+            self.kernel.add_ban_keys(additions, flush_ipv6=True)
+        elif additions:
             self.kernel.add_ban_keys(additions)
         self._kernel_add.clear()
         log.info("restored %d ban(s) to the kernel", len(additions))

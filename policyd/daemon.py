@@ -289,8 +289,15 @@ class Daemon:
             self.nft.load(compile_policy(committed))
             self.metrics.applies.labels(kind="restore").inc()
         changed_logs = committed.bans.logs != self.policy.bans.logs
+        changed_prefix = committed.bans.ipv6_prefix != self.policy.bans.ipv6_prefix
         self.policy = committed
         self.bans.kernel = self._ban_table(committed)
+        if changed_prefix:
+            try:
+                self.bans.restore(flush_ipv6=True)
+            except (KernelError, OSError) as error:  # reconcile retries what is missing
+                log.error("could not re-key IPv6 bans for ipv6_prefix %s: %s",
+                          committed.bans.ipv6_prefix, error)
         for ban in self.bans.reconfigure(committed.bans):
             log.info("unban %s", kv(addr=ban.network, reason="now ignored"))
         self._flush()

@@ -172,13 +172,16 @@ class Netlink:
                                        NLM_F_CREATE)
         self._send(messages)
 
-    def add(self, table, changes):
+    def add(self, table, changes, flush=()):
         """Add every item (as in replace); an existing element keeps its own timeout.
 
         For restores: the kernel either lacks the element or already counts
-        down the same ban, so there is nothing to replace.
+        down the same ban, so there is nothing to replace. The sets named in
+        `flush` are emptied first, in the same transaction.
         """
-        messages = []
+        # DELSETELEM without an element list flushes the set (Linux >= 4.10).
+        messages = [(NFT_MSG_DELSETELEM, 0, _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                     + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")) for name in flush]
         for name, items in changes.items():
             messages += self._messages(NFT_MSG_NEWSETELEM, table, name, _packed(items),
                                        NLM_F_CREATE)

@@ -123,13 +123,16 @@ class BanTable:
         if networks:
             self._netlink.delete(self.table, self._changes((_key(n), None) for n in networks))
 
-    def add_ban_keys(self, items):
+    def add_ban_keys(self, items, flush_ipv6=False):
         """Restore [((version, first address as int, prefix length), seconds)] in one batch.
 
         The bulk path for restores: no ipaddress objects, and elements already
-        in the kernel keep counting down instead of being replaced.
+        in the kernel keep counting down instead of being replaced. flush_ipv6
+        empties both IPv6 sets first, in the same transaction: after ipv6_prefix
+        changed, the hash set's elements mean other networks under the new mask.
         """
-        self._netlink.add(self.table, self._changes(items))
+        flush = (BAN_SETS[6], RANGE_BAN_SETS[6]) if flush_ipv6 else ()
+        self._netlink.add(self.table, self._changes(items), flush)
 
     def _changes(self, items):
         """set name -> netlink items for (key, timeout) pairs.

@@ -64,7 +64,10 @@ class FakeKernel:
         now = self.clock()
         return {n: round(end - now) for n, end in self.elements.items() if end > now}
 
-    def add_ban_keys(self, items):
+    def add_ban_keys(self, items, flush_ipv6=False):
+        if flush_ipv6:
+            self.batches.append(("flush6", []))
+            self.elements = {n: end for n, end in self.elements.items() if n.version == 4}
         self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
                        for (_version, number, prefixlen), timeout in items])
 
@@ -514,3 +517,15 @@ def test_after_restart_bans_expire_in_expiry_order(make, clock):
     clock.advance(100)
     assert [str(ban.network) for ban in restarted.expire()] == ["192.0.2.103/32"]
     assert [str(ban.network) for ban in restarted.active()] == ["192.0.2.101/32"]
+
+
+def test_restore_after_an_ipv6_prefix_change_replaces_the_ipv6_elements_in_one_batch(make,
+                                                                                       kernel):
+    manager = make()
+    manager.ban("2001:db8:4::/64", 600)
+    manager.ban("198.51.100.9", 600)
+    manager.flush()
+    kernel.elements[net("2001:db8:77::/56")] = kernel.clock() + 60  # stale, other meaning
+    assert manager.restore(flush_ipv6=True) == 2
+    assert kernel.batches[-2] == ("flush6", [])
+    assert set(kernel.list_bans()) == {net("2001:db8:4::/64"), net("198.51.100.9/32")}

@@ -133,3 +133,45 @@ def test_ban_bans_explain_and_unban_agree_with_the_kernel(lab):
             assert explain(source) == "allow", source
     finally:
         daemon.stop_and_read()
+
+
+def test_changing_ipv6_prefix_keeps_each_ban_exactly_as_wide(lab):
+    """The IPv6 hash set's elements mean networks under the rule's mask: after
+    bans.ipv6_prefix changes, a /64 ban must not become a /56 one (or vanish)."""
+    server, client = lab.host("srv"), lab.host("cli")
+    sources = ["2001:db8:5::7", "2001:db8:5::8", "2001:db8:5:1::1"]
+    lab.link(server, client, ["2001:db8::1/32"], [f"{s}/32" for s in sources],
+             a_ifname="wan0", b_ifname="eth0")
+    server.listen(8080)
+    log = lab.tmp / "error.log"
+    log.write_text("")
+    policy = lab.tmp / "policy.yaml"
+    text = __import__("textwrap").dedent(POLICY.format(log=log))
+    policy.write_text(text)
+    assert server.policyd("apply", str(policy)).returncode == 0
+
+    def shut(source):
+        return not client.can_connect("2001:db8::1", 8080, timeout=0.5, source=source)
+
+    daemon = PolicydDaemon(server, str(policy)).start()
+    try:
+        with log.open("a") as out:
+            out.write(_failure(sources[0]) * 2)
+        assert wait_for(lambda: shut(sources[1]), timeout=5), "the /64 is banned"
+        assert not shut(sources[2])
+        policy.write_text(text.replace("maxretry: 2", "maxretry: 2\n  ipv6_prefix: 56"))
+        applied = server.policyd("apply", str(policy))
+        assert applied.returncode == 0, applied.stderr
+        listed = lambda: [b["network"] for b in json.loads(  # noqa: E731
+            server.policyd("bans", "--json").stdout)]
+        assert listed() == ["2001:db8:5::/64"]
+        assert wait_for(lambda: shut(sources[0]) and not shut(sources[2]), timeout=5), \
+            "the /64 ban neither widened to the /56 nor vanished"
+        assert shut(sources[1])
+        with log.open("a") as out:  # a new offender in the same /56 is banned as the /56
+            out.write(_failure(sources[2]) * 2)
+        assert wait_for(lambda: shut(sources[2]), timeout=5)
+        assert sorted(listed()) == ["2001:db8:5::/56"] or sorted(listed()) == [
+            "2001:db8:5::/56", "2001:db8:5::/64"]
+    finally:
+        daemon.stop_and_read()
