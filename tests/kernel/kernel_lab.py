@@ -1,7 +1,30 @@
-"""The two hosts of the kernel-contract suite and policyd's kernel adapter inside one."""
+"""The two hosts of the kernel-contract suite, policyd's kernel adapter inside one,
+and the suite's fixtures and marks.
+
+The suite runs on the host kernel in `make test` and on Debian 12's 6.1 in
+`make test-kernel` (tests/kernel/lane.sh), where POLICYD_TEST_TIME_SCALE
+stretches every wait. No conftest.py here: tests/netns imports its own
+conftest by that name, and two would shadow each other.
+"""
+import os
+import shutil
 import textwrap
 
-from netlab import in_namespace
+import pytest
+
+from netlab import Lab, in_namespace, leftover_namespaces
+
+
+def _missing():
+    if os.geteuid() != 0:
+        return "kernel-contract tests need root"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"kernel-contract tests need `{tool}` (make setup installs it)"
+    return None
+
+
+MARKS = [pytest.mark.netns, pytest.mark.skipif(_missing() is not None, reason=str(_missing()))]
 
 SERVER = {"v4": "198.51.100.1", "v6": "2001:db8:2::1", "range4": "203.0.113.1",
           "range6": "2001:db8:10::1"}
@@ -54,3 +77,18 @@ class Pair:
 
     def ruleset(self):
         return self.server.ruleset()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.close()
+        assert not leftover_namespaces(lab.prefix), "namespaces left behind"
+
+
+@pytest.fixture
+def pair(lab):
+    return Pair(lab)

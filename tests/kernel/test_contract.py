@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kernel_lab import CLIENT, SERVER
+from kernel_lab import CLIENT, MARKS, SERVER, lab, pair  # noqa: F401 (fixtures)
 from netlab import TIME_SCALE, wait_for
 from policyd.compile import FAMILY, TRIAL_SET, compile_policy
 from policyd.errors import KernelError
@@ -33,6 +33,7 @@ CLOSED = """\
         ports: [8080]
         allow: [192.0.2.0/24]
 """
+pytestmark = MARKS
 N = ipaddress.ip_network
 HOUR = 3600
 # A dropped SYN is only ever seen as a timeout: wait long enough that a slow
