@@ -4,6 +4,7 @@ Kept thin on purpose; every decision lives in the modules it calls. Exit codes:
 0 success, 1 the operation ran and said no, 2 the input is wrong.
 """
 import functools
+import ipaddress
 import json
 import os
 import select
@@ -437,8 +438,15 @@ def unban(obj, address):
         click.echo(f"policyd: {address} is not banned", err=True)
         sys.exit(1)
     lifted = result.get("network") or address
-    covering = "" if lifted in (address, f"{address}/32", f"{address}/128") else f" (covering {address})"
-    click.echo(f"unbanned {lifted}{covering}")
+    click.echo(f"unbanned {lifted}" + ("" if _same_network(address, lifted)
+                                       else f" (covering {address})"))
+
+
+def _same_network(asked, lifted):
+    try:
+        return ipaddress.ip_network(asked, strict=False) == ipaddress.ip_network(lifted)
+    except ValueError:
+        return False
 
 
 def _offline_bans(obj, action):

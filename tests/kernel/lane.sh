@@ -84,7 +84,7 @@ timeout "${LANE_TIMEOUT:-1800}" qemu-system-x86_64 "${ACCEL_ARGS[@]}" -m 2048 -s
     -display none -serial stdio -monitor none -no-reboot -nic none \
     -kernel "$TREE/boot/vmlinuz-$KV" -initrd "$INITRD" -append "$APPEND" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-    < /dev/null 2>&1 | tr -d '\r' | tee "$LOG"
+    < /dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$LOG"
 qemu_rc=${PIPESTATUS[0]}
 set -e
 result=$(sed -n 's/^POLICYD-LANE-RESULT rc=\([0-9]*\)$/\1/p' "$LOG" | tail -n1)
