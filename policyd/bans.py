@@ -48,7 +48,8 @@ _NETWORK_TYPES = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
 
 class BanKernel(Protocol):
     def add_bans(self, bans: list[tuple[IPNetwork, int]]) -> None:
-        """(network, timeout seconds); one call = one transaction; re-adding updates the timeout."""
+        """(network, timeout seconds); one transaction for single addresses and prefixes,
+        a second for ranges; re-adding updates the timeout."""
 
     def remove_bans(self, networks: list[IPNetwork]) -> None:
         """One transaction; elements that are not there are not an error."""

@@ -115,9 +115,14 @@ class BanTable:
 
         An element that exists already is replaced, so its timeout is the new one
         (also on kernels without DESTROYSETELEM, see nfnetlink.Netlink.replace).
+        Ranges go in a second transaction: the kernel refuses a range that
+        overlaps one still counting down its last second, and that refusal must
+        not hold back the single-address bans of the same flush.
         """
         if bans:
-            self._netlink.replace(self.table, self._changes((_key(n), t) for n, t in bans))
+            changes = self._changes((_key(n), t) for n, t in bans)
+            for part in _hash_then_ranges(changes):
+                self._netlink.replace(self.table, part)
 
     def remove_bans(self, networks):
         if networks:
@@ -186,6 +191,14 @@ class BanTable:
             if exc.errno == errno.ENOENT:
                 return [] if flags else {}  # the table is gone; the daemon restores it
             raise
+
+
+def _hash_then_ranges(changes):
+    """`changes` split in two: the hash sets' part, then the interval sets' part."""
+    ranges = set(RANGE_BAN_SETS.values())
+    parts = ({n: i for n, i in changes.items() if n not in ranges},
+             {n: i for n, i in changes.items() if n in ranges})
+    return [part for part in parts if part]
 
 
 def _key(network):

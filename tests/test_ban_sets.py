@@ -118,3 +118,13 @@ def test_restore_with_flush_ipv6_empties_both_ipv6_sets_in_the_same_call():
     _table(netlink).add_ban_keys([((6, 1 << 100, 64), 60)], flush_ipv6=True)
     (_verb, changes, flush), = netlink.calls
     assert flush == ("ban6", "ban6_range") and list(changes) == ["ban6"]
+
+
+def test_single_bans_go_first_and_apart_from_ranges():
+    """A refused range (overlapping one in its last second) must not hold back
+    the single-address bans of the same flush."""
+    netlink = RecordingNetlink()
+    _table(netlink).add_bans([(N("203.0.113.64/28"), 60), (N("198.51.100.7/32"), 60),
+                              (N("2001:db8:2::/64"), 60)])
+    assert [sorted(changes) for _verb, changes in netlink.calls] == [["ban4", "ban6"],
+                                                                    ["ban4_range"]]
