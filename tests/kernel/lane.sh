@@ -8,8 +8,9 @@
 # initramfs; a re-run only boots. Fails when the suite fails or the guest never
 # reports a result. Env: KERNEL_PACKAGE (default: what linux-image-amd64 depends
 # on), LANE_ACCEL (kvm|tcg, default kvm only where the CPU has VMX/SVM),
-# LANE_TESTS (pytest arguments, default the contract suite and the ban-agreement
-# test, which drives the daemon and CLI on the same sets), LANE_TIMEOUT (seconds).
+# LANE_TESTS (pytest arguments, default the contract suite, the ban-agreement
+# test and the daemon putting a flushed ruleset back, which drive the daemon and
+# CLI on the same sets), LANE_TIMEOUT (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
@@ -72,7 +73,8 @@ if [ "$ACCEL" = kvm ]; then
 else
     ACCEL_ARGS=(-accel tcg,thread=multi -cpu max); SCALE=${LANE_TIME_SCALE:-25}
 fi
-TESTS=${LANE_TESTS:-tests/kernel tests/netns/test_bans_agree.py}
+TESTS=${LANE_TESTS:-tests/kernel tests/netns/test_bans_agree.py \
+tests/netns/test_daemon.py::test_bans_survive_apply_restart_and_a_flushed_ruleset}
 LOG=$BUILD/console.log
 echo "test-kernel: booting $KV ($ACCEL, waits x$SCALE): pytest $TESTS"
 # Kernel arguments with '=' and no '.' reach /init as environment variables.

@@ -102,12 +102,14 @@ class Host:
     def socket(self, family, kind=socket.SOCK_STREAM):
         return in_namespace(self.name, socket.socket, family, kind)
 
-    def connect(self, address, port, timeout=1.0, source=None):
+    def connect(self, address, port, timeout=None, source=None):
         """A connected TCP socket to address:port, or None if nothing answered in time.
 
         "Answered" means the echo server's greeting arrived, not only the SYN-ACK.
-        `source`: the local address to send from.
+        `source`: the local address to send from. The default timeout (1 s) is
+        scaled; a short explicit one (expecting a drop) is kept as given.
         """
+        timeout = 1.0 * TIME_SCALE if timeout is None else timeout
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = self.socket(family)
         sock.settimeout(timeout)
@@ -122,14 +124,15 @@ class Host:
             return None
         return sock
 
-    def can_connect(self, address, port, timeout=1.0, source=None):
+    def can_connect(self, address, port, timeout=None, source=None):
         sock = self.connect(address, port, timeout, source)
         if sock is None:
             return False
         sock.close()
         return True
 
-    def udp_answers(self, address, port, timeout=1.0, source=None):
+    def udp_answers(self, address, port, timeout=None, source=None):
+        timeout = 1.0 * TIME_SCALE if timeout is None else timeout
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = self.socket(family, socket.SOCK_DGRAM)
         sock.settimeout(timeout)
