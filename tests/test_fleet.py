@@ -256,12 +256,14 @@ def test_the_ignore_list_and_loopback_are_never_banned_from_outside(node):
     assert node.rejected["protected"] == 3
 
 
-def test_an_ipv6_ban_is_widened_to_this_nodes_unit_which_must_pass_the_ignore_list(node):
+def test_an_ipv6_ban_is_applied_exactly_as_wide_and_must_pass_the_ignore_list(node):
     assert receive(node, entry(node, net="2001:db8:7::9/128")) == 1
-    assert list(node.kernel_.list_bans()) == [NET("2001:db8:7::/64")]
+    assert list(node.kernel_.list_bans()) == [NET("2001:db8:7::9/128")]
     node.bans.reconfigure(load(FLEET).bans.__class__(ports=(8080,), ignore=(NET("2001:db8:8::1/128"),)))
-    assert receive(node, entry(node, net="2001:db8:8::9/128", seq=1)) == 0
+    assert receive(node, entry(node, net="2001:db8:8::/64", seq=1)) == 0
     assert node.rejected["protected"] == 1
+    # Beside the ignored address, not over it: banned, and only that address.
+    assert receive(node, entry(node, net="2001:db8:8::9/128", seq=2)) == 1
 
 
 def test_short_prefixes_are_refused(node):
