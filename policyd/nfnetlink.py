@@ -298,3 +298,8 @@ class Netlink:
                 offset += (length + 3) & ~3
         if failure:
             raise OSError(failure, f"nftables set element change refused: {os.strerror(failure)}")
+
+    def send_batch(self, messages):
+        """Send [(message type, flags, body)] as one transaction (policyd.nlbatch encodes
+        whole policies); OSError if the kernel refuses any part, and then nothing changed."""
+        self._send(messages)

@@ -1,0 +1,487 @@
+"""A compiled nftables JSON document encoded as one raw nfnetlink batch.
+
+Owns the translation of exactly the commands and expressions compile.py emits
+into netlink messages, with the dependencies nft itself adds, so a policy with
+100k networks loads as one kernel transaction without libnftables (whose cache
+fetch and interval processing cost seconds). Anything else raises Unsupported
+and the caller loads the document with libnftables instead.
+"""
+import socket
+import struct
+
+from policyd import nfnetlink as nl
+
+NEWTABLE, DELTABLE, NEWCHAIN, NEWRULE, DELRULE = 0, 2, 3, 6, 8
+NEWSET, NEWSETELEM, DELSETELEM = 9, 12, 14
+NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
+NESTED = nl.NLA_F_NESTED
+# Set attributes and flags (linux/netfilter/nf_tables.h).
+SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN = 1, 2, 3, 4, 5
+SET_DESC, SET_ID, SET_TIMEOUT, SET_USERDATA = 9, 10, 11, 13
+F_ANONYMOUS, F_CONSTANT, F_INTERVAL, F_TIMEOUT, F_EVAL = 0x1, 0x2, 0x4, 0x10, 0x20
+ELEM_KEY, ELEM_FLAGS, ELEM_TIMEOUT = 1, 3, 4
+ELEM_INTERVAL_END = 0x1
+LIST_SET_ID = 4
+# nft's datatype numbers, its key lengths and the byte order it records (udata).
+DATATYPES = {"ipv4_addr": (7, 4, 2), "ipv6_addr": (8, 16, 2), "inet_proto": (12, 1, 1),
+             "inet_service": (13, 2, 2), "ifname": (41, 16, 1)}
+SET_FLAG_BITS = {"interval": F_INTERVAL, "timeout": F_TIMEOUT, "constant": F_CONSTANT,
+                 "dynamic": F_EVAL}
+HOOKS = {"input": 1, "forward": 2}
+VERDICTS = {"accept": 1, "drop": 0, "goto": -4, "jump": -3}
+PROTOCOLS = {"tcp": 6, "udp": 17}
+NFPROTO = {"ipv4": 2, "ipv6": 10}
+PAYLOADS = {("ip", "saddr"): (1, 12, 4, "ipv4"), ("ip6", "saddr"): (1, 8, 16, "ipv6"),
+            ("tcp", "dport"): (2, 2, 2, "tcp"), ("udp", "dport"): (2, 2, 2, "udp")}
+META_KEYS = {"iifname": (6, 16), "nfproto": (15, 1), "l4proto": (16, 1)}
+CT_KEYS = {"state": (0, 4), "direction": (1, 1), "status": (2, 4), "proto-dst": (12, 2)}
+CT_BITS = {"status": {"dnat": 0x20}, "state": {"new": 0x8}}
+LIMIT_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+REG = 1  # nft's 128-bit register 1, as libnftables uses it
+
+
+class Unsupported(Exception):
+    """The document holds something this encoder does not know; use libnftables."""
+
+
+def attr(kind, payload):
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def string(kind, text):
+    return attr(kind, text.encode() + b"\0")
+
+
+def u32(kind, value):
+    return attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
+
+
+def u64(kind, value):
+    return attr(kind, struct.pack(">Q", value))
+
+
+def nest(kind, *parts):
+    return attr(kind | NESTED, b"".join(parts))
+
+
+def data_value(kind, value):
+    return nest(kind, attr(1, value))  # NFTA_DATA_VALUE
+
+
+def expr(name, *parts):
+    return nest(1, string(1, name), nest(2, *parts))  # LIST_ELEM { EXPR_NAME, EXPR_DATA }
+
+
+class Encoder:
+    """Turns one document into [(message type, flags, body)] for nfnetlink.Netlink."""
+
+    def __init__(self):
+        self.messages = []
+        self.set_ids = {}  # (table, set name) -> id of a set added in this batch
+        self.set_types = {}  # (table, set name) -> (datatype name, flags)
+        self.next_id = 1
+
+    def encode(self, document):
+        # nft marks a set that rules update (`update @set {...}`) dynamic.
+        self.dynamic = {(body["rule"]["table"], stmt["set"]["set"].lstrip("@"))
+                        for command in document["nftables"]
+                        for body in [command.get("add", {})] if "rule" in body
+                        for stmt in body["rule"]["expr"] if "set" in stmt}
+        for command in document["nftables"]:
+            (verb, body), = command.items()
+            if verb == "metainfo":
+                continue
+            (kind, obj), = body.items()
+            if obj.get("family") != "inet":
+                raise Unsupported(f"family {obj.get('family')!r}")
+            handler = getattr(self, f"_{verb}_{kind}", None)
+            if handler is None:
+                raise Unsupported(f"{verb} {kind}")
+            handler(obj)
+        return self.messages
+
+    def _emit(self, kind, body, flags=0):
+        self.messages.append((kind, flags, body))
+
+    # ------------------------------------------------------------ tables, chains
+
+    def _add_table(self, obj):
+        self._emit(NEWTABLE, string(1, obj["name"]), NLM_F_CREATE)
+
+    def _delete_table(self, obj):
+        self._emit(DELTABLE, string(1, obj["name"]))
+
+    def _add_chain(self, obj):
+        parts = [string(1, obj["table"]), string(3, obj["name"])]
+        if "hook" in obj:
+            if obj.get("type") != "filter" or obj["hook"] not in HOOKS:
+                raise Unsupported(f"chain {obj['name']} hook")
+            parts.append(nest(4, u32(1, HOOKS[obj["hook"]]), u32(2, int(obj["prio"]))))
+            parts.append(u32(5, 1 if obj.get("policy", "accept") == "accept" else 0))
+            parts.append(string(7, "filter"))
+        self._emit(NEWCHAIN, b"".join(parts), NLM_F_CREATE)
+
+    def _flush_chain(self, obj):
+        self._emit(DELRULE, string(1, obj["table"]) + string(2, obj["name"]))
+
+    # ------------------------------------------------------------ sets, elements
+
+    def _add_set(self, obj):
+        typename = obj["type"]
+        if typename not in DATATYPES:
+            raise Unsupported(f"set type {typename}")
+        flags = 0
+        for flag in ([obj["flags"]] if isinstance(obj.get("flags"), str) else obj.get("flags", [])):
+            if flag not in SET_FLAG_BITS:
+                raise Unsupported(f"set flag {flag}")
+            flags |= SET_FLAG_BITS[flag]
+        if obj.get("stmt") or obj.get("policy") or obj.get("gc-interval"):
+            raise Unsupported("set options")
+        table, name = obj["table"], obj["name"]
+        if (table, name) in self.dynamic:
+            flags |= F_EVAL
+        self._declare_set(table, name, typename, flags, timeout=obj.get("timeout"),
+                          size=obj.get("size"))
+        if obj.get("elem"):
+            self._elements(table, name, obj["elem"])
+
+    def _declare_set(self, table, name, typename, flags, timeout=None, size=None):
+        number, length, byteorder = DATATYPES[typename]
+        set_id = self.next_id
+        self.next_id += 1
+        if timeout is not None:
+            flags |= F_TIMEOUT
+        parts = [string(SET_TABLE, table), string(SET_NAME, name), u32(SET_FLAGS, flags),
+                 u32(SET_KEY_TYPE, number), u32(SET_KEY_LEN, length)]
+        if timeout is not None:
+            parts.append(u64(SET_TIMEOUT, int(timeout) * 1000))
+        parts.append(attr(SET_DESC | NESTED, u32(1, size) if size else b""))
+        parts.append(u32(SET_ID, set_id))
+        # nft records the key's byte order so that it lists the elements right.
+        parts.append(attr(SET_USERDATA, struct.pack("=BB", 0, 4) + struct.pack("=I", byteorder)))
+        self._emit(NEWSET, b"".join(parts), NLM_F_CREATE)
+        self.set_ids[(table, name)] = set_id
+        self.set_types[(table, name)] = (typename, flags)
+        return set_id
+
+    def _add_element(self, obj):
+        self._elements(obj["table"], obj["name"], obj["elem"])
+
+    def _delete_element(self, obj):
+        typename, flags = self._set_type(obj["table"], obj["name"])
+        if flags & F_INTERVAL:
+            raise Unsupported("deleting interval elements")
+        items = [(self._key(typename, e), None) for e in obj["elem"]]
+        self._element_messages(DELSETELEM, obj["table"], obj["name"], items, 0)
+
+    def _flush_set(self, obj):
+        self._emit(DELSETELEM, string(1, obj["table"]) + string(2, obj["name"]))
+
+    def _set_type(self, table, name):
+        if (table, name) not in self.set_types:
+            raise Unsupported(f"set {name} not declared in the document")
+        return self.set_types[(table, name)]
+
+    def _elements(self, table, name, elements):
+        typename, flags = self._set_type(table, name)
+        if flags & F_INTERVAL:
+            items = interval_items(intervals_of(typename, elements), DATATYPES[typename][1])
+        else:
+            items = []
+            for element in elements:
+                timeout = None
+                if isinstance(element, dict) and "elem" in element:
+                    timeout = element["elem"].get("timeout")
+                    if set(element["elem"]) - {"val", "timeout"}:
+                        raise Unsupported("element options")
+                    element = element["elem"]["val"]
+                items.append((self._key(typename, element),
+                              None if timeout is None else int(timeout) * 1000))
+        self._element_messages(NEWSETELEM, table, name, items, NLM_F_CREATE)
+
+    def _key(self, typename, value):
+        if typename == "inet_service" and isinstance(value, int):
+            return struct.pack(">H", value)
+        if typename == "inet_proto" and value in PROTOCOLS:
+            return bytes([PROTOCOLS[value]])
+        if typename == "ifname" and isinstance(value, str) and not value.endswith("*"):
+            return value.encode().ljust(16, b"\0")
+        if typename in ("ipv4_addr", "ipv6_addr") and isinstance(value, str):
+            return socket.inet_pton(socket.AF_INET if typename == "ipv4_addr"
+                                    else socket.AF_INET6, value)
+        raise Unsupported(f"{typename} element {value!r}")
+
+    def _element_messages(self, kind, table, name, items, flags):
+        """items: [(key bytes, timeout ms or None) or (key bytes, None, elem flags)]."""
+        head = string(1, table) + string(2, name)
+        set_id = self.set_ids.get((table, name))
+        if set_id is not None:
+            head += u32(LIST_SET_ID, set_id)
+        chunk, size = [], 0
+        for item in items:
+            element = encode_element(*item)
+            if size + len(element) > nl.MAX_ELEMENTS_BYTES:
+                self._emit(kind, head + attr(3 | NESTED, b"".join(chunk)), flags)
+                chunk, size = [], 0
+            chunk.append(element)
+            size += len(element)
+        if chunk:
+            self._emit(kind, head + attr(3 | NESTED, b"".join(chunk)), flags)
+
+    # ------------------------------------------------------------ rules
+
+    def _add_rule(self, obj):
+        rule = _Rule(self, obj["table"])
+        for statement in obj["expr"]:
+            rule.statement(statement)
+        body = (string(1, obj["table"]) + string(2, obj["chain"])
+                + nest(4, *rule.exprs))
+        self._emit(NEWRULE, body, NLM_F_CREATE | NLM_F_APPEND)
+
+
+class _Rule:
+    """One rule's expressions, with the protocol matches nft adds as dependencies."""
+
+    def __init__(self, encoder, table):
+        self.encoder = encoder
+        self.table = table
+        self.exprs = []
+        self.nfproto = None
+        self.l4proto = None
+
+    def statement(self, statement):
+        (kind, body), = statement.items()
+        if kind == "match":
+            self.match(body)
+        elif kind in ("accept", "drop"):
+            self.verdict(kind)
+        elif kind in ("goto", "jump"):
+            self.verdict(kind, body["target"])
+        elif kind == "reject":
+            self.reject(body)
+        elif kind == "set":
+            self.dynset(body)
+        else:
+            raise Unsupported(f"statement {kind}")
+
+    def verdict(self, kind, chain=None):
+        parts = [u32(1, VERDICTS[kind])]
+        if chain is not None:
+            parts.append(string(2, chain))
+        self.exprs.append(expr("immediate", u32(1, 0), nest(2, nest(2, *parts))))
+
+    def reject(self, body):
+        if body == {"type": "tcp reset"}:
+            self.need_l4proto("tcp")
+            self.exprs.append(expr("reject", u32(1, 1), attr(2, b"\0")))
+        elif body == {"type": "icmpx", "expr": "port-unreachable"}:
+            self.exprs.append(expr("reject", u32(1, 2), attr(2, b"\1")))
+        else:
+            raise Unsupported(f"reject {body}")
+
+    def need_nfproto(self, name):
+        if self.nfproto != name:
+            self.meta_cmp("nfproto", bytes([NFPROTO[name]]))
+            self.nfproto = name
+
+    def need_l4proto(self, name):
+        if self.l4proto != name:
+            self.meta_cmp("l4proto", bytes([PROTOCOLS[name]]))
+            self.l4proto = name
+
+    def meta_cmp(self, key, value):
+        self.exprs.append(expr("meta", u32(1, REG), u32(2, META_KEYS[key][0])))
+        self.cmp(value)
+
+    def cmp(self, value, op=0):
+        self.exprs.append(expr("cmp", u32(1, REG), u32(2, op), data_value(3, value)))
+
+    def load(self, left):
+        """Load `left` into the register; return (datatype name, length)."""
+        if "payload" in left:
+            key = (left["payload"].get("protocol"), left["payload"].get("field"))
+            if key not in PAYLOADS:
+                raise Unsupported(f"payload {key}")
+            base, offset, length, proto = PAYLOADS[key]
+            if proto in NFPROTO:
+                self.need_nfproto(proto)
+            else:
+                self.need_l4proto(proto)
+            self.exprs.append(expr("payload", u32(1, REG), u32(2, base), u32(3, offset),
+                                   u32(4, length)))
+            return {4: "ipv4_addr", 16: "ipv6_addr", 2: "inet_service"}[length], length
+        if "meta" in left:
+            key = left["meta"]["key"]
+            if key not in META_KEYS:
+                raise Unsupported(f"meta {key}")
+            self.exprs.append(expr("meta", u32(1, REG), u32(2, META_KEYS[key][0])))
+            return {"iifname": "ifname", "nfproto": "nfproto", "l4proto": "inet_proto"}[key], \
+                META_KEYS[key][1]
+        if "ct" in left:
+            ct = left["ct"]
+            if ct["key"] not in CT_KEYS:
+                raise Unsupported(f"ct {ct['key']}")
+            parts = [u32(1, REG), u32(2, CT_KEYS[ct["key"]][0])]
+            if "dir" in ct:
+                if ct["dir"] != "original":
+                    raise Unsupported(f"ct direction {ct['dir']}")
+                parts.append(attr(3, b"\0"))
+            self.exprs.append(expr("ct", *parts))
+            return "ct_" + ct["key"], CT_KEYS[ct["key"]][1]
+        if "&" in left:
+            inner, mask = left["&"]
+            typename, length = self.load(inner)
+            if typename != "ipv6_addr" or not isinstance(mask, str):
+                raise Unsupported("bitwise")
+            self.exprs.append(expr("bitwise", u32(1, REG), u32(2, REG), u32(3, length),
+                                   data_value(4, socket.inet_pton(socket.AF_INET6, mask)),
+                                   data_value(5, bytes(length))))
+            return typename, length
+        raise Unsupported(f"expression {left!r}")
+
+    def match(self, body):
+        left, right, op = body["left"], body["right"], body["op"]
+        meta_key = left.get("meta", {}).get("key") if isinstance(left, dict) else None
+        # A literal protocol match establishes the dependency nft would add later.
+        if meta_key in ("nfproto", "l4proto") and isinstance(right, str) and op == "==":
+            table = NFPROTO if meta_key == "nfproto" else PROTOCOLS
+            if right not in table:
+                raise Unsupported(f"meta {meta_key} {right}")
+            self.meta_cmp(meta_key, bytes([table[right]]))
+            setattr(self, meta_key, right)
+            return
+        typename, length = self.load(left)
+        if op == "in" and typename in ("ct_status", "ct_state"):
+            bit = CT_BITS[typename[3:]].get(right)
+            if bit is None:
+                raise Unsupported(f"{typename} {right}")
+            self.exprs.append(expr("bitwise", u32(1, REG), u32(2, REG), u32(3, 4),
+                                   data_value(4, struct.pack("=I", bit)),
+                                   data_value(5, bytes(4))))
+            self.cmp(bytes(4), op=1)
+            return
+        if op != "==":
+            raise Unsupported(f"match op {op}")
+        if isinstance(right, str) and right.startswith("@"):
+            self.lookup(right[1:])
+        elif isinstance(right, dict) and "set" in right:
+            self.anonymous_lookup(typename, right["set"])
+        elif typename == "ifname" and isinstance(right, str):
+            text = right.encode()
+            self.cmp(text[:-1] if text.endswith(b"*") else text.ljust(16, b"\0"))
+        elif typename == "ct_direction" and right == "original":
+            self.cmp(b"\0")
+        elif typename in ("inet_service", "ct_proto-dst") and isinstance(right, int):
+            self.cmp(struct.pack(">H", right))
+        else:
+            raise Unsupported(f"match {typename} {right!r}")
+
+    def lookup(self, name):
+        parts = [string(1, name), u32(2, REG)]
+        set_id = self.encoder.set_ids.get((self.table, name))
+        if set_id is not None:
+            parts.append(u32(4, set_id))
+        self.exprs.append(expr("lookup", *parts))
+
+    def anonymous_lookup(self, typename, values):
+        typename = {"ct_proto-dst": "inet_service"}.get(typename, typename)
+        if typename not in ("inet_service", "ifname"):
+            raise Unsupported(f"anonymous set of {typename}")
+        encoder = self.encoder
+        set_id = encoder._declare_set(self.table, "__set%d", typename, F_ANONYMOUS | F_CONSTANT,
+                                      size=len(values))
+        items = [(encoder._key(typename, v), None) for v in values]
+        encoder._element_messages(NEWSETELEM, self.table, "__set%d", items, NLM_F_CREATE)
+        del encoder.set_ids[(self.table, "__set%d")]
+        self.exprs.append(expr("lookup", string(1, "__set%d"), u32(2, REG), u32(4, set_id)))
+
+    def dynset(self, body):
+        stmts = body.get("stmt", [])
+        if body.get("op") != "update" or len(stmts) != 1 or "limit" not in stmts[0]:
+            raise Unsupported("set statement")
+        limit = stmts[0]["limit"]
+        if limit["per"] not in LIMIT_UNITS or set(limit) - {"rate", "burst", "per", "inv"}:
+            raise Unsupported("limit")
+        self.load(body["elem"])
+        name = body["set"].lstrip("@")
+        parts = [string(1, name)]
+        set_id = self.encoder.set_ids.get((self.table, name))
+        if set_id is not None:
+            parts.append(u32(2, set_id))
+        limit_expr = expr("limit", u64(1, int(limit["rate"])), u64(2, LIMIT_UNITS[limit["per"]]),
+                          u32(3, int(limit.get("burst", 0))), u32(4, 0),
+                          u32(5, 1 if limit.get("inv") else 0))
+        # expr() wraps in LIST_ELEM; a dynset's single EXPR is the inner NFTA_EXPR nest.
+        inner = limit_expr[4:]
+        parts += [u32(3, 1), u32(4, REG), attr(7 | NESTED, inner)]
+        self.exprs.append(expr("dynset", *parts))
+
+
+def intervals_of(typename, elements):
+    """JSON interval elements -> sorted [(first, last)] as ints, nested ones dropped."""
+    family = socket.AF_INET if typename == "ipv4_addr" else socket.AF_INET6
+    bits = 32 if typename == "ipv4_addr" else 128
+    pton, from_bytes = socket.inet_pton, int.from_bytes
+    out = []
+    for element in elements:
+        if isinstance(element, str):
+            first = from_bytes(pton(family, element), "big")
+            out.append((first, first))
+        elif "prefix" in element:
+            prefix = element["prefix"]
+            first = from_bytes(pton(family, prefix["addr"]), "big")
+            out.append((first, first + (1 << (bits - prefix["len"])) - 1))
+        elif "range" in element:
+            low, high = element["range"]
+            out.append((from_bytes(pton(family, low), "big"), from_bytes(pton(family, high), "big")))
+        else:
+            raise Unsupported(f"interval element {element!r}")
+    return disjoint(out)
+
+
+def disjoint(intervals):
+    """Sorted, with every interval that lies inside an earlier one dropped; overlapping
+    ones (only possible for ranges, never for networks) are merged."""
+    out = []
+    end = -1
+    for first, last in sorted(intervals):
+        if first <= end:
+            if last > end:
+                out[-1] = (out[-1][0], last)
+                end = last
+            continue
+        out.append((first, last))
+        end = last
+    return out
+
+
+def interval_items(intervals, length):
+    """The kernel's encoding of disjoint intervals: a start element, then an end
+    element (flag INTERVAL_END) one past the last address; nft leads with an end
+    element at 0 when the first interval does not start there."""
+    items = []
+    top = (1 << (8 * length)) - 1
+    if intervals and intervals[0][0] != 0:
+        items.append((bytes(length), None, ELEM_INTERVAL_END))
+    for first, last in intervals:
+        items.append((first.to_bytes(length, "big"), None, 0))
+        if last != top:
+            items.append(((last + 1).to_bytes(length, "big"), None, ELEM_INTERVAL_END))
+    return items
+
+
+def encode_element(key, timeout_ms=None, flags=0):
+    """One NFTA_LIST_ELEM { KEY { DATA_VALUE key } [FLAGS] [TIMEOUT] }."""
+    size = len(key)
+    pad = -size % 4
+    body = struct.pack("=HHHH", 8 + size + pad, ELEM_KEY | NESTED, 4 + size, 1) + key + bytes(pad)
+    if flags:
+        body += struct.pack("=HH", 8, ELEM_FLAGS) + struct.pack(">I", flags)
+    if timeout_ms is not None:
+        body += struct.pack("=HH", 12, ELEM_TIMEOUT) + timeout_ms.to_bytes(8, "big")
+    return struct.pack("=HH", 4 + len(body), 1 | NESTED) + body
+
+
+def encode(document):
+    """[(message type, flags, body)] for the document; Unsupported if it cannot."""
+    return Encoder().encode(document)
