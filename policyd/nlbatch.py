@@ -185,7 +185,10 @@ class Encoder:
     def _elements(self, table, name, elements):
         typename, flags = self._set_type(table, name)
         if flags & F_INTERVAL:
-            items = interval_items(intervals_of(typename, elements), DATATYPES[typename][1])
+            intervals = getattr(elements, "intervals", None)  # lists.Elements: ints at hand
+            if intervals is None:
+                intervals = intervals_of(typename, elements)
+            items = interval_items(intervals, DATATYPES[typename][1])
         else:
             items = []
             for element in elements:
