@@ -351,7 +351,8 @@ class _Rule:
         left, right, op = body["left"], body["right"], body["op"]
         meta_key = left.get("meta", {}).get("key") if isinstance(left, dict) else None
         # A literal protocol match establishes the dependency nft would add later.
-        if meta_key in ("nfproto", "l4proto") and isinstance(right, str) and op == "==":
+        if (meta_key in ("nfproto", "l4proto") and isinstance(right, str) and op == "=="
+                and not right.startswith("@")):
             table = NFPROTO if meta_key == "nfproto" else PROTOCOLS
             if right not in table:
                 raise Unsupported(f"meta {meta_key} {right}")
