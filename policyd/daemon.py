@@ -17,6 +17,7 @@ from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
+from policyd.listsync import ListSync
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
@@ -74,6 +75,7 @@ class Daemon:
             trial_active=lambda: int(self.store.pending() is not None))
         self.sources = []
         self.watcher = None
+        self.lists = None
         self.control = None
         self.metrics_server = None
         self.next_reconcile = 0.0
@@ -93,6 +95,7 @@ class Daemon:
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
+        self.lists = ListSync(self.nft, self.policy, self.wake.set, self._reload)
         self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
         self.control.start()
         if self.metrics_listen:
@@ -145,7 +148,7 @@ class Daemon:
     def stop(self):
         """Stop following and serving; every table and ban stays in the kernel."""
         systemd.notify("STOPPING=1")
-        for closer in (self.watcher and self.watcher.stop,
+        for closer in (self.watcher and self.watcher.stop, self.lists and self.lists.stop,
                        self.control and self.control.stop,
                        self.metrics_server and self.metrics_server.stop):
             if closer:
@@ -169,6 +172,8 @@ class Daemon:
             self.wake.wait(HOUSEKEEPING_SECONDS)
             self.wake.clear()
             self._read_logs()
+            if self.lists.changed:
+                self.lists.sync()
             self.calls.run_pending()
             now = time.monotonic()
             if self.reload_requested:
@@ -294,6 +299,7 @@ class Daemon:
         self._flush()
         if changed_logs:
             self._follow(committed)
+        self.lists.follow(committed)
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
 
     def _status_line(self):

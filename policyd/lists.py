@@ -147,11 +147,12 @@ def disjoint_networks(version, networks=(), netlists=()):
     kernel refuse overlapping intervals).
     """
     bits = _FAMILY[version][1]
-    entries = [(int(n.network_address), n.prefixlen) for n in networks]
+    entries = [(int(n.network_address), n.prefixlen, 0) for n in networks]
     for netlist in netlists:
-        entries.extend((first, prefixlen) for first, prefixlen, _line in netlist.entries(version))
+        entries.extend(netlist.entries(version))
+    entries.sort()  # lists come sorted mostly: timsort makes this nearly free
     out, end = [], -1
-    for first, prefixlen in sorted(entries, key=lambda e: (e[0], e[1])):
+    for first, prefixlen, _line in entries:
         if first <= end:
             continue
         out.append((first, prefixlen))
@@ -163,9 +164,8 @@ def set_elements(version, disjoint):
     """JSON interval-set elements of disjoint (first, prefix length) networks."""
     family, bits = _FAMILY[version]
     size, ntop = bits // 8, socket.inet_ntop
-    out = Elements()
-    for first, prefixlen in disjoint:
-        text = ntop(family, first.to_bytes(size, "big"))
-        out.append(text if prefixlen == bits else {"prefix": {"addr": text, "len": prefixlen}})
+    out = Elements(ntop(family, first.to_bytes(size, "big")) if prefixlen == bits else
+                   {"prefix": {"addr": ntop(family, first.to_bytes(size, "big")), "len": prefixlen}}
+                   for first, prefixlen in disjoint)
     out.intervals = [(first, first + (1 << (bits - prefixlen)) - 1) for first, prefixlen in disjoint]
     return out

@@ -464,7 +464,7 @@ def disjoint(intervals):
     return out
 
 
-def interval_elements(intervals, length):
+def interval_elements(intervals, length, lead=True):
     """The kernel's encoding of disjoint intervals, as encoded elements: a start
     element, then an end element (flag INTERVAL_END) one past the last address;
     nft leads with an end element at 0 when the first interval does not start there.
@@ -477,7 +477,7 @@ def interval_elements(intervals, length):
     end_head, end_tail = end_element[:len(start)], end_element[len(start) + length:]
     top = (1 << (8 * length)) - 1
     out = []
-    if intervals and intervals[0][0] != 0:
+    if lead and intervals and intervals[0][0] != 0:
         out.append(end_element)
     for first, last in intervals:
         out.append(start + first.to_bytes(length, "big"))
