@@ -8,7 +8,6 @@ interval sets they feed. A bad line keeps what is loaded and says so.
 import hashlib
 import bisect
 import logging
-import re
 import threading
 import time
 
@@ -22,18 +21,78 @@ log = logging.getLogger("policyd.lists")
 
 
 class _Followed:
-    """One list file: its sha256 and entries by line text -> (version, first, prefix length)."""
+    """One list file as loaded: its sha256, its raw lines (-> entry text, b"" for
+    none), how many raw lines give each entry text, and each entry's value
+    (version, first address as int, prefix length).
+
+    Raw lines are what a rewrite is diffed by: set operations at C speed over
+    100k lines, and only lines that changed are stripped and parsed.
+    """
 
     def __init__(self, path, data):
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.entries = {}
-        for number, text in _entry_lines(data):
-            if text not in self.entries:
-                self.entries[text] = lists.parse_entry(text, path, number)
+        self.raw, self.refs, self.entries = set(), {}, {}
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            if raw in self.raw:
+                continue  # a repeated line gives its entry once, as a set would
+            self.raw.add(raw)
+            text = lists.strip(raw)
+            if text:
+                self.refs[text] = self.refs.get(text, 0) + 1
+                if text not in self.entries:
+                    self.entries[text] = lists.parse_entry(text, path, number)
 
-    def version(self, version):
-        return [(first, prefixlen) for v, first, prefixlen in self.entries.values() if v == version]
+    def version(self, version, new=None, gone=None):
+        """(first, prefix length) of every entry of `version`; with new and gone
+        ({text: value}), as they would leave the file."""
+        if new is None:
+            return [(f, p) for v, f, p in self.entries.values() if v == version]
+        return ([(f, p) for text, (v, f, p) in self.entries.items()
+                 if v == version and text not in gone]
+                + [(f, p) for v, f, p in new.values() if v == version])
+
+    def diff(self, data):
+        """(new entries {text: value}, gone entries {text: value}) if `data` replaced
+        the file, and a commit() that makes it so; InputError (file:line) if a new
+        line is bad, and then nothing changed."""
+        lines = set(data.split(b"\n"))
+        added, removed = lines - self.raw, self.raw - lines
+        delta = {}
+        for raw in removed:
+            text = lists.strip(raw)
+            if text:
+                delta[text] = delta.get(text, 0) - 1
+        for text in map(lists.strip, added):
+            if text:
+                delta[text] = delta.get(text, 0) + 1
+        new, gone = {}, {}
+        for text, change in delta.items():
+            before = self.refs.get(text, 0)
+            if not change:
+                continue
+            if before == 0 and change > 0:
+                try:
+                    new[text] = lists.parse_entry(text, self.path)
+                except InputError:
+                    lists.parse_entry(text, self.path, _line_of(data, text))  # with its line
+            elif before > 0 and before + change == 0:
+                gone[text] = self.entries[text]
+
+        def commit():
+            self.raw -= removed
+            self.raw |= added
+            for text, change in delta.items():
+                count = self.refs.get(text, 0) + change
+                if count:
+                    self.refs[text] = count
+                else:
+                    self.refs.pop(text, None)
+            for text in gone:
+                del self.entries[text]
+            self.entries.update(new)
+            self.sha256 = hashlib.sha256(data).hexdigest()
+        return new, gone, commit
 
 
 def _entry_lines(data):
@@ -43,18 +102,65 @@ def _entry_lines(data):
             yield number, text
 
 
-_COMMENT = re.compile(rb"[#;][^\n]*")
-
-
-def _entry_texts(data):
-    """The set of entry texts in a list file, at C speed (comments cut in one pass)."""
-    texts = {line.strip() for line in _COMMENT.sub(b"", data).split(b"\n")}
-    texts.discard(b"")
-    return texts
-
-
 def _line_of(data, text):
     return next((number for number, entry in _entry_lines(data) if entry == text), None)
+
+
+class _KernelSet:
+    """One committed-slot set fed by lists: what it holds, sorted, and how many
+    entries feed it (more than it holds when entries nest or repeat)."""
+
+    def __init__(self, name, version, inline, paths):
+        self.name, self.version, self.inline, self.paths = name, version, inline, paths
+        self.bits = 32 if version == 4 else 128
+        self.elements, self.ordered, self.count = set(), [], 0
+
+    def last(self, first, prefixlen):
+        return first + (1 << (self.bits - prefixlen)) - 1
+
+    def delta(self, new, gone):
+        """(remove, add) when no entry nests in or repeats another (the usual list),
+        in O(changes x log n); None when it is not that simple."""
+        gone = [(f, p) for v, f, p in gone if v == self.version]
+        new = sorted((f, p) for v, f, p in new if v == self.version)
+        if self.count != len(self.elements) or any(g not in self.elements for g in gone):
+            return None
+        last_end = -1
+        for first, prefixlen in new:
+            end = self.last(first, prefixlen)
+            if first <= last_end:
+                return None
+            last_end = end
+            i = bisect.bisect_left(self.ordered, (first, -1))
+            for other in self.ordered[max(0, i - 1):i + 1]:
+                if other[0] <= end and first <= self.last(*other):
+                    return None  # overlaps a kept (or even a leaving) element
+        return gone, new
+
+    def commit_delta(self, remove, add):
+        for element in remove:
+            self.elements.discard(element)
+            del self.ordered[bisect.bisect_left(self.ordered, element)]
+        for element in add:
+            self.elements.add(element)
+            bisect.insort(self.ordered, element)
+        self.count += len(add) - len(remove)
+
+    def reset(self, files, changed=None):
+        """Recompute what the set holds from every source (the slow, general way);
+        `changed` = (path, new, gone) computes it as that change would leave it."""
+        pairs = []
+        for path in self.paths:
+            if path not in files:
+                continue
+            if changed is not None and changed[0] == path:
+                pairs.append(files[path].version(self.version, *changed[1:]))
+            else:
+                pairs.append(files[path].version(self.version))
+        self.ordered = lists.disjoint_networks(self.version, self.inline,
+                                               [_Entries(e) for e in pairs])
+        self.elements = set(self.ordered)
+        self.count = len(self.inline) + sum(len(e) for e in pairs)
 
 
 class ListSync:
@@ -74,7 +180,6 @@ class ListSync:
         self.stop()
         self.policy = policy
         self.files = {}
-        self.elements = {}  # kernel set name -> set of (first, prefix length) it holds
         for service in policy.services:
             for netlist in service.allow_lists + service.deny_lists:
                 if netlist.path not in self.files:
@@ -83,12 +188,9 @@ class ListSync:
                             self.files[netlist.path] = _Followed(netlist.path, handle.read())
                     except (OSError, InputError) as exc:
                         log.error("list unreadable %s", kv(list=netlist.path, error=exc))
-        self.sorted, self.counts = {}, {}
-        for name, _service, version, inline, paths in self._sets():
-            self.elements[name] = self._wanted(version, inline, paths)
-            self.sorted[name] = sorted(self.elements[name])
-            self.counts[name] = len(inline) + sum(
-                len(self.files[p].version(version)) for p in paths if p in self.files)
+        self.sets = list(self._sets())
+        for kernel_set in self.sets:
+            kernel_set.reset(self.files)
         if self.files:
             self.watcher = LogWatcher(list(self.files), self._on_change, poll_interval=5.0)
             self.watcher.start()
@@ -104,7 +206,7 @@ class ListSync:
         self.wake()
 
     def _sets(self):
-        """(kernel set name, service, version, inline networks, list paths) fed by lists."""
+        """A _KernelSet for each committed-slot set that lists feed."""
         for service in self.policy.services:
             for kind, inline, netlists in (("v", (service.allow4, service.allow6),
                                             service.allow_lists),
@@ -113,15 +215,8 @@ class ListSync:
                 if not netlists or (kind == "v" and service.allow_any):
                     continue
                 for version in (4, 6):
-                    yield (f"{COMMITTED}_{service.name}_{kind}{version}", service, version,
-                           inline[version == 6], [n.path for n in netlists])
-
-    def _wanted(self, version, inline, paths):
-        netlist_entries = []
-        for path in paths:
-            if path in self.files:
-                netlist_entries.append(self.files[path].version(version))
-        return set(lists.disjoint_networks(version, inline, [_Entries(e) for e in netlist_entries]))
+                    yield _KernelSet(f"{COMMITTED}_{service.name}_{kind}{version}", version,
+                                     inline[version == 6], [n.path for n in netlists])
 
     def sync(self):
         """Apply the list files that changed since the last call; returns how many did."""
@@ -141,31 +236,18 @@ class ListSync:
             log.error("list unreadable, keeping what is loaded %s", kv(list=path, error=exc))
             return 0
         followed = self.files[path]
-        sha256 = hashlib.sha256(data).hexdigest()
-        if sha256 == followed.sha256:
+        if hashlib.sha256(data).hexdigest() == followed.sha256:
             return 0
-        texts = _entry_texts(data)
-        entries = dict(followed.entries)
-        gone = {text: entries.pop(text) for text in followed.entries.keys() - texts}
-        new = {}
         try:
-            for text in texts - followed.entries.keys():
-                try:
-                    new[text] = lists.parse_entry(text, path)
-                except InputError:
-                    lists.parse_entry(text, path, _line_of(data, text))  # again, with its line
+            new, gone, commit = followed.diff(data)
         except InputError as exc:
             log.error("list refused, keeping what is loaded %s", kv(list=path, error=exc))
             return 0
-        entries.update(new)
-        previous = (followed.sha256, followed.entries)
-        followed.sha256, followed.entries = sha256, entries
         try:
-            added, removed = self._apply(path, new.values(), gone.values())
+            added, removed = self._apply(path, new, gone, commit)
         except (OSError, nlbatch.Unsupported) as exc:
             # The kernel held something else (edited by hand, or a change that
             # moves nft's interval sentinel): load the whole policy, atomically.
-            followed.sha256, followed.entries = previous
             log.warning("list change needs a full load %s", kv(list=path, reason=exc))
             self.reload()
             return 1
@@ -173,64 +255,45 @@ class ListSync:
                                        ms=round((time.perf_counter() - started) * 1000, 1)))
         return 1
 
-    def _apply(self, path, new, gone):
-        """One transaction: the removed intervals out and the new ones in, per set."""
+    def _apply(self, path, new, gone, commit):
+        """One transaction: the removed intervals out and the new ones in, per set;
+        commit() records the file as changed once the kernel took it."""
         encoder = nlbatch.Encoder()
-        wanted_by_set, added, removed = {}, 0, 0
-        for name, _service, version, inline, paths in self._sets():
-            if path not in paths:
+        changed = (path, new, gone)
+        changes = []
+        for kernel_set in self.sets:
+            if path not in kernel_set.paths:
                 continue
-            have = self.elements[name]
-            wanted, ordered = self._delta(name, version, new, gone)
-            if wanted is None:  # nesting or duplicates involved: recompute the set whole
-                wanted = self._wanted(version, inline, paths)
-                ordered = sorted(wanted)
+            change = kernel_set.delta(new.values(), gone.values())
+            simple = change is not None
+            if not simple:  # nesting or repeats involved: recompute the set whole
+                wanted = _KernelSet(kernel_set.name, kernel_set.version, kernel_set.inline,
+                                    kernel_set.paths)
+                wanted.reset(self.files, changed)
+                change = (kernel_set.elements - wanted.elements,
+                          wanted.elements - kernel_set.elements)
+            remove, add = change
             # nft's leading end element at 0 exists only while no interval starts
-            # at 0; a change there (or to or from empty) reloads the set whole.
-            if not have or not ordered or (self.sorted[name][0][0] == 0) != (ordered[0][0] == 0):
+            # at 0, and an empty set is not in the ruleset at all: such a change
+            # reloads the policy whole.
+            if (any(f == 0 for f, _ in remove) or any(f == 0 for f, _ in add)
+                    or len(kernel_set.elements) + len(add) - len(remove) == 0):
                 raise nlbatch.Unsupported("the set's first interval moves to or from 0")
-            bits = 32 if version == 4 else 128
-            for kind, networks in ((nlbatch.DELSETELEM, have - wanted),
-                                   (nlbatch.NEWSETELEM, wanted - have)):
-                intervals = sorted((f, f + (1 << (bits - p)) - 1) for f, p in networks)
-                elements = nlbatch.interval_elements(intervals, bits // 8, lead=False)
-                encoder._chunked(kind, self.policy.table, name, elements,
+            for kind, networks in ((nlbatch.DELSETELEM, remove), (nlbatch.NEWSETELEM, add)):
+                intervals = sorted((f, kernel_set.last(f, p)) for f, p in networks)
+                elements = nlbatch.interval_elements(intervals, kernel_set.bits // 8, lead=False)
+                encoder._chunked(kind, self.policy.table, kernel_set.name, elements,
                                  nlbatch.NLM_F_CREATE if kind == nlbatch.NEWSETELEM else 0)
-            added += len(wanted - have)
-            removed += len(have - wanted)
-            wanted_by_set[name] = wanted, ordered
+            changes.append((kernel_set, remove, add, simple))
         self.nft.netlink.send_batch(encoder.messages)
-        for name, (wanted, ordered) in wanted_by_set.items():
-            self.elements[name], self.sorted[name] = wanted, ordered
-        return added, removed
-
-    def _delta(self, name, version, new, gone):
-        """The set after the change when no entry nests in or repeats another (the
-        usual list); None when it is not that simple. Costs O(changes x log n)."""
-        have, ordered = self.elements[name], self.sorted[name]
-        bits = 32 if version == 4 else 128
-        gone = {(f, p) for v, f, p in gone if v == version}
-        new = sorted((f, p) for v, f, p in new if v == version)
-        if self.counts[name] != len(have) or not gone <= have:
-            return None, None
-        last_end = -1
-        for first, prefixlen in new:
-            end = first + (1 << (bits - prefixlen)) - 1
-            if first <= last_end:
-                return None, None
-            last_end = end
-            i = bisect.bisect_left(ordered, (first, -1))
-            for neighbour in ordered[max(0, i - 1):i + 1]:
-                n_end = neighbour[0] + (1 << (bits - neighbour[1])) - 1
-                if neighbour[0] <= end and first <= n_end:
-                    return None, None  # overlaps a kept (or even a leaving) element
-        self.counts[name] += len(new) - len(gone)
-        ordered = list(ordered)
-        for element in gone:
-            del ordered[bisect.bisect_left(ordered, element)]
-        for element in new:
-            bisect.insort(ordered, element)
-        return (have - gone) | set(new), ordered
+        commit()
+        for kernel_set, remove, add, simple in changes:
+            if simple:
+                kernel_set.commit_delta(remove, add)
+            else:
+                kernel_set.reset(self.files)
+        return (sum(len(add) for _, _, add, _ in changes),
+                sum(len(remove) for _, remove, _, _ in changes))
 
 
 class _Entries:
