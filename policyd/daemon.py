@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from policyd import __version__, control, metrics, systemd, trial
+from policyd import __version__, control, lists, metrics, systemd, trial
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
@@ -85,6 +85,7 @@ class Daemon:
     # ------------------------------------------------------------ start and stop
 
     def start(self):
+        lists.keep_last_good = True  # a list turning bad at runtime must not stop us
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.nft = Nft()
         self.store = trial.PolicyStore(self.state_dir)

@@ -7,10 +7,14 @@ A bad line refuses the whole list with file:line.
 """
 import hashlib
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
 
 from policyd.errors import InputError
+from policyd.systemd import kv
+
+log = logging.getLogger("policyd.lists")
 
 _FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
 
@@ -44,14 +48,30 @@ class NetList:
         return None
 
 
+# The daemon sets this: a list file that turns bad then keeps its last good
+# version (an empty one if it never had one) instead of failing the policy,
+# so a cron job's broken download never stops the daemon.
+keep_last_good = False
+_last_good = {}
+
+
 def read(path, key=None):
     """Read and validate the list file at `path` (absolute); InputError names file:line."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise InputError(f"list file: {exc.strerror or exc}", path, key=key) from None
-    return parse(data, path)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise InputError(f"list file: {exc.strerror or exc}", path, key=key) from None
+        netlist = parse(data, path)
+    except InputError as exc:
+        if not keep_last_good:
+            raise
+        log.error("list refused, keeping what is loaded %s", kv(list=path, error=exc))
+        return _last_good.get(path) or NetList(path, "")
+    if keep_last_good:
+        _last_good[path] = netlist
+    return netlist
 
 
 def strip(raw):

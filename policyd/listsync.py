@@ -187,7 +187,11 @@ class ListSync:
                         with open(netlist.path, "rb") as handle:
                             self.files[netlist.path] = _Followed(netlist.path, handle.read())
                     except (OSError, InputError) as exc:
-                        log.error("list unreadable %s", kv(list=netlist.path, error=exc))
+                        # Followed all the same: once it is good, the policy loads whole.
+                        log.error("list refused, keeping what is loaded %s",
+                                  kv(list=netlist.path, error=exc))
+                        self.files[netlist.path] = _Followed(netlist.path, b"")
+                        self.files[netlist.path].sha256 = None
         self.sets = list(self._sets())
         for kernel_set in self.sets:
             kernel_set.reset(self.files)
@@ -238,6 +242,14 @@ class ListSync:
         followed = self.files[path]
         if hashlib.sha256(data).hexdigest() == followed.sha256:
             return 0
+        if followed.sha256 is None:  # was bad when followed: load whole once it is good
+            try:
+                lists.parse(data, path)
+            except InputError as exc:
+                log.error("list refused, keeping what is loaded %s", kv(list=path, error=exc))
+                return 0
+            self.reload()
+            return 1
         try:
             new, gone, commit = followed.diff(data)
         except InputError as exc:
@@ -273,19 +285,23 @@ class ListSync:
                 change = (kernel_set.elements - wanted.elements,
                           wanted.elements - kernel_set.elements)
             remove, add = change
+            if not remove and not add:
+                continue
             # nft's leading end element at 0 exists only while no interval starts
             # at 0, and an empty set is not in the ruleset at all: such a change
             # reloads the policy whole.
             if (any(f == 0 for f, _ in remove) or any(f == 0 for f, _ in add)
                     or len(kernel_set.elements) + len(add) - len(remove) == 0):
-                raise nlbatch.Unsupported("the set's first interval moves to or from 0")
+                raise nlbatch.Unsupported(f"set {kernel_set.name} becomes empty, or an interval "
+                                          "at address 0 comes or goes")
             for kind, networks in ((nlbatch.DELSETELEM, remove), (nlbatch.NEWSETELEM, add)):
                 intervals = sorted((f, kernel_set.last(f, p)) for f, p in networks)
                 elements = nlbatch.interval_elements(intervals, kernel_set.bits // 8, lead=False)
                 encoder._chunked(kind, self.policy.table, kernel_set.name, elements,
                                  nlbatch.NLM_F_CREATE if kind == nlbatch.NEWSETELEM else 0)
             changes.append((kernel_set, remove, add, simple))
-        self.nft.netlink.send_batch(encoder.messages)
+        if encoder.messages:
+            self.nft.netlink.send_batch(encoder.messages)
         commit()
         for kernel_set, remove, add, simple in changes:
             if simple:

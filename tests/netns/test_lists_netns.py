@@ -1,7 +1,8 @@
 """List files and the raw-netlink load in a namespace: same ruleset as libnftables,
 deny before allow on real TCP, refusals that change nothing, live list changes."""
+import json
 import re
-import textwrap
+import time
 
 from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4
 from netlab import REPO, in_namespace
@@ -125,3 +126,46 @@ def test_kernel_refusal_of_a_big_list_changes_nothing(world):
     result = world.server.policyd("apply", path, "--force")
     assert result.returncode == 1 and "refused" in result.stderr
     assert world.server.ruleset() == before
+
+
+def _replace(path, text):
+    """Write a list the way cron jobs do: a new file renamed over the old one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def test_the_daemon_follows_a_deny_list_and_keeps_it_through_a_bad_version(world):
+    from netlab import PolicydDaemon, wait_for
+    world.server.listen(8080)
+    _allow, deny = _lists(world, deny="# empty for now\n203.0.113.99\n")
+    deny = world.lab.tmp / "deny.txt"
+    path = world.policy(f"""\
+        version: 1
+        services:
+          proxy:
+            ports: [8080]
+            allow: [any]
+            deny: [{{file: {deny}}}]
+    """)
+    assert world.server.policyd("apply", path).returncode == 0
+    daemon = PolicydDaemon(world.server, path).start()
+    try:
+        assert world.stranger.can_connect(SERVER_WAN_V4, 8080)
+        _replace(deny, f"203.0.113.99\n{STRANGER_V4} ; caught\n")
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 5)
+        assert world.trusted.can_connect(SERVER_V4, 8080)
+        # A broken download keeps what is loaded: the stranger stays out.
+        _replace(deny, "203.0.113.99\n<html>oops</html>\n")
+        time.sleep(1.0)
+        assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.3)
+        assert daemon.proc.poll() is None
+        # The fixed list, without the stranger, lets it back in.
+        _replace(deny, "203.0.113.99\n")
+        assert wait_for(lambda: world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 5)
+        doctor = world.server.policyd("doctor", path, "--json")
+        drift = [f for f in json.loads(doctor.stdout)["findings"] if f["check"] == "drift"]
+        assert [f["level"] for f in drift] == ["ok"], drift
+    finally:
+        err = daemon.stop_and_read()
+    assert "list applied" in err and f"{deny}:2" in err and "list refused" in err, err
