@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from policyd import __version__, control, lists, metrics, systemd, trial
+from policyd import __version__, control, drift, lists, metrics, systemd, trial
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
 from policyd.compile import compile_policy, skeleton
@@ -76,6 +76,9 @@ class Daemon:
         self.sources = []
         self.watcher = None
         self.lists = None
+        self.elements = None
+        self._sets_key = self._sets = None
+        self._loads = 0  # odd while the main thread loads the kernel (see policyd.drift)
         self.control = None
         self.metrics_server = None
         self.next_reconcile = 0.0
@@ -97,6 +100,9 @@ class Daemon:
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
         self.lists = ListSync(self.nft, self.policy, self.wake.set, self._reload)
+        self.elements = drift.ElementWatch(self.policy.table, self._expected_sets, self.wake.set,
+                                           epoch=lambda: self.lists.epoch + self._loads)
+        self.elements.start()
         self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
         self.control.start()
         if self.metrics_listen:
@@ -150,6 +156,7 @@ class Daemon:
         """Stop following and serving; every table and ban stays in the kernel."""
         systemd.notify("STOPPING=1")
         for closer in (self.watcher and self.watcher.stop, self.lists and self.lists.stop,
+                       self.elements and self.elements.stop,
                        self.control and self.control.stop,
                        self.metrics_server and self.metrics_server.stop):
             if closer:
@@ -260,11 +267,17 @@ class Daemon:
             if not got or not self._drifted():
                 return
             started = time.perf_counter()
-            trial.restore_committed_locked(self.nft, self.store)
+            differences = self.elements.differences
+            self._loads += 1
+            try:
+                trial.restore_committed_locked(self.nft, self.store)
+            finally:
+                self._loads += 1
+            self.elements.reset()
             count = self.bans.restore()
         self.metrics.table_restores.inc()
         log.warning("tables were gone or changed: restored %s", kv(
-            policy=self.policy.digest[:12], bans=count,
+            policy=self.policy.digest[:12], bans=count, sets="; ".join(differences) or None,
             ms=round((time.perf_counter() - started) * 1000, 1)))
 
     def _drifted(self):
@@ -276,7 +289,24 @@ class Daemon:
             self._expected = {table: skeleton(document, table)
                               for table in (self.policy.table, self.policy.bans_table)}
             self._expected_key = key
-        return any(self.nft.skeleton(table) != shape for table, shape in self._expected.items())
+        return (self.elements.drifted
+                or any(self.nft.skeleton(table) != shape for table, shape in self._expected.items()))
+
+    def _expected_sets(self):
+        """What the guard table's interval sets should hold (on the drift thread):
+        the committed policy's, with list-fed sets as the list follower loaded them.
+        Nothing during a trial: a false alarm there would end the trial."""
+        policy = self.policy
+        if self.store.pending() is not None:
+            return {}
+        if self._sets_key != policy.digest:
+            self._sets = drift.expected_intervals(compile_policy(policy), policy.table)
+            self._sets_key = policy.digest
+        sets = dict(self._sets)
+        for kernel_set in self.lists.sets:
+            if kernel_set.name in sets:
+                sets[kernel_set.name] = (kernel_set.bits // 8, kernel_set.intervals())
+        return sets
 
     def _tables_present(self, policy):
         names = self.nft.tables()
@@ -289,6 +319,14 @@ class Daemon:
         committed = self.store.committed()
         if committed is None:
             return
+        self._loads += 1
+        try:
+            self._take_committed(committed, load_kernel)
+        finally:
+            self._loads += 1
+        log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
+
+    def _take_committed(self, committed, load_kernel):
         if load_kernel and self.store.pending() is None:
             self.nft.load(compile_policy(committed))
             self.metrics.applies.labels(kind="restore").inc()
@@ -301,7 +339,8 @@ class Daemon:
         if changed_logs:
             self._follow(committed)
         self.lists.follow(committed)
-        log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
+        self.elements.table = committed.table
+        self.elements.reset()
 
     def _status_line(self):
         return (f"{self.bans.active_count} bans, {len(self.sources)} logs, "

@@ -138,13 +138,19 @@ class _KernelSet:
         return gone, new
 
     def commit_delta(self, remove, add):
+        # A new list, never changed in place: policyd.drift reads it from its thread.
+        ordered = list(self.ordered)
         for element in remove:
             self.elements.discard(element)
-            del self.ordered[bisect.bisect_left(self.ordered, element)]
+            del ordered[bisect.bisect_left(ordered, element)]
         for element in add:
             self.elements.add(element)
-            bisect.insort(self.ordered, element)
+            bisect.insort(ordered, element)
+        self.ordered = ordered
         self.count += len(add) - len(remove)
+
+    def intervals(self):
+        return [(first, self.last(first, prefixlen)) for first, prefixlen in self.ordered]
 
     def reset(self, files, changed=None):
         """Recompute what the set holds from every source (the slow, general way);
@@ -171,6 +177,7 @@ class ListSync:
         self.wake = wake
         self.reload = reload  # loads the committed policy whole, then calls follow()
         self.changed = set()
+        self.epoch = 0  # policyd.drift: odd while a change is between kernel and here
         self._lock = threading.Lock()
         self.watcher = None
         self.follow(policy)
@@ -300,16 +307,23 @@ class ListSync:
                 encoder._chunked(kind, self.policy.table, kernel_set.name, elements,
                                  nlbatch.NLM_F_CREATE if kind == nlbatch.NEWSETELEM else 0)
             changes.append((kernel_set, remove, add, simple))
-        if encoder.messages:
-            self.nft.netlink.send_batch(encoder.messages)
-        commit()
+        self.epoch += 1  # odd while the kernel and what we know of it may differ
+        try:
+            if encoder.messages:
+                self.nft.netlink.send_batch(encoder.messages)
+            commit()
+            self._commit_sets(changes)
+        finally:
+            self.epoch += 1
+        return (sum(len(add) for _, _, add, _ in changes),
+                sum(len(remove) for _, remove, _, _ in changes))
+
+    def _commit_sets(self, changes):
         for kernel_set, remove, add, simple in changes:
             if simple:
                 kernel_set.commit_delta(remove, add)
             else:
                 kernel_set.reset(self.files)
-        return (sum(len(add) for _, _, add, _ in changes),
-                sum(len(remove) for _, remove, _, _ in changes))
 
 
 class _Entries:

@@ -20,6 +20,7 @@ NFT_MSG_GETSET = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
+NFT_MSG_GETGEN = 16
 NFT_MSG_DESTROYSETELEM = 30  # Linux >= 6.3: like DEL, but a missing element is fine
 NFPROTO_INET = 1
 NLM_F_REQUEST = 0x1
@@ -303,3 +304,34 @@ class Netlink:
         """Send [(message type, flags, body)] as one transaction (policyd.nlbatch encodes
         whole policies); OSError if the kernel refuses any part, and then nothing changed."""
         self._send(messages)
+
+    def generation(self):
+        """The ruleset's generation id: it moves with every committed transaction."""
+        seq = self._next_seq()
+        self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                                     NLM_F_REQUEST, 0, 0, b"", seq))
+        while True:
+            data = self._sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                if length < 16:
+                    break
+                if msg_seq == seq:
+                    if kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", data, offset + 16)
+                        raise OSError(-code, os.strerror(-code))
+                    for attr, value in _attrs(data[offset + 20:offset + length]):
+                        if attr == 1:  # NFTA_GEN_ID
+                            return int.from_bytes(value, "big")
+                offset += (length + 3) & ~3
+
+    def set_element_payloads(self, table, name):
+        """The raw NFTA_SET_ELEM_LIST_ELEMENTS contents of one set's dump, in the
+        kernel's order: hashing them costs no parsing (policyd.drift digests them)."""
+        body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+        for payload in self._dump_raw(NFT_MSG_GETSETELEM, body):
+            for kind, value in _attrs(payload):
+                if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
+                    yield value

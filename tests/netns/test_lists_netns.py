@@ -169,3 +169,34 @@ def test_the_daemon_follows_a_deny_list_and_keeps_it_through_a_bad_version(world
     finally:
         err = daemon.stop_and_read()
     assert "list applied" in err and f"{deny}:2" in err and "list refused" in err, err
+
+
+def test_an_allowlist_element_deleted_by_hand_is_put_back(world):
+    """Issue 12: the drift check compares set elements, not only chains and set names."""
+    from netlab import PolicydDaemon, wait_for
+    world.server.listen(11434)
+    allow, _deny = _lists(world, allow="192.0.2.0/24\n2001:db8:1::/64\n")
+    path = world.policy(f"""\
+        version: 1
+        services:
+          ollama:
+            ports: [11434]
+            allow: [127.0.0.0/8, 203.0.113.0/24, {{file: {allow}}}]
+    """)
+    assert world.server.policyd("apply", path).returncode == 0
+    daemon = PolicydDaemon(world.server, path).start()
+    try:
+        assert world.trusted.can_connect(SERVER_V4, 11434)
+        world.server.nft("delete", "element", "inet", "policyd", "committed_ollama_v4",
+                         "{ 192.0.2.0/24 }")
+        assert not world.trusted.can_connect(SERVER_V4, 11434, timeout=0.3)
+        assert wait_for(lambda: world.trusted.can_connect(SERVER_V4, 11434, 0.3), 10)
+        # One added by hand goes again too.
+        world.server.nft("add", "element", "inet", "policyd", "committed_ollama_v4",
+                         "{ 198.51.100.0/24 }")
+        assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 11434, 0.2)
+                        and "198.51.100.0/24" not in world.server.nft(
+                            "list", "set", "inet", "policyd", "committed_ollama_v4").stdout, 10)
+    finally:
+        err = daemon.stop_and_read()
+    assert "committed_ollama_v4: 2 element(s) missing" in err, err

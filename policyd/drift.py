@@ -1,0 +1,146 @@
+"""The daemon's watch on the elements of the guard table's interval sets: an
+allowlist entry deleted by hand is noticed, at a cost that does not grow with
+100k elements on the main loop.
+
+Owns three steps, run on a thread of its own: the ruleset generation (one tiny
+request) says whether any transaction happened at all; if one did, at most
+every DIGEST_SECONDS, a digest of each set's elements (the kernel serialises
+them, Python only hashes) says whether the guard sets moved; and only when a
+digest moves, a full comparison with what the daemon loaded says whether they
+differ. The main loop only reads `drifted`.
+"""
+import hashlib
+import logging
+import threading
+import time
+
+from policyd import nlbatch
+from policyd.nfnetlink import Netlink
+
+log = logging.getLogger("policyd.drift")
+
+DIGEST_SECONDS = 2.0
+
+
+def interval_keys(intervals, length):
+    """The keys the kernel holds for disjoint (first, last) intervals: each start,
+    each end (one past the last address) and nft's leading end element at 0."""
+    top = (1 << (8 * length)) - 1
+    keys = set()
+    if intervals and intervals[0][0] != 0:
+        keys.add(bytes(length))
+    for first, last in intervals:
+        keys.add(first.to_bytes(length, "big"))
+        if last != top:
+            keys.add((last + 1).to_bytes(length, "big"))
+    return keys
+
+
+def expected_intervals(document, table):
+    """{set name: (key length, sorted (first, last) intervals)} of the interval sets
+    without timeouts that `document` loads into `table`."""
+    out = {}
+    for command in document["nftables"]:
+        body = command.get("add", {}).get("set")
+        if not body or body.get("table") != table:
+            continue
+        flags = body.get("flags", [])
+        if "interval" not in flags or "timeout" in flags or body["type"] not in (
+                "ipv4_addr", "ipv6_addr"):
+            continue
+        elements = body.get("elem", [])
+        intervals = getattr(elements, "intervals", None)
+        if intervals is None:
+            intervals = nlbatch.intervals_of(body["type"], elements)
+        out[body["name"]] = (4 if body["type"] == "ipv4_addr" else 16, intervals)
+    return out
+
+
+class ElementWatch:
+    """Follows one table's interval sets; `drifted` turns true when they differ
+    from `expected()` ({name: (key length, intervals)}, called on this thread:
+    it must return data the main thread no longer mutates)."""
+
+    def __init__(self, table, expected, wake, interval=0.5, epoch=lambda: 0):
+        self.table = table
+        self.expected = expected
+        self.epoch = epoch  # moves while the main thread changes the kernel itself
+        self.wake = wake
+        self.interval = interval
+        self.drifted = False
+        self.differences = []
+        self._digests = None  # {name: digest} of a state verified equal to expected()
+        self._generation = None
+        self._next_digest = 0.0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="policyd-drift", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def reset(self):
+        """The main thread loaded the table itself: verify again from scratch."""
+        self._digests = self._generation = None
+        self.drifted = False
+        self.differences = []
+
+    def _run(self):
+        netlink = Netlink()
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    self.check(netlink)
+                except OSError as exc:
+                    # A table that is gone is the skeleton check's to notice.
+                    log.debug("element check skipped: %s", exc)
+        finally:
+            netlink.close()
+
+    def check(self, netlink, now=time.monotonic):
+        """One round; returns True when it found the sets different."""
+        if self.drifted:
+            return True  # until the main thread has restored and reset us
+        generation = netlink.generation()
+        if generation == self._generation or now() < self._next_digest:
+            return False
+        self._next_digest = now() + DIGEST_SECONDS
+        epoch = self.epoch()
+        expected = self.expected()
+        digests = {name: self._digest(netlink, name) for name in expected}
+        if digests == self._digests:
+            self._generation = generation
+            return False
+        differences = self._compare(netlink, expected)
+        if netlink.generation() != generation or self.epoch() != epoch or epoch % 2:
+            return False  # something changed meanwhile: look again next round
+        if differences:
+            self.differences = differences
+            self.drifted = True
+            self.wake()
+            return True
+        self._digests, self._generation = digests, generation
+        return False
+
+    def _digest(self, netlink, name):
+        digest = hashlib.sha256()
+        for payload in netlink.set_element_payloads(self.table, name):
+            digest.update(payload)
+        return digest.hexdigest()
+
+    def _compare(self, netlink, expected):
+        """["SET: N elements missing, M not in the policy", ...]; [] if equal."""
+        out = []
+        for name, (length, intervals) in expected.items():
+            have = set(netlink.set_keys(self.table, name))
+            want = interval_keys(intervals, length)
+            if have != want:
+                out.append(f"{name}: {len(want - have)} element(s) missing, "
+                           f"{len(have - want)} not in the policy")
+        return out
