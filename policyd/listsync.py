@@ -114,6 +114,7 @@ class _KernelSet:
         self.name, self.version, self.inline, self.paths = name, version, inline, paths
         self.bits = 32 if version == 4 else 128
         self.elements, self.ordered, self.count = set(), [], 0
+        self._intervals = None
 
     def last(self, first, prefixlen):
         return first + (1 << (self.bits - prefixlen)) - 1
@@ -150,7 +151,12 @@ class _KernelSet:
         self.count += len(add) - len(remove)
 
     def intervals(self):
-        return [(first, self.last(first, prefixlen)) for first, prefixlen in self.ordered]
+        """(first, last) of what the set holds; the same object until it changes."""
+        ordered = self.ordered
+        if self._intervals is None or self._intervals[0] is not ordered:
+            self._intervals = (ordered, [(first, self.last(first, prefixlen))
+                                         for first, prefixlen in ordered])
+        return self._intervals[1]
 
     def reset(self, files, changed=None):
         """Recompute what the set holds from every source (the slow, general way);

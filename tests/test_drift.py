@@ -80,3 +80,40 @@ def test_a_change_by_the_main_thread_meanwhile_is_not_a_drift():
     watch = drift.ElementWatch("t", lambda: {"allow4": (4, intervals)}, lambda: None,
                                epoch=lambda: next(epochs))
     assert watch.check(netlink, now=lambda: 0.0) is False and not watch.drifted
+
+
+def test_a_kernel_dump_in_the_known_form_needs_no_parse():
+    intervals = [(0x0A000000, 0x0A0000FF), (0x0B000000, 0x0B0000FF)]
+
+    class DumpingNetlink(FakeNetlink):
+        def set_element_payloads(self, table, name):
+            self.dumps += 1
+            yield drift.dump_form(self.intervals, 4)
+
+        def set_keys(self, table, name):
+            self.compares += 1
+            return dict.fromkeys(drift.interval_keys(self.intervals, 4))
+
+    netlink = DumpingNetlink({})
+    netlink.intervals = list(intervals)
+    watch, _wakes = _watch({"allow4": (4, intervals)})
+    assert watch.check(netlink, now=lambda: 0.0) is False
+    assert (netlink.dumps, netlink.compares) == (1, 0)
+    netlink.gen += 1
+    netlink.intervals.pop()
+    assert watch.check(netlink, now=lambda: 10.0) is True
+    assert netlink.compares == 1  # a parse only to say what differs
+    assert watch.differences == ["allow4: 2 element(s) missing, 0 not in the policy"]
+
+
+def test_dump_form_is_what_the_kernel_writes():
+    """Bytes of a dump of { 10.0.0.0/25, 10.0.0.128/25, 10.0.2.0/24 } as 6.18 wrote them."""
+    intervals = [(0x0A000000, 0x0A00007F), (0x0A000080, 0x0A0000FF), (0x0A000200, 0x0A0002FF)]
+    assert drift.dump_form(intervals, 4).hex() == (
+        "180001000c000100080001000a0003000800030000000001"
+        "100001000c000100080001000a000200"
+        "180001000c000100080001000a0001000800030000000001"
+        "100001000c000100080001000a000080"
+        "180001000c000100080001000a0000800800030000000001"
+        "100001000c000100080001000a000000"
+        "180001000c00010008000100000000000800030000000001")
