@@ -308,6 +308,14 @@ class BanManager:
         return sorted((_ban(key, entry) for key, entry in self._active.items() if entry[0] > now),
                       key=lambda ban: (ban.expires_at, ban.network.version, ban.network))
 
+    def active_rows(self):
+        """((version, first address as int, prefix length), (expires_at, failures,
+        filter, reason, banned_at)) of the bans in force now, soonest expiry first:
+        active() without building 100k ipaddress objects, for listing them."""
+        now = self.clock()
+        return sorted(((key, entry) for key, entry in self._active.items() if entry[0] > now),
+                      key=lambda item: (item[1][0], item[0]))
+
     def restore(self):
         """Push every active ban to the kernel with its remaining time, in one batch.
 

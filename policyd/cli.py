@@ -15,7 +15,7 @@ import click
 
 from policyd import explain as explain_mod
 from policyd import policy as policy_mod
-from policyd import render, trial
+from policyd import lists, render, trial
 from policyd.addr import parse_host
 from policyd.compile import compile_policy
 from policyd.errors import InputError, KernelError
@@ -59,6 +59,7 @@ policy_argument = click.argument("policy_path", metavar="[POLICY]", required=Fal
 def main(ctx, state_dir, run_dir):
     """policyd: guard Ollama's port with an nftables allowlist and bans."""
     ctx.obj = Context(state_dir, run_dir)
+    lists.cache_dir = os.path.join(state_dir, "lists")  # parsed list files, by content
 
 
 @main.command()
@@ -111,15 +112,20 @@ def explain(obj, args, proto, iface, as_json):
         raise InputError(f"{port_text!r} is not a port", key="PORT")
     policy = policy_mod.load(policy_path)
     decision = explain_mod.decide(policy, address, int(port_text), proto, iface,
-                                  _live_bans(obj, policy))
+                                  _live_bans(obj, policy, address))
     if as_json:
         click.echo(json.dumps({"verdict": decision.verdict, "rule": decision.rule}))
     else:
         click.echo(f"{decision.verdict}\t{decision.rule}")
 
 
-def _live_bans(obj, policy):
-    """The kernel's bans, or none where the kernel cannot be asked."""
+def _live_bans(obj, policy, address=None):
+    """The kernel's bans, or none where the kernel cannot be asked. With `address`,
+    one element lookup first: listing 100k bans for an address not banned costs
+    seconds (policyd.explain_bans)."""
+    from policyd import explain_bans
+    if address is not None and not explain_bans.may_be_banned(policy, address):
+        return []
     try:
         from policyd.nft import BanTable
         return list(BanTable(obj.nft(), policy.bans_table, policy.bans.ipv6_prefix)
@@ -334,7 +340,7 @@ def _status_without_daemon(obj):
     committed = store.committed()
     if committed is not None and nft is not None:
         from policyd.nft import BanTable
-        bans = BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix).list_bans()
+        bans = BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix).list_ban_keys()
         result["bans"] = {"active": len(bans), "total": None}
     return result
 
@@ -388,10 +394,12 @@ def bans(obj, as_json):
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
+    lines = []  # one write: 100k bans through click.echo one by one take seconds
     for ban in result:
         details = " ".join(f"{key}={ban[key]}" for key in ("failures", "filter", "reason")
                            if ban.get(key) is not None)
-        click.echo(f"{ban['network']}\t{ban['seconds_left']}s left\t{details}")
+        lines.append(f"{ban['network']}\t{ban['seconds_left']}s left\t{details}\n")
+    click.echo("".join(lines), nl=False)
 
 
 def _bans_from_kernel(obj):

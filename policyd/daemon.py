@@ -18,6 +18,7 @@ from policyd.compile import compile_policy, skeleton
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
 from policyd.listsync import ListSync
+from policyd.lists import cidr_text as network_text
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
@@ -394,9 +395,14 @@ class Daemon:
         }
 
     def ban_list(self):
+        """Every ban as Ban.as_dict() gives it, plus seconds_left: built from keys,
+        so 100k bans answer in a fraction of a second, not after the CLI gave up."""
         now = self.clock()
-        return [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
-                for ban in self.bans.active()]
+        return [{"network": network_text(version, number, prefixlen), "expires_at": expires_at,
+                 "failures": failures, "filter": filter_name, "reason": reason,
+                 "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
+                for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
+                                                   banned_at) in self.bans.active_rows()]
 
 
 class BanDesk:

@@ -5,11 +5,15 @@ name (FireHOL netsets and Spamhaus DROP read as they are). Entries are kept as
 integers, not ipaddress objects: lists run to 100k lines and must load fast.
 A bad line refuses the whole list with file:line.
 """
+import array
+import bisect
 import hashlib
 import ipaddress
 import logging
+import marshal
+import os
 import socket
-from dataclasses import dataclass
+from pathlib import Path
 
 from policyd.errors import InputError
 from policyd.systemd import kv
@@ -19,13 +23,20 @@ log = logging.getLogger("policyd.lists")
 _FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
 
 
-@dataclass(frozen=True, eq=False)
 class NetList:
-    """One list file as read: entries (first address as int, prefix length, line) per family."""
-    path: str
-    sha256: str
-    v4: tuple = ()
-    v6: tuple = ()
+    """One list file as read: entries (first address as int, prefix length, line) per
+    family, in file order when parsed, in address order when loaded from the cache.
+
+    From the cache, entries are built only when asked for (compile needs them);
+    find() answers from the cache's sorted records with a few bisections, so
+    `explain` never builds 100k tuples.
+    """
+
+    def __init__(self, path, sha256, v4=(), v6=(), index=None):
+        self.path = path
+        self.sha256 = sha256
+        self._entries = {4: v4, 6: v6} if index is None else {}
+        self._index = index  # {version: _Records}
 
     def __eq__(self, other):
         return isinstance(other, NetList) and (self.path, self.sha256) == (other.path, other.sha256)
@@ -33,19 +44,89 @@ class NetList:
     def __hash__(self):
         return hash((self.path, self.sha256))
 
+    def __repr__(self):
+        return f"NetList({self.path!r}, {self.sha256[:12]!r})"
+
     def __len__(self):
         return len(self.v4) + len(self.v6)
 
+    @property
+    def v4(self):
+        return self.entries(4)
+
+    @property
+    def v6(self):
+        return self.entries(6)
+
     def entries(self, version):
-        return self.v4 if version == 4 else self.v6
+        if version not in self._entries:
+            self._entries[version] = self._index[version].entries()
+        return self._entries[version]
+
+    def records(self, version):
+        """The sorted _Records of one family (built from the entries if need be)."""
+        if self._index is None:
+            self._index = {v: _Records.build(v, self._entries[v]) for v in (4, 6)}
+        return self._index[version]
 
     def find(self, address):
-        """(network text, line) of the first entry that holds `address`, or None."""
-        number, bits = int(address), _FAMILY[address.version][1]
-        for first, prefixlen, line in self.entries(address.version):
-            if first <= number < first + (1 << (bits - prefixlen)):
-                return network_text(address.version, first, prefixlen), line
-        return None
+        """(network text, line) of the entry on the lowest line that holds `address`,
+        or None."""
+        if self._index is None:
+            number, bits = int(address), _FAMILY[address.version][1]
+            for first, prefixlen, line in self.entries(address.version):
+                if first <= number < first + (1 << (bits - prefixlen)):
+                    return network_text(address.version, first, prefixlen), line
+            return None
+        found = self._index[address.version].find(int(address))
+        if found is None:
+            return None
+        first, prefixlen, line = found
+        return network_text(address.version, first, prefixlen), line
+
+
+class _Records:
+    """One family's entries sorted as fixed-size big-endian records (address,
+    prefix length), so bytes order is address order and bisect finds a network
+    in microseconds; line numbers alongside in an array."""
+
+    def __init__(self, version, records, lines):
+        self.version = version
+        self.size = 5 if version == 4 else 17
+        self.records = records
+        self.lines = lines
+
+    @classmethod
+    def build(cls, version, entries):
+        length = 4 if version == 4 else 16
+        ordered = sorted(entries)
+        return cls(version,
+                   b"".join(first.to_bytes(length, "big") + bytes([prefixlen])
+                            for first, prefixlen, _line in ordered),
+                   array.array("I", [line for _first, _prefixlen, line in ordered]))
+
+    def __len__(self):
+        return len(self.records) // self.size
+
+    def __getitem__(self, i):
+        return self.records[i * self.size:(i + 1) * self.size]
+
+    def entries(self):
+        length = self.size - 1
+        records, lines = self.records, self.lines
+        return tuple((int.from_bytes(records[i * self.size:i * self.size + length], "big"),
+                      records[i * self.size + length], lines[i]) for i in range(len(self)))
+
+    def find(self, number):
+        bits = 32 if self.version == 4 else 128
+        best = None
+        for prefixlen in range(bits + 1):
+            first = number & (((1 << bits) - 1) ^ ((1 << (bits - prefixlen)) - 1))
+            key = first.to_bytes(bits // 8, "big") + bytes([prefixlen])
+            i = bisect.bisect_left(self, key)
+            if i < len(self) and self[i] == key and (best is None or self.lines[i] < best[2]):
+                best = (first, prefixlen, self.lines[i])
+        return best
 
 
 # The daemon sets this: a list file that turns bad then keeps its last good
@@ -53,6 +134,13 @@ class NetList:
 # so a cron job's broken download never stops the daemon.
 keep_last_good = False
 _last_good = {}
+
+
+# Set by the CLI for every command: <state dir>/lists. Parsed lists are kept
+# there by content hash, so the next command that reads an unchanged 100k-line
+# list loads it in milliseconds instead of parsing it again.
+cache_dir = None
+CACHE_VERSION = b"policyd-list-2\n"
 
 
 def read(path, key=None):
@@ -63,7 +151,11 @@ def read(path, key=None):
                 data = handle.read()
         except OSError as exc:
             raise InputError(f"list file: {exc.strerror or exc}", path, key=key) from None
-        netlist = parse(data, path)
+        sha256 = hashlib.sha256(data).hexdigest()
+        netlist = _cached(path, sha256)
+        if netlist is None:
+            netlist = parse(data, path)
+            _store(netlist)
     except InputError as exc:
         if not keep_last_good:
             raise
@@ -72,6 +164,50 @@ def read(path, key=None):
     if keep_last_good:
         _last_good[path] = netlist
     return netlist
+
+
+def _cache_path(path, sha256):
+    return Path(cache_dir) / f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-{sha256}"
+
+
+def _cached(path, sha256):
+    """The list as parsed before with this exact content, or None."""
+    if cache_dir is None:
+        return None
+    try:
+        raw = _cache_path(path, sha256).read_bytes()
+        if not raw.startswith(CACHE_VERSION):
+            return None
+        v4, lines4, v6, lines6 = marshal.loads(raw[len(CACHE_VERSION):])
+        index = {4: _Records(4, v4, array.array("I", lines4)),
+                 6: _Records(6, v6, array.array("I", lines6))}
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    if any(len(r.records) % r.size or len(r.lines) != len(r) for r in index.values()):
+        return None
+    return NetList(path, sha256, index=index)
+
+
+def _store(netlist):
+    """Keep a parsed list for the next command; the previous version of it goes.
+
+    The cache lives in the state dir (root's, 0700): whoever can write there can
+    change the committed policy anyway. Failing to write it costs only time."""
+    if cache_dir is None:
+        return
+    target = _cache_path(netlist.path, netlist.sha256)
+    try:
+        Path(cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        v4, v6 = netlist.records(4), netlist.records(6)
+        tmp.write_bytes(CACHE_VERSION + marshal.dumps((v4.records, v4.lines.tobytes(),
+                                                       v6.records, v6.lines.tobytes())))
+        tmp.replace(target)
+        for old in Path(cache_dir).glob(target.name.split("-")[0] + "-*"):
+            if old != target:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def strip(raw):
@@ -147,6 +283,15 @@ def network_text(version, first, prefixlen):
     family, bits = _FAMILY[version]
     text = socket.inet_ntop(family, first.to_bytes(bits // 8, "big"))
     return text if prefixlen == bits else f"{text}/{prefixlen}"
+
+
+def cidr_text(version, first, prefixlen):
+    """str() of the ipaddress network, always with its length, at inet_ntop speed
+    (which spells an address as ipaddress does unless its upper 64 bits are 0)."""
+    if version == 6 and not first >> 64:
+        return str(ipaddress.IPv6Network((first, prefixlen)))
+    family, bits = _FAMILY[version]
+    return f"{socket.inet_ntop(family, first.to_bytes(bits // 8, 'big'))}/{prefixlen}"
 
 
 def as_network(version, first, prefixlen):
