@@ -124,8 +124,10 @@ def _live_bans(obj, policy, address=None):
     one element lookup first: listing 100k bans for an address not banned costs
     seconds (policyd.explain_bans)."""
     from policyd import explain_bans
-    if address is not None and not explain_bans.may_be_banned(policy, address):
-        return []
+    if address is not None:
+        found = explain_bans.lookup(policy, address)
+        if found is not explain_bans.UNKNOWN:
+            return found
     try:
         from policyd.nft import BanTable
         return list(BanTable(obj.nft(), policy.bans_table, policy.bans.ipv6_prefix)

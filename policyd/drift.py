@@ -9,9 +9,11 @@ them, Python only hashes) says whether the guard sets moved; and only when a
 digest moves, a full comparison with what the daemon loaded says whether they
 differ. The main loop only reads `drifted`.
 """
+import array
 import hashlib
 import logging
 import struct
+import sys
 import threading
 import time
 
@@ -42,19 +44,62 @@ def dump_form(intervals, length):
     the kernel writes them (checked on 6.18: highest key first, a start element
     before an end element of the same key, nft's end element at 0 last), so
     comparing a set with what it should hold is a hash, not a parse of 200k
-    elements. Where a kernel writes otherwise, callers fall back to a parse."""
+    elements. Where a kernel writes otherwise, callers fall back to a parse.
+
+    Built column by column (every element of a kind has the same headers), so
+    100k intervals take milliseconds, not a Python loop over 200k elements.
+    """
     start_head = struct.pack("=HHHHHH", 8 + 4 + length, 1, 4 + 4 + length, 1, 4 + length, 1)
     end_head = struct.pack("=HHHHHH", 8 + 4 + length + 8, 1, 4 + 4 + length, 1, 4 + length, 1)
     end_tail = struct.pack("=HH", 8, 3) + struct.pack(">I", 1)
+    sentinel = end_head + bytes(length) + end_tail
+    if not intervals:
+        return b""
     top = (1 << (8 * length)) - 1
-    out = []
-    for first, last in reversed(intervals):
-        if last != top:
-            out.append(end_head + (last + 1).to_bytes(length, "big") + end_tail)
-        out.append(start_head + first.to_bytes(length, "big"))
-    if intervals and intervals[0][0] != 0:
-        out.append(end_head + bytes(length) + end_tail)
-    return b"".join(out)
+    ordered = intervals[::-1]
+    ends = _big_endian([0 if last == top else last + 1 for _first, last in ordered], length)
+    starts = _big_endian([first for first, _last in ordered], length)
+    # One record per interval: its end element, then its start element.
+    pieces = [(end_head, None), (ends, length), (end_tail, None), (start_head, None),
+              (starts, length)]
+    size = sum(length if width else len(piece) for piece, width in pieces)
+    count = len(ordered)
+    out = bytearray(size * count)
+    column = 0
+    for piece, width in pieces:
+        if width is None:
+            for offset, byte in enumerate(piece):
+                out[column + offset::size] = bytes([byte]) * count
+            column += len(piece)
+        else:
+            for offset in range(width):
+                out[column + offset::size] = piece[offset::width]
+            column += width
+    if ordered[0][1] == top:  # an interval up to the last address has no end element
+        del out[:len(end_head) + length + len(end_tail)]
+    if intervals[0][0] != 0:
+        out += sentinel
+    return bytes(out)
+
+
+def _big_endian(numbers, length):
+    """The numbers as consecutive big-endian `length`-byte keys, at C speed."""
+    if length == 4:
+        keys = array.array("I", numbers)
+        if sys.byteorder == "little":
+            keys.byteswap()
+        return keys.tobytes()
+    high = array.array("Q", [n >> 64 for n in numbers])
+    low = array.array("Q", [n & 0xFFFFFFFFFFFFFFFF for n in numbers])
+    if sys.byteorder == "little":
+        high.byteswap()
+        low.byteswap()
+    out = bytearray(16 * len(numbers))
+    high, low = high.tobytes(), low.tobytes()
+    for offset in range(8):
+        out[offset::16] = high[offset::8]
+        out[8 + offset::16] = low[offset::8]
+    return bytes(out)
 
 
 def expected_intervals(document, table):

@@ -340,6 +340,11 @@ class Netlink:
         """Whether one set holds `key` (or, in an interval set, an interval holding it):
         one NFT_MSG_GETSETELEM, ~0.1 ms whatever the set's size. OSError if the set
         is gone."""
+        return self.get_element(table, name, key) is not None
+
+    def get_element(self, table, name, key):
+        """(key bytes, ms left or None, element flags) of the element holding `key`,
+        or None; one NFT_MSG_GETSETELEM. OSError if the set is gone."""
         element = struct.pack("=HHHHHH", 4 + 8 + len(key), NFTA_LIST_ELEM | NLA_F_NESTED,
                               8 + len(key), NFTA_SET_ELEM_KEY | NLA_F_NESTED, 4 + len(key),
                               NFTA_DATA_VALUE) + key
@@ -349,7 +354,7 @@ class Netlink:
         seq = self._next_seq()
         self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
                                      NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, 0, body, seq))
-        found = False
+        found = None
         while True:
             data = self._sock.recv(65536)
             offset = 0
@@ -359,12 +364,30 @@ class Netlink:
                     break
                 if msg_seq == seq:
                     if kind != NLMSG_ERROR:
-                        found = True
+                        found = _first_element(data[offset + 20:offset + length])
                     else:
                         (code,) = struct.unpack_from("=i", data, offset + 16)
                         if code == -errno.ENOENT:
-                            return False
+                            return None
                         if code:
                             raise OSError(-code, os.strerror(-code))
                         return found
                 offset += (length + 3) & ~3
+
+
+def _first_element(payload):
+    """(key, ms left or None, flags) of the first element in a GETSETELEM answer."""
+    for kind, value in _attrs(payload):
+        if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        for _elem_kind, element in _attrs(value):
+            key, left, flags = None, None, 0
+            for attr, data in _attrs(element):
+                if attr == NFTA_SET_ELEM_KEY:
+                    key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
+                elif attr == NFTA_SET_ELEM_EXPIRATION:
+                    left = int.from_bytes(data, "big")
+                elif attr == 3:  # NFTA_SET_ELEM_FLAGS
+                    flags = int.from_bytes(data, "big")
+            return key, left, flags
+    return None
