@@ -337,10 +337,10 @@ def check_drift(committed, pending, env):
     base = committed or empty_policy(trial_policy.table)
     table = base.table
     if trial_policy is not None and trial_policy.table == table:
-        document = compile_policy(base, trial_policy, pending.seconds)
+        document = compile_policy(base, trial_policy, pending.seconds, element_text=False)
         what = "the committed policy with the trial"
     else:
-        document = compile_policy(base)
+        document = compile_policy(base, element_text=False)
         what = "the committed policy"
     try:
         loaded = env.table_objects(table)
@@ -448,7 +448,7 @@ def _elements_shape(elements, typename):
         from policyd.drift import dump_form
         length = 4 if typename == "ipv4_addr" else 16
         return _Dumped(hashlib.sha256(dump_form(intervals, length)).hexdigest(),
-                       lambda: frozenset(_element(e) for e in elements))
+                       lambda: frozenset(_element(e) for e in elements.json()))
     if hasattr(elements, "raw"):  # listed over netlink: nllist.KernelElements
         return _Dumped(hashlib.sha256(elements.raw).hexdigest(),
                        lambda: frozenset(_element(e) for e in elements.texts()))

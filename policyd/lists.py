@@ -300,8 +300,18 @@ def as_network(version, first, prefixlen):
 
 class Elements(list):
     """An interval set's JSON elements, carrying the same intervals as integers
-    ((first, last) pairs) so the netlink encoder need not parse 100k texts back."""
+    ((first, last) pairs) so the netlink encoder need not parse 100k texts back.
+
+    Built without the texts (compile's element_text=False) it is an empty list
+    until json() is asked: for doctor and drift, which compare integers only."""
     intervals = None
+    source = None  # (version, disjoint networks) while the texts are not built
+
+    def json(self):
+        """The JSON elements, built now if they were left out."""
+        if self.source is None:
+            return self
+        return set_elements(*self.source)
 
 
 def disjoint_networks(version, networks=(), netlists=()):
@@ -325,10 +335,17 @@ def disjoint_networks(version, networks=(), netlists=()):
     return out
 
 
-def set_elements(version, disjoint):
-    """JSON interval-set elements of disjoint (first, prefix length) networks."""
+def set_elements(version, disjoint, text=True):
+    """JSON interval-set elements of disjoint (first, prefix length) networks; with
+    text=False only their integers (see Elements)."""
     family, bits = _FAMILY[version]
     size, ntop = bits // 8, socket.inet_ntop
+    if not text:
+        out = Elements()
+        out.source = (version, disjoint)
+        out.intervals = [(first, first + (1 << (bits - prefixlen)) - 1)
+                         for first, prefixlen in disjoint]
+        return out
     out = Elements(ntop(family, first.to_bytes(size, "big")) if prefixlen == bits else
                    {"prefix": {"addr": ntop(family, first.to_bytes(size, "big")), "len": prefixlen}}
                    for first, prefixlen in disjoint)
