@@ -21,12 +21,14 @@ sys.path.insert(0, str(BENCH.parent / "tests" / "netns"))
 
 import report  # noqa: E402
 from apply_time import measure_apply  # noqa: E402
+from cli_time import measure_cli  # noqa: E402
 from policyd_latency import measure_policyd  # noqa: E402
 from restore import measure_restore  # noqa: E402
 from throughput import measure_throughput  # noqa: E402
 
 FULL = {"lines": 200000, "trials": 50, "allowlist": 100000, "restore": [2000, 100000],
-        "apply_networks": 100000, "fail2ban_trials": 50, "fail2ban_restore": 2000}
+        "apply_networks": 100000, "fail2ban_trials": 50, "fail2ban_restore": 2000,
+        "cli_bans": 100000}
 
 
 def step(text):
@@ -78,8 +80,12 @@ def measure_all(sizes, workdir, quiet=False):
                                  "peak_rss_bans_mb": restore.pop("peak_rss_bans_mb")}
         results["restore"].append(restore)
 
-    step(f"(d) apply a policy with {sizes['apply_networks']:,} allowed networks")
+    step(f"(d) apply {sizes['apply_networks']:,} networks (list file, then YAML) beside nft -f "
+         "of the same ruleset; a 1% list change under the daemon")
     results["apply"] = measure_apply(workdir / "apply", sizes["apply_networks"])
+    step(f"(f) doctor, status, bans, explain with {sizes['apply_networks']:,} networks and "
+         f"{sizes['cli_bans']:,} bans")
+    results["cli"] = measure_cli(workdir / "cli", sizes["apply_networks"], sizes["cli_bans"])
     return results
 
 
@@ -94,11 +100,14 @@ def main(argv=None):
     parser.add_argument("--apply-networks", type=int, default=FULL["apply_networks"])
     parser.add_argument("--fail2ban-trials", type=int, default=FULL["fail2ban_trials"])
     parser.add_argument("--fail2ban-restore", type=int, default=FULL["fail2ban_restore"])
+    parser.add_argument("--cli-bans", type=int, default=None,
+                        help="bans for the (f) command timings (default: --apply-networks)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     sizes = {"lines": args.lines, "trials": args.trials, "allowlist": args.allowlist,
              "restore": [int(n) for n in args.restore.split(",")], "apply_networks": args.apply_networks,
-             "fail2ban_trials": args.fail2ban_trials, "fail2ban_restore": args.fail2ban_restore}
+             "fail2ban_trials": args.fail2ban_trials, "fail2ban_restore": args.fail2ban_restore,
+             "cli_bans": args.apply_networks if args.cli_bans is None else args.cli_bans}
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     try:
