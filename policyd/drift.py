@@ -177,13 +177,17 @@ class ElementWatch:
         generation = netlink.generation()
         if generation == self._generation or now() < self._next_digest:
             return False
-        self._next_digest = now() + DIGEST_SECONDS
         epoch = self.epoch()
+        if epoch % 2:
+            return False  # the main thread is changing the kernel: not now
+        self._next_digest = now() + DIGEST_SECONDS
         expected = self.expected()
         digests = {name: self._digest(netlink, name) for name in expected}
         if digests == self._digests:
             self._generation = generation
             return False
+        if self.epoch() != epoch:
+            return False  # the main thread changed it meanwhile: look again next round
         if digests == {name: self._expected_digest(name, *want) for name, want in expected.items()}:
             differences = []
         else:  # a difference, or a kernel that writes its dump otherwise: parse to know
