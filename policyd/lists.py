@@ -251,6 +251,71 @@ def parse(data, path):
     return NetList(path, hashlib.sha256(data).hexdigest(), tuple(v4), tuple(v6))
 
 
+def parse_text(text):
+    """(version, first address as int, prefix length) of a plain address or CIDR
+    network text, or None for anything else (the caller then says why)."""
+    address, _, length = text.partition("/")
+    try:
+        if ":" in address:
+            first, bits = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big"), 128
+        else:
+            first, bits = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big"), 32
+    except OSError:
+        return None
+    if length and not (length.isdigit() and len(length) <= 3):
+        return None
+    prefixlen = int(length) if length else bits
+    if prefixlen > bits or first & ((1 << (bits - prefixlen)) - 1):
+        return None
+    if bits == 128 and first >> 32 == 0xFFFF:
+        return None  # IPv4-mapped: parse_network decides
+    return (4 if bits == 32 else 6), first, prefixlen
+
+
+class Networks(tuple):
+    """Inline networks of one family: a tuple of ipaddress networks to every reader,
+    made from (first, prefix length) pairs only when first read, because
+    compile (which reads .pairs) never needs them and 100k cost seconds."""
+
+    def __new__(cls, version, pairs):
+        self = super().__new__(cls)
+        self.version, self.pairs, self._networks = version, list(pairs), None
+        return self
+
+    def _built(self):
+        if self._networks is None:
+            make = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
+            self._networks = tuple(make(pair) for pair in self.pairs)
+        return self._networks
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __bool__(self):
+        return bool(self.pairs)
+
+    def __iter__(self):
+        return iter(self._built())
+
+    def __getitem__(self, index):
+        return self._built()[index]
+
+    def __contains__(self, item):
+        return item in self._built()
+
+    def __eq__(self, other):
+        return self._built() == (tuple(other) if isinstance(other, tuple) else other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((self.version, tuple(self.pairs)))
+
+    def __repr__(self):
+        return repr(self._built())
+
+
 def parse_entry(text, path="<list>", line=None):
     """b"192.0.2.0/24" -> (4, first address as int, 24); strict: host bits are an error."""
     try:
@@ -322,7 +387,9 @@ def disjoint_networks(version, networks=(), netlists=()):
     kernel refuse overlapping intervals).
     """
     bits = _FAMILY[version][1]
-    entries = [(int(n.network_address), n.prefixlen, 0) for n in networks]
+    pairs = getattr(networks, "pairs", None)
+    entries = ([(first, prefixlen, 0) for first, prefixlen in pairs] if pairs is not None
+               else [(int(n.network_address), n.prefixlen, 0) for n in networks])
     for netlist in netlists:
         entries.extend(netlist.entries(version))
     entries.sort()  # lists come sorted mostly: timsort makes this nearly free

@@ -298,10 +298,7 @@ class _Reader:
             elif self.scalar_text(item, akey) == "any":
                 allow_any = True
             else:
-                network = self.network(item, akey)
-                if network in nets:
-                    self.fail(item, akey, f"{network} is listed twice")
-                nets[network] = None  # a dict: ordered, and O(1) duplicate checks
+                self.add_network(nets, item, akey)
         deny, deny_lists = {}, []
         if "deny" in items:
             dkey = f"{key}.deny"
@@ -312,19 +309,28 @@ class _Reader:
                     continue
                 if self.scalar_text(item, dkey) == "any":
                     self.fail(item, dkey, "`any` would drop every source; list networks")
-                network = self.network(item, dkey)
-                if network in deny:
-                    self.fail(item, dkey, f"{network} is listed twice")
-                deny[network] = None
+                self.add_network(deny, item, dkey)
         return Service(
             name=name, ports=ports, proto=proto, allow_any=allow_any,
-            allow4=tuple(n for n in nets if n.version == 4),
-            allow6=tuple(n for n in nets if n.version == 6),
+            allow4=lists.Networks(4, [(f, p) for v, f, p in nets if v == 4]),
+            allow6=lists.Networks(6, [(f, p) for v, f, p in nets if v == 6]),
             allow_interfaces=tuple(interfaces), action=action, rate=rate,
             allow_lists=tuple(allow_lists),
-            deny4=tuple(n for n in deny if n.version == 4),
-            deny6=tuple(n for n in deny if n.version == 6),
+            deny4=lists.Networks(4, [(f, p) for v, f, p in deny if v == 4]),
+            deny6=lists.Networks(6, [(f, p) for v, f, p in deny if v == 6]),
             deny_lists=tuple(deny_lists))
+
+    def add_network(self, seen, node, key):
+        """One inline network into `seen` (a dict of (version, first, prefix length),
+        ordered, O(1) duplicate checks). Parsed to integers: an allowlist of 100k
+        ipaddress objects costs seconds; errors say what parse_network says."""
+        entry = lists.parse_text(self.scalar_text(node, key))
+        if entry is None:
+            network = self.network(node, key)  # raises with the exact reason, or:
+            entry = (network.version, int(network.network_address), network.prefixlen)
+        if entry in seen:
+            self.fail(node, key, f"{lists.cidr_text(*entry)} is listed twice")
+        seen[entry] = None
 
     @staticmethod
     def _is_file(node):
