@@ -18,15 +18,15 @@ RATE_SET_TIMEOUT = 60
 RATE_SET_SIZE = 65535
 
 
-def compile_policy(committed, candidate=None, trial_seconds=None, *, element_text=True):
+def compile_policy(committed, candidate=None, trial_seconds=None):
     """The transaction that loads `committed`, and `candidate` on trial if given.
 
     With a candidate, the kernel runs the candidate while the trial set holds an
     element with `trial_seconds` of timeout, and the committed chains after it
     expires, with no process involved.
 
-    With element_text=False, interval sets carry their elements only as integers
-    (lists.Elements.intervals): for readers that compare, never load or print.
+    Interval sets carry their elements as lists.Elements: texts built when read,
+    integers (`intervals`) for the netlink encoder.
     """
     if (candidate is None) != (trial_seconds is None):
         raise ValueError("a candidate needs trial_seconds and vice versa")
@@ -35,7 +35,7 @@ def compile_policy(committed, candidate=None, trial_seconds=None, *, element_tex
         raise ValueError("a trial cannot change the table name")
     active = candidate or committed
     commands = [{"metainfo": {"json_schema_version": 1}}]
-    commands += _replace_guard_table(table, committed, candidate, trial_seconds, element_text)
+    commands += _replace_guard_table(table, committed, candidate, trial_seconds)
     commands += _refresh_ban_table(active)
     return {"nftables": commands}
 
@@ -44,7 +44,7 @@ def _add(kind, **fields):
     return {"add": {kind: {"family": FAMILY, **fields}}}
 
 
-def _replace_guard_table(table, committed, candidate, trial_seconds, element_text=True):
+def _replace_guard_table(table, committed, candidate, trial_seconds):
     # `add` first makes `delete` safe when the table does not exist yet.
     out = [_add("table", name=table), {"delete": {"table": {"family": FAMILY, "name": table}}},
            _add("table", name=table)]
@@ -57,7 +57,7 @@ def _replace_guard_table(table, committed, candidate, trial_seconds, element_tex
             "family": FAMILY, "table": table, "name": TRIAL_SET,
             "elem": [{"elem": {"val": p, "timeout": trial_seconds}} for p in protos]}}})
     for slot, policy in slots:
-        out += _slot(table, slot, policy, element_text)
+        out += _slot(table, slot, policy)
     for hook in ("input", "forward"):
         out.append(_add("chain", table=table, name=hook, type="filter", hook=hook,
                         prio=0, policy="accept"))
@@ -68,13 +68,13 @@ def _replace_guard_table(table, committed, candidate, trial_seconds, element_tex
     return out
 
 
-def _slot(table, slot, policy, element_text=True):
+def _slot(table, slot, policy):
     """Sets and chains for one policy, every name prefixed by its slot."""
     out = [_add("chain", table=table, name=f"{slot}_input"),
            _add("chain", table=table, name=f"{slot}_forward")]
     for service in policy.services:
         chain = f"{slot}_svc_{service.name}"
-        out += _service_objects(table, slot, chain, service, element_text)
+        out += _service_objects(table, slot, chain, service)
         ports = list(service.ports)
         dport = {"payload": {"protocol": service.proto, "field": "dport"}}
         out.append(_rule(table, f"{slot}_input",
@@ -93,7 +93,7 @@ def _slot(table, slot, policy, element_text=True):
     return out
 
 
-def _service_objects(table, slot, chain, service, element_text=True):
+def _service_objects(table, slot, chain, service):
     out = [_add("chain", table=table, name=chain)]
     rules = []
     saddr = {4: {"payload": {"protocol": "ip", "field": "saddr"}},
@@ -104,7 +104,7 @@ def _service_objects(table, slot, chain, service, element_text=True):
         if networks:
             name = f"{slot}_{service.name}_deny{version}"
             out.append(_add("set", table=table, name=name, type=f"ipv{version}_addr",
-                            flags=["interval"], elem=lists.set_elements(version, networks, element_text)))
+                            flags=["interval"], elem=lists.set_elements(version, networks)))
             rules.append([_match(saddr[version], "@" + name), {"drop": None}])
     if service.rate is not None:
         for version in (4, 6):
@@ -129,7 +129,7 @@ def _service_objects(table, slot, chain, service, element_text=True):
                 continue
             name = f"{slot}_{service.name}_v{version}"
             out.append(_add("set", table=table, name=name, type=f"ipv{version}_addr",
-                            flags=["interval"], elem=lists.set_elements(version, networks, element_text)))
+                            flags=["interval"], elem=lists.set_elements(version, networks)))
             rules.append([_match(saddr[version], "@" + name), {"accept": None}])
         if service.allow_interfaces:
             names = list(service.allow_interfaces)

@@ -301,8 +301,7 @@ class Daemon:
         if self.store.pending() is not None:
             return {}
         if self._sets_key != policy.digest:
-            self._sets = drift.expected_intervals(compile_policy(policy, element_text=False),
-                                                  policy.table)
+            self._sets = drift.expected_intervals(compile_policy(policy), policy.table)
             self._sets_key = policy.digest
         sets = dict(self._sets)
         for kernel_set in self.lists.sets:

@@ -337,10 +337,10 @@ def check_drift(committed, pending, env):
     base = committed or empty_policy(trial_policy.table)
     table = base.table
     if trial_policy is not None and trial_policy.table == table:
-        document = compile_policy(base, trial_policy, pending.seconds, element_text=False)
+        document = compile_policy(base, trial_policy, pending.seconds)
         what = "the committed policy with the trial"
     else:
-        document = compile_policy(base, element_text=False)
+        document = compile_policy(base)
         what = "the committed policy"
     try:
         loaded = env.table_objects(table)

@@ -364,19 +364,89 @@ def as_network(version, first, prefixlen):
 
 
 class Elements(list):
-    """An interval set's JSON elements, carrying the same intervals as integers
-    ((first, last) pairs) so the netlink encoder need not parse 100k texts back.
+    """An interval set's JSON elements, and the same networks as integers: its
+    `intervals` ((first, last) pairs) are what the netlink encoder, doctor and
+    the drift check read, so the 100k texts are built only when Python code
+    reads the list (render, libnftables, tests), never on the fast path.
 
-    Built without the texts (compile's element_text=False) it is an empty list
-    until json() is asked: for doctor and drift, which compare integers only."""
-    intervals = None
-    source = None  # (version, disjoint networks) while the texts are not built
+    json.dumps reads a list subclass through its iterator (PySequence_Fast
+    copies anything but an exact list), so documents serialise whole;
+    policyd.nft still materializes before libnftables, to depend on nothing.
+    """
 
-    def json(self):
-        """The JSON elements, built now if they were left out."""
-        if self.source is None:
-            return self
-        return set_elements(*self.source)
+    def __init__(self, version, disjoint):
+        super().__init__()
+        self.version, self.disjoint = version, disjoint
+        self._filled, self._intervals = False, None
+
+    @property
+    def intervals(self):
+        """Sorted disjoint (first, last) pairs; None once texts were added by hand."""
+        if self.disjoint is None:
+            return None
+        if self._intervals is None:
+            bits = _FAMILY[self.version][1]
+            self._intervals = [(first, first + (1 << (bits - prefixlen)) - 1)
+                               for first, prefixlen in self.disjoint]
+        return self._intervals
+
+    def materialize(self):
+        if not self._filled:
+            self._filled = True
+            list.extend(self, _element_texts(self.version, self.disjoint))
+        return self
+
+    json = materialize
+
+    def __len__(self):
+        return list.__len__(self) if self._filled else len(self.disjoint)
+
+    def __bool__(self):
+        return len(self) > 0
+
+    def __iter__(self):
+        return list.__iter__(self.materialize())
+
+    def __reversed__(self):
+        return list.__reversed__(self.materialize())
+
+    def __getitem__(self, index):
+        return list.__getitem__(self.materialize(), index)
+
+    def __contains__(self, item):
+        return list.__contains__(self.materialize(), item)
+
+    def __eq__(self, other):
+        if isinstance(other, Elements):
+            other.materialize()
+        return list.__eq__(self.materialize(), other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+    def __repr__(self):
+        return list.__repr__(self.materialize())
+
+    def extend(self, items):
+        list.extend(self.materialize(), items)
+        self._intervals = None  # the integers no longer say it all:
+        self.disjoint = None    # readers of `intervals` parse the texts instead
+
+    def append(self, item):
+        self.extend([item])
+
+
+def materialize(document):
+    """Build every lazy element text in `document` (before a C-level json.dumps)."""
+    for command in document.get("nftables", []):
+        for body in command.values():
+            if isinstance(body, dict):
+                for obj in body.values():
+                    if isinstance(obj, dict) and isinstance(obj.get("elem"), Elements):
+                        obj["elem"].materialize()
+    return document
 
 
 def disjoint_networks(version, networks=(), netlists=()):
@@ -402,19 +472,15 @@ def disjoint_networks(version, networks=(), netlists=()):
     return out
 
 
-def set_elements(version, disjoint, text=True):
-    """JSON interval-set elements of disjoint (first, prefix length) networks; with
-    text=False only their integers (see Elements)."""
+def set_elements(version, disjoint):
+    """The JSON interval-set elements of disjoint (first, prefix length) networks,
+    as an Elements list (texts built when read)."""
+    return Elements(version, disjoint)
+
+
+def _element_texts(version, disjoint):
     family, bits = _FAMILY[version]
     size, ntop = bits // 8, socket.inet_ntop
-    if not text:
-        out = Elements()
-        out.source = (version, disjoint)
-        out.intervals = [(first, first + (1 << (bits - prefixlen)) - 1)
-                         for first, prefixlen in disjoint]
-        return out
-    out = Elements(ntop(family, first.to_bytes(size, "big")) if prefixlen == bits else
-                   {"prefix": {"addr": ntop(family, first.to_bytes(size, "big")), "len": prefixlen}}
-                   for first, prefixlen in disjoint)
-    out.intervals = [(first, first + (1 << (bits - prefixlen)) - 1) for first, prefixlen in disjoint]
-    return out
+    return [ntop(family, first.to_bytes(size, "big")) if prefixlen == bits else
+            {"prefix": {"addr": ntop(family, first.to_bytes(size, "big")), "len": prefixlen}}
+            for first, prefixlen in disjoint]

@@ -12,7 +12,7 @@ import os
 
 import nftables
 
-from policyd import nfnetlink, nlbatch
+from policyd import lists, nfnetlink, nlbatch
 from policyd.compile import BAN_SETS, FAMILY
 from policyd.errors import KernelError
 
@@ -58,6 +58,7 @@ class Nft:
         self._json(document, dry_run=True)
 
     def _json(self, document, dry_run):
+        lists.materialize(document)  # json.dumps in the bindings reads list storage
         old = self._ctx.set_dry_run(dry_run)
         try:
             rc, _out, err = self._ctx.json_cmd(document)

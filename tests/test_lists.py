@@ -164,3 +164,18 @@ def test_unknown_document_parts_fall_back_to_libnftables():
                              "expr": [{"counter": None}]}}}
     with pytest.raises(nlbatch.Unsupported):
         nlbatch.encode({"nftables": [rule]})
+
+
+def test_elements_build_their_texts_only_when_read(listed):
+    import json
+    document = compile_policy(policy.load(listed[0]))
+    sets = [cmd["add"]["set"] for cmd in document["nftables"] if "set" in cmd.get("add", {})]
+    elements = next(s["elem"] for s in sets if s["name"] == "committed_ollama_v4")
+    assert elements.intervals == [(0x7F000000, 0x7FFFFFFF), (0xC0000200, 0xC00002FF)]
+    assert list.__len__(elements) == 0 and len(elements) == 2  # nothing built yet
+    # json.dumps (the C encoder too) reads a list subclass through its iterator.
+    assert '{"prefix": {"addr": "192.0.2.0", "len": 24}}' in json.dumps(document)
+    assert list(elements) == [{"prefix": {"addr": "127.0.0.0", "len": 8}},
+                              {"prefix": {"addr": "192.0.2.0", "len": 24}}]
+    elements.append("198.51.100.7")  # texts added by hand: the integers no longer hold
+    assert elements.intervals is None and len(elements) == 3
