@@ -9,15 +9,14 @@ them, Python only hashes) says whether the guard sets moved; and only when a
 digest moves, a full comparison with what the daemon loaded says whether they
 differ. The main loop only reads `drifted`.
 """
-import array
 import hashlib
 import logging
 import struct
-import sys
 import threading
 import time
 
 from policyd import nlbatch
+from policyd.nlattr import big_endian
 from policyd.nfnetlink import Netlink
 
 log = logging.getLogger("policyd.drift")
@@ -57,8 +56,8 @@ def dump_form(intervals, length):
         return b""
     top = (1 << (8 * length)) - 1
     ordered = intervals[::-1]
-    ends = _big_endian([0 if last == top else last + 1 for _first, last in ordered], length)
-    starts = _big_endian([first for first, _last in ordered], length)
+    ends = big_endian([0 if last == top else last + 1 for _first, last in ordered], length)
+    starts = big_endian([first for first, _last in ordered], length)
     # One record per interval: its end element, then its start element.
     pieces = [(end_head, None), (ends, length), (end_tail, None), (start_head, None),
               (starts, length)]
@@ -79,26 +78,6 @@ def dump_form(intervals, length):
         del out[:len(end_head) + length + len(end_tail)]
     if intervals[0][0] != 0:
         out += sentinel
-    return bytes(out)
-
-
-def _big_endian(numbers, length):
-    """The numbers as consecutive big-endian `length`-byte keys, at C speed."""
-    if length == 4:
-        keys = array.array("I", numbers)
-        if sys.byteorder == "little":
-            keys.byteswap()
-        return keys.tobytes()
-    high = array.array("Q", [n >> 64 for n in numbers])
-    low = array.array("Q", [n & 0xFFFFFFFFFFFFFFFF for n in numbers])
-    if sys.byteorder == "little":
-        high.byteswap()
-        low.byteswap()
-    out = bytearray(16 * len(numbers))
-    high, low = high.tobytes(), low.tobytes()
-    for offset in range(8):
-        out[offset::16] = high[offset::8]
-        out[8 + offset::16] = low[offset::8]
     return bytes(out)
 
 

@@ -11,7 +11,7 @@ import struct
 
 from policyd import nfnetlink as nl
 from policyd import nlrules
-from policyd.nlattr import NESTED, Unsupported, attr, nest, string, u32, u64
+from policyd.nlattr import NESTED, Unsupported, attr, big_endian, nest, string, u32, u64
 from policyd.nlrules import PROTOCOLS
 
 NEWTABLE, DELTABLE, NEWCHAIN, NEWRULE, DELRULE = 0, 2, 3, 6, 8
@@ -158,8 +158,9 @@ class Encoder:
             intervals = getattr(elements, "intervals", None)  # lists.Elements: ints at hand
             if intervals is None:
                 intervals = intervals_of(typename, elements)
-            self._chunked(NEWSETELEM, table, name,
-                          interval_elements(intervals, DATATYPES[typename][1]), NLM_F_CREATE)
+            head = self._list_head(table, name)
+            for chunk in interval_chunks(intervals, DATATYPES[typename][1]):
+                self._emit(NEWSETELEM, head + attr(3 | NESTED, chunk), NLM_F_CREATE)
             return
         else:
             items = []
@@ -190,12 +191,16 @@ class Encoder:
         """items: [(key bytes, timeout ms or None[, element flags])]."""
         self._chunked(kind, table, name, [encode_element(*item) for item in items], flags)
 
-    def _chunked(self, kind, table, name, elements, flags):
-        """Encoded elements in messages of at most MAX_ELEMENTS_BYTES each."""
+    def _list_head(self, table, name):
         head = string(1, table) + string(2, name)
         set_id = self.set_ids.get((table, name))
         if set_id is not None:
             head += u32(LIST_SET_ID, set_id)
+        return head
+
+    def _chunked(self, kind, table, name, elements, flags):
+        """Encoded elements in messages of at most MAX_ELEMENTS_BYTES each."""
+        head = self._list_head(table, name)
         chunk, size = [], 0
         for element in elements:
             if size + len(element) > nl.MAX_ELEMENTS_BYTES:
@@ -275,6 +280,33 @@ def interval_elements(intervals, length, lead=True):
         if last != top:
             out.append(end_head + (last + 1).to_bytes(length, "big") + end_tail)
     return out
+
+
+def interval_chunks(intervals, length, limit=nl.MAX_ELEMENTS_BYTES):
+    """interval_elements() joined into message-sized chunks, built at C speed: every
+    interval is a start and an end element with fixed headers, so the encoding is
+    one template repeated with the keys written in column by column."""
+    if not intervals:
+        return []
+    top = (1 << (8 * length)) - 1
+    start = encode_element(bytes(length))
+    end = encode_element(bytes(length), flags=ELEM_INTERVAL_END)
+    key_at = len(start) - length  # both templates carry the key after the same headers
+    size = len(start) + len(end)
+    count = len(intervals)
+    out = bytearray((start + end) * count)
+    starts = big_endian([first for first, _last in intervals], length)
+    ends = big_endian([0 if last == top else last + 1 for _first, last in intervals], length)
+    for offset in range(length):
+        out[key_at + offset::size] = starts[offset::length]
+        out[len(start) + key_at + offset::size] = ends[offset::length]
+    if intervals[-1][1] == top:  # an interval up to the last address has no end element
+        del out[-len(end):]
+    per_chunk = max(1, limit // size) * size
+    chunks = [bytes(out[i:i + per_chunk]) for i in range(0, len(out), per_chunk)]
+    if intervals[0][0] != 0:  # nft's leading end element at address 0
+        chunks.insert(0, end)
+    return chunks
 
 
 def encode_element(key, timeout_ms=None, flags=0):
