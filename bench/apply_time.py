@@ -145,13 +145,18 @@ def _time_until_present(tmp, list_path, key, timeout=10.0):
     return time.perf_counter() - started
 
 
+def _churn_network(i):
+    """New /28s for the churn, in 10.200.0.0/13, apart from the list's 10.0-10.24."""
+    return f"10.{200 + (i >> 12)}.{(i >> 4) & 255}.{(i & 15) * 16}/28"
+
+
 def _churn(host, policy, list_path, v4, v6, churn):
     """Replace `churn` of the list's lines while the daemon runs; time write -> kernel."""
     daemon = PolicydDaemon(host, policy).start()
     try:
         changed = int(len(v4) * churn)
-        new4 = [f"11.{i >> 8 & 255}.{i & 255}.0/28" for i in range(changed)]
-        target = f"11.{(changed - 1) >> 8 & 255}.{(changed - 1) & 255}.0"
+        new4 = [_churn_network(i) for i in range(changed)]
+        target = _churn_network(changed - 1).split("/")[0]
 
         time.sleep(1.0)  # the daemon's start-up work is over
         tmp = list_path.with_suffix(".new")
