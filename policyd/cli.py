@@ -398,8 +398,11 @@ def bans(obj, as_json):
         return
     lines = []  # one write: 100k bans through click.echo one by one take seconds
     for ban in result:
-        details = " ".join(f"{key}={ban[key]}" for key in ("failures", "filter", "reason")
-                           if ban.get(key) is not None)
+        failures, name, reason = ban.get("failures"), ban.get("filter"), ban.get("reason")
+        details = " ".join(part for part in (
+            None if failures is None else f"failures={failures}",
+            None if name is None else f"filter={name}",
+            None if reason is None else f"reason={reason}") if part)
         lines.append(f"{ban['network']}\t{ban['seconds_left']}s left\t{details}\n")
     click.echo("".join(lines), nl=False)
 

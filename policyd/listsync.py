@@ -33,15 +33,20 @@ class _Followed:
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.raw, self.refs, self.entries = set(), {}, {}
+        strip, parse_text = lists.strip, lists.parse_text
         for number, raw in enumerate(data.split(b"\n"), 1):
             if raw in self.raw:
                 continue  # a repeated line gives its entry once, as a set would
             self.raw.add(raw)
-            text = lists.strip(raw)
-            if text:
-                self.refs[text] = self.refs.get(text, 0) + 1
-                if text not in self.entries:
-                    self.entries[text] = lists.parse_entry(text, path, number)
+            text = strip(raw) if b"#" in raw or b";" in raw else raw.strip()
+            if not text:
+                continue
+            count = self.refs.get(text, 0)
+            self.refs[text] = count + 1
+            if not count:
+                entry = parse_text(text.decode("ascii", "replace"))
+                self.entries[text] = (entry if entry is not None
+                                      else lists.parse_entry(text, path, number))
 
     def version(self, version, new=None, gone=None):
         """(first, prefix length) of every entry of `version`; with new and gone
