@@ -300,13 +300,15 @@ class Daemon:
         policy = self.policy
         if self.store.pending() is not None:
             return {}
+        list_fed = {kernel_set.name: kernel_set for kernel_set in self.lists.sets}
         if self._sets_key != policy.digest:
-            self._sets = drift.expected_intervals(compile_policy(policy), policy.table)
+            self._sets = drift.expected_intervals(compile_policy(policy), policy.table,
+                                                  skip=list_fed)
             self._sets_key = policy.digest
         sets = dict(self._sets)
-        for kernel_set in self.lists.sets:
-            if kernel_set.name in sets:
-                sets[kernel_set.name] = (kernel_set.bits // 8, kernel_set.intervals())
+        for name, kernel_set in list_fed.items():
+            if len(kernel_set):  # an empty set is not in the ruleset at all
+                sets[name] = (kernel_set.bits // 8, kernel_set.intervals())
         return sets
 
     def _tables_present(self, policy):

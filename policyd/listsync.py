@@ -112,60 +112,62 @@ def _line_of(data, text):
 
 
 class _KernelSet:
-    """One committed-slot set fed by lists: what it holds, sorted, and how many
-    entries feed it (more than it holds when entries nest or repeat)."""
+    """One committed-slot set fed by lists: what it holds as sorted (first, last)
+    intervals (the form the kernel and policyd.drift want: no second copy), and
+    how many entries feed it (more than it holds when entries nest or repeat).
+    Membership is by bisection: a set of 100k tuples beside the list would
+    double the memory."""
 
     def __init__(self, name, version, inline, paths):
         self.name, self.version, self.inline, self.paths = name, version, inline, paths
         self.bits = 32 if version == 4 else 128
-        self.elements, self.ordered, self.count = set(), [], 0
-        self._intervals = None
+        self.ordered, self.count = [], 0
 
-    def last(self, first, prefixlen):
-        return first + (1 << (self.bits - prefixlen)) - 1
+    def interval(self, first, prefixlen):
+        return first, first + (1 << (self.bits - prefixlen)) - 1
+
+    def __len__(self):
+        return len(self.ordered)
+
+    def holds(self, interval):
+        i = bisect.bisect_left(self.ordered, interval)
+        return i < len(self.ordered) and self.ordered[i] == interval
 
     def delta(self, new, gone):
         """(remove, add) when no entry nests in or repeats another (the usual list),
         in O(changes x log n); None when it is not that simple."""
-        gone = [(f, p) for v, f, p in gone if v == self.version]
-        new = sorted((f, p) for v, f, p in new if v == self.version)
-        if self.count != len(self.elements) or any(g not in self.elements for g in gone):
+        gone = sorted(self.interval(f, p) for v, f, p in gone if v == self.version)
+        new = sorted(self.interval(f, p) for v, f, p in new if v == self.version)
+        if self.count != len(self.ordered) or not all(self.holds(g) for g in gone):
             return None
         last_end = -1
-        for first, prefixlen in new:
-            end = self.last(first, prefixlen)
+        for first, last in new:
             if first <= last_end:
                 return None
-            last_end = end
+            last_end = last
             i = bisect.bisect_left(self.ordered, (first, -1))
             for other in self.ordered[max(0, i - 1):i + 1]:
-                if other[0] <= end and first <= self.last(*other):
+                if other[0] <= last and first <= other[1]:
                     return None  # overlaps a kept (or even a leaving) element
         return gone, new
 
     def commit_delta(self, remove, add):
         # A new list, never changed in place: policyd.drift reads it from its thread.
         ordered = list(self.ordered)
-        for element in remove:
-            self.elements.discard(element)
-            del ordered[bisect.bisect_left(ordered, element)]
-        for element in add:
-            self.elements.add(element)
-            bisect.insort(ordered, element)
+        for interval in remove:
+            del ordered[bisect.bisect_left(ordered, interval)]
+        for interval in add:
+            bisect.insort(ordered, interval)
         self.ordered = ordered
         self.count += len(add) - len(remove)
 
     def intervals(self):
         """(first, last) of what the set holds; the same object until it changes."""
-        ordered = self.ordered
-        if self._intervals is None or self._intervals[0] is not ordered:
-            self._intervals = (ordered, [(first, self.last(first, prefixlen))
-                                         for first, prefixlen in ordered])
-        return self._intervals[1]
+        return self.ordered
 
-    def reset(self, files, changed=None):
-        """Recompute what the set holds from every source (the slow, general way);
-        `changed` = (path, new, gone) computes it as that change would leave it."""
+    def wanted(self, files, changed=None):
+        """(sorted intervals, entry count) from every source (the slow, general way);
+        `changed` = (path, new, gone) computes them as that change would leave them."""
         pairs = []
         for path in self.paths:
             if path not in files:
@@ -174,10 +176,13 @@ class _KernelSet:
                 pairs.append(files[path].version(self.version, *changed[1:]))
             else:
                 pairs.append(files[path].version(self.version))
-        self.ordered = lists.disjoint_networks(self.version, self.inline,
-                                               [_Entries(e) for e in pairs])
-        self.elements = set(self.ordered)
-        self.count = len(self.inline) + sum(len(e) for e in pairs)
+        disjoint = lists.disjoint_networks(self.version, self.inline,
+                                           [_Entries(e) for e in pairs])
+        return ([self.interval(f, p) for f, p in disjoint],
+                len(self.inline) + sum(len(e) for e in pairs))
+
+    def reset(self, files):
+        self.ordered, self.count = self.wanted(files)
 
 
 class ListSync:
@@ -297,11 +302,9 @@ class ListSync:
             change = kernel_set.delta(new.values(), gone.values())
             simple = change is not None
             if not simple:  # nesting or repeats involved: recompute the set whole
-                wanted = _KernelSet(kernel_set.name, kernel_set.version, kernel_set.inline,
-                                    kernel_set.paths)
-                wanted.reset(self.files, changed)
-                change = (kernel_set.elements - wanted.elements,
-                          wanted.elements - kernel_set.elements)
+                wanted = set(kernel_set.wanted(self.files, changed)[0])
+                have = set(kernel_set.ordered)
+                change = (sorted(have - wanted), sorted(wanted - have))
             remove, add = change
             if not remove and not add:
                 continue
@@ -309,11 +312,10 @@ class ListSync:
             # at 0, and an empty set is not in the ruleset at all: such a change
             # reloads the policy whole.
             if (any(f == 0 for f, _ in remove) or any(f == 0 for f, _ in add)
-                    or len(kernel_set.elements) + len(add) - len(remove) == 0):
+                    or len(kernel_set) + len(add) - len(remove) == 0):
                 raise nlbatch.Unsupported(f"set {kernel_set.name} becomes empty, or an interval "
                                           "at address 0 comes or goes")
-            for kind, networks in ((nlbatch.DELSETELEM, remove), (nlbatch.NEWSETELEM, add)):
-                intervals = sorted((f, kernel_set.last(f, p)) for f, p in networks)
+            for kind, intervals in ((nlbatch.DELSETELEM, remove), (nlbatch.NEWSETELEM, add)):
                 elements = nlbatch.interval_elements(intervals, kernel_set.bits // 8, lead=False)
                 encoder._chunked(kind, self.policy.table, kernel_set.name, elements,
                                  nlbatch.NLM_F_CREATE if kind == nlbatch.NEWSETELEM else 0)
