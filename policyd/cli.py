@@ -381,6 +381,9 @@ def _format_status(result):
         lines.append(f"log:       {entry['path']} [{entry['filter']}] {state}, "
                      f"{entry['lines']} lines, {entry['matched']} failures, "
                      f"{entry['malformed']} malformed, {entry['rotations']} rotations")
+    for entry in result.get("lists", []):
+        state = f"refused: {entry['error']}" if entry.get("error") else "ok"
+        lines.append(f"list:      {entry['path']} {entry['entries']} entries, {state}")
     return "\n".join(lines)
 
 

@@ -394,6 +394,7 @@ class Daemon:
             "bans": {"active": self.bans.active_count,
                      "total": sum(self.bans.bans_total.values())},
             "logs": [source.stats() for source in self.sources],
+            "lists": self.lists.stats(),
         }
 
     def ban_list(self):

@@ -203,6 +203,7 @@ class ListSync:
         self.stop()
         self.policy = policy
         self.files = {}
+        self.refused = {}  # path -> (sha256 of the refused version, why)
         for service in policy.services:
             for netlist in service.allow_lists + service.deny_lists:
                 if netlist.path not in self.files:
@@ -211,8 +212,7 @@ class ListSync:
                             self.files[netlist.path] = _Followed(netlist.path, handle.read())
                     except (OSError, InputError) as exc:
                         # Followed all the same: once it is good, the policy loads whole.
-                        log.error("list refused, keeping what is loaded %s",
-                                  kv(list=netlist.path, error=exc))
+                        self._refuse(netlist.path, None, exc)
                         self.files[netlist.path] = _Followed(netlist.path, b"")
                         self.files[netlist.path].sha256 = None
         self.sets = list(self._sets())
@@ -221,6 +221,17 @@ class ListSync:
         if self.files:
             self.watcher = LogWatcher(list(self.files), self._on_change, poll_interval=5.0)
             self.watcher.start()
+
+    def _refuse(self, path, sha256, error):
+        self.refused[path] = (sha256, str(error))
+        log.error("list refused, keeping what is loaded %s", kv(list=path, error=error))
+
+    def stats(self):
+        """[{"path", "entries", "sha256", "error"}] for `policyd status`: what is
+        loaded from each list, and why its current version is not (if it is not)."""
+        return [{"path": path, "entries": len(followed.entries), "sha256": followed.sha256,
+                 "error": self.refused.get(path, (None, None))[1]}
+                for path, followed in sorted(self.files.items())]
 
     def stop(self):
         if self.watcher is not None:
@@ -263,21 +274,24 @@ class ListSync:
             log.error("list unreadable, keeping what is loaded %s", kv(list=path, error=exc))
             return 0
         followed = self.files[path]
-        if hashlib.sha256(data).hexdigest() == followed.sha256:
-            return 0
+        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 == followed.sha256 or self.refused.get(path, (None,))[0] == sha256:
+            return 0  # nothing new (a refused version is said once, not every poll)
         if followed.sha256 is None:  # was bad when followed: load whole once it is good
             try:
                 lists.parse(data, path)
             except InputError as exc:
-                log.error("list refused, keeping what is loaded %s", kv(list=path, error=exc))
+                self._refuse(path, sha256, exc)
                 return 0
+            self.refused.pop(path, None)
             self.reload()
             return 1
         try:
             new, gone, commit = followed.diff(data)
         except InputError as exc:
-            log.error("list refused, keeping what is loaded %s", kv(list=path, error=exc))
+            self._refuse(path, sha256, exc)
             return 0
+        self.refused.pop(path, None)
         try:
             added, removed = self._apply(path, new, gone, commit)
         except (OSError, nlbatch.Unsupported) as exc:

@@ -86,10 +86,16 @@ def test_a_bad_line_keeps_what_is_loaded(setup, caplog):
     sync.changed.add(str(listing))
     assert sync.sync() == 0 and not nft.netlink.batches and not reloads
     assert f"{listing}:3: '192.0.2.33/28' has host bits set" in caplog.text
+    (stats,) = sync.stats()
+    assert stats["entries"] == 3 and stats["error"].endswith("has host bits set")
+    caplog.clear()
+    sync.changed.add(str(listing))  # the 5 s poll: the same bad version is said once
+    assert sync.sync() == 0 and "list refused" not in caplog.text
     # The next good version is diffed against what is loaded, not the bad one.
     listing.write_text("# office\n192.0.2.0/28\n192.0.2.32/28\n2001:db8:2::/64\n")
     sync.changed.add(str(listing))
     assert sync.sync() == 1 and not reloads
+    assert sync.stats()[0]["error"] is None
     v6 = [(socket.inet_pton(socket.AF_INET6, a), end) for a, end in (
         ("2001:db8:1::", False), ("2001:db8:1:1::", True),
         ("2001:db8:2::", False), ("2001:db8:2:1::", True))]

@@ -160,6 +160,8 @@ def test_the_daemon_follows_a_deny_list_and_keeps_it_through_a_bad_version(world
         time.sleep(1.0)
         assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.3)
         assert daemon.proc.poll() is None
+        (listed,) = json.loads(world.server.policyd("status", "--json").stdout)["lists"]
+        assert listed["entries"] == 2 and f"{deny}:2" in listed["error"]
         # The fixed list, without the stranger, lets it back in.
         _replace(deny, "203.0.113.99\n")
         assert wait_for(lambda: world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 5)
