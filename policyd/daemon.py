@@ -79,7 +79,6 @@ class Daemon:
         self.lists = None
         self.elements = None
         self._sets_key = self._sets = None
-        self._loads = 0  # odd while the main thread loads the kernel (see policyd.drift)
         self.control = None
         self.metrics_server = None
         self.next_reconcile = 0.0
@@ -102,7 +101,7 @@ class Daemon:
         self._follow(self.policy)
         self.lists = ListSync(self.nft, self.policy, self.wake.set, self._reload)
         self.elements = drift.ElementWatch(self.policy.table, self._expected_sets, self.wake.set,
-                                           epoch=lambda: self.lists.epoch + self._loads)
+                                           epoch=lambda: self.lists.epoch + self.nft.loads)
         self.elements.start()
         self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
         self.control.start()
@@ -269,11 +268,7 @@ class Daemon:
                 return
             started = time.perf_counter()
             differences = self.elements.differences
-            self._loads += 1
-            try:
-                trial.restore_committed_locked(self.nft, self.store)
-            finally:
-                self._loads += 1
+            trial.restore_committed_locked(self.nft, self.store)
             self.elements.reset()
             count = self.bans.restore()
         self.metrics.table_restores.inc()
@@ -322,14 +317,6 @@ class Daemon:
         committed = self.store.committed()
         if committed is None:
             return
-        self._loads += 1
-        try:
-            self._take_committed(committed, load_kernel)
-        finally:
-            self._loads += 1
-        log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
-
-    def _take_committed(self, committed, load_kernel):
         if load_kernel and self.store.pending() is None:
             self.nft.load(compile_policy(committed))
             self.metrics.applies.labels(kind="restore").inc()
@@ -344,6 +331,7 @@ class Daemon:
         self.lists.follow(committed)
         self.elements.table = committed.table
         self.elements.reset()
+        log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
 
     def _status_line(self):
         return (f"{self.bans.active_count} bans, {len(self.sources)} logs, "

@@ -26,6 +26,7 @@ class Nft:
         self._ctx = nftables.Nftables()
         self._ctx.set_handle_output(False)
         self.netlink = nfnetlink.Netlink()
+        self.loads = 0
 
     def _run(self, command):
         rc, out, err = self._ctx.cmd(command)
@@ -40,18 +41,22 @@ class Nft:
         faster with large allowlists: no libnftables cache or interval work),
         by libnftables otherwise.
         """
+        self.loads += 1  # odd while loading: policyd.drift does not compare meanwhile
         try:
-            messages = nlbatch.encode(document)
-        except nlbatch.Unsupported:
-            self._json(document, dry_run=False)
-            return
-        try:
-            self.netlink.send_batch(messages)
-        except OSError as exc:
-            # libnftables' dry run names what it refuses; netlink only says errno.
-            self.check(document)
-            raise KernelError("nftables refused the transaction: "
-                              f"{os.strerror(exc.errno or errno.EINVAL)}") from None
+            try:
+                messages = nlbatch.encode(document)
+            except nlbatch.Unsupported:
+                self._json(document, dry_run=False)
+                return
+            try:
+                self.netlink.send_batch(messages)
+            except OSError as exc:
+                # libnftables' dry run names what it refuses; netlink only says errno.
+                self.check(document)
+                raise KernelError("nftables refused the transaction: "
+                                  f"{os.strerror(exc.errno or errno.EINVAL)}") from None
+        finally:
+            self.loads += 1
 
     def check(self, document):
         """Prove `document` would load, without changing anything."""
