@@ -5,8 +5,8 @@ Owns the entries of every list file as last loaded (by line text, so a rewrite
 is diffed line by line and only new lines are parsed) and the committed slot's
 interval sets they feed. A bad line keeps what is loaded and says so.
 """
-import hashlib
 import bisect
+import hashlib
 import logging
 import threading
 import time
