@@ -220,34 +220,16 @@ def strip(raw):
 
 
 def parse(data, path):
+    """The NetList of a list file's bytes; InputError names the first bad line."""
     v4, v6 = [], []
-    pton, from_bytes, inet, inet6 = socket.inet_pton, int.from_bytes, socket.AF_INET, socket.AF_INET6
     for number, raw in enumerate(data.split(b"\n"), 1):
-        if b"#" in raw or b";" in raw:
-            raw = strip(raw)
-        else:
-            raw = raw.strip()
+        raw = strip(raw) if b"#" in raw or b";" in raw else raw.strip()
         if not raw:
             continue
-        # The common shapes inline (100k lines must load in a blink); parse_entry
-        # settles everything else and says what is wrong.
-        text = raw.decode("ascii", "replace")
-        address, _, length = text.partition("/")
-        try:
-            if ":" in address:
-                first, bits, entries = from_bytes(pton(inet6, address), "big"), 128, v6
-            else:
-                first, bits, entries = from_bytes(pton(inet, address), "big"), 32, v4
-        except OSError:
-            first = None
-        if (first is not None and (not length or length.isdigit() and len(length) <= 3)
-                and (prefixlen := int(length) if length else bits) <= bits
-                and not first & ((1 << (bits - prefixlen)) - 1)
-                and (bits == 32 or first >> 32 != 0xFFFF)):
-            entries.append((first, prefixlen, number))
-            continue
-        version, first, prefixlen = parse_entry(raw, path, number)
-        (v4 if version == 4 else v6).append((first, prefixlen, number))
+        # parse_text takes the common shapes fast; parse_entry settles the rest
+        # and says what is wrong.
+        entry = parse_text(raw.decode("ascii", "replace")) or parse_entry(raw, path, number)
+        (v4 if entry[0] == 4 else v6).append((entry[1], entry[2], number))
     return NetList(path, hashlib.sha256(data).hexdigest(), tuple(v4), tuple(v6))
 
 
