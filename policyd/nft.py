@@ -8,6 +8,7 @@ every command, which costs hundreds of ms once a large allowlist is loaded.
 import errno
 import ipaddress
 import json
+import logging
 import os
 
 import nftables
@@ -17,6 +18,7 @@ from policyd.compile import BAN_SETS, FAMILY
 from policyd.errors import KernelError
 
 PROTOCOLS = {6: "tcp", 17: "udp"}
+log = logging.getLogger("policyd.nft")
 
 
 class Nft:
@@ -51,10 +53,14 @@ class Nft:
             try:
                 self.netlink.send_batch(messages)
             except OSError as exc:
-                # libnftables' dry run names what it refuses; netlink only says errno.
+                # The batch changed nothing. libnftables' dry run names what the
+                # kernel refuses; if it accepts the document, the kernel refused
+                # only our encoding of it (a kernel we were not tested on): load
+                # it the slow way rather than not at all.
                 self.check(document)
-                raise KernelError("nftables refused the transaction: "
-                                  f"{os.strerror(exc.errno or errno.EINVAL)}") from None
+                log.warning("kernel refused the netlink encoding (%s); loading through "
+                            "libnftables", os.strerror(exc.errno or errno.EINVAL))
+                self._json(document, dry_run=False)
         finally:
             self.loads += 1
 
