@@ -72,6 +72,8 @@ class NetList:
     def find(self, address):
         """(network text, line) of the entry on the lowest line that holds `address`,
         or None."""
+        if self._index is None and len(self.entries(address.version)) > 64:
+            self.records(address.version)  # sorted once: apply's lint asks for every peer
         if self._index is None:
             number, bits = int(address), _FAMILY[address.version][1]
             for first, prefixlen, line in self.entries(address.version):
