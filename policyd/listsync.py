@@ -271,12 +271,16 @@ class ListSync:
             with open(path, "rb") as handle:
                 data = handle.read()
         except OSError as exc:
-            log.error("list unreadable, keeping what is loaded %s", kv(list=path, error=exc))
+            if self.refused.get(path, (None,))[0] != "unreadable":  # said once, not per poll
+                self._refuse(path, "unreadable", exc.strerror or exc)
             return 0
         followed = self.files[path]
         sha256 = hashlib.sha256(data).hexdigest()
-        if sha256 == followed.sha256 or self.refused.get(path, (None,))[0] == sha256:
-            return 0  # nothing new (a refused version is said once, not every poll)
+        if sha256 == followed.sha256:
+            self.refused.pop(path, None)  # back to what is loaded
+            return 0
+        if self.refused.get(path, (None,))[0] == sha256:
+            return 0  # a refused version is said once, not at every poll
         if followed.sha256 is None:  # was bad when followed: load whole once it is good
             try:
                 lists.parse(data, path)

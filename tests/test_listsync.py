@@ -125,3 +125,16 @@ def test_nesting_is_recomputed_and_a_kernel_refusal_reloads_whole(setup):
     sync.changed.add(str(listing))
     sync.sync()
     assert reloads == [1]
+
+
+def test_a_deleted_list_keeps_what_is_loaded_and_is_said_once(setup, caplog):
+    sync, nft, listing, reloads = setup
+    listing.unlink()
+    for _ in range(3):  # the 5 s poll
+        sync.changed.add(str(listing))
+        assert sync.sync() == 0
+    assert caplog.text.count("list refused") == 1 and not nft.netlink.batches
+    assert sync.stats()[0]["error"] == "No such file or directory"
+    listing.write_text("# office\n192.0.2.0/28\n192.0.2.32/28 ; note\n2001:db8:1::/64\n")
+    sync.changed.add(str(listing))
+    assert sync.sync() == 0 and sync.stats()[0]["error"] is None  # back as it was
