@@ -4,7 +4,8 @@ allowlist entry deleted by hand is noticed, at a cost that does not grow with
 
 Owns three steps, run on a thread of its own: the ruleset generation (one tiny
 request) says whether any transaction happened at all; if one did, at most
-every DIGEST_SECONDS, a digest of each set's elements (the kernel serialises
+every DIGEST_SECONDS (backing off to MAX_DIGEST_SECONDS while a flood of
+bans keeps moving it), a digest of each set's elements (the kernel serialises
 them, Python only hashes) says whether the guard sets moved; and only when a
 digest moves, a full comparison with what the daemon loaded says whether they
 differ. The main loop only reads `drifted`.
@@ -22,6 +23,7 @@ from policyd.nfnetlink import Netlink
 log = logging.getLogger("policyd.drift")
 
 DIGEST_SECONDS = 2.0
+MAX_DIGEST_SECONDS = 16.0  # while the generation keeps moving and the sets do not
 
 
 def interval_keys(intervals, length):
@@ -117,7 +119,9 @@ class ElementWatch:
         self._digests = None  # {name: digest} of a state verified equal to expected()
         self._wanted = {}  # name -> (intervals object, digest of its dump form)
         self._generation = None
-        self._next_digest = 0.0
+        self._last_digest = float("-inf")
+        self._pause = DIGEST_SECONDS
+        self._seen = None  # the generation at the last round
         self._stop = threading.Event()
         self._thread = None
 
@@ -146,6 +150,8 @@ class ElementWatch:
                 except OSError as exc:
                     # A table that is gone is the skeleton check's to notice.
                     log.debug("element check skipped: %s", exc)
+                except Exception:  # a bug here must not end the check for good
+                    log.exception("element check failed")
         finally:
             netlink.close()
 
@@ -154,16 +160,23 @@ class ElementWatch:
         if self.drifted:
             return True  # until the main thread has restored and reset us
         generation = netlink.generation()
-        if generation == self._generation or now() < self._next_digest:
+        moving, self._seen = generation != self._seen, generation
+        if not moving:
+            self._pause = DIGEST_SECONDS  # calm: what changed is looked at soon
+        if generation == self._generation or now() < self._last_digest + self._pause:
             return False
         epoch = self.epoch()
         if epoch % 2:
             return False  # the main thread is changing the kernel: not now
-        self._next_digest = now() + DIGEST_SECONDS
+        self._last_digest = now()
         expected = self.expected()
         digests = {name: self._digest(netlink, name) for name in expected}
         if digests == self._digests:
+            # Other transactions (a flood of bans) keep moving the generation:
+            # look less often while they do, the sets being as they were.
             self._generation = generation
+            if moving:
+                self._pause = min(2 * self._pause, MAX_DIGEST_SECONDS)
             return False
         if self.epoch() != epoch:
             return False  # the main thread changed it meanwhile: look again next round
