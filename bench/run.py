@@ -2,7 +2,9 @@
 """`make bench`: every measurement of issue 7, policyd beside fail2ban, in one run.
 
 Owns the order and the sizes: (a) filter throughput, (b) ban latency, (c)
-restore, (d) apply time, (e) daemon memory; fail2ban runs as
+restore, (d) apply time beside `nft -f` and a list change under the daemon,
+(e) daemon memory, (f) doctor/status/bans/explain with 100k networks and 100k
+bans; fail2ban runs as
 bench/fail2ban_latency.py in its own namespaces. Prints the table, writes it to
 bench/results/latest.md (and .json) and, for a full-size run, to bench/RESULTS.md.
 """
