@@ -60,7 +60,9 @@ class NetList:
 
     def entries(self, version):
         if version not in self._entries:
-            self._entries[version] = self._index[version].entries()
+            # Built from the cache's records each time, not kept: a daemon would
+            # otherwise hold 100k tuples it reads once per compile.
+            return self._index[version].entries()
         return self._entries[version]
 
     def records(self, version):

@@ -21,13 +21,12 @@ log = logging.getLogger("policyd.lists")
 
 
 class _Followed:
-    """One list file as loaded: its sha256, its raw lines (-> entry text, b"" for
-    none), how many raw lines give each entry text, and each entry's value
-    (version, first address as int, prefix length).
-
-    Raw lines are what a rewrite is diffed by: set operations at C speed over
-    100k lines, and only lines that changed are stripped and parsed.
-    """
+    """One list file as loaded: its sha256, its raw lines, each entry's value
+    (version, first address as int, prefix length) by entry text, and how many
+    raw lines give an entry text where that is more than one (rare: kept apart
+    so 100k entries do not carry a counter each)."""
+    # Raw lines are what a rewrite is diffed by: set operations at C speed over
+    # 100k lines, and only lines that changed are stripped and parsed.
 
     def __init__(self, path, data):
         self.path = path
@@ -41,12 +40,17 @@ class _Followed:
             text = strip(raw) if b"#" in raw or b";" in raw else raw.strip()
             if not text:
                 continue
-            count = self.refs.get(text, 0)
-            self.refs[text] = count + 1
-            if not count:
+            count = self.count(text)
+            if count:
+                self.refs[text] = count + 1
+            else:
                 entry = parse_text(text.decode("ascii", "replace"))
                 self.entries[text] = (entry if entry is not None
                                       else lists.parse_entry(text, path, number))
+
+    def count(self, text):
+        """How many raw lines give `text` now."""
+        return self.refs.get(text) or (1 if text in self.entries else 0)
 
     def version(self, version, new=None, gone=None):
         """(first, prefix length) of every entry of `version`; with new and gone
@@ -73,7 +77,7 @@ class _Followed:
                 delta[text] = delta.get(text, 0) + 1
         new, gone = {}, {}
         for text, change in delta.items():
-            before = self.refs.get(text, 0)
+            before = self.count(text)
             if not change:
                 continue
             if before == 0 and change > 0:
@@ -88,8 +92,8 @@ class _Followed:
             self.raw -= removed
             self.raw |= added
             for text, change in delta.items():
-                count = self.refs.get(text, 0) + change
-                if count:
+                count = self.count(text) + change
+                if count > 1:
                     self.refs[text] = count
                 else:
                     self.refs.pop(text, None)

@@ -138,3 +138,21 @@ def test_a_deleted_list_keeps_what_is_loaded_and_is_said_once(setup, caplog):
     listing.write_text("# office\n192.0.2.0/28\n192.0.2.32/28 ; note\n2001:db8:1::/64\n")
     sync.changed.add(str(listing))
     assert sync.sync() == 0 and sync.stats()[0]["error"] is None  # back as it was
+
+
+def test_an_entry_on_two_lines_stays_until_both_are_gone(setup):
+    sync, nft, listing, reloads = setup
+    listing.write_text("192.0.2.0/28 ; a\n192.0.2.0/28 ; b\n192.0.2.32/28\n2001:db8:1::/64\n")
+    sync.changed.add(str(listing))
+    sync.sync()
+    assert nft.netlink.batches == []  # the same entries, written differently
+    listing.write_text("192.0.2.0/28 ; b\n192.0.2.32/28\n2001:db8:1::/64\n")
+    sync.changed.add(str(listing))
+    sync.sync()
+    assert nft.netlink.batches == []  # still listed once
+    listing.write_text("192.0.2.32/28\n2001:db8:1::/64\n")
+    sync.changed.add(str(listing))
+    assert sync.sync() == 1
+    (batch,) = nft.netlink.batches
+    assert [_keys(m) for m in batch] == [(nlbatch.DELSETELEM, [
+        (socket.inet_aton("192.0.2.0"), False), (socket.inet_aton("192.0.2.16"), True)])]
