@@ -1,7 +1,8 @@
 """The kernel adapter: the only module that imports `nftables`.
 
-Loads compiled documents in one transaction, dry-runs them, lists what is
-loaded, and keeps ban elements in step. Ban element changes go over raw
+Loads compiled documents in one transaction (a raw netlink batch encoded by
+policyd.nlbatch where it can, libnftables otherwise), dry-runs them, lists
+what is loaded, and keeps ban elements in step. Ban element changes go over raw
 nfnetlink (policyd.nfnetlink) because libnftables rebuilds its whole cache on
 every command, which costs hundreds of ms once a large allowlist is loaded.
 """
@@ -69,7 +70,7 @@ class Nft:
         self._json(document, dry_run=True)
 
     def _json(self, document, dry_run):
-        lists.materialize(document)  # json.dumps in the bindings reads list storage
+        lists.materialize(document)  # element texts built before the bindings serialise
         old = self._ctx.set_dry_run(dry_run)
         try:
             rc, _out, err = self._ctx.json_cmd(document)
