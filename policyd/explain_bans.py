@@ -7,7 +7,7 @@ caller lists the bans as before.
 """
 import ipaddress
 
-from policyd.compile import BAN_SETS
+from policyd.compile import BAN_SETS, RANGE_BAN_SETS
 
 UNKNOWN = None
 
@@ -27,6 +27,11 @@ def lookup(policy, address):
     try:
         found = netlink.get_element(policy.bans_table, BAN_SETS[address.version],
                                     network.network_address.packed)
+        # Not in the fast set: a range ban (a manual /28, /48 or single IPv6
+        # address) may still hold it; the listing says which and how long.
+        if found is None and netlink.has_element(policy.bans_table,
+                                                 RANGE_BAN_SETS[address.version], address.packed):
+            return UNKNOWN
     except OSError:
         return UNKNOWN  # no such set or no permission: the full listing decides
     finally:
