@@ -194,23 +194,8 @@ class Netlink:
         lists start and end (flags & NFT_SET_ELEM_INTERVAL_END) elements."""
         body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
-        found = []
-        for payload in self._dump_raw(NFT_MSG_GETSETELEM, body):
-            for kind, value in _attrs(payload):
-                if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
-                    continue
-                for _elem_kind, element in _attrs(value):
-                    key, left, flags = None, None, 0
-                    for attr, data in _attrs(element):
-                        if attr == NFTA_SET_ELEM_KEY:
-                            key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
-                        elif attr == NFTA_SET_ELEM_EXPIRATION:
-                            left = int.from_bytes(data, "big")
-                        elif attr == NFTA_SET_ELEM_FLAGS:
-                            flags = int.from_bytes(data, "big")
-                    if key is not None:
-                        found.append((key, left, flags))
-        return found
+        return [element for payload in self._dump_raw(NFT_MSG_GETSETELEM, body)
+                for element in _elements(payload) if element[0] is not None]
 
     def set_keys(self, table, name):
         """{key bytes: milliseconds left, or None without a timeout} of a plain set."""
@@ -442,8 +427,8 @@ class Netlink:
                 offset += (length + 3) & ~3
 
 
-def _first_element(payload):
-    """(key, ms left or None, flags) of the first element in a GETSETELEM answer."""
+def _elements(payload):
+    """(key, ms left or None, flags) of each element in a GETSETELEM answer."""
     for kind, value in _attrs(payload):
         if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
             continue
@@ -454,7 +439,11 @@ def _first_element(payload):
                     key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
                 elif attr == NFTA_SET_ELEM_EXPIRATION:
                     left = int.from_bytes(data, "big")
-                elif attr == 3:  # NFTA_SET_ELEM_FLAGS
+                elif attr == NFTA_SET_ELEM_FLAGS:
                     flags = int.from_bytes(data, "big")
-            return key, left, flags
-    return None
+            yield key, left, flags
+
+
+def _first_element(payload):
+    """(key, ms left or None, flags) of the first element in a GETSETELEM answer."""
+    return next(_elements(payload), None)
