@@ -310,14 +310,14 @@ class BanManager:
                 elif times[0] < cutoff:
                     while times and times[0] < cutoff:
                         times.pop(0)
-                if when == now:
-                    times.append(now)
-                    stamp = stamps.get(filter_name)
-                    if stamp is None:
-                        stamp = stamps[filter_name] = (now, filter_name)  # shared: one per batch
+                if not times or when >= times[-1]:
+                    times.append(when)
                 else:
                     bisect.insort(times, when)  # the line's own time; lines may be out of order
-                    stamp = (when, filter_name)
+                stamp = stamps.get((when, filter_name))
+                if stamp is None:
+                    # Shared by the failures of one second: a flood's lines carry few times.
+                    stamp = stamps[when, filter_name] = (when, filter_name)
                 queued = unwritten.get(key)
                 if queued is None:
                     unwritten[key] = [stamp]

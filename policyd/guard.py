@@ -207,6 +207,10 @@ class NginxErrorJudge(PlainJudge):
         starts.extend(reversed(tail))
         while starts and starts[0] < oldest:
             starts.popleft()
+        # Failures further back than that no line still to come can drop: forget
+        # them, or a flood read in slices (each ending mid_write) keeps them all.
+        while recent and recent[0].start < oldest:
+            recent.popleft()
         self._position, self._index = position, index
 
     def _judge_each(self, lines, results):

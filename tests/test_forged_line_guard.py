@@ -147,6 +147,21 @@ def test_a_held_genuine_failure_is_released_after_the_hold(nginx_auth):
     assert not guard.holding
 
 
+def test_a_flood_read_in_slices_is_banned_slice_by_slice_keeping_only_the_last_write(nginx_auth):
+    # A flood read 500 lines at a time ends each read at a page boundary (mid_write):
+    # only failures a forging line still to come could drop (those within
+    # entry_max_bytes of the end) may wait, and only those may be remembered.
+    guard = judge_for(nginx_auth, clock=lambda: 0.0)
+    lines = [auth_failure(ATTACKER, connection=n).encode() for n in range(5000)]
+    released = 0
+    for start in range(0, len(lines), 500):
+        released += len(failures(guard.judge(lines[start:start + 500], mid_write=True)))
+        kept = len(guard._recent) + len(guard._held)
+        assert kept * len(lines[0]) < 2 * 2048, f"{kept} lines kept after {start + 500}"
+    assert released >= len(lines) - 2048 // len(lines[0]) - 1
+    assert len(failures(guard.judge([]))) + released == len(lines)
+
+
 def test_genuine_failures_pass_at_once_when_no_write_is_cut(nginx_auth):
     lines = [auth_failure(ATTACKER, connection=n).encode() for n in range(5)]
     guard = judge_for(nginx_auth)
