@@ -43,10 +43,24 @@ class BanWatch:
         return sum(self.counter.missing(BAN_TABLE, name, keys)
                    for name, keys in self.samples.items() if keys)
 
-    def lost(self):
-        """How many seeded bans the kernel lacks, by a full count."""
-        return sum(total - self.counter.count(BAN_TABLE, name)
-                   for name, total in self.total.items() if total)
+    def lost(self, settle=3.0):
+        """How many seeded bans the kernel lacks, by a full count.
+
+        A set-element dump taken while the kernel still resizes a hash set that
+        just took 100k elements can miss thousands of them (seen on 6.18: 12k
+        "missing" at once, 0 a second later, while sampled lookups never missed
+        one). So a count that finds some missing is repeated for `settle`
+        seconds and the best count stands: the daemon's next full reconcile is
+        300 s away, so a ban really lost would still be missing then."""
+        deadline = time.monotonic() + settle
+        fewest = None
+        while True:
+            missing = sum(total - self.counter.count(BAN_TABLE, name)
+                          for name, total in self.total.items() if total)
+            fewest = missing if fewest is None else min(fewest, missing)
+            if fewest <= 0 or time.monotonic() >= deadline:
+                return fewest
+            time.sleep(0.25)
 
     def start(self):
         self.log = []
