@@ -96,18 +96,8 @@ class Daemon:
         self.stopping = False
         self.reload_requested = False
         self.started_at = clock()
-        self.registry = metrics.Registry()
-        self.metrics = metrics.standard_metrics(
-            self.registry, bans_active=lambda: self.bans.active_count if self.bans else 0,
-            trial_active=lambda: int(self.store.pending() is not None))
-        self.log_errors = metrics.Gauge(
-            "policyd_log_errors", "1 while a log is not followed: its filter does not load or "
-            "its path cannot be read; the daemon runs on with the other logs.", ["log"],
-            self.registry)
-        self.enforcing = metrics.Gauge(
-            "policyd_enforcing", "1 while a committed policy is in force; 0 while the daemon "
-            "waits because the first policy would cut a connected client or does not load.",
-            (), self.registry, function=lambda: int(self.held_back is None))
+        self.registry = metrics.new_registry()
+        self.metrics = metrics.standard_metrics(self.registry)
         self.held_back = None  # why nothing is enforced yet, or None
         self.bans = None
         self.sources = []
@@ -245,8 +235,6 @@ class Daemon:
             self.watcher.stop()
         self.sources = [self._source(config) for config in policy.bans.logs]
         for source in self.sources:
-            self.log_errors.labels(log=source.path).set_function(
-                lambda source=source: int(source.stats()["error"] is not None))
             if source.broken:
                 log.error("log not followed %s", kv(log=source.path, error=source.broken))
             elif source.kind == "file" and not os.path.exists(source.path):
@@ -400,6 +388,7 @@ class Daemon:
     def _housekeeping(self):
         if self.bans is None:
             self._take_first_commit()
+            self._publish_metrics()
             systemd.notify(f"STATUS={self._status_line()}")
             return
         self._flush()  # retries a batch the kernel refused before; cheap when empty
@@ -421,6 +410,7 @@ class Daemon:
         except (KernelError, OSError) as exc:
             self.metrics.kernel_errors.inc()
             log.error("housekeeping failed %s", kv(error=exc))
+        self._publish_metrics()
         systemd.notify(f"STATUS={self._status_line()}")
 
     def _take_first_commit(self):
@@ -538,11 +528,28 @@ class Daemon:
             "unban": lambda: desk.manual_unban(args.get("address")),
             "reload": self._reload_now,
             "applied": lambda: self._applied(args.get("kind")),
-            "metrics": self.registry.render,
+            "metrics": self._metrics_text,
         }
         if command not in handlers:
             raise InputError(f"unknown command {command!r}", key="command")
         return handlers[command]()
+
+    def _publish_metrics(self):
+        """The gauges scrapes read until the next call: made here, on the main
+        thread, so the HTTP thread never runs daemon code (nor parses a trial)."""
+        self.metrics.snapshot.publish({
+            "policyd_bans_active": self.bans.active_count if self.bans else 0,
+            "policyd_trial_active": int(self.store.pending() is not None),
+            "policyd_enforcing": int(self.held_back is None),
+            "policyd_log_errors": {source.path: int(source.stats()["error"] is not None)
+                                   for source in self.sources},
+        })
+        if self.fleet is not None:
+            self.fleet.publish_metrics()
+
+    def _metrics_text(self):
+        self._publish_metrics()
+        return metrics.render(self.registry)
 
     def _counted(self, ban):
         self.metrics.bans.labels(reason="manual").inc()

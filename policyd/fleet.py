@@ -84,35 +84,39 @@ class Fleet:
         if made is None:
             made = registry.policyd_fleet_metrics = {
                 "published": metrics.Counter("policyd_fleet_published_total",
-                                             "Bans and unbans this node added to its stream.", (),
-                                             registry),
+                                             "Bans and unbans this node added to its stream.",
+                                             registry=registry),
                 "received": metrics.Counter("policyd_fleet_received_total",
                                             "Entries read from other nodes' streams.", ["node"],
-                                            registry),
+                                            registry=registry),
                 "applied": metrics.Counter("policyd_fleet_applied_total",
                                            "Received bans and unbans applied to this node's kernel.",
-                                           ["op"], registry),
+                                           ["op"], registry=registry),
                 "rejected": metrics.Counter("policyd_fleet_rejected_total",
-                                            "Received entries skipped, by reason.", ["reason"], registry),
+                                            "Received entries skipped, by reason.", ["reason"],
+                                            registry=registry),
                 "latency": metrics.Histogram(
                     "policyd_fleet_latency_seconds",
                     "Seconds from the entry's XADD (server clock) to this node's kernel holding it.",
-                    metrics.LATENCY_BUCKETS, (), registry),
-                "connected": metrics.Gauge("policyd_fleet_connected",
-                                           "1 while both Redis connections are up.", (), registry),
-                "outbox": metrics.Gauge("policyd_fleet_outbox", "Bans and unbans waiting for Redis.",
-                                        (), registry),
+                    buckets=metrics.LATENCY_BUCKETS, registry=registry),
+                "gauges": metrics.Snapshot(registry),
             }
-            made["published"].labels()
-            made["latency"].labels()
+            made["gauges"].gauge("policyd_fleet_connected", "1 while both Redis connections are up.")
+            made["gauges"].gauge("policyd_fleet_outbox", "Bans and unbans waiting for Redis.")
             for reason in REJECT_REASONS:
                 made["rejected"].labels(reason=reason)
             for op in ("ban", "unban"):
                 made["applied"].labels(op=op)
-        made["connected"].set_function(lambda: int(all(self.connected.values())))
-        made["outbox"].set_function(lambda: self.publisher.queued() if self.publisher else 0)
         self.m_published, self.m_received = made["published"], made["received"]
         self.m_applied, self.m_rejected, self.m_latency = made["applied"], made["rejected"], made["latency"]
+        self.m_gauges = made["gauges"]
+
+    def publish_metrics(self):
+        """The fleet's gauges as of now, for the scrapes that follow (main thread)."""
+        self.m_gauges.publish({
+            "policyd_fleet_connected": int(all(self.connected.values())),
+            "policyd_fleet_outbox": self.publisher.queued() if self.publisher else 0,
+        })
 
     # ------------------------------------------------------------ start and stop
 

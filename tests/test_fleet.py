@@ -196,7 +196,7 @@ def node(tmp_path):
     state = State(tmp_path / "state.db")
     loaded = load(FLEET + "  accept:\n    rate: 5/second\n")
     bans = BanManager(loaded.bans, state, kernel, clock=clock)
-    registry = metrics.Registry()
+    registry = metrics.new_registry()
     fleet = Fleet(loaded.fleet, state, bans, registry, wake=lambda: None, clock=clock)
     fleet.registry_ = registry
     fleet.publisher = Recorder()
@@ -371,9 +371,9 @@ def test_a_fleet_started_again_by_a_reload_counts_in_the_same_series(node):
     receive(node, entry(node))
     again = Fleet(node.settings, node.state, node.bans, node.registry_, wake=lambda: None)
     assert again.m_applied is node.m_applied
-    text = node.registry_.render()
-    assert "policyd_fleet_applied_total{op=\"ban\"} 1" in text
-    assert "policyd_fleet_connected 0" in text
+    text = metrics.render(node.registry_)
+    assert "policyd_fleet_applied_total{op=\"ban\"} 1.0" in text
+    assert "policyd_fleet_connected 0.0" in text
 
 
 def test_any_bytes_an_attacker_writes_are_an_entry_or_malformed_never_a_crash():
