@@ -19,7 +19,7 @@ from policyd import policy as policy_mod
 from policyd import preflight, render, trial
 from policyd.addr import parse_host
 from policyd.compile import compile_policy
-from policyd.errors import InputError, KernelError
+from policyd.errors import HostError, InputError, KernelError, PolicydError, Refused
 
 
 class Context:
@@ -33,17 +33,14 @@ class Context:
 
 
 def handle_errors(func):
-    """Turn the two expected failures into one line on stderr and an exit code."""
+    """Every error meant for the operator: one line on stderr, and its exit code."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except InputError as exc:
-            click.echo(f"policyd: {exc}", err=True)
-            sys.exit(2)
-        except KernelError as exc:
-            click.echo(f"policyd: the kernel refused: {exc}", err=True)
-            sys.exit(1)
+        except PolicydError as exc:
+            click.echo(f"policyd: {exc.for_operator()}", err=True)
+            sys.exit(exc.exit_code)
     return wrapper
 
 
@@ -156,18 +153,6 @@ def _live_bans(obj, policy):
         return []
 
 
-def trial_refusals(func):
-    """A trial step that ran and said no (too late, a trial running, a lockout): exit 1."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except trial.TrialRefused as exc:
-            click.echo(f"policyd: {exc}", err=True)
-            sys.exit(1)
-    return wrapper
-
-
 @main.command()
 @policy_argument
 @click.option("--confirm-timeout", type=Duration(1, 86400), metavar="DURATION",
@@ -181,7 +166,6 @@ def trial_refusals(func):
                    "established connection on a guarded port.")
 @click.pass_obj
 @handle_errors
-@trial_refusals
 def apply(obj, policy_path, confirm_timeout, wait, force):
     """Load POLICY atomically and make it the committed policy (or try it, on a timer)."""
     nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
@@ -272,7 +256,6 @@ def _ask_until(prompt, deadline):
 @main.command()
 @click.pass_obj
 @handle_errors
-@trial_refusals
 def confirm(obj):
     """Keep the policy on trial: it becomes the committed policy."""
     policy = trial.confirm(obj.nft(), trial.PolicyStore(obj.state_dir))
@@ -283,7 +266,6 @@ def confirm(obj):
 @main.command()
 @click.pass_obj
 @handle_errors
-@trial_refusals
 def rollback(obj):
     """End the trial now: reload the committed policy."""
     store = trial.PolicyStore(obj.state_dir)
@@ -361,9 +343,6 @@ def _ask_daemon(obj, command, **args):
         return control.request(obj.run_dir, command, **args)
     except control.DaemonUnavailable:
         return None
-    except control.ControlError as exc:
-        click.echo(f"policyd: {exc}", err=True)
-        sys.exit(exc.code)
 
 
 @main.command()
@@ -497,8 +476,7 @@ def unban(obj, address):
     if result is None:
         result = _offline_bans(obj, lambda d: d.manual_unban(address))
     if not result["unbanned"]:
-        click.echo(f"policyd: {address} is not banned", err=True)
-        sys.exit(1)
+        raise Refused(f"{address} is not banned")
     click.echo(f"unbanned {address}")
 
 
@@ -515,8 +493,7 @@ def metrics(obj):
     """Print the daemon's metrics in Prometheus text format."""
     result = _ask_daemon(obj, "metrics")
     if result is None:
-        click.echo("policyd: the daemon is not running", err=True)
-        sys.exit(1)
+        raise HostError("the daemon is not running")
     click.echo(result, nl=False)
 
 

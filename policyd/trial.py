@@ -22,7 +22,7 @@ from policyd import explain, preflight
 from policyd import policy as policy_mod
 from policyd.addr import parse_host
 from policyd.compile import FAMILY, TRIAL_SET, compile_policy
-from policyd.errors import InputError, KernelError
+from policyd.errors import InputError, KernelError, Refused
 
 COMMITTED = "committed.yaml"
 COMMITTED_META = "committed.json"
@@ -36,8 +36,8 @@ HELD_BACK = "held-back.json"
 log = logging.getLogger("policyd.trial")
 
 
-class TrialRefused(Exception):
-    """The operation ran and said no (exit code 1); nothing was changed."""
+class TrialRefused(Refused):
+    """A trial step ran and said no (exit code 1); nothing was changed."""
 
 
 class TrialRunning(TrialRefused):

@@ -243,3 +243,28 @@ def test_explain_names_its_arguments_like_the_usage(tmp_path):
         "policyd: SRC: ")
     assert invoke(tmp_path, "explain", path, "192.0.2.7", "99999").stderr.startswith(
         "policyd: PORT: ")
+
+
+def test_every_operator_error_class_carries_the_exit_code_spec_gives_it():
+    from policyd.errors import HostError, InputError, KernelError, PolicydError, Refused
+    assert InputError("x").exit_code == 2
+    for refusal in (HostError("x"), KernelError("x"), Refused("x"), trial.TooLate("x"),
+                    trial.LockoutRisk("x")):
+        assert isinstance(refusal, PolicydError) and refusal.exit_code == 1
+    assert KernelError("no such table").for_operator() == "the kernel refused: no such table"
+
+
+def test_a_foreign_state_database_is_the_hosts_fault_not_the_input(tmp_path):
+    import sqlite3
+
+    from policyd import policy
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    with sqlite3.connect(state_dir / "state.db") as db:
+        db.execute("CREATE TABLE photos (id INTEGER)")
+    policy_file = write(tmp_path, GOOD)
+    trial.PolicyStore(state_dir).commit(policy_file.read_bytes(), policy.load(policy_file))
+    result = invoke(tmp_path, "unban", "192.0.2.7")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"policyd: {state_dir / 'state.db'}: not a policyd state database")
+    assert result.stderr.count("\n") == 1
