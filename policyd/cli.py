@@ -329,10 +329,10 @@ def run(obj, policy_path, metrics_listen, log_level):
     daemon takes the first policy an operator applies. An edited POLICY takes
     effect only through `policyd apply`.
     """
-    from policyd import daemon, metrics, systemd
+    from policyd import daemon, logfmt, metrics
     if metrics_listen is not None:
         metrics.parse_listen(metrics_listen)  # refused before anything is touched
-    systemd.setup_logging(log_level.upper())
+    logfmt.setup_logging(log_level.upper())
     daemon.run(policy_path, obj.state_dir, obj.run_dir, metrics_listen)
 
 

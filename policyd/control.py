@@ -4,8 +4,6 @@ Owns the socket's permissions (mode 0600 from birth plus an SO_PEERCRED uid
 check), bounded serving on background threads, and the client the CLI uses.
 """
 
-from __future__ import annotations
-
 import concurrent.futures
 import json
 import logging
@@ -18,7 +16,8 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from policyd.errors import HostError, PolicydError
 

@@ -22,10 +22,10 @@ from policyd.journal import JournalSource
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
-from policyd.systemd import kv
+from policyd.logfmt import kv
 from policyd.tail import LogFollower, LogWatcher
 
-log = logging.getLogger("policyd")
+log = logging.getLogger(__name__)
 
 # How often the main loop looks at the kernel and the clock when no log moves.
 HOUSEKEEPING_SECONDS = 0.5

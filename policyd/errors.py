@@ -3,8 +3,6 @@ line (`file:line: key: what`) carrying the exit code SPEC gives it (1 the
 operation ran and said no, 2 the input is wrong). The CLI prints it; nothing else.
 """
 
-from __future__ import annotations
-
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
 

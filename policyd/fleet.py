@@ -15,9 +15,9 @@ from policyd import fleet_redis, fleet_wire, metrics
 from policyd.bans import _as_network
 from policyd.errors import InputError
 from policyd.fleet_config import read_password
-from policyd.systemd import kv
+from policyd.logfmt import kv
 
-log = logging.getLogger("policyd")
+log = logging.getLogger(__name__)
 
 ORIGIN = "fleet:"            # the filter name of a ban received from another node
 WARN_EVERY_SECONDS = 10.0

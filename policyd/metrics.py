@@ -3,8 +3,6 @@ README), the snapshot the main loop publishes for the gauges, and the
 loopback-only HTTP endpoint. Exposition and process metrics: python3-prometheus-client.
 """
 
-from __future__ import annotations
-
 import ipaddress
 import logging
 import os

@@ -4,8 +4,6 @@ Owns reading new complete lines as bytes, the byte position that a restart
 resumes from (through a PositionStore), and a watchdog wake-up source.
 """
 
-from __future__ import annotations
-
 import errno
 import hashlib
 import json
@@ -14,7 +12,8 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from watchdog.events import EVENT_TYPE_DELETED, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer

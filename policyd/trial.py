@@ -33,7 +33,7 @@ PENDING_VERSION = 1
 # file (it would cut a connected client, or it does not load); gone at the first commit.
 HELD_BACK = "held-back.json"
 
-log = logging.getLogger("policyd.trial")
+log = logging.getLogger(__name__)
 
 
 class TrialRefused(Refused):
