@@ -6,10 +6,8 @@ resumes from (through a PositionStore), and a watchdog wake-up source.
 
 import errno
 import hashlib
-import json
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,7 +17,6 @@ from watchdog.events import EVENT_TYPE_DELETED, FileSystemEvent, FileSystemEvent
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
-from policyd.errors import InputError
 
 HEAD_BYTES = 256
 READ_CHUNK = 1 << 16
@@ -39,79 +36,6 @@ class PositionStore(Protocol):
     def load(self, path: str) -> dict | None: ...
 
     def save(self, path: str, position: dict) -> None: ...
-
-
-class MemoryPositions:
-    """A PositionStore in a dict; for tests and one-shot runs."""
-
-    def __init__(self):
-        self._positions: dict[str, dict] = {}
-
-    def load(self, path: str) -> dict | None:
-        position = self._positions.get(path)
-        return dict(position) if position is not None else None
-
-    def save(self, path: str, position: dict) -> None:
-        self._positions[path] = dict(position)
-
-
-class JsonFilePositions:
-    """A PositionStore in one JSON file, replaced atomically on every save."""
-
-    def __init__(self, file: str | os.PathLike):
-        self.file = os.fspath(file)
-        self._lock = threading.Lock()
-        self._positions: dict[str, dict] | None = None
-
-    def load(self, path: str) -> dict | None:
-        with self._lock:
-            position = self._all().get(path)
-            return dict(position) if isinstance(position, dict) else None
-
-    def save(self, path: str, position: dict) -> None:
-        with self._lock:
-            positions = self._all()
-            positions[path] = dict(position)
-            self._write(positions)
-
-    def _all(self) -> dict[str, dict]:
-        if self._positions is None:
-            self._positions = self._read()
-        return self._positions
-
-    def _read(self) -> dict[str, dict]:
-        try:
-            with open(self.file, "rb") as handle:
-                data = json.loads(handle.read())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            # Guessing here would re-read or skip whole logs; make it visible.
-            raise InputError(f"cannot read log positions: {error}", file=self.file) from error
-        if not isinstance(data, dict):
-            raise InputError("log positions must be a JSON object", file=self.file)
-        return data
-
-    def _write(self, positions: dict[str, dict]) -> None:
-        directory = os.path.dirname(os.path.abspath(self.file))
-        descriptor, temporary = tempfile.mkstemp(prefix=".positions-", dir=directory)
-        try:
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump(positions, handle, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(temporary, self.file)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
-            raise
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
 
 
 def head_hash(head: bytes) -> str:

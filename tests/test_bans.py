@@ -1,85 +1,21 @@
 """BanManager against a fake kernel and a fake clock: the window, escalation,
 never-ban rules, IPv6 aggregation, batching, kernel failures and restarts."""
 import ipaddress
-from dataclasses import dataclass
 
 import pytest
 
+from fakes import FakeBanKernel, Settings
 from policyd.bans import Ban, BanManager
-from policyd.errors import InputError, KernelError
+from policyd.errors import InputError
 from policyd.state import State
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Same attribute names as policy.BanSettings; bans.py only reads them."""
-    ports: tuple = (11434,)
-    maxretry: int = 5
-    findtime: int = 600
-    bantime: int = 3600
-    bantime_max: int = 604800
-    ipv6_prefix: int = 64
-    ignore: tuple = ()
-    logs: tuple = ()
-
-
-class FakeClock:
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-class FakeKernel:
-    """Records each call as one batch; keeps elements with an expiry like the kernel."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.batches = []
-        self.elements = {}
-        self.failing = False
-
-    def add_bans(self, bans):
-        if self.failing:
-            raise KernelError("netlink: Operation not permitted")
-        self.batches.append(("add", list(bans)))
-        for network, timeout in bans:
-            self.elements[network] = self.clock() + timeout
-
-    def remove_bans(self, networks):
-        if self.failing:
-            raise KernelError("netlink: Operation not permitted")
-        self.batches.append(("remove", list(networks)))
-        for network in networks:
-            self.elements.pop(network, None)
-
-    def list_bans(self):
-        now = self.clock()
-        return {n: round(end - now) for n, end in self.elements.items() if end > now}
-
-    def add_ban_keys(self, items):
-        self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
-                       for (_version, number, prefixlen), timeout in items])
-
-    def list_ban_keys(self):
-        return {(n.version, int(n.network_address), n.prefixlen) for n in self.list_bans()}
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 @pytest.fixture
 def kernel(clock):
-    return FakeKernel(clock)
+    return FakeBanKernel(clock)
 
 
 @pytest.fixture

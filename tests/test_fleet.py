@@ -15,7 +15,7 @@ from policyd.errors import InputError
 from policyd.fleet import ORIGIN, Fleet, TokenBucket
 from policyd.fleet_config import node_of_stream, parse_url, read_password, stream_key
 from policyd.state import State
-from test_bans import FakeClock, FakeKernel
+from fakes import FakeBanKernel, FakeClock
 
 NET = ipaddress.ip_network
 BASE = """\
@@ -73,7 +73,8 @@ def test_accept_limits():
     ("  redis: redis://10.0.0.5:99999/0\n", "fleet.redis:"),
     ("  redis: redis://10.0.0.5/0?password=x\n", "no ?query"),
     ("  redis: redis://10.0.0.5/0\n  ca_file: /ca.pem\n", "p.yaml:11: fleet.ca_file: needs a rediss://"),
-    ("  redis: redis://10.0.0.5/0\n  password_file: fleet.secret\n", "fleet.password_file: 'fleet.secret' must be absolute"),
+    ("  redis: redis://10.0.0.5/0\n  password_file: fleet.secret\n",
+     "fleet.password_file: 'fleet.secret' must be absolute"),
     ("  redis: redis://10.0.0.5/0\n  node: 'gpu*'\n", "p.yaml:11: fleet.node: 'gpu*' is not a node name"),
     ("  redis: redis://10.0.0.5/0\n  node: 'a b'\n", "fleet.node:"),
     ("  redis: redis://10.0.0.5/0\n  password: x\n", "p.yaml:11: fleet.password: unknown key"),
@@ -192,7 +193,7 @@ def node(tmp_path):
     """A Fleet on a real State and BanManager with a fake kernel; this host's clock runs
     one hour behind the Redis server's (offset +3600 s)."""
     clock = FakeClock(1_700_000_000.0)
-    kernel = FakeKernel(clock)
+    kernel = FakeBanKernel(clock)
     state = State(tmp_path / "state.db")
     loaded = load(FLEET + "  accept:\n    rate: 5/second\n")
     bans = BanManager(loaded.bans, state, kernel, clock=clock)

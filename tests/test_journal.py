@@ -14,7 +14,7 @@ from policyd.filters import Outcome
 from policyd.journal import JournalSource
 from policyd.policy import LogSource
 from policyd.state import State
-from test_bans import FakeClock, FakeKernel, Settings
+from fakes import FakeBanKernel, FakeClock, Settings
 
 pytestmark = pytest.mark.skipif(not available, reason="systemd-journal-remote is not installed")
 ip = ipaddress.ip_address
@@ -43,7 +43,7 @@ class Harness:
         self.logs = tuple(logs)
         self.settings = Settings(maxretry=maxretry, logs=self.logs)
         self.clock = FakeClock(time.time())
-        self.kernel = FakeKernel(self.clock)
+        self.kernel = FakeBanKernel(self.clock)
         self.start()
 
     def start(self):

@@ -2,7 +2,6 @@
 rollback, the daemon's second guard, boot restore, damaged records and the
 anti-lockout lint."""
 import base64
-import copy
 import hashlib
 import ipaddress
 import json
@@ -10,6 +9,7 @@ import logging
 
 import pytest
 
+from fakes import FakeNft
 from policyd import trial
 from policyd.errors import InputError, KernelError
 from policyd.trial import Peer, PolicyStore
@@ -40,115 +40,9 @@ services:
 """
 
 
-class FakeClock:
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-class FakeKernel:
-    """Enough of nftables to run compiled documents: tables, sets with expiring
-    elements, chains; one load is all or nothing, like one transaction.
-
-    `timers=False` models a kernel whose trial element never expires, so only
-    the daemon's deadline can end a trial.
-    """
-
-    def __init__(self, clock, timers=True):
-        self.clock = clock
-        self.timers = timers
-        self.tables = {}
-        self.loads = []
-        self.refuse = None  # a message: the next load fails with it
-        self.before_load = None  # called with the document before it is applied
-
-    def load(self, document):
-        if self.before_load:
-            self.before_load(document)
-        if self.refuse:
-            message, self.refuse = self.refuse, None
-            raise KernelError(message)
-        tables = copy.deepcopy(self.tables)
-        for command in document["nftables"]:
-            (verb, body), = command.items()
-            if verb != "metainfo":
-                self._run(tables, verb, body)
-        self.tables = tables
-        self.loads.append(document)
-
-    def _run(self, tables, verb, body):
-        (kind, obj), = body.items()
-        name = obj.get("table", obj.get("name"))
-        if kind == "table":
-            if verb == "add":
-                tables.setdefault(obj["name"], {"sets": {}, "chains": set()})
-            elif verb == "delete":
-                if obj["name"] not in tables:
-                    raise KernelError("No such file or directory")
-                del tables[obj["name"]]
-            return
-        table = tables.get(name)
-        if table is None:
-            raise KernelError(f"No such file or directory: table {name}")
-        if kind == "set" and verb == "add":
-            table["sets"].setdefault(obj["name"], {})
-        elif kind == "set" and verb == "flush":
-            table["sets"][obj["name"]].clear()
-        elif kind == "chain" and verb == "add":
-            table["chains"].add(obj["name"])
-        elif kind == "element":
-            elements = table["sets"].get(obj["name"])
-            if elements is None:
-                raise KernelError("No such file or directory: set")
-            self._expire(elements)
-            for elem in obj["elem"]:
-                value, timeout = elem, None
-                if isinstance(elem, dict) and "elem" in elem:
-                    value, timeout = elem["elem"]["val"], elem["elem"].get("timeout")
-                if verb == "add":
-                    elements[value] = None if timeout is None else self.clock.now + timeout
-                elif verb == "delete":
-                    if value not in elements:
-                        raise KernelError("Could not process rule: No such file or directory")
-                    del elements[value]
-
-    def _expire(self, elements):
-        if not self.timers:
-            return
-        for value, expiry in list(elements.items()):
-            if expiry is not None and expiry <= self.clock.now:
-                del elements[value]
-
-    def set_elements(self, table, name):
-        try:
-            elements = self.tables[table]["sets"][name]
-        except KeyError:
-            raise KernelError("No such file or directory") from None
-        self._expire(elements)
-        return [(value, None if expiry is None else 0,
-                 None if expiry is None else int(expiry - self.clock.now))
-                for value, expiry in elements.items()]
-
-    def active_services(self, table="policyd"):
-        """Service names the kernel enforces now, from the chains and the trial set."""
-        chains = self.tables[table]["chains"]
-        slot = "committed"
-        if "trial" in self.tables[table]["sets"] and self.set_elements(table, "trial"):
-            slot = "candidate"
-        prefix = f"{slot}_svc_"
-        return sorted(c[len(prefix):] for c in chains if c.startswith(prefix))
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 @pytest.fixture
 def kernel(clock):
-    return FakeKernel(clock)
+    return FakeNft(clock)
 
 
 @pytest.fixture
@@ -273,7 +167,7 @@ def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
 
 def test_confirm_after_the_wall_clock_deadline_fails_even_if_the_kernel_kept_it(
         store, files, clock):
-    kernel = FakeKernel(clock, timers=False)
+    kernel = FakeNft(clock, timers=False)
     plain(kernel, store, files["base"], clock)
     start(kernel, store, files["cand"], clock, seconds=30)
     clock.advance(30)
@@ -376,7 +270,7 @@ def test_confirm_timeout_must_be_positive(kernel, store, files, clock):
 
 
 def test_enforce_is_the_rollback_on_kernels_without_timers(store, files, clock):
-    kernel = FakeKernel(clock, timers=False)
+    kernel = FakeNft(clock, timers=False)
     plain(kernel, store, files["base"], clock)
     start(kernel, store, files["cand"], clock, seconds=30)
     clock.advance(29)
@@ -524,7 +418,8 @@ def test_ssh_peer_from_environment():
 
 def test_lint_refuses_a_policy_that_cuts_the_ssh_client(kernel, store, files, clock,
                                                          committed):
-    peers = lambda policy: [Peer(ip("192.0.2.50"), 22, "tcp", "your SSH session")]
+    def peers(policy):
+        return [Peer(ip("192.0.2.50"), 22, "tcp", "your SSH session")]
     with pytest.raises(trial.LockoutRisk) as refused:
         start(kernel, store, files["cand"], clock, peers=peers)
     message = str(refused.value)
@@ -568,8 +463,8 @@ def test_lint_asks_for_the_interface_only_when_an_iface_rule_could_allow():
 
 
 def test_lint_refusal_names_more_cuts(kernel, store, files, clock, committed):
-    peers = lambda policy: [Peer(ip("192.0.2.50"), 22, "tcp", "a"),
-                            Peer(ip("192.0.2.51"), 11434, "tcp", "b")]
+    def peers(policy):
+        return [Peer(ip("192.0.2.50"), 22, "tcp", "a"), Peer(ip("192.0.2.51"), 11434, "tcp", "b")]
     with pytest.raises(trial.LockoutRisk, match=r"and 1 more"):
         start(kernel, store, files["cand"], clock, peers=peers)
 
