@@ -451,8 +451,10 @@ class _Loader:
             for name, value_node in self.mapping(fields["match_regex"], None, f"{key}.match_regex").items():
                 pattern = self.regex(value_node, f"{key}.match_regex.{name}", need_host=False, as_bytes=False)
                 match_regex.append((_path(name), pattern))
-        present = [_path(p) for p in self.strings(fields["present"], f"{key}.present")] if "present" in fields else []
-        nonempty = [_path(p) for p in self.strings(fields["nonempty"], f"{key}.nonempty")] if "nonempty" in fields else []
+        present = ([_path(p) for p in self.strings(fields["present"], f"{key}.present")]
+                   if "present" in fields else [])
+        nonempty = ([_path(p) for p in self.strings(fields["nonempty"], f"{key}.nonempty")]
+                    if "nonempty" in fields else [])
         time_path = _path(self.string(fields["time"], f"{key}.time")) if "time" in fields else None
         if (time_path is None) != (time_parser is None):
             self.fail(node, f"{key}.time", "json.time and the rule's time_format go together")

@@ -17,7 +17,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import run as bench_run  # noqa: E402
 
 TINY = ["--lines", "1000", "--trials", "2", "--allowlist", "1000", "--restore", "200",
-        "--apply-networks", "1000", "--fail2ban-trials", "2", "--fail2ban-restore", "20", "--fleet-trials", "2", "--quiet"]
+        "--apply-networks", "1000", "--fail2ban-trials", "2", "--fail2ban-restore", "20",
+        "--fleet-trials", "2", "--quiet"]
 
 
 def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
