@@ -20,7 +20,7 @@ from policyd.cli import main
 from policyd.compile import compile_policy
 from policyd.errors import InputError, KernelError
 from policyd.netdiag import Listener
-from policyd.trial import Pending, PolicyStore
+from policyd.policystore import Pending, PolicyStore
 
 ip = ipaddress.ip_address
 NOW = 1_000_000.0

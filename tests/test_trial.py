@@ -10,9 +10,10 @@ import logging
 import pytest
 
 from fakes import FakeNft
-from policyd import trial
+from policyd import lockout, policystore, trial
 from policyd.errors import InputError, KernelError
-from policyd.trial import Peer, PolicyStore
+from policyd.lockout import Peer
+from policyd.policystore import PolicyStore
 
 ip = ipaddress.ip_address
 
@@ -84,7 +85,7 @@ def test_trial_runs_candidate_and_leaves_the_committed_file_alone(
         kernel, store, files, clock, committed):
     pending = start(kernel, store, files["cand"], clock, seconds=30)
     assert kernel.active_services() == ["cand"]
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert store.pending() == pending
     assert pending.deadline == clock.now + 30 and pending.seconds == 30
     assert pending.data == files["cand"].read_bytes()
@@ -114,7 +115,7 @@ def test_confirm_in_time_commits_the_candidate(kernel, store, files, clock, comm
     policy = trial.confirm(kernel, store, now=clock.now)
     assert policy.services[0].name == "cand"
     assert store.pending() is None
-    assert (store.dir / trial.COMMITTED).read_bytes() == files["cand"].read_bytes()
+    assert (store.dir / policystore.COMMITTED).read_bytes() == files["cand"].read_bytes()
     assert store.meta()["sha256"] == policy.digest
     assert kernel.active_services() == ["cand"]
     assert "trial" not in kernel.tables["policyd"]["sets"]
@@ -139,7 +140,7 @@ def test_confirm_after_the_kernel_expired_the_trial_is_too_late(
     with pytest.raises(trial.TooLate, match="too late"):
         # The daemon's clock may lag the kernel's: ask with a time inside the deadline.
         trial.confirm(kernel, store, now=clock.now - 5)
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert store.pending() is None
     assert kernel.active_services() == ["base"]
     assert not any(c.startswith("candidate") for c in kernel.tables["policyd"]["chains"])
@@ -161,7 +162,7 @@ def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
     kernel.set_elements = list_then_expire
     with pytest.raises(trial.TooLate):
         trial.confirm(kernel, store, now=clock.now)
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert kernel.active_services() == ["base"]
 
 
@@ -223,13 +224,13 @@ def test_rollback_restores_committed_now(kernel, store, files, clock, committed)
     assert ended.source == str(files["cand"])
     assert kernel.active_services() == ["base"]
     assert store.pending() is None
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
 
 
 def test_rollback_without_a_record_still_reloads_committed(kernel, store, files, clock,
                                                             committed):
     start(kernel, store, files["cand"], clock, seconds=30)
-    (store.dir / trial.PENDING).write_text("{")
+    (store.dir / policystore.PENDING).write_text("{")
     assert trial.rollback(kernel, store) is None
     assert kernel.active_services() == ["base"]
 
@@ -316,7 +317,7 @@ def test_restore_with_nothing_committed_guards_nothing(kernel, store, files, clo
 def test_damaged_pending_record_is_no_trial(kernel, store, files, clock, committed, damage,
                                             caplog):
     start(kernel, store, files["cand"], clock, seconds=30)
-    path = store.dir / trial.PENDING
+    path = store.dir / policystore.PENDING
     path.write_bytes(damage(path.read_bytes()))
     with caplog.at_level(logging.WARNING, logger="policyd.trial"):
         assert store.pending() is None
@@ -382,7 +383,7 @@ def test_plain_apply_stores_a_relative_path_as_absolute(kernel, store, files, cl
     monkeypatch.chdir(files["cand"].parent)
     plain(kernel, store, files["cand"].name, clock)
     assert store.meta()["source"] == str(files["cand"])
-    assert store.committed().source == str(store.dir / trial.COMMITTED)
+    assert store.committed().source == str(store.dir / policystore.COMMITTED)
 
 
 def test_confirm_and_rollback_without_a_trial_both_say_no_and_create_nothing(kernel, tmp_path):
@@ -405,29 +406,29 @@ def test_rollback_with_a_committed_policy_but_no_trial_says_no(kernel, store, fi
 # --- the anti-lockout lint ---------------------------------------------------
 
 def test_ssh_peer_from_environment():
-    peer = trial.ssh_peer({"SSH_CONNECTION": "198.51.100.7 51234 192.0.2.1 22"})
+    peer = lockout.ssh_peer({"SSH_CONNECTION": "198.51.100.7 51234 192.0.2.1 22"})
     assert peer.address == ip("198.51.100.7") and peer.port == 22
-    assert trial.ssh_peer({"SSH_CONNECTION": "::ffff:192.0.2.9 5 2001:db8::1 2222"}).address \
+    assert lockout.ssh_peer({"SSH_CONNECTION": "::ffff:192.0.2.9 5 2001:db8::1 2222"}).address \
         == ip("192.0.2.9")
-    assert trial.ssh_peer({"SSH_CONNECTION": "2001:db8::9 5 2001:db8::1 22"}).address \
+    assert lockout.ssh_peer({"SSH_CONNECTION": "2001:db8::9 5 2001:db8::1 22"}).address \
         == ip("2001:db8::9")
     for bad in ("", "198.51.100.7 51234 192.0.2.1", "nonsense 1 2 3", "1.2.3.4 1 5.6.7.8 x"):
-        assert trial.ssh_peer({"SSH_CONNECTION": bad}) is None
-    assert trial.ssh_peer({}) is None
+        assert lockout.ssh_peer({"SSH_CONNECTION": bad}) is None
+    assert lockout.ssh_peer({}) is None
 
 
 def test_lint_refuses_a_policy_that_cuts_the_ssh_client(kernel, store, files, clock,
                                                          committed):
     def peers(policy):
         return [Peer(ip("192.0.2.50"), 22, "tcp", "your SSH session")]
-    with pytest.raises(trial.LockoutRisk) as refused:
+    with pytest.raises(lockout.LockoutRisk) as refused:
         start(kernel, store, files["cand"], clock, peers=peers)
     message = str(refused.value)
     assert "192.0.2.50" in message and "port 22" in message
     assert "services.cand.action: drop" in message and "--force" in message
     assert "\n" not in message
     assert store.pending() is None and kernel.active_services() == ["base"]
-    with pytest.raises(trial.LockoutRisk):
+    with pytest.raises(lockout.LockoutRisk):
         plain(kernel, store, files["cand"], clock, peers=peers)
     start(kernel, store, files["cand"], clock, peers=peers, force=True)
     assert kernel.active_services() == ["cand"]
@@ -439,9 +440,9 @@ def test_lint_passes_allowed_and_unguarded_peers():
     peers = [Peer(ip("198.51.100.7"), 22, "tcp", "ssh"),        # allowed by address
              Peer(ip("192.0.2.50"), 8080, "tcp", "ssh"),        # port not guarded
              Peer(ip("192.0.2.50"), 11434, "udp", "ssh")]       # other protocol
-    assert trial.lockout_cuts(candidate, peers) == []
+    assert lockout.lockout_cuts(candidate, peers) == []
     cut = Peer(ip("2001:db8::5"), 11434, "tcp", "an established connection")
-    [(peer, decision)] = trial.lockout_cuts(candidate, peers + [cut, cut])
+    [(peer, decision)] = lockout.lockout_cuts(candidate, peers + [cut, cut])
     assert peer == cut and decision.verdict == "drop"
 
 
@@ -456,29 +457,29 @@ def test_lint_asks_for_the_interface_only_when_an_iface_rule_could_allow():
         asked.append(address)
         return "tailscale0" if address == ip("100.64.0.9") else "eth0"
 
-    assert trial.lockout_cuts(candidate, [peer], iface_of) == []
+    assert lockout.lockout_cuts(candidate, [peer], iface_of) == []
     other = Peer(ip("198.51.100.7"), 22, "tcp", "ssh")
-    assert [p for p, _ in trial.lockout_cuts(candidate, [other], iface_of)] == [other]
+    assert [p for p, _ in lockout.lockout_cuts(candidate, [other], iface_of)] == [other]
     assert asked == [ip("100.64.0.9"), ip("198.51.100.7")]
 
 
 def test_lint_refusal_names_more_cuts(kernel, store, files, clock, committed):
     def peers(policy):
         return [Peer(ip("192.0.2.50"), 22, "tcp", "a"), Peer(ip("192.0.2.51"), 11434, "tcp", "b")]
-    with pytest.raises(trial.LockoutRisk, match=r"and 1 more"):
+    with pytest.raises(lockout.LockoutRisk, match=r"and 1 more"):
         start(kernel, store, files["cand"], clock, peers=peers)
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     path = tmp_path / "state" / "committed.yaml"
-    trial.atomic_write(path, b"old")
+    policystore.atomic_write(path, b"old")
 
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trial.os, "replace", crash)
+    monkeypatch.setattr(policystore.os, "replace", crash)
     with pytest.raises(OSError):
-        trial.atomic_write(path, b"new")
+        policystore.atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
     assert [p.name for p in path.parent.iterdir()] == ["committed.yaml"]
 
@@ -494,7 +495,7 @@ def test_operator_peers_are_the_ssh_client_and_established_peers(monkeypatch):
 
     monkeypatch.setattr(netdiag, "established_peers", established)
     candidate = policy_mod.loads(CANDIDATE + "  dns: {ports: [53], proto: udp, allow: any}\n")
-    peers = trial.operator_peers(candidate, {"SSH_CONNECTION": "198.51.100.7 5 192.0.2.1 22"})
+    peers = lockout.operator_peers(candidate, {"SSH_CONNECTION": "198.51.100.7 5 192.0.2.1 22"})
     assert asked == [[22, 11434]]  # TCP ports only: sock_diag reads TCP here
     assert [(p.address, p.port) for p in peers] == [(ip("198.51.100.7"), 22),
                                                    (ip("192.0.2.77"), 11434)]
@@ -508,9 +509,9 @@ def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, kernel, st
         raise OSError(95, "sock_diag: Operation not supported")
 
     monkeypatch.setattr(netdiag, "established_peers", broken)
-    with pytest.raises(trial.LockoutRisk, match="--force"):
+    with pytest.raises(lockout.LockoutRisk, match="--force"):
         trial.start_trial(kernel, store, files["cand"], 30, now=clock.now,
-                          peers=lambda policy: trial.operator_peers(policy, {}))
+                          peers=lambda policy: lockout.operator_peers(policy, {}))
     assert store.pending() is None
 
 
@@ -531,15 +532,15 @@ def test_the_lint_in_a_child_refuses_as_the_lint_does_and_loads_nothing_here(fil
     import sys
     policy = trial.policy_mod.load(files["base"])
     cut = [Peer(ip("198.51.100.7"), 11434, "tcp", "an established connection")]
-    with pytest.raises(trial.LockoutRisk, match="198.51.100.7 on tcp port 11434"):
-        trial.lint_in_child(policy, peers=lambda _p: cut, iface_of=lambda _a: None)
-    trial.lint_in_child(policy, peers=lambda _p: [], iface_of=lambda _a: None)
+    with pytest.raises(lockout.LockoutRisk, match="198.51.100.7 on tcp port 11434"):
+        lockout.lint_in_child(policy, peers=lambda _p: cut, iface_of=lambda _a: None)
+    lockout.lint_in_child(policy, peers=lambda _p: [], iface_of=lambda _a: None)
 
     def broken(_policy):
         raise RuntimeError("sock_diag said no")
-    with pytest.raises(trial.LockoutRisk, match="could not run"):
-        trial.lint_in_child(policy, peers=broken, iface_of=lambda _a: None)
+    with pytest.raises(lockout.LockoutRisk, match="could not run"):
+        lockout.lint_in_child(policy, peers=broken, iface_of=lambda _a: None)
     if "pyroute2" not in sys.modules:
         # The real peers load pyroute2, in the child only.
-        trial.lint_in_child(policy)
+        lockout.lint_in_child(policy)
         assert "pyroute2" not in sys.modules
