@@ -63,12 +63,7 @@ class ConfigSet:
             self._merge(file)
 
     def _merge(self, file):
-        parser = _RawParser()
-        try:
-            with open(file, encoding="utf-8") as stream:
-                parser.read_file(stream, source=file)
-        except (OSError, UnicodeDecodeError, configparser.Error) as error:
-            raise InputError(f"cannot read fail2ban config: {error}", file=file) from None
+        parser = _read(file)
         self.files.append(file)
         self.defaults.update(parser.defaults())
         for name, values in parser.own_sections().items():
@@ -146,16 +141,21 @@ class ConfigSet:
         return _INTERPOLATION.sub(replace, value)
 
 
-def _with_includes(path, seen):
-    """path with its [INCLUDES] before/after (each with its .local), depth first."""
-    if path in seen or not os.path.isfile(path):
-        return []
+def _read(path):
     parser = _RawParser()
     try:
         with open(path, encoding="utf-8") as stream:
             parser.read_file(stream, source=path)
     except (OSError, UnicodeDecodeError, configparser.Error) as error:
         raise InputError(f"cannot read fail2ban config: {error}", file=path) from None
+    return parser
+
+
+def _with_includes(path, seen):
+    """path with its [INCLUDES] before/after (each with its .local), depth first."""
+    if path in seen or not os.path.isfile(path):
+        return []
+    parser = _read(path)
     before, after = [], []
     if parser.has_section("INCLUDES"):
         for option, target in (("before", before), ("after", after)):
