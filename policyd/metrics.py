@@ -1,5 +1,5 @@
-"""The daemon's Prometheus metrics: the metric set (its names are a contract, see
-README), the snapshot the main loop publishes for the gauges, and the
+"""The daemon's Prometheus metrics: the metric sets, the daemon's and the fleet's
+(their names are a contract, see README), the snapshot the main loop publishes for the gauges, and the
 loopback-only HTTP endpoint. Exposition and process metrics: python3-prometheus-client.
 """
 
@@ -153,6 +153,47 @@ def standard_metrics(registry: CollectorRegistry) -> StandardMetrics:
     for kind in APPLY_KINDS:
         metrics.applies.labels(kind=kind)
     return metrics
+
+
+@dataclass(frozen=True)
+class FleetMetrics:
+    published: Counter
+    received: Counter
+    applied: Counter
+    rejected: Counter
+    latency: Histogram
+    gauges: Snapshot
+
+
+def fleet_metrics(registry: CollectorRegistry, reject_reasons) -> FleetMetrics:
+    """The fleet's metrics, made once per registry: a reload that restarts the
+    fleet keeps counting in the same series. Its gauges: Fleet.publish_metrics."""
+    made = getattr(registry, "policyd_fleet_metrics", None)
+    if made is not None:
+        return made
+    gauges = Snapshot(registry)
+    gauges.gauge("policyd_fleet_connected", "1 while both Redis connections are up.")
+    gauges.gauge("policyd_fleet_outbox", "Bans and unbans waiting for Redis.")
+    made = registry.policyd_fleet_metrics = FleetMetrics(
+        published=Counter("policyd_fleet_published_total",
+                          "Bans and unbans this node added to its stream.", registry=registry),
+        received=Counter("policyd_fleet_received_total", "Entries read from other nodes' streams.",
+                         ["node"], registry=registry),
+        applied=Counter("policyd_fleet_applied_total",
+                        "Received bans and unbans applied to this node's kernel.", ["op"],
+                        registry=registry),
+        rejected=Counter("policyd_fleet_rejected_total", "Received entries skipped, by reason.",
+                         ["reason"], registry=registry),
+        latency=Histogram("policyd_fleet_latency_seconds",
+                          "Seconds from the entry's XADD (server clock) to this node's kernel "
+                          "holding it.", buckets=LATENCY_BUCKETS, registry=registry),
+        gauges=gauges,
+    )
+    for reason in reject_reasons:
+        made.rejected.labels(reason=reason)
+    for op in ("ban", "unban"):
+        made.applied.labels(op=op)
+    return made
 
 
 def parse_listen(text: str, key: str = "--metrics-listen") -> tuple[str, int]:

@@ -12,7 +12,8 @@ import pytest
 from policyd import fleet_wire, metrics, policy
 from policyd.bans import BanManager
 from policyd.errors import InputError
-from policyd.fleet import ORIGIN, Fleet, TokenBucket
+from policyd.fleet import ORIGIN, Fleet
+from policyd.fleet_peers import TokenBucket
 from policyd.fleet_config import node_of_stream, parse_url, read_password, stream_key
 from policyd.state import State
 from fakes import FakeBanKernel, FakeClock
