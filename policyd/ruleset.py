@@ -5,6 +5,7 @@ libnftables (or policyd.nlbatch) loads, `show`'s nft text, the skeleton the
 daemon's drift check compares, doctor's listed objects, explain's walk
 (policyd.walk) and the fake kernel of the tests (Ruleset.replay).
 """
+import copy
 from dataclasses import dataclass, field
 
 FAMILY = "inet"
@@ -61,6 +62,7 @@ class Ruleset:
     def __init__(self):
         self.commands = [{"metainfo": {"json_schema_version": 1}}]
         self.tables = {}  # name -> Table (family inet)
+        self.strict = False
 
     # ---------------------------------------------------------------- building
 
@@ -113,9 +115,14 @@ class Ruleset:
         return {"nftables": self.commands}
 
     @classmethod
-    def replay(cls, document):
-        """The model of a document built elsewhere (the fake kernel's view of a load)."""
+    def replay(cls, document, onto=None, strict=False):
+        """The model of a document built elsewhere. `onto`: the tables it runs on (a
+        fake kernel's, the tests'); `strict`: deleting what is not there is an error,
+        as in the kernel, instead of nothing this model knows."""
         ruleset = cls()
+        ruleset.strict = strict
+        if onto is not None:
+            ruleset.tables = copy.deepcopy(onto.tables)
         ruleset.commands = list(document["nftables"])
         for command in ruleset.commands:
             (verb, body), = command.items()
@@ -162,27 +169,30 @@ class Ruleset:
             if verb == "add":
                 self.tables.setdefault(obj["name"], Table(FAMILY, obj["name"]))
             elif verb == "delete":
-                self.tables.pop(obj["name"], None)
+                if self.tables.pop(obj["name"], None) is None and self.strict:
+                    raise LookupError(f"no table {obj['name']} to delete")
             else:
                 raise ValueError(f"cannot {verb} a table")
             return
         table = self.tables.get(obj["table"])
-        if table is None and verb == "delete" and kind == "element":
+        if table is None and verb == "delete" and kind == "element" and not self.strict:
             return  # from a table the kernel has and this transaction does not make
         if table is None:
-            raise ValueError(f"no table {obj['table']} for {verb} {kind} {obj.get('name')}")
+            raise LookupError(f"no table {obj['table']} for {verb} {kind} {obj.get('name')}")
         if kind == "set":
             self._set(table, verb, obj)
         elif kind == "element":
             target = table.sets.get(obj["name"])
-            if target is None and verb == "delete":
+            if target is None and verb == "delete" and not self.strict:
                 return
             if target is None:
-                raise ValueError(f"no set {obj['name']} in {table.name}")
+                raise LookupError(f"no set {obj['name']} in {table.name}")
             if verb == "add":
                 target.elem = list(target.elem) + list(obj["elem"])
             elif verb == "delete":
                 gone = {_element_key(e) for e in obj["elem"]}
+                if self.strict and gone - {_element_key(e) for e in target.elem}:
+                    raise LookupError(f"no such element in {obj['name']}")
                 target.elem = [e for e in target.elem if _element_key(e) not in gone]
             else:
                 raise ValueError(f"cannot {verb} elements")

@@ -1,10 +1,10 @@
 """Fakes the unit tests share: a clock, the kernel's ban table, the kernel's
-ruleset (enough of nftables to run compiled documents), log positions in memory."""
-import copy
+ruleset (the ruleset model's replay of each load), log positions in memory."""
 import ipaddress
 from dataclasses import dataclass
 
 from policyd.errors import KernelError
+from policyd.ruleset import Ruleset
 
 
 class FakeClock:
@@ -84,8 +84,10 @@ class FakeBanKernel:
 
 
 class FakeNft:
-    """Enough of nftables to run compiled documents: tables, sets with expiring
-    elements, chains; one load is all or nothing, like one transaction.
+    """nftables for the trial tests: each load runs on the tables the earlier loads
+    left, through the ruleset model's replay (policyd.ruleset) with the kernel's
+    strictness, all or nothing like one transaction; elements with a timeout
+    expire on the fake clock.
 
     `timers=False` models a kernel whose trial element never expires, so only
     the daemon's deadline can end a trial.
@@ -94,10 +96,15 @@ class FakeNft:
     def __init__(self, clock, timers=True):
         self.clock = clock
         self.timers = timers
-        self.tables = {}
+        self.model = Ruleset()
+        self.expiry = {}  # (table, set, element value) -> when its timeout ends
         self.loads = []
         self.refuse = None  # a message: the next load fails with it
         self.before_load = None  # called with the document before it is applied
+
+    @property
+    def tables(self):
+        return self.model.tables
 
     def load(self, document):
         if self.before_load:
@@ -105,72 +112,53 @@ class FakeNft:
         if self.refuse:
             message, self.refuse = self.refuse, None
             raise KernelError(message)
-        tables = copy.deepcopy(self.tables)
+        self._expire()
+        try:
+            model = Ruleset.replay(document, onto=self.model, strict=True)
+        except LookupError as exc:
+            raise KernelError(f"Could not process rule: No such file or directory ({exc})") from None
         for command in document["nftables"]:
             (verb, body), = command.items()
-            if verb != "metainfo":
-                self._run(tables, verb, body)
-        self.tables = tables
+            obj = body.get("element") if isinstance(body, dict) else None
+            if verb == "add" and obj is not None:
+                for elem in obj["elem"]:
+                    if isinstance(elem, dict) and "timeout" in elem.get("elem", {}):
+                        key = (obj["table"], obj["name"], elem["elem"]["val"])
+                        self.expiry[key] = self.clock.now + elem["elem"]["timeout"]
+        self.model = model
         self.loads.append(document)
 
-    def _run(self, tables, verb, body):
-        (kind, obj), = body.items()
-        name = obj.get("table", obj.get("name"))
-        if kind == "table":
-            if verb == "add":
-                tables.setdefault(obj["name"], {"sets": {}, "chains": set()})
-            elif verb == "delete":
-                if obj["name"] not in tables:
-                    raise KernelError("No such file or directory")
-                del tables[obj["name"]]
-            return
-        table = tables.get(name)
-        if table is None:
-            raise KernelError(f"No such file or directory: table {name}")
-        if kind == "set" and verb == "add":
-            table["sets"].setdefault(obj["name"], {})
-        elif kind == "set" and verb == "flush":
-            table["sets"][obj["name"]].clear()
-        elif kind == "chain" and verb == "add":
-            table["chains"].add(obj["name"])
-        elif kind == "element":
-            elements = table["sets"].get(obj["name"])
-            if elements is None:
-                raise KernelError("No such file or directory: set")
-            self._expire(elements)
-            for elem in obj["elem"]:
-                value, timeout = elem, None
-                if isinstance(elem, dict) and "elem" in elem:
-                    value, timeout = elem["elem"]["val"], elem["elem"].get("timeout")
-                if verb == "add":
-                    elements[value] = None if timeout is None else self.clock.now + timeout
-                elif verb == "delete":
-                    if value not in elements:
-                        raise KernelError("Could not process rule: No such file or directory")
-                    del elements[value]
-
-    def _expire(self, elements):
+    def _expire(self):
         if not self.timers:
             return
-        for value, expiry in list(elements.items()):
-            if expiry is not None and expiry <= self.clock.now:
-                del elements[value]
+        for (table, name, value), ends in list(self.expiry.items()):
+            if ends > self.clock.now:
+                continue
+            del self.expiry[(table, name, value)]
+            found = self.model.tables.get(table)
+            if found is not None and name in found.sets:
+                found.sets[name].elem = [e for e in found.sets[name].elem
+                                         if (e["elem"]["val"] if isinstance(e, dict) else e) != value]
 
     def set_elements(self, table, name):
+        self._expire()
         try:
-            elements = self.tables[table]["sets"][name]
+            elements = self.model.tables[table].sets[name].elem
         except KeyError:
             raise KernelError("No such file or directory") from None
-        self._expire(elements)
-        return [(value, None if expiry is None else 0,
-                 None if expiry is None else int(expiry - self.clock.now))
-                for value, expiry in elements.items()]
+        out = []
+        for elem in elements:
+            value = elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
+            ends = self.expiry.get((table, name, value))
+            out.append((value, None if ends is None else 0,
+                        None if ends is None else int(ends - self.clock.now)))
+        return out
 
     def active_services(self, table="policyd"):
         """Service names the kernel enforces now, from the chains and the trial set."""
-        chains = self.tables[table]["chains"]
+        found = self.model.tables[table]
         slot = "committed"
-        if "trial" in self.tables[table]["sets"] and self.set_elements(table, "trial"):
+        if "trial" in found.sets and self.set_elements(table, "trial"):
             slot = "candidate"
         prefix = f"{slot}_svc_"
-        return sorted(c[len(prefix):] for c in chains if c.startswith(prefix))
+        return sorted(c[len(prefix):] for c in found.chains if c.startswith(prefix))

@@ -94,8 +94,11 @@ def test_the_kernels_meaning_of_add_flush_and_delete():
     model.delete_elements("gone", "s", [1])  # a table the kernel has: nothing to model
     model.delete_table("t")
     assert model.tables == {}
-    with pytest.raises(ValueError):
+    with pytest.raises(LookupError):
         model.add_rule("t", "c", {"accept": None})
+    strict = Ruleset.replay(Ruleset().document(), onto=model, strict=True)
+    with pytest.raises(LookupError):
+        strict.delete_table("t")
 
 
 BANS = [(net("203.0.113.0/28"), 120), (net("2001:db8:bad::/64"), 60)]

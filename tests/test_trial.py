@@ -118,7 +118,7 @@ def test_confirm_in_time_commits_the_candidate(kernel, store, files, clock, comm
     assert (store.dir / policystore.COMMITTED).read_bytes() == files["cand"].read_bytes()
     assert store.meta()["sha256"] == policy.digest
     assert kernel.active_services() == ["cand"]
-    assert "trial" not in kernel.tables["policyd"]["sets"]
+    assert "trial" not in kernel.tables["policyd"].sets
     clock.advance(3600)  # no timer is left that could undo it
     assert kernel.active_services() == ["cand"]
 
@@ -143,7 +143,7 @@ def test_confirm_after_the_kernel_expired_the_trial_is_too_late(
     assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert store.pending() is None
     assert kernel.active_services() == ["base"]
-    assert not any(c.startswith("candidate") for c in kernel.tables["policyd"]["chains"])
+    assert not any(c.startswith("candidate") for c in kernel.tables["policyd"].chains)
 
 
 def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
@@ -342,14 +342,16 @@ def _replace_json(raw, **fields):
 
 def test_bans_survive_apply_trial_confirm_and_rollback(kernel, store, files, clock,
                                                         committed):
-    bans = kernel.tables["policyd_bans"]["sets"]["ban4"]
-    bans["203.0.113.9"] = clock.now + 3600
+    kernel.load({"nftables": [{"add": {"element": {
+        "family": "inet", "table": "policyd_bans", "name": "ban4",
+        "elem": [{"elem": {"val": "203.0.113.9", "timeout": 3600}}]}}}]})
     start(kernel, store, files["cand"], clock)
     trial.confirm(kernel, store, now=clock.now)
     start(kernel, store, files["base"], clock)
     trial.rollback(kernel, store)
     plain(kernel, store, files["base"], clock)
-    assert "203.0.113.9" in kernel.tables["policyd_bans"]["sets"]["ban4"]
+    assert [value for value, _t, _left in kernel.set_elements("policyd_bans", "ban4")] == [
+        "203.0.113.9"]
 
 
 def test_status_reports_committed_and_trial(kernel, store, files, clock, committed):
