@@ -19,10 +19,6 @@ FILTER_OPTIONS = ("usedns", "prefregex", "ignoreregex", "failregex", "maxlines",
                   "datepattern", "journalmatch")
 MAX_DEPTH = 10          # %(...)s nesting, as configparser allows
 MAX_TAG_ROUNDS = 25     # <tag> replacements of one name inside one value
-_TAG = re.compile(r"<([^ <>]+)>")
-_INTERPOLATION = re.compile(r"%%|%\(([^)]+)\)s")
-_SECTION_OPTION = re.compile(r"^([\w\-]+)/([^\s>]+)$")
-_CONDITIONAL = re.compile(r"^(\w+)(\?.+)$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +33,13 @@ class FilterDefinition:
     maxlines: int
     usedns: str
     journalmatch: str | None
+
+
+# The syntax fail2ban's reader adds to configparser's.
+_TAG = re.compile(r"<([^ <>]+)>")
+_INTERPOLATION = re.compile(r"%%|%\(([^)]+)\)s")
+_SECTION_OPTION = re.compile(r"^([\w\-]+)/([^\s>]+)$")
+_CONDITIONAL = re.compile(r"^(\w+)(\?.+)$")
 
 
 class _RawParser(configparser.RawConfigParser):
