@@ -12,7 +12,13 @@ HOSTS_V4 = [f"{net}.{i}" for net in ("192.0.2", "198.51.100", "203.0.113") for i
 HOSTS_V6 = [f"2001:db8::{i:x}" for i in range(1, 51)]
 
 
-def lines(count, seed=11434):
+# The default mix: 5% password mismatch, 3% unknown user, the rest no failure.
+DEFAULT_FAILURES = 0.08
+
+
+def lines(count, seed=11434, failures=None):
+    """`failures`: the share of failure lines (0 to 1); None is the default 8%
+    with the same bytes as ever. 0 gives a log with no candidate line at all."""
     rng = random.Random(seed)
     hosts = HOSTS_V4 + HOSTS_V6
     for n in range(count):
@@ -22,6 +28,10 @@ def lines(count, seed=11434):
         client = rng.choice(hosts)
         tail = f'client: {client}, server: ollama.example.org, request: "POST /api/chat HTTP/1.1", host: "ollama.example.org"'
         kind = rng.random()
+        if failures is not None:
+            # Failures first (5:3 as by default), then the other kinds in their proportions.
+            kind = (kind * DEFAULT_FAILURES / failures if kind < failures
+                    else DEFAULT_FAILURES + (kind - failures) * (1 - DEFAULT_FAILURES) / (1 - failures))
         if kind < 0.05:
             yield f'{stamp} [error] {pid}#{pid}: *{conn} user "user{rng.randrange(50)}": password mismatch, {tail}'
         elif kind < 0.08:
@@ -42,9 +52,11 @@ def main():
     parser.add_argument("path")
     parser.add_argument("--lines", type=int, default=200000)
     parser.add_argument("--seed", type=int, default=11434)
+    parser.add_argument("--failures", type=float, default=None,
+                        help="share of failure lines, 0 to 1 (default: 0.08)")
     args = parser.parse_args()
     with open(args.path, "w", encoding="ascii") as out:
-        for line in lines(args.lines, args.seed):
+        for line in lines(args.lines, args.seed, args.failures):
             out.write(line + "\n")
 
 

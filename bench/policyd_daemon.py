@@ -160,6 +160,9 @@ class _NoKernel:
     def add_ban_keys(self, items):
         pass
 
+    def replace_ban_keys(self, items):
+        pass
+
     def list_ban_keys(self):
         return set()
 

@@ -59,8 +59,15 @@ def rows(results):
                     f"scan {t['policyd']['scan_seconds']:.3f} s)",
                     f"{t['fail2ban']['wall_seconds']:.2f} s wall ({t['fail2ban_lines_per_second']:,} lines/s; "
                     f"scan {t['fail2ban']['scan_seconds']:.2f} s)",
-                    f">= 15x fail2ban-regex: {t['ratio_wall']}x wall, {t['ratio_scan']}x scan",
-                    _verdict(t["ratio_wall"] >= 15)))
+                    f">= 30x fail2ban-regex: {t['ratio_wall']}x wall, {t['ratio_scan']}x scan",
+                    _verdict(t["ratio_wall"] >= 30)))
+    for t in results.get("throughput_mixes", []):
+        mix = f"{t['failures'] * 100:g}% failures" if t["failures"] else "no candidate lines"
+        out.append((f"(a) filter throughput, {mix}, {t['lines']:,} lines ({t['matched']:,} failures)",
+                    f"{t['policyd']['wall_seconds']:.2f} s wall, start-up included (scan "
+                    f"{t['policyd']['scan_seconds']:.3f} s)",
+                    f"{t['fail2ban']['wall_seconds']:.2f} s wall (scan {t['fail2ban']['scan_seconds']:.2f} s)",
+                    f">= 30x fail2ban-regex: {t['ratio_wall']}x wall", _verdict(t["ratio_wall"] >= 30)))
     for key, label in (("latency", "(b) ban latency, real nginx, IPv4"),
                        ("latency_allowlist", "(b) ban latency, with a {n:,}-network allowlist")):
         if key in results:
@@ -76,6 +83,15 @@ def rows(results):
         out.append((f"(d) apply a policy with {a['networks']:,} allowed networks",
                     f"first {a['first_apply_seconds']:.2f} s, re-apply {a['reapply_seconds']:.2f} s", "",
                     "<= 3 s", _verdict(max(a["first_apply_seconds"], a["reapply_seconds"]) <= 3)))
+    out += _flood_rows(results.get("flood"), results.get("fail2ban_flood"))
+    reload = results.get("reload_latency")
+    if reload:
+        busy, quiet = reload["during_reloads"], reload["quiet"]
+        out.append((f"(g) ban latency during a loop of {reload['allowlist']:,}-network reloads",
+                    f"median {busy['median_ms']:.1f} ms, p99 {busy['p99_ms']:.1f} ms ({busy['trials']} trials "
+                    f"over {reload['reloads']} reloads of {_seconds_list(reload['reload_seconds'])}); "
+                    f"without reloads: {quiet['median_ms']:.1f} / {quiet['p99_ms']:.1f} ms", "",
+                    "p99 <= 50 ms", _verdict(busy["p99_ms"] <= 50 and not busy["misses"])))
     memory = results.get("memory")
     if memory:
         out.append(("(e) daemon RSS, idle", f"{memory['rss_idle_mb']:.1f} MB", "", "<= 40 MB",
@@ -101,6 +117,36 @@ def _fleet_row(fleet):
             f"CrowdSec bouncer polls every {fleet['crowdsec_poll_seconds']:.0f} s (not run; mean wait "
             f"~{poll_ms / 2:.0f} ms = {poll_ms / 2 / max(fleet['median_ms'], 0.01):.0f}x policyd's median)",
             "median <= 20 ms, p99 <= 100 ms, max <= 1 s", _verdict(ok))
+
+
+def _seconds_list(values):
+    return ", ".join(f"{v:.1f}" for v in values) + " s" if values else "none completed"
+
+
+def _flood_rows(flood, fail2ban):
+    if not flood:
+        return []
+    lat = flood["latency"]
+    banned = flood["all_banned_seconds"]
+    f2b = ""
+    if fail2ban and "kernel_bans" in fail2ban:
+        f2b = (f"{fail2ban['kernel_bans']:,} of {flood['sources']:,} banned after {fail2ban['seconds']:.0f} s "
+               f"(stopped there; {fail2ban.get('total_failed') or 0:,} failures counted)")
+    elif fail2ban:
+        f2b = fail2ban.get("error", "")
+    return [
+        (f"(f) flood: {flood['lines']:,} failure lines from {flood['sources']:,} sources written at once",
+         ("never all banned" if banned is None else f"all banned {banned:.2f} s after the write")
+         + f" ({flood['kernel_bans']:,} in the kernel)", f2b, "<= 3 s",
+         _verdict(banned is not None and banned <= 3 and flood["kernel_bans"] >= flood["sources"])),
+        ("(f) ban latency of new attackers during the flood (another log)",
+         f"median {lat['median_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms ({lat['trials']} trials)", "",
+         "p99 <= 50 ms", _verdict(lat["trials"] > 0 and lat["p99_ms"] <= 50 and not lat["misses"])),
+        ("(e) daemon RSS during and right after the flood",
+         f"{flood['rss_max_during_mb']:.1f} MB at most, {flood['rss_after_mb']:.1f} MB after "
+         f"(idle {flood['rss_idle_mb']:.1f} MB)", "", "<= 150 MB",
+         _verdict(max(flood["rss_max_during_mb"], flood["rss_after_mb"]) <= 150)),
+    ]
 
 
 def _misses(latency):

@@ -22,13 +22,15 @@ sys.path.insert(0, str(BENCH.parent / "tests" / "netns"))
 import report  # noqa: E402
 from apply_time import measure_apply  # noqa: E402
 from fleet_latency import measure_fleet  # noqa: E402
+from flood import measure_fail2ban_flood, measure_policyd_flood  # noqa: E402
 from policyd_latency import measure_policyd  # noqa: E402
+from reload_latency import measure_reload_latency  # noqa: E402
 from restore import measure_restore  # noqa: E402
-from throughput import measure_throughput  # noqa: E402
+from throughput import measure_mixes, measure_throughput  # noqa: E402
 
 FULL = {"lines": 200000, "trials": 50, "allowlist": 100000, "restore": [2000, 100000],
         "apply_networks": 100000, "fail2ban_trials": 50, "fail2ban_restore": 2000,
-        "fleet_trials": 100}
+        "fleet_trials": 100, "flood_sources": 100000, "fail2ban_flood_seconds": 60, "reload_trials": 60}
 
 
 def step(text):
@@ -86,6 +88,18 @@ def measure_all(sizes, workdir, quiet=False):
     if sizes.get("fleet_trials"):
         step(f"(f) fleet: {sizes['fleet_trials']} bans on one node -> kernels of all five, over Redis")
         results["fleet"] = measure_fleet(workdir / "fleet", sizes["fleet_trials"])
+    step(f"(a) filter throughput in every mix of failures, {sizes['lines']:,} lines each")
+    results["throughput_mixes"] = measure_mixes(workdir / "mixes", sizes["lines"])
+    step(f"(f) flood: {sizes['flood_sources'] * 3:,} failure lines from {sizes['flood_sources']:,} sources "
+         "at once; new attackers meanwhile; daemon memory")
+    results["flood"] = measure_policyd_flood(workdir / "flood", sizes["flood_sources"])
+    step(f"(f) fail2ban on the same flood, stopped after {sizes['fail2ban_flood_seconds']} s")
+    results["fail2ban_flood"] = (measure_fail2ban_flood(workdir / "flood-f2b", sizes["flood_sources"],
+                                                        bound=sizes["fail2ban_flood_seconds"])
+                                 if shutil.which("fail2ban-server") else {"error": "fail2ban is not installed"})
+    step(f"(g) ban latency while the daemon reloads a {sizes['allowlist']:,}-network policy in a loop")
+    results["reload_latency"] = measure_reload_latency(workdir / "reloads", sizes["reload_trials"],
+                                                       sizes["allowlist"])
     return results
 
 
@@ -101,12 +115,17 @@ def main(argv=None):
     parser.add_argument("--fail2ban-trials", type=int, default=FULL["fail2ban_trials"])
     parser.add_argument("--fail2ban-restore", type=int, default=FULL["fail2ban_restore"])
     parser.add_argument("--fleet-trials", type=int, default=FULL["fleet_trials"])
+    parser.add_argument("--flood-sources", type=int, default=FULL["flood_sources"])
+    parser.add_argument("--fail2ban-flood-seconds", type=float, default=FULL["fail2ban_flood_seconds"])
+    parser.add_argument("--reload-trials", type=int, default=FULL["reload_trials"])
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     sizes = {"lines": args.lines, "trials": args.trials, "allowlist": args.allowlist,
              "restore": [int(n) for n in args.restore.split(",")], "apply_networks": args.apply_networks,
              "fail2ban_trials": args.fail2ban_trials, "fail2ban_restore": args.fail2ban_restore,
-             "fleet_trials": args.fleet_trials}
+             "fleet_trials": args.fleet_trials,
+             "flood_sources": args.flood_sources, "fail2ban_flood_seconds": args.fail2ban_flood_seconds,
+             "reload_trials": args.reload_trials}
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     try:

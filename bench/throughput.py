@@ -1,6 +1,7 @@
 """Offline filter throughput: `policyd test-filter` against `fail2ban-regex`, same file.
 
-Owns generating the nginx error.log (bench/gen_nginx_error_log.py), timing both
+Owns generating the nginx error.log (bench/gen_nginx_error_log.py) in each mix
+of failure lines, timing both
 tools as a user runs them (wall clock, best of a few runs) and by their own
 account of the scan, and checking that both found the same failures.
 """
@@ -18,9 +19,13 @@ POLICYD = [sys.executable, "-m", "policyd"]
 FAIL2BAN_FILTER = "/etc/fail2ban/filter.d/nginx-http-auth.conf"
 
 
-def write_log(path, lines):
+# Issue 14: every mix of lines, not one: 0.5%, 3%, 30% failures, and none at all.
+MIXES = (0.005, 0.03, 0.3, 0.0)
+
+
+def write_log(path, lines, failures=None):
     with open(path, "w", encoding="ascii") as out:
-        for line in gen_nginx_error_log.lines(lines):
+        for line in gen_nginx_error_log.lines(lines, failures=failures):
             out.write(line + "\n")
     return path
 
@@ -56,9 +61,16 @@ def fail2ban_scan(path, runs):
     return best
 
 
-def measure_throughput(workdir, lines=200000, policyd_runs=3, fail2ban_runs=2):
+def measure_mixes(workdir, lines=200000, mixes=MIXES, policyd_runs=3, fail2ban_runs=2):
+    """measure_throughput for each share of failure lines in `mixes`, same run."""
+    return [dict(measure_throughput(Path(workdir) / f"mix-{failures}", lines, policyd_runs,
+                                    fail2ban_runs, failures=failures), failures=failures)
+            for failures in mixes]
+
+
+def measure_throughput(workdir, lines=200000, policyd_runs=3, fail2ban_runs=2, failures=None):
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    path = write_log(Path(workdir) / "error.log", lines)
+    path = write_log(Path(workdir) / "error.log", lines, failures)
     ours, theirs = policyd_scan(path, policyd_runs), fail2ban_scan(path, fail2ban_runs)
     if ours["matched"] != theirs["matched"] or ours["lines"] != lines:
         raise RuntimeError(f"the tools disagree on {path}: policyd {ours}, fail2ban-regex {theirs}")
@@ -69,3 +81,18 @@ def measure_throughput(workdir, lines=200000, policyd_runs=3, fail2ban_runs=2):
         "policyd_lines_per_second": round(lines / ours["wall_seconds"]),
         "fail2ban_lines_per_second": round(lines / theirs["wall_seconds"]),
     }
+
+
+def main():
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=200000)
+    parser.add_argument("--fail2ban-runs", type=int, default=2)
+    args = parser.parse_args()
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="policyd-throughput-") as workdir:
+        print(json.dumps(measure_mixes(workdir, args.lines, fail2ban_runs=args.fail2ban_runs), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # because allowlists run to 100k entries and ipaddress parses slowly.
 _DOTTED_QUAD = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
                           r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
+_IPv4, _IPv6, _from_bytes = ipaddress.IPv4Address, ipaddress.IPv6Address, int.from_bytes
 
 
 def parse_host(text):
@@ -30,10 +31,19 @@ def parse_host(text):
         text = text[1:-1]
     if not text or len(text) > 45 or "%" in text:
         return None
+    # inet_pton is strict in the same way as ipaddress (no leading zeros, no
+    # zone) and ten times faster; a flood parses one address per line.
+    # What it refuses still goes to ipaddress, which has the last word.
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
+        if ":" in text:
+            address = _IPv6((_from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")))
+        else:
+            address = _IPv4(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError):  # ValueError: a NUL or non-ASCII text
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            return None
     if address.version == 6 and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

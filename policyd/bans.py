@@ -8,14 +8,17 @@ import ipaddress
 import itertools
 import logging
 import math
+import socket
 import sqlite3
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from . import addr
 from .errors import InputError, KernelError
+from .statewriter import write_rows
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ class BanKernel(Protocol):
     def remove_bans(self, networks: list[IPNetwork]) -> None:
         """One transaction; elements that are not there are not an error."""
 
+    def replace_ban_keys(self, items: list[tuple[tuple, int]]) -> None:
+        """Like add_bans, by key ((version, first address as int, prefix length), seconds):
+        the ban path of a flood must not build an ipaddress object per element."""
+
     def add_ban_keys(self, items: list[tuple[tuple, int]]) -> None:
         """Bulk restore: ((version, first address as int, prefix length), seconds) pairs,
         one batch; elements already present keep their own timeout."""
@@ -80,13 +87,40 @@ class Ban:
         return fields
 
 
+class NewBans(Sequence):
+    """The bans a batch of failures made, in order; each Ban is built when read,
+    so the 100k bans of a flood cost no ipaddress objects unless someone looks."""
+
+    __slots__ = ("_made",)
+
+    def __init__(self, made):
+        self._made = made  # [(key, entry)]
+
+    def __len__(self):
+        return len(self._made)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [_ban(key, entry) for key, entry in self._made[index]]
+        return _ban(*self._made[index])
+
+    def filters(self):
+        """The filter names of these bans, sorted, without building them."""
+        return sorted({entry[2] for _key, entry in self._made if entry[2] is not None})
+
+
 class BanManager:
     """Decides bans in memory, mirrors them to `state` and `kernel` on flush()."""
 
-    def __init__(self, settings, state, kernel, clock=time.time):
+    def __init__(self, settings, state, kernel, clock=time.time, writer=None):
         self.state = state
         self.kernel = kernel
         self.clock = clock
+        # A policyd.statewriter.StateWriter, or None to write in the caller's thread.
+        self.writer = writer
+        self._batches = itertools.count()
+        self._in_flight: dict[int, list] = {}   # batch -> its history items, until written
+        self._history_in_flight: dict[tuple, tuple[int, float]] = {}
 
         # key -> Ban fields after `network`, as a plain tuple: 100k Ban and
         # ipaddress objects cost ~80 MB and ~0.6 s to build at startup, and
@@ -104,16 +138,23 @@ class BanManager:
         # This holds the entries changed since the last write.
         self._history_unwritten: dict[tuple, tuple[int, float]] = {}  # key -> (times banned, last end)
         self._window: dict[tuple, list[float]] = {}       # failure times, oldest first
+        # (a time, key): one entry per window when it opens, so expire() can find
+        # windows that went quiet. Not one per failure: a flood of 300k lines
+        # would keep 300k entries for findtime.
         self._window_order: deque[tuple[float, tuple]] = deque()
+        # History rows read in one query for a batch of failures (record_failures).
+        self._history_prefetched: dict[tuple, tuple[int, float] | None] = {}
 
-        # Kernel queue: what the next flush must add and remove.
-        self._kernel_add: dict[tuple, Ban] = {}
+        # Kernel queue: what the next flush must add and remove. Keys never banned
+        # before (no element can linger in the kernel) are in _kernel_fresh too:
+        # they need no delete-then-add to set their timeout.
+        self._kernel_add: dict[tuple, float] = {}  # key -> expires_at
+        self._kernel_fresh: set[tuple] = set()
         self._kernel_remove: dict[tuple, IPNetwork] = {}
         # State queue: what the next flush must write.
-        self._state_upsert: dict[tuple, Ban] = {}
+        self._state_upsert: dict[tuple, tuple] = {}  # key -> entry, as in _active
         self._state_delete: set[tuple] = set()
         self._state_failures: dict[tuple, list[tuple[float, str]]] = {}
-        self._state_forget: set[tuple] = set()
         self._state_prune_before: float | None = None
         # Log positions (journal cursors) written in the same transaction as the
         # failures read up to them: a crash loses both or neither.
@@ -140,6 +181,9 @@ class BanManager:
         for network in self._protected:
             version, first, last = _range(_key(network))
             self._protected_ranges[version].append((first, last))
+        self._prefix6 = settings.ipv6_prefix
+        self._mask6 = _MASKS[6, self._prefix6]
+        self._hostmask6 = self._mask6 ^ _MASKS[6, 128]
 
     def _lift_protected(self):
         """Lift bans that cover a protected address: the ignore list may have grown
@@ -169,8 +213,11 @@ class BanManager:
         heapq.heapify(self._expiry_heap)
         for blob, when, _filter_name in self.state.load_failures(now - self.settings.findtime):
             key = _key_from_blob(blob)
-            self._window.setdefault(key, []).append(when)
-            self._window_order.append((when, key))
+            times = self._window.get(key)
+            if times is None:
+                times = self._window[key] = []
+                self._window_order.append((when, key))
+            times.append(when)
 
     # The ban path.
 
@@ -182,62 +229,203 @@ class BanManager:
         """Count one failure from `address` at `when` (the log line's own time; None:
         now; a future time counts as now); returns the Ban it triggered, else None.
         Times may arrive out of order: the window counts failures by their time."""
-        self.failures_total[filter_name] += 1
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        version, number = address.version, int(address)
-        if self._is_protected(version, number):
-            self.ignored_total[filter_name] += 1
+        key = self._failure_key(address, filter_name)
+        if key is None:
             return None
-        key = self._unit_of(version, number)
-        if self._covering_ban(key) is not None:
-            return None
+        return self._count_failure(key, filter_name, self.clock(), when)
+
+    def record_failures(self, failures):
+        """record_failure for each (address, filter name, when), in order; returns the
+        Bans made. The flood path: one loop with everything it needs in locals (a flood
+        is 300k calls), and the ban history of every network that may reach
+        maxretry here read in one query, not one query per ban."""
+        # _failure_key, inlined: this loop runs once per failure of a flood.
+        keyed = []
+        seen = Counter()
+        protected4, protected6 = self._protected_ranges[4], self._protected_ranges[6]
+        mask6, hostmask6, prefix6 = self._mask6, self._hostmask6, self._prefix6
+        for address, filter_name, when in failures:
+            seen[filter_name] += 1
+            number = int(address)
+            if address.version == 6 and number >> 32 != 0xFFFF:
+                first = number & mask6
+                last = first | hostmask6
+                key = (6, first, prefix6)
+                for low, high in protected6:
+                    if low <= number <= high:
+                        key = None
+                        break
+                    if low <= last and first <= high:
+                        key = (6, number, 128)  # its /prefix would cover a protected network
+            else:
+                number &= 0xFFFFFFFF  # IPv4, or IPv4-mapped IPv6 (::ffff:0:0/96) counted as IPv4
+                key = (4, number, 32)
+                for low, high in protected4:
+                    if low <= number <= high:
+                        key = None
+                        break
+            if key is None:
+                self.ignored_total[filter_name] += 1
+            else:
+                keyed.append((key, filter_name, when))
+        self.failures_total.update(seen)
+        if not keyed:
+            return NewBans([])
+        self._prefetch_history([(key, name) for key, name, _when in keyed])
         now = self.clock()
+        cutoff = now - self.settings.findtime
+        maxretry = self.settings.maxretry
+        active, prefixlens, window = self._active, self._ban_prefixlens, self._window
+        open_window = self._window_order.append
+        unwritten = self._state_failures
+        stamps = {}
+        bans = []
+        try:
+            for key, filter_name, when in keyed:
+                if when is None or when >= now:
+                    when = now  # no time on the line, or one in the future: now
+                elif when < cutoff:
+                    continue  # older than the window: it cannot help any ban now
+                if key in active:
+                    continue
+                version, number, prefixlen = key
+                covered = False
+                for ban_prefixlen in prefixlens[version]:
+                    if ban_prefixlen < prefixlen and (
+                            version, number & _MASKS[version, ban_prefixlen], ban_prefixlen) in active:
+                        covered = True
+                        break
+                if covered:
+                    continue
+                times = window.get(key)
+                if times is None:
+                    times = window[key] = []
+                    open_window((now, key))
+                elif times[0] < cutoff:
+                    while times and times[0] < cutoff:
+                        times.pop(0)
+                if when == now:
+                    times.append(now)
+                    stamp = stamps.get(filter_name)
+                    if stamp is None:
+                        stamp = stamps[filter_name] = (now, filter_name)  # shared: one per batch
+                else:
+                    bisect.insort(times, when)  # the line's own time; lines may be out of order
+                    stamp = (when, filter_name)
+                queued = unwritten.get(key)
+                if queued is None:
+                    unwritten[key] = [stamp]
+                else:
+                    queued.append(stamp)
+                if len(times) >= maxretry:
+                    bans.append((key, self._ban_after_failures(key, filter_name, now)))
+        finally:
+            self._history_prefetched = {}
+        return NewBans(bans)
+
+    def _failure_key(self, address, filter_name):
+        """The key this failure counts against, or None if it never counts."""
+        self.failures_total[filter_name] += 1
+        number = int(address)
+        if address.version == 4:
+            version = 4
+        elif number >> 32 == 0xFFFF:  # IPv4-mapped (::ffff:0:0/96) counts as IPv4
+            version, number = 4, number & 0xFFFFFFFF
+        else:
+            version = 6
+        for first, last in self._protected_ranges[version]:
+            if first <= number <= last:
+                self.ignored_total[filter_name] += 1
+                return None
+        if version == 4:
+            return (4, number, 32)
+        first = number & self._mask6
+        for protected_first, protected_last in self._protected_ranges[6]:
+            if protected_first <= first | self._hostmask6 and first <= protected_last:
+                return (6, number, 128)  # its /prefix would cover a protected network
+        return (6, first, self._prefix6)
+
+    def _prefetch_history(self, keyed):
+        counts = Counter(key for key, _filter in keyed)
+        maxretry = self.settings.maxretry
+        due = [key for key, count in counts.items()
+               if count + len(self._window.get(key, ())) >= maxretry
+               and key not in self._history_unwritten and key not in self._history_in_flight]
+        if not due:
+            return
+        blobs = [_blob(key) for key in due]
+        try:
+            found = self.state.load_history_of_many(blobs)
+        except InputError as error:
+            log.error("ban history unreadable, reading it ban by ban: %s", error)
+            return
+        self._history_prefetched = {key: found.get(blob) for key, blob in zip(due, blobs)}
+
+    def _count_failure(self, key, filter_name, now, when=None):
         cutoff = now - self.settings.findtime
         when = now if when is None or when > now else when
         if when < cutoff:
             return None  # older than the window: it cannot help any ban now
-        times = self._window.setdefault(key, [])
+        if self._covering_ban(key) is not None:
+            return None
+        times = self._window.get(key)
+        if times is None:
+            times = self._window[key] = []
+            self._window_order.append((now, key))
         while times and times[0] < cutoff:
             times.pop(0)
         bisect.insort(times, when)
-        self._window_order.append((when, key))
         self._state_failures.setdefault(key, []).append((when, filter_name))
         if len(times) < self.settings.maxretry:
             return None
-        failures = len(times)
-        self._forget_window(key)
-        ban = self._make_ban(key, None, failures, filter_name, "auto", now)
-        log.debug("ban %s until %s after %d failures (%s)", ban.network, ban.expires_at,
-                  failures, filter_name)
-        return ban
+        return _ban(key, self._ban_after_failures(key, filter_name, now))
 
-    def flush(self):
+    def _ban_after_failures(self, key, filter_name, now):
+        """The auto ban of `key`, whose window just reached maxretry; its entry."""
+        failures = len(self._window[key])
+        self._forget_window(key)
+        return self._start_ban(key, None, failures, filter_name, "auto", now)
+
+    def flush(self, write_state=True):
         """Push queued changes to the kernel (one add, one remove call), then write
         them to state (one transaction); returns how many kernel changes were pushed.
 
         The kernel goes first: enforcement is what the ban latency is measured
-        by, and a ban the kernel has but the file lacks still expires by itself."""
+        by, and a ban the kernel has but the file lacks still expires by itself.
+        write_state=False leaves the state queue for a later flush: in a flood,
+        one transaction per few hundred ms instead of one per slice of lines
+        (SQLite rewrites every page a transaction touches, and random keys
+        touch a page per row)."""
         pushed = self._push_to_kernel()
-        self._write_state()
+        if write_state:
+            self._write_state()
         return pushed
 
     def _push_to_kernel(self):
         now = self.clock()
         pushed = 0
-        additions = [(ban.network, _timeout(ban.expires_at, now)) for ban in self._kernel_add.values()
-                     if ban.expires_at > now]
+        additions = [(key, _timeout(expires_at, now)) for key, expires_at in self._kernel_add.items()
+                     if expires_at > now]
         if additions:
+            fresh = self._kernel_fresh
             try:
-                self.kernel.add_bans(additions)
+                if fresh:
+                    self.kernel.add_ban_keys([item for item in additions if item[0] in fresh])
+                    additions_left = [item for item in additions if item[0] not in fresh]
+                    fresh.clear()
+                else:
+                    additions_left = additions
+                if additions_left:
+                    self.kernel.replace_ban_keys(additions_left)
             except (KernelError, OSError) as error:
                 log.error("kernel refused %d ban(s), kept queued for the next flush: %s",
                           len(additions), error)
                 return pushed
             pushed += len(additions)
             # debug: the daemon logs each ban once, as key=value, with its reason.
-            log.debug("banned %d: %s", len(additions), _sample(network for network, _ in additions))
+            log.debug("banned %d: %s", len(additions), _sample(_network(key) for key, _ in additions))
         self._kernel_add.clear()
+        self._kernel_fresh.clear()
         if self._kernel_remove:
             removals = list(self._kernel_remove.values())
             try:
@@ -299,9 +487,10 @@ class BanManager:
 
     # Housekeeping.
 
-    def expire(self):
+    def expire(self, write_state=True):
         """Forget bans whose time has passed (the kernel expires its own elements)
-        and failures older than findtime; writes that to state now."""
+        and failures older than findtime; writes that to state now, unless
+        write_state is False (a later flush writes it)."""
         now = self.clock()
         expired = []
         while self._expiry_heap and self._expiry_heap[0][0] <= now:
@@ -312,24 +501,31 @@ class BanManager:
                 self._end_ban(key, expires_at)
                 self._kernel_add.pop(key, None)
         cutoff = now - self.settings.findtime
-        while self._window_order and self._window_order[0][0] < cutoff:
-            _when, key = self._window_order.popleft()
+        order = self._window_order
+        while order and order[0][0] < cutoff:
+            _when, key = order.popleft()
             times = self._window.get(key)
             if times is None:
-                continue
+                continue  # banned or forgotten since
             while times and times[0] < cutoff:
                 times.pop(0)
-            if not times:
+            if times:
+                order.append((times[0], key))  # still open: look again when it is due
+            else:
                 del self._window[key]
         self._state_prune_before = cutoff
-        self._write_state()
+        if write_state:
+            self._write_state()
         return expired
 
     def active(self):
         """Bans in force now, soonest expiry first."""
-        now = self.clock()
-        return sorted((_ban(key, entry) for key, entry in self._active.items() if entry[0] > now),
-                      key=lambda ban: (ban.expires_at, ban.network.version, ban.network))
+        return active_in(self.snapshot(), self.clock())
+
+    def snapshot(self):
+        """The ban book as it is now, for active_in() on another thread: a copy of
+        immutable pairs, a few ms for 100k bans where building them all takes 1 s."""
+        return list(self._active.items())
 
     def restore(self):
         """Push every active ban to the kernel with its remaining time, in one batch.
@@ -374,23 +570,6 @@ class BanManager:
 
     # Internals.
 
-    def _is_protected(self, version, number):
-        for first, last in self._protected_ranges[version]:
-            if first <= number <= last:
-                return True
-        return False
-
-    def _unit_of(self, version, number):
-        """The key a failure counts against: the address, or its IPv6 /prefix
-        unless that prefix would also cover a protected network."""
-        if version == 4:
-            return (4, number, 32)
-        prefixlen = self.settings.ipv6_prefix
-        key = (6, number & _MASKS[6, prefixlen], prefixlen)
-        if self._overlaps_protected(key):
-            return (6, number, 128)
-        return key
-
     def _overlaps_protected(self, key):
         version, first, last = _range(key)
         for protected_first, protected_last in self._protected_ranges[version]:
@@ -419,7 +598,9 @@ class BanManager:
 
     def _history(self, key):
         """(times banned, end of the last ban) for this key; (0, 0.0) if never banned."""
-        entry = self._history_unwritten.get(key)
+        entry = self._history_unwritten.get(key) or self._history_in_flight.get(key)
+        if entry is None and key in self._history_prefetched:
+            entry = self._history_prefetched[key] or (0, 0.0)
         if entry is None:
             try:
                 entry = self.state.load_history_of(_blob(key)) or (0, 0.0)
@@ -434,8 +615,14 @@ class BanManager:
         return min(self.settings.bantime * 2 ** doublings, self.settings.bantime_max)
 
     def _make_ban(self, key, duration, failures, filter_name, reason, now):
-        """duration None: the bantime escalated by this network's history."""
-        times_banned, last_ended = self._history(key)
+        return _ban(key, self._start_ban(key, duration, failures, filter_name, reason, now))
+
+    def _start_ban(self, key, duration, failures, filter_name, reason, now):
+        """Make the ban and queue it; returns its entry. duration None: the bantime
+        escalated by this network's history. No Ban (and no ipaddress object) is
+        built here: a flood makes 100k bans that are only ever kernel elements."""
+        history = self._history(key)
+        times_banned, last_ended = history
         if now - last_ended >= self.settings.bantime_max:
             # History decays: a network quiet for bantime_max since its last ban
             # ended starts again at the first bantime.
@@ -445,18 +632,23 @@ class BanManager:
         previous = self._active.get(key)
         if previous is not None:
             self._drop_active(key)
-        ban = Ban(_network(key), now + duration, failures, filter_name, reason, now)
-        self._set_active(key, (ban.expires_at, failures, filter_name, reason, now))
+        expires_at = now + duration
+        entry = (expires_at, failures, filter_name, reason, now)
+        self._set_active(key, entry)
         # Extending a ban in force is not a new offence.
         if previous is None:
             times_banned += 1
-        self._history_unwritten[key] = (times_banned, ban.expires_at)
-        self._state_upsert[key] = ban
+        self._history_unwritten[key] = (times_banned, expires_at)
+        self._state_upsert[key] = entry
         self._state_delete.discard(key)
-        self._kernel_add[key] = ban
+        self._kernel_add[key] = expires_at
+        if previous is None and history == (0, 0.0):
+            self._kernel_fresh.add(key)
+        else:
+            self._kernel_fresh.discard(key)
         self._kernel_remove.pop(key, None)
         self.bans_total[reason] += 1
-        return ban
+        return entry
 
     def _end_ban(self, key, ended_at):
         self._drop_active(key)
@@ -478,47 +670,109 @@ class BanManager:
             del counts[key[2]]
 
     def _forget_window(self, key):
-        """A ban starts the count afresh: drop this network's failures, queued and stored."""
-        in_window = self._window.pop(key, ())
-        not_yet_written = self._state_failures.pop(key, ())
-        # Unwritten failures are the newest; only older ones can be in the file.
-        if len(in_window) > len(not_yet_written):
-            self._state_forget.add(key)
+        """A ban starts the count afresh: drop this network's failures, queued and in
+        memory. Stored ones stay until findtime prunes them: the ban's history row
+        (last_end) makes State.load_failures skip them, which costs no per-key
+        delete in a flood of 100k bans."""
+        self._window.pop(key, None)
+        self._state_failures.pop(key, None)
 
     def _write_state(self):
-        """Persist everything queued in one transaction. On a write error the queue
-        is kept and the kernel is still served: enforcement matters more."""
+        self.write_state()
+
+    def state_pending(self):
+        """Whether changes wait to be written to state."""
+        return bool(self._state_upsert or self._state_delete or self._history_unwritten
+                    or self._state_failures or self._state_prune_before is not None
+                    or self._state_positions)
+
+    def write_state(self, max_rows=None):
+        """Persist queued changes in one transaction, at most about max_rows rows of
+        them (None: all); returns the rows handed over. With a writer the
+        transaction runs on its thread (state_written() hears of it); without, here,
+        and on a write error the rows go back to the queue: the kernel is still
+        served, enforcement matters more.
+
+        A flood queues 100k bans: written in bounded pieces between slices of
+        log lines, no single transaction holds up the next ban for long."""
+        if not self.state_pending():
+            return 0
+        budget = max_rows
+        deletes = list(itertools.islice(self._state_delete, budget))
+        budget = None if budget is None else max(0, budget - len(deletes))
+        upserts = list(itertools.islice(self._state_upsert.items(), budget))
+        budget = None if budget is None else max(0, budget - len(upserts))
+        history = list(itertools.islice(self._history_unwritten.items(), budget))
+        budget = None if budget is None else max(0, budget - len(history))
+        failures, failure_rows = [], []
+        for key, entries in self._state_failures.items():
+            if budget is not None and len(failure_rows) >= budget:
+                break
+            failures.append((key, entries))
+            blob = _blob(key)
+            failure_rows.extend((blob, when, filter_name) for when, filter_name in entries)
+        rows = {
+            "delete_bans": [_blob(key) for key in deletes],
+            "upsert_bans": [(_blob(key), _text(key), key[0], banned_at, expires_at, count, name, reason)
+                            for key, (expires_at, count, name, reason, banned_at) in upserts],
+            "upsert_history": [(_blob(key), *entry) for key, entry in history],
+            "add_failures": failure_rows,
+            "prune_before": self._state_prune_before,
+        }
+        self._state_delete.difference_update(deletes)
+        for key, _entry in upserts:
+            del self._state_upsert[key]
+        for key, _entry in history:
+            del self._history_unwritten[key]
+        for key, _entries in failures:
+            del self._state_failures[key]
+        self._state_prune_before = None
+        positions = []
         if not (self._state_upsert or self._state_delete or self._history_unwritten
-                or self._state_failures or self._state_forget or self._state_prune_before is not None
-                or self._state_positions):
-            return
+                or self._state_failures):
+            # The last piece: the positions go with it, so a position is never
+            # written before the failures read up to it (batches are written in order).
+            positions = list(self._state_positions.items())
+            self._state_positions.clear()
+        rows["positions"] = positions
+        handed = len(deletes) + len(upserts) + len(history) + len(failure_rows) or 1
+        if self.writer is not None:
+            batch = next(self._batches)
+            self._in_flight[batch] = history
+            self._history_in_flight.update(history)
+            self.writer.submit(batch, rows)
+            return handed
         try:
-            with self.state.transaction() as writer:
-                writer.delete_bans([_blob(key) for key in self._state_delete])
-                writer.upsert_bans([
-                    (_blob(key), str(ban.network), key[0], ban.banned_at, ban.expires_at,
-                     ban.failures, ban.filter, ban.reason)
-                    for key, ban in self._state_upsert.items()])
-                writer.upsert_history([(_blob(key), *entry) for key, entry in self._history_unwritten.items()])
-                writer.forget_failures([_blob(key) for key in self._state_forget])
-                writer.add_failures([(_blob(key), when, filter_name)
-                                     for key, entries in self._state_failures.items()
-                                     for when, filter_name in entries])
-                if self._state_prune_before is not None:
-                    writer.prune_failures(self._state_prune_before)
-                if self._state_positions:
-                    writer.save_positions(self._state_positions)
+            write_rows(self.state, rows)
         except (sqlite3.Error, OSError) as error:  # disk full, read-only, locked
             log.error("could not write ban state to %s, will retry on the next flush: %s",
                       self.state.path, error)
-            return
-        self._state_upsert.clear()
-        self._state_delete.clear()
-        self._history_unwritten.clear()
-        self._state_failures.clear()
-        self._state_forget.clear()
-        self._state_prune_before = None
-        self._state_positions.clear()
+            # Nothing was queued meanwhile (same thread): put it all back as it was.
+            self._state_delete.update(deletes)
+            self._state_upsert.update(upserts)
+            self._history_unwritten.update(history)
+            self._state_failures.update(failures)
+            self._state_prune_before = rows["prune_before"]
+            for key, position in positions:
+                self._state_positions.setdefault(key, position)
+            return 0
+        return handed
+
+    def state_written(self, batches):
+        """The writer wrote these batches (tokens of write_state's submissions)."""
+        for batch in batches:
+            for key, entry in self._in_flight.pop(batch, ()):
+                if self._history_in_flight.get(key) is entry:
+                    del self._history_in_flight[key]
+
+    def state_in_flight(self):
+        return bool(self._in_flight)
+
+
+def active_in(snapshot, now):
+    """The Bans of a snapshot() in force at `now`, soonest expiry first."""
+    return sorted((_ban(key, entry) for key, entry in snapshot if entry[0] > now),
+                  key=lambda ban: (ban.expires_at, ban.network.version, ban.network))
 
 
 def _key(network):
@@ -528,6 +782,16 @@ def _key(network):
 def _network(key):
     version, number, prefixlen = key
     return _NETWORK_TYPES[version]((number, prefixlen))
+
+
+def _text(key):
+    """str(_network(key)), without building the network: a flood writes 100k of them."""
+    version, number, prefixlen = key
+    if version == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, number.to_bytes(4, 'big'))}/{prefixlen}"
+    text = socket.inet_ntop(socket.AF_INET6, number.to_bytes(16, "big"))
+    # glibc writes an embedded IPv4 (::1.2.3.4) where ipaddress writes hex.
+    return f"{text}/{prefixlen}" if "." not in text else str(_network(key))
 
 
 def _range(key):

@@ -4,6 +4,7 @@ Kept thin on purpose; every decision lives in the modules it calls. Exit codes:
 0 success, 1 the operation ran and said no, 2 the input is wrong.
 """
 import functools
+import importlib
 import json
 import os
 import select
@@ -14,12 +15,31 @@ import time
 import click
 
 from policyd import __version__
-from policyd import explain as explain_mod
-from policyd import policy as policy_mod
-from policyd import preflight, render, trial
 from policyd.addr import parse_host
-from policyd.compile import compile_policy
 from policyd.errors import HostError, InputError, KernelError, PolicydError, Refused
+
+
+class _OnFirstUse:
+    """A module imported when a command first uses it: start-up is part of every
+    command's time, and `policyd test-filter` needs no policy compiler or trials."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+explain_mod = _OnFirstUse("policyd.explain")
+policy_mod = _OnFirstUse("policyd.policy")
+preflight = _OnFirstUse("policyd.preflight")
+render = _OnFirstUse("policyd.render")
+trial = _OnFirstUse("policyd.trial")
+
+
+def compile_policy(*args, **kwargs):
+    from policyd.compile import compile_policy as compile_  # on first use, as above
+    return compile_(*args, **kwargs)
 
 
 class Context:
@@ -45,7 +65,7 @@ def handle_errors(func):
 
 
 policy_argument = click.argument("policy_path", metavar="[POLICY]", required=False,
-                                 default=policy_mod.DEFAULT_POLICY)
+                                 default=lambda: policy_mod.DEFAULT_POLICY)
 
 
 class Duration(click.ParamType):

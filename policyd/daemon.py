@@ -1,20 +1,26 @@
 """The daemon: wires logs -> filters -> bans -> kernel, and keeps the kernel converged.
 
 One main thread owns every piece of state. Wake-ups (inotify), control
-requests and signals only post to it, so nothing here needs a lock.
+requests, signals and the worker's results (policyd.chores: parsing,
+compiling, libnftables) only post to it, so nothing here needs a lock, and
+no reload or drift repair stands between a log line and its ban.
 """
+import gc
 import hashlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 from policyd import __version__, control, fleet, metrics, systemd, trial
 from policyd.addr import parse_host, parse_network
-from policyd.bans import BanManager
-from policyd.compile import compile_policy, skeleton
+from policyd.bans import BanManager, active_in
+from policyd.chores import Chores, PolicyUpkeep, give_back_memory
 from policyd.errors import InputError, KernelError
 from policyd.filters import Outcome, load_filter
 from policyd.guard import Forgery, judge_for
@@ -23,6 +29,7 @@ from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
 from policyd.logfmt import kv
+from policyd.statewriter import QueuedPositions, StateWriter
 from policyd.tail import LogFollower, LogWatcher
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,33 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 0.5
 # A full comparison of kernel bans against state costs a set listing; rare.
 RECONCILE_SECONDS = 300
+# Lines taken from one log per turn of the loop: a flood in one log delays the
+# bans of another log, control requests and housekeeping by one slice (a few
+# ms), and each slice's bans reach the kernel before the next slice is read.
+READ_SLICE_LINES = 500
+# More bans than this from one slice are logged as one summary line: a flood of
+# 100k bans must not become 100k journal lines (20 us each, on the ban path).
+BAN_LOG_LINES = 20
+# Bans reach the kernel at once; state (bans, failures, then the log positions
+# they cover) is written at most this often while logs keep coming, at most
+# STATE_CHUNK_ROWS rows per transaction and per turn of the loop, so that a
+# flood's 100k bans are written between slices of lines, never in one stall.
+STATE_WRITE_SECONDS = 0.25
+STATE_CHUNK_ROWS = 1000
+# Batches handed to the state writer and not yet written, at most: beyond,
+# rows wait in the ban manager's queues (less memory than prepared rows).
+STATE_BATCHES_QUEUED = 3
+# While the worker parses or compiles (pure Python), the main thread gets the
+# GIL back after this long at most, each time it returns from a system call:
+# the default 5 ms, paid on each of a ban's dozen calls, would be 50 ms.
+GIL_SWITCH_SECONDS = 0.0005
+# The cyclic garbage collector stops every thread while it walks all objects:
+# with a 100k-network policy in memory that is 50-100 ms, many times during
+# a reload. Collections are made rarer, and what start-up and each adopted
+# policy leave in memory is frozen out of them (gc.freeze).
+GC_THRESHOLDS = (10000, 20, 100)
+# How long a `reload` control request waits for the worker's reload.
+RELOAD_REPLY_SECONDS = 60.0
 STATE_FILE = "state.db"
 
 
@@ -99,6 +133,7 @@ class Daemon:
         self.registry = metrics.new_registry()
         self.metrics = metrics.standard_metrics(self.registry)
         self.held_back = None  # why nothing is enforced yet, or None
+        self.trial_active = False  # as the worker's last housekeeping found
         self.bans = None
         self.sources = []
         self.watcher = None
@@ -106,8 +141,11 @@ class Daemon:
         self.metrics_server = None
         self.fleet = None
         self.next_reconcile = 0.0
-        self._expected_key = None
-        self._expected = {}
+        self.next_state_write = 0.0
+        self.backlog = False
+        self.chores = None
+        self.state_writer = None
+        self._reload_again = None   # (load_kernel, replies) asked for while one ran
 
     # ------------------------------------------------------------ start and stop
 
@@ -118,24 +156,34 @@ class Daemon:
         first_lint = self._first_start_lint()
         # The control socket next: a second daemon on this run dir must refuse
         # before it touches the kernel, the bans or the state file.
-        self.control = control.ControlServer(control.socket_path(self.run_dir), self.calls)
+        self.control = control.ControlServer(control.socket_path(self.run_dir), self._control)
         self.control.start()
         if self.metrics_listen:
             self.metrics_server = metrics.MetricsServer(self.metrics_listen, self.registry)
             self.metrics_server.start()
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
+        gc.set_threshold(*GC_THRESHOLDS)
         self.nft = Nft()
+        self.upkeep = PolicyUpkeep(self.store)
+        self.chores = Chores(Nft, wake=self.wake.set)
+        self.chores.start()
         self.policy = self._committed_or_first_policy(first_lint)
         if self.policy is None:
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             return
         self._start_enforcing()
         self._warn_if_file_differs()
+        gc.freeze()
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
 
     def _start_enforcing(self):
         """The committed policy is in the kernel: restore its bans and follow its logs."""
         self.state = State(self.state_dir / STATE_FILE)
-        self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy))
+        self.state_writer = StateWriter(self.state.path, wake=self.wake.set)
+        self.state_writer.start()
+        self.positions = QueuedPositions(self.state, self.state_writer)
+        self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy),
+                               writer=self.state_writer)
         restored = self.bans.restore()
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
@@ -146,6 +194,14 @@ class Daemon:
         log.info("started %s", kv(version=__version__, policy=source,
                                   sha256=self.policy.digest[:12], bans=restored,
                                   logs=len(self.sources)))
+
+    def _stop_enforcing(self):
+        """Undo a _start_enforcing() that failed half way: still held back."""
+        if self.state_writer is not None:
+            self.state_writer.stop()
+            self.state_writer = None
+        self.bans = None
+        self.state.close()
 
     def _first_start_lint(self):
         """With nothing committed: the lint's verdict on the policy file, as a callable
@@ -223,14 +279,11 @@ class Daemon:
         return BanTable(self.nft, policy.bans_table, policy.bans.ipv6_prefix)
 
     def _follow(self, policy):
+        """Follow the policy's logs (the old ones' state and positions are written
+        first, by _write_everything, so a log followed anew resumes where it stopped)."""
         for source in self.sources:
             if source.follower:
-                source.follower.commit()
                 source.follower.close()
-        if self.sources:
-            # A journal cursor is only queued until written with its failures;
-            # the followers made below resume from what is written.
-            self._flush()
         if self.watcher is not None:
             self.watcher.stop()
         self.sources = [self._source(config) for config in policy.bans.logs]
@@ -249,9 +302,11 @@ class Daemon:
     def _source(self, config):
         try:
             if config.journal:
-                return JournalSource(config, self.state, self._on_log_change,
+                # A journal cursor is queued with the failures read up to it and
+                # written in their transaction (BanManager.queue_position).
+                return JournalSource(config, self.positions, self._on_log_change,
                                      self.bans.queue_position)
-            return LogSource(config, self.state)
+            return LogSource(config, self.positions)
         except InputError as exc:
             return UnfollowedSource(config, f"filter {config.filter!r} does not load: {exc}")
 
@@ -261,17 +316,26 @@ class Daemon:
         for closer in (self.watcher and self.watcher.stop,
                        self.control and self.control.stop,
                        self.metrics_server and self.metrics_server.stop,
-                       self.fleet and self.fleet.stop):
+                       self.fleet and self.fleet.stop,
+                       self.chores and self.chores.stop):
             if closer:
                 closer()
-        for source in self.sources:
-            if source.follower:
-                source.follower.commit()
-                source.follower.close()
         if self.bans is None:
             log.info("stopped %s", kv(enforcing="no"))
             return
+        self._flush(write_state=False)
+        self.state_writer.stop()  # writes what it was given
+        self.bans.state_written(self.state_writer.collect())
+        self.bans.writer = None
         self.bans.flush()
+        # After the state: a position never runs ahead of the failures it covers.
+        written = not self.bans.state_pending()
+        for source in self.sources:
+            if source.follower:
+                if written:
+                    source.follower.commit()
+                source.follower.close()
+        self.bans.flush()  # journal cursors queued by those commits
         self.state.close()
         log.info("stopped %s", kv(bans=self.bans.active_count))
 
@@ -284,11 +348,24 @@ class Daemon:
         watchdog = systemd.watchdog_interval()
         next_housekeeping = next_watchdog = 0.0
         while not self.stopping:
-            self.wake.wait(HOUSEKEEPING_SECONDS)
+            if not self.backlog:
+                pause = HOUSEKEEPING_SECONDS
+                if (self.bans is not None and self.bans.state_pending()
+                        and not self._writer_busy()):
+                    # The rest of a flood's state, piece by piece (a full writer wakes us).
+                    pause = min(pause, max(0.0, self.next_state_write - time.monotonic()))
+                self.wake.wait(pause)
             self.wake.clear()
-            self._read_logs()
-            if self.fleet is not None and self.fleet.pump():
-                self._flush()
+            if self.bans is not None:
+                backlog = self._read_logs()
+                if backlog != self.backlog:
+                    self._collect_garbage_after(flood_over=not backlog)
+                self.backlog = backlog
+                if self.fleet is not None and self.fleet.pump():
+                    self._flush()
+                if self.state_writer is not None:
+                    self.bans.state_written(self.state_writer.collect())
+            self.chores.collect()
             self.calls.run_pending()
             now = time.monotonic()
             if self.reload_requested:
@@ -302,71 +379,80 @@ class Daemon:
                 systemd.notify("WATCHDOG=1")
 
     def _read_logs(self):
-        started = time.perf_counter()
-        new_bans = 0
+        """One slice of new lines from every log, their bans pushed to the kernel;
+        True if a log has more lines waiting (the loop comes back at once)."""
+        backlog = False
         for source in self.sources:
             if source.broken:
                 continue
+            started = time.perf_counter()
             if source.kind == "journal":
-                new_bans += self._read_journal(source)
-                continue
-            lines = source.follower.read_lines()
-            if not lines and not source.judge.holding:
-                continue
-            self.metrics.log_lines.labels(log=source.path).inc(len(lines))
-            for outcome in source.judge.judge(lines, source.follower.mid_write):
-                if outcome is Outcome.MALFORMED:
-                    source.malformed += 1
-                    self.metrics.log_malformed.labels(log=source.path).inc()
-                    continue
-                if isinstance(outcome, Forgery):
-                    if not self._forged(source, outcome):
-                        continue
-                    outcome = outcome.failure()
-                else:
-                    source.matched += 1
-                    self.metrics.failures.labels(filter=outcome.filter).inc()
-                ban = self.bans.record_failure(outcome.host, outcome.filter, outcome.time)
-                if ban is not None:
-                    new_bans += 1
+                failures = self._journal_failures(source)
+            else:
+                failures, more = self._file_failures(source)
+                backlog = backlog or more
+            if failures:
+                bans = self.bans.record_failures(failures)
+                if bans:
+                    self._flush(write_state=False)
+                    self.metrics.ban_latency.observe(time.perf_counter() - started)
+                    self.metrics.bans.labels(reason="auto").inc(len(bans))
+                    self._log_bans(bans)
                     if self.fleet is not None:
-                        self.fleet.publish_ban(ban)
-                    log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
-                                             failures=ban.failures,
-                                             duration=f"{round(ban.expires_at - ban.banned_at)}s"))
-        if new_bans:
-            self._flush()
-            self.metrics.ban_latency.observe(time.perf_counter() - started)
-            self.metrics.bans.labels(reason="auto").inc(new_bans)
-            if self.fleet is not None:
-                self.fleet.commit()
-        for source in self.sources:
-            if source.follower:
-                source.follower.commit()
+                        for ban in bans:
+                            self.fleet.publish_ban(ban)
+                        self.fleet.commit()
+            if source.kind == "journal":
+                source.follower.commit()  # queued with the failures just counted
+        self._save()
+        return backlog
 
-    def _read_journal(self, source):
-        """Like the file path, with each entry's own time; returns how many bans it made."""
-        new_bans = 0
+    def _file_failures(self, source):
+        """([(host, filter, time)], more lines waiting) from one slice of a log file;
+        lines a request forged into another entry are dropped and reported."""
+        lines = source.follower.read_lines(max_lines=READ_SLICE_LINES)
+        if not lines and not source.judge.holding:
+            return [], False
+        if lines:
+            self.metrics.log_lines.labels(log=source.path).inc(len(lines))
+        failures = []
+        malformed = 0
+        for outcome in source.judge.judge(lines, source.follower.mid_write):
+            if outcome is Outcome.MALFORMED:
+                malformed += 1
+            elif isinstance(outcome, Forgery):
+                if self._forged(source, outcome):
+                    failure = outcome.failure()
+                    failures.append((failure.host, failure.filter, failure.time))
+            else:
+                source.matched += 1
+                failures.append((outcome.host, outcome.filter, outcome.time))
+        self._count_outcomes(source, failures, malformed)
+        return failures, len(lines) >= READ_SLICE_LINES
+
+    def _journal_failures(self, source):
+        """[(host, filter, time)] from the journal's new entries (the follower reads a
+        bounded batch and wakes the loop again when more wait)."""
         outcomes = source.read()
         if outcomes:
             self.metrics.log_lines.labels(log=source.path).inc(len(outcomes))
+        failures = []
+        malformed = 0
         for outcome, when in outcomes:
-            if outcome is Outcome.IGNORED:
-                continue
             if outcome is Outcome.MALFORMED:
-                source.malformed += 1
-                self.metrics.log_malformed.labels(log=source.path).inc()
-                continue
-            source.matched += 1
-            self.metrics.failures.labels(filter=outcome.filter).inc()
-            ban = self.bans.record_failure(outcome.host, outcome.filter, when=when)
-            if ban is not None:
-                new_bans += 1
-                if self.fleet is not None:
-                    self.fleet.publish_ban(ban)
-                log.warning("ban %s", kv(addr=ban.network, filter=ban.filter, failures=ban.failures,
-                                         duration=f"{round(ban.expires_at - ban.banned_at)}s"))
-        return new_bans
+                malformed += 1
+            elif outcome is not Outcome.IGNORED:
+                source.matched += 1
+                failures.append((outcome.host, outcome.filter, when))
+        self._count_outcomes(source, failures, malformed)
+        return failures
+
+    def _count_outcomes(self, source, failures, malformed):
+        if malformed:
+            source.malformed += malformed
+            self.metrics.log_malformed.labels(log=source.path).inc(malformed)
+        for name, count in Counter(name for _host, name, _when in failures).items():
+            self.metrics.failures.labels(filter=name).inc(count)
 
     def _forged(self, source, forgery):
         """Count and report a request that wrote lines into another entry; True if
@@ -378,9 +464,69 @@ class Daemon:
                                           dropped=forgery.dropped, reason=forgery.reason))
         return forgery.sender is not None
 
-    def _flush(self):
+    @staticmethod
+    def _collect_garbage_after(flood_over):
+        """No cyclic GC while a backlog of lines is read: each collection walked the
+        flood's fresh bans again (80 ms), between two bans. After it, what the flood
+        left is frozen out of later collections (it is mostly bans, alive for hours)."""
+        if flood_over:
+            gc.freeze()
+            gc.enable()
+            give_back_memory()
+        else:
+            gc.disable()
+
+    def _save(self):
+        """Push queued bans to the kernel; when due, write one piece of queued state,
+        and once none is left, the log positions it covers (so a crash re-reads
+        lines whose failures were not written, never skips them)."""
+        self._flush(write_state=False)
+        now = time.monotonic()
+        if now < self.next_state_write or self._writer_busy():
+            return
+        written = self.bans.write_state(STATE_CHUNK_ROWS)
+        if not self.bans.state_pending():
+            for source in self.sources:
+                if source.kind == "file":
+                    source.follower.commit()
+            self.next_state_write = now + STATE_WRITE_SECONDS
+        elif not written:
+            self.next_state_write = now + STATE_WRITE_SECONDS  # a write error: retry later
+
+    def _writer_busy(self):
+        """Enough batches wait for the state writer (without one, writes are synchronous)."""
+        return self.state_writer is not None and self.state_writer.queued() >= STATE_BATCHES_QUEUED
+
+    def _write_everything(self):
+        """All queued state, then the positions it covers, written now (waits)."""
+        self._flush(write_state=False)
+        for source in self.sources:
+            if source.kind == "journal":
+                source.follower.commit()
+        while self.bans.state_pending() and self.bans.write_state():
+            pass
+        for source in self.sources:
+            if source.kind == "file":
+                source.follower.commit()
+        if self.state_writer is not None:
+            self.state_writer.wait()
+            self.bans.state_written(self.state_writer.collect())
+
+    @staticmethod
+    def _log_bans(bans):
+        if len(bans) <= BAN_LOG_LINES:
+            for ban in bans:
+                log.warning("ban %s", kv(addr=ban.network, filter=ban.filter,
+                                         failures=ban.failures,
+                                         duration=f"{round(ban.expires_at - ban.banned_at)}s"))
+            return
+        log.warning("bans %s", kv(count=len(bans), filter=",".join(bans.filters()),
+                                  sample=" ".join(str(ban.network) for ban in bans[:5]),
+                                  hint="policyd bans lists them all"))
+
+    def _flush(self, write_state=True):
         try:
-            self.bans.flush()
+            self.bans.flush(write_state)
         except (KernelError, OSError) as exc:
             self.metrics.kernel_errors.inc()
             log.error("kernel refused bans %s", kv(error=exc))
@@ -391,16 +537,13 @@ class Daemon:
             self._publish_metrics()
             systemd.notify(f"STATUS={self._status_line()}")
             return
-        self._flush()  # retries a batch the kernel refused before; cheap when empty
+        self._save()  # also retries a batch the kernel refused before; cheap when empty
+        # The policy half (a newer committed policy, a trial's deadline, tables
+        # gone or edited) runs on the worker; _upkept() takes its findings.
+        policy = self.policy
+        self.chores.submit("upkeep", lambda nft: self.upkeep.check(nft, policy), self._upkept)
         try:
-            meta = self.store.meta()
-            if meta and meta.get("sha256") != self.policy.digest:
-                self._reload(load_kernel=False)
-            if trial.enforce(self.nft, self.store):
-                self.metrics.applies.labels(kind="rollback").inc()
-                log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
-            self._converge()
-            for ban in self.bans.expire():
+            for ban in self.bans.expire(write_state=False):  # _save() writes it
                 log.info("unban %s", kv(addr=ban.network, reason="expired"))
             if self.clock() >= self.next_reconcile:
                 self.next_reconcile = self.clock() + RECONCILE_SECONDS
@@ -434,57 +577,77 @@ class Daemon:
             # Still held back; the next housekeeping tries again.
             self.metrics.kernel_errors.inc()
             log.error("could not start enforcing %s", kv(error=exc))
-            self.bans = None
-            self.state.close()
+            self._stop_enforcing()
 
-    def _converge(self):
-        """Put the committed policy and every ban back if the tables are gone or edited.
-
-        Compares chains, rule counts and set names over netlink (well under a
-        millisecond, whatever the allowlist's size) with what the policy loads.
-        """
-        if not self._drifted():
+    def _upkept(self, found, error):
+        """The worker's housekeeping findings, on the main thread."""
+        if error is not None:
+            self._worker_failed("housekeeping", error)
             return
-        with self.store.locked(wait=False) as got:
-            # A CLI apply holds the lock while it changes the kernel: look again later.
-            if not got or not self._drifted():
-                return
+        self.trial_active = found.get("trial_active", False)
+        if found.get("committed") is not None:
+            self._adopt(found["committed"])
+        if found.get("rolled_back"):
+            self.metrics.applies.labels(kind="rollback").inc()
+            log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
+        if "restored_ms" in found:
+            # The worker put the committed policy back; the bans are this thread's.
             started = time.perf_counter()
-            trial.restore_committed_locked(self.nft, self.store)
-            count = self.bans.restore()
-        self.metrics.table_restores.inc()
-        log.warning("tables were gone or changed: restored %s", kv(
-            policy=self.policy.digest[:12], bans=count,
-            ms=round((time.perf_counter() - started) * 1000, 1)))
+            try:
+                count = self.bans.restore()
+            except (KernelError, OSError) as exc:
+                self._worker_failed("restoring bans", exc)
+                return
+            self.metrics.table_restores.inc()
+            log.warning("tables were gone or changed: restored %s", kv(
+                policy=self.policy.digest[:12], bans=count,
+                ms=round(found["restored_ms"] + (time.perf_counter() - started) * 1000, 1)))
 
-    def _drifted(self):
-        pending = self.store.pending()
-        key = (self.policy.digest, pending and pending.sha256)
-        if key != self._expected_key:
-            document = (compile_policy(self.policy, pending.policy(), pending.seconds)
-                        if pending else compile_policy(self.policy))
-            self._expected = {table: skeleton(document, table)
-                              for table in (self.policy.table, self.policy.bans_table)}
-            self._expected_key = key
-        return any(self.nft.skeleton(table) != shape for table, shape in self._expected.items())
+    def _worker_failed(self, what, error):
+        if isinstance(error, (KernelError, OSError)):
+            self.metrics.kernel_errors.inc()
+        log.error("%s failed %s", what, kv(error=error))
 
     def _tables_present(self, policy):
         names = self.nft.tables()
         return policy.table in names and policy.bans_table in names
 
-    def _reload(self, load_kernel=True):
-        """Take the committed policy again: SIGHUP loads it into the kernel too; after
-        a confirm or apply by the CLI (load_kernel=False) the kernel has it already,
-        and _converge() repairs anything that differs."""
+    def _reload(self, load_kernel=True, replies=()):
+        """Take the committed policy again, on the worker: SIGHUP loads it into the
+        kernel too; after a confirm or apply by the CLI (load_kernel=False) the
+        kernel has it already. Each of `replies` (Futures) gets {"sha256"} once the
+        policy is in use. Asked for while one runs, it runs once more afterwards."""
         if self.bans is None:
             self._take_first_commit()
+            for reply in replies:
+                reply.set_result({"sha256": self.policy.digest if self.policy else None})
             return
-        committed = self.store.committed()
-        if committed is None:
-            return
-        if load_kernel and self.store.pending() is None:
-            self.nft.load(compile_policy(committed))
-            self.metrics.applies.labels(kind="restore").inc()
+        replies = list(replies)
+        if not self.chores.submit("reload", lambda nft: self.upkeep.reload(nft, load_kernel),
+                                  lambda result, error: self._reloaded(result, error, replies)):
+            again_kernel, again_replies = self._reload_again or (False, [])
+            self._reload_again = (again_kernel or load_kernel, again_replies + replies)
+
+    def _reloaded(self, result, error, replies):
+        if error is not None:
+            self._worker_failed("reload", error)
+            for reply in replies:
+                reply.set_exception(error)
+        else:
+            committed, loaded = result
+            if loaded:
+                self.metrics.applies.labels(kind="restore").inc()
+            if committed is not None:
+                self._adopt(committed)
+            for reply in replies:
+                reply.set_result({"sha256": self.policy.digest})
+        if self._reload_again is not None:
+            load_kernel, waiting = self._reload_again
+            self._reload_again = None
+            self._reload(load_kernel, waiting)
+
+    def _adopt(self, committed):
+        """Make `committed` the daemon's policy: ban settings, ban table, logs."""
         changed_logs = committed.bans.logs != self.policy.bans.logs
         changed_fleet = committed.fleet != self.policy.fleet
         previous, self.policy = self.policy, committed
@@ -493,17 +656,18 @@ class Daemon:
             # `table:` changed: the bans move to the new ban table, then the old goes.
             self.bans.restore()
             trial.retire_table(self.nft, previous.bans_table)
-            self._expected_key = None
         for ban in self.bans.reconfigure(committed.bans):
             log.info("unban %s", kv(addr=ban.network, reason="now ignored"))
         self._flush()
         if changed_logs:
+            self._write_everything()  # so a log followed anew resumes where it stopped
             self._follow(committed)
         if changed_fleet:
             if self.fleet is not None:
                 self.fleet.stop()
                 self.fleet = None
             self._start_fleet()
+        gc.freeze()
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
 
     def _status_line(self):
@@ -536,10 +700,11 @@ class Daemon:
 
     def _publish_metrics(self):
         """The gauges scrapes read until the next call: made here, on the main
-        thread, so the HTTP thread never runs daemon code (nor parses a trial)."""
+        thread, so the HTTP thread never runs daemon code (the trial's state comes
+        from the worker's last housekeeping: no policy is parsed here either)."""
         self.metrics.snapshot.publish({
             "policyd_bans_active": self.bans.active_count if self.bans else 0,
-            "policyd_trial_active": int(self.store.pending() is not None),
+            "policyd_trial_active": int(self.trial_active),
             "policyd_enforcing": int(self.held_back is None),
             "policyd_log_errors": {source.path: int(source.stats()["error"] is not None)
                                    for source in self.sources},
@@ -564,8 +729,20 @@ class Daemon:
         return {}
 
     def _reload_now(self):
-        self._reload()
-        return {"sha256": self.policy.digest}
+        """Answered once the worker's reload is in use; _control() waits for it."""
+        reply = Future()
+        self._reload(replies=[reply])
+        return reply
+
+    def _control(self, command, args):
+        """ControlServer's handler, on a server thread: the command runs on the main
+        loop; a reload is answered when done, without the main loop waiting for it."""
+        answer = self.calls(command, args)
+        if isinstance(answer, Future):
+            return answer.result(RELOAD_REPLY_SECONDS)
+        if isinstance(answer, OffLoop):
+            return answer.work()
+        return answer
 
     def status(self):
         now = self.clock()
@@ -581,11 +758,20 @@ class Daemon:
         }
 
     def ban_list(self):
+        """Answered off the main loop (see _control): it only takes a snapshot."""
         if self.bans is None:
             return []
-        now = self.clock()
-        return [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
-                for ban in self.bans.active()]
+        snapshot, now = self.bans.snapshot(), self.clock()
+        return OffLoop(lambda: [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
+                                for ban in active_in(snapshot, now)])
+
+
+class OffLoop:
+    """A control answer the main loop leaves to the server thread: work() builds it
+    from data the main loop copied (100k bans formatted would hold bans up 1 s)."""
+
+    def __init__(self, work):
+        self.work = work
 
 
 # bans.py names a refusal after its own parameter; the operator typed ADDR or --for.

@@ -115,6 +115,12 @@ class _Line:
         self.index, self.start, self.end, self.outcome = index, start, end, outcome
 
 
+def _outcomes(entries):
+    """What a judge hands on: the outcomes of lines not dropped, and reports."""
+    return [e.outcome if isinstance(e, _Line) else e for e in entries
+            if not isinstance(e, _Line) or e.outcome is not None]
+
+
 class NginxErrorJudge(PlainJudge):
     """nginx's error.log, shared with any site that logs decoded paths.
 
@@ -150,12 +156,22 @@ class NginxErrorJudge(PlainJudge):
             if self._held_since is None:
                 self._held_since = self.clock()
             if self.clock() - self._held_since < self.hold_seconds:
-                self._held = results
-                return []
+                # Only what the rest of a write can still drop waits: a forging line
+                # drops failures within max_bytes before it, and every line still to
+                # come starts at self._position or later. So a flood read in slices
+                # is banned slice by slice, not held until its end.
+                cut = self._position - self.max_bytes
+                ready = 0
+                while ready < len(results) and (not isinstance(results[ready], _Line)
+                                                or results[ready].start < cut):
+                    ready += 1
+                self._held = results[ready:]
+                if ready:
+                    self._held_since = self.clock()
+                return _outcomes(results[:ready])
         self._held, self._held_since = [], None
         self._recent.clear()
-        return [e.outcome if isinstance(e, _Line) else e for e in results
-                if not isinstance(e, _Line) or e.outcome is not None]
+        return _outcomes(results)
 
     def _process(self, lines, results):
         if not results:

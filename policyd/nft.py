@@ -26,6 +26,11 @@ class Nft:
         self._ctx.set_handle_output(False)
         self.netlink = nfnetlink.Netlink()
 
+    def close(self):
+        """Free the libnftables context (and its cache) now, not at garbage collection."""
+        self.netlink.close()
+        self._ctx = None
+
     def _run(self, command):
         rc, out, err = self._ctx.cmd(command)
         if rc != 0:
@@ -42,10 +47,12 @@ class Nft:
 
     def _json(self, document, dry_run):
         old = self._ctx.set_dry_run(dry_run)
+        json_before = self._ctx.set_json_output(True)  # what json_cmd() does, with _json_text
         try:
-            rc, _out, err = self._ctx.json_cmd(document)
+            rc, _out, err = self._ctx.cmd(_json_text(document))
         finally:
             self._ctx.set_dry_run(old)
+            self._ctx.set_json_output(json_before)
         if rc != 0:
             raise KernelError(_first_error(err) or "nftables refused the transaction")
 
@@ -123,12 +130,22 @@ class BanTable:
             changes[BAN_SETS[network.version]].append((key, timeout))
         return {name: items for name, items in changes.items() if items}
 
+    def replace_ban_keys(self, items):
+        """add_bans by key: [((version, first address as int, prefix length), seconds)],
+        one transaction, existing elements take the new timeout. No ipaddress objects:
+        a flood bans 100k networks."""
+        if items:
+            self._netlink.replace(self.table, self._keys_by_set(items))
+
     def add_ban_keys(self, items):
         """Restore [((version, first address as int, prefix length), seconds)] in one batch.
 
         The bulk path for restores: no ipaddress objects, and elements already
         in the kernel keep counting down instead of being replaced.
         """
+        self._netlink.add(self.table, self._keys_by_set(items))
+
+    def _keys_by_set(self, items):
         changes = {BAN_SETS[4]: [], BAN_SETS[6]: []}
         mask6 = ((1 << 128) - 1) ^ ((1 << (128 - self.ipv6_prefix)) - 1)
         for (version, number, _prefixlen), timeout in items:
@@ -137,7 +154,7 @@ class BanTable:
             else:
                 changes[BAN_SETS[6]].append(((number & mask6).to_bytes(16, "big"),
                                              max(1, int(timeout))))
-        self._netlink.add(self.table, {name: items for name, items in changes.items() if items})
+        return {name: items for name, items in changes.items() if items}
 
     def list_ban_keys(self):
         """{(version, first address as int, prefix length)} of the kernel's ban elements."""
@@ -163,6 +180,25 @@ class BanTable:
             for key, left in keys.items():
                 found[(version, int.from_bytes(key, "big"), prefix)] = left
         return found
+
+
+# Items per json.dumps call for a long list (see _json_text).
+JSON_PIECE = 2000
+
+
+def _json_text(value):
+    """json.dumps(value), but a list longer than JSON_PIECE goes through the C encoder
+    a piece at a time: one call holds the GIL for all of a 100k-element document
+    (~100 ms), and the daemon loads documents on a worker beside its ban path."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(key)}: {_json_text(item)}"
+                               for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        if len(value) > JSON_PIECE:
+            return "[" + ", ".join(json.dumps(value[start:start + JSON_PIECE])[1:-1]
+                                   for start in range(0, len(value), JSON_PIECE)) + "]"
+        return "[" + ", ".join(_json_text(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 def _key_text(key):

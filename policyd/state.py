@@ -73,12 +73,20 @@ MIGRATIONS = (
         value TEXT NOT NULL
     );
     """,
+    # 2 -> 3: failures are no longer deleted by key when their network is banned
+    # (load_failures skips those older than the network's last ban instead), so
+    # the index by key only cost a random page write per failure in a flood.
+    """
+    DROP INDEX IF EXISTS failures_by_key;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Networks are keyed by an opaque BLOB that bans.py makes (packed address and
 # prefix length): reading 100k bans back must not parse 100k address strings.
 # `network` keeps the text form for people reading the file with sqlite3.
+# Keys per `IN (...)` query: well under SQLite's limit on bound parameters.
+HISTORY_QUERY_KEYS = 500
 BAN_COLUMNS = ("key", "network", "version", "banned_at", "expires_at", "failures", "filter", "reason")
 
 
@@ -182,10 +190,24 @@ class State:
         rows = self._read("SELECT bans, last_end FROM ban_history WHERE key = ?", (key,))
         return rows[0] if rows else None
 
+    def load_history_of_many(self, keys):
+        """{key: (times banned, end of the last ban)} for those of `keys` with history."""
+        found = {}
+        for start in range(0, len(keys), HISTORY_QUERY_KEYS):
+            chunk = keys[start:start + HISTORY_QUERY_KEYS]
+            found.update((key, (bans, last_end)) for key, bans, last_end in self._read(
+                f"SELECT key, bans, last_end FROM ban_history WHERE key IN "
+                f"({', '.join('?' * len(chunk))})", chunk))
+        return found
+
     def load_failures(self, since):
-        """[(key, time, filter)] of failures at or after `since`, oldest first."""
+        """[(key, time, filter)] of failures at or after `since`, oldest first, without
+        those made stale by a ban of their key (up to its history's last_end)."""
         return self._read(
-            "SELECT key, time, filter FROM failures WHERE time >= ? ORDER BY time", (since,))
+            "SELECT f.key, f.time, f.filter FROM failures AS f "
+            "LEFT JOIN ban_history AS h ON h.key = f.key "
+            "WHERE f.time >= ? AND (h.last_end IS NULL OR f.time > h.last_end) "
+            "ORDER BY f.time", (since,))
 
     # Log positions: the tail module's PositionStore protocol is load/save.
 
@@ -201,13 +223,9 @@ class State:
     def save_position(self, path, position):
         """Store `position` (JSON-able). A failed write is logged, not raised: the
         cost is re-reading some lines after a restart, not a dead daemon."""
-        text = json.dumps(position, sort_keys=True)
         try:
             with self.transaction() as writer:
-                writer.execute(
-                    "INSERT INTO log_positions (path, position) VALUES (?, ?) "
-                    "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
-                    (str(path), text))
+                writer.save_position(path, position)
         except (sqlite3.Error, OSError) as error:
             log.error("could not save the position of %s in %s: %s", path, self.path, error)
 
@@ -254,6 +272,12 @@ class Writer:
 
     def forget_failures(self, keys):
         self._db.executemany("DELETE FROM failures WHERE key = ?", ((key,) for key in keys))
+
+    def save_position(self, path, position):
+        self._db.execute(
+            "INSERT INTO log_positions (path, position) VALUES (?, ?) "
+            "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
+            (str(path), json.dumps(position, sort_keys=True)))
 
     def prune_failures(self, before):
         self._db.execute("DELETE FROM failures WHERE time < ?", (before,))

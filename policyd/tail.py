@@ -100,6 +100,7 @@ class LogFollower:
         self._retired: list[_OpenLog] = []
         self._exists = False
         self._error: str | None = None
+        self._max_lines: int | None = None
         self._lines = 0
         self._oversized = 0
         self._rotations = 0
@@ -109,9 +110,14 @@ class LogFollower:
 
     # -- public -----------------------------------------------------------
 
-    def read_lines(self) -> list[bytes]:
-        """Every complete line written since the last call, without its newline."""
+    def read_lines(self, max_lines: int | None = None) -> list[bytes]:
+        """Every complete line written since the last call, without its newline.
+
+        With max_lines, stops reading once that many lines are in hand (the last
+        chunk read may bring up to READ_CHUNK bytes more); the next call goes on.
+        """
         lines: list[bytes] = []
+        self._max_lines = max_lines
         self._error = None
         self._drain_retired(lines)
         if self._current is not None:
@@ -317,7 +323,9 @@ class LogFollower:
             self._drain(log, lines)
             # With no successor yet, a retired file is still the newest one
             # (and the one commit() saves): keep it until the path reappears.
-            if self._current is not None and now - log.last_growth >= self._rotate_grace:
+            sliced = self._max_lines is not None and len(lines) >= self._max_lines
+            if self._current is not None and now - log.last_growth >= self._rotate_grace \
+                    and not sliced:  # only a file read to its end is finished
                 self._retired.remove(log)
                 self._release(log, lines)
 
@@ -349,6 +357,8 @@ class LogFollower:
 
     def _drain(self, log: _OpenLog, lines: list[bytes]) -> None:
         while True:
+            if self._max_lines is not None and len(lines) >= self._max_lines:
+                return  # a flood is read in slices; the next call goes on from here
             try:
                 data = os.pread(log.fd, READ_CHUNK, log.read_offset)
             except OSError as error:

@@ -75,6 +75,10 @@ class FakeBanKernel:
         now = self.clock()
         return {n: round(end - now) for n, end in self.elements.items() if end > now}
 
+    def replace_ban_keys(self, items):
+        self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
+                       for (_version, number, prefixlen), timeout in items])
+
     def add_ban_keys(self, items):
         self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
                        for (_version, number, prefixlen), timeout in items])

@@ -460,3 +460,97 @@ def test_after_restart_bans_expire_in_expiry_order(make, clock):
     clock.advance(100)
     assert [str(ban.network) for ban in restarted.expire()] == ["192.0.2.103/32"]
     assert [str(ban.network) for ban in restarted.active()] == ["192.0.2.101/32"]
+
+
+# The flood path: record_failures, bans by key, state written in pieces.
+
+def _offenders(count, per_source):
+    """IPv4 and IPv6 sources interleaved as a flood would write them."""
+    sources = [ip(f"198.51.100.{i}") for i in range(1, count // 2 + 1)]
+    sources += [ip(f"2001:db8:{i:x}::7") for i in range(1, count - len(sources) + 1)]
+    return [address for _ in range(per_source) for address in sources], sources
+
+
+def test_a_batch_bans_exactly_what_one_failure_at_a_time_bans(make, db_path, tmp_path, clock):
+    failures, sources = _offenders(60, 5)
+    failures.append(ip("127.0.0.1"))            # loopback: never
+    failures.append(ip("::ffff:198.51.100.1"))   # mapped: counts as the IPv4 address
+    one_by_one = make()
+    singles = [one_by_one.record_failure(address, "nginx-auth") for address in failures]
+    singles = [ban for ban in singles if ban is not None]
+    batch_state = State(tmp_path / "batch.db")
+    try:
+        batched = BanManager(Settings(), batch_state, FakeBanKernel(clock), clock=clock)
+        made = batched.record_failures([(address, "nginx-auth", None) for address in failures])
+        assert len(made) == len(singles) == len(sources)
+        assert list(made) == singles
+        assert made[:2] == singles[:2]
+        assert made.filters() == ["nginx-auth"]
+        assert batched.stats() == one_by_one.stats()
+    finally:
+        batch_state.close()
+
+
+def test_a_batch_reads_ban_history_in_one_query_not_one_per_ban(make, clock, monkeypatch):
+    manager = make()
+    fail(manager, "192.0.2.40", 5)  # banned once: its next ban is twice as long
+    manager.unban("192.0.2.40")
+    manager.flush()
+    manager.state.close()
+    manager = make()
+    monkeypatch.setattr(manager.state, "load_history_of",
+                        lambda key: pytest.fail("one history query per ban"))
+    failures = [(ip(f"192.0.2.{40 + n}"), "nginx-auth", None) for n in range(10) for _ in range(5)]
+    made = manager.record_failures(failures)
+    assert len(made) == 10
+    durations = {str(ban.network): ban.expires_at - ban.banned_at for ban in made}
+    assert durations["192.0.2.40/32"] == 2 * 3600
+    assert durations["192.0.2.41/32"] == 3600
+
+
+def test_first_bans_are_added_and_repeat_offenders_replaced(make, kernel, monkeypatch):
+    # A network never banned has no element that could linger in the kernel, so a
+    # plain add is enough; a repeat offender's element is replaced for its new timeout.
+    calls = []
+    monkeypatch.setattr(kernel, "add_ban_keys", lambda items: calls.append(("add", len(items))))
+    monkeypatch.setattr(kernel, "replace_ban_keys", lambda items: calls.append(("replace", len(items))))
+    manager = make()
+    fail(manager, "192.0.2.50", 5)
+    fail(manager, "192.0.2.51", 5)
+    manager.flush()
+    assert calls == [("add", 2)]
+    manager.unban("192.0.2.50")
+    manager.flush()
+    calls.clear()
+    fail(manager, "192.0.2.50", 5)
+    manager.flush()
+    assert calls == [("replace", 1)]
+
+
+def test_state_is_written_in_pieces_and_a_restart_sees_all_of_it(make, clock):
+    manager = make()
+    failures, sources = _offenders(40, 5)
+    manager.record_failures([(address, "nginx-auth", None) for address in failures])
+    fail(manager, "203.0.113.9", 2)  # a window still open
+    manager.flush(write_state=False)
+    assert manager.state_pending()
+    pieces = 0
+    while manager.state_pending():
+        assert manager.write_state(max_rows=7) > 0
+        pieces += 1
+    assert pieces > 5
+    manager.state.close()
+    restarted = make()
+    assert restarted.active_count == len(sources)
+    assert fail(restarted, "203.0.113.9", 3)[-1] is not None  # 2 + 3 = maxretry
+
+
+def test_a_window_that_went_quiet_is_forgotten_with_one_entry_per_network(make, clock):
+    manager = make()
+    for _ in range(4):
+        fail(manager, "192.0.2.60", 1)
+        clock.advance(1)
+    assert len(manager._window_order) == 1  # one entry per open window, not per failure
+    clock.advance(600)
+    manager.expire()
+    assert not manager._window and not manager._window_order

@@ -50,7 +50,7 @@ class Harness:
         self.state = State(self.tmp_path / "state.db")
         daemon = Daemon(self.tmp_path / "policy.yaml", self.tmp_path, self.tmp_path,
                         clock=self.clock)
-        daemon.state = self.state
+        daemon.state = daemon.positions = self.state   # no state writer: synchronous writes
         daemon.bans = self.bans = BanManager(self.settings, self.state, self.kernel,
                                              clock=self.clock)
         daemon.sources = [JournalSource(c, self.state, None, self.bans.queue_position)
@@ -337,7 +337,8 @@ def test_a_reload_that_refollows_the_logs_does_not_read_entries_twice(tmp_path, 
     harness.read()                         # cursor queued, not yet written
     daemon = harness.daemon
     daemon.watcher = None
-    daemon._follow(SimpleNamespace(bans=harness.settings))   # what a reload with new logs does
+    daemon._write_everything()             # what a reload with new logs does (Daemon._adopt)
+    daemon._follow(SimpleNamespace(bans=harness.settings))
     try:
         harness.read()
         assert harness.source().matched == 0 and not harness.banned()

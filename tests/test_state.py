@@ -157,3 +157,40 @@ def test_failed_statement_rolls_back_and_the_next_transaction_works(db_path):
         with state.transaction() as writer:
             writer.add_failures([(b"k", 2.0, "nginx-auth")])
         assert state.load_failures(since=0.0) == [(b"k", 2.0, "nginx-auth")]
+
+
+def test_failures_up_to_a_networks_last_ban_end_are_not_loaded(db_path):
+    with State(db_path) as state:
+        with state.transaction() as writer:
+            writer.add_failures([(key("198.51.100.3"), 10.0, "nginx-auth"),
+                                 (key("198.51.100.3"), 20.0, "nginx-auth"),
+                                 (key("198.51.100.3"), 30.0, "nginx-auth"),
+                                 (key("198.51.100.4"), 15.0, "nginx-auth")])
+            writer.upsert_history([(key("198.51.100.3"), 1, 20.0)])  # its ban ended at 20
+        assert state.load_failures(since=0.0) == [(key("198.51.100.4"), 15.0, "nginx-auth"),
+                                                  (key("198.51.100.3"), 30.0, "nginx-auth")]
+
+
+def test_history_rows_of_many_keys_come_in_one_call(db_path):
+    with State(db_path) as state:
+        rows = [(key(f"2001:db8:{n:x}::/64"), n, float(n)) for n in range(1, 1200)]
+        with state.transaction() as writer:
+            writer.upsert_history(rows)
+        wanted = [row[0] for row in rows[::2]] + [key("192.0.2.99/32")]
+        found = state.load_history_of_many(wanted)
+        assert found == {row[0]: (row[1], row[2]) for row in rows[::2]}
+
+
+def test_a_version_1_file_is_upgraded_and_loses_the_index_by_key(db_path):
+    raw = sqlite3.connect(db_path)
+    raw.executescript(state_module.MIGRATIONS[0])
+    raw.execute(f"PRAGMA application_id={state_module.APPLICATION_ID}")
+    raw.execute("PRAGMA user_version=1")  # before the fleet (2) and this migration (3)
+    raw.execute("INSERT INTO failures VALUES (?, 5.0, 'nginx-auth')", (key("192.0.2.5"),))
+    raw.commit()
+    raw.close()
+    with State(db_path) as state:
+        assert state.schema_version == SCHEMA_VERSION == 3
+        indexes = {row[0] for row in state._read("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "failures_by_key" not in indexes and "failures_by_time" in indexes
+        assert state.load_failures(since=0.0) == [(key("192.0.2.5"), 5.0, "nginx-auth")]

@@ -552,3 +552,33 @@ def test_mid_write_is_true_only_inside_a_line_or_at_a_page_boundary(log, followe
     append(log, b"more\n")
     follower.read_lines()
     assert not follower.mid_write
+
+
+def test_a_flood_is_read_in_slices_and_each_line_comes_once(log, follower):
+    # A slice stops at the first chunk boundary after max_lines: a 64 KiB chunk holds
+    # ~6500 of these lines, so 40000 lines take several calls, none lost or repeated.
+    lines = [b"line %06d" % n for n in range(40000)]
+    append(log, b"\n".join(lines) + b"\n")
+    slices = []
+    while True:
+        got = follower.read_lines(max_lines=1000)
+        if not got:
+            break
+        slices.append(got)
+    assert len(slices) > 3
+    assert all(len(got) < 1000 + 10000 for got in slices)
+    assert [line for got in slices for line in got] == lines
+
+
+def test_a_position_committed_mid_flood_resumes_after_the_last_line_returned(log, clock):
+    positions = MemoryPositions()
+    follower = LogFollower(log, positions, clock=clock)
+    lines = [b"entry %06d" % n for n in range(30000)]
+    append(log, b"\n".join(lines) + b"\n")
+    first = follower.read_lines(max_lines=100)
+    follower.commit()
+    follower.close()
+    resumed = LogFollower(log, positions, clock=clock)
+    rest = resumed.read_lines()
+    resumed.close()
+    assert first + rest == lines

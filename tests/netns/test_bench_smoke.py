@@ -18,6 +18,7 @@ import run as bench_run  # noqa: E402
 
 TINY = ["--lines", "1000", "--trials", "2", "--allowlist", "1000", "--restore", "200",
         "--apply-networks", "1000", "--fail2ban-trials", "2", "--fail2ban-restore", "20",
+        "--flood-sources", "300", "--fail2ban-flood-seconds", "5", "--reload-trials", "10",
         "--fleet-trials", "2", "--quiet"]
 
 
@@ -54,10 +55,22 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     fleet = results["fleet"]
     assert fleet["trials"] == 2 and fleet["misses"] == 0 and fleet["last_node_applied"] == 3
 
+    mixes = results["throughput_mixes"]
+    assert [mix["failures"] for mix in mixes] == [0.005, 0.03, 0.3, 0.0]
+    assert mixes[-1]["matched"] == 0 and mixes[2]["matched"] > mixes[1]["matched"]
+    flood = results["flood"]
+    assert flood["kernel_bans"] == 300 and flood["all_banned_seconds"] is not None
+    assert flood["rss_after_mb"] > 0 and flood["latency"]["misses"] == 0
+    assert results["fail2ban_flood"]["bound_seconds"] == 5
+    reloads = results["reload_latency"]
+    assert reloads["reloads"] >= 3 and reloads["reload_errors"] == 0
+    assert reloads["during_reloads"]["trials"] >= 10 and reloads["during_reloads"]["misses"] == 0
+
     table = (tmp_path / "latest.md").read_text()
     for label in ("(a) filter throughput", "(b) ban latency", "(c) restart with 200 bans",
                   "(c) cold start", "(c) `nft flush ruleset`", "(d) apply", "(e) daemon RSS",
-                  "(f) fleet"):
+                  "(f) fleet",
+                  "(a) filter throughput, 30% failures", "(f) flood", "(g) ban latency during"):
         assert label in table, label
     assert (committed.read_bytes() if committed.exists() else None) == before, \
         "a quick run must not overwrite the committed full-size results"
