@@ -181,9 +181,9 @@ class Daemon:
         self.state = State(self.state_dir / STATE_FILE)
         self.state_writer = StateWriter(self.state.path, wake=self.wake.set)
         self.state_writer.start()
-        self.positions = QueuedPositions(self.state, self.state_writer)
         self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy),
                                writer=self.state_writer)
+        self.positions = QueuedPositions(self.state, self.bans.queue_position)
         restored = self.bans.restore()
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
@@ -327,15 +327,11 @@ class Daemon:
         self.state_writer.stop()  # writes what it was given
         self.bans.state_written(self.state_writer.collect())
         self.bans.writer = None
-        self.bans.flush()
-        # After the state: a position never runs ahead of the failures it covers.
-        written = not self.bans.state_pending()
         for source in self.sources:
             if source.follower:
-                if written:
-                    source.follower.commit()
+                source.follower.commit()  # queued: one transaction with the last state
                 source.follower.close()
-        self.bans.flush()  # journal cursors queued by those commits
+        self.bans.flush()
         self.state.close()
         log.info("stopped %s", kv(bans=self.bans.active_count))
 
@@ -484,11 +480,11 @@ class Daemon:
         now = time.monotonic()
         if now < self.next_state_write or self._writer_busy():
             return
+        for source in self.sources:
+            if source.kind == "file":
+                source.follower.commit()  # queued: written with the last piece of state
         written = self.bans.write_state(STATE_CHUNK_ROWS)
         if not self.bans.state_pending():
-            for source in self.sources:
-                if source.kind == "file":
-                    source.follower.commit()
             self.next_state_write = now + STATE_WRITE_SECONDS
         elif not written:
             self.next_state_write = now + STATE_WRITE_SECONDS  # a write error: retry later
@@ -501,13 +497,10 @@ class Daemon:
         """All queued state, then the positions it covers, written now (waits)."""
         self._flush(write_state=False)
         for source in self.sources:
-            if source.kind == "journal":
+            if source.follower:
                 source.follower.commit()
         while self.bans.state_pending() and self.bans.write_state():
             pass
-        for source in self.sources:
-            if source.kind == "file":
-                source.follower.commit()
         if self.state_writer is not None:
             self.state_writer.wait()
             self.bans.state_written(self.state_writer.collect())
