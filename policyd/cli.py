@@ -405,6 +405,8 @@ def _format_status(result):
     daemon = result.get("daemon")
     lines.append(f"daemon:    running, pid {daemon['pid']}, up {daemon['uptime']}s"
                  if daemon else "daemon:    not running")
+    for problem in (daemon or {}).get("problems", []):
+        lines.append(f"problem:   {problem} (still enforcing what the kernel holds)")
     committed = result["policy"]["committed"]
     held_back = result["policy"].get("held_back")
     if committed:

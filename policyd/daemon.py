@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ from policyd import __version__, control, fleet, metrics, systemd, trial
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager, active_in
 from policyd.chores import Chores, PolicyUpkeep, give_back_memory
-from policyd.errors import InputError, KernelError
+from policyd.errors import InputError, KernelError, PolicydError
 from policyd.filters import Outcome, load_filter
 from policyd.guard import Forgery, judge_for
 from policyd.journal import JournalSource
@@ -134,6 +135,7 @@ class Daemon:
         self.metrics = metrics.standard_metrics(self.registry)
         self.held_back = None  # why nothing is enforced yet, or None
         self.trial_active = False  # as the worker's last housekeeping found
+        self.problems = {}  # what failed -> why, until it works again (status)
         self.bans = None
         self.sources = []
         self.watcher = None
@@ -145,6 +147,7 @@ class Daemon:
         self.backlog = False
         self.chores = None
         self.state_writer = None
+        self.state = None
         self._reload_again = None   # (load_kernel, replies) asked for while one ran
 
     # ------------------------------------------------------------ start and stop
@@ -201,7 +204,9 @@ class Daemon:
             self.state_writer.stop()
             self.state_writer = None
         self.bans = None
-        self.state.close()
+        if self.state is not None:
+            self.state.close()
+            self.state = None
 
     def _first_start_lint(self):
         """With nothing committed: the lint's verdict on the policy file, as a callable
@@ -525,10 +530,29 @@ class Daemon:
             log.error("kernel refused bans %s", kv(error=exc))
 
     def _housekeeping(self):
+        """Never dies on what an operator can fix (a damaged state file, a full disk,
+        a refusing kernel): the kernel keeps enforcing what it has, the log and
+        `policyd status` say what is wrong, and the next turn tries again."""
+        try:
+            self._housekeeping_turn()
+        except Exception as exc:  # noqa: BLE001 - see above; a bug is logged with its trace
+            self._trouble("housekeeping", exc)
+        else:
+            self.problems.pop("housekeeping", None)
+        self._publish_metrics()
+        systemd.notify(f"STATUS={self._status_line()}")
+
+    def _trouble(self, what, error):
+        """Log `error` as one line, count it, and keep it for status until it clears."""
+        if isinstance(error, (KernelError, OSError)):
+            self.metrics.kernel_errors.inc()
+        expected = isinstance(error, (PolicydError, OSError, sqlite3.Error))
+        log.error("%s failed %s", what, kv(error=error), exc_info=not expected)
+        self.problems[what] = str(error) or type(error).__name__
+
+    def _housekeeping_turn(self):
         if self.bans is None:
             self._take_first_commit()
-            self._publish_metrics()
-            systemd.notify(f"STATUS={self._status_line()}")
             return
         self._save()  # also retries a batch the kernel refused before; cheap when empty
         # The policy half (a newer committed policy, a trial's deadline, tables
@@ -544,39 +568,36 @@ class Daemon:
                 if readded:
                     log.warning("kernel lacked bans %s", kv(readded=readded))
         except (KernelError, OSError) as exc:
-            self.metrics.kernel_errors.inc()
-            log.error("housekeeping failed %s", kv(error=exc))
-        self._publish_metrics()
-        systemd.notify(f"STATUS={self._status_line()}")
+            self._trouble("housekeeping", exc)
 
     def _take_first_commit(self):
         """While held back: an operator's apply committed a policy; enforce from now on."""
         try:
             trial.enforce(self.nft, self.store)  # a first trial past its deadline ends
             committed = self.store.committed()
-        except InputError as exc:
-            log.error("committed policy unreadable %s", kv(error=exc))
-            return
-        except (KernelError, OSError) as exc:
-            self.metrics.kernel_errors.inc()
-            log.error("housekeeping failed %s", kv(error=exc))
+        except (PolicydError, OSError) as exc:  # an unreadable committed policy included
+            self._trouble("taking the committed policy", exc)
             return
         if committed is None:
             return
         self.policy = committed
         try:
             self._start_enforcing()
-        except (KernelError, OSError) as exc:
-            # Still held back; the next housekeeping tries again.
-            self.metrics.kernel_errors.inc()
-            log.error("could not start enforcing %s", kv(error=exc))
+        except (PolicydError, OSError, sqlite3.Error) as exc:
+            # Still held back (a damaged state file, a refusing kernel): the next
+            # housekeeping tries again.
+            self._trouble("starting to enforce", exc)
             self._stop_enforcing()
+            return
+        self.problems.pop("taking the committed policy", None)
+        self.problems.pop("starting to enforce", None)
 
     def _upkept(self, found, error):
         """The worker's housekeeping findings, on the main thread."""
         if error is not None:
-            self._worker_failed("housekeeping", error)
+            self._trouble("policy upkeep", error)
             return
+        self.problems.pop("policy upkeep", None)
         self.trial_active = found.get("trial_active", False)
         if found.get("committed") is not None:
             self._adopt(found["committed"])
@@ -589,17 +610,12 @@ class Daemon:
             try:
                 count = self.bans.restore()
             except (KernelError, OSError) as exc:
-                self._worker_failed("restoring bans", exc)
+                self._trouble("restoring bans", exc)
                 return
             self.metrics.table_restores.inc()
             log.warning("tables were gone or changed: restored %s", kv(
                 policy=self.policy.digest[:12], bans=count,
                 ms=round(found["restored_ms"] + (time.perf_counter() - started) * 1000, 1)))
-
-    def _worker_failed(self, what, error):
-        if isinstance(error, (KernelError, OSError)):
-            self.metrics.kernel_errors.inc()
-        log.error("%s failed %s", what, kv(error=error))
 
     def _tables_present(self, policy):
         names = self.nft.tables()
@@ -623,7 +639,7 @@ class Daemon:
 
     def _reloaded(self, result, error, replies):
         if error is not None:
-            self._worker_failed("reload", error)
+            self._trouble("reload", error)
             for reply in replies:
                 reply.set_exception(error)
         else:
@@ -666,8 +682,9 @@ class Daemon:
     def _status_line(self):
         if self.bans is None:
             return f"NOT ENFORCING: {self.held_back['reason'] if self.held_back else '?'}"
+        problems = f"; {len(self.problems)} problem(s), see policyd status" if self.problems else ""
         return (f"{self.bans.active_count} bans, {len(self.sources)} logs, "
-                f"policy {self.policy.digest[:12]}")
+                f"policy {self.policy.digest[:12]}{problems}")
 
     # ------------------------------------------------------------ control
 
@@ -742,7 +759,8 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "started_at": self.started_at,
-                       "uptime": round(now - self.started_at, 1)},
+                       "uptime": round(now - self.started_at, 1),
+                       "problems": [f"{what}: {why}" for what, why in sorted(self.problems.items())]},
             "policy": trial.status(self.store, now=now),
             "bans": {"active": self.bans.active_count,
                      "total": sum(self.bans.bans_total.values())} if self.bans else None,
