@@ -11,7 +11,7 @@ APT_PACKAGES := nftables python3-nftables python3-pyroute2 python3-watchdog \
 	build-essential debhelper dh-python pybuild-plugin-pyproject dpkg-dev \
 	lintian systemd man-db git
 
-.PHONY: setup test lint unit netns deb package-test bench demo
+.PHONY: setup test lint unit netns deb package-test bench demo test-kernel
 setup:
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
@@ -32,6 +32,12 @@ unit:
 
 netns:
 	$(PY) -m pytest -q -rs -m netns tests
+
+# The kernel-contract suite (tests/kernel) inside Debian 12's own kernel (6.1),
+# booted in qemu: fetches linux-image-6.1.0-*-amd64 once into build/kernel.
+# Needs root; about 10 minutes under software emulation (TCG).
+test-kernel:
+	tests/kernel/lane.sh
 
 # The .deb, .changes and .buildinfo go to build/deb; the build runs on a copy
 # of the tree in /tmp, so it leaves nothing behind in the repository.

@@ -36,6 +36,10 @@ MAX_DOUBLINGS = 62
 # its timeout would fail the whole flush batch it is in, every time.
 MAX_MANUAL_BAN = 10 * 365 * 86400
 
+# Bans shorter than these are refused: they cut off a large share of the
+# internet, which is what a policy's deny list is for (reviewed, in a file).
+MIN_BAN_PREFIX = {4: 8, 6: 16}
+
 # A network inside this module is a key (version, first address as int,
 # prefix length): building, hashing and comparing ipaddress objects costs
 # microseconds each, and the failure path runs for every matched log line.
@@ -48,7 +52,8 @@ _NETWORK_TYPES = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
 
 class BanKernel(Protocol):
     def add_bans(self, bans: list[tuple[IPNetwork, int]]) -> None:
-        """(network, timeout seconds); one call = one transaction; re-adding updates the timeout."""
+        """(network, timeout seconds); one transaction for single addresses and prefixes,
+        a second for ranges; re-adding updates the timeout."""
 
     def remove_bans(self, networks: list[IPNetwork]) -> None:
         """One transaction; elements that are not there are not an error."""
@@ -57,9 +62,10 @@ class BanKernel(Protocol):
         """Like add_bans, by key ((version, first address as int, prefix length), seconds):
         the ban path of a flood must not build an ipaddress object per element."""
 
-    def add_ban_keys(self, items: list[tuple[tuple, int]]) -> None:
+    def add_ban_keys(self, items: list[tuple[tuple, int]], flush_ipv6: bool = False) -> None:
         """Bulk restore: ((version, first address as int, prefix length), seconds) pairs,
-        one batch; elements already present keep their own timeout."""
+        one batch; elements already present keep their own timeout. flush_ipv6: the
+        IPv6 ban sets are emptied first, in the same batch (ipv6_prefix changed)."""
 
     def list_ban_keys(self) -> set[tuple]:
         """The kernel's ban elements as (version, first address as int, prefix length)."""
@@ -448,6 +454,10 @@ class BanManager:
                                      or not 0 < duration <= MAX_MANUAL_BAN):
             raise InputError(f"ban duration must be 1 to {MAX_MANUAL_BAN} seconds, not {duration!r}",
                              key="duration")
+        if network.prefixlen < MIN_BAN_PREFIX[network.version]:
+            raise InputError(f"refusing to ban {network}: shorter than "
+                             f"/{MIN_BAN_PREFIX[network.version]}; put networks that large in a "
+                             "service's deny list", key="address")
         for protected in self._protected:
             if network.version == protected.version and network.overlaps(protected):
                 what = "loopback" if protected in LOOPBACK else "on the ignore list"
@@ -476,14 +486,15 @@ class BanManager:
         return None if key is None else _ban(key, self._active[key])
 
     def unban(self, network_or_address):
-        """Lift the ban on this network, or the ban covering this address. False if none."""
+        """Lift the ban on this network, or the ban covering this address (for an
+        IPv6 address usually its /64). Returns the network lifted, or None."""
         key = self._covering_ban(_key(_as_network(network_or_address)))
         if key is None:
-            return False
+            return None
         self._end_ban(key, self.clock())
         self._kernel_add.pop(key, None)
         self._kernel_remove[key] = _network(key)
-        return True
+        return _network(key)
 
     # Housekeeping.
 
@@ -527,17 +538,22 @@ class BanManager:
         immutable pairs, a few ms for 100k bans where building them all takes 1 s."""
         return list(self._active.items())
 
-    def restore(self):
+    def restore(self, flush_ipv6=False):
         """Push every active ban to the kernel with its remaining time, in one batch.
 
-        For a restart or a kernel whose tables were flushed by someone else.
-        Raises what the kernel raises; returns the number of bans pushed."""
+        For a restart or a kernel whose tables were flushed by someone else;
+        flush_ipv6 after bans.ipv6_prefix changed (the kernel's IPv6 elements
+        are replaced, atomically). Raises what the kernel raises; returns the
+        number of bans pushed."""
         now = self.clock()
         additions = [(key, _timeout(entry[0], now)) for key, entry in self._active.items()
                      if entry[0] > now]
-        if additions:
+        if flush_ipv6:
+            self.kernel.add_ban_keys(additions, flush_ipv6=True)
+        elif additions:
             self.kernel.add_ban_keys(additions)
         self._kernel_add.clear()
+        self._kernel_fresh.clear()
         log.info("restored %d ban(s) to the kernel", len(additions))
         return len(additions)
 

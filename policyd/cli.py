@@ -5,6 +5,7 @@ Kept thin on purpose; every decision lives in the modules it calls. Exit codes:
 """
 import functools
 import importlib
+import ipaddress
 import json
 import os
 import select
@@ -390,6 +391,8 @@ def _status_without_daemon(obj):
         from policyd.nft import BanTable
         bans = BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix).list_bans()
         result["bans"] = {"active": len(bans), "total": None}
+    if nft is not None:
+        result["kernel"] = nft.features()
     return result
 
 
@@ -433,6 +436,9 @@ def _format_status(result):
     if bans:
         total = f", {bans['total']} since start" if bans.get("total") is not None else ""
         lines.append(f"bans:      {bans['active']} active{total}")
+    kernel = result.get("kernel")
+    if kernel:
+        lines.append(f"kernel:    {kernel['kernel']}, re-ban by {kernel['reban']}")
     for entry in result.get("logs", []):
         state = "ok" if entry.get("exists") and not entry.get("error") else (
             f"NOT FOLLOWED: {entry['error']}" if entry.get("error") else "missing")
@@ -499,7 +505,16 @@ def unban(obj, address):
         result = _offline_bans(obj, lambda d: d.manual_unban(address))
     if not result["unbanned"]:
         raise Refused(f"{address} is not banned")
-    click.echo(f"unbanned {address}")
+    lifted = result.get("network") or address
+    click.echo(f"unbanned {lifted}" + ("" if _same_network(address, lifted)
+                                       else f" (covering {address})"))
+
+
+def _same_network(asked, lifted):
+    try:
+        return ipaddress.ip_network(asked, strict=False) == ipaddress.ip_network(lifted)
+    except ValueError:
+        return False
 
 
 def _offline_bans(obj, action):

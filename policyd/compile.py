@@ -11,7 +11,10 @@ FAMILY = "inet"
 COMMITTED = "committed"
 CANDIDATE = "candidate"
 TRIAL_SET = "trial"
+# Ban sets: hash sets for single IPv4 addresses and IPv6 /ipv6_prefix networks
+# (what automatic bans make: the fast path), interval sets for every other range.
 BAN_SETS = {4: "ban4", 6: "ban6"}
+RANGE_BAN_SETS = {4: "ban4_range", 6: "ban6_range"}
 # Dynamic sets behind `rate:` forget a quiet source after this long.
 RATE_SET_TIMEOUT = 60
 RATE_SET_SIZE = 65535
@@ -137,16 +140,27 @@ def _refusal(service):
     return [{"reject": {"type": "icmpx", "expr": "port-unreachable"}}]
 
 
+def ban_ports(policy):
+    """{"tcp": ports, "udp": ports} a banned source loses: every bans.ports port over
+    TCP, over UDP only those a UDP service guards (the ban rules' port sets)."""
+    udp = set()
+    for service in policy.services:
+        if service.proto == "udp":
+            udp |= set(service.ports) & set(policy.bans.ports)
+    return {"tcp": sorted(policy.bans.ports), "udp": sorted(udp)}
+
+
 def _refresh_ban_table(policy):
     """Create the ban table if missing; refresh its ports and rules, never its bans."""
     table = policy.bans_table
     out = [_add("table", name=table)]
-    out.append(_add("set", table=table, name=BAN_SETS[4], type="ipv4_addr", flags=["timeout"]))
-    out.append(_add("set", table=table, name=BAN_SETS[6], type="ipv6_addr", flags=["timeout"]))
-    ports = {"tcp": sorted(policy.bans.ports), "udp": []}
-    for service in policy.services:
-        if service.proto == "udp":
-            ports["udp"] = sorted(set(ports["udp"]) | set(service.ports) & set(policy.bans.ports))
+    for version in (4, 6):
+        out.append(_add("set", table=table, name=BAN_SETS[version], type=f"ipv{version}_addr",
+                        flags=["timeout"]))
+    for version in (4, 6):
+        out.append(_add("set", table=table, name=RANGE_BAN_SETS[version],
+                        type=f"ipv{version}_addr", flags=["interval", "timeout"]))
+    ports = ban_ports(policy)
     for proto in ("tcp", "udp"):
         name = f"{proto}_ports"
         out.append(_add("set", table=table, name=name, type="inet_service"))
@@ -156,12 +170,15 @@ def _refresh_ban_table(policy):
                                             "elem": ports[proto]}}})
     # Bans on IPv6 cover a whole prefix: the rule masks the source before the
     # lookup, so the set stays a plain hash of prefix addresses.
+    v4_source = {"payload": {"protocol": "ip", "field": "saddr"}}
     v6_source = {"payload": {"protocol": "ip6", "field": "saddr"}}
+    v6_prefix = v6_source
     if policy.bans.ipv6_prefix < 128:
         mask = ipaddress.IPv6Network(("::", policy.bans.ipv6_prefix)).netmask
-        v6_source = {"&": [v6_source, str(mask)]}
-    sources = [_match({"payload": {"protocol": "ip", "field": "saddr"}}, "@" + BAN_SETS[4]),
-               _match(v6_source, "@" + BAN_SETS[6])]
+        v6_prefix = {"&": [v6_source, str(mask)]}
+    sources = [_match(v4_source, "@" + BAN_SETS[4]), _match(v6_prefix, "@" + BAN_SETS[6]),
+               _match(v4_source, "@" + RANGE_BAN_SETS[4]),
+               _match(v6_source, "@" + RANGE_BAN_SETS[6])]
     for hook in ("input", "forward"):
         # Priority below the guard table's: a banned source is dropped first.
         out.append(_add("chain", table=table, name=hook, type="filter", hook=hook,

@@ -148,6 +148,7 @@ class Daemon:
         self.chores = None
         self.state_writer = None
         self.state = None
+        self.kernel_features = None
         self._reload_again = None   # (load_kernel, replies) asked for while one ran
 
     # ------------------------------------------------------------ start and stop
@@ -167,6 +168,8 @@ class Daemon:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         gc.set_threshold(*GC_THRESHOLDS)
         self.nft = Nft()
+        self.kernel_features = self.nft.features()
+        log.info("kernel %s", kv(**self.kernel_features))
         self.upkeep = PolicyUpkeep(self.store)
         self.chores = Chores(Nft, wake=self.wake.set)
         self.chores.start()
@@ -659,12 +662,21 @@ class Daemon:
         """Make `committed` the daemon's policy: ban settings, ban table, logs."""
         changed_logs = committed.bans.logs != self.policy.bans.logs
         changed_fleet = committed.fleet != self.policy.fleet
+        changed_prefix = committed.bans.ipv6_prefix != self.policy.bans.ipv6_prefix
         previous, self.policy = self.policy, committed
         self.bans.kernel = self._ban_table(committed)
-        if previous.bans_table != committed.bans_table:
+        if previous.bans_table != committed.bans_table or changed_prefix:
             # `table:` changed: the bans move to the new ban table, then the old goes.
-            self.bans.restore()
-            trial.retire_table(self.nft, previous.bans_table)
+            # ipv6_prefix changed: the IPv6 elements mean other networks now, and
+            # are replaced in one transaction.
+            try:
+                self.bans.restore(flush_ipv6=changed_prefix)
+            except (KernelError, OSError) as error:  # reconcile retries what is missing
+                log.error("could not move the bans to the new ban table %s", kv(
+                    table=committed.bans_table, ipv6_prefix=committed.bans.ipv6_prefix,
+                    error=error))
+            if previous.bans_table != committed.bans_table:
+                trial.retire_table(self.nft, previous.bans_table)
         for ban in self.bans.reconfigure(committed.bans):
             log.info("unban %s", kv(addr=ban.network, reason="now ignored"))
         self._flush()
@@ -766,6 +778,7 @@ class Daemon:
                      "total": sum(self.bans.bans_total.values())} if self.bans else None,
             "logs": [source.stats() for source in self.sources],
             "fleet": self.fleet.status() if self.fleet is not None else None,
+            "kernel": self.kernel_features,
         }
 
     def ban_list(self):
@@ -815,10 +828,12 @@ class BanDesk:
         lifted = self.bans.unban(_target(address))
         self.bans.flush()
         if self.publish:
-            self.publish("unban", _target(address), None, "manual")
+            # The network lifted here (an address's covering /64, say), else the address.
+            self.publish("unban", lifted or _target(address), None, "manual")
         if lifted:
-            log.info("unban %s", kv(addr=address, reason="manual"))
-        return {"unbanned": lifted}
+            log.info("unban %s", kv(addr=lifted, reason="manual"))
+        # The network lifted, which may be wider than the address asked for.
+        return {"unbanned": lifted is not None, "network": str(lifted) if lifted else None}
 
 
 def offline(state_dir, action):

@@ -82,6 +82,7 @@ def diagnose(policy, env):
                              f"({kernel_error})", fix))
     else:
         findings += check_tables(expected, tables)
+        findings += check_kernel(env.kernel_features())
         if guard_loaded:
             findings += check_drift(committed, pending, env)
     findings += check_nftables_service(env)
@@ -619,6 +620,14 @@ def check_nftables_service(env):
         "nothing you need, `systemctl disable nftables` (without --now: a stop flushes)")]
 
 
+def check_kernel(features):
+    """What the feature probe found (Nft.features): informational, policyd handles both."""
+    how = {True: "DESTROYSETELEM present", False: "no DESTROYSETELEM (Linux < 6.3)",
+           None: "DESTROYSETELEM unknown (no CAP_NET_ADMIN)"}[features["destroy_set_element"]]
+    return [ok("kernel", f"Linux {features['kernel']}: {how}; a re-ban sets its new "
+               f"timeout by {features['reban']} in one transaction")]
+
+
 def check_daemon(env):
     path = env.control_socket_path()
     state = env.control_socket_state()
@@ -671,6 +680,9 @@ class HostEnvironment:
 
     def table_objects(self, table):
         return self._kernel().table_objects(table)
+
+    def kernel_features(self):
+        return self._kernel().features()
 
     def listeners(self, ports, proto="tcp"):
         from policyd import netdiag  # pyroute2 only where the host is asked

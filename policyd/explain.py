@@ -6,6 +6,8 @@ guards the port, then its allow entries in order, then its action.
 import fnmatch
 from dataclasses import dataclass
 
+from policyd.compile import ban_ports
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -16,12 +18,13 @@ class Decision:
 def decide(policy, address, port, proto="tcp", iface=None, bans=()):
     """The verdict for a new connection from `address` to `port`.
 
-    `bans` is an iterable of (network, seconds left) from the ban table.
+    `bans` is an iterable of (network, seconds left) from the ban table. A ban
+    drops only what the ban rules match: their port sets are per protocol.
     """
-    if port in policy.bans.ports:
+    if port in ban_ports(policy)[proto]:
         for network, left in bans:
             if address in network:
-                return Decision("banned", f"ban on {network} ({left}s left), bans.ports")
+                return Decision("banned", f"ban on {network} ({left}s left), bans.ports ({proto})")
     for service in policy.services:
         if service.proto == proto and port in service.ports:
             return _service_decision(service, address, iface)

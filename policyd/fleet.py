@@ -103,7 +103,7 @@ class Fleet:
             self.offset_ms = self.reader.offset_ms
             changed = self._apply_entries(
                 entries, self.offset_ms, live=False,
-                superseded={self._unit(network): ms for network, ms in own_unbans.items()})
+                superseded=dict(own_unbans))
             log.info("fleet caught up %s", kv(node=self.node, entries=len(entries), applied=changed,
                                               streams=len(self.reader.cursors),
                                               ms=round((time.monotonic() - started) * 1000, 1)))
@@ -238,7 +238,7 @@ class Fleet:
             if entry.op == "hello":
                 continue
             if (superseded and entry.op == "ban"
-                    and entry.id[0] < superseded.get(self._unit(entry.network), 0)):
+                    and entry.id[0] < superseded.get(entry.network, 0)):
                 continue
             peer.received += 1
             self.received += 1
@@ -283,24 +283,18 @@ class Fleet:
                     else self.settings.accept_ipv6_prefix)
         if network.prefixlen < shortest:
             return "prefix"
-        if entry.op == "ban" and self.bans.protects(self._unit(network)):
+        # The kernel holds a ban exactly as wide as it was made (range sets for
+        # every width but the auto-ban units), so that network must pass here.
+        if entry.op == "ban" and self.bans.protects(network):
             return "protected"
         return None
-
-    def _unit(self, network):
-        """What this node's kernel would hold: an IPv6 ban is as wide as its own
-        ban unit (bans.ipv6_prefix), so that unit must pass the ignore list."""
-        prefix = self.bans.settings.ipv6_prefix
-        if network.version == 6 and network.prefixlen > prefix:
-            return network.supernet(new_prefix=prefix)
-        return network
 
     def _apply(self, entry, sent_ms, server_now_ms):
         if entry.op == "unban":
             return self.bans.unban(entry.network)
         left_ms = sent_ms + entry.ttl_ms - server_now_ms
         seconds = min(math.ceil(left_ms / 1000), self.settings.max_duration)
-        network = self._unit(entry.network)
+        network = entry.network
         current = self.bans.covering(network)
         if current is not None and current.expires_at >= self.clock() + seconds - 1:
             return False  # already banned here at least as long

@@ -105,9 +105,9 @@ def read_fleet(reader, node, bans):
             limits["ipv4_prefix"] = reader.integer(accept["ipv4_prefix"][1],
                                                    "fleet.accept.ipv4_prefix", 8, 32)
         if "ipv6_prefix" in accept:
-            # Shorter than this node's own ban unit cannot be held by its ban set.
+            # As wide as a manual ban may be (policyd.bans.MIN_BAN_PREFIX).
             limits["ipv6_prefix"] = reader.integer(accept["ipv6_prefix"][1],
-                                                   "fleet.accept.ipv6_prefix", bans.ipv6_prefix, 128)
+                                                   "fleet.accept.ipv6_prefix", 16, 128)
         if "max_duration" in accept:
             limits["max_duration"] = reader.duration(accept["max_duration"][1],
                                                      "fleet.accept.max_duration")

@@ -1,8 +1,9 @@
-"""Set-element changes and cheap dumps sent straight to the kernel over nfnetlink.
+"""Set-element changes, cheap dumps and a kernel feature probe, straight over nfnetlink.
 
 The ban hot path: one batch (one kernel transaction) adds or removes any number
-of timed elements without libnftables, whose cache rebuild would make every ban
-pay for the size of the allowlist. Nothing here parses rules or sets.
+of timed elements (single keys or intervals) without libnftables, whose cache
+rebuild would make every ban pay for the size of the allowlist. Nothing here
+parses rules or sets.
 """
 import errno
 import os
@@ -41,6 +42,8 @@ NFTA_SET_ELEM_LIST_SET = 2
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_FLAGS = 3
+NFT_SET_ELEM_INTERVAL_END = 1
 NFTA_SET_ELEM_TIMEOUT = 4
 NFTA_SET_ELEM_EXPIRATION = 5
 NFTA_DATA_VALUE = 1
@@ -54,19 +57,39 @@ def _attr(kind, payload):
     return header + payload + b"\0" * (-len(payload) % 4)
 
 
-def _element(key_bytes, timeout_ms):
-    """One NFTA_LIST_ELEM { KEY { DATA_VALUE key } [TIMEOUT ms] }, packed in one go.
+def _element(key_bytes, timeout_ms, flags=0):
+    """One NFTA_LIST_ELEM { KEY { DATA_VALUE key } [FLAGS] [TIMEOUT ms] }, packed in one go.
 
     Restores encode 100k of these; nested _attr calls cost a second there.
     Keys are 4 or 16 bytes, so no padding is ever needed.
     """
     size = len(key_bytes)
-    head = struct.pack("=HHHHHH", 4 + 8 + size + (12 if timeout_ms is not None else 0),
+    extra = (12 if timeout_ms is not None else 0) + (8 if flags else 0)
+    head = struct.pack("=HHHHHH", 4 + 8 + size + extra,
                        NFTA_LIST_ELEM | NLA_F_NESTED, 8 + size, NFTA_SET_ELEM_KEY | NLA_F_NESTED,
                        4 + size, NFTA_DATA_VALUE)
-    if timeout_ms is None:
-        return head + key_bytes
-    return head + key_bytes + struct.pack("=HH", 12, NFTA_SET_ELEM_TIMEOUT) + timeout_ms.to_bytes(8, "big")
+    out = head + key_bytes
+    if flags:
+        out += struct.pack("=HH", 8, NFTA_SET_ELEM_FLAGS) + flags.to_bytes(4, "big")
+    if timeout_ms is not None:
+        out += struct.pack("=HH", 12, NFTA_SET_ELEM_TIMEOUT) + timeout_ms.to_bytes(8, "big")
+    return out
+
+
+def _packed(items, timeouts=True):
+    """Packed elements of (key, seconds) items, and of (start, seconds, end) intervals.
+
+    An interval is its start element, which carries the timeout, and an end
+    element flagged INTERVAL_END holding the first key after it; a range that
+    reaches the last address has no end element (the kernel and nft agree on that).
+    """
+    out = []
+    for item in items:
+        seconds = item[1] if timeouts else None
+        out.append(_element(item[0], None if seconds is None else seconds * 1000))
+        if len(item) == 3 and item[2] is not None:
+            out.append(_element(item[2], None, NFT_SET_ELEM_INTERVAL_END))
+    return out
 
 
 def _attrs(payload):
@@ -100,86 +123,126 @@ class Netlink:
         except OSError:
             pass  # without CAP_NET_ADMIN the kernel refuses the batch anyway
         self._seq = 0
-        self._has_destroy = True
+        self._has_destroy = None  # unknown until probed
 
     def close(self):
         self._sock.close()
 
-    def replace(self, table, changes):
-        """Put every (key, timeout seconds) in its set, replacing existing ones.
+    def has_destroy(self):
+        """Whether the kernel knows NFT_MSG_DESTROYSETELEM (Linux >= 6.3); probed once,
+        None while unknown (no CAP_NET_ADMIN); without it, the DEL path is used.
 
-        `changes` maps set name -> [(key bytes, seconds)]; all in one transaction.
+        The probe destroys an element of a table that does not exist: a kernel
+        that knows the message answers ENOENT, an older one EINVAL for an
+        unknown message type. Nothing is changed either way.
+        """
+        if self._has_destroy is None:
+            try:
+                self._send(self._messages(NFT_MSG_DESTROYSETELEM, "policyd-probe-absent",
+                                          "absent", [_element(b"\0" * 4, None)]))
+                self._has_destroy = True  # cannot happen: the table does not exist
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.EACCES):
+                    return None  # unprivileged: unknown, ask again when it matters
+                self._has_destroy = exc.errno != errno.EINVAL
+        return self._has_destroy
+
+    def replace(self, table, changes):
+        """Put every item in its set with the item's timeout, replacing existing ones.
+
+        `changes` maps set name -> [(key bytes, seconds)] or, for interval sets,
+        [(start key, seconds, end key or None)]; all in one transaction. Without
+        DESTROY (Linux < 6.3) re-adding an element keeps its old timeout, so each
+        element is first added without one (a no-op if present), deleted, and
+        added again: the delete then never misses, and the whole batch is still
+        one transaction, so the source is never unbanned in between.
         """
         messages = []
-        if self._has_destroy:
+        if self.has_destroy():
             for name, items in changes.items():
                 messages += self._messages(NFT_MSG_DESTROYSETELEM, table, name,
-                                           [(a, None) for a, _ in items])
+                                           _packed(items, timeouts=False))
+        else:
+            for name, items in changes.items():
+                keys = _packed(items, timeouts=False)
+                messages += self._messages(NFT_MSG_NEWSETELEM, table, name, keys, NLM_F_CREATE)
+                messages += self._messages(NFT_MSG_DELSETELEM, table, name, keys)
         for name, items in changes.items():
-            messages += self._messages(NFT_MSG_NEWSETELEM, table, name,
-                                       [(a, s * 1000) for a, s in items], NLM_F_CREATE)
-        try:
-            self._send(messages)
-        except OSError as exc:
-            if self._has_destroy and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                # An older kernel without DESTROY: add only; an existing element keeps
-                # its timeout, which the ban manager tolerates.
-                self._has_destroy = False
-                return self.replace(table, changes)
-            raise
-
-    def add(self, table, changes):
-        """Add every (key, timeout seconds); an existing element keeps its own timeout.
-
-        For restores: the kernel either lacks the element or already counts
-        down the same ban, so there is nothing to replace.
-        """
-        messages = []
-        for name, items in changes.items():
-            messages += self._messages(NFT_MSG_NEWSETELEM, table, name,
-                                       [(k, s * 1000) for k, s in items], NLM_F_CREATE)
+            messages += self._messages(NFT_MSG_NEWSETELEM, table, name, _packed(items),
+                                       NLM_F_CREATE)
         self._send(messages)
 
-    def set_keys(self, table, name):
-        """{key bytes: milliseconds left, or None without a timeout} of one set's
-        elements, by a netlink dump (no libnftables cache, so no allowlist cost)."""
+    def add(self, table, changes, flush=()):
+        """Add every item (as in replace); an existing element keeps its own timeout.
+
+        For restores: the kernel either lacks the element or already counts
+        down the same ban, so there is nothing to replace. The sets named in
+        `flush` are emptied first, in the same transaction.
+        """
+        # DELSETELEM without an element list flushes the set (Linux >= 4.10).
+        messages = [(NFT_MSG_DELSETELEM, 0, _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                     + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")) for name in flush]
+        for name, items in changes.items():
+            messages += self._messages(NFT_MSG_NEWSETELEM, table, name, _packed(items),
+                                       NLM_F_CREATE)
+        self._send(messages)
+
+    def set_elements(self, table, name):
+        """[(key bytes, milliseconds left or None, flags)] of one set's elements, by a
+        netlink dump (no libnftables cache, so no allowlist cost). An interval set
+        lists start and end (flags & NFT_SET_ELEM_INTERVAL_END) elements."""
         body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
-        keys = {}
+        found = []
         for payload in self._dump_raw(NFT_MSG_GETSETELEM, body):
             for kind, value in _attrs(payload):
                 if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
                     continue
                 for _elem_kind, element in _attrs(value):
-                    key, left = None, None
+                    key, left, flags = None, None, 0
                     for attr, data in _attrs(element):
                         if attr == NFTA_SET_ELEM_KEY:
                             key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
                         elif attr == NFTA_SET_ELEM_EXPIRATION:
                             left = int.from_bytes(data, "big")
+                        elif attr == NFTA_SET_ELEM_FLAGS:
+                            flags = int.from_bytes(data, "big")
                     if key is not None:
-                        keys[key] = left
-        return keys
+                        found.append((key, left, flags))
+        return found
+
+    def set_keys(self, table, name):
+        """{key bytes: milliseconds left, or None without a timeout} of a plain set."""
+        return {key: left for key, left, _flags in self.set_elements(table, name)}
 
     def delete(self, table, changes):
-        """Remove every key in `changes` (set name -> [(key bytes, _)]); missing is fine."""
-        kind = NFT_MSG_DESTROYSETELEM if self._has_destroy else NFT_MSG_DELSETELEM
+        """Remove every item in `changes` (as in replace, timeouts unused); missing is fine."""
+        if self.has_destroy():
+            messages = []
+            for name, items in changes.items():
+                messages += self._messages(NFT_MSG_DESTROYSETELEM, table, name,
+                                           _packed(items, timeouts=False))
+            self._send(messages)
+            return
+        # Without DESTROY one missing element fails a DEL batch: add each first
+        # (a no-op where present), then delete, in one transaction.
         messages = []
         for name, items in changes.items():
-            messages += self._messages(kind, table, name, [(k, None) for k, _ in items])
+            keys = _packed(items, timeouts=False)
+            messages += self._messages(NFT_MSG_NEWSETELEM, table, name, keys, NLM_F_CREATE)
+            messages += self._messages(NFT_MSG_DELSETELEM, table, name, keys)
         try:
             self._send(messages)
         except OSError as exc:
-            if kind == NFT_MSG_DESTROYSETELEM and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                self._has_destroy = False
-                return self.delete(table, changes)
-            if exc.errno != errno.ENOENT:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            # Without DESTROY one missing element fails the batch: go one by one.
+            # An add overlapped another interval: the kernel holds something the
+            # ban book does not. Delete one by one; what is missing stays missing.
             for name, items in changes.items():
-                for key, _ in items:
+                for item in items:
                     try:
-                        self._send(self._messages(kind, table, name, [(key, None)]))
+                        self._send(self._messages(NFT_MSG_DELSETELEM, table, name,
+                                                  _packed([item], timeouts=False)))
                     except OSError as one:
                         if one.errno != errno.ENOENT:
                             raise
@@ -244,18 +307,22 @@ class Netlink:
                     objects.append(data[offset + 20:offset + length])
                 offset += (length + 3) & ~3
 
-    def _messages(self, kind, table, name, items, flags=0):
+    def _messages(self, kind, table, name, elements, flags=0):
+        """Messages of `kind` carrying packed `elements`, split below the 64 KiB limit."""
         head = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
-        out, chunk = [], b""
-        for address, timeout_ms in items:
-            element = _element(address, timeout_ms)
-            if len(chunk) + len(element) > MAX_ELEMENTS_BYTES:
-                out.append((kind, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, chunk)))
-                chunk = b""
-            chunk += element
+        out, chunk = [], []
+        size = 0
+        for element in elements:
+            if size + len(element) > MAX_ELEMENTS_BYTES:
+                out.append((kind, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+                                                      b"".join(chunk))))
+                chunk, size = [], 0
+            chunk.append(element)
+            size += len(element)
         if chunk:
-            out.append((kind, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, chunk)))
+            out.append((kind, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+                                                  b"".join(chunk))))
         return out
 
     def _next_seq(self):

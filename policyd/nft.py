@@ -8,11 +8,12 @@ every command, which costs hundreds of ms once a large allowlist is loaded.
 import errno
 import ipaddress
 import json
+import os
 
 import nftables
 
 from policyd import nfnetlink
-from policyd.compile import BAN_SETS, FAMILY
+from policyd.compile import BAN_SETS, FAMILY, RANGE_BAN_SETS
 from policyd.errors import KernelError
 
 PROTOCOLS = {6: "tcp", 17: "udp"}
@@ -56,6 +57,14 @@ class Nft:
         if rc != 0:
             raise KernelError(_first_error(err) or "nftables refused the transaction")
 
+    def features(self):
+        """What this kernel can do that policyd depends on, probed once (as firewalld
+        does at start): the release, and whether DESTROYSETELEM exists (>= 6.3), which
+        decides how a re-ban replaces an element's timeout."""
+        destroy = self.netlink.has_destroy()
+        return {"kernel": os.uname().release, "destroy_set_element": destroy,
+                "reban": "destroy+add" if destroy else "add+delete+add"}
+
     def ruleset(self):
         """`nft list ruleset`, as text."""
         return self._run("list ruleset")
@@ -94,7 +103,13 @@ class Nft:
 
 
 class BanTable:
-    """The ban sets of one ban table: add, remove and list bans (BanKernel)."""
+    """The ban sets of one ban table: add, remove and list bans (BanKernel).
+
+    A ban is keyed (version, first address as int, prefix length). Single IPv4
+    addresses and IPv6 networks of the policy's ipv6_prefix (what automatic bans
+    make) go to the hash sets, the fast path; every other network goes to the
+    interval sets as a range, so the kernel enforces exactly what was banned.
+    """
 
     def __init__(self, nft, table, ipv6_prefix):
         self.nft = nft
@@ -105,55 +120,60 @@ class BanTable:
     def add_bans(self, bans):
         """Add (network, timeout seconds) pairs in one transaction.
 
-        An element that exists already is replaced, so its timeout is the new one.
+        An element that exists already is replaced, so its timeout is the new one
+        (also on kernels without DESTROYSETELEM, see nfnetlink.Netlink.replace).
+        Ranges go in a second transaction: the kernel refuses a range that
+        overlaps one still counting down its last second, and that refusal must
+        not hold back the single-address bans of the same flush.
         """
         if bans:
-            self._netlink.replace(self.table, self._by_set(bans))
+            changes = self._changes((_key(n), t) for n, t in bans)
+            for part in _hash_then_ranges(changes):
+                self._netlink.replace(self.table, part)
 
     def remove_bans(self, networks):
         if networks:
-            self._netlink.delete(self.table, self._by_set((n, None) for n in networks))
-
-    def _by_set(self, pairs):
-        """set name -> [(key bytes, timeout)]; IPv6 keys masked to the ban prefix.
-
-        Works on integers: restoring 100k bans must not format and parse 100k strings.
-        """
-        mask6 = ((1 << 128) - 1) ^ ((1 << (128 - self.ipv6_prefix)) - 1)
-        changes = {BAN_SETS[4]: [], BAN_SETS[6]: []}
-        for network, timeout in pairs:
-            key = network.network_address.packed
-            if network.version == 6:
-                key = (int.from_bytes(key, "big") & mask6).to_bytes(16, "big")
-            if timeout is not None:
-                timeout = max(1, int(timeout))
-            changes[BAN_SETS[network.version]].append((key, timeout))
-        return {name: items for name, items in changes.items() if items}
+            self._netlink.delete(self.table, self._changes((_key(n), None) for n in networks))
 
     def replace_ban_keys(self, items):
         """add_bans by key: [((version, first address as int, prefix length), seconds)],
-        one transaction, existing elements take the new timeout. No ipaddress objects:
-        a flood bans 100k networks."""
+        existing elements take the new timeout. No ipaddress objects: a flood bans
+        100k networks."""
         if items:
-            self._netlink.replace(self.table, self._keys_by_set(items))
+            for part in _hash_then_ranges(self._changes(items)):
+                self._netlink.replace(self.table, part)
 
-    def add_ban_keys(self, items):
+    def add_ban_keys(self, items, flush_ipv6=False):
         """Restore [((version, first address as int, prefix length), seconds)] in one batch.
 
         The bulk path for restores: no ipaddress objects, and elements already
-        in the kernel keep counting down instead of being replaced.
+        in the kernel keep counting down instead of being replaced. flush_ipv6
+        empties both IPv6 sets first, in the same transaction: after ipv6_prefix
+        changed, the hash set's elements mean other networks under the new mask.
         """
-        self._netlink.add(self.table, self._keys_by_set(items))
+        flush = (BAN_SETS[6], RANGE_BAN_SETS[6]) if flush_ipv6 else ()
+        self._netlink.add(self.table, self._changes(items), flush)
 
-    def _keys_by_set(self, items):
-        changes = {BAN_SETS[4]: [], BAN_SETS[6]: []}
-        mask6 = ((1 << 128) - 1) ^ ((1 << (128 - self.ipv6_prefix)) - 1)
-        for (version, number, _prefixlen), timeout in items:
+    def _changes(self, items):
+        """set name -> netlink items for (key, timeout) pairs.
+
+        Works on integers: restoring 100k bans must not format and parse 100k strings.
+        """
+        fast4, fast6, range4, range6 = [], [], [], []
+        for (version, number, prefixlen), timeout in items:
+            if timeout is not None:
+                timeout = max(1, int(timeout))
             if version == 4:
-                changes[BAN_SETS[4]].append((number.to_bytes(4, "big"), max(1, int(timeout))))
+                if prefixlen == 32:
+                    fast4.append((number.to_bytes(4, "big"), timeout))
+                else:
+                    range4.append(_interval(4, number, prefixlen, timeout))
+            elif prefixlen == self.ipv6_prefix:
+                fast6.append((number.to_bytes(16, "big"), timeout))
             else:
-                changes[BAN_SETS[6]].append(((number & mask6).to_bytes(16, "big"),
-                                             max(1, int(timeout))))
+                range6.append(_interval(6, number, prefixlen, timeout))
+        changes = {BAN_SETS[4]: fast4, BAN_SETS[6]: fast6,
+                   RANGE_BAN_SETS[4]: range4, RANGE_BAN_SETS[6]: range6}
         return {name: items for name, items in changes.items() if items}
 
     def list_ban_keys(self):
@@ -169,17 +189,68 @@ class BanTable:
     def _elements(self):
         """(version, first address as int, prefix length) -> ms left, over netlink."""
         found = {}
-        for version, name in BAN_SETS.items():
+        for version in (4, 6):
             prefix = 32 if version == 4 else self.ipv6_prefix
-            try:
-                keys = self._netlink.set_keys(self.table, name)
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    continue  # the table is gone; the daemon restores it
-                raise
-            for key, left in keys.items():
+            for key, left in self._dump(BAN_SETS[version]).items():
                 found[(version, int.from_bytes(key, "big"), prefix)] = left
+            for key, left in _ranges(version, self._dump(RANGE_BAN_SETS[version], flags=True)):
+                found[key] = left
         return found
+
+    def _dump(self, name, flags=False):
+        try:
+            if flags:
+                return self._netlink.set_elements(self.table, name)
+            return self._netlink.set_keys(self.table, name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return [] if flags else {}  # the table is gone; the daemon restores it
+            raise
+
+
+def _hash_then_ranges(changes):
+    """`changes` split in two: the hash sets' part, then the interval sets' part."""
+    ranges = set(RANGE_BAN_SETS.values())
+    parts = ({n: i for n, i in changes.items() if n not in ranges},
+             {n: i for n, i in changes.items() if n in ranges})
+    return [part for part in parts if part]
+
+
+def _key(network):
+    return (network.version, int(network.network_address), network.prefixlen)
+
+
+def _interval(version, number, prefixlen, timeout):
+    """(start, timeout, end) for nfnetlink: end is the first address after the
+    network, or None when the network reaches the last address."""
+    bits = 32 if version == 4 else 128
+    end = number + (1 << (bits - prefixlen))
+    return (number.to_bytes(bits // 8, "big"), timeout,
+            None if end >> bits else end.to_bytes(bits // 8, "big"))
+
+
+def _ranges(version, elements):
+    """[((version, first, prefix length), ms left)] of an interval set's start/end
+    elements. A range that is not one CIDR block (someone else's) is listed as
+    the blocks that cover it."""
+    bits = 32 if version == 4 else 128
+    points = sorted((int.from_bytes(key, "big"), not flags & nfnetlink.NFT_SET_ELEM_INTERVAL_END,
+                     left) for key, left, flags in elements)
+    out, start = [], None
+    for number, is_start, left in points + [(1 << bits, False, None)]:
+        if start is not None:
+            first, left_of_start = start
+            size = number - first
+            if size & (size - 1) == 0 and first % size == 0:
+                out.append(((version, first, bits - size.bit_length() + 1), left_of_start))
+            else:
+                cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+                out += [((version, int(n.network_address), n.prefixlen), left_of_start)
+                        for n in ipaddress.summarize_address_range(cls(first), cls(number - 1))]
+            start = None
+        if is_start:
+            start = (number, left)
+    return out
 
 
 # Items per json.dumps call for a long list (see _json_text).

@@ -79,7 +79,10 @@ class FakeBanKernel:
         self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
                        for (_version, number, prefixlen), timeout in items])
 
-    def add_ban_keys(self, items):
+    def add_ban_keys(self, items, flush_ipv6=False):
+        if flush_ipv6:
+            self.batches.append(("flush6", []))
+            self.elements = {n: end for n, end in self.elements.items() if n.version == 4}
         self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
                        for (_version, number, prefixlen), timeout in items])
 

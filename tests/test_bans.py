@@ -287,12 +287,20 @@ def test_manual_ban_and_unban(make, clock, kernel):
     ban = manager.ban("203.0.113.50", 900)
     assert ban == Ban(net("203.0.113.50/32"), clock.now + 900, 0, None, "manual", clock.now)
     assert manager.flush() == 1
-    assert manager.unban("203.0.113.50") is True
-    assert manager.unban("203.0.113.50") is False
+    assert manager.unban("203.0.113.50") == net("203.0.113.50/32")
+    assert manager.unban("203.0.113.50") is None
     assert manager.flush() == 1
     assert kernel.batches == [("add", [(net("203.0.113.50/32"), 900)]),
                               ("remove", [net("203.0.113.50/32")])]
     assert manager.active() == []
+
+
+@pytest.mark.parametrize("network", ["128.0.0.0/1", "10.0.0.0/7", "2000::/3", "2000::/15"])
+def test_bans_wider_than_a_deny_list_belongs_are_refused(make, kernel, network):
+    manager = make()
+    with pytest.raises(InputError, match="deny list"):
+        manager.ban(network, 60)
+    assert manager.flush() == 0 and kernel.batches == []
 
 
 def test_manual_ban_without_duration_uses_escalated_bantime(make):
@@ -304,7 +312,8 @@ def test_unban_by_address_lifts_the_covering_slash64(make, kernel):
     manager = make()
     fail(manager, "2001:db8:4:4::1", 5)
     manager.flush()
-    assert manager.unban(ip("2001:db8:4:4::abc")) is True
+    # It says which network it lifted: more than the address asked for.
+    assert manager.unban(ip("2001:db8:4:4::abc")) == net("2001:db8:4:4::/64")
     manager.flush()
     assert kernel.batches[-1] == ("remove", [net("2001:db8:4:4::/64")])
 
@@ -554,3 +563,15 @@ def test_a_window_that_went_quiet_is_forgotten_with_one_entry_per_network(make, 
     clock.advance(600)
     manager.expire()
     assert not manager._window and not manager._window_order
+
+
+def test_restore_after_an_ipv6_prefix_change_replaces_the_ipv6_elements_in_one_batch(make,
+                                                                                       kernel):
+    manager = make()
+    manager.ban("2001:db8:4::/64", 600)
+    manager.ban("198.51.100.9", 600)
+    manager.flush()
+    kernel.elements[net("2001:db8:77::/56")] = kernel.clock() + 60  # stale, other meaning
+    assert manager.restore(flush_ipv6=True) == 2
+    assert kernel.batches[-2] == ("flush6", [])
+    assert set(kernel.list_bans()) == {net("2001:db8:4::/64"), net("198.51.100.9/32")}

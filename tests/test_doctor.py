@@ -105,6 +105,10 @@ class FakeHost:
     def table_objects(self, table):
         return self.objects.get(table, []) if table in self.tables else []
 
+    def kernel_features(self):
+        return {"kernel": "6.1.0-57-amd64", "destroy_set_element": False,
+                "reban": "add+delete+add"}
+
     def listeners(self, ports, proto="tcp"):
         self.asked_ports[proto] = list(ports)
         if self.listener_error:

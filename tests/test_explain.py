@@ -4,7 +4,7 @@ import ipaddress
 from policyd import policy
 from policyd.explain import decide
 
-POLICY = policy.loads("""\
+POLICY_TEXT = """\
 version: 1
 services:
   ollama:
@@ -20,7 +20,8 @@ services:
     allow: ["2001:db8::/32"]
 bans:
   ports: [8080]
-""")
+"""
+POLICY = policy.loads(POLICY_TEXT)
 ip = ipaddress.ip_address
 
 
@@ -49,3 +50,14 @@ def test_a_ban_wins_only_on_ban_ports():
     assert d.verdict == "banned" and "203.0.113.0/28 (120s left)" in d.rule
     assert decide(POLICY, ip("203.0.113.5"), 11434, bans=bans).verdict == "drop"
     assert decide(POLICY, ip("203.0.113.99"), 8080, bans=bans).verdict == "allow"
+
+
+def test_a_ban_drops_udp_only_on_ports_a_udp_service_guards():
+    """The ban rules match udp only on udp service ports (issue 11): a banned
+    source's datagram to a tcp-only port is not dropped, so explain must not say so."""
+    bans = [(ipaddress.ip_network("203.0.113.0/28"), 120)]
+    d = decide(POLICY, ip("203.0.113.5"), 8080, "udp", bans=bans)
+    assert (d.verdict, d.rule) == ("allow", "udp port 8080 is not guarded by any service")
+    with_udp_ban = policy.loads(POLICY_TEXT.replace("ports: [8080]\n", "ports: [8080, 53]\n"))
+    d = decide(with_udp_ban, ip("203.0.113.5"), 53, "udp", bans=bans)
+    assert d.verdict == "banned" and "(udp)" in d.rule

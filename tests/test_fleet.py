@@ -80,8 +80,8 @@ def test_accept_limits():
     ("  redis: redis://10.0.0.5/0\n  node: 'a b'\n", "fleet.node:"),
     ("  redis: redis://10.0.0.5/0\n  password: x\n", "p.yaml:11: fleet.password: unknown key"),
     ("  node: gpu1\n", "fleet.redis: is required"),
-    ("  redis: redis://10.0.0.5/0\n  accept:\n    ipv6_prefix: 48\n",
-     "p.yaml:12: fleet.accept.ipv6_prefix: 48 is out of range 64..128"),
+    ("  redis: redis://10.0.0.5/0\n  accept:\n    ipv6_prefix: 8\n",
+     "p.yaml:12: fleet.accept.ipv6_prefix: 8 is out of range 16..128"),
     ("  redis: redis://10.0.0.5/0\n  accept:\n    ipv4_prefix: 0\n", "fleet.accept.ipv4_prefix: 0 is out"),
     ("  redis: redis://10.0.0.5/0\n  accept:\n    rate: lots\n", "fleet.accept.rate: 'lots' is not a rate"),
     ("  redis: redis://10.0.0.5/0\n  accept:\n    max_duration: 20000w\n", "fleet.accept.max_duration: is longer"),
@@ -258,12 +258,14 @@ def test_the_ignore_list_and_loopback_are_never_banned_from_outside(node):
     assert node.rejected["protected"] == 3
 
 
-def test_an_ipv6_ban_is_widened_to_this_nodes_unit_which_must_pass_the_ignore_list(node):
+def test_an_ipv6_ban_is_applied_exactly_as_wide_and_must_pass_the_ignore_list(node):
     assert receive(node, entry(node, net="2001:db8:7::9/128")) == 1
-    assert list(node.kernel_.list_bans()) == [NET("2001:db8:7::/64")]
+    assert list(node.kernel_.list_bans()) == [NET("2001:db8:7::9/128")]
     node.bans.reconfigure(load(FLEET).bans.__class__(ports=(8080,), ignore=(NET("2001:db8:8::1/128"),)))
-    assert receive(node, entry(node, net="2001:db8:8::9/128", seq=1)) == 0
+    assert receive(node, entry(node, net="2001:db8:8::/64", seq=1)) == 0
     assert node.rejected["protected"] == 1
+    # Beside the ignored address, not over it: banned, and only that address.
+    assert receive(node, entry(node, net="2001:db8:8::9/128", seq=2)) == 1
 
 
 def test_short_prefixes_are_refused(node):

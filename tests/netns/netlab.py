@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 POLICYD = [sys.executable, "-m", "policyd"]
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
 _libc = ctypes.CDLL(None, use_errno=True)
+# The kernel lane (tests/kernel/lane.sh) runs tests under emulation, many times
+# slower: every wait for something to happen is scaled by this, never shortened.
+TIME_SCALE = max(1.0, float(os.environ.get("POLICYD_TEST_TIME_SCALE") or 1))
 _counter = itertools.count()
 
 
@@ -75,7 +78,7 @@ class Host:
         self.lab.processes.append(proc)
         return proc
 
-    def policyd(self, *args, check=False, env=None, input=None, timeout=60):
+    def policyd(self, *args, check=False, env=None, input=None, timeout=60 * TIME_SCALE):
         """Run the real CLI inside this namespace with the lab's own state dirs."""
         full_env = dict(os.environ, **self.lab.policyd_env(self), **(env or {}))
         return subprocess.run(["ip", "netns", "exec", self.name, *POLICYD, *args],
@@ -99,15 +102,20 @@ class Host:
     def socket(self, family, kind=socket.SOCK_STREAM):
         return in_namespace(self.name, socket.socket, family, kind)
 
-    def connect(self, address, port, timeout=1.0):
+    def connect(self, address, port, timeout=None, source=None):
         """A connected TCP socket to address:port, or None if nothing answered in time.
 
         "Answered" means the echo server's greeting arrived, not only the SYN-ACK.
+        `source`: the local address to send from. The default timeout (1 s) is
+        scaled; a short explicit one (expecting a drop) is kept as given.
         """
+        timeout = 1.0 * TIME_SCALE if timeout is None else timeout
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = self.socket(family)
         sock.settimeout(timeout)
         try:
+            if source is not None:
+                sock.bind((source, 0))
             sock.connect((address, port))
             if sock.recv(16) != b"hello\n":
                 raise OSError("no greeting")
@@ -116,18 +124,21 @@ class Host:
             return None
         return sock
 
-    def can_connect(self, address, port, timeout=1.0):
-        sock = self.connect(address, port, timeout)
+    def can_connect(self, address, port, timeout=None, source=None):
+        sock = self.connect(address, port, timeout, source)
         if sock is None:
             return False
         sock.close()
         return True
 
-    def udp_answers(self, address, port, timeout=1.0):
+    def udp_answers(self, address, port, timeout=None, source=None):
+        timeout = 1.0 * TIME_SCALE if timeout is None else timeout
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = self.socket(family, socket.SOCK_DGRAM)
         sock.settimeout(timeout)
         try:
+            if source is not None:
+                sock.bind((source, 0))
             sock.sendto(b"ping", (address, port))
             return sock.recv(16) == b"ping"
         except OSError:
@@ -234,8 +245,8 @@ class PolicydDaemon:
 
 
 def wait_for(predicate, timeout=5.0, interval=0.02):
-    """Poll `predicate` until it is true or `timeout` passes; return its last value."""
-    deadline = time.monotonic() + timeout
+    """Poll `predicate` until it is true or `timeout` (scaled) passes; return its last value."""
+    deadline = time.monotonic() + timeout * TIME_SCALE
     while True:
         value = predicate()
         if value or time.monotonic() >= deadline:

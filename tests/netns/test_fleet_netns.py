@@ -109,16 +109,17 @@ def test_manual_ban_and_unban_from_other_nodes(fleet):
     assert wait_for(lambda: open_to(fleet, fleet.nodes, source), PROPAGATION)
 
 
-def test_an_ipv6_ban_travels_as_the_receivers_own_ban_unit(fleet):
+def test_an_ipv6_ban_travels_exactly_as_wide_as_it_was_made(fleet):
     n1, n4 = fleet.nodes[0], node(fleet, "n4")
     assert n1.policyd("ban", "2001:db8:9:1::5", "--for", "10m").returncode == 0
 
     def ban6(host):
-        return host.nft("list", "set", "inet", "policyd_bans", "ban6", check=False).stdout
-    assert wait_for(lambda: all("2001:db8:9:1::" in ban6(host) for host in fleet.nodes),
+        # A single IPv6 address is banned as itself: the range set, not the /64s.
+        return host.nft("list", "set", "inet", "policyd_bans", "ban6_range", check=False).stdout
+    assert wait_for(lambda: all("2001:db8:9:1::5" in ban6(host) for host in fleet.nodes),
                     PROPAGATION)
     assert n4.policyd("unban", "2001:db8:9:1::5").returncode == 0
-    assert wait_for(lambda: all("2001:db8:9:1::" not in ban6(host) for host in fleet.nodes),
+    assert wait_for(lambda: all("2001:db8:9:1::5" not in ban6(host) for host in fleet.nodes),
                     PROPAGATION)
 
 

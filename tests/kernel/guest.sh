@@ -1,0 +1,25 @@
+#!/bin/bash
+# Runs as PID 1 inside the lane's VM (see lane.sh): mount the kernel file
+# systems, run the contract suite with the system python3, print the result
+# marker the lane looks for, power off.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mkdir -p /run/netns
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+ip link set lo up
+echo "POLICYD-LANE-KERNEL $(uname -r)"
+cd "$POLICYD_REPO" || { echo "POLICYD-LANE-RESULT rc=99"; echo o > /proc/sysrq-trigger; }
+# POLICYD_TESTS: pytest arguments, ',' for spaces (kernel arguments cannot hold spaces).
+IFS=, read -r -a tests <<< "$POLICYD_TESTS"
+PYTHONPATH=. POLICYD_TEST_TIME_SCALE=$POLICYD_TEST_TIME_SCALE \
+    python3 -m pytest -q -rs -p no:cacheprovider --color=no "${tests[@]}"
+echo "POLICYD-LANE-RESULT rc=$?"
+sync
+echo o > /proc/sysrq-trigger
+sleep 30

@@ -1,0 +1,240 @@
+"""The kernel behaviours policyd depends on, checked on the running kernel with real packets.
+
+Runs on the host in `make test` and on Debian 12's own 6.1 in `make test-kernel`.
+Each test drives policyd's kernel adapter (policyd.nft) in-process: what is
+under test is the kernel, not the CLI. Waits on the clock are scaled by
+netlab.TIME_SCALE, so emulation makes them slower, never red.
+"""
+import ipaddress
+import os
+import time
+
+import pytest
+
+from kernel_lab import CLIENT, MARKS, SERVER, lab, pair  # noqa: F401 (fixtures)
+from netlab import TIME_SCALE, wait_for
+from policyd.compile import FAMILY, TRIAL_SET, compile_policy
+from policyd.errors import KernelError
+from policyd.nft import BanTable
+
+OPEN = """\
+    version: 1
+    services:
+      proxy:
+        ports: [8080]
+        allow: [any]
+    bans:
+      ports: [8080, 11434]
+"""
+CLOSED = """\
+    version: 1
+    services:
+      proxy:
+        ports: [8080]
+        allow: [192.0.2.0/24]
+"""
+pytestmark = MARKS
+N = ipaddress.ip_network
+HOUR = 3600
+# A dropped SYN is only ever seen as a timeout: wait long enough that a slow
+# guest's answer is not mistaken for a drop, but not the full scale (many checks).
+SHUT = min(0.5 * TIME_SCALE, 3.0)
+OPEN_WAIT = 2.0 * TIME_SCALE
+
+
+def _reaches(pair, source):
+    return pair.reaches(source, timeout=OPEN_WAIT)
+
+
+def _shut(pair, source):
+    return not pair.reaches(source, timeout=SHUT)
+
+
+def _load(pair, policy, document=None):
+    pair.kernel(lambda nft: nft.load(document or compile_policy(policy)))
+
+
+def _bans(pair, policy):
+    """A BanTable call, run in the server's namespace: _bans(pair, p)("add_bans", [...])."""
+    def call(method, *args):
+        return pair.kernel(lambda nft: getattr(
+            BanTable(nft, policy.bans_table, policy.bans.ipv6_prefix), method)(*args))
+    return call
+
+
+def test_table_swap_is_atomic_and_a_refused_load_changes_nothing(pair):
+    opened, closed = pair.policy(OPEN), pair.policy(CLOSED, "closed.yaml")
+    _load(pair, opened)
+    assert _reaches(pair, "v4") and _reaches(pair, "v6")
+    _load(pair, closed)  # the same table, replaced in one transaction
+    assert _shut(pair, "v4") and _shut(pair, "v6")
+    before = pair.ruleset()
+    refused = compile_policy(opened)
+    refused["nftables"].append({"add": {"element": {
+        "family": FAMILY, "table": opened.table, "name": "no_such_set", "elem": ["192.0.2.7"]}}})
+    with pytest.raises(KernelError):
+        _load(pair, opened, refused)
+    assert pair.ruleset() == before
+    assert _shut(pair, "v4")
+
+
+def test_trial_expiry_falls_back_to_committed_and_a_late_confirm_fails_whole(pair):
+    opened, closed = pair.policy(OPEN), pair.policy(CLOSED, "closed.yaml")
+    seconds = max(3, round(TIME_SCALE))
+    _load(pair, None, compile_policy(closed, opened, seconds))
+    left = pair.kernel(lambda nft: nft.set_elements(closed.table, TRIAL_SET))
+    assert [(value, 0 < remaining <= seconds) for value, _t, remaining in left] == [("tcp", True)]
+    assert _reaches(pair, "v4"), "the candidate runs while the trial element lives"
+    assert wait_for(lambda: not pair.kernel(
+        lambda nft: nft.set_elements(closed.table, TRIAL_SET)), timeout=seconds + 5)
+    assert _shut(pair, "v4"), "the kernel is back on the committed chain by itself"
+    before = pair.ruleset()
+    confirm = compile_policy(opened)
+    confirm["nftables"].insert(1, {"delete": {"element": {
+        "family": FAMILY, "table": opened.table, "name": TRIAL_SET, "elem": ["tcp"]}}})
+    with pytest.raises(KernelError):
+        _load(pair, None, confirm)
+    assert pair.ruleset() == before
+
+
+def test_timeout_elements_readded_longer_and_shorter_deleted_and_listed(pair):
+    policy = pair.policy(OPEN)
+    _load(pair, policy)
+    bans = _bans(pair, policy)
+    single = N(f"{CLIENT['v4']}/32")
+    bans("add_bans", [(single, 5)])
+    assert 0 < bans("list_bans")[single] <= 5
+    assert _shut(pair, "v4") and _reaches(pair, "v6")
+    # Linux < 6.3 has no DESTROYSETELEM, and re-adding an element keeps its old
+    # timeout there: a longer re-ban must still reach the kernel.
+    bans("add_bans", [(single, HOUR)])
+    assert bans("list_bans")[single] > HOUR - 60
+    bans("add_bans", [(single, 100)])
+    assert 90 < bans("list_bans")[single] <= 100
+    assert "timeout 1m40s" in pair.server.nft("list", "set", "inet", policy.bans_table,
+                                              "ban4").stdout
+    bans("remove_bans", [single, N("198.51.100.99/32")])  # one present, one missing
+    assert bans("list_bans") == {}
+    bans("remove_bans", [single])  # missing only
+    assert _reaches(pair, "v4")
+
+
+def test_a_reban_outlives_the_first_timeout(pair):
+    """What the ban manager decides is what the kernel enforces, past the old expiry."""
+    policy = pair.policy(OPEN)
+    _load(pair, policy)
+    bans = _bans(pair, policy)
+    targets = {"v4": N(f"{CLIENT['v4']}/32"), "v6": N("2001:db8:2::/64"),
+               "in28": N("203.0.113.64/28")}
+    bans("add_bans", [(network, 2) for network in targets.values()])
+    bans("add_bans", [(network, HOUR) for network in targets.values()])
+    time.sleep(3)  # the kernel's clock: past the first timeout in any guest
+    listed = bans("list_bans")
+    for source, network in targets.items():
+        assert listed.get(network, 0) > HOUR - 60 * TIME_SCALE, (network, listed)
+        assert _shut(pair, source), source
+
+
+def test_range_sets_with_timeouts(pair):
+    policy = pair.policy(OPEN)
+    _load(pair, policy)
+    bans = _bans(pair, policy)
+    ranges = [N("203.0.113.64/28"), N("2001:db8:10::/48"), N(f"{CLIENT['v6']}/128")]
+    bans("add_bans", [(network, HOUR) for network in ranges])
+    listed = bans("list_bans")
+    assert {network: HOUR - 60 < listed[network] <= HOUR for network in ranges} == {
+        network: True for network in ranges}
+    assert _shut(pair, "in28") and _shut(pair, "in48") and _shut(pair, "in48b")
+    assert _reaches(pair, "out28"), "outside the /28"
+    assert _shut(pair, "v6") and _reaches(pair, "v6b"), "a /128 is that address, not its /64"
+    bans("add_bans", [(ranges[0], 100)])
+    assert 90 < bans("list_bans")[ranges[0]] <= 100
+    bans("remove_bans", ranges + [N("203.0.113.128/28")])  # the last one is missing
+    assert bans("list_bans") == {}
+    assert _reaches(pair, "in28") and _reaches(pair, "in48") and _reaches(pair, "v6")
+    # A range that expired in the kernel is gone for packets and for a new,
+    # overlapping range alike.
+    bans("add_bans", [(ranges[0], 2)])
+    assert _shut(pair, "in28")
+    assert wait_for(lambda: _reaches(pair, "in28"), timeout=5)
+    bans("add_bans", [(N("203.0.113.64/27"), HOUR)])
+    assert _shut(pair, "in28") and _reaches(pair, "out28")
+
+
+def test_a_flushed_ruleset_is_put_back_with_bans_and_their_time(pair):
+    policy = pair.policy(OPEN)
+    _load(pair, policy)
+    bans = _bans(pair, policy)
+    keys = [((4, int(ipaddress.ip_address(CLIENT["v4"])), 32), HOUR),
+            ((4, int(ipaddress.ip_address("203.0.113.64")), 28), 2 * HOUR)]
+    bans("add_ban_keys", keys)
+    pair.server.nft("flush", "ruleset")
+    assert _reaches(pair, "v4") and _reaches(pair, "in28")
+    _load(pair, policy)
+    bans("add_ban_keys", [(key, seconds - 60) for key, seconds in keys])
+    listed = bans("list_bans")
+    assert HOUR - 120 < listed[N(f"{CLIENT['v4']}/32")] <= HOUR - 60
+    assert 2 * HOUR - 120 < listed[N("203.0.113.64/28")] <= 2 * HOUR - 60
+    assert _shut(pair, "v4") and _shut(pair, "in28") and _reaches(pair, "out28")
+
+
+def test_dnat_forwarded_traffic_is_guarded_and_banned(pair, lab):
+    """A port published by DNAT (Docker) crosses forward, not input."""
+    container = lab.host("ctr")
+    lab.link(pair.server, container, ["192.0.2.1/24"], ["192.0.2.2/24"],
+             a_ifname="docker0", b_ifname="eth0")
+    container.ip("route", "add", "default", "via", "192.0.2.1")
+    pair.server.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    dockerlike = lab.tmp / "docker.nft"
+    dockerlike.write_text(
+        "table ip dockerlike {\n"
+        "  chain prerouting { type nat hook prerouting priority dstnat; policy accept;\n"
+        "    fib daddr type local tcp dport 11434 dnat to 192.0.2.2:11434\n  }\n}\n")
+    pair.server.nft("-f", str(dockerlike))
+    container.listen(11434)
+
+    def reaches(source, timeout):
+        return pair.client.can_connect(SERVER["range4"], 11434, timeout=timeout,
+                                       source=CLIENT[source])
+
+    assert reaches("v4", OPEN_WAIT), "published before policyd"
+    policy = pair.policy("""\
+        version: 1
+        services:
+          ollama: {ports: [11434], allow: [203.0.113.0/24]}
+    """)
+    _load(pair, policy)
+    assert not reaches("v4", SHUT)
+    assert reaches("in28", OPEN_WAIT)
+    _bans(pair, policy)("add_bans", [(N("203.0.113.64/28"), HOUR)])
+    assert not reaches("in28", SHUT)
+    assert reaches("out28", OPEN_WAIT)
+
+
+def test_a_ban_cuts_an_established_connection(pair):
+    policy = pair.policy(OPEN)
+    _load(pair, policy)
+    kept_open = pair.client.connect(SERVER["v4"], 8080, timeout=OPEN_WAIT, source=CLIENT["v4"])
+    assert kept_open is not None
+    try:
+        _bans(pair, policy)("add_bans", [(N(f"{CLIENT['v4']}/32"), HOUR)])
+        kept_open.settimeout(SHUT)
+        kept_open.sendall(b"still there?\n")
+        try:
+            echoed = kept_open.recv(64)
+        except OSError:
+            echoed = b""
+        assert echoed == b""
+    finally:
+        kept_open.close()
+
+
+def test_the_feature_probe_matches_the_kernel(pair):
+    """DESTROYSETELEM came with Linux 6.3; the probe must say so without changing anything."""
+    release = os.uname().release
+    major, minor = (int(part) for part in release.split(".")[:2])
+    before = pair.ruleset()
+    found = pair.kernel(lambda nft: nft.features())
+    assert found["destroy_set_element"] == ((major, minor) >= (6, 3)), found
+    assert found["kernel"] == release
+    assert pair.ruleset() == before
