@@ -571,15 +571,6 @@ class BanManager:
                         _sample(_network(key) for key, _seconds in missing))
         return len(missing)
 
-    def stats(self):
-        return {
-            "failures_total": dict(self.failures_total),
-            "ignored_total": dict(self.ignored_total),
-            "bans_total": dict(self.bans_total),
-            "active": self.active_count,
-            "queued": len(self._kernel_add) + len(self._kernel_remove),
-        }
-
     @property
     def active_count(self):
         return len(self._active)

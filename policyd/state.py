@@ -180,11 +180,6 @@ class State:
         return self._read(
             f"SELECT {', '.join(BAN_COLUMNS)} FROM bans WHERE expires_at > ?", (now,))
 
-    def load_history(self):
-        """{key: (times banned, end of the last ban)}."""
-        return {key: (bans, last_end) for key, bans, last_end
-                in self._read("SELECT key, bans, last_end FROM ban_history")}
-
     def load_history_of(self, key):
         """(times banned, end of the last ban) for one key, or None."""
         rows = self._read("SELECT bans, last_end FROM ban_history WHERE key = ?", (key,))

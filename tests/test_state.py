@@ -121,7 +121,7 @@ def test_transaction_rolls_back_entirely_on_error(db_path):
                 writer.upsert_history([(key("192.0.2.1/32"), 1, 100.0)])
                 raise RuntimeError("interrupted mid-flush")
         assert state.load_bans(now=0.0) == []
-        assert state.load_history() == {}
+        assert state.load_history_of(key("192.0.2.1/32")) is None
 
 
 def test_loads_filter_by_time(db_path):
@@ -146,7 +146,7 @@ def test_history_survives_reopening(db_path):
         with state.transaction() as writer:
             writer.upsert_history([(key("2001:db8:1::/64"), 3, 500.0)])
     with State(db_path) as state:
-        assert state.load_history() == {key("2001:db8:1::/64"): (3, 500.0)}
+        assert state.load_history_of(key("2001:db8:1::/64")) == (3, 500.0)
 
 
 def test_failed_statement_rolls_back_and_the_next_transaction_works(db_path):
