@@ -2,7 +2,9 @@
 """`make bench`: every measurement of issue 7, policyd beside fail2ban, in one run.
 
 Owns the order and the sizes: (a) filter throughput, (b) ban latency, (c)
-restore, (d) apply time, (e) daemon memory; fail2ban runs as
+restore, (d) apply time beside `nft -f` and a list change under the daemon,
+(e) daemon memory, (f) doctor/status/bans/explain with 100k networks and 100k
+bans; fail2ban runs as
 bench/fail2ban_latency.py in its own namespaces. Prints the table, writes it to
 bench/results/latest.md (and .json) and, for a full-size run, to bench/RESULTS.md.
 """
@@ -23,6 +25,7 @@ import report  # noqa: E402
 from apply_time import measure_apply  # noqa: E402
 from fleet_latency import measure_fleet  # noqa: E402
 from flood import measure_fail2ban_flood, measure_policyd_flood  # noqa: E402
+from cli_time import measure_cli  # noqa: E402
 from policyd_latency import measure_policyd  # noqa: E402
 from reload_latency import measure_reload_latency  # noqa: E402
 from restore import measure_restore  # noqa: E402
@@ -30,7 +33,8 @@ from throughput import measure_mixes, measure_throughput  # noqa: E402
 
 FULL = {"lines": 200000, "trials": 50, "allowlist": 100000, "restore": [2000, 100000],
         "apply_networks": 100000, "fail2ban_trials": 50, "fail2ban_restore": 2000,
-        "fleet_trials": 100, "flood_sources": 100000, "fail2ban_flood_seconds": 60, "reload_trials": 60}
+        "fleet_trials": 100, "flood_sources": 100000, "fail2ban_flood_seconds": 60, "reload_trials": 60,
+        "cli_bans": 100000}
 
 
 def step(text):
@@ -82,7 +86,8 @@ def measure_all(sizes, workdir, quiet=False):
                                  "peak_rss_bans_mb": restore.pop("peak_rss_bans_mb")}
         results["restore"].append(restore)
 
-    step(f"(d) apply a policy with {sizes['apply_networks']:,} allowed networks")
+    step(f"(d) apply {sizes['apply_networks']:,} networks (list file, then YAML) beside nft -f "
+         "of the same ruleset; a 1% list change under the daemon")
     results["apply"] = measure_apply(workdir / "apply", sizes["apply_networks"])
 
     if sizes.get("fleet_trials"):
@@ -100,6 +105,9 @@ def measure_all(sizes, workdir, quiet=False):
     step(f"(g) ban latency while the daemon reloads a {sizes['allowlist']:,}-network policy in a loop")
     results["reload_latency"] = measure_reload_latency(workdir / "reloads", sizes["reload_trials"],
                                                        sizes["allowlist"])
+    step(f"(f) doctor, status, bans, explain with {sizes['apply_networks']:,} networks and "
+         f"{sizes['cli_bans']:,} bans")
+    results["cli"] = measure_cli(workdir / "cli", sizes["apply_networks"], sizes["cli_bans"])
     return results
 
 
@@ -118,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--flood-sources", type=int, default=FULL["flood_sources"])
     parser.add_argument("--fail2ban-flood-seconds", type=float, default=FULL["fail2ban_flood_seconds"])
     parser.add_argument("--reload-trials", type=int, default=FULL["reload_trials"])
+    parser.add_argument("--cli-bans", type=int, default=None,
+                        help="bans for the (f) command timings (default: --apply-networks)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     sizes = {"lines": args.lines, "trials": args.trials, "allowlist": args.allowlist,
@@ -125,7 +135,8 @@ def main(argv=None):
              "fail2ban_trials": args.fail2ban_trials, "fail2ban_restore": args.fail2ban_restore,
              "fleet_trials": args.fleet_trials,
              "flood_sources": args.flood_sources, "fail2ban_flood_seconds": args.fail2ban_flood_seconds,
-             "reload_trials": args.reload_trials}
+             "reload_trials": args.reload_trials,
+             "cli_bans": args.apply_networks if args.cli_bans is None else args.cli_bans}
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     try:

@@ -124,20 +124,21 @@ class PolicyUpkeep:
             return committed, True
         return committed, False
 
-    def check(self, nft, policy):
+    def check(self, nft, policy, elements_drifted=False):
         """{"committed": a newer committed Policy, "rolled_back": a trial past its
-        deadline was ended, "restored_ms": the tables were gone or edited and the
-        committed policy is back (the caller restores the bans), "trial_active":
-        whether a trial runs now (for the metrics)}."""
+        deadline was ended, "restored_ms": the tables were gone or edited (or
+        elements_drifted: the element watch, policyd.drift, saw a guard set's
+        elements differ) and the committed policy is back (the caller restores
+        the bans), "trial_active": whether a trial runs now (for the metrics)}."""
         found = {}
         meta = self.store.meta()
         if meta and meta.get("sha256") != policy.digest:
             found["committed"] = policy = self.store.committed() or policy
         found["rolled_back"] = trial.enforce(nft, self.store)
-        if self._drifted(nft, policy):
+        if elements_drifted or self._drifted(nft, policy):
             with self.store.locked(wait=False) as got:
                 # A CLI apply holds the lock while it changes the kernel: look again later.
-                if got and self._drifted(nft, policy):
+                if got and (elements_drifted or self._drifted(nft, policy)):
                     started = time.perf_counter()
                     trial.restore_committed_locked(nft, self.store)
                     found["restored_ms"] = round((time.perf_counter() - started) * 1000, 1)

@@ -100,6 +100,9 @@ class Duration(click.ParamType):
 def main(ctx, state_dir, run_dir):
     """policyd: guard Ollama's port with an nftables allowlist and bans."""
     ctx.obj = Context(state_dir, run_dir)
+    # Parsed list files, by content (policyd.lists reads it when it first needs it;
+    # importing that module here would slow every command's start).
+    os.environ["POLICYD_LIST_CACHE"] = os.path.join(state_dir, "lists")
 
 
 @main.command()
@@ -157,15 +160,22 @@ def explain(obj, args, proto, iface, as_json):
         raise InputError(f"{port_text!r} is not a port", key="PORT")
     policy = policy_mod.load(policy_path)
     decision = explain_mod.decide(policy, address, int(port_text), proto, iface,
-                                  _live_bans(obj, policy))
+                                  _live_bans(obj, policy, address))
     if as_json:
         click.echo(json.dumps({"verdict": decision.verdict, "rule": decision.rule}))
     else:
         click.echo(f"{decision.verdict}\t{decision.rule}")
 
 
-def _live_bans(obj, policy):
-    """The kernel's bans, or none where the kernel cannot be asked."""
+def _live_bans(obj, policy, address=None):
+    """The kernel's bans, or none where the kernel cannot be asked. With `address`,
+    one element lookup first: listing 100k bans for an address not banned costs
+    seconds (policyd.explain_bans)."""
+    from policyd import explain_bans
+    if address is not None:
+        found = explain_bans.lookup(policy, address)
+        if found is not explain_bans.UNKNOWN:
+            return found
     try:
         from policyd.nft import BanTable
         return list(BanTable(obj.nft(), policy.bans_table, policy.bans.ipv6_prefix)
@@ -389,7 +399,7 @@ def _status_without_daemon(obj):
     committed = store.committed()
     if committed is not None and nft is not None:
         from policyd.nft import BanTable
-        bans = BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix).list_bans()
+        bans = BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix).list_ban_keys()
         result["bans"] = {"active": len(bans), "total": None}
     if nft is not None:
         result["kernel"] = nft.features()
@@ -448,6 +458,9 @@ def _format_status(result):
     if result.get("fleet"):
         from policyd.fleet import status_line
         lines.append(status_line(result["fleet"]))
+    for entry in result.get("lists", []):
+        state = f"refused: {entry['error']}" if entry.get("error") else "ok"
+        lines.append(f"list:      {entry['path']} {entry['entries']} entries, {state}")
     return "\n".join(lines)
 
 
@@ -463,10 +476,15 @@ def bans(obj, as_json):
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
+    lines = []  # one write: 100k bans through click.echo one by one take seconds
     for ban in result:
-        details = " ".join(f"{key}={ban[key]}" for key in ("failures", "filter", "reason")
-                           if ban.get(key) is not None)
-        click.echo(f"{ban['network']}\t{ban['seconds_left']}s left\t{details}")
+        failures, name, reason = ban.get("failures"), ban.get("filter"), ban.get("reason")
+        details = " ".join(part for part in (
+            None if failures is None else f"failures={failures}",
+            None if name is None else f"filter={name}",
+            None if reason is None else f"reason={reason}") if part)
+        lines.append(f"{ban['network']}\t{ban['seconds_left']}s left\t{details}\n")
+    click.echo("".join(lines), nl=False)
 
 
 def _bans_from_kernel(obj):

@@ -5,7 +5,8 @@ ban table is only created if missing and has its port sets and rules refreshed,
 so its ban sets, and the bans in them, survive every apply.
 """
 import ipaddress
-import socket
+
+from policyd import lists
 
 FAMILY = "inet"
 COMMITTED = "committed"
@@ -18,7 +19,6 @@ RANGE_BAN_SETS = {4: "ban4_range", 6: "ban6_range"}
 # Dynamic sets behind `rate:` forget a quiet source after this long.
 RATE_SET_TIMEOUT = 60
 RATE_SET_SIZE = 65535
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 def compile_policy(committed, candidate=None, trial_seconds=None):
@@ -27,6 +27,9 @@ def compile_policy(committed, candidate=None, trial_seconds=None):
     With a candidate, the kernel runs the candidate while the trial set holds an
     element with `trial_seconds` of timeout, and the committed chains after it
     expires, with no process involved.
+
+    Interval sets carry their elements as lists.Elements: texts built when read,
+    integers (`intervals`) for the netlink encoder.
     """
     if (candidate is None) != (trial_seconds is None):
         raise ValueError("a candidate needs trial_seconds and vice versa")
@@ -98,6 +101,14 @@ def _service_objects(table, slot, chain, service):
     rules = []
     saddr = {4: {"payload": {"protocol": "ip", "field": "saddr"}},
              6: {"payload": {"protocol": "ip6", "field": "saddr"}}}
+    # deny is consulted first: a listed source is dropped whatever allow says.
+    for version, networks in ((4, service.deny4), (6, service.deny6)):
+        networks = lists.disjoint_networks(version, networks, service.deny_lists)
+        if networks:
+            name = f"{slot}_{service.name}_deny{version}"
+            out.append(_add("set", table=table, name=name, type=f"ipv{version}_addr",
+                            flags=["interval"], elem=lists.set_elements(version, networks)))
+            rules.append([_match(saddr[version], "@" + name), {"drop": None}])
     if service.rate is not None:
         for version in (4, 6):
             name = f"{slot}_{service.name}_rate{version}"
@@ -116,11 +127,12 @@ def _service_objects(table, slot, chain, service):
         rules.append([{"accept": None}])
     else:
         for version, networks in ((4, service.allow4), (6, service.allow6)):
+            networks = lists.disjoint_networks(version, networks, service.allow_lists)
             if not networks:
                 continue
             name = f"{slot}_{service.name}_v{version}"
             out.append(_add("set", table=table, name=name, type=f"ipv{version}_addr",
-                            flags=["interval"], elem=_elements(networks)))
+                            flags=["interval"], elem=lists.set_elements(version, networks)))
             rules.append([_match(saddr[version], "@" + name), {"accept": None}])
         if service.allow_interfaces:
             names = list(service.allow_interfaces)
@@ -197,29 +209,6 @@ def _refresh_ban_table(policy):
                                  f"@{proto}_ports")]
             for source in sources:
                 out.append(_rule(table, hook, *prefix, source, {"drop": None}))
-    return out
-
-
-def _elements(networks):
-    """Interval-set elements: nested networks dropped (nft refuses overlaps), sorted.
-
-    CIDR blocks either nest or are disjoint, so one sweep in address order that
-    skips whatever starts inside the last kept block leaves no overlap.
-    """
-    out = []
-    end = -1
-    for start, size, network in sorted(
-            (int(n.network_address), -(1 << (n.max_prefixlen - n.prefixlen)), n)
-            for n in networks):
-        if start <= end:
-            continue
-        end = start - size - 1
-        # inet_ntop: str() of an IPv6 address costs ~10 us, which adds up at 100k.
-        text = socket.inet_ntop(_AF[network.version], network.network_address.packed)
-        if size == -1:
-            out.append(text)
-        else:
-            out.append({"prefix": {"addr": text, "len": network.prefixlen}})
     return out
 
 

@@ -18,14 +18,17 @@ from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
-from policyd import __version__, control, fleet, metrics, systemd, trial
+from policyd import __version__, control, drift, fleet, lists, metrics, systemd, trial
 from policyd.addr import parse_host, parse_network
-from policyd.bans import BanManager, active_in
+from policyd.bans import BanManager
 from policyd.chores import Chores, PolicyUpkeep, give_back_memory
+from policyd.compile import compile_policy
 from policyd.errors import InputError, KernelError, PolicydError
 from policyd.filters import Outcome, load_filter
 from policyd.guard import Forgery, judge_for
 from policyd.journal import JournalSource
+from policyd.listsync import ListSync
+from policyd.lists import cidr_text as network_text
 from policyd.nft import BanTable, Nft
 from policyd.policy import parse_duration
 from policyd.state import State
@@ -139,6 +142,9 @@ class Daemon:
         self.bans = None
         self.sources = []
         self.watcher = None
+        self.lists = None
+        self.elements = None
+        self._sets_key = self._sets = None
         self.control = None
         self.metrics_server = None
         self.fleet = None
@@ -149,11 +155,15 @@ class Daemon:
         self.state_writer = None
         self.state = None
         self.kernel_features = None
+        self.lists = None           # the list files' follower (policyd.listsync)
+        self.elements = None        # the guard sets' element watch (policyd.drift)
+        self._sets_key = self._sets = None
         self._reload_again = None   # (load_kernel, replies) asked for while one ran
 
     # ------------------------------------------------------------ start and stop
 
     def start(self):
+        lists.keep_last_good = True  # a list turning bad at runtime must not stop us
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = trial.PolicyStore(self.state_dir)
         # The first start's lint forks: before any thread of ours runs.
@@ -194,6 +204,10 @@ class Daemon:
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
+        self.lists = ListSync(self.nft, self.policy, self.wake.set, self._reload)
+        self.elements = drift.ElementWatch(self.policy.table, self._expected_sets, self.wake.set,
+                                           epoch=lambda: self.lists.epoch + Nft.loads)
+        self.elements.start()
         self._start_fleet()  # catches up with the other nodes before READY
         self.held_back = None
         source = (self.store.meta() or {}).get("source", self.policy.source)
@@ -321,10 +335,13 @@ class Daemon:
     def stop(self):
         """Stop following and serving; every table and ban stays in the kernel."""
         systemd.notify("STOPPING=1")
-        for closer in (self.watcher and self.watcher.stop,
+        for closer in (self.watcher and self.watcher.stop, self.lists and self.lists.stop,
+                       self.elements and self.elements.stop,
                        self.control and self.control.stop,
                        self.metrics_server and self.metrics_server.stop,
                        self.fleet and self.fleet.stop,
+                       self.lists and self.lists.stop,
+                       self.elements and self.elements.stop,
                        self.chores and self.chores.stop):
             if closer:
                 closer()
@@ -367,6 +384,8 @@ class Daemon:
                 self.backlog = backlog
                 if self.fleet is not None and self.fleet.pump():
                     self._flush()
+                if self.lists.changed:
+                    self.lists.sync()
                 if self.state_writer is not None:
                     self.bans.state_written(self.state_writer.collect())
             self.chores.collect()
@@ -561,7 +580,9 @@ class Daemon:
         # The policy half (a newer committed policy, a trial's deadline, tables
         # gone or edited) runs on the worker; _upkept() takes its findings.
         policy = self.policy
-        self.chores.submit("upkeep", lambda nft: self.upkeep.check(nft, policy), self._upkept)
+        elements_drifted = self.elements.drifted  # the element watch's verdict, read here
+        self.chores.submit("upkeep", lambda nft: self.upkeep.check(nft, policy, elements_drifted),
+                           self._upkept)
         try:
             for ban in self.bans.expire(write_state=False):  # _save() writes it
                 log.info("unban %s", kv(addr=ban.network, reason="expired"))
@@ -615,10 +636,30 @@ class Daemon:
             except (KernelError, OSError) as exc:
                 self._trouble("restoring bans", exc)
                 return
+            differences = self.elements.differences
+            self.elements.reset()
             self.metrics.table_restores.inc()
             log.warning("tables were gone or changed: restored %s", kv(
-                policy=self.policy.digest[:12], bans=count,
+                policy=self.policy.digest[:12], bans=count, sets="; ".join(differences) or None,
                 ms=round(found["restored_ms"] + (time.perf_counter() - started) * 1000, 1)))
+
+    def _expected_sets(self):
+        """What the guard table's interval sets should hold (on the drift thread):
+        the committed policy's, with list-fed sets as the list follower loaded them.
+        Nothing during a trial: a false alarm there would end the trial."""
+        policy = self.policy
+        if self.store.pending() is not None:
+            return {}
+        list_fed = {kernel_set.name: kernel_set for kernel_set in self.lists.sets}
+        if self._sets_key != policy.digest:
+            self._sets = drift.expected_intervals(compile_policy(policy), policy.table,
+                                                  skip=list_fed)
+            self._sets_key = policy.digest
+        sets = dict(self._sets)
+        for name, kernel_set in list_fed.items():
+            if len(kernel_set):  # an empty set is not in the ruleset at all
+                sets[name] = (kernel_set.bits // 8, kernel_set.intervals())
+        return sets
 
     def _tables_present(self, policy):
         names = self.nft.tables()
@@ -689,6 +730,9 @@ class Daemon:
                 self.fleet = None
             self._start_fleet()
         gc.freeze()
+        self.lists.follow(committed)
+        self.elements.table = committed.table
+        self.elements.reset()
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
 
     def _status_line(self):
@@ -779,15 +823,16 @@ class Daemon:
             "logs": [source.stats() for source in self.sources],
             "fleet": self.fleet.status() if self.fleet is not None else None,
             "kernel": self.kernel_features,
+            "lists": self.lists.stats() if self.lists is not None else [],
         }
 
     def ban_list(self):
-        """Answered off the main loop (see _control): it only takes a snapshot."""
+        """Answered off the main loop (see _control): it only takes a snapshot, and
+        the rows are built from keys, so 100k bans answer in a fraction of a second."""
         if self.bans is None:
             return []
         snapshot, now = self.bans.snapshot(), self.clock()
-        return OffLoop(lambda: [dict(ban.as_dict(), seconds_left=round(ban.seconds_left(now), 1))
-                                for ban in active_in(snapshot, now)])
+        return OffLoop(lambda: _ban_rows(snapshot, now))
 
 
 class OffLoop:
@@ -796,6 +841,18 @@ class OffLoop:
 
     def __init__(self, work):
         self.work = work
+
+
+def _ban_rows(snapshot, now):
+    """Ban.as_dict() plus seconds_left for each ban of a snapshot in force at `now`,
+    soonest expiry first, without building an ipaddress object per ban."""
+    rows = sorted(((key, entry) for key, entry in snapshot if entry[0] > now),
+                  key=lambda item: (item[1][0], item[0]))
+    return [{"network": network_text(version, number, prefixlen), "expires_at": expires_at,
+             "failures": failures, "filter": filter_name, "reason": reason,
+             "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
+            for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
+                                               banned_at) in rows]
 
 
 # bans.py names a refusal after its own parameter; the operator typed ADDR or --for.

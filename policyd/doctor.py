@@ -509,9 +509,41 @@ def table_shape(objects):
             flags = frozenset([flags] if isinstance(flags, str) else flags)
             elements = None
             if "timeout" not in flags:
-                elements = frozenset(_element(e) for e in s.get("elem", []))
+                elements = _elements_shape(s.get("elem", []), s.get("type"))
             sets[s["name"]] = (s.get("type"), flags, elements)
     return {"chains": chains, "rules": rules, "sets": sets}
+
+
+class _Dumped:
+    """An interval set's elements compared as the kernel's dump of them: a hash of
+    bytes, not 100k texts. texts() is for saying what differs."""
+
+    def __init__(self, digest, texts):
+        self.digest = digest
+        self.texts = texts
+
+    def __eq__(self, other):
+        return isinstance(other, _Dumped) and self.digest == other.digest
+
+    def __hash__(self):
+        return hash(self.digest)
+
+
+def _elements_shape(elements, typename):
+    intervals = getattr(elements, "intervals", None)  # compiled: lists.Elements
+    if intervals is not None and typename in ("ipv4_addr", "ipv6_addr"):
+        from policyd.drift import dump_form
+        length = 4 if typename == "ipv4_addr" else 16
+        return _Dumped(hashlib.sha256(dump_form(intervals, length)).hexdigest(),
+                       lambda: frozenset(_element(e) for e in elements.json()))
+    if hasattr(elements, "raw"):  # listed over netlink: nllist.KernelElements
+        return _Dumped(hashlib.sha256(elements.raw).hexdigest(),
+                       lambda: frozenset(_element(e) for e in elements.texts()))
+    return frozenset(_element(e) for e in elements)
+
+
+def _texts(elements):
+    return elements.texts() if isinstance(elements, _Dumped) else elements
 
 
 def _verdict(exprs):
@@ -585,7 +617,7 @@ def compare_shapes(expected, loaded):
         if (want_type, want_flags) != (have_type, have_flags):
             out.append(f"set {name} has a different type or flags")
         elif want is not None and want != have:
-            extra, lacking = _element_differences(want, have)
+            extra, lacking = _element_differences(_texts(want), _texts(have))
             if not extra and not lacking:
                 continue
             parts = []
@@ -679,7 +711,9 @@ class HostEnvironment:
         return self._kernel().tables()
 
     def table_objects(self, table):
-        return self._kernel().table_objects(table)
+        """Over netlink: libnftables would fetch and format every element first."""
+        from policyd import nllist
+        return nllist.table_objects(self._kernel().netlink, table)
 
     def kernel_features(self):
         return self._kernel().features()

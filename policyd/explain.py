@@ -33,12 +33,16 @@ def decide(policy, address, port, proto="tcp", iface=None, bans=()):
 
 def _service_decision(service, address, iface):
     key = f"services.{service.name}"
+    listed = _listed(address, service.deny4 if address.version == 4 else service.deny6,
+                     service.deny_lists)
+    if listed is not None:
+        return Decision("drop", f"{key}.deny: {listed}")
     if service.allow_any:
         return Decision("allow", f"{key}.allow: any")
-    networks = service.allow4 if address.version == 4 else service.allow6
-    for network in networks:
-        if address in network:
-            return Decision("allow", f"{key}.allow: {network}")
+    listed = _listed(address, service.allow4 if address.version == 4 else service.allow6,
+                     service.allow_lists)
+    if listed is not None:
+        return Decision("allow", f"{key}.allow: {listed}")
     if iface is not None:
         for pattern in service.allow_interfaces:
             if fnmatch.fnmatchcase(iface, pattern):
@@ -47,3 +51,15 @@ def _service_decision(service, address, iface):
     if service.allow_interfaces and iface is None:
         suffix = f" (unless it arrives on {', '.join(service.allow_interfaces)})"
     return Decision(service.action, f"{key}.action: {service.action}{suffix}")
+
+
+def _listed(address, networks, netlists):
+    """Which entry holds `address`: a policy network, or "FILE:LINE (network)"; None."""
+    for network in networks:
+        if address in network:
+            return str(network)
+    for netlist in netlists:
+        found = netlist.find(address)
+        if found is not None:
+            return f"{netlist.path}:{found[1]} ({found[0]})"
+    return None

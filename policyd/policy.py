@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from policyd import lists
 from policyd.addr import parse_network
 from policyd.errors import InputError
 from policyd.fleet_config import FleetSettings, read_fleet
@@ -46,6 +47,13 @@ class Service:
     allow_interfaces: tuple[str, ...] = ()
     action: str = "drop"
     rate: Rate | None = None
+    allow_lists: tuple[lists.NetList, ...] = ()  # `- file: PATH` entries of allow
+    deny4: tuple[ipaddress.IPv4Network, ...] = ()  # dropped before allow is consulted
+    deny6: tuple[ipaddress.IPv6Network, ...] = ()
+    deny_lists: tuple[lists.NetList, ...] = ()
+
+    def list_files(self):
+        return [netlist.path for netlist in self.allow_lists + self.deny_lists]
 
 
 @dataclass(frozen=True)
@@ -164,8 +172,9 @@ def loads(data, source="<policy>"):
 class _Reader:
     """Walks the composed YAML node tree, so every error knows its line."""
 
-    def __init__(self, source):
+    def __init__(self, source, list_reader=lists.read):
         self.source = source
+        self.list_reader = list_reader
         self.constructor = yaml.constructor.SafeConstructor()
         self._port_nodes = {}  # service name -> {port: the YAML node listing it}
 
@@ -282,7 +291,7 @@ class _Reader:
         key = f"services.{name}"
         if not SERVICE_NAME.match(name):
             self.fail(knode, key, "service names are lower-case letters, digits and _ (at most 32)")
-        items = self.mapping(node, key, {"ports", "proto", "allow", "action", "rate"},
+        items = self.mapping(node, key, {"ports", "proto", "allow", "deny", "action", "rate"},
                              required=("ports", "allow"))
         ports = self.ports(items["ports"][1], f"{key}.ports",
                            self._port_nodes.setdefault(name, {}))
@@ -295,11 +304,13 @@ class _Reader:
         rate = None
         if "rate" in items:
             rate = self.rate(items["rate"][1], f"{key}.rate")
-        allow_any, nets, interfaces = False, {}, []
+        allow_any, nets, interfaces, allow_lists = False, {}, [], []
         akey = f"{key}.allow"
         for item in self.sequence(items["allow"][1], akey):
-            if isinstance(item, yaml.MappingNode):
-                entry = self.mapping(item, akey, {"iface"}, required=("iface",))
+            if isinstance(item, yaml.MappingNode) and self._is_file(item):
+                allow_lists.append(self.list_file(item, akey, allow_lists))
+            elif isinstance(item, yaml.MappingNode):
+                entry = self.mapping(item, akey, {"iface", "file"}, required=("iface",))
                 iface = self.scalar_text(entry["iface"][1], f"{akey}.iface")
                 if not INTERFACE_NAME.match(iface):
                     self.fail(item, f"{akey}.iface", f"{iface!r} is not a valid interface name")
@@ -309,15 +320,59 @@ class _Reader:
             elif self.scalar_text(item, akey) == "any":
                 allow_any = True
             else:
-                network = self.network(item, akey)
-                if network in nets:
-                    self.fail(item, akey, f"{network} is listed twice")
-                nets[network] = None  # a dict: ordered, and O(1) duplicate checks
+                self.add_network(nets, item, akey)
+        deny, deny_lists = {}, []
+        if "deny" in items:
+            dkey = f"{key}.deny"
+            for item in self.sequence(items["deny"][1], dkey):
+                if isinstance(item, yaml.MappingNode):
+                    self.mapping(item, dkey, {"file"}, required=("file",))
+                    deny_lists.append(self.list_file(item, dkey, deny_lists))
+                    continue
+                if self.scalar_text(item, dkey) == "any":
+                    self.fail(item, dkey, "`any` would drop every source; list networks")
+                self.add_network(deny, item, dkey)
         return Service(
             name=name, ports=ports, proto=proto, allow_any=allow_any,
-            allow4=tuple(n for n in nets if n.version == 4),
-            allow6=tuple(n for n in nets if n.version == 6),
-            allow_interfaces=tuple(interfaces), action=action, rate=rate)
+            allow4=lists.Networks(4, [(f, p) for v, f, p in nets if v == 4]),
+            allow6=lists.Networks(6, [(f, p) for v, f, p in nets if v == 6]),
+            allow_interfaces=tuple(interfaces), action=action, rate=rate,
+            allow_lists=tuple(allow_lists),
+            deny4=lists.Networks(4, [(f, p) for v, f, p in deny if v == 4]),
+            deny6=lists.Networks(6, [(f, p) for v, f, p in deny if v == 6]),
+            deny_lists=tuple(deny_lists))
+
+    def add_network(self, seen, node, key):
+        """One inline network into `seen` (a dict of (version, first, prefix length),
+        ordered, O(1) duplicate checks). Parsed to integers: an allowlist of 100k
+        ipaddress objects costs seconds; errors say what parse_network says."""
+        entry = lists.parse_text(self.scalar_text(node, key))
+        if entry is None:
+            network = self.network(node, key)  # raises with the exact reason, or:
+            entry = (network.version, int(network.network_address), network.prefixlen)
+        if entry in seen:
+            self.fail(node, key, f"{lists.cidr_text(*entry)} is listed twice")
+        seen[entry] = None
+
+    @staticmethod
+    def _is_file(node):
+        return any(isinstance(k, yaml.ScalarNode) and k.value == "file" for k, _ in node.value)
+
+    def list_file(self, node, key, seen):
+        """`- file: /abs/path`: the list file read and validated (errors name its line)."""
+        entry = self.mapping(node, key, {"file"}, required=("file",))
+        vnode = entry["file"][1]
+        path = self.scalar_text(vnode, f"{key}.file")
+        if not path.startswith("/"):
+            self.fail(vnode, f"{key}.file", f"{path!r} must be absolute")
+        if any(netlist.path == path for netlist in seen):
+            self.fail(vnode, f"{key}.file", f"{path!r} is listed twice")
+        try:
+            return self.list_reader(path)
+        except InputError as exc:
+            if exc.line is None:  # unreadable: say where the policy names it
+                self.fail(vnode, f"{key}.file", f"{path}: {exc.message}")
+            raise
 
     def rate(self, node, key):
         text = str(self.scalar(node, key))

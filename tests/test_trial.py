@@ -319,7 +319,7 @@ def test_damaged_pending_record_is_no_trial(kernel, store, files, clock, committ
     start(kernel, store, files["cand"], clock, seconds=30)
     path = store.dir / policystore.PENDING
     path.write_bytes(damage(path.read_bytes()))
-    with caplog.at_level(logging.WARNING, logger="policyd.trial"):
+    with caplog.at_level(logging.WARNING, logger="policyd.policystore"):
         assert store.pending() is None
     assert "treating it as no trial" in caplog.text
     assert trial.status(store, now=clock.now)["trial"] is None
