@@ -12,7 +12,7 @@ import threading
 import time
 
 from policyd import trial
-from policyd.compile import compile_policy, skeleton
+from policyd.compile import compile_policy
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class PolicyUpkeep:
         if committed is None:
             return None, False
         if load_kernel and self.store.pending() is None:
-            nft.load(compile_policy(committed))
+            nft.load(compile_policy(committed).document())
             return committed, True
         return committed, False
 
@@ -151,9 +151,9 @@ class PolicyUpkeep:
         pending = self.store.pending()
         key = (policy.digest, pending and pending.sha256)
         if key != self._expected_key:
-            document = (compile_policy(policy, pending.policy(), pending.seconds)
-                        if pending else compile_policy(policy))
-            self._expected = {table: skeleton(document, table)
+            ruleset = (compile_policy(policy, pending.policy(), pending.seconds)
+                       if pending else compile_policy(policy))
+            self._expected = {table: ruleset.skeleton(table)
                               for table in (policy.table, policy.bans_table)}
             self._expected_key = key
         return any(nft.skeleton(table) != shape for table, shape in self._expected.items())

@@ -113,7 +113,7 @@ def check(obj, policy_path):
     """Validate and compile POLICY, load its filters; print nothing but errors."""
     policy = policy_mod.load(policy_path)
     preflight.check_log_sources(policy)
-    document = compile_policy(policy)
+    document = compile_policy(policy).document()
     try:
         nft = obj.nft()
     except (ImportError, OSError):

@@ -24,7 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from policyd.compile import FAMILY, compile_policy
+from policyd.compile import compile_policy
+from policyd.ruleset import FAMILY
 from policyd.errors import InputError, KernelError
 from policyd.trial import COMMITTED, PolicyStore, empty_policy
 
@@ -424,18 +425,17 @@ def check_drift(committed, pending, env):
     base = committed or empty_policy(trial_policy.table)
     table = base.table
     if trial_policy is not None and trial_policy.table == table:
-        document = compile_policy(base, trial_policy, pending.seconds)
+        ruleset = compile_policy(base, trial_policy, pending.seconds)
         what = "the committed policy with the trial"
     else:
-        document = compile_policy(base)
+        ruleset = compile_policy(base)
         what = "the committed policy"
     try:
         loaded = env.table_objects(table)
     except (OSError, KernelError) as exc:
         return [fail("drift", f"cannot list table {FAMILY} {table} ({exc})",
                      "run `policyd doctor` as root")]
-    differences = compare_shapes(table_shape(document_objects(document, table)),
-                                 table_shape(loaded))
+    differences = compare_shapes(table_shape(ruleset.listed_objects(table)), table_shape(loaded))
     if not differences:
         return [ok("drift", f"table {FAMILY} {table} matches {what}")]
     shown = "; ".join(differences[:MAX_DIFFERENCES_SHOWN])
@@ -446,44 +446,6 @@ def check_drift(committed, pending, env):
            "`policyd restore` reloads the committed policy (a running daemon does it too "
            "when it notices); make lasting changes in the policy file")
     return [fail("drift", f"table {FAMILY} {table} differs from {what}: {shown}", fix)]
-
-
-def document_objects(document, table):
-    """Replay a compiled transaction's commands on `table` into listed-object form
-    ({"chain": {...}}, {"set": {...}}, {"rule": {...}}), as `nft -j list table` shows."""
-    objects = []
-    sets = {}
-    for command in document["nftables"]:
-        (verb, body), = command.items()
-        if verb not in ("add", "delete", "flush"):
-            continue
-        (kind, fields), = body.items()
-        if fields.get("family") != FAMILY:
-            continue
-        if kind == "table":
-            if fields["name"] == table and verb == "delete":
-                objects, sets = [], {}
-            continue
-        if fields.get("table") != table:
-            continue
-        if verb == "flush":
-            if kind == "chain":
-                objects = [o for o in objects
-                           if not ("rule" in o and o["rule"]["chain"] == fields["name"])]
-            elif kind == "set" and fields["name"] in sets:
-                sets[fields["name"]]["elem"] = []
-            continue
-        if verb != "add":
-            continue
-        if kind == "element":
-            sets[fields["name"]].setdefault("elem", []).extend(fields["elem"])
-        elif kind == "set":
-            if fields["name"] not in sets:
-                sets[fields["name"]] = dict(fields)
-                objects.append({"set": sets[fields["name"]]})
-        elif kind in ("chain", "rule"):
-            objects.append({kind: dict(fields)})
-    return objects
 
 
 def table_shape(objects):

@@ -62,15 +62,15 @@ def lockout_cuts(policy, peers, iface_of=lambda address: None):
     only when an address rule alone would refuse the peer.
     """
     cuts, seen = [], set()
+    explainer = explain.Explainer(policy)  # compiled once, asked for every peer
     for peer in peers:
         key = (peer.address, peer.port, peer.proto)
         if key in seen:
             continue
         seen.add(key)
-        decision = explain.decide(policy, peer.address, peer.port, peer.proto)
+        decision = explainer.decide(peer.address, peer.port, peer.proto)
         if decision.verdict in ("drop", "reject"):
-            decision = explain.decide(policy, peer.address, peer.port, peer.proto,
-                                      iface_of(peer.address))
+            decision = explainer.decide(peer.address, peer.port, peer.proto, iface_of(peer.address))
         if decision.verdict in ("drop", "reject"):
             cuts.append((peer, decision))
     return cuts

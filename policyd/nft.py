@@ -16,7 +16,8 @@ import threading
 import nftables
 
 from policyd import lists, nfnetlink, nlbatch
-from policyd.compile import BAN_SETS, FAMILY, RANGE_BAN_SETS
+from policyd.compile import BAN_SETS, RANGE_BAN_SETS
+from policyd.ruleset import FAMILY
 from policyd.errors import KernelError
 
 PROTOCOLS = {6: "tcp", 17: "udp"}

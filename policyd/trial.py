@@ -11,7 +11,8 @@ import time
 
 from policyd import policy as policy_mod
 from policyd import preflight
-from policyd.compile import FAMILY, TRIAL_SET, compile_policy
+from policyd.compile import TRIAL_SET, compile_policy, delete_table
+from policyd.ruleset import Ruleset
 from policyd.errors import InputError, KernelError, Refused
 from policyd.lockout import operator_peers, refuse_cuts, route_iface
 from policyd.policystore import Pending
@@ -87,28 +88,22 @@ def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=route
     with store.locked():
         _refuse_if_running(store, now)
         previous = store.committed()
-        document = compile_policy(policy)
+        ruleset = compile_policy(policy)
         if previous is not None and previous.table != policy.table:
             # The old guard table goes in the same transaction: left loaded it
             # would go on dropping what the new policy allows. The old ban table
             # stays until its bans are in the new one (move_bans), so no ban
             # lapses meanwhile.
-            document["nftables"] += _delete_table(previous.table)
-        nft.load(document)
+            delete_table(ruleset, previous.table)
+        nft.load(ruleset.document())
         store.commit(data, policy, now)
         store.clear_pending()  # an expired trial's record, if one was left
     return policy
 
 
-def _delete_table(name):
-    # `add` first makes `delete` safe when the table is gone already.
-    return [{"add": {"table": {"family": FAMILY, "name": name}}},
-            {"delete": {"table": {"family": FAMILY, "name": name}}}]
-
-
 def retire_table(nft, name):
     """Delete one of policyd's former tables (a policy moved to another `table:`)."""
-    nft.load({"nftables": [{"metainfo": {"json_schema_version": 1}}, *_delete_table(name)]})
+    nft.load(delete_table(Ruleset(), name).document())
 
 
 def start_trial(nft, store, path, seconds, *, force=False, peers=operator_peers,
@@ -138,7 +133,7 @@ def start_trial(nft, store, path, seconds, *, force=False, peers=operator_peers,
         store.set_pending(pending)
         try:
             nft.load(compile_policy(committed or empty_policy(candidate.table),
-                                    candidate, seconds))
+                                    candidate, seconds).document())
         except BaseException:
             store.clear_pending()
             raise
@@ -154,7 +149,7 @@ def _trial_elements(nft, table):
 
 def _end_expired(nft, store, pending):
     """The kernel already runs the committed chains; drop the stale candidate."""
-    nft.load(compile_policy(_fallback(store, pending.policy().table)))
+    nft.load(compile_policy(_fallback(store, pending.policy().table)).document())
     store.clear_pending()
 
 
@@ -183,13 +178,10 @@ def confirm(nft, store, now=None):
         if not elements:
             _end_expired(nft, store, pending)
             raise too_late
-        document = compile_policy(candidate)
         # Before the table is replaced: the delete is what proves the trial is alive.
-        document["nftables"].insert(1, {"delete": {"element": {
-            "family": FAMILY, "table": candidate.table, "name": TRIAL_SET,
-            "elem": elements}}})
+        alive = Ruleset().delete_elements(candidate.table, TRIAL_SET, elements)
         try:
-            nft.load(document)
+            nft.load(compile_policy(candidate, into=alive).document())
         except KernelError:
             if _trial_elements(nft, candidate.table):
                 raise
@@ -216,7 +208,7 @@ def rollback(nft, store):
         if pending is None and (committed is None
                                 or not _trial_elements(nft, committed.table)):
             raise NoTrial("no trial to roll back; the committed policy stays")
-        nft.load(compile_policy(committed or empty_policy(pending.policy().table)))
+        nft.load(compile_policy(committed or empty_policy(pending.policy().table)).document())
         store.clear_pending()
     return pending
 
@@ -251,9 +243,9 @@ def restore_committed_locked(nft, store):
     pending = store.pending()
     committed = store.committed()
     if committed is not None:
-        nft.load(compile_policy(committed))
+        nft.load(compile_policy(committed).document())
     elif pending is not None:
-        nft.load(compile_policy(empty_policy(pending.policy().table)))
+        nft.load(compile_policy(empty_policy(pending.policy().table)).document())
     store.clear_pending()
     return committed
 

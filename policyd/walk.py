@@ -5,7 +5,6 @@ Covers exactly the expressions the compiler emits, for a new connection on the
 input hook; anything else raises, so explain can never quietly disagree with
 the kernel about a rule it does not understand.
 """
-import bisect
 import ipaddress
 from dataclasses import dataclass
 
@@ -173,9 +172,9 @@ def _field(left, packet):
 
 def _lookup(value, elements):
     """The element of `elements` holding `value`, or None."""
-    intervals = getattr(elements, "intervals", None)  # policyd.lists.Elements: ints at hand
-    if intervals is not None and hasattr(value, "version"):
-        return _in_intervals(value, intervals, elements.disjoint)
+    find = getattr(elements, "find", None)  # policyd.lists.Elements: asked, never built
+    if find is not None and hasattr(value, "version"):
+        return find(value)
     for element in elements:
         if isinstance(element, dict) and "elem" in element:
             element = element["elem"]["val"]
@@ -204,14 +203,3 @@ def _holds_one(value, element):
     if isinstance(value, str) and isinstance(element, str) and element.endswith("*"):
         return value.startswith(element[:-1])  # nft's only wildcard: a trailing *
     return value == element
-
-
-def _in_intervals(address, intervals, disjoint):
-    """`intervals`: sorted disjoint (first, last) integers of the address's family,
-    one a network of `disjoint` ((first, prefix length) pairs)."""
-    number = int(address)
-    index = bisect.bisect_right(intervals, (number, float("inf"))) - 1
-    if index >= 0 and intervals[index][0] <= number <= intervals[index][1]:
-        first, prefixlen = disjoint[index]
-        return ipaddress.ip_network((first, prefixlen))
-    return None

@@ -376,8 +376,8 @@ services:
 def test_a_trial_in_progress_is_reported_with_seconds_left_not_as_drift(host, policy):
     pending = pending_for(CANDIDATE_TEXT)
     host.store.set_pending(pending)
-    document = compile_policy(policy, pending.policy(), pending.seconds)
-    host.objects[policy.table] = doctor.document_objects(document, policy.table)
+    ruleset = compile_policy(policy, pending.policy(), pending.seconds)
+    host.objects[policy.table] = ruleset.listed_objects(policy.table)
     findings = doctor.diagnose(policy, host)
     trial, = by_check(findings, "trial")
     assert trial.level == "warn" and "100s left" in trial.message
@@ -427,7 +427,7 @@ def test_a_missing_nftables_binding_names_the_package(host, policy):
 
 
 def test_the_real_kernel_listing_matches_the_compiled_policy(policy):
-    expected = doctor.table_shape(doctor.document_objects(compile_policy(policy), "policyd"))
+    expected = doctor.table_shape(compile_policy(policy).listed_objects("policyd"))
     assert doctor.compare_shapes(expected, doctor.table_shape(KERNEL_LISTING)) == []
 
 

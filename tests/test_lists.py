@@ -140,7 +140,7 @@ def test_deny_is_consulted_before_allow_in_compile_and_explain(listed):
 
 
 def test_netlink_encoding_of_intervals_uses_the_compiled_integers(listed):
-    document = compile_policy(policy.load(listed[0]))
+    document = compile_policy(policy.load(listed[0])).document()
     sets = {cmd["add"]["set"]["name"]: cmd["add"]["set"] for cmd in document["nftables"]
             if "set" in cmd.get("add", {})}
     elements = sets["committed_proxy_deny4"]["elem"]
@@ -168,7 +168,7 @@ def test_unknown_document_parts_fall_back_to_libnftables():
 
 def test_elements_build_their_texts_only_when_read(listed):
     import json
-    document = compile_policy(policy.load(listed[0]))
+    document = compile_policy(policy.load(listed[0])).document()
     sets = [cmd["add"]["set"] for cmd in document["nftables"] if "set" in cmd.get("add", {})]
     elements = next(s["elem"] for s in sets if s["name"] == "committed_ollama_v4")
     assert elements.intervals == [(0x7F000000, 0x7FFFFFFF), (0xC0000200, 0xC00002FF)]
