@@ -7,7 +7,7 @@ caller lists the bans as before.
 """
 import ipaddress
 
-from policyd.compile import BAN_SETS
+from policyd.compile import BAN_SETS, RANGE_BAN_SETS
 
 UNKNOWN = None
 
@@ -27,12 +27,16 @@ def lookup(policy, address):
     try:
         found = netlink.get_element(policy.bans_table, BAN_SETS[address.version],
                                     network.network_address.packed)
+        if found is None:
+            # Bans of other extents (a /28, a /128 or /48 with a /64 unit) live in
+            # the interval set: one that holds the address is the listing's to name.
+            in_range = netlink.get_element(policy.bans_table, RANGE_BAN_SETS[address.version],
+                                           address.packed)
+            return UNKNOWN if in_range is not None else []
     except OSError:
         return UNKNOWN  # no such set or no permission: the full listing decides
     finally:
         netlink.close()
-    if found is None:
-        return []
     key, left, flags = found
     if flags or key != network.network_address.packed:
         return UNKNOWN  # an interval holds it: its extent is the listing's to say
