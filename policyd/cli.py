@@ -36,6 +36,7 @@ policy_mod = _OnFirstUse("policyd.policy")
 preflight = _OnFirstUse("policyd.preflight")
 render = _OnFirstUse("policyd.render")
 trial = _OnFirstUse("policyd.trial")
+policystore = _OnFirstUse("policyd.policystore")
 
 
 def compile_policy(*args, **kwargs):
@@ -199,7 +200,7 @@ def _live_bans(obj, policy, address=None):
 @handle_errors
 def apply(obj, policy_path, confirm_timeout, wait, force):
     """Load POLICY atomically and make it the committed policy (or try it, on a timer)."""
-    nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
+    nft, store = obj.nft(), policystore.PolicyStore(obj.state_dir)
     if confirm_timeout is None:
         if wait:
             raise InputError("needs --confirm-timeout", key="--wait")
@@ -289,7 +290,7 @@ def _ask_until(prompt, deadline):
 @handle_errors
 def confirm(obj):
     """Keep the policy on trial: it becomes the committed policy."""
-    policy = trial.confirm(obj.nft(), trial.PolicyStore(obj.state_dir))
+    policy = trial.confirm(obj.nft(), policystore.PolicyStore(obj.state_dir))
     _tell_daemon(obj, "confirm")
     click.echo(f"confirmed: {policy.source} (sha256 {policy.digest[:12]}) is committed")
 
@@ -299,7 +300,7 @@ def confirm(obj):
 @handle_errors
 def rollback(obj):
     """End the trial now: reload the committed policy."""
-    store = trial.PolicyStore(obj.state_dir)
+    store = policystore.PolicyStore(obj.state_dir)
     ended = trial.rollback(obj.nft(), store)
     _tell_daemon(obj, "rollback")
     committed = store.committed()
@@ -321,7 +322,7 @@ def restore(obj):
     When the tables are there (a service restart, not a boot) the kernel keeps
     what it has, a trial included; only a trial past its deadline is ended.
     """
-    nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
+    nft, store = obj.nft(), policystore.PolicyStore(obj.state_dir)
     committed = store.committed()
     if committed is not None and {committed.table, committed.bans_table} <= set(nft.tables()):
         trial.enforce(nft, store)
@@ -392,7 +393,7 @@ def status(obj, as_json):
 
 
 def _status_without_daemon(obj):
-    store = trial.PolicyStore(obj.state_dir)
+    store = policystore.PolicyStore(obj.state_dir)
     nft = _nft_or_none(obj)
     result = {"daemon": None, "policy": trial.status(store, nft=nft), "bans": None, "logs": [],
               "fleet": None}
@@ -489,7 +490,7 @@ def bans(obj, as_json):
 
 def _bans_from_kernel(obj):
     """Without a daemon: what the kernel enforces, which is what matters."""
-    committed = trial.PolicyStore(obj.state_dir).committed()
+    committed = policystore.PolicyStore(obj.state_dir).committed()
     if committed is None:
         return []
     from policyd.nft import BanTable
@@ -601,7 +602,7 @@ def doctor(obj, policy_path, as_json):
     explicit = (click.get_current_context().get_parameter_source("policy_path")
                 is not click.core.ParameterSource.DEFAULT)
     policy, about_file = doctor_mod.policy_or_committed(
-        policy_path, trial.PolicyStore(obj.state_dir), explicit)
+        policy_path, policystore.PolicyStore(obj.state_dir), explicit)
     findings = about_file + doctor_mod.diagnose(
         policy, doctor_mod.HostEnvironment(obj.state_dir, obj.run_dir, obj.nft))
     click.echo(doctor_mod.to_json(findings) if as_json else doctor_mod.to_text(findings))

@@ -18,7 +18,8 @@ from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
-from policyd import __version__, control, drift, fleet, lists, metrics, systemd, trial
+from policyd import (__version__, control, drift, fleet, lists, lockout, metrics, policystore,
+                     systemd, trial)
 from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
 from policyd.chores import Chores, PolicyUpkeep, give_back_memory
@@ -165,7 +166,7 @@ class Daemon:
     def start(self):
         lists.keep_last_good = True  # a list turning bad at runtime must not stop us
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.store = trial.PolicyStore(self.state_dir)
+        self.store = policystore.PolicyStore(self.state_dir)
         # The first start's lint forks: before any thread of ours runs.
         first_lint = self._first_start_lint()
         # The control socket next: a second daemon on this run dir must refuse
@@ -232,8 +233,8 @@ class Daemon:
             return None
         try:
             policy = trial.read_candidate(self.policy_path)[1]
-            trial.lint_in_child(policy)
-        except (trial.LockoutRisk, InputError) as exc:
+            lockout.lint_in_child(policy)
+        except (lockout.LockoutRisk, InputError) as exc:
             refusal = exc
 
             def refuse(_policy):
@@ -258,7 +259,7 @@ class Daemon:
             log.info("nothing committed yet %s", kv(applying=self.policy_path))
             try:
                 return trial.apply(self.nft, self.store, self.policy_path, lint=first_lint)
-            except (trial.LockoutRisk, InputError) as exc:
+            except (lockout.LockoutRisk, InputError) as exc:
                 self._hold_back(exc)
                 return None
         if not self._tables_present(committed):
@@ -895,7 +896,7 @@ class BanDesk:
 
 def offline(state_dir, action):
     """Run action(BanDesk) on the committed policy's bans when no daemon runs."""
-    committed = trial.PolicyStore(state_dir).committed()
+    committed = policystore.PolicyStore(state_dir).committed()
     if committed is None:
         raise InputError("nothing committed yet: run `policyd apply` first", key="policy")
     nft = Nft()

@@ -27,7 +27,8 @@ from pathlib import Path
 from policyd.compile import compile_policy
 from policyd.ruleset import FAMILY
 from policyd.errors import InputError, KernelError
-from policyd.trial import COMMITTED, PolicyStore, empty_policy
+from policyd.policystore import COMMITTED, PolicyStore
+from policyd.trial import empty_policy
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CONTROL_SOCKET = "control.sock"

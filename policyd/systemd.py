@@ -7,9 +7,6 @@ import logging
 import os
 import socket
 
-# Until the branches still in flight are merged: they import kv from here.
-from policyd.logfmt import kv  # noqa: F401
-
 log = logging.getLogger(__name__)
 
 _warned_notify_failure = False

@@ -16,9 +16,6 @@ from policyd.ruleset import Ruleset
 from policyd.errors import InputError, KernelError, Refused
 from policyd.lockout import operator_peers, refuse_cuts, route_iface
 from policyd.policystore import Pending
-# Until the branches still in flight are merged: they reach these through trial.
-from policyd.lockout import LockoutRisk, Peer, lint_in_child, lockout_cuts, ssh_peer  # noqa: F401
-from policyd.policystore import COMMITTED, PENDING, PolicyStore, atomic_write  # noqa: F401
 
 log = logging.getLogger(__name__)
 
