@@ -237,8 +237,8 @@ def _move_bans(obj, nft, old_bans_table):
     without one, put them into the new ban table here, then retire the old one."""
     if _ask_daemon(obj, "reload") is not None:
         return
-    from policyd import daemon
-    daemon.offline(obj.state_dir, lambda desk: desk.bans.restore())
+    from policyd import bandesk
+    bandesk.offline(obj.state_dir, lambda desk: desk.bans.restore())
     trial.retire_table(nft, old_bans_table)
 
 
@@ -334,8 +334,8 @@ def restore(obj):
     if policy is None:
         click.echo("nothing committed: no policy loaded")
         return
-    from policyd import daemon
-    bans = daemon.offline(obj.state_dir, lambda desk: desk.bans.restore())
+    from policyd import bandesk
+    bans = bandesk.offline(obj.state_dir, lambda desk: desk.bans.restore())
     click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]}) and {bans} bans")
 
 
@@ -538,8 +538,8 @@ def _same_network(asked, lifted):
 
 def _offline_bans(obj, action):
     """No daemon runs: change the state file and the kernel directly, then close."""
-    from policyd import daemon
-    return daemon.offline(obj.state_dir, action)
+    from policyd import bandesk
+    return bandesk.offline(obj.state_dir, action)
 
 
 @main.command()

@@ -20,22 +20,22 @@ from pathlib import Path
 
 from policyd import (__version__, control, drift, fleet, lists, lockout, metrics, policystore,
                      systemd, trial)
-from policyd.addr import parse_host, parse_network
 from policyd.bans import BanManager
 from policyd.chores import Chores, PolicyUpkeep, give_back_memory
 from policyd.compile import compile_policy
 from policyd.errors import InputError, KernelError, PolicydError
-from policyd.filters import Outcome, load_filter
-from policyd.guard import Forgery, judge_for
+from policyd.filters import Outcome
+from policyd.guard import Forgery
 from policyd.journal import JournalSource
 from policyd.listsync import ListSync
 from policyd.lists import cidr_text as network_text
 from policyd.nft import BanTable, Nft
-from policyd.policy import parse_duration
-from policyd.state import State
+from policyd.bandesk import BanDesk
+from policyd.sources import LogSource, UnfollowedSource
+from policyd.state import STATE_FILE, State
 from policyd.logfmt import kv
 from policyd.statewriter import QueuedPositions, StateWriter
-from policyd.tail import LogFollower, LogWatcher
+from policyd.tail import LogWatcher
 
 log = logging.getLogger(__name__)
 
@@ -70,55 +70,6 @@ GIL_SWITCH_SECONDS = 0.0005
 GC_THRESHOLDS = (10000, 20, 100)
 # How long a `reload` control request waits for the worker's reload.
 RELOAD_REPLY_SECONDS = 60.0
-STATE_FILE = "state.db"
-
-
-class LogSource:
-    """One followed log file and the filter that reads it, with its counters."""
-
-    kind = "file"
-    broken = None
-
-    def __init__(self, config, positions):
-        self.path = config.path
-        self.filter = load_filter(config.filter, mode=config.mode)
-        self.filter_name = config.filter
-        self.matched = 0
-        self.malformed = 0
-        fresh = positions.load(self.path) is None
-        self.follower = LogFollower(self.path, positions)
-        if fresh and os.path.exists(self.path):
-            # A log seen for the first time is followed from its end: old
-            # failures must not ban anyone today. One that appears later is
-            # read from its start, since all of it is new.
-            self.follower.skip_to_end()
-            self.follower.commit()
-        self.judge = judge_for(self.filter)
-        self.forged = 0
-
-    def stats(self):
-        return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
-                    malformed=self.malformed, forged=self.forged)
-
-
-class UnfollowedSource:
-    """A bans.logs entry whose filter or journal stopped loading since `apply` checked
-    it (a file edited or removed): it costs this log only, and is reported."""
-
-    kind = "unfollowed"
-    follower = None
-
-    def __init__(self, config, error):
-        self.path = config.label
-        self.filter_name = config.filter
-        self.broken = error
-        self.matched = 0
-        self.malformed = 0
-
-    def stats(self):
-        return {"path": self.path, "filter": self.filter_name, "exists": None,
-                "inode": None, "offset": 0, "lines": 0, "matched": 0, "malformed": 0,
-                "forged": 0, "oversized": 0, "rotations": 0, "error": self.broken}
 
 
 class Daemon:
@@ -854,73 +805,6 @@ def _ban_rows(snapshot, now):
              "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
             for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
                                                banned_at) in rows]
-
-
-# bans.py names a refusal after its own parameter; the operator typed ADDR or --for.
-_OPERATOR_KEYS = {"address": "ADDR", "duration": "--for"}
-
-
-class BanDesk:
-    """Manual ban and unban on a BanManager: the daemon's, or the CLI's when none runs."""
-
-    def __init__(self, bans, publish=None):
-        self.bans = bans
-        self.publish = publish  # the fleet's: (op, network, expires_at, reason)
-
-    def manual_ban(self, address, duration):
-        target = _target(address)
-        seconds = parse_duration(duration, key="--for") if duration is not None else None
-        try:
-            ban = self.bans.ban(target, seconds, reason="manual")
-        except InputError as exc:
-            exc.key = _OPERATOR_KEYS.get(exc.key, exc.key)
-            raise
-        self.bans.flush()
-        if self.publish:
-            self.publish("ban", ban.network, ban.expires_at, "manual")
-        log.warning("ban %s", kv(addr=ban.network, reason="manual",
-                                 duration=f"{round(ban.expires_at - ban.banned_at)}s"))
-        return ban.as_dict()
-
-    def manual_unban(self, address):
-        lifted = self.bans.unban(_target(address))
-        self.bans.flush()
-        if self.publish:
-            # The network lifted here (an address's covering /64, say), else the address.
-            self.publish("unban", lifted or _target(address), None, "manual")
-        if lifted:
-            log.info("unban %s", kv(addr=lifted, reason="manual"))
-        # The network lifted, which may be wider than the address asked for.
-        return {"unbanned": lifted is not None, "network": str(lifted) if lifted else None}
-
-
-def offline(state_dir, action):
-    """Run action(BanDesk) on the committed policy's bans when no daemon runs."""
-    committed = policystore.PolicyStore(state_dir).committed()
-    if committed is None:
-        raise InputError("nothing committed yet: run `policyd apply` first", key="policy")
-    nft = Nft()
-    state = State(Path(state_dir) / STATE_FILE)
-    try:
-        bans = BanManager(committed.bans, state,
-                          BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix))
-        # With a fleet, what is banned here waits in the outbox for the daemon.
-        publish = fleet.outbox_writer(state) if committed.fleet is not None else None
-        return action(BanDesk(bans, publish=publish))
-    finally:
-        state.close()
-
-
-def _target(text):
-    if not text:
-        raise InputError("an address is required", key="ADDR")
-    address = parse_host(str(text))
-    if address is not None:
-        return address
-    try:
-        return parse_network(str(text))
-    except ValueError:
-        raise InputError(f"{text!r} is not an address or network", key="ADDR") from None
 
 
 def run(policy_path, state_dir, run_dir, metrics_listen=None):

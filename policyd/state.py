@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 # "pold": marks the file as ours, so a foreign SQLite file is refused instead
 # of having our tables added to it.
+STATE_FILE = "state.db"  # in the state dir
 APPLICATION_ID = 0x706F6C64
 
 # The failure window is persisted, not kept only in memory: log positions are

@@ -212,7 +212,7 @@ def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monke
 
 def test_ban_refusals_name_the_argument_the_operator_typed(tmp_path):
     from policyd.bans import BanManager
-    from policyd.daemon import BanDesk
+    from policyd.bandesk import BanDesk
     from policyd.errors import InputError
     from policyd.policy import BanSettings
     from policyd.state import State
@@ -268,3 +268,13 @@ def test_a_foreign_state_database_is_the_hosts_fault_not_the_input(tmp_path):
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith(f"policyd: {state_dir / 'state.db'}: not a policyd state database")
     assert result.stderr.count("\n") == 1
+
+
+def test_banning_without_a_daemon_does_not_import_the_daemon():
+    import subprocess
+    import sys
+    program = ("import sys, policyd.bandesk, policyd.cli; "
+               "print('policyd.daemon' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

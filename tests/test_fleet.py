@@ -348,7 +348,7 @@ def test_at_catch_up_this_nodes_own_later_unban_outranks_an_older_ban(node):
 
 
 def test_manual_bans_and_unbans_are_published_by_the_ban_desk(node):
-    from policyd.daemon import BanDesk
+    from policyd.bandesk import BanDesk
     desk = BanDesk(node.bans, publish=node.publish)
     desk.manual_ban("203.0.113.7", "10m")
     desk.manual_unban("203.0.113.8")  # not banned here: still said, the others may have it

@@ -16,6 +16,7 @@ from policyd import daemon as daemon_mod
 from policyd.addr import parse_host
 from policyd.bans import BanManager
 from policyd.chores import Chores
+from policyd.sources import LogSource
 from policyd.state import State
 from policyd.statewriter import QueuedPositions, StateWriter
 from fakes import FakeClock, Settings
@@ -63,7 +64,7 @@ def daemon(tmp_path):
     the_daemon.bans = BanManager(Settings(maxretry=3), state, the_daemon.kernel, clock=the_daemon.clock,
                                  writer=the_daemon.state_writer)
     positions = QueuedPositions(state, the_daemon.bans.queue_position)
-    the_daemon.sources = [daemon_mod.LogSource(SimpleNamespace(path=str(log), filter="nginx-auth", mode=None),
+    the_daemon.sources = [LogSource(SimpleNamespace(path=str(log), filter="nginx-auth", mode=None),
                                                positions)]
     the_daemon.log_path = log
     yield the_daemon

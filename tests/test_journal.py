@@ -291,7 +291,7 @@ def test_an_idle_journal_writes_no_state(tmp_path, journal):
 
 
 def test_fail2ban_filters_on_files_put_failures_at_their_lines_time(tmp_path):
-    from policyd.daemon import LogSource as FileSource
+    from policyd.sources import LogSource as FileSource
     log = tmp_path / "auth.log"
     log.write_text("")
     config = LogSource(path=str(log), filter="fail2ban:sshd")
