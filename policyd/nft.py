@@ -106,10 +106,6 @@ class Nft:
         return {"kernel": os.uname().release, "destroy_set_element": destroy,
                 "reban": "destroy+add" if destroy else "add+delete+add"}
 
-    def ruleset(self):
-        """`nft list ruleset`, as text."""
-        return self._run("list ruleset")
-
     def tables(self):
         """Names of the inet tables that exist (over netlink: cheap enough to poll)."""
         return sorted(self.netlink.table_names())
