@@ -194,23 +194,8 @@ class Netlink:
         lists start and end (flags & NFT_SET_ELEM_INTERVAL_END) elements."""
         body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
-        found = []
-        for payload in self._dump_raw(NFT_MSG_GETSETELEM, body):
-            for kind, value in _attrs(payload):
-                if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
-                    continue
-                for _elem_kind, element in _attrs(value):
-                    key, left, flags = None, None, 0
-                    for attr, data in _attrs(element):
-                        if attr == NFTA_SET_ELEM_KEY:
-                            key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
-                        elif attr == NFTA_SET_ELEM_EXPIRATION:
-                            left = int.from_bytes(data, "big")
-                        elif attr == NFTA_SET_ELEM_FLAGS:
-                            flags = int.from_bytes(data, "big")
-                    if key is not None:
-                        found.append((key, left, flags))
-        return found
+        return [element for payload in self._dump_raw(NFT_MSG_GETSETELEM, body)
+                for element in _elements(payload) if element[0] is not None]
 
     def set_keys(self, table, name):
         """{key bytes: milliseconds left, or None without a timeout} of a plain set."""
@@ -377,6 +362,16 @@ class Netlink:
         seq = self._next_seq()
         self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
                                      NLM_F_REQUEST, 0, 0, b"", seq))
+        for kind, message in self._answers(seq):
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", message, 16)
+                raise OSError(-code, os.strerror(-code))
+            for attr, value in _attrs(message[20:]):
+                if attr == 1:  # NFTA_GEN_ID
+                    return int.from_bytes(value, "big")
+
+    def _answers(self, seq):
+        """(message type, whole message) of each netlink message answering `seq`."""
         while True:
             data = self._sock.recv(65536)
             offset = 0
@@ -385,12 +380,7 @@ class Netlink:
                 if length < 16:
                     break
                 if msg_seq == seq:
-                    if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, offset + 16)
-                        raise OSError(-code, os.strerror(-code))
-                    for attr, value in _attrs(data[offset + 20:offset + length]):
-                        if attr == 1:  # NFTA_GEN_ID
-                            return int.from_bytes(value, "big")
+                    yield kind, data[offset:offset + length]
                 offset += (length + 3) & ~3
 
     def set_element_payloads(self, table, name):
@@ -422,28 +412,20 @@ class Netlink:
         self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
                                      NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, 0, body, seq))
         found = None
-        while True:
-            data = self._sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, offset)
-                if length < 16:
-                    break
-                if msg_seq == seq:
-                    if kind != NLMSG_ERROR:
-                        found = _first_element(data[offset + 20:offset + length])
-                    else:
-                        (code,) = struct.unpack_from("=i", data, offset + 16)
-                        if code == -errno.ENOENT:
-                            return None
-                        if code:
-                            raise OSError(-code, os.strerror(-code))
-                        return found
-                offset += (length + 3) & ~3
+        for kind, message in self._answers(seq):
+            if kind != NLMSG_ERROR:
+                found = _first_element(message[20:])
+                continue
+            (code,) = struct.unpack_from("=i", message, 16)
+            if code == -errno.ENOENT:
+                return None
+            if code:
+                raise OSError(-code, os.strerror(-code))
+            return found
 
 
-def _first_element(payload):
-    """(key, ms left or None, flags) of the first element in a GETSETELEM answer."""
+def _elements(payload):
+    """(key, ms left or None, flags) of each element in a GETSETELEM answer."""
     for kind, value in _attrs(payload):
         if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
             continue
@@ -454,7 +436,11 @@ def _first_element(payload):
                     key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
                 elif attr == NFTA_SET_ELEM_EXPIRATION:
                     left = int.from_bytes(data, "big")
-                elif attr == 3:  # NFTA_SET_ELEM_FLAGS
+                elif attr == NFTA_SET_ELEM_FLAGS:
                     flags = int.from_bytes(data, "big")
-            return key, left, flags
-    return None
+            yield key, left, flags
+
+
+def _first_element(payload):
+    """(key, ms left or None, flags) of the first element in a GETSETELEM answer."""
+    return next(_elements(payload), None)
