@@ -336,19 +336,14 @@ class Netlink:
                                   b"", self._next_seq()))
         self._sock.send(b"".join(batch))
         failure = 0
-        while waiting:
-            data = self._sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-                if length < 16:
-                    break
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + 16)
-                    waiting.discard(seq)
-                    if code and not failure:
-                        failure = -code
-                offset += (length + 3) & ~3
+        for kind, seq, message in self._received(1 << 20) if waiting else ():
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", message, 16)
+                waiting.discard(seq)
+                if code and not failure:
+                    failure = -code
+            if not waiting:
+                break
         if failure:
             raise OSError(failure, f"nftables set element change refused: {os.strerror(failure)}")
 
@@ -372,15 +367,20 @@ class Netlink:
 
     def _answers(self, seq):
         """(message type, whole message) of each netlink message answering `seq`."""
+        for kind, msg_seq, message in self._received():
+            if msg_seq == seq:
+                yield kind, message
+
+    def _received(self, size=65536):
+        """(message type, sequence number, whole message) of every message received."""
         while True:
-            data = self._sock.recv(65536)
+            data = self._sock.recv(size)
             offset = 0
             while offset + 16 <= len(data):
-                length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
                 if length < 16:
                     break
-                if msg_seq == seq:
-                    yield kind, data[offset:offset + length]
+                yield kind, seq, data[offset:offset + length]
                 offset += (length + 3) & ~3
 
     def set_element_payloads(self, table, name):
