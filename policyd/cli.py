@@ -383,13 +383,18 @@ def _ask_daemon(obj, command, **args):
 @handle_errors
 def status(obj, as_json):
     """Committed policy, trial and seconds left, bans, and each log's state."""
-    result = _ask_daemon(obj, "status")
-    if result is None:
-        result = _status_without_daemon(obj)
-    if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
-        return
-    click.echo(_format_status(result))
+    result = _daemon_or(obj, "status", _status_without_daemon)
+    click.echo(_as_json(result) if as_json else _format_status(result))
+
+
+def _daemon_or(obj, command, without):
+    """The daemon's answer to `command`, or without(obj) when no daemon runs here."""
+    result = _ask_daemon(obj, command)
+    return without(obj) if result is None else result
+
+
+def _as_json(result):
+    return json.dumps(result, indent=2, sort_keys=True)
 
 
 def _status_without_daemon(obj):
@@ -414,6 +419,29 @@ def _nft_or_none(obj):
         return None
 
 
+def _policy_lines(policy):
+    committed, held_back = policy["committed"], policy.get("held_back")
+    if committed:
+        return [f"policy:    {committed['source']} (sha256 {committed['sha256'][:12]}, "
+                f"committed {trial.format_time(committed['committed_at'])})"]
+    if not held_back:
+        return ["policy:    nothing committed"]
+    return [f"policy:    NOT ENFORCED: {held_back['source']} was not loaded: {held_back['reason']}",
+            "           nothing is guarded and nobody is banned until you fix it and "
+            "`policyd apply --confirm-timeout 120`"]
+
+
+def _trial_line(policy):
+    pending, ended = policy["trial"], policy.get("ended_trial")
+    if pending:
+        return (f"trial:     {pending['source']} (sha256 {pending['candidate_sha256'][:12]}), "
+                f"{pending['seconds_left']}s left; policyd confirm | policyd rollback")
+    if ended:
+        return (f"trial:     none; the trial of {ended['source']} ended unconfirmed at "
+                f"{trial.format_time(ended['deadline'])} and the committed policy is back")
+    return "trial:     none"
+
+
 def _format_status(result):
     lines = []
     daemon = result.get("daemon")
@@ -421,28 +449,8 @@ def _format_status(result):
                  if daemon else "daemon:    not running")
     for problem in (daemon or {}).get("problems", []):
         lines.append(f"problem:   {problem} (still enforcing what the kernel holds)")
-    committed = result["policy"]["committed"]
-    held_back = result["policy"].get("held_back")
-    if committed:
-        lines.append(f"policy:    {committed['source']} (sha256 {committed['sha256'][:12]}, "
-                     f"committed {trial.format_time(committed['committed_at'])})")
-    elif held_back:
-        lines.append(f"policy:    NOT ENFORCED: {held_back['source']} was not loaded: "
-                     f"{held_back['reason']}")
-        lines.append("           nothing is guarded and nobody is banned until you fix it and "
-                     "`policyd apply --confirm-timeout 120`")
-    else:
-        lines.append("policy:    nothing committed")
-    pending = result["policy"]["trial"]
-    ended = result["policy"].get("ended_trial")
-    if pending:
-        lines.append(f"trial:     {pending['source']} (sha256 {pending['candidate_sha256'][:12]}), "
-                     f"{pending['seconds_left']}s left; policyd confirm | policyd rollback")
-    elif ended:
-        lines.append(f"trial:     none; the trial of {ended['source']} ended unconfirmed at "
-                     f"{trial.format_time(ended['deadline'])} and the committed policy is back")
-    else:
-        lines.append("trial:     none")
+    lines += _policy_lines(result["policy"])
+    lines.append(_trial_line(result["policy"]))
     bans = result.get("bans")
     if bans:
         total = f", {bans['total']} since start" if bans.get("total") is not None else ""
@@ -471,11 +479,9 @@ def _format_status(result):
 @handle_errors
 def bans(obj, as_json):
     """Current bans: source, expiry, failure count, filter."""
-    result = _ask_daemon(obj, "bans")
-    if result is None:
-        result = _bans_from_kernel(obj)
+    result = _daemon_or(obj, "bans", _bans_from_kernel)
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        click.echo(_as_json(result))
         return
     lines = []  # one write: 100k bans through click.echo one by one take seconds
     for ban in result:
