@@ -6,7 +6,7 @@ rest are counted without being decoded. The daemon never takes this path: it
 runs every line in full, so a required text split by a cut-out date (the one
 blind spot of a raw-line search) can only make test-filter undercount.
 """
-from policyd.filters import Outcome, _plain_region
+from policyd.filters import Outcome, _plain_region, lines_holding
 
 
 def scan_region(flt, buffer, end, result, hosts):
@@ -28,14 +28,7 @@ def scan_region(flt, buffer, end, result, hosts):
 
 
 def _scan_candidates(flt, buffer, end, result, hosts):
-    spans = set()
-    for token in flt.scan_tokens:
-        position = buffer.find(token, 0, end)
-        while position >= 0:
-            start = buffer.rfind(b"\n", 0, position) + 1
-            stop = buffer.find(b"\n", position, end)
-            spans.add((start, stop))
-            position = buffer.find(token, stop + 1, end)
+    spans = lines_holding(buffer, end, flt.scan_tokens)
     cut, match = flt.dates.cut, flt._match
 
     def outcomes():
