@@ -35,7 +35,7 @@ from policyd.sources import LogSource, UnfollowedSource
 from policyd.state import STATE_FILE, State
 from policyd.logfmt import kv
 from policyd.statewriter import QueuedPositions, StateWriter
-from policyd.tail import LogWatcher
+from policyd.logwatch import LogWatcher
 
 log = logging.getLogger(__name__)
 

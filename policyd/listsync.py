@@ -15,7 +15,7 @@ from policyd import lists, nlbatch
 from policyd.compile import COMMITTED
 from policyd.errors import InputError
 from policyd.logfmt import kv
-from policyd.tail import LogWatcher
+from policyd.logwatch import LogWatcher
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import pytest
 import policyd
 from fakes import MemoryPositions
 from policyd.state import State
-from policyd.tail import ROTATE_GRACE_SECONDS, LogFollower, LogWatcher
+from policyd.logwatch import LogWatcher
+from policyd.tail import ROTATE_GRACE_SECONDS, LogFollower
 
 WATCH_TIMEOUT = 10.0
 
