@@ -284,10 +284,10 @@ def test_an_idle_journal_writes_no_state(tmp_path, journal):
     harness.housekeeping()
     for _ in range(5):
         harness.read()
-        assert not harness.bans._state_positions   # nothing new: nothing queued
+        assert not harness.bans.queue.positions   # nothing new: nothing queued
     journal.write([entry("caddy.service", "GET / 200")])
     harness.read()
-    assert harness.bans._state_positions           # a new cursor, written with the next batch
+    assert harness.bans.queue.positions           # a new cursor, written with the next batch
 
 
 def test_fail2ban_filters_on_files_put_failures_at_their_lines_time(tmp_path):
