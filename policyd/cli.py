@@ -605,11 +605,12 @@ def doctor(obj, policy_path, as_json):
     One line per finding (ok, warn or fail, with a fix); exit 1 if any needs attention.
     """
     from policyd import doctor as doctor_mod
+    from policyd import hostenv
     explicit = (click.get_current_context().get_parameter_source("policy_path")
                 is not click.core.ParameterSource.DEFAULT)
     policy, about_file = doctor_mod.policy_or_committed(
         policy_path, policystore.PolicyStore(obj.state_dir), explicit)
     findings = about_file + doctor_mod.diagnose(
-        policy, doctor_mod.HostEnvironment(obj.state_dir, obj.run_dir, obj.nft))
+        policy, hostenv.HostEnvironment(obj.state_dir, obj.run_dir, obj.nft))
     click.echo(doctor_mod.to_json(findings) if as_json else doctor_mod.to_text(findings))
     sys.exit(doctor_mod.exit_code(findings))

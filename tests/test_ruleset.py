@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from policyd import doctor, policy, render
+from policyd import policy, render, tableshape
 from policyd.compile import compile_policy
 from policyd.explain import decide
 from policyd.ruleset import Ruleset
@@ -63,8 +63,8 @@ def test_what_the_compiler_built_is_what_its_transaction_leaves(name, loaded, bu
     assert render.to_text(replayed) == render.to_text(built)
     for table in (loaded.table, loaded.bans_table):
         assert replayed.skeleton(table) == built.skeleton(table)
-        assert (doctor.table_shape(replayed.listed_objects(table))
-                == doctor.table_shape(built.listed_objects(table)))
+        assert (tableshape.table_shape(replayed.listed_objects(table))
+                == tableshape.table_shape(built.listed_objects(table)))
 
 
 def test_building_and_replaying_give_the_same_model():
