@@ -109,8 +109,9 @@ class PolicyUpkeep:
     the policy half of housekeeping. Keeps the tables' expected shapes, which
     only the worker reads, so comparing them costs a compile once per policy."""
 
-    def __init__(self, store):
+    def __init__(self, store, clock=time.time):
         self.store = store
+        self.clock = clock
         self._expected_key = None
         self._expected = {}
 
@@ -134,7 +135,7 @@ class PolicyUpkeep:
         meta = self.store.meta()
         if meta and meta.get("sha256") != policy.digest:
             found["committed"] = policy = self.store.committed() or policy
-        found["rolled_back"] = trial.enforce(nft, self.store)
+        found["rolled_back"] = trial.enforce(nft, self.store, now=self.clock())
         if elements_drifted or self._drifted(nft, policy):
             with self.store.locked(wait=False) as got:
                 # A CLI apply holds the lock while it changes the kernel: look again later.

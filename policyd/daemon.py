@@ -132,7 +132,7 @@ class Daemon:
         self.nft = Nft()
         self.kernel_features = self.nft.features()
         log.info("kernel %s", kv(**self.kernel_features))
-        self.upkeep = PolicyUpkeep(self.store)
+        self.upkeep = PolicyUpkeep(self.store, clock=self.clock)
         self.chores = Chores(Nft, wake=self.wake.set)
         self.chores.start()
         self.policy = self._committed_or_first_policy(first_lint)

@@ -161,6 +161,10 @@ class FakeNft:
                         None if ends is None else int(ends - self.clock.now)))
         return out
 
+    def skeleton(self, table):
+        """What policyd.nfnetlink reports cheaply: chains with rule counts, set names."""
+        return self.model.skeleton(table)
+
     def active_services(self, table="policyd"):
         """Service names the kernel enforces now, from the chains and the trial set."""
         found = self.model.tables[table]
