@@ -244,7 +244,7 @@ class Netlink:
         """(frozenset of (chain, rule count), frozenset of set names) of one inet table.
 
         Three dumps that carry no set elements, so the cost does not grow with
-        the allowlist; compile.skeleton() says what they should be.
+        the allowlist; Ruleset.skeleton() (policyd.ruleset) says what they should be.
         """
         name = _attr(1, table.encode() + b"\0")  # NFTA_{RULE,SET}_TABLE filter the dump
         try:

@@ -111,7 +111,7 @@ class Nft:
         return sorted(self.netlink.table_names())
 
     def skeleton(self, table):
-        """Chains with rule counts and set names of one table (see compile.skeleton)."""
+        """Chains with rule counts and set names of one table (see Ruleset.skeleton)."""
         return self.netlink.skeleton(table)
 
     def table_objects(self, table):
