@@ -6,22 +6,26 @@ APT_PACKAGES := nftables python3-nftables python3-pyroute2 python3-watchdog \
 	iproute2 nginx-light apache2-utils curl caddy procps util-linux \
 	fail2ban python3-pyinotify openssh-server openssl \
 	python3-hypothesis python3-prometheus-client python3-redis redis-server \
-	python3-systemd systemd-journal-remote \
+	python3-systemd systemd-journal-remote python3-flake8 \
 	qemu-system-x86 busybox-static kmod \
 	build-essential debhelper dh-python pybuild-plugin-pyproject dpkg-dev \
 	lintian systemd man-db git
 
-.PHONY: setup test unit netns deb package-test bench demo test-kernel
+.PHONY: setup test lint unit netns deb package-test bench demo test-kernel
 setup:
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
-# Unit and namespace tests, then the real install path of the Debian package.
-test:
+# Lint, unit and namespace tests, then the real install path of the Debian package.
+test: lint
 	$(PY) -m pytest -q -rs tests
 	$(MAKE) package-test
+
+# python3-flake8 (Debian's; ruff is not in bookworm), configured in .flake8.
+lint:
+	$(PY) -m flake8
 
 unit:
 	$(PY) -m pytest -q -m "not netns" tests

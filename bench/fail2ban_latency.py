@@ -172,7 +172,9 @@ def main():
         with nginx_world(workdir / "world") as (world, nginx):
             fail2ban = Fail2ban(world.server, workdir / "fail2ban", nginx.error_log, nginx.port)
             fail2ban.start()
-            progress = lambda n, s: print(f"trial {n}: {s * 1000:.1f} ms", file=sys.stderr)
+
+            def progress(n, s):
+                print(f"trial {n}: {s * 1000:.1f} ms", file=sys.stderr)
             result["latency"] = measure(world, args.trials, port=nginx.port, family=args.family,
                                         progress=progress)
             if args.restore_bans:

@@ -106,7 +106,10 @@ def main():
     args = parser.parse_args()
     import tempfile
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="policyd-reload-"))
-    progress = lambda n, s: print(f"trial {n}: {s * 1000:.1f} ms", file=sys.stderr) if n % 10 == 0 else None
+
+    def progress(n, s):
+        if n % 10 == 0:
+            print(f"trial {n}: {s * 1000:.1f} ms", file=sys.stderr)
     print(json.dumps(measure_reload_latency(workdir, args.trials, args.allowlist, progress), indent=2))
 
 

@@ -33,7 +33,8 @@ from throughput import measure_mixes, measure_throughput  # noqa: E402
 
 FULL = {"lines": 200000, "trials": 50, "allowlist": 100000, "restore": [2000, 100000],
         "apply_networks": 100000, "fail2ban_trials": 50, "fail2ban_restore": 2000,
-        "fleet_trials": 100, "flood_sources": 100000, "fail2ban_flood_seconds": 60, "reload_trials": 60, "cli_bans": 100000}
+        "fleet_trials": 100, "flood_sources": 100000, "fail2ban_flood_seconds": 60, "reload_trials": 60,
+        "cli_bans": 100000}
 
 
 def step(text):

@@ -9,7 +9,6 @@ import itertools
 import logging
 import math
 import socket
-import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Protocol
 
 from . import addr
 from .errors import InputError, KernelError
-from .statewriter import write_rows
+from .banqueue import StateQueue
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +121,8 @@ class BanManager:
         self.state = state
         self.kernel = kernel
         self.clock = clock
-        # A policyd.statewriter.StateWriter, or None to write in the caller's thread.
-        self.writer = writer
-        self._batches = itertools.count()
-        self._in_flight: dict[int, list] = {}   # batch -> its history items, until written
-        self._history_in_flight: dict[tuple, tuple[int, float]] = {}
+        # What the next state write must hold, and the batches on their way.
+        self.queue = StateQueue(state, writer, blob=_blob, text=_text)
 
         # key -> Ban fields after `network`, as a plain tuple: 100k Ban and
         # ipaddress objects cost ~80 MB and ~0.6 s to build at startup, and
@@ -141,8 +137,7 @@ class BanManager:
         self._ban_prefixlens: dict[int, Counter] = {4: Counter(), 6: Counter()}
         # Escalation history is read from State when a ban is made (one indexed
         # lookup), not loaded whole: it only grows, and startup must stay fast.
-        # This holds the entries changed since the last write.
-        self._history_unwritten: dict[tuple, tuple[int, float]] = {}  # key -> (times banned, last end)
+        # The entries changed since the last write are the queue's.
         self._window: dict[tuple, list[float]] = {}       # failure times, oldest first
         # (a time, key): one entry per window when it opens, so expire() can find
         # windows that went quiet. Not one per failure: a flood of 300k lines
@@ -157,14 +152,6 @@ class BanManager:
         self._kernel_add: dict[tuple, float] = {}  # key -> expires_at
         self._kernel_fresh: set[tuple] = set()
         self._kernel_remove: dict[tuple, IPNetwork] = {}
-        # State queue: what the next flush must write.
-        self._state_upsert: dict[tuple, tuple] = {}  # key -> entry, as in _active
-        self._state_delete: set[tuple] = set()
-        self._state_failures: dict[tuple, list[tuple[float, str]]] = {}
-        self._state_prune_before: float | None = None
-        # Log positions (journal cursors) written in the same transaction as the
-        # failures read up to them: a crash loses both or neither.
-        self._state_positions: dict[str, dict] = {}
 
         self.failures_total: Counter = Counter()   # per filter, every failure seen
         self.ignored_total: Counter = Counter()    # per filter, failures from loopback/ignored sources
@@ -227,10 +214,6 @@ class BanManager:
 
     # The ban path.
 
-    def queue_position(self, key, position):
-        """Store a log position with the next state write (with the failures before it)."""
-        self._state_positions[key] = position
-
     def record_failure(self, address, filter_name, when=None):
         """Count one failure from `address` at `when` (the log line's own time; None:
         now; a future time counts as now); returns the Ban it triggered, else None.
@@ -283,7 +266,7 @@ class BanManager:
         maxretry = self.settings.maxretry
         active, prefixlens, window = self._active, self._ban_prefixlens, self._window
         open_window = self._window_order.append
-        unwritten = self._state_failures
+        unwritten = self.queue.failures
         stamps = {}
         bans = []
         try:
@@ -356,7 +339,7 @@ class BanManager:
         maxretry = self.settings.maxretry
         due = [key for key, count in counts.items()
                if count + len(self._window.get(key, ())) >= maxretry
-               and key not in self._history_unwritten and key not in self._history_in_flight]
+               and self.queue.history(key) is None]
         if not due:
             return
         blobs = [_blob(key) for key in due]
@@ -381,7 +364,7 @@ class BanManager:
         while times and times[0] < cutoff:
             times.pop(0)
         bisect.insort(times, when)
-        self._state_failures.setdefault(key, []).append((when, filter_name))
+        self.queue.failures.setdefault(key, []).append((when, filter_name))
         if len(times) < self.settings.maxretry:
             return None
         return _ban(key, self._ban_after_failures(key, filter_name, now))
@@ -404,7 +387,7 @@ class BanManager:
         touch a page per row)."""
         pushed = self._push_to_kernel()
         if write_state:
-            self._write_state()
+            self.write_state()
         return pushed
 
     def _push_to_kernel(self):
@@ -524,9 +507,9 @@ class BanManager:
                 order.append((times[0], key))  # still open: look again when it is due
             else:
                 del self._window[key]
-        self._state_prune_before = cutoff
+        self.queue.prune_before = cutoff
         if write_state:
-            self._write_state()
+            self.write_state()
         return expired
 
     def active(self):
@@ -571,15 +554,6 @@ class BanManager:
                         _sample(_network(key) for key, _seconds in missing))
         return len(missing)
 
-    def stats(self):
-        return {
-            "failures_total": dict(self.failures_total),
-            "ignored_total": dict(self.ignored_total),
-            "bans_total": dict(self.bans_total),
-            "active": self.active_count,
-            "queued": len(self._kernel_add) + len(self._kernel_remove),
-        }
-
     @property
     def active_count(self):
         return len(self._active)
@@ -614,7 +588,7 @@ class BanManager:
 
     def _history(self, key):
         """(times banned, end of the last ban) for this key; (0, 0.0) if never banned."""
-        entry = self._history_unwritten.get(key) or self._history_in_flight.get(key)
+        entry = self.queue.history(key)
         if entry is None and key in self._history_prefetched:
             entry = self._history_prefetched[key] or (0, 0.0)
         if entry is None:
@@ -654,9 +628,7 @@ class BanManager:
         # Extending a ban in force is not a new offence.
         if previous is None:
             times_banned += 1
-        self._history_unwritten[key] = (times_banned, expires_at)
-        self._state_upsert[key] = entry
-        self._state_delete.discard(key)
+        self.queue.ban_started(key, entry, (times_banned, expires_at))
         self._kernel_add[key] = expires_at
         if previous is None and history == (0, 0.0):
             self._kernel_fresh.add(key)
@@ -668,9 +640,7 @@ class BanManager:
 
     def _end_ban(self, key, ended_at):
         self._drop_active(key)
-        self._history_unwritten[key] = (self._history(key)[0], ended_at)
-        self._state_upsert.pop(key, None)
-        self._state_delete.add(key)
+        self.queue.ban_ended(key, (self._history(key)[0], ended_at))
 
     def _set_active(self, key, entry, heap=True):
         self._active[key] = entry
@@ -691,98 +661,33 @@ class BanManager:
         (last_end) makes State.load_failures skip them, which costs no per-key
         delete in a flood of 100k bans."""
         self._window.pop(key, None)
-        self._state_failures.pop(key, None)
+        self.queue.failures.pop(key, None)
 
-    def _write_state(self):
-        self.write_state()
+    # The state queue's side of the ban manager's API (the daemon's loop drives it).
+
+    @property
+    def writer(self):
+        return self.queue.writer
+
+    @writer.setter
+    def writer(self, writer):
+        self.queue.writer = writer
+
+    def queue_position(self, key, position):
+        """Store a log position with the next state write (with the failures before it)."""
+        self.queue.positions[key] = position
 
     def state_pending(self):
-        """Whether changes wait to be written to state."""
-        return bool(self._state_upsert or self._state_delete or self._history_unwritten
-                    or self._state_failures or self._state_prune_before is not None
-                    or self._state_positions)
+        return self.queue.pending()
 
     def write_state(self, max_rows=None):
-        """Persist queued changes in one transaction, at most about max_rows rows of
-        them (None: all); returns the rows handed over. With a writer the
-        transaction runs on its thread (state_written() hears of it); without, here,
-        and on a write error the rows go back to the queue: the kernel is still
-        served, enforcement matters more.
-
-        A flood queues 100k bans: written in bounded pieces between slices of
-        log lines, no single transaction holds up the next ban for long."""
-        if not self.state_pending():
-            return 0
-        budget = max_rows
-        deletes = list(itertools.islice(self._state_delete, budget))
-        budget = None if budget is None else max(0, budget - len(deletes))
-        upserts = list(itertools.islice(self._state_upsert.items(), budget))
-        budget = None if budget is None else max(0, budget - len(upserts))
-        history = list(itertools.islice(self._history_unwritten.items(), budget))
-        budget = None if budget is None else max(0, budget - len(history))
-        failures, failure_rows = [], []
-        for key, entries in self._state_failures.items():
-            if budget is not None and len(failure_rows) >= budget:
-                break
-            failures.append((key, entries))
-            blob = _blob(key)
-            failure_rows.extend((blob, when, filter_name) for when, filter_name in entries)
-        rows = {
-            "delete_bans": [_blob(key) for key in deletes],
-            "upsert_bans": [(_blob(key), _text(key), key[0], banned_at, expires_at, count, name, reason)
-                            for key, (expires_at, count, name, reason, banned_at) in upserts],
-            "upsert_history": [(_blob(key), *entry) for key, entry in history],
-            "add_failures": failure_rows,
-            "prune_before": self._state_prune_before,
-        }
-        self._state_delete.difference_update(deletes)
-        for key, _entry in upserts:
-            del self._state_upsert[key]
-        for key, _entry in history:
-            del self._history_unwritten[key]
-        for key, _entries in failures:
-            del self._state_failures[key]
-        self._state_prune_before = None
-        positions = []
-        if not (self._state_upsert or self._state_delete or self._history_unwritten
-                or self._state_failures):
-            # The last piece: the positions go with it, so a position is never
-            # written before the failures read up to it (batches are written in order).
-            positions = list(self._state_positions.items())
-            self._state_positions.clear()
-        rows["positions"] = positions
-        handed = len(deletes) + len(upserts) + len(history) + len(failure_rows) or 1
-        if self.writer is not None:
-            batch = next(self._batches)
-            self._in_flight[batch] = history
-            self._history_in_flight.update(history)
-            self.writer.submit(batch, rows)
-            return handed
-        try:
-            write_rows(self.state, rows)
-        except (sqlite3.Error, OSError) as error:  # disk full, read-only, locked
-            log.error("could not write ban state to %s, will retry on the next flush: %s",
-                      self.state.path, error)
-            # Nothing was queued meanwhile (same thread): put it all back as it was.
-            self._state_delete.update(deletes)
-            self._state_upsert.update(upserts)
-            self._history_unwritten.update(history)
-            self._state_failures.update(failures)
-            self._state_prune_before = rows["prune_before"]
-            for key, position in positions:
-                self._state_positions.setdefault(key, position)
-            return 0
-        return handed
+        return self.queue.write(max_rows)
 
     def state_written(self, batches):
-        """The writer wrote these batches (tokens of write_state's submissions)."""
-        for batch in batches:
-            for key, entry in self._in_flight.pop(batch, ()):
-                if self._history_in_flight.get(key) is entry:
-                    del self._history_in_flight[key]
+        self.queue.written(batches)
 
     def state_in_flight(self):
-        return bool(self._in_flight)
+        return self.queue.in_flight()
 
 
 def active_in(snapshot, now):

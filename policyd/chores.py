@@ -12,7 +12,7 @@ import threading
 import time
 
 from policyd import trial
-from policyd.compile import compile_policy, skeleton
+from policyd.compile import compile_policy
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ class PolicyUpkeep:
     the policy half of housekeeping. Keeps the tables' expected shapes, which
     only the worker reads, so comparing them costs a compile once per policy."""
 
-    def __init__(self, store):
+    def __init__(self, store, clock=time.time):
         self.store = store
+        self.clock = clock
         self._expected_key = None
         self._expected = {}
 
@@ -120,7 +121,7 @@ class PolicyUpkeep:
         if committed is None:
             return None, False
         if load_kernel and self.store.pending() is None:
-            nft.load(compile_policy(committed))
+            nft.load(compile_policy(committed).document())
             return committed, True
         return committed, False
 
@@ -129,12 +130,12 @@ class PolicyUpkeep:
         deadline was ended, "restored_ms": the tables were gone or edited (or
         elements_drifted: the element watch, policyd.drift, saw a guard set's
         elements differ) and the committed policy is back (the caller restores
-        the bans)}."""
+        the bans), "trial_active": whether a trial runs now (for the metrics)}."""
         found = {}
         meta = self.store.meta()
         if meta and meta.get("sha256") != policy.digest:
             found["committed"] = policy = self.store.committed() or policy
-        found["rolled_back"] = trial.enforce(nft, self.store)
+        found["rolled_back"] = trial.enforce(nft, self.store, now=self.clock())
         if elements_drifted or self._drifted(nft, policy):
             with self.store.locked(wait=False) as got:
                 # A CLI apply holds the lock while it changes the kernel: look again later.
@@ -142,6 +143,7 @@ class PolicyUpkeep:
                     started = time.perf_counter()
                     trial.restore_committed_locked(nft, self.store)
                     found["restored_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        found["trial_active"] = self.store.pending() is not None
         return found
 
     def _drifted(self, nft, policy):
@@ -150,9 +152,9 @@ class PolicyUpkeep:
         pending = self.store.pending()
         key = (policy.digest, pending and pending.sha256)
         if key != self._expected_key:
-            document = (compile_policy(policy, pending.policy(), pending.seconds)
-                        if pending else compile_policy(policy))
-            self._expected = {table: skeleton(document, table)
+            ruleset = (compile_policy(policy, pending.policy(), pending.seconds)
+                       if pending else compile_policy(policy))
+            self._expected = {table: ruleset.skeleton(table)
                               for table in (policy.table, policy.bans_table)}
             self._expected_key = key
         return any(nft.skeleton(table) != shape for table, shape in self._expected.items())

@@ -17,7 +17,7 @@ import click
 
 from policyd import __version__
 from policyd.addr import parse_host
-from policyd.errors import InputError, KernelError
+from policyd.errors import HostError, InputError, KernelError, PolicydError, Refused
 
 
 class _OnFirstUse:
@@ -36,6 +36,7 @@ policy_mod = _OnFirstUse("policyd.policy")
 preflight = _OnFirstUse("policyd.preflight")
 render = _OnFirstUse("policyd.render")
 trial = _OnFirstUse("policyd.trial")
+policystore = _OnFirstUse("policyd.policystore")
 
 
 def compile_policy(*args, **kwargs):
@@ -54,17 +55,14 @@ class Context:
 
 
 def handle_errors(func):
-    """Turn the two expected failures into one line on stderr and an exit code."""
+    """Every error meant for the operator: one line on stderr, and its exit code."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except InputError as exc:
-            click.echo(f"policyd: {exc}", err=True)
-            sys.exit(2)
-        except KernelError as exc:
-            click.echo(f"policyd: the kernel refused: {exc}", err=True)
-            sys.exit(1)
+        except PolicydError as exc:
+            click.echo(f"policyd: {exc.for_operator()}", err=True)
+            sys.exit(exc.exit_code)
     return wrapper
 
 
@@ -116,7 +114,7 @@ def check(obj, policy_path):
     """Validate and compile POLICY, load its filters; print nothing but errors."""
     policy = policy_mod.load(policy_path)
     preflight.check_log_sources(policy)
-    document = compile_policy(policy)
+    document = compile_policy(policy).document()
     try:
         nft = obj.nft()
     except (ImportError, OSError):
@@ -187,18 +185,6 @@ def _live_bans(obj, policy, address=None):
         return []
 
 
-def trial_refusals(func):
-    """A trial step that ran and said no (too late, a trial running, a lockout): exit 1."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except trial.TrialRefused as exc:
-            click.echo(f"policyd: {exc}", err=True)
-            sys.exit(1)
-    return wrapper
-
-
 @main.command()
 @policy_argument
 @click.option("--confirm-timeout", type=Duration(1, 86400), metavar="DURATION",
@@ -212,10 +198,9 @@ def trial_refusals(func):
                    "established connection on a guarded port.")
 @click.pass_obj
 @handle_errors
-@trial_refusals
 def apply(obj, policy_path, confirm_timeout, wait, force):
     """Load POLICY atomically and make it the committed policy (or try it, on a timer)."""
-    nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
+    nft, store = obj.nft(), policystore.PolicyStore(obj.state_dir)
     if confirm_timeout is None:
         if wait:
             raise InputError("needs --confirm-timeout", key="--wait")
@@ -252,8 +237,8 @@ def _move_bans(obj, nft, old_bans_table):
     without one, put them into the new ban table here, then retire the old one."""
     if _ask_daemon(obj, "reload") is not None:
         return
-    from policyd import daemon
-    daemon.offline(obj.state_dir, lambda desk: desk.bans.restore())
+    from policyd import bandesk
+    bandesk.offline(obj.state_dir, lambda desk: desk.bans.restore())
     trial.retire_table(nft, old_bans_table)
 
 
@@ -303,10 +288,9 @@ def _ask_until(prompt, deadline):
 @main.command()
 @click.pass_obj
 @handle_errors
-@trial_refusals
 def confirm(obj):
     """Keep the policy on trial: it becomes the committed policy."""
-    policy = trial.confirm(obj.nft(), trial.PolicyStore(obj.state_dir))
+    policy = trial.confirm(obj.nft(), policystore.PolicyStore(obj.state_dir))
     _tell_daemon(obj, "confirm")
     click.echo(f"confirmed: {policy.source} (sha256 {policy.digest[:12]}) is committed")
 
@@ -314,10 +298,9 @@ def confirm(obj):
 @main.command()
 @click.pass_obj
 @handle_errors
-@trial_refusals
 def rollback(obj):
     """End the trial now: reload the committed policy."""
-    store = trial.PolicyStore(obj.state_dir)
+    store = policystore.PolicyStore(obj.state_dir)
     ended = trial.rollback(obj.nft(), store)
     _tell_daemon(obj, "rollback")
     committed = store.committed()
@@ -339,7 +322,7 @@ def restore(obj):
     When the tables are there (a service restart, not a boot) the kernel keeps
     what it has, a trial included; only a trial past its deadline is ended.
     """
-    nft, store = obj.nft(), trial.PolicyStore(obj.state_dir)
+    nft, store = obj.nft(), policystore.PolicyStore(obj.state_dir)
     committed = store.committed()
     if committed is not None and {committed.table, committed.bans_table} <= set(nft.tables()):
         trial.enforce(nft, store)
@@ -351,8 +334,8 @@ def restore(obj):
     if policy is None:
         click.echo("nothing committed: no policy loaded")
         return
-    from policyd import daemon
-    bans = daemon.offline(obj.state_dir, lambda desk: desk.bans.restore())
+    from policyd import bandesk
+    bans = bandesk.offline(obj.state_dir, lambda desk: desk.bans.restore())
     click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]}) and {bans} bans")
 
 
@@ -378,10 +361,10 @@ def run(obj, policy_path, metrics_listen, log_level):
     daemon takes the first policy an operator applies. An edited POLICY takes
     effect only through `policyd apply`.
     """
-    from policyd import daemon, metrics, systemd
+    from policyd import daemon, logfmt, metrics
     if metrics_listen is not None:
         metrics.parse_listen(metrics_listen)  # refused before anything is touched
-    systemd.setup_logging(log_level.upper())
+    logfmt.setup_logging(log_level.upper())
     daemon.run(policy_path, obj.state_dir, obj.run_dir, metrics_listen)
 
 
@@ -392,9 +375,6 @@ def _ask_daemon(obj, command, **args):
         return control.request(obj.run_dir, command, **args)
     except control.DaemonUnavailable:
         return None
-    except control.ControlError as exc:
-        click.echo(f"policyd: {exc}", err=True)
-        sys.exit(exc.code)
 
 
 @main.command()
@@ -403,17 +383,22 @@ def _ask_daemon(obj, command, **args):
 @handle_errors
 def status(obj, as_json):
     """Committed policy, trial and seconds left, bans, and each log's state."""
-    result = _ask_daemon(obj, "status")
-    if result is None:
-        result = _status_without_daemon(obj)
-    if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
-        return
-    click.echo(_format_status(result))
+    result = _daemon_or(obj, "status", _status_without_daemon)
+    click.echo(_as_json(result) if as_json else _format_status(result))
+
+
+def _daemon_or(obj, command, without):
+    """The daemon's answer to `command`, or without(obj) when no daemon runs here."""
+    result = _ask_daemon(obj, command)
+    return without(obj) if result is None else result
+
+
+def _as_json(result):
+    return json.dumps(result, indent=2, sort_keys=True)
 
 
 def _status_without_daemon(obj):
-    store = trial.PolicyStore(obj.state_dir)
+    store = policystore.PolicyStore(obj.state_dir)
     nft = _nft_or_none(obj)
     result = {"daemon": None, "policy": trial.status(store, nft=nft), "bans": None, "logs": [],
               "fleet": None}
@@ -434,33 +419,38 @@ def _nft_or_none(obj):
         return None
 
 
+def _policy_lines(policy):
+    committed, held_back = policy["committed"], policy.get("held_back")
+    if committed:
+        return [f"policy:    {committed['source']} (sha256 {committed['sha256'][:12]}, "
+                f"committed {trial.format_time(committed['committed_at'])})"]
+    if not held_back:
+        return ["policy:    nothing committed"]
+    return [f"policy:    NOT ENFORCED: {held_back['source']} was not loaded: {held_back['reason']}",
+            "           nothing is guarded and nobody is banned until you fix it and "
+            "`policyd apply --confirm-timeout 120`"]
+
+
+def _trial_line(policy):
+    pending, ended = policy["trial"], policy.get("ended_trial")
+    if pending:
+        return (f"trial:     {pending['source']} (sha256 {pending['candidate_sha256'][:12]}), "
+                f"{pending['seconds_left']}s left; policyd confirm | policyd rollback")
+    if ended:
+        return (f"trial:     none; the trial of {ended['source']} ended unconfirmed at "
+                f"{trial.format_time(ended['deadline'])} and the committed policy is back")
+    return "trial:     none"
+
+
 def _format_status(result):
     lines = []
     daemon = result.get("daemon")
     lines.append(f"daemon:    running, pid {daemon['pid']}, up {daemon['uptime']}s"
                  if daemon else "daemon:    not running")
-    committed = result["policy"]["committed"]
-    held_back = result["policy"].get("held_back")
-    if committed:
-        lines.append(f"policy:    {committed['source']} (sha256 {committed['sha256'][:12]}, "
-                     f"committed {trial.format_time(committed['committed_at'])})")
-    elif held_back:
-        lines.append(f"policy:    NOT ENFORCED: {held_back['source']} was not loaded: "
-                     f"{held_back['reason']}")
-        lines.append("           nothing is guarded and nobody is banned until you fix it and "
-                     "`policyd apply --confirm-timeout 120`")
-    else:
-        lines.append("policy:    nothing committed")
-    pending = result["policy"]["trial"]
-    ended = result["policy"].get("ended_trial")
-    if pending:
-        lines.append(f"trial:     {pending['source']} (sha256 {pending['candidate_sha256'][:12]}), "
-                     f"{pending['seconds_left']}s left; policyd confirm | policyd rollback")
-    elif ended:
-        lines.append(f"trial:     none; the trial of {ended['source']} ended unconfirmed at "
-                     f"{trial.format_time(ended['deadline'])} and the committed policy is back")
-    else:
-        lines.append("trial:     none")
+    for problem in (daemon or {}).get("problems", []):
+        lines.append(f"problem:   {problem} (still enforcing what the kernel holds)")
+    lines += _policy_lines(result["policy"])
+    lines.append(_trial_line(result["policy"]))
     bans = result.get("bans")
     if bans:
         total = f", {bans['total']} since start" if bans.get("total") is not None else ""
@@ -489,11 +479,9 @@ def _format_status(result):
 @handle_errors
 def bans(obj, as_json):
     """Current bans: source, expiry, failure count, filter."""
-    result = _ask_daemon(obj, "bans")
-    if result is None:
-        result = _bans_from_kernel(obj)
+    result = _daemon_or(obj, "bans", _bans_from_kernel)
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        click.echo(_as_json(result))
         return
     lines = []  # one write: 100k bans through click.echo one by one take seconds
     for ban in result:
@@ -508,7 +496,7 @@ def bans(obj, as_json):
 
 def _bans_from_kernel(obj):
     """Without a daemon: what the kernel enforces, which is what matters."""
-    committed = trial.PolicyStore(obj.state_dir).committed()
+    committed = policystore.PolicyStore(obj.state_dir).committed()
     if committed is None:
         return []
     from policyd.nft import BanTable
@@ -541,8 +529,7 @@ def unban(obj, address):
     if result is None:
         result = _offline_bans(obj, lambda d: d.manual_unban(address))
     if not result["unbanned"]:
-        click.echo(f"policyd: {address} is not banned", err=True)
-        sys.exit(1)
+        raise Refused(f"{address} is not banned")
     lifted = result.get("network") or address
     click.echo(f"unbanned {lifted}" + ("" if _same_network(address, lifted)
                                        else f" (covering {address})"))
@@ -557,8 +544,8 @@ def _same_network(asked, lifted):
 
 def _offline_bans(obj, action):
     """No daemon runs: change the state file and the kernel directly, then close."""
-    from policyd import daemon
-    return daemon.offline(obj.state_dir, action)
+    from policyd import bandesk
+    return bandesk.offline(obj.state_dir, action)
 
 
 @main.command()
@@ -568,8 +555,7 @@ def metrics(obj):
     """Print the daemon's metrics in Prometheus text format."""
     result = _ask_daemon(obj, "metrics")
     if result is None:
-        click.echo("policyd: the daemon is not running", err=True)
-        sys.exit(1)
+        raise HostError("the daemon is not running")
     click.echo(result, nl=False)
 
 
@@ -619,11 +605,12 @@ def doctor(obj, policy_path, as_json):
     One line per finding (ok, warn or fail, with a fix); exit 1 if any needs attention.
     """
     from policyd import doctor as doctor_mod
+    from policyd import hostenv
     explicit = (click.get_current_context().get_parameter_source("policy_path")
                 is not click.core.ParameterSource.DEFAULT)
     policy, about_file = doctor_mod.policy_or_committed(
-        policy_path, trial.PolicyStore(obj.state_dir), explicit)
+        policy_path, policystore.PolicyStore(obj.state_dir), explicit)
     findings = about_file + doctor_mod.diagnose(
-        policy, doctor_mod.HostEnvironment(obj.state_dir, obj.run_dir, obj.nft))
+        policy, hostenv.HostEnvironment(obj.state_dir, obj.run_dir, obj.nft))
     click.echo(doctor_mod.to_json(findings) if as_json else doctor_mod.to_text(findings))
     sys.exit(doctor_mod.exit_code(findings))

@@ -4,8 +4,6 @@ Owns the socket's permissions (mode 0600 from birth plus an SO_PEERCRED uid
 check), bounded serving on background threads, and the client the CLI uses.
 """
 
-from __future__ import annotations
-
 import concurrent.futures
 import json
 import logging
@@ -18,9 +16,10 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from policyd.errors import InputError
+from policyd.errors import HostError, PolicydError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ class DaemonUnavailable(Exception):
     """No daemon answers on the control socket; the CLI works without it."""
 
 
-class ControlError(Exception):
+class ControlError(PolicydError):
     """The daemon answered with an error; `code` is the CLI's exit code.
 
     A handler may raise it too, to refuse with a chosen code and message.
@@ -48,11 +47,7 @@ class ControlError(Exception):
 
     def __init__(self, message: str, code: int = CODE_REFUSED):
         super().__init__(message)
-        self.message = message
-        self.code = code
-
-    def __str__(self):
-        return self.message
+        self.code = self.exit_code = code
 
 
 def socket_path(run_dir) -> Path:
@@ -145,7 +140,7 @@ class ControlServer:
             listener.setblocking(False)
         except OSError as exc:
             listener.close()
-            raise InputError(f"cannot listen: {exc.strerror or exc}", file=self.path) from exc
+            raise HostError(f"cannot listen: {exc.strerror or exc}", file=self.path) from exc
         info = os.stat(self.path)
         self._bound_inode = (info.st_dev, info.st_ino)
         return listener
@@ -156,7 +151,7 @@ class ControlServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(info.st_mode):
-            raise InputError("exists and is not a socket; refusing to replace it", file=self.path)
+            raise HostError("exists and is not a socket; refusing to replace it", file=self.path)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         probe.settimeout(1.0)
         try:
@@ -168,7 +163,7 @@ class ControlServer:
             pass  # not provably stale: refuse below rather than steal a live daemon's socket
         finally:
             probe.close()
-        raise InputError("another policyd is listening on this control socket", file=self.path)
+        raise HostError("another policyd is listening on this control socket", file=self.path)
 
     def _unlink_own_socket(self) -> None:
         # Only our own inode: a newer daemon may already have replaced the file.
@@ -265,10 +260,10 @@ class ControlServer:
         try:
             result = self.handler(command, args)
             encode({"result": result})  # refuse an unencodable result here, not mid-write
-        except InputError as exc:
-            return {"ok": False, "error": one_line(exc), "code": CODE_BAD_INPUT}
         except ControlError as exc:
             return {"ok": False, "error": one_line(exc.message), "code": exc.code}
+        except PolicydError as exc:  # input (2), host or kernel trouble (1): its own code
+            return {"ok": False, "error": one_line(exc.for_operator()), "code": exc.exit_code}
         except Exception as exc:  # the server outlives any handler bug
             log.error("control command %s failed", command, exc_info=True)
             return {"ok": False, "error": one_line(f"{command}: {exc}" if str(exc) else

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -17,25 +18,26 @@ from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
-from policyd import __version__, control, drift, fleet, lists, metrics, systemd, trial
-from policyd.addr import parse_host, parse_network
+from policyd import (__version__, control, drift, fleet, lists, lockout, metrics, policystore,
+                     systemd, trial)
 from policyd.bans import BanManager
 from policyd.chores import Chores, PolicyUpkeep, give_back_memory
 from policyd.compile import compile_policy
-from policyd.errors import InputError, KernelError
-from policyd.filters import Outcome, load_filter
-from policyd.guard import Forgery, judge_for
+from policyd.errors import InputError, KernelError, PolicydError
+from policyd.filters import Outcome
+from policyd.guard import Forgery
 from policyd.journal import JournalSource
 from policyd.listsync import ListSync
 from policyd.lists import cidr_text as network_text
 from policyd.nft import BanTable, Nft
-from policyd.policy import parse_duration
-from policyd.state import State
+from policyd.bandesk import BanDesk
+from policyd.sources import LogSource, UnfollowedSource
+from policyd.state import STATE_FILE, State
+from policyd.logfmt import kv
 from policyd.statewriter import QueuedPositions, StateWriter
-from policyd.systemd import kv
-from policyd.tail import LogFollower, LogWatcher
+from policyd.logwatch import LogWatcher
 
-log = logging.getLogger("policyd")
+log = logging.getLogger(__name__)
 
 # How often the main loop looks at the kernel and the clock when no log moves.
 HOUSEKEEPING_SECONDS = 0.5
@@ -68,55 +70,6 @@ GIL_SWITCH_SECONDS = 0.0005
 GC_THRESHOLDS = (10000, 20, 100)
 # How long a `reload` control request waits for the worker's reload.
 RELOAD_REPLY_SECONDS = 60.0
-STATE_FILE = "state.db"
-
-
-class LogSource:
-    """One followed log file and the filter that reads it, with its counters."""
-
-    kind = "file"
-    broken = None
-
-    def __init__(self, config, positions):
-        self.path = config.path
-        self.filter = load_filter(config.filter, mode=config.mode)
-        self.filter_name = config.filter
-        self.matched = 0
-        self.malformed = 0
-        fresh = positions.load(self.path) is None
-        self.follower = LogFollower(self.path, positions)
-        if fresh and os.path.exists(self.path):
-            # A log seen for the first time is followed from its end: old
-            # failures must not ban anyone today. One that appears later is
-            # read from its start, since all of it is new.
-            self.follower.skip_to_end()
-            self.follower.commit()
-        self.judge = judge_for(self.filter)
-        self.forged = 0
-
-    def stats(self):
-        return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,
-                    malformed=self.malformed, forged=self.forged)
-
-
-class UnfollowedSource:
-    """A bans.logs entry whose filter or journal stopped loading since `apply` checked
-    it (a file edited or removed): it costs this log only, and is reported."""
-
-    kind = "unfollowed"
-    follower = None
-
-    def __init__(self, config, error):
-        self.path = config.label
-        self.filter_name = config.filter
-        self.broken = error
-        self.matched = 0
-        self.malformed = 0
-
-    def stats(self):
-        return {"path": self.path, "filter": self.filter_name, "exists": None,
-                "inode": None, "offset": 0, "lines": 0, "matched": 0, "malformed": 0,
-                "forged": 0, "oversized": 0, "rotations": 0, "error": self.broken}
 
 
 class Daemon:
@@ -133,19 +86,11 @@ class Daemon:
         self.stopping = False
         self.reload_requested = False
         self.started_at = clock()
-        self.registry = metrics.Registry()
-        self.metrics = metrics.standard_metrics(
-            self.registry, bans_active=lambda: self.bans.active_count if self.bans else 0,
-            trial_active=lambda: int(self.store.pending() is not None))
-        self.log_errors = metrics.Gauge(
-            "policyd_log_errors", "1 while a log is not followed: its filter does not load or "
-            "its path cannot be read; the daemon runs on with the other logs.", ["log"],
-            self.registry)
-        self.enforcing = metrics.Gauge(
-            "policyd_enforcing", "1 while a committed policy is in force; 0 while the daemon "
-            "waits because the first policy would cut a connected client or does not load.",
-            (), self.registry, function=lambda: int(self.held_back is None))
+        self.registry = metrics.new_registry()
+        self.metrics = metrics.standard_metrics(self.registry)
         self.held_back = None  # why nothing is enforced yet, or None
+        self.trial_active = False  # as the worker's last housekeeping found
+        self.problems = {}  # what failed -> why, until it works again (status)
         self.bans = None
         self.sources = []
         self.watcher = None
@@ -160,6 +105,7 @@ class Daemon:
         self.backlog = False
         self.chores = None
         self.state_writer = None
+        self.state = None
         self.kernel_features = None
         self.lists = None           # the list files' follower (policyd.listsync)
         self.elements = None        # the guard sets' element watch (policyd.drift)
@@ -171,7 +117,7 @@ class Daemon:
     def start(self):
         lists.keep_last_good = True  # a list turning bad at runtime must not stop us
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.store = trial.PolicyStore(self.state_dir)
+        self.store = policystore.PolicyStore(self.state_dir)
         # The first start's lint forks: before any thread of ours runs.
         first_lint = self._first_start_lint()
         # The control socket next: a second daemon on this run dir must refuse
@@ -186,7 +132,7 @@ class Daemon:
         self.nft = Nft()
         self.kernel_features = self.nft.features()
         log.info("kernel %s", kv(**self.kernel_features))
-        self.upkeep = PolicyUpkeep(self.store)
+        self.upkeep = PolicyUpkeep(self.store, clock=self.clock)
         self.chores = Chores(Nft, wake=self.wake.set)
         self.chores.start()
         self.policy = self._committed_or_first_policy(first_lint)
@@ -203,9 +149,9 @@ class Daemon:
         self.state = State(self.state_dir / STATE_FILE)
         self.state_writer = StateWriter(self.state.path, wake=self.wake.set)
         self.state_writer.start()
-        self.positions = QueuedPositions(self.state, self.state_writer)
         self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy),
                                writer=self.state_writer)
+        self.positions = QueuedPositions(self.state, self.bans.queue_position)
         restored = self.bans.restore()
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
@@ -227,7 +173,9 @@ class Daemon:
             self.state_writer.stop()
             self.state_writer = None
         self.bans = None
-        self.state.close()
+        if self.state is not None:
+            self.state.close()
+            self.state = None
 
     def _first_start_lint(self):
         """With nothing committed: the lint's verdict on the policy file, as a callable
@@ -236,8 +184,8 @@ class Daemon:
             return None
         try:
             policy = trial.read_candidate(self.policy_path)[1]
-            trial.lint_in_child(policy)
-        except (trial.LockoutRisk, InputError) as exc:
+            lockout.lint_in_child(policy)
+        except (lockout.LockoutRisk, InputError) as exc:
             refusal = exc
 
             def refuse(_policy):
@@ -262,7 +210,7 @@ class Daemon:
             log.info("nothing committed yet %s", kv(applying=self.policy_path))
             try:
                 return trial.apply(self.nft, self.store, self.policy_path, lint=first_lint)
-            except (trial.LockoutRisk, InputError) as exc:
+            except (lockout.LockoutRisk, InputError) as exc:
                 self._hold_back(exc)
                 return None
         if not self._tables_present(committed):
@@ -314,8 +262,6 @@ class Daemon:
             self.watcher.stop()
         self.sources = [self._source(config) for config in policy.bans.logs]
         for source in self.sources:
-            self.log_errors.labels(log=source.path).set_function(
-                lambda source=source: int(source.stats()["error"] is not None))
             if source.broken:
                 log.error("log not followed %s", kv(log=source.path, error=source.broken))
             elif source.kind == "file" and not os.path.exists(source.path):
@@ -358,15 +304,11 @@ class Daemon:
         self.state_writer.stop()  # writes what it was given
         self.bans.state_written(self.state_writer.collect())
         self.bans.writer = None
-        self.bans.flush()
-        # After the state: a position never runs ahead of the failures it covers.
-        written = not self.bans.state_pending()
         for source in self.sources:
             if source.follower:
-                if written:
-                    source.follower.commit()
+                source.follower.commit()  # queued: one transaction with the last state
                 source.follower.close()
-        self.bans.flush()  # journal cursors queued by those commits
+        self.bans.flush()
         self.state.close()
         log.info("stopped %s", kv(bans=self.bans.active_count))
 
@@ -517,11 +459,11 @@ class Daemon:
         now = time.monotonic()
         if now < self.next_state_write or self._writer_busy():
             return
+        for source in self.sources:
+            if source.kind == "file":
+                source.follower.commit()  # queued: written with the last piece of state
         written = self.bans.write_state(STATE_CHUNK_ROWS)
         if not self.bans.state_pending():
-            for source in self.sources:
-                if source.kind == "file":
-                    source.follower.commit()
             self.next_state_write = now + STATE_WRITE_SECONDS
         elif not written:
             self.next_state_write = now + STATE_WRITE_SECONDS  # a write error: retry later
@@ -534,13 +476,10 @@ class Daemon:
         """All queued state, then the positions it covers, written now (waits)."""
         self._flush(write_state=False)
         for source in self.sources:
-            if source.kind == "journal":
+            if source.follower:
                 source.follower.commit()
         while self.bans.state_pending() and self.bans.write_state():
             pass
-        for source in self.sources:
-            if source.kind == "file":
-                source.follower.commit()
         if self.state_writer is not None:
             self.state_writer.wait()
             self.bans.state_written(self.state_writer.collect())
@@ -565,9 +504,29 @@ class Daemon:
             log.error("kernel refused bans %s", kv(error=exc))
 
     def _housekeeping(self):
+        """Never dies on what an operator can fix (a damaged state file, a full disk,
+        a refusing kernel): the kernel keeps enforcing what it has, the log and
+        `policyd status` say what is wrong, and the next turn tries again."""
+        try:
+            self._housekeeping_turn()
+        except Exception as exc:  # noqa: BLE001 - see above; a bug is logged with its trace
+            self._trouble("housekeeping", exc)
+        else:
+            self.problems.pop("housekeeping", None)
+        self._publish_metrics()
+        systemd.notify(f"STATUS={self._status_line()}")
+
+    def _trouble(self, what, error):
+        """Log `error` as one line, count it, and keep it for status until it clears."""
+        if isinstance(error, (KernelError, OSError)):
+            self.metrics.kernel_errors.inc()
+        expected = isinstance(error, (PolicydError, OSError, sqlite3.Error))
+        log.error("%s failed %s", what, kv(error=error), exc_info=not expected)
+        self.problems[what] = str(error) or type(error).__name__
+
+    def _housekeeping_turn(self):
         if self.bans is None:
             self._take_first_commit()
-            systemd.notify(f"STATUS={self._status_line()}")
             return
         self._save()  # also retries a batch the kernel refused before; cheap when empty
         # The policy half (a newer committed policy, a trial's deadline, tables
@@ -585,38 +544,37 @@ class Daemon:
                 if readded:
                     log.warning("kernel lacked bans %s", kv(readded=readded))
         except (KernelError, OSError) as exc:
-            self.metrics.kernel_errors.inc()
-            log.error("housekeeping failed %s", kv(error=exc))
-        systemd.notify(f"STATUS={self._status_line()}")
+            self._trouble("housekeeping", exc)
 
     def _take_first_commit(self):
         """While held back: an operator's apply committed a policy; enforce from now on."""
         try:
             trial.enforce(self.nft, self.store)  # a first trial past its deadline ends
             committed = self.store.committed()
-        except InputError as exc:
-            log.error("committed policy unreadable %s", kv(error=exc))
-            return
-        except (KernelError, OSError) as exc:
-            self.metrics.kernel_errors.inc()
-            log.error("housekeeping failed %s", kv(error=exc))
+        except (PolicydError, OSError) as exc:  # an unreadable committed policy included
+            self._trouble("taking the committed policy", exc)
             return
         if committed is None:
             return
         self.policy = committed
         try:
             self._start_enforcing()
-        except (KernelError, OSError) as exc:
-            # Still held back; the next housekeeping tries again.
-            self.metrics.kernel_errors.inc()
-            log.error("could not start enforcing %s", kv(error=exc))
+        except (PolicydError, OSError, sqlite3.Error) as exc:
+            # Still held back (a damaged state file, a refusing kernel): the next
+            # housekeeping tries again.
+            self._trouble("starting to enforce", exc)
             self._stop_enforcing()
+            return
+        self.problems.pop("taking the committed policy", None)
+        self.problems.pop("starting to enforce", None)
 
     def _upkept(self, found, error):
         """The worker's housekeeping findings, on the main thread."""
         if error is not None:
-            self._worker_failed("housekeeping", error)
+            self._trouble("policy upkeep", error)
             return
+        self.problems.pop("policy upkeep", None)
+        self.trial_active = found.get("trial_active", False)
         if found.get("committed") is not None:
             self._adopt(found["committed"])
         if found.get("rolled_back"):
@@ -628,7 +586,7 @@ class Daemon:
             try:
                 count = self.bans.restore()
             except (KernelError, OSError) as exc:
-                self._worker_failed("restoring bans", exc)
+                self._trouble("restoring bans", exc)
                 return
             differences = self.elements.differences
             self.elements.reset()
@@ -655,11 +613,6 @@ class Daemon:
                 sets[name] = (kernel_set.bits // 8, kernel_set.intervals())
         return sets
 
-    def _worker_failed(self, what, error):
-        if isinstance(error, (KernelError, OSError)):
-            self.metrics.kernel_errors.inc()
-        log.error("%s failed %s", what, kv(error=error))
-
     def _tables_present(self, policy):
         names = self.nft.tables()
         return policy.table in names and policy.bans_table in names
@@ -682,7 +635,7 @@ class Daemon:
 
     def _reloaded(self, result, error, replies):
         if error is not None:
-            self._worker_failed("reload", error)
+            self._trouble("reload", error)
             for reply in replies:
                 reply.set_exception(error)
         else:
@@ -737,8 +690,9 @@ class Daemon:
     def _status_line(self):
         if self.bans is None:
             return f"NOT ENFORCING: {self.held_back['reason'] if self.held_back else '?'}"
+        problems = f"; {len(self.problems)} problem(s), see policyd status" if self.problems else ""
         return (f"{self.bans.active_count} bans, {len(self.sources)} logs, "
-                f"policy {self.policy.digest[:12]}")
+                f"policy {self.policy.digest[:12]}{problems}")
 
     # ------------------------------------------------------------ control
 
@@ -756,11 +710,29 @@ class Daemon:
             "unban": lambda: desk.manual_unban(args.get("address")),
             "reload": self._reload_now,
             "applied": lambda: self._applied(args.get("kind")),
-            "metrics": self.registry.render,
+            "metrics": self._metrics_text,
         }
         if command not in handlers:
             raise InputError(f"unknown command {command!r}", key="command")
         return handlers[command]()
+
+    def _publish_metrics(self):
+        """The gauges scrapes read until the next call: made here, on the main
+        thread, so the HTTP thread never runs daemon code (the trial's state comes
+        from the worker's last housekeeping: no policy is parsed here either)."""
+        self.metrics.snapshot.publish({
+            "policyd_bans_active": self.bans.active_count if self.bans else 0,
+            "policyd_trial_active": int(self.trial_active),
+            "policyd_enforcing": int(self.held_back is None),
+            "policyd_log_errors": {source.path: int(source.stats()["error"] is not None)
+                                   for source in self.sources},
+        })
+        if self.fleet is not None:
+            self.fleet.publish_metrics()
+
+    def _metrics_text(self):
+        self._publish_metrics()
+        return metrics.render(self.registry)
 
     def _counted(self, ban):
         self.metrics.bans.labels(reason="manual").inc()
@@ -795,7 +767,8 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "started_at": self.started_at,
-                       "uptime": round(now - self.started_at, 1)},
+                       "uptime": round(now - self.started_at, 1),
+                       "problems": [f"{what}: {why}" for what, why in sorted(self.problems.items())]},
             "policy": trial.status(self.store, now=now),
             "bans": {"active": self.bans.active_count,
                      "total": sum(self.bans.bans_total.values())} if self.bans else None,
@@ -832,73 +805,6 @@ def _ban_rows(snapshot, now):
              "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
             for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
                                                banned_at) in rows]
-
-
-# bans.py names a refusal after its own parameter; the operator typed ADDR or --for.
-_OPERATOR_KEYS = {"address": "ADDR", "duration": "--for"}
-
-
-class BanDesk:
-    """Manual ban and unban on a BanManager: the daemon's, or the CLI's when none runs."""
-
-    def __init__(self, bans, publish=None):
-        self.bans = bans
-        self.publish = publish  # the fleet's: (op, network, expires_at, reason)
-
-    def manual_ban(self, address, duration):
-        target = _target(address)
-        seconds = parse_duration(duration, key="--for") if duration is not None else None
-        try:
-            ban = self.bans.ban(target, seconds, reason="manual")
-        except InputError as exc:
-            exc.key = _OPERATOR_KEYS.get(exc.key, exc.key)
-            raise
-        self.bans.flush()
-        if self.publish:
-            self.publish("ban", ban.network, ban.expires_at, "manual")
-        log.warning("ban %s", kv(addr=ban.network, reason="manual",
-                                 duration=f"{round(ban.expires_at - ban.banned_at)}s"))
-        return ban.as_dict()
-
-    def manual_unban(self, address):
-        lifted = self.bans.unban(_target(address))
-        self.bans.flush()
-        if self.publish:
-            # The network lifted here (an address's covering /64, say), else the address.
-            self.publish("unban", lifted or _target(address), None, "manual")
-        if lifted:
-            log.info("unban %s", kv(addr=lifted, reason="manual"))
-        # The network lifted, which may be wider than the address asked for.
-        return {"unbanned": lifted is not None, "network": str(lifted) if lifted else None}
-
-
-def offline(state_dir, action):
-    """Run action(BanDesk) on the committed policy's bans when no daemon runs."""
-    committed = trial.PolicyStore(state_dir).committed()
-    if committed is None:
-        raise InputError("nothing committed yet: run `policyd apply` first", key="policy")
-    nft = Nft()
-    state = State(Path(state_dir) / STATE_FILE)
-    try:
-        bans = BanManager(committed.bans, state,
-                          BanTable(nft, committed.bans_table, committed.bans.ipv6_prefix))
-        # With a fleet, what is banned here waits in the outbox for the daemon.
-        publish = fleet.outbox_writer(state) if committed.fleet is not None else None
-        return action(BanDesk(bans, publish=publish))
-    finally:
-        state.close()
-
-
-def _target(text):
-    if not text:
-        raise InputError("an address is required", key="ADDR")
-    address = parse_host(str(text))
-    if address is not None:
-        return address
-    try:
-        return parse_network(str(text))
-    except ValueError:
-        raise InputError(f"{text!r} is not an address or network", key="ADDR") from None
 
 
 def run(policy_path, state_dir, run_dir, metrics_listen=None):

@@ -1,7 +1,8 @@
 """`policyd doctor`: small checks of the host, each returning findings with a fix.
 
 Owns the diagnosis only; every fact comes from an environment object (the real
-host's is HostEnvironment), so tests can fake sock_diag, the kernel and files.
+host's is policyd.hostenv.HostEnvironment), so tests can fake sock_diag, the
+kernel and files; policyd.tableshape compares tables.
 
 JSON form (`policyd doctor --json`), stable:
     {"ok": bool,            # true when every finding is "ok"
@@ -14,25 +15,22 @@ JSON form (`policyd doctor --json`), stable:
 Text form: one line per finding, "LEVEL CHECK: MESSAGE" plus "; fix: FIX" for
 warn and fail. Exit code 0 when all is ok, 1 when anything is warn or fail.
 """
-import errno
 import hashlib
 import ipaddress
 import json
 import os
-import socket
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from policyd.compile import FAMILY, compile_policy
+from policyd.compile import compile_policy
+from policyd.ruleset import FAMILY
 from policyd.errors import InputError, KernelError
-from policyd.trial import COMMITTED, PolicyStore, empty_policy
+from policyd.policystore import COMMITTED
+from policyd.tableshape import compare_shapes, table_shape
+from policyd.trial import empty_policy
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-CONTROL_SOCKET = "control.sock"
 # The packaged unit hides these from the daemon (ProtectHome=yes, PrivateTmp=yes).
 HIDDEN_FROM_DAEMON = ("/home/", "/root/", "/run/user/", "/tmp/", "/var/tmp/")
-VERDICTS = ("accept", "drop", "reject", "goto", "jump", "return", "continue", "queue")
 MAX_DIFFERENCES_SHOWN = 5
 
 
@@ -424,18 +422,17 @@ def check_drift(committed, pending, env):
     base = committed or empty_policy(trial_policy.table)
     table = base.table
     if trial_policy is not None and trial_policy.table == table:
-        document = compile_policy(base, trial_policy, pending.seconds)
+        ruleset = compile_policy(base, trial_policy, pending.seconds)
         what = "the committed policy with the trial"
     else:
-        document = compile_policy(base)
+        ruleset = compile_policy(base)
         what = "the committed policy"
     try:
         loaded = env.table_objects(table)
     except (OSError, KernelError) as exc:
         return [fail("drift", f"cannot list table {FAMILY} {table} ({exc})",
                      "run `policyd doctor` as root")]
-    differences = compare_shapes(table_shape(document_objects(document, table)),
-                                 table_shape(loaded))
+    differences = compare_shapes(table_shape(ruleset.listed_objects(table)), table_shape(loaded))
     if not differences:
         return [ok("drift", f"table {FAMILY} {table} matches {what}")]
     shown = "; ".join(differences[:MAX_DIFFERENCES_SHOWN])
@@ -447,195 +444,6 @@ def check_drift(committed, pending, env):
            "when it notices); make lasting changes in the policy file")
     return [fail("drift", f"table {FAMILY} {table} differs from {what}: {shown}", fix)]
 
-
-def document_objects(document, table):
-    """Replay a compiled transaction's commands on `table` into listed-object form
-    ({"chain": {...}}, {"set": {...}}, {"rule": {...}}), as `nft -j list table` shows."""
-    objects = []
-    sets = {}
-    for command in document["nftables"]:
-        (verb, body), = command.items()
-        if verb not in ("add", "delete", "flush"):
-            continue
-        (kind, fields), = body.items()
-        if fields.get("family") != FAMILY:
-            continue
-        if kind == "table":
-            if fields["name"] == table and verb == "delete":
-                objects, sets = [], {}
-            continue
-        if fields.get("table") != table:
-            continue
-        if verb == "flush":
-            if kind == "chain":
-                objects = [o for o in objects
-                           if not ("rule" in o and o["rule"]["chain"] == fields["name"])]
-            elif kind == "set" and fields["name"] in sets:
-                sets[fields["name"]]["elem"] = []
-            continue
-        if verb != "add":
-            continue
-        if kind == "element":
-            sets[fields["name"]].setdefault("elem", []).extend(fields["elem"])
-        elif kind == "set":
-            if fields["name"] not in sets:
-                sets[fields["name"]] = dict(fields)
-                objects.append({"set": sets[fields["name"]]})
-        elif kind in ("chain", "rule"):
-            objects.append({kind: dict(fields)})
-    return objects
-
-
-def table_shape(objects):
-    """What doctor compares: base chains' hooks, each chain's verdicts in order, and
-    each set's type, flags and (unless entries time out by themselves) elements.
-
-    Rule matches are left out on purpose: the kernel lists them normalised
-    (implicit protocol matches dropped, anonymous sets sorted), so comparing them
-    would report drift that is not there.
-    """
-    chains, rules, sets = {}, {}, {}
-    for obj in objects:
-        if "chain" in obj:
-            c = obj["chain"]
-            chains[c["name"]] = tuple(c.get(k) for k in ("type", "hook", "prio", "policy"))
-            rules.setdefault(c["name"], [])
-        elif "rule" in obj:
-            r = obj["rule"]
-            rules.setdefault(r["chain"], []).append(_verdict(r.get("expr", [])))
-        elif "set" in obj:
-            s = obj["set"]
-            flags = s.get("flags", [])
-            flags = frozenset([flags] if isinstance(flags, str) else flags)
-            elements = None
-            if "timeout" not in flags:
-                elements = _elements_shape(s.get("elem", []), s.get("type"))
-            sets[s["name"]] = (s.get("type"), flags, elements)
-    return {"chains": chains, "rules": rules, "sets": sets}
-
-
-class _Dumped:
-    """An interval set's elements compared as the kernel's dump of them: a hash of
-    bytes, not 100k texts. texts() is for saying what differs."""
-
-    def __init__(self, digest, texts):
-        self.digest = digest
-        self.texts = texts
-
-    def __eq__(self, other):
-        return isinstance(other, _Dumped) and self.digest == other.digest
-
-    def __hash__(self):
-        return hash(self.digest)
-
-
-def _elements_shape(elements, typename):
-    intervals = getattr(elements, "intervals", None)  # compiled: lists.Elements
-    if intervals is not None and typename in ("ipv4_addr", "ipv6_addr"):
-        from policyd.drift import dump_form
-        length = 4 if typename == "ipv4_addr" else 16
-        return _Dumped(hashlib.sha256(dump_form(intervals, length)).hexdigest(),
-                       lambda: frozenset(_element(e) for e in elements.json()))
-    if hasattr(elements, "raw"):  # listed over netlink: nllist.KernelElements
-        return _Dumped(hashlib.sha256(elements.raw).hexdigest(),
-                       lambda: frozenset(_element(e) for e in elements.texts()))
-    return frozenset(_element(e) for e in elements)
-
-
-def _texts(elements):
-    return elements.texts() if isinstance(elements, _Dumped) else elements
-
-
-def _verdict(exprs):
-    for expr in reversed(exprs):
-        for kind in VERDICTS:
-            if kind in expr:
-                target = expr[kind].get("target") if isinstance(expr[kind], dict) else None
-                return f"{kind} {target}" if target else kind
-    return "no verdict"
-
-
-def _element(raw):
-    """One set element as cheap comparable text ("addr/len", "addr" or JSON).
-
-    Python and the kernel spell almost every address alike, so text compares
-    100k elements in milliseconds; _same_networks() settles what text cannot.
-    """
-    if isinstance(raw, dict) and "elem" in raw:
-        raw = raw["elem"].get("val")
-    if isinstance(raw, dict) and isinstance(raw.get("prefix"), dict):
-        return f'{raw["prefix"].get("addr")}/{raw["prefix"].get("len")}'
-    if isinstance(raw, str):
-        return raw
-    return json.dumps(raw, sort_keys=True)
-
-
-def _networks(elements):
-    """Elements that spell networks, as ipaddress networks; anything else as it is."""
-    out = set()
-    for text in elements:
-        try:
-            if text.startswith('{"range"'):
-                low, high = (ipaddress.ip_address(x) for x in json.loads(text)["range"])
-                out.add(tuple(ipaddress.summarize_address_range(low, high)))
-            else:
-                out.add(ipaddress.ip_network(text))
-        except (ValueError, TypeError, KeyError):
-            out.add(text)
-    return out
-
-
-def _element_differences(want, have):
-    """(elements only the kernel has, elements only the policy has), compared as
-    networks where their text differs (the kernel writes ::ffff:192.0.2.1 where
-    Python writes ::ffff:c000:201)."""
-    extra, lacking = _networks(have - want), _networks(want - have)
-    return extra - lacking, lacking - extra
-
-
-def compare_shapes(expected, loaded):
-    """Differences between two table_shape()s, as short phrases; [] if none."""
-    out = []
-    for name in sorted(expected["chains"].keys() - loaded["chains"].keys()):
-        out.append(f"chain {name} is missing")
-    for name in sorted(loaded["chains"].keys() - expected["chains"].keys()):
-        out.append(f"chain {name} is not in the policy")
-    for name in sorted(expected["chains"].keys() & loaded["chains"].keys()):
-        if expected["chains"][name] != loaded["chains"][name]:
-            out.append(f"chain {name} has a different hook, priority or policy")
-        want, have = expected["rules"].get(name, []), loaded["rules"].get(name, [])
-        if want != have:
-            out.append(f"chain {name} has {len(have)} rules ending in "
-                       f"[{', '.join(have)}], expected {len(want)} [{', '.join(want)}]")
-    for name in sorted(expected["sets"].keys() - loaded["sets"].keys()):
-        out.append(f"set {name} is missing")
-    for name in sorted(loaded["sets"].keys() - expected["sets"].keys()):
-        out.append(f"set {name} is not in the policy")
-    for name in sorted(expected["sets"].keys() & loaded["sets"].keys()):
-        (want_type, want_flags, want), (have_type, have_flags, have) = (
-            expected["sets"][name], loaded["sets"][name])
-        if (want_type, want_flags) != (have_type, have_flags):
-            out.append(f"set {name} has a different type or flags")
-        elif want is not None and want != have:
-            extra, lacking = _element_differences(_texts(want), _texts(have))
-            if not extra and not lacking:
-                continue
-            parts = []
-            if extra:
-                parts.append(f"{len(extra)} element(s) not in the policy "
-                             f"({_sample(extra)})")
-            if lacking:
-                parts.append(f"{len(lacking)} element(s) missing ({_sample(lacking)})")
-            out.append(f"set {name}: " + ", ".join(parts))
-    return out
-
-
-def _sample(elements, count=3):
-    shown = sorted(str(e) for e in elements)
-    return ", ".join(shown[:count]) + (", ..." if len(shown) > count else "")
-
-
-# --- the host's services ---------------------------------------------------
 
 def check_nftables_service(env):
     links = env.nftables_service_links()
@@ -683,116 +491,3 @@ def check_fleet(policy):
     from policyd.fleet_redis import doctor_findings
     return [Finding(level, "fleet", message, fix)
             for level, message, fix in doctor_findings(policy.fleet)]
-
-
-# --- the real host -----------------------------------------------------------
-
-class HostEnvironment:
-    """The facts diagnose() needs, read from this host and network namespace."""
-
-    def __init__(self, state_dir, run_dir, nft_factory, systemd_dir="/etc/systemd/system",
-                 proc_dir="/proc", filter_dirs=None, clock=time.time):
-        self.state_dir = str(state_dir)
-        self.run_dir = Path(run_dir)
-        self.store = PolicyStore(state_dir)
-        self._nft_factory = nft_factory
-        self._nft = None
-        self.systemd_dir = Path(systemd_dir)
-        self.proc_dir = Path(proc_dir)
-        self.filter_dirs = filter_dirs
-        self.now = clock
-
-    def _kernel(self):
-        if self._nft is None:
-            self._nft = self._nft_factory()
-        return self._nft
-
-    def kernel_tables(self):
-        return self._kernel().tables()
-
-    def table_objects(self, table):
-        """Over netlink: libnftables would fetch and format every element first."""
-        from policyd import nllist
-        return nllist.table_objects(self._kernel().netlink, table)
-
-    def kernel_features(self):
-        return self._kernel().features()
-
-    def listeners(self, ports, proto="tcp"):
-        from policyd import netdiag  # pyroute2 only where the host is asked
-        return netdiag.listeners(ports, proto)
-
-    def socket_owners(self, inodes):
-        """inode -> [(pid, command name)] for the sockets among `inodes`, from /proc."""
-        wanted = {f"socket:[{inode}]": inode for inode in inodes}
-        owners = {}
-        for entry in self.proc_dir.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fds = list((entry / "fd").iterdir())
-            except OSError:
-                continue  # gone, or not ours to read
-            for fd in fds:
-                try:
-                    inode = wanted.get(os.readlink(fd))
-                except OSError:
-                    continue
-                if inode is None:
-                    continue
-                try:
-                    name = (entry / "comm").read_text().strip()
-                except OSError:
-                    name = "?"
-                pair = (int(entry.name), name)
-                if pair not in owners.setdefault(inode, []):
-                    owners[inode].append(pair)
-        return {inode: sorted(pairs) for inode, pairs in owners.items()}
-
-    def interfaces(self):
-        from pyroute2 import IPRoute, NetlinkError
-        try:
-            with IPRoute() as ipr:
-                return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-        except NetlinkError as exc:
-            raise OSError(exc.code, f"rtnetlink: {exc}") from None
-
-    def open_log(self, path):
-        """Open and close `path` for reading; OSError says why it cannot be read."""
-        if not os.access(path, os.R_OK) and os.path.exists(path):
-            raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
-        with open(path, "rb"):
-            pass
-
-    def load_filter(self, name):
-        from policyd.filters import load_filter
-        return load_filter(name, self.filter_dirs)
-
-    def nftables_service_links(self):
-        return sorted(str(p) for p in self.systemd_dir.glob("*.wants/nftables.service"))
-
-    def control_socket_path(self):
-        return self.run_dir / CONTROL_SOCKET
-
-    def daemon_status(self):
-        """The running daemon's `status` answer, or None when none answers."""
-        from policyd import control
-        try:
-            return control.request(self.run_dir, "status")
-        except (control.DaemonUnavailable, control.ControlError, OSError):
-            return None
-
-    def control_socket_state(self):
-        """"listening", "stale" (a socket file nobody answers on), "denied" or "missing"."""
-        path = self.control_socket_path()
-        if not path.exists():
-            return "missing"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            try:
-                sock.connect(str(path))
-            except PermissionError:
-                return "denied"
-            except OSError:
-                return "stale"
-        return "listening"

@@ -20,7 +20,7 @@ from policyd import nlbatch
 from policyd.nlattr import big_endian
 from policyd.nfnetlink import Netlink
 
-log = logging.getLogger("policyd.drift")
+log = logging.getLogger(__name__)
 
 DIGEST_SECONDS = 2.0
 MAX_DIGEST_SECONDS = 16.0  # while the generation keeps moving and the sets do not
@@ -83,23 +83,20 @@ def dump_form(intervals, length):
     return bytes(out)
 
 
-def expected_intervals(document, table, skip=()):
+def expected_intervals(ruleset, table, skip=()):
     """{set name: (key length, sorted (first, last) intervals)} of the interval sets
-    without timeouts that `document` loads into `table`, but those in `skip`."""
+    without timeouts that `ruleset` (policyd.ruleset) leaves in `table`, but those
+    in `skip`."""
     out = {}
-    for command in document["nftables"]:
-        body = command.get("add", {}).get("set")
-        if not body or body.get("table") != table or body.get("name") in skip:
+    for item in ruleset.tables[table].sets.values():
+        typename = item.fields.get("type")
+        if (item.name in skip or "interval" not in item.flags or "timeout" in item.flags
+                or typename not in ("ipv4_addr", "ipv6_addr")):
             continue
-        flags = body.get("flags", [])
-        if "interval" not in flags or "timeout" in flags or body["type"] not in (
-                "ipv4_addr", "ipv6_addr"):
-            continue
-        elements = body.get("elem", [])
-        intervals = getattr(elements, "intervals", None)
+        intervals = getattr(item.elem, "intervals", None)
         if intervals is None:
-            intervals = nlbatch.intervals_of(body["type"], elements)
-        out[body["name"]] = (4 if body["type"] == "ipv4_addr" else 16, intervals)
+            intervals = nlbatch.intervals_of(typename, item.elem)
+        out[item.name] = (4 if typename == "ipv4_addr" else 16, intervals)
     return out
 
 

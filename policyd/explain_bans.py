@@ -27,17 +27,16 @@ def lookup(policy, address):
     try:
         found = netlink.get_element(policy.bans_table, BAN_SETS[address.version],
                                     network.network_address.packed)
-        # Not in the fast set: a range ban (a manual /28, /48 or single IPv6
-        # address) may still hold it; the listing says which and how long.
-        if found is None and netlink.has_element(policy.bans_table,
-                                                 RANGE_BAN_SETS[address.version], address.packed):
-            return UNKNOWN
+        if found is None:
+            # Bans of other extents (a /28, a /128 or /48 with a /64 unit) live in
+            # the interval set: one that holds the address is the listing's to name.
+            in_range = netlink.get_element(policy.bans_table, RANGE_BAN_SETS[address.version],
+                                           address.packed)
+            return UNKNOWN if in_range is not None else []
     except OSError:
         return UNKNOWN  # no such set or no permission: the full listing decides
     finally:
         netlink.close()
-    if found is None:
-        return []
     key, left, flags = found
     if flags or key != network.network_address.packed:
         return UNKNOWN  # an interval holds it: its extent is the listing's to say

@@ -12,45 +12,17 @@ import sqlite3
 import time
 
 from policyd import fleet_redis, fleet_wire, metrics
+from policyd.fleet_peers import Peer, TokenBucket
 from policyd.bans import _as_network
 from policyd.errors import InputError
 from policyd.fleet_config import read_password
-from policyd.systemd import kv
+from policyd.logfmt import kv
 
-log = logging.getLogger("policyd")
+log = logging.getLogger(__name__)
 
 ORIGIN = "fleet:"            # the filter name of a ban received from another node
 WARN_EVERY_SECONDS = 10.0
 REJECT_REASONS = ("malformed", "expired", "rate", "prefix", "protected", "overlap", "unban")
-
-
-class TokenBucket:
-    """`rate` per second, burst twice that, refilled by the entries' own server times."""
-
-    def __init__(self, rate):
-        self.rate = rate
-        self.capacity = max(1.0, 2 * rate)
-        self.tokens = self.capacity
-        self.at_ms = None
-
-    def take(self, now_ms):
-        if self.at_ms is not None and now_ms > self.at_ms:
-            self.tokens = min(self.capacity, self.tokens + (now_ms - self.at_ms) * self.rate / 1000)
-        self.at_ms = now_ms if self.at_ms is None else max(self.at_ms, now_ms)
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-class Peer:
-    def __init__(self):
-        self.last_seen = None      # server time (s) of its newest entry
-        self.received = self.applied = self.rejected = 0
-
-    def as_dict(self):
-        return {"last_seen": self.last_seen, "received": self.received, "applied": self.applied,
-                "rejected": self.rejected}
 
 
 class Fleet:
@@ -75,44 +47,17 @@ class Fleet:
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.next_warning = {}
         self.publisher = self.reader = None
-        self._metrics(registry)
+        made = metrics.fleet_metrics(registry, REJECT_REASONS)
+        self.m_published, self.m_received = made.published, made.received
+        self.m_applied, self.m_rejected, self.m_latency = made.applied, made.rejected, made.latency
+        self.m_gauges = made.gauges
 
-    def _metrics(self, registry):
-        """The fleet's metrics, made once per registry: a reload that restarts
-        the fleet keeps counting in the same series."""
-        made = getattr(registry, "policyd_fleet_metrics", None)
-        if made is None:
-            made = registry.policyd_fleet_metrics = {
-                "published": metrics.Counter("policyd_fleet_published_total",
-                                             "Bans and unbans this node added to its stream.", (),
-                                             registry),
-                "received": metrics.Counter("policyd_fleet_received_total",
-                                            "Entries read from other nodes' streams.", ["node"],
-                                            registry),
-                "applied": metrics.Counter("policyd_fleet_applied_total",
-                                           "Received bans and unbans applied to this node's kernel.",
-                                           ["op"], registry),
-                "rejected": metrics.Counter("policyd_fleet_rejected_total",
-                                            "Received entries skipped, by reason.", ["reason"], registry),
-                "latency": metrics.Histogram(
-                    "policyd_fleet_latency_seconds",
-                    "Seconds from the entry's XADD (server clock) to this node's kernel holding it.",
-                    metrics.LATENCY_BUCKETS, (), registry),
-                "connected": metrics.Gauge("policyd_fleet_connected",
-                                           "1 while both Redis connections are up.", (), registry),
-                "outbox": metrics.Gauge("policyd_fleet_outbox", "Bans and unbans waiting for Redis.",
-                                        (), registry),
-            }
-            made["published"].labels()
-            made["latency"].labels()
-            for reason in REJECT_REASONS:
-                made["rejected"].labels(reason=reason)
-            for op in ("ban", "unban"):
-                made["applied"].labels(op=op)
-        made["connected"].set_function(lambda: int(all(self.connected.values())))
-        made["outbox"].set_function(lambda: self.publisher.queued() if self.publisher else 0)
-        self.m_published, self.m_received = made["published"], made["received"]
-        self.m_applied, self.m_rejected, self.m_latency = made["applied"], made["rejected"], made["latency"]
+    def publish_metrics(self):
+        """The fleet's gauges as of now, for the scrapes that follow (main thread)."""
+        self.m_gauges.publish({
+            "policyd_fleet_connected": int(all(self.connected.values())),
+            "policyd_fleet_outbox": self.publisher.queued() if self.publisher else 0,
+        })
 
     # ------------------------------------------------------------ start and stop
 

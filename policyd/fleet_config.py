@@ -76,13 +76,7 @@ def read_fleet(reader, node, bans):
         host, port, db, tls, username = parse_url(url)
     except ValueError as exc:
         reader.fail(url_node, "fleet.redis", str(exc))
-    paths = {}
-    for name in ("password_file", "ca_file"):
-        if name in items:
-            path = reader.scalar_text(items[name][1], f"fleet.{name}")
-            if not path.startswith("/"):
-                reader.fail(items[name][1], f"fleet.{name}", f"{path!r} must be absolute")
-            paths[name] = path
+    paths = reader.absolute_paths(items, ("password_file", "ca_file"), "fleet")
     if "ca_file" in paths and not tls:
         reader.fail(items["ca_file"][1], "fleet.ca_file", "needs a rediss:// (TLS) URL")
     node_name = None

@@ -16,9 +16,9 @@ import socket
 from pathlib import Path
 
 from policyd.errors import InputError
-from policyd.systemd import kv
+from policyd.logfmt import kv
 
-log = logging.getLogger("policyd.lists")
+log = logging.getLogger(__name__)
 
 _FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
 
@@ -64,6 +64,12 @@ class NetList:
             # otherwise hold 100k tuples it reads once per compile.
             return self._index[version].entries()
         return self._entries[version]
+
+    def count(self, version):
+        """How many entries of one family, without building them."""
+        if version in self._entries:
+            return len(self._entries[version])
+        return len(self._index[version])
 
     def records(self, version):
         """The sorted _Records of one family (built from the entries if need be)."""
@@ -149,6 +155,8 @@ cache_dir = None
 
 def _cache_root():
     return cache_dir or os.environ.get("POLICYD_LIST_CACHE")
+
+
 CACHE_VERSION = b"policyd-list-2\n"
 
 
@@ -365,10 +373,48 @@ class Elements(list):
     policyd.nft still materializes before libnftables, to depend on nothing.
     """
 
-    def __init__(self, version, disjoint):
+    def __init__(self, version, disjoint=None, sources=None):
         super().__init__()
-        self.version, self.disjoint = version, disjoint
+        self.version = version
+        self._disjoint = disjoint
+        # (networks, netlists) to sweep into `disjoint` on first need: `explain`
+        # asks find() about one address and never needs the 100k of them.
+        self._sources = sources
         self._filled, self._intervals = False, None
+
+    @property
+    def disjoint(self):
+        if self._sources is not None:
+            self._disjoint = disjoint_networks(self.version, *self._sources)
+            self._sources = None
+        return self._disjoint
+
+    @disjoint.setter
+    def disjoint(self, value):
+        self._disjoint, self._sources = value, None
+
+    def find(self, address):
+        """The network of this set holding `address` (an ipaddress object), or None:
+        from the policy's networks and the lists' sorted records while the set is
+        not built, else by bisecting its intervals."""
+        if self._sources is not None:
+            networks, netlists = self._sources
+            for network in networks:
+                if address in network:
+                    return network
+            for netlist in netlists:
+                found = netlist.find(address)
+                if found is not None:
+                    return ipaddress.ip_network(found[0], strict=False)
+            return None
+        intervals = self.intervals
+        if intervals is None:
+            return None
+        number = int(address)
+        index = bisect.bisect_right(intervals, (number, float("inf"))) - 1
+        if index >= 0 and intervals[index][0] <= number <= intervals[index][1]:
+            return as_network(self.version, *self.disjoint[index])
+        return None
 
     @property
     def intervals(self):
@@ -393,6 +439,9 @@ class Elements(list):
         return list.__len__(self) if self._filled else len(self.disjoint)
 
     def __bool__(self):
+        if self._sources is not None and not self._filled:
+            networks, netlists = self._sources
+            return bool(networks) or any(netlist.count(self.version) for netlist in netlists)
         return len(self) > 0
 
     def __iter__(self):
@@ -467,6 +516,12 @@ def set_elements(version, disjoint):
     """The JSON interval-set elements of disjoint (first, prefix length) networks,
     as an Elements list (texts built when read)."""
     return Elements(version, disjoint)
+
+
+def lazy_elements(version, networks=(), netlists=()):
+    """The interval-set elements of `networks` and the lists' entries, as an
+    Elements list that sweeps them (disjoint_networks) only when first read."""
+    return Elements(version, sources=(networks, tuple(netlists)))
 
 
 def _element_texts(version, disjoint):

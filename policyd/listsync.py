@@ -14,10 +14,10 @@ import time
 from policyd import lists, nlbatch
 from policyd.compile import COMMITTED
 from policyd.errors import InputError
-from policyd.systemd import kv
-from policyd.tail import LogWatcher
+from policyd.logfmt import kv
+from policyd.logwatch import LogWatcher
 
-log = logging.getLogger("policyd.lists")
+log = logging.getLogger(__name__)
 
 
 class _Followed:

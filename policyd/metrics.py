@@ -1,295 +1,199 @@
-"""Prometheus metrics without a dependency: counters, gauges, histograms.
-
-Owns the registry, the text exposition format 0.0.4, the HTTP endpoint that
-serves it, and the daemon's standard metric set.
+"""The daemon's Prometheus metrics: the metric sets, the daemon's and the fleet's
+(their names are a contract, see README), the snapshot the main loop publishes for the gauges, and the
+loopback-only HTTP endpoint. Exposition and process metrics: python3-prometheus-client.
 """
 
-from __future__ import annotations
-
-import bisect
 import ipaddress
 import logging
-import math
+import os
 import re
 import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
 
-from policyd.errors import InputError
+# 0.16 adds a `_created` series to every counter and histogram unless this is set
+# when the library is first imported (0.17 has disable_created_metrics()): twice
+# the lines, for a timestamp nothing of ours reads.
+os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter,  # noqa: E402
+                               Histogram, ProcessCollector, generate_latest)
+from prometheus_client.core import GaugeMetricFamily  # noqa: E402
+
+from policyd.errors import InputError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 STOP_POLL_SECONDS = 0.1  # how quickly stop() is noticed by serve_forever
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
-LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 LISTEN = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})\Z")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+APPLY_KINDS = ("plain", "trial", "confirm", "rollback", "restore")
 
 
-def format_value(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+def new_registry() -> CollectorRegistry:
+    """A registry of our own (never the library's global one), with the process's
+    resident memory, CPU seconds and open file descriptors."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    return registry
 
 
-def escape_label_value(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def render(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
 
 
-def escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+@dataclass(frozen=True)
+class SnapshotGauge:
+    name: str
+    help: str
+    label: str | None = None  # one label: the published value is {label value: number}
 
 
-def format_labels(pairs: Iterable[tuple[str, str]]) -> str:
-    inner = ",".join(f'{name}="{escape_label_value(value)}"' for name, value in pairs)
-    return "{" + inner + "}" if inner else ""
+class Snapshot:
+    """Gauge values the main loop publishes and the HTTP thread only reads.
 
+    A scrape runs no daemon code: it reads the last published dict (replaced
+    whole, so a reader sees one publication or the next, never half of one).
+    """
 
-class Metric:
-    """A named family of samples, optionally split by labels."""
-
-    kind = "untyped"
-
-    def __init__(self, name: str, help: str, labels: Iterable[str] = (), registry: Registry | None = None):
-        if not METRIC_NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        self.labelnames = tuple(labels)
-        for label in self.labelnames:
-            if not LABEL_NAME.match(label) or label.startswith("__"):
-                raise ValueError(f"invalid label name {label!r} for {name}")
-        if len(set(self.labelnames)) != len(self.labelnames):
-            raise ValueError(f"duplicate label names for {name}")
-        self.name = name
-        self.help = help
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self._gauges: dict[str, SnapshotGauge] = {}
+        self._values: dict[str, object] = {}
         self._lock = threading.Lock()
-        self._children: dict[tuple[str, ...], object] = {}
         if registry is not None:
             registry.register(self)
 
-    def labels(self, **values):
-        if set(values) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(values)}")
-        key = tuple(str(values[name]) for name in self.labelnames)
+    def gauge(self, name: str, help: str, label: str | None = None) -> None:
         with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = self._new_child()
-            return child
+            self._gauges.setdefault(name, SnapshotGauge(name, help, label))
 
-    def _unlabelled(self):
-        if self.labelnames:
-            raise ValueError(f"{self.name} has labels {self.labelnames}; use .labels()")
-        return self.labels()
+    def publish(self, values: dict[str, object]) -> None:
+        """Replace the published values; gauges left out read 0 (or no series)."""
+        unknown = set(values) - set(self._gauges)
+        if unknown:
+            raise ValueError(f"no snapshot gauge named {sorted(unknown)}")
+        # Labelled values are copied too: a scrape must not read a dict the main
+        # loop goes on changing.
+        self._values = {name: dict(value.items()) if isinstance(value, dict) else value
+                        for name, value in values.items()}
 
-    def _new_child(self):
-        raise NotImplementedError
+    def value(self, name: str):
+        return self._values.get(name)
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
+    def describe(self):
+        return list(self.collect())
 
-    def samples(self) -> list[tuple[str, tuple[tuple[str, str], ...], object]]:
-        """(sample name, label pairs, value) in a stable order."""
+    def collect(self):
+        values = self._values
         with self._lock:
-            children = sorted(self._children.items())
-        out = []
-        for key, child in children:
-            out.extend(child.samples(self.name, tuple(zip(self.labelnames, key))))
-        return out
-
-    def render(self) -> str:
-        lines = self.header()
-        for name, pairs, value in self.samples():
-            lines.append(f"{name}{format_labels(pairs)} {format_value(value)}")
-        return "\n".join(lines) + "\n"
-
-
-class _CounterChild:
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.value = 0
-
-    def inc(self, n=1) -> None:
-        if n < 0:
-            raise ValueError("a counter only goes up")
-        with self._lock:
-            self.value += n
-
-    def samples(self, name, pairs):
-        return [(name, pairs, self.value)]
+            gauges = list(self._gauges.values())
+        for gauge in gauges:
+            value = values.get(gauge.name)
+            if gauge.label is None:
+                yield GaugeMetricFamily(gauge.name, gauge.help, value=float(value or 0))
+                continue
+            family = GaugeMetricFamily(gauge.name, gauge.help, labels=[gauge.label])
+            for label_value, number in sorted((value or {}).items()):
+                family.add_metric([str(label_value)], float(number))
+            yield family
 
 
-class Counter(Metric):
-    kind = "counter"
-
-    def _new_child(self):
-        return _CounterChild()
-
-    def inc(self, n=1) -> None:
-        self._unlabelled().inc(n)
-
-    @property
-    def value(self):
-        return self._unlabelled().value
-
-
-class _GaugeChild:
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._value = 0
-        self._function: Callable[[], float] | None = None
-
-    def set(self, value) -> None:
-        with self._lock:
-            self._value = value
-
-    def inc(self, n=1) -> None:
-        with self._lock:
-            self._value += n
-
-    def dec(self, n=1) -> None:
-        with self._lock:
-            self._value -= n
-
-    def set_function(self, function: Callable[[], float]) -> None:
-        """Read the value from `function` at every render instead of storing it."""
-        self._function = function
-
-    @property
-    def value(self):
-        return self._function() if self._function is not None else self._value
-
-    def samples(self, name, pairs):
-        return [(name, pairs, self.value)]
+@dataclass(frozen=True)
+class StandardMetrics:
+    log_lines: Counter
+    log_malformed: Counter
+    log_forged: Counter
+    failures: Counter
+    bans: Counter
+    ban_latency: Histogram
+    applies: Counter
+    kernel_errors: Counter
+    table_restores: Counter
+    snapshot: Snapshot
 
 
-class Gauge(Metric):
-    """A value that goes up and down; or read live from a callback.
-
-    `function` with no labels returns a number; with labels it returns a
-    mapping from label values (a string for one label, a tuple for several)
-    to numbers, replacing any stored children at render time.
-    """
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, labels: Iterable[str] = (), registry: Registry | None = None,
-                 function: Callable[[], object] | None = None):
-        super().__init__(name, help, labels, registry)
-        self._function = function
-
-    def _new_child(self):
-        return _GaugeChild()
-
-    def set(self, value) -> None:
-        self._unlabelled().set(value)
-
-    def inc(self, n=1) -> None:
-        self._unlabelled().inc(n)
-
-    def dec(self, n=1) -> None:
-        self._unlabelled().dec(n)
-
-    def set_function(self, function: Callable[[], object]) -> None:
-        self._function = function
-
-    @property
-    def value(self):
-        return self._function() if self._function is not None else self._unlabelled().value
-
-    def samples(self):
-        if self._function is None:
-            return super().samples()
-        if not self.labelnames:
-            return [(self.name, (), self._function())]
-        rows = []
-        for key, value in self._function().items():
-            key = (key,) if isinstance(key, str) else tuple(key)
-            if len(key) != len(self.labelnames):
-                raise ValueError(f"{self.name}: callback gave {key!r} for labels {self.labelnames}")
-            rows.append((tuple(map(str, key)), value))
-        return [(self.name, tuple(zip(self.labelnames, key)), value) for key, value in sorted(rows)]
+def standard_metrics(registry: CollectorRegistry) -> StandardMetrics:
+    """The daemon's metric set. The gauges are the snapshot's: the main loop
+    publishes them (Daemon._publish_metrics)."""
+    snapshot = Snapshot(registry)
+    snapshot.gauge("policyd_bans_active", "Bans currently in the kernel's sets.")
+    snapshot.gauge("policyd_trial_active", "1 while a policy is on trial, else 0.")
+    snapshot.gauge("policyd_log_errors", "1 while a log is not followed: its filter does not "
+                   "load or its path cannot be read; the daemon runs on with the other logs.",
+                   label="log")
+    snapshot.gauge("policyd_enforcing", "1 while a committed policy is in force; 0 while the "
+                   "daemon waits because the first policy would cut a connected client or does "
+                   "not load.")
+    metrics = StandardMetrics(
+        log_lines=Counter("policyd_log_lines_total", "Complete lines read from each log.", ["log"],
+                          registry=registry),
+        log_malformed=Counter("policyd_log_malformed_total",
+                              "Lines skipped as malformed, huge, binary or not UTF-8.", ["log"],
+                              registry=registry),
+        log_forged=Counter("policyd_log_forged_total",
+                           "Requests caught writing lines into another log entry.", ["log"],
+                           registry=registry),
+        failures=Counter("policyd_failures_total", "Authentication failures matched by each filter.",
+                         ["filter"], registry=registry),
+        bans=Counter("policyd_bans_total", "Bans added, by reason.", ["reason"], registry=registry),
+        ban_latency=Histogram("policyd_ban_latency_seconds",
+                              "Seconds from reading the failing line to the kernel holding the ban.",
+                              buckets=LATENCY_BUCKETS, registry=registry),
+        applies=Counter("policyd_applies_total", "Policy loads into the kernel, by kind.", ["kind"],
+                        registry=registry),
+        kernel_errors=Counter("policyd_kernel_errors_total", "Transactions nftables refused.",
+                              registry=registry),
+        table_restores=Counter("policyd_table_restores_total",
+                               "Times policyd's tables were found missing or changed and put back.",
+                               registry=registry),
+        snapshot=snapshot,
+    )
+    # Present from the start, so a rate() sees the first event and absence means "never".
+    for kind in APPLY_KINDS:
+        metrics.applies.labels(kind=kind)
+    return metrics
 
 
-class _HistogramChild:
-    def __init__(self, bounds: tuple[float, ...]):
-        self._lock = threading.Lock()
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        index = bisect.bisect_left(self.bounds, value)  # le is inclusive
-        with self._lock:
-            self.counts[index] += 1
-            self.sum += value
-
-    def samples(self, name, pairs):
-        with self._lock:
-            counts, total = list(self.counts), self.sum
-        out, cumulative = [], 0
-        for bound, count in zip(self.bounds + (math.inf,), counts):
-            cumulative += count
-            out.append((f"{name}_bucket", pairs + (("le", format_value(bound)),), cumulative))
-        out.append((f"{name}_sum", pairs, total))
-        out.append((f"{name}_count", pairs, cumulative))
-        return out
+@dataclass(frozen=True)
+class FleetMetrics:
+    published: Counter
+    received: Counter
+    applied: Counter
+    rejected: Counter
+    latency: Histogram
+    gauges: Snapshot
 
 
-class Histogram(Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: Iterable[float], labels: Iterable[str] = (),
-                 registry: Registry | None = None):
-        bounds = tuple(float(bound) for bound in buckets)
-        if bounds and math.isinf(bounds[-1]):
-            bounds = bounds[:-1]
-        if not bounds or any(later <= earlier for earlier, later in zip(bounds, bounds[1:])):
-            raise ValueError(f"{name}: buckets must be a non-empty increasing sequence")
-        if "le" in tuple(labels):
-            raise ValueError(f"{name}: 'le' is reserved for buckets")
-        self.bounds = bounds
-        super().__init__(name, help, labels, registry)
-
-    def _new_child(self):
-        return _HistogramChild(self.bounds)
-
-    def observe(self, value: float) -> None:
-        self._unlabelled().observe(value)
-
-
-class Registry:
-    """The metrics one endpoint exposes, rendered in registration order."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._metrics: dict[str, Metric] = {}
-
-    def register(self, metric: Metric) -> Metric:
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name} registered twice")
-            self._metrics[metric.name] = metric
-        return metric
-
-    def render(self) -> str:
-        with self._lock:
-            metrics = list(self._metrics.values())
-        parts = []
-        for metric in metrics:
-            try:
-                parts.append(metric.render())
-            except Exception:  # one broken callback must not hide every other metric
-                log.warning("metric %s could not be rendered", metric.name, exc_info=True)
-        return "".join(parts)
+def fleet_metrics(registry: CollectorRegistry, reject_reasons) -> FleetMetrics:
+    """The fleet's metrics, made once per registry: a reload that restarts the
+    fleet keeps counting in the same series. Its gauges: Fleet.publish_metrics."""
+    made = getattr(registry, "policyd_fleet_metrics", None)
+    if made is not None:
+        return made
+    gauges = Snapshot(registry)
+    gauges.gauge("policyd_fleet_connected", "1 while both Redis connections are up.")
+    gauges.gauge("policyd_fleet_outbox", "Bans and unbans waiting for Redis.")
+    made = registry.policyd_fleet_metrics = FleetMetrics(
+        published=Counter("policyd_fleet_published_total",
+                          "Bans and unbans this node added to its stream.", registry=registry),
+        received=Counter("policyd_fleet_received_total", "Entries read from other nodes' streams.",
+                         ["node"], registry=registry),
+        applied=Counter("policyd_fleet_applied_total",
+                        "Received bans and unbans applied to this node's kernel.", ["op"],
+                        registry=registry),
+        rejected=Counter("policyd_fleet_rejected_total", "Received entries skipped, by reason.",
+                         ["reason"], registry=registry),
+        latency=Histogram("policyd_fleet_latency_seconds",
+                          "Seconds from the entry's XADD (server clock) to this node's kernel "
+                          "holding it.", buckets=LATENCY_BUCKETS, registry=registry),
+        gauges=gauges,
+    )
+    for reason in reject_reasons:
+        made.rejected.labels(reason=reason)
+    for op in ("ban", "unban"):
+        made.applied.labels(op=op)
+    return made
 
 
 def parse_listen(text: str, key: str = "--metrics-listen") -> tuple[str, int]:
@@ -317,16 +221,15 @@ def parse_listen(text: str, key: str = "--metrics-listen") -> tuple[str, int]:
 
 
 class MetricsServer:
-    """Serves GET /metrics from a registry on a background thread."""
+    """Serves GET /metrics from a registry on a background thread; 404 elsewhere."""
 
-    def __init__(self, listen: str, registry: Registry):
+    def __init__(self, listen: str, registry: CollectorRegistry):
         self.host, self.port = parse_listen(listen)
         self.registry = registry
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        registry = self.registry
         family = ipaddress.ip_address(self.host).version
 
         class Server(ThreadingHTTPServer):
@@ -334,9 +237,8 @@ class MetricsServer:
             daemon_threads = True
 
         class Handler(MetricsRequestHandler):
-            pass
+            registry = self.registry
 
-        Handler.registry = registry
         try:
             self._server = Server((self.host, self.port), Handler)
         except OSError as exc:
@@ -368,14 +270,14 @@ class MetricsServer:
 
 
 class MetricsRequestHandler(BaseHTTPRequestHandler):
-    registry: Registry
+    registry: CollectorRegistry
     timeout = 10  # a stalled scraper must not hold a thread for ever
 
     def do_GET(self):
         if self.path.split("?", 1)[0] != "/metrics":
             self.send_error(404, "only /metrics is served here")
             return
-        body = self.registry.render().encode()
+        body = generate_latest(self.registry)
         self.send_response(200)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(body)))
@@ -384,56 +286,3 @@ class MetricsRequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug("metrics http: " + format, *args)
-
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-APPLY_KINDS = ("plain", "trial", "confirm", "rollback", "restore")
-
-
-@dataclass(frozen=True)
-class StandardMetrics:
-    log_lines: Counter
-    log_malformed: Counter
-    log_forged: Counter
-    failures: Counter
-    bans: Counter
-    bans_active: Gauge
-    ban_latency: Histogram
-    applies: Counter
-    trial_active: Gauge
-    kernel_errors: Counter
-    table_restores: Counter
-
-
-def standard_metrics(registry: Registry, *, bans_active: Callable[[], float] | None = None,
-                     trial_active: Callable[[], float] | None = None) -> StandardMetrics:
-    """The daemon's metric set; the two gauges may read live values from callbacks."""
-    metrics = StandardMetrics(
-        log_lines=Counter("policyd_log_lines_total", "Complete lines read from each log.", ["log"], registry),
-        log_malformed=Counter("policyd_log_malformed_total",
-                              "Lines skipped as malformed, huge, binary or not UTF-8.", ["log"], registry),
-        log_forged=Counter("policyd_log_forged_total",
-                           "Requests caught writing lines into another log entry.", ["log"], registry),
-        failures=Counter("policyd_failures_total", "Authentication failures matched by each filter.",
-                         ["filter"], registry),
-        bans=Counter("policyd_bans_total", "Bans added, by reason.", ["reason"], registry),
-        bans_active=Gauge("policyd_bans_active", "Bans currently in the kernel's sets.", (), registry,
-                          function=bans_active),
-        ban_latency=Histogram("policyd_ban_latency_seconds",
-                              "Seconds from reading the failing line to the kernel holding the ban.",
-                              LATENCY_BUCKETS, (), registry),
-        applies=Counter("policyd_applies_total", "Policy loads into the kernel, by kind.", ["kind"], registry),
-        trial_active=Gauge("policyd_trial_active", "1 while a policy is on trial, else 0.", (), registry,
-                           function=trial_active),
-        kernel_errors=Counter("policyd_kernel_errors_total", "Transactions nftables refused.", (), registry),
-        table_restores=Counter("policyd_table_restores_total",
-                               "Times policyd's tables were found missing or changed and put back.", (),
-                               registry),
-    )
-    # Present from the start, so a rate() sees the first event and absence means "never".
-    for kind in APPLY_KINDS:
-        metrics.applies.labels(kind=kind)
-    for metric in (metrics.bans_active, metrics.ban_latency, metrics.trial_active,
-                   metrics.kernel_errors, metrics.table_restores):
-        metric.labels()
-    return metrics

@@ -244,7 +244,7 @@ class Netlink:
         """(frozenset of (chain, rule count), frozenset of set names) of one inet table.
 
         Three dumps that carry no set elements, so the cost does not grow with
-        the allowlist; compile.skeleton() says what they should be.
+        the allowlist; Ruleset.skeleton() (policyd.ruleset) says what they should be.
         """
         name = _attr(1, table.encode() + b"\0")  # NFTA_{RULE,SET}_TABLE filter the dump
         try:
@@ -336,19 +336,14 @@ class Netlink:
                                   b"", self._next_seq()))
         self._sock.send(b"".join(batch))
         failure = 0
-        while waiting:
-            data = self._sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-                if length < 16:
-                    break
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + 16)
-                    waiting.discard(seq)
-                    if code and not failure:
-                        failure = -code
-                offset += (length + 3) & ~3
+        for kind, seq, message in self._received(1 << 20) if waiting else ():
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", message, 16)
+                waiting.discard(seq)
+                if code and not failure:
+                    failure = -code
+            if not waiting:
+                break
         if failure:
             raise OSError(failure, f"nftables set element change refused: {os.strerror(failure)}")
 
@@ -362,20 +357,30 @@ class Netlink:
         seq = self._next_seq()
         self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
                                      NLM_F_REQUEST, 0, 0, b"", seq))
+        for kind, message in self._answers(seq):
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", message, 16)
+                raise OSError(-code, os.strerror(-code))
+            for attr, value in _attrs(message[20:]):
+                if attr == 1:  # NFTA_GEN_ID
+                    return int.from_bytes(value, "big")
+
+    def _answers(self, seq):
+        """(message type, whole message) of each netlink message answering `seq`."""
+        for kind, msg_seq, message in self._received():
+            if msg_seq == seq:
+                yield kind, message
+
+    def _received(self, size=65536):
+        """(message type, sequence number, whole message) of every message received."""
         while True:
-            data = self._sock.recv(65536)
+            data = self._sock.recv(size)
             offset = 0
             while offset + 16 <= len(data):
-                length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
                 if length < 16:
                     break
-                if msg_seq == seq:
-                    if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, offset + 16)
-                        raise OSError(-code, os.strerror(-code))
-                    for attr, value in _attrs(data[offset + 20:offset + length]):
-                        if attr == 1:  # NFTA_GEN_ID
-                            return int.from_bytes(value, "big")
+                yield kind, seq, data[offset:offset + length]
                 offset += (length + 3) & ~3
 
     def set_element_payloads(self, table, name):
@@ -407,24 +412,16 @@ class Netlink:
         self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
                                      NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, 0, body, seq))
         found = None
-        while True:
-            data = self._sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, offset)
-                if length < 16:
-                    break
-                if msg_seq == seq:
-                    if kind != NLMSG_ERROR:
-                        found = _first_element(data[offset + 20:offset + length])
-                    else:
-                        (code,) = struct.unpack_from("=i", data, offset + 16)
-                        if code == -errno.ENOENT:
-                            return None
-                        if code:
-                            raise OSError(-code, os.strerror(-code))
-                        return found
-                offset += (length + 3) & ~3
+        for kind, message in self._answers(seq):
+            if kind != NLMSG_ERROR:
+                found = _first_element(message[20:])
+                continue
+            (code,) = struct.unpack_from("=i", message, 16)
+            if code == -errno.ENOENT:
+                return None
+            if code:
+                raise OSError(-code, os.strerror(-code))
+            return found
 
 
 def _elements(payload):

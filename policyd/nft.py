@@ -16,11 +16,12 @@ import threading
 import nftables
 
 from policyd import lists, nfnetlink, nlbatch
-from policyd.compile import BAN_SETS, FAMILY, RANGE_BAN_SETS
+from policyd.compile import BAN_SETS, RANGE_BAN_SETS
+from policyd.ruleset import FAMILY
 from policyd.errors import KernelError
 
 PROTOCOLS = {6: "tcp", 17: "udp"}
-log = logging.getLogger("policyd.nft")
+log = logging.getLogger(__name__)
 
 
 class Nft:
@@ -105,16 +106,12 @@ class Nft:
         return {"kernel": os.uname().release, "destroy_set_element": destroy,
                 "reban": "destroy+add" if destroy else "add+delete+add"}
 
-    def ruleset(self):
-        """`nft list ruleset`, as text."""
-        return self._run("list ruleset")
-
     def tables(self):
         """Names of the inet tables that exist (over netlink: cheap enough to poll)."""
         return sorted(self.netlink.table_names())
 
     def skeleton(self, table):
-        """Chains with rule counts and set names of one table (see compile.skeleton)."""
+        """Chains with rule counts and set names of one table (see Ruleset.skeleton)."""
         return self.netlink.skeleton(table)
 
     def table_objects(self, table):

@@ -203,6 +203,18 @@ class _Reader:
             self.fail(node, key, "must be a single value")
         return node.value
 
+    def absolute_paths(self, entry, names, key):
+        """{name: path} of the `names` present in a mapping's `entry`, each refused
+        unless absolute (a relative path means whatever the daemon's cwd is)."""
+        paths = {}
+        for name in names:
+            if name in entry:
+                path = self.scalar_text(entry[name][1], f"{key}.{name}")
+                if not path.startswith("/"):
+                    self.fail(entry[name][1], f"{key}.{name}", f"{path!r} must be absolute")
+                paths[name] = path
+        return paths
+
     def scalar(self, node, key):
         """The scalar's value with YAML's own typing (int, bool, str)."""
         if not isinstance(node, yaml.ScalarNode):
@@ -424,13 +436,7 @@ class _Reader:
                              required=("filter",))
         if ("path" in entry) == ("journal" in entry):
             self.fail(item, key, "needs exactly one of `path` (a log file) or `journal` (a unit)")
-        values = {}
-        for name in ("path", "journal_dir"):
-            if name in entry:
-                text = self.scalar_text(entry[name][1], f"{key}.{name}")
-                if not text.startswith("/"):
-                    self.fail(entry[name][1], f"{key}.{name}", f"{text!r} must be absolute")
-                values[name] = text
+        values = self.absolute_paths(entry, ("path", "journal_dir"), key)
         if "journal" in entry:
             unit = self.scalar_text(entry["journal"][1], f"{key}.journal")
             if not JOURNAL_UNIT.match(unit):

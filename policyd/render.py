@@ -1,49 +1,30 @@
-"""Render a compiled document as nft syntax, for `policyd show` and `nft -f`.
+"""Render the ruleset model as nft syntax, for `policyd show` and `nft -f`.
 
 Covers exactly the expressions compile.py emits; anything else is a bug in
 one of the two and raises instead of printing something misleading.
 """
 
 
-def to_text(document):
-    """The ruleset `document` leaves behind, in `nft list ruleset` layout.
+def to_text(ruleset):
+    """The tables a Ruleset (policyd.ruleset) leaves, in `nft list ruleset` layout.
 
     Loadable with `nft -f` into an empty ruleset. The transaction's replace
     and flush steps are implied: each table is shown as it will be afterwards.
     """
-    tables = {}
-    for command in document["nftables"]:
-        (verb, body), = command.items()
-        if verb in ("metainfo", "delete", "flush"):
-            continue
-        (kind, obj), = body.items()
-        if kind == "table":
-            tables.setdefault((obj["family"], obj["name"]), {"sets": {}, "chains": {}})
-            continue
-        table = tables[(obj["family"], obj["table"])]
-        if kind == "set":
-            table["sets"][obj["name"]] = dict(obj, elem=list(obj.get("elem", [])))
-        elif kind == "element":
-            table["sets"][obj["name"]]["elem"] += obj["elem"]
-        elif kind == "chain":
-            table["chains"][obj["name"]] = (obj, [])
-        elif kind == "rule":
-            table["chains"][obj["chain"]][1].append(obj["expr"])
-        else:
-            raise ValueError(f"cannot render {verb} {kind}")
     lines = []
-    for (family, name), table in tables.items():
-        lines.append(f"table {family} {name} {{")
-        for set_name, obj in table["sets"].items():
-            lines.append(f"\tset {set_name} {{")
-            lines += ["\t\t" + part for part in _set_body(obj)]
+    for table in ruleset.tables.values():
+        lines.append(f"table {table.family} {table.name} {{")
+        for item in table.sets.values():
+            lines.append(f"\tset {item.name} {{")
+            lines += ["\t\t" + part for part in _set_body(dict(item.fields, elem=item.elem))]
             lines.append("\t}")
-        for chain_name, (obj, rules) in table["chains"].items():
-            lines.append(f"\tchain {chain_name} {{")
-            if "hook" in obj:
-                lines.append(f"\t\ttype {obj['type']} hook {obj['hook']} priority "
-                             f"{obj['prio']}; policy {obj['policy']};")
-            lines += ["\t\t" + " ".join(_stmt(e) for e in exprs) for exprs in rules]
+        for chain in table.chains.values():
+            lines.append(f"\tchain {chain.name} {{")
+            if chain.hook:
+                fields = chain.fields
+                lines.append(f"\t\ttype {fields['type']} hook {fields['hook']} priority "
+                             f"{fields['prio']}; policy {fields['policy']};")
+            lines += ["\t\t" + " ".join(_stmt(e) for e in rule.exprs) for rule in chain.rules]
             lines.append("\t}")
         lines.append("}")
     return "\n".join(lines) + "\n"

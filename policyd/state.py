@@ -11,12 +11,13 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import HostError
 
 log = logging.getLogger(__name__)
 
 # "pold": marks the file as ours, so a foreign SQLite file is refused instead
 # of having our tables added to it.
+STATE_FILE = "state.db"  # in the state dir
 APPLICATION_ID = 0x706F6C64
 
 # The failure window is persisted, not kept only in memory: log positions are
@@ -101,13 +102,13 @@ class State:
             # is exactly one BEGIN ... COMMIT whatever the statements are.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
-            raise InputError(f"cannot open state database: {error}", file=self.path) from None
+            raise HostError(f"cannot open state database: {error}", file=self.path) from None
         try:
             self._prepare()
         except sqlite3.DatabaseError as error:
             self._db.close()
-            raise InputError(f"not a usable policyd state database: {error}", file=self.path) from None
-        except InputError:
+            raise HostError(f"not a usable policyd state database: {error}", file=self.path) from None
+        except HostError:
             self._db.close()
             raise
 
@@ -117,9 +118,9 @@ class State:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         has_tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
         if application_id != APPLICATION_ID and (application_id != 0 or has_tables):
-            raise InputError("not a policyd state database (foreign SQLite file)", file=self.path)
+            raise HostError("not a policyd state database (foreign SQLite file)", file=self.path)
         if version > SCHEMA_VERSION:
-            raise InputError(
+            raise HostError(
                 f"state schema version {version} is newer than this policyd understands "
                 f"({SCHEMA_VERSION})", file=self.path)
         if application_id == APPLICATION_ID and version:
@@ -127,7 +128,7 @@ class State:
             # error, instead of later on the ban path.
             problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
             if problem != "ok":
-                raise InputError(f"state database is damaged: {problem}", file=self.path)
+                raise HostError(f"state database is damaged: {problem}", file=self.path)
         db.execute("PRAGMA journal_mode=WAL")
         # In WAL mode NORMAL loses at most the last commits on power loss,
         # never consistency; FULL would fsync on every flush of the ban path.
@@ -156,7 +157,7 @@ class State:
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as error:
-                raise InputError(f"cannot read state database: {error}", file=self.path) from None
+                raise HostError(f"cannot read state database: {error}", file=self.path) from None
 
     @contextmanager
     def transaction(self):
@@ -179,11 +180,6 @@ class State:
         """Rows (BAN_COLUMNS order) of bans that have not expired at `now`."""
         return self._read(
             f"SELECT {', '.join(BAN_COLUMNS)} FROM bans WHERE expires_at > ?", (now,))
-
-    def load_history(self):
-        """{key: (times banned, end of the last ban)}."""
-        return {key: (bans, last_end) for key, bans, last_end
-                in self._read("SELECT key, bans, last_end FROM ban_history")}
 
     def load_history_of(self, key):
         """(times banned, end of the last ban) for one key, or None."""

@@ -128,20 +128,17 @@ def write_rows(state, rows):
 
 
 class QueuedPositions:
-    """A PositionStore (policyd.tail) whose saves go through the StateWriter, after
-    the state batches queued before them: the main connection never writes."""
+    """The daemon's PositionStore (policyd.tail): a saved position is queued with
+    the ban state (BanManager.queue_position) and written in the same transaction
+    as the last failures read before it, so a crash can neither skip a line whose
+    failures were lost nor count a line's failures twice."""
 
-    def __init__(self, state, writer):
+    def __init__(self, state, queue_position):
         self.state = state
-        self.writer = writer
-        self._sequence = 0
+        self._queue = queue_position
 
     def load(self, path):
         return self.state.load_position(path)
 
     def save(self, path, position):
-        if not self.writer.running:  # stopping: the main thread writes the last ones itself
-            self.state.save_position(path, position)
-            return
-        self._sequence += 1
-        self.writer.submit(("positions", self._sequence), {"positions": [(path, position)]})
+        self._queue(path, position)

@@ -1,43 +1,27 @@
 """Loading policies into the kernel: plain applies, trials, confirm and rollback.
 
-Owns the committed policy and the pending trial in the state dir. The trial's
-deadline lives in the kernel (a timeout element, see compile.py); the disk only
-ever holds a committed policy that an operator confirmed, so a crash, a lost
-session or a reboot can only fall back to it, never keep a candidate.
+The trial state machine. The trial's deadline lives in the kernel (a timeout
+element, see compile.py); the state dir (policystore) only ever holds a
+committed policy that an operator confirmed, so a crash, a lost session or a
+reboot can only fall back to it, never keep a candidate.
 """
-import base64
-import binascii
-import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from policyd import explain, preflight
 from policyd import policy as policy_mod
-from policyd.addr import parse_host
-from policyd.compile import FAMILY, TRIAL_SET, compile_policy
-from policyd.errors import InputError, KernelError
+from policyd import preflight
+from policyd.compile import TRIAL_SET, compile_policy, delete_table
+from policyd.ruleset import Ruleset
+from policyd.errors import InputError, KernelError, Refused
+from policyd.lockout import operator_peers, refuse_cuts, route_iface
+from policyd.policystore import Pending
 
-COMMITTED = "committed.yaml"
-COMMITTED_META = "committed.json"
-PENDING = "pending.json"
-LOCK = "trial.lock"
-PENDING_VERSION = 1
-# Written by a daemon that found nothing committed and did not enforce the policy
-# file (it would cut a connected client, or it does not load); gone at the first commit.
-HELD_BACK = "held-back.json"
-
-log = logging.getLogger("policyd.trial")
+log = logging.getLogger(__name__)
 
 
-class TrialRefused(Exception):
-    """The operation ran and said no (exit code 1); nothing was changed."""
+class TrialRefused(Refused):
+    """A trial step ran and said no (exit code 1); nothing was changed."""
 
 
 class TrialRunning(TrialRefused):
@@ -52,175 +36,6 @@ class TooLate(TrialRefused):
     pass
 
 
-class LockoutRisk(TrialRefused):
-    pass
-
-
-def atomic_write(path, data):
-    """Write `data` to `path` so that readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory):
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A candidate on trial: its exact bytes and when the kernel drops it."""
-    data: bytes
-    source: str
-    sha256: str
-    started_at: float
-    deadline: float  # wall clock, seconds since the epoch
-    seconds: int
-    previous_sha256: str | None
-
-    def policy(self):
-        return policy_mod.loads(self.data, self.source)
-
-    def to_json(self):
-        return json.dumps({
-            "version": PENDING_VERSION, "source": self.source, "sha256": self.sha256,
-            "policy": base64.b64encode(self.data).decode("ascii"),
-            "started_at": self.started_at, "deadline": self.deadline,
-            "seconds": self.seconds, "previous_sha256": self.previous_sha256,
-        }, indent=1).encode()
-
-    @classmethod
-    def from_json(cls, raw):
-        """Parse a pending record; ValueError if any part of it is wrong."""
-        record = json.loads(raw)
-        if not isinstance(record, dict) or record.get("version") != PENDING_VERSION:
-            raise ValueError("unknown record version")
-        try:
-            data = base64.b64decode(record["policy"], validate=True)
-            pending = cls(data=data, source=str(record["source"]), sha256=record["sha256"],
-                          started_at=float(record["started_at"]),
-                          deadline=float(record["deadline"]), seconds=int(record["seconds"]),
-                          previous_sha256=record["previous_sha256"])
-        except (KeyError, TypeError, binascii.Error) as exc:
-            raise ValueError(f"missing or malformed field ({exc})") from None
-        if hashlib.sha256(data).hexdigest() != pending.sha256:
-            raise ValueError("the policy does not match its sha256")
-        return pending
-
-
-class PolicyStore:
-    """The state dir's committed policy (bytes + when) and the pending trial record."""
-
-    def __init__(self, state_dir):
-        self.dir = Path(state_dir)
-        self._validated = set()  # sha256 of trial records whose policy parsed
-
-    def committed(self):
-        """The committed Policy, or None if nothing was ever committed."""
-        path = self.dir / COMMITTED
-        if not path.exists():
-            return None
-        return policy_mod.load(path)
-
-    def meta(self):
-        try:
-            return json.loads((self.dir / COMMITTED_META).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def commit(self, data, policy, now=None):
-        atomic_write(self.dir / COMMITTED, data)
-        atomic_write(self.dir / COMMITTED_META, json.dumps({
-            "source": policy.source, "sha256": policy.digest,
-            "committed_at": time.time() if now is None else now,
-        }).encode())
-        (self.dir / HELD_BACK).unlink(missing_ok=True)
-
-    def hold_back(self, source, reason, now):
-        """Record that the first policy was not enforced, and why (status, doctor)."""
-        atomic_write(self.dir / HELD_BACK, json.dumps(
-            {"source": str(source), "reason": reason, "at": now}).encode())
-
-    def held_back(self):
-        """{"source", "reason", "at"} while nothing is enforced for that reason, else None."""
-        try:
-            record = json.loads((self.dir / HELD_BACK).read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(record, dict) or (self.dir / COMMITTED).exists():
-            return None
-        return {key: record.get(key) for key in ("source", "reason", "at")}
-
-    def pending(self):
-        """The trial on record, or None. A damaged record counts as no trial.
-
-        Damage is possible only from outside (the record is written atomically);
-        treating it as "no trial" is the safe reading: the kernel's timer still
-        ends the candidate, and nothing can confirm a candidate we cannot read.
-        """
-        path = self.dir / PENDING
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("%s: unreadable trial record (%s); treating it as no trial", path, exc)
-            return None
-        try:
-            pending = Pending.from_json(raw)
-            # Validated once per candidate: the daemon looks twice a second, and
-            # parsing a 100k-network policy each time would cost it seconds.
-            if pending.sha256 not in self._validated:
-                pending.policy()
-                self._validated.add(pending.sha256)
-        except (ValueError, InputError) as exc:
-            log.warning("%s: damaged trial record (%s); treating it as no trial", path, exc)
-            return None
-        return pending
-
-    def set_pending(self, pending):
-        atomic_write(self.dir / PENDING, pending.to_json())
-
-    def clear_pending(self):
-        path = self.dir / PENDING
-        if path.exists() or path.is_symlink():
-            path.unlink()
-            _fsync_dir(self.dir)
-
-    @contextlib.contextmanager
-    def locked(self, wait=True):
-        """Serialise state changes between the CLI and the daemon.
-
-        An flock dies with its process, so a killed apply never leaves it held.
-        With wait=False it yields False at once when someone else holds it.
-        """
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / LOCK, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def empty_policy(table):
     """A policy that guards nothing: what "committed" means before the first commit.
 
@@ -231,121 +46,6 @@ def empty_policy(table):
                              bans=policy_mod.BanSettings(ports=()),
                              source="<nothing committed>", digest="")
 
-
-# --- the anti-lockout lint -------------------------------------------------
-
-@dataclass(frozen=True)
-class Peer:
-    """A remote end the operator depends on: who, to which local port, and why we know."""
-    address: object
-    port: int
-    proto: str
-    origin: str
-
-
-def ssh_peer(environ):
-    """The SSH client from SSH_CONNECTION ("client cport server sport"), or None."""
-    fields = environ.get("SSH_CONNECTION", "").split()
-    if len(fields) != 4 or not fields[3].isdigit():
-        return None
-    address = parse_host(fields[0])
-    if address is None:
-        return None
-    return Peer(address, int(fields[3]), "tcp", "your SSH session (SSH_CONNECTION)")
-
-
-def operator_peers(policy, environ=None):
-    """SSH_CONNECTION's client plus the peers of established TCP connections on
-    the ports `policy` guards, as this host's sockets show them now."""
-    from policyd import netdiag  # pyroute2 only where the host is asked
-    peers = []
-    ssh = ssh_peer(os.environ if environ is None else environ)
-    if ssh is not None:
-        peers.append(ssh)
-    ports = [port for proto, port in policy.guarded() if proto == "tcp"]
-    if ports:
-        try:
-            connections = netdiag.established_peers(ports)
-        except OSError as exc:
-            raise LockoutRisk(f"cannot list established connections to check them ({exc}); "
-                              "use --force to apply without this check") from None
-        for conn in connections:
-            peers.append(Peer(conn.peer_address, conn.local_port, "tcp",
-                              "an established connection"))
-    return peers
-
-
-def lockout_cuts(policy, peers, iface_of=lambda address: None):
-    """(peer, Decision) for every peer that `policy` would drop or reject.
-
-    `iface_of(address)` names the interface the peer's packets arrive on, asked
-    only when an address rule alone would refuse the peer.
-    """
-    cuts, seen = [], set()
-    for peer in peers:
-        key = (peer.address, peer.port, peer.proto)
-        if key in seen:
-            continue
-        seen.add(key)
-        decision = explain.decide(policy, peer.address, peer.port, peer.proto)
-        if decision.verdict in ("drop", "reject"):
-            decision = explain.decide(policy, peer.address, peer.port, peer.proto,
-                                      iface_of(peer.address))
-        if decision.verdict in ("drop", "reject"):
-            cuts.append((peer, decision))
-    return cuts
-
-
-def _route_iface(address):
-    from policyd import netdiag
-    return netdiag.interface_towards(address)
-
-
-def _lint(policy, peers, iface_of):
-    cuts = lockout_cuts(policy, peers(policy), iface_of)
-    if not cuts:
-        return
-    peer, decision = cuts[0]
-    more = f" (and {len(cuts) - 1} more)" if len(cuts) > 1 else ""
-    raise LockoutRisk(
-        f"refusing: {peer.address} on {peer.proto} port {peer.port} ({peer.origin}) "
-        f"would be cut by {decision.rule}{more}; fix the policy or use --force")
-
-
-def lint_in_child(policy, peers=operator_peers, iface_of=_route_iface):
-    """_lint in a forked child, for the daemon's first start: the sock_diag queries
-    load pyroute2 (~11 MB), which must not stay resident in a long-running daemon.
-    Raises LockoutRisk as _lint does; any other failure of the child is a LockoutRisk
-    too (it could not prove that nobody is cut)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no threads run here yet (the daemon forks before any)
-        code = 0
-        try:
-            os.close(read_end)
-            try:
-                _lint(policy, peers, iface_of)
-                answer = b""
-            except LockoutRisk as exc:
-                answer = str(exc).encode()
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                answer = f"the lint could not run ({exc}); use `policyd apply`".encode()
-            with os.fdopen(write_end, "wb") as out:
-                out.write(answer)
-        except BaseException:  # noqa: BLE001 - never return into the parent's code
-            code = 1
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as answer_pipe:
-        answer = answer_pipe.read()
-    _pid, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise LockoutRisk("the lint could not run; use `policyd apply`")
-    if answer:
-        raise LockoutRisk(answer.decode("utf-8", "replace"))
-
-
-# --- the state machine ------------------------------------------------------
 
 def _refuse_if_running(store, now):
     pending = store.pending()
@@ -371,7 +71,7 @@ def read_candidate(path):
     return data, policy
 
 
-def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=_route_iface,
+def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=route_iface,
           now=None, lint=None):
     """Load the policy at `path` in one transaction and make it the committed one.
 
@@ -381,36 +81,30 @@ def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=_rout
     if lint is not None and not force:
         lint(policy)
     elif not force:
-        _lint(policy, peers, iface_of)
+        refuse_cuts(policy, peers, iface_of)
     with store.locked():
         _refuse_if_running(store, now)
         previous = store.committed()
-        document = compile_policy(policy)
+        ruleset = compile_policy(policy)
         if previous is not None and previous.table != policy.table:
             # The old guard table goes in the same transaction: left loaded it
             # would go on dropping what the new policy allows. The old ban table
             # stays until its bans are in the new one (move_bans), so no ban
             # lapses meanwhile.
-            document["nftables"] += _delete_table(previous.table)
-        nft.load(document)
+            delete_table(ruleset, previous.table)
+        nft.load(ruleset.document())
         store.commit(data, policy, now)
         store.clear_pending()  # an expired trial's record, if one was left
     return policy
 
 
-def _delete_table(name):
-    # `add` first makes `delete` safe when the table is gone already.
-    return [{"add": {"table": {"family": FAMILY, "name": name}}},
-            {"delete": {"table": {"family": FAMILY, "name": name}}}]
-
-
 def retire_table(nft, name):
     """Delete one of policyd's former tables (a policy moved to another `table:`)."""
-    nft.load({"nftables": [{"metainfo": {"json_schema_version": 1}}, *_delete_table(name)]})
+    nft.load(delete_table(Ruleset(), name).document())
 
 
 def start_trial(nft, store, path, seconds, *, force=False, peers=operator_peers,
-                iface_of=_route_iface, now=None):
+                iface_of=route_iface, now=None):
     """Load the policy at `path` on trial for `seconds`; return its Pending record.
 
     The record is on disk before the kernel sees the candidate, so the daemon's
@@ -422,7 +116,7 @@ def start_trial(nft, store, path, seconds, *, force=False, peers=operator_peers,
     now = time.time() if now is None else now
     data, candidate = read_candidate(path)
     if not force:
-        _lint(candidate, peers, iface_of)
+        refuse_cuts(candidate, peers, iface_of)
     with store.locked():
         _refuse_if_running(store, now)
         committed = store.committed()
@@ -436,7 +130,7 @@ def start_trial(nft, store, path, seconds, *, force=False, peers=operator_peers,
         store.set_pending(pending)
         try:
             nft.load(compile_policy(committed or empty_policy(candidate.table),
-                                    candidate, seconds))
+                                    candidate, seconds).document())
         except BaseException:
             store.clear_pending()
             raise
@@ -452,7 +146,7 @@ def _trial_elements(nft, table):
 
 def _end_expired(nft, store, pending):
     """The kernel already runs the committed chains; drop the stale candidate."""
-    nft.load(compile_policy(_fallback(store, pending.policy().table)))
+    nft.load(compile_policy(_fallback(store, pending.policy().table)).document())
     store.clear_pending()
 
 
@@ -481,13 +175,10 @@ def confirm(nft, store, now=None):
         if not elements:
             _end_expired(nft, store, pending)
             raise too_late
-        document = compile_policy(candidate)
         # Before the table is replaced: the delete is what proves the trial is alive.
-        document["nftables"].insert(1, {"delete": {"element": {
-            "family": FAMILY, "table": candidate.table, "name": TRIAL_SET,
-            "elem": elements}}})
+        alive = Ruleset().delete_elements(candidate.table, TRIAL_SET, elements)
         try:
-            nft.load(document)
+            nft.load(compile_policy(candidate, into=alive).document())
         except KernelError:
             if _trial_elements(nft, candidate.table):
                 raise
@@ -514,7 +205,7 @@ def rollback(nft, store):
         if pending is None and (committed is None
                                 or not _trial_elements(nft, committed.table)):
             raise NoTrial("no trial to roll back; the committed policy stays")
-        nft.load(compile_policy(committed or empty_policy(pending.policy().table)))
+        nft.load(compile_policy(committed or empty_policy(pending.policy().table)).document())
         store.clear_pending()
     return pending
 
@@ -549,9 +240,9 @@ def restore_committed_locked(nft, store):
     pending = store.pending()
     committed = store.committed()
     if committed is not None:
-        nft.load(compile_policy(committed))
+        nft.load(compile_policy(committed).document())
     elif pending is not None:
-        nft.load(compile_policy(empty_policy(pending.policy().table)))
+        nft.load(compile_policy(empty_policy(pending.policy().table)).document())
     store.clear_pending()
     return committed
 

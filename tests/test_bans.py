@@ -1,92 +1,21 @@
 """BanManager against a fake kernel and a fake clock: the window, escalation,
 never-ban rules, IPv6 aggregation, batching, kernel failures and restarts."""
 import ipaddress
-from dataclasses import dataclass
 
 import pytest
 
+from fakes import FakeBanKernel, Settings
 from policyd.bans import Ban, BanManager
-from policyd.errors import InputError, KernelError
+from policyd.errors import InputError
 from policyd.state import State
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Same attribute names as policy.BanSettings; bans.py only reads them."""
-    ports: tuple = (11434,)
-    maxretry: int = 5
-    findtime: int = 600
-    bantime: int = 3600
-    bantime_max: int = 604800
-    ipv6_prefix: int = 64
-    ignore: tuple = ()
-    logs: tuple = ()
-
-
-class FakeClock:
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-class FakeKernel:
-    """Records each call as one batch; keeps elements with an expiry like the kernel."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.batches = []
-        self.elements = {}
-        self.failing = False
-
-    def add_bans(self, bans):
-        if self.failing:
-            raise KernelError("netlink: Operation not permitted")
-        self.batches.append(("add", list(bans)))
-        for network, timeout in bans:
-            self.elements[network] = self.clock() + timeout
-
-    def remove_bans(self, networks):
-        if self.failing:
-            raise KernelError("netlink: Operation not permitted")
-        self.batches.append(("remove", list(networks)))
-        for network in networks:
-            self.elements.pop(network, None)
-
-    def list_bans(self):
-        now = self.clock()
-        return {n: round(end - now) for n, end in self.elements.items() if end > now}
-
-    def replace_ban_keys(self, items):
-        self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
-                       for (_version, number, prefixlen), timeout in items])
-
-    def add_ban_keys(self, items, flush_ipv6=False):
-        if flush_ipv6:
-            self.batches.append(("flush6", []))
-            self.elements = {n: end for n, end in self.elements.items() if n.version == 4}
-        self.add_bans([(ipaddress.ip_network((number, prefixlen)), timeout)
-                       for (_version, number, prefixlen), timeout in items])
-
-    def list_ban_keys(self):
-        return {(n.version, int(n.network_address), n.prefixlen) for n in self.list_bans()}
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 @pytest.fixture
 def kernel(clock):
-    return FakeKernel(clock)
+    return FakeBanKernel(clock)
 
 
 @pytest.fixture
@@ -446,17 +375,16 @@ def test_reconcile_readds_only_what_the_kernel_lacks(make, kernel):
     assert len(kernel.batches[-1][1]) == 3
 
 
-def test_stats_count_per_filter_and_reason(make):
+def test_bans_are_counted_by_reason(make):
     manager = make()
     fail(manager, "192.0.2.70", 5, "nginx-auth")
     fail(manager, "192.0.2.71", 2, "caddy-auth")
     fail(manager, "127.0.0.1", 1, "caddy-auth")
     manager.ban("203.0.113.70", 60)
-    stats = manager.stats()
-    assert stats["failures_total"] == {"nginx-auth": 5, "caddy-auth": 3}
-    assert stats["ignored_total"] == {"caddy-auth": 1}
-    assert stats["bans_total"] == {"auto": 1, "manual": 1}
-    assert stats["active"] == 2 and stats["queued"] == 2
+    assert manager.failures_total == {"nginx-auth": 5, "caddy-auth": 3}
+    assert manager.ignored_total == {"caddy-auth": 1}
+    assert manager.bans_total == {"auto": 1, "manual": 1}
+    assert manager.active_count == 2
 
 
 def test_ban_as_dict_is_json_ready(make):
@@ -560,13 +488,14 @@ def test_a_batch_bans_exactly_what_one_failure_at_a_time_bans(make, db_path, tmp
     singles = [ban for ban in singles if ban is not None]
     batch_state = State(tmp_path / "batch.db")
     try:
-        batched = BanManager(Settings(), batch_state, FakeKernel(clock), clock=clock)
+        batched = BanManager(Settings(), batch_state, FakeBanKernel(clock), clock=clock)
         made = batched.record_failures([(address, "nginx-auth", None) for address in failures])
         assert len(made) == len(singles) == len(sources)
         assert list(made) == singles
         assert made[:2] == singles[:2]
         assert made.filters() == ["nginx-auth"]
-        assert batched.stats() == one_by_one.stats()
+        for counts in ("failures_total", "ignored_total", "bans_total", "active_count"):
+            assert getattr(batched, counts) == getattr(one_by_one, counts), counts
     finally:
         batch_state.close()
 

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from policyd import __version__, cli, trial
+from policyd import __version__, cli, lockout, policystore, trial
 
 GOOD = """\
 version: 1
@@ -138,7 +138,7 @@ def test_confirm_timeout_takes_durations_like_the_policy(tmp_path, monkeypatch, 
 
     def fake_start(nft, store, policy_path, timeout, force=False):
         seen["seconds"] = timeout
-        return trial.Pending(b"", policy_path, "0" * 64, 0.0, 0.0 + timeout, timeout, None)
+        return policystore.Pending(b"", policy_path, "0" * 64, 0.0, 0.0 + timeout, timeout, None)
 
     monkeypatch.setattr(cli.Context, "nft", lambda self: None)
     monkeypatch.setattr(trial, "start_trial", fake_start)
@@ -173,11 +173,11 @@ def test_confirm_and_rollback_without_a_trial_both_exit_1(tmp_path):
 
 
 def _expired_trial(tmp_path):
-    store = trial.PolicyStore(tmp_path / "state")
+    store = policystore.PolicyStore(tmp_path / "state")
     data = GOOD.encode()
     policy = trial.policy_mod.loads(data, "/etc/policyd/policy.yaml")
     store.commit(data, policy, now=1000.0)
-    store.set_pending(trial.Pending(data, "/tmp/candidate.yaml", policy.digest, 1000.0,
+    store.set_pending(policystore.Pending(data, "/tmp/candidate.yaml", policy.digest, 1000.0,
                                     1060.0, 60, policy.digest))
 
 
@@ -195,7 +195,7 @@ def test_status_without_a_daemon_shows_an_expired_trial_as_ended(tmp_path, monke
 
 
 def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monkeypatch):
-    store = trial.PolicyStore(tmp_path / "state")
+    store = policystore.PolicyStore(tmp_path / "state")
     store.hold_back("/etc/policyd/policy.yaml", "refusing: 192.0.2.7 on tcp port 11434 "
                     "(an established connection) would be cut", 1000.0)
     monkeypatch.setattr(cli, "_nft_or_none", lambda obj: None)
@@ -212,7 +212,7 @@ def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monke
 
 def test_ban_refusals_name_the_argument_the_operator_typed(tmp_path):
     from policyd.bans import BanManager
-    from policyd.daemon import BanDesk
+    from policyd.bandesk import BanDesk
     from policyd.errors import InputError
     from policyd.policy import BanSettings
     from policyd.state import State
@@ -243,3 +243,38 @@ def test_explain_names_its_arguments_like_the_usage(tmp_path):
         "policyd: SRC: ")
     assert invoke(tmp_path, "explain", path, "192.0.2.7", "99999").stderr.startswith(
         "policyd: PORT: ")
+
+
+def test_every_operator_error_class_carries_the_exit_code_spec_gives_it():
+    from policyd.errors import HostError, InputError, KernelError, PolicydError, Refused
+    assert InputError("x").exit_code == 2
+    for refusal in (HostError("x"), KernelError("x"), Refused("x"), trial.TooLate("x"),
+                    lockout.LockoutRisk("x")):
+        assert isinstance(refusal, PolicydError) and refusal.exit_code == 1
+    assert KernelError("no such table").for_operator() == "the kernel refused: no such table"
+
+
+def test_a_foreign_state_database_is_the_hosts_fault_not_the_input(tmp_path):
+    import sqlite3
+
+    from policyd import policy
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    with sqlite3.connect(state_dir / "state.db") as db:
+        db.execute("CREATE TABLE photos (id INTEGER)")
+    policy_file = write(tmp_path, GOOD)
+    policystore.PolicyStore(state_dir).commit(policy_file.read_bytes(), policy.load(policy_file))
+    result = invoke(tmp_path, "unban", "192.0.2.7")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"policyd: {state_dir / 'state.db'}: not a policyd state database")
+    assert result.stderr.count("\n") == 1
+
+
+def test_banning_without_a_daemon_does_not_import_the_daemon():
+    import subprocess
+    import sys
+    program = ("import sys, policyd.bandesk, policyd.cli; "
+               "print('policyd.daemon' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -17,7 +17,7 @@ import pytest
 from policyd import control
 from policyd.control import (ControlError, ControlServer, DaemonUnavailable, MainLoopCall,
                              request, socket_path)
-from policyd.errors import InputError
+from policyd.errors import HostError, InputError, KernelError
 
 NOBODY = 65534
 
@@ -31,6 +31,10 @@ def echo_handler(command, args):
         raise ControlError("not banned", 1)
     if command == "crash":
         raise RuntimeError("boom\nsecond line")
+    if command == "host":
+        raise HostError("cannot read state database: disk I/O error", file="/var/lib/policyd/state.db")
+    if command == "kernel":
+        raise KernelError("Could not process rule: No such file or directory")
     raise InputError(f"unknown command {command}")
 
 
@@ -88,6 +92,16 @@ def test_handler_control_error_keeps_its_code(server, run_dir):
     with pytest.raises(ControlError) as caught:
         request(run_dir, "refuse")
     assert (caught.value.code, caught.value.message) == (1, "not banned")
+
+
+@pytest.mark.parametrize("command, said", [
+    ("host", "/var/lib/policyd/state.db: cannot read state database: disk I/O error"),
+    ("kernel", "the kernel refused: Could not process rule: No such file or directory"),
+])
+def test_host_and_kernel_errors_are_code_1_with_their_own_words(server, run_dir, command, said):
+    with pytest.raises(ControlError) as caught:
+        request(run_dir, command)
+    assert (caught.value.code, caught.value.message) == (1, said)
 
 
 def test_handler_crash_is_code_1_one_line_and_server_keeps_serving(server, run_dir):
@@ -168,7 +182,7 @@ def test_stale_socket_file_replaced(run_dir):
 
 
 def test_live_socket_is_not_stolen(server, run_dir):
-    with pytest.raises(InputError, match="another policyd is listening"):
+    with pytest.raises(HostError, match="another policyd is listening"):
         ControlServer(socket_path(run_dir), echo_handler).start()
     assert request(run_dir, "echo") == {"command": "echo", "args": {}}
 
@@ -176,7 +190,7 @@ def test_live_socket_is_not_stolen(server, run_dir):
 def test_regular_file_in_the_way_is_refused(run_dir):
     run_dir.mkdir()
     socket_path(run_dir).write_text("precious")
-    with pytest.raises(InputError, match="not a socket"):
+    with pytest.raises(HostError, match="not a socket"):
         ControlServer(socket_path(run_dir), echo_handler).start()
     assert socket_path(run_dir).read_text() == "precious"
 

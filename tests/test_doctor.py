@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from policyd import doctor, policy as policy_mod
+from policyd import doctor, hostenv, tableshape
+from policyd import policy as policy_mod
 from policyd.cli import main
 from policyd.compile import compile_policy
 from policyd.errors import InputError, KernelError
 from policyd.netdiag import Listener
-from policyd.trial import Pending, PolicyStore
+from policyd.policystore import Pending, PolicyStore
 
 ip = ipaddress.ip_address
 NOW = 1_000_000.0
@@ -316,7 +317,7 @@ def test_a_filter_that_does_not_load_fails_once_per_filter(host):
 
 
 def test_the_real_host_tells_missing_from_unreadable_logs(tmp_path):
-    env = doctor.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None)
+    env = hostenv.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None)
     readable = tmp_path / "access.log"
     readable.write_text("x\n")
     env.open_log(str(readable))
@@ -328,7 +329,7 @@ def test_the_real_host_tells_missing_from_unreadable_logs(tmp_path):
 
 
 def test_the_real_host_loads_shipped_filters_and_refuses_unknown_ones(tmp_path):
-    env = doctor.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None)
+    env = hostenv.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None)
     env.load_filter("nginx-auth")
     with pytest.raises(InputError):
         env.load_filter("no-such-filter")
@@ -376,8 +377,8 @@ services:
 def test_a_trial_in_progress_is_reported_with_seconds_left_not_as_drift(host, policy):
     pending = pending_for(CANDIDATE_TEXT)
     host.store.set_pending(pending)
-    document = compile_policy(policy, pending.policy(), pending.seconds)
-    host.objects[policy.table] = doctor.document_objects(document, policy.table)
+    ruleset = compile_policy(policy, pending.policy(), pending.seconds)
+    host.objects[policy.table] = ruleset.listed_objects(policy.table)
     findings = doctor.diagnose(policy, host)
     trial, = by_check(findings, "trial")
     assert trial.level == "warn" and "100s left" in trial.message
@@ -427,8 +428,8 @@ def test_a_missing_nftables_binding_names_the_package(host, policy):
 
 
 def test_the_real_kernel_listing_matches_the_compiled_policy(policy):
-    expected = doctor.table_shape(doctor.document_objects(compile_policy(policy), "policyd"))
-    assert doctor.compare_shapes(expected, doctor.table_shape(KERNEL_LISTING)) == []
+    expected = tableshape.table_shape(compile_policy(policy).listed_objects("policyd"))
+    assert tableshape.compare_shapes(expected, tableshape.table_shape(KERNEL_LISTING)) == []
 
 
 def drift_of(host, policy, edit):
@@ -489,9 +490,9 @@ def test_ranges_and_addresses_compare_as_networks():
     listed = [{"set": {"name": "s", "type": "ipv4_addr", "flags": ["interval"],
                        "elem": [{"range": ["192.0.2.0", "192.0.2.255"]}]}}]
     # One /24 as a range is not the same two elements: that is a real difference.
-    assert doctor.compare_shapes(doctor.table_shape(compiled), doctor.table_shape(listed))
+    assert tableshape.compare_shapes(tableshape.table_shape(compiled), tableshape.table_shape(listed))
     listed[0]["set"]["elem"] = ["192.0.2.0/25", {"prefix": {"addr": "192.0.2.128", "len": 25}}]
-    assert doctor.compare_shapes(doctor.table_shape(compiled), doctor.table_shape(listed)) == []
+    assert tableshape.compare_shapes(tableshape.table_shape(compiled), tableshape.table_shape(listed)) == []
 
 
 def test_addresses_spelled_differently_by_the_kernel_are_the_same_element():
@@ -499,10 +500,10 @@ def test_addresses_spelled_differently_by_the_kernel_are_the_same_element():
                          "elem": ["::c000:201", {"prefix": {"addr": "2001:db8::", "len": 32}}]}}]
     listed = [{"set": {"name": "s", "type": "ipv6_addr", "flags": ["interval"],
                        "elem": ["::192.0.2.1", {"prefix": {"addr": "2001:db8::", "len": 32}}]}}]
-    assert doctor.compare_shapes(doctor.table_shape(compiled), doctor.table_shape(listed)) == []
+    assert tableshape.compare_shapes(tableshape.table_shape(compiled), tableshape.table_shape(listed)) == []
     listed[0]["set"]["elem"][0] = "::192.0.2.2"
-    difference, = doctor.compare_shapes(doctor.table_shape(compiled),
-                                        doctor.table_shape(listed))
+    difference, = tableshape.compare_shapes(tableshape.table_shape(compiled),
+                                        tableshape.table_shape(listed))
     assert "1 element(s) not in the policy (::c000:202/128)" in difference
 
 
@@ -510,7 +511,7 @@ def test_addresses_spelled_differently_by_the_kernel_are_the_same_element():
 
 def test_an_enabled_nftables_service_is_found_by_its_wants_symlink(tmp_path):
     systemd = tmp_path / "systemd"
-    env = doctor.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None,
+    env = hostenv.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None,
                                  systemd_dir=systemd)
     systemd.mkdir()
     assert doctor.check_nftables_service(env)[0].level == "ok"
@@ -524,7 +525,7 @@ def test_an_enabled_nftables_service_is_found_by_its_wants_symlink(tmp_path):
 
 def test_the_daemon_check_connects_to_the_control_socket(tmp_path):
     run_dir = tmp_path / "run"
-    env = doctor.HostEnvironment(tmp_path / "s", run_dir, nft_factory=None)
+    env = hostenv.HostEnvironment(tmp_path / "s", run_dir, nft_factory=None)
     assert env.control_socket_state() == "missing"
     assert "not running" in doctor.check_daemon(env)[0].message
     run_dir.mkdir()
@@ -549,7 +550,7 @@ def test_socket_owners_map_inodes_to_processes_through_proc(tmp_path):
         for fd, target in enumerate(links):
             os.symlink(target, proc / str(pid) / "fd" / str(fd))
     (proc / "self").mkdir()
-    env = doctor.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None,
+    env = hostenv.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None,
                                  proc_dir=proc)
     assert env.socket_owners({501, 600}) == {501: [(4242, "ollama")]}
 

@@ -11,7 +11,7 @@ from policyd.bans import BanManager
 from policyd.filters import Failure, load_filter
 from policyd.guard import judge_for
 from policyd.state import State
-from test_bans import FakeClock, FakeKernel, Settings
+from fakes import FakeBanKernel, FakeClock, Settings
 
 ip = ipaddress.ip_address
 
@@ -24,7 +24,7 @@ def clock():
 @pytest.fixture
 def manager(tmp_path, clock):
     state = State(tmp_path / "state.db")
-    yield BanManager(Settings(maxretry=3, findtime=600), state, FakeKernel(clock), clock=clock)
+    yield BanManager(Settings(maxretry=3, findtime=600), state, FakeBanKernel(clock), clock=clock)
     state.close()
 
 

@@ -12,10 +12,11 @@ import pytest
 from policyd import fleet_wire, metrics, policy
 from policyd.bans import BanManager
 from policyd.errors import InputError
-from policyd.fleet import ORIGIN, Fleet, TokenBucket
+from policyd.fleet import ORIGIN, Fleet
+from policyd.fleet_peers import TokenBucket
 from policyd.fleet_config import node_of_stream, parse_url, read_password, stream_key
 from policyd.state import State
-from test_bans import FakeClock, FakeKernel
+from fakes import FakeBanKernel, FakeClock
 
 NET = ipaddress.ip_network
 BASE = """\
@@ -73,7 +74,8 @@ def test_accept_limits():
     ("  redis: redis://10.0.0.5:99999/0\n", "fleet.redis:"),
     ("  redis: redis://10.0.0.5/0?password=x\n", "no ?query"),
     ("  redis: redis://10.0.0.5/0\n  ca_file: /ca.pem\n", "p.yaml:11: fleet.ca_file: needs a rediss://"),
-    ("  redis: redis://10.0.0.5/0\n  password_file: fleet.secret\n", "fleet.password_file: 'fleet.secret' must be absolute"),
+    ("  redis: redis://10.0.0.5/0\n  password_file: fleet.secret\n",
+     "fleet.password_file: 'fleet.secret' must be absolute"),
     ("  redis: redis://10.0.0.5/0\n  node: 'gpu*'\n", "p.yaml:11: fleet.node: 'gpu*' is not a node name"),
     ("  redis: redis://10.0.0.5/0\n  node: 'a b'\n", "fleet.node:"),
     ("  redis: redis://10.0.0.5/0\n  password: x\n", "p.yaml:11: fleet.password: unknown key"),
@@ -192,11 +194,11 @@ def node(tmp_path):
     """A Fleet on a real State and BanManager with a fake kernel; this host's clock runs
     one hour behind the Redis server's (offset +3600 s)."""
     clock = FakeClock(1_700_000_000.0)
-    kernel = FakeKernel(clock)
+    kernel = FakeBanKernel(clock)
     state = State(tmp_path / "state.db")
     loaded = load(FLEET + "  accept:\n    rate: 5/second\n")
     bans = BanManager(loaded.bans, state, kernel, clock=clock)
-    registry = metrics.Registry()
+    registry = metrics.new_registry()
     fleet = Fleet(loaded.fleet, state, bans, registry, wake=lambda: None, clock=clock)
     fleet.registry_ = registry
     fleet.publisher = Recorder()
@@ -346,7 +348,7 @@ def test_at_catch_up_this_nodes_own_later_unban_outranks_an_older_ban(node):
 
 
 def test_manual_bans_and_unbans_are_published_by_the_ban_desk(node):
-    from policyd.daemon import BanDesk
+    from policyd.bandesk import BanDesk
     desk = BanDesk(node.bans, publish=node.publish)
     desk.manual_ban("203.0.113.7", "10m")
     desk.manual_unban("203.0.113.8")  # not banned here: still said, the others may have it
@@ -373,9 +375,9 @@ def test_a_fleet_started_again_by_a_reload_counts_in_the_same_series(node):
     receive(node, entry(node))
     again = Fleet(node.settings, node.state, node.bans, node.registry_, wake=lambda: None)
     assert again.m_applied is node.m_applied
-    text = node.registry_.render()
-    assert "policyd_fleet_applied_total{op=\"ban\"} 1" in text
-    assert "policyd_fleet_connected 0" in text
+    text = metrics.render(node.registry_)
+    assert "policyd_fleet_applied_total{op=\"ban\"} 1.0" in text
+    assert "policyd_fleet_connected 0.0" in text
 
 
 def test_any_bytes_an_attacker_writes_are_an_entry_or_malformed_never_a_crash():

@@ -16,9 +16,10 @@ from policyd import daemon as daemon_mod
 from policyd.addr import parse_host
 from policyd.bans import BanManager
 from policyd.chores import Chores
+from policyd.sources import LogSource
 from policyd.state import State
 from policyd.statewriter import QueuedPositions, StateWriter
-from test_bans import FakeClock, Settings
+from fakes import FakeClock, Settings
 
 
 class CountingKernel:
@@ -58,12 +59,12 @@ def daemon(tmp_path):
     the_daemon.state = state
     the_daemon.state_writer = StateWriter(state.path)
     the_daemon.state_writer.start()
-    positions = QueuedPositions(state, the_daemon.state_writer)
     the_daemon.kernel = CountingKernel()
     the_daemon.clock = FakeClock()
     the_daemon.bans = BanManager(Settings(maxretry=3), state, the_daemon.kernel, clock=the_daemon.clock,
                                  writer=the_daemon.state_writer)
-    the_daemon.sources = [daemon_mod.LogSource(SimpleNamespace(path=str(log), filter="nginx-auth", mode=None),
+    positions = QueuedPositions(state, the_daemon.bans.queue_position)
+    the_daemon.sources = [LogSource(SimpleNamespace(path=str(log), filter="nginx-auth", mode=None),
                                                positions)]
     the_daemon.log_path = log
     yield the_daemon
@@ -99,13 +100,37 @@ def test_positions_wait_until_the_state_they_cover_is_written(daemon, monkeypatc
     while daemon._read_logs():
         pass
     source = daemon.sources[0]
-    saved = lambda: (daemon.state.load_position(source.path) or {}).get("offset", 0)
+
+    def saved():
+        return (daemon.state.load_position(source.path) or {}).get("offset", 0)
     assert daemon.bans.state_pending()
     assert saved() == 0
     settle(daemon)
     assert saved() == daemon.log_path.stat().st_size
     assert not daemon.bans.state_in_flight()
     assert len(daemon.state.load_failures(since=0.0)) == 600
+
+
+def test_a_position_is_written_in_the_same_transaction_as_its_failures(daemon):
+    """A crash can neither lose nor double-count a line: each write of state that
+    holds failures holds the position after the lines they came from."""
+    written = []
+    real = daemon_mod.StateWriter.submit
+
+    def submit(writer, token, rows):
+        written.append(rows)
+        return real(writer, token, rows)
+
+    daemon.state_writer.submit = submit.__get__(daemon.state_writer)
+    flood(daemon.log_path, 10, 2)  # 20 failures, nobody banned
+    while daemon._read_logs():
+        pass
+    settle(daemon)
+    with_failures = [rows for rows in written if rows.get("add_failures")]
+    assert with_failures and all(rows["positions"] for rows in with_failures)
+    assert with_failures[-1]["positions"] == [
+        (str(daemon.log_path), daemon.state.load_position(str(daemon.log_path)))]
+    assert daemon.state.load_position(str(daemon.log_path))["offset"] == daemon.log_path.stat().st_size
 
 
 def test_chores_run_off_the_calling_thread_one_per_kind_and_report_back():

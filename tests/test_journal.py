@@ -14,7 +14,7 @@ from policyd.filters import Outcome
 from policyd.journal import JournalSource
 from policyd.policy import LogSource
 from policyd.state import State
-from test_bans import FakeClock, FakeKernel, Settings
+from fakes import FakeBanKernel, FakeClock, Settings
 
 pytestmark = pytest.mark.skipif(not available, reason="systemd-journal-remote is not installed")
 ip = ipaddress.ip_address
@@ -43,7 +43,7 @@ class Harness:
         self.logs = tuple(logs)
         self.settings = Settings(maxretry=maxretry, logs=self.logs)
         self.clock = FakeClock(time.time())
-        self.kernel = FakeKernel(self.clock)
+        self.kernel = FakeBanKernel(self.clock)
         self.start()
 
     def start(self):
@@ -284,14 +284,14 @@ def test_an_idle_journal_writes_no_state(tmp_path, journal):
     harness.housekeeping()
     for _ in range(5):
         harness.read()
-        assert not harness.bans._state_positions   # nothing new: nothing queued
+        assert not harness.bans.queue.positions   # nothing new: nothing queued
     journal.write([entry("caddy.service", "GET / 200")])
     harness.read()
-    assert harness.bans._state_positions           # a new cursor, written with the next batch
+    assert harness.bans.queue.positions           # a new cursor, written with the next batch
 
 
 def test_fail2ban_filters_on_files_put_failures_at_their_lines_time(tmp_path):
-    from policyd.daemon import LogSource as FileSource
+    from policyd.sources import LogSource as FileSource
     log = tmp_path / "auth.log"
     log.write_text("")
     config = LogSource(path=str(log), filter="fail2ban:sshd")

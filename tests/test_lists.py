@@ -140,7 +140,7 @@ def test_deny_is_consulted_before_allow_in_compile_and_explain(listed):
 
 
 def test_netlink_encoding_of_intervals_uses_the_compiled_integers(listed):
-    document = compile_policy(policy.load(listed[0]))
+    document = compile_policy(policy.load(listed[0])).document()
     sets = {cmd["add"]["set"]["name"]: cmd["add"]["set"] for cmd in document["nftables"]
             if "set" in cmd.get("add", {})}
     elements = sets["committed_proxy_deny4"]["elem"]
@@ -168,7 +168,7 @@ def test_unknown_document_parts_fall_back_to_libnftables():
 
 def test_elements_build_their_texts_only_when_read(listed):
     import json
-    document = compile_policy(policy.load(listed[0]))
+    document = compile_policy(policy.load(listed[0])).document()
     sets = [cmd["add"]["set"] for cmd in document["nftables"] if "set" in cmd.get("add", {})]
     elements = next(s["elem"] for s in sets if s["name"] == "committed_ollama_v4")
     assert elements.intervals == [(0x7F000000, 0x7FFFFFFF), (0xC0000200, 0xC00002FF)]
@@ -179,3 +179,26 @@ def test_elements_build_their_texts_only_when_read(listed):
                               {"prefix": {"addr": "192.0.2.0", "len": 24}}]
     elements.append("198.51.100.7")  # texts added by hand: the integers no longer hold
     assert elements.intervals is None and len(elements) == 3
+
+
+def test_explain_asks_list_fed_sets_without_building_them(listed, monkeypatch):
+    """A compiled set fed by a list stays a promise until something reads it whole:
+    explain (and the lockout lint) ask it about one address through the list's
+    sorted records, so a 100k-line list costs them no sweep of 100k networks."""
+    path, _deny, _allow = listed
+    loaded = policy.load(path)
+    swept = []
+    real = lists.disjoint_networks
+    monkeypatch.setattr(lists, "disjoint_networks", lambda *a: swept.append(a) or real(*a))
+    decision = explain.decide(loaded, ipaddress.ip_address("192.0.2.70"), 11434)
+    assert decision.verdict == "allow" and "allow.txt:" in decision.rule
+    denied = explain.decide(loaded, ipaddress.ip_address("198.51.100.9"), 8080)
+    assert denied.verdict == "drop" and "deny.txt:" in denied.rule
+    assert swept == []
+    ruleset = compile_policy(loaded)
+    elements = ruleset.tables[loaded.table].sets["committed_ollama_v4"].elem
+    assert elements.find(ipaddress.ip_address("192.0.2.70")) == ipaddress.ip_network("192.0.2.0/24")
+    assert elements.intervals[-1] == (int(ipaddress.ip_address("192.0.2.0")),
+                                      int(ipaddress.ip_address("192.0.2.255")))  # /26 inside
+    assert swept, "reading the set whole sweeps it"
+    assert elements.find(ipaddress.ip_address("192.0.3.1")) is None

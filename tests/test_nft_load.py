@@ -58,7 +58,7 @@ def _nft(context, netlink):
 def document(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(POLICY)
-    return compile_policy(policy.load(path))
+    return compile_policy(policy.load(path)).document()
 
 
 def test_a_known_document_goes_as_one_netlink_batch(document):

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 import policyd.tail
 from policyd.filters import Failure, Outcome, load_filter
 from policyd.guard import Forgery, judge_for
-from policyd.tail import LogFollower, MemoryPositions
+from fakes import MemoryPositions
+from policyd.tail import LogFollower
 
 ip = ipaddress.ip_address
 SHIPPED = ["nginx-auth", "nginx-access", "caddy-auth", "traefik-auth",

@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from policyd import state as state_module
-from policyd.errors import InputError
+from policyd.errors import HostError
 from policyd.state import SCHEMA_VERSION, State
 
 
@@ -48,7 +48,7 @@ def test_reopening_does_not_rerun_migrations(db_path):
 
 def test_corrupt_file_is_an_input_error_naming_the_file(db_path):
     db_path.write_bytes(b"this is not sqlite at all\n" * 200)
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(HostError) as caught:
         State(db_path)
     assert str(db_path) in str(caught.value)
 
@@ -68,7 +68,7 @@ def test_damaged_pages_are_an_input_error(db_path):
     for offset in range(2 * page_size, len(data) - page_size):
         data[offset] = 0xA5
     db_path.write_bytes(bytes(data))
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(HostError) as caught:
         State(db_path)
     assert str(db_path) in str(caught.value)
 
@@ -78,7 +78,7 @@ def test_foreign_sqlite_database_is_refused_and_left_alone(db_path):
     raw.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")
     raw.commit()
     raw.close()
-    with pytest.raises(InputError, match="foreign") as caught:
+    with pytest.raises(HostError, match="foreign") as caught:
         State(db_path)
     assert str(db_path) in str(caught.value)
     raw = sqlite3.connect(db_path)
@@ -93,13 +93,13 @@ def test_newer_schema_is_refused(db_path):
     raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     raw.commit()
     raw.close()
-    with pytest.raises(InputError, match="newer"):
+    with pytest.raises(HostError, match="newer"):
         State(db_path)
 
 
 def test_unopenable_path_is_an_input_error(tmp_path):
     missing = tmp_path / "no-such-dir" / "state.db"
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(HostError) as caught:
         State(missing)
     assert str(missing) in str(caught.value)
 
@@ -121,7 +121,7 @@ def test_transaction_rolls_back_entirely_on_error(db_path):
                 writer.upsert_history([(key("192.0.2.1/32"), 1, 100.0)])
                 raise RuntimeError("interrupted mid-flush")
         assert state.load_bans(now=0.0) == []
-        assert state.load_history() == {}
+        assert state.load_history_of(key("192.0.2.1/32")) is None
 
 
 def test_loads_filter_by_time(db_path):
@@ -146,7 +146,7 @@ def test_history_survives_reopening(db_path):
         with state.transaction() as writer:
             writer.upsert_history([(key("2001:db8:1::/64"), 3, 500.0)])
     with State(db_path) as state:
-        assert state.load_history() == {key("2001:db8:1::/64"): (3, 500.0)}
+        assert state.load_history_of(key("2001:db8:1::/64")) == (3, 500.0)
 
 
 def test_failed_statement_rolls_back_and_the_next_transaction_works(db_path):

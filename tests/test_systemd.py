@@ -1,4 +1,5 @@
-"""systemd glue: sd_notify datagrams, the watchdog period, journald-friendly logs."""
+"""systemd glue (sd_notify datagrams, the watchdog period) and the journald-friendly
+log lines of policyd.logfmt."""
 
 import io
 import sys
@@ -10,8 +11,8 @@ import uuid
 import pytest
 
 from policyd import systemd
-from policyd.systemd import (JournalFormatter, event, kv, notify, setup_logging, stderr_is_journal,
-                             watchdog_interval)
+from policyd.logfmt import JournalFormatter, event, kv, setup_logging, stderr_is_journal
+from policyd.systemd import notify, watchdog_interval
 
 
 @pytest.fixture

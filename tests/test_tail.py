@@ -16,27 +16,12 @@ import tracemalloc
 import pytest
 
 import policyd
-from policyd.errors import InputError
-from policyd.tail import (
-    JsonFilePositions,
-    LogFollower,
-    LogWatcher,
-    MemoryPositions,
-    ROTATE_GRACE_SECONDS,
-)
+from fakes import MemoryPositions
+from policyd.state import State
+from policyd.logwatch import LogWatcher
+from policyd.tail import ROTATE_GRACE_SECONDS, LogFollower
 
 WATCH_TIMEOUT = 10.0
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 def append(path, data: bytes):
@@ -47,11 +32,6 @@ def append(path, data: bytes):
 @pytest.fixture
 def log(tmp_path):
     return str(tmp_path / "access.log")
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 @pytest.fixture
@@ -239,78 +219,78 @@ def test_binary_and_non_utf8_bytes_come_back_intact(log, follower):
 
 
 def test_restart_resumes_where_committed(log, tmp_path):
-    positions_file = tmp_path / "positions.json"
-    first = LogFollower(log, JsonFilePositions(positions_file))
+    positions_file = tmp_path / "state.db"
+    first = LogFollower(log, State(positions_file))
     append(log, b"one\ntwo\n")
     assert first.read_lines() == [b"one", b"two"]
     first.commit()
     first.close()
     append(log, b"three\n")
-    second = LogFollower(log, JsonFilePositions(positions_file))
+    second = LogFollower(log, State(positions_file))
     assert second.read_lines() == [b"three"]
     second.commit()
     second.close()
-    third = LogFollower(log, JsonFilePositions(positions_file))
+    third = LogFollower(log, State(positions_file))
     assert third.read_lines() == []
     third.close()
 
 
 def test_restart_without_commit_reads_the_uncommitted_lines_again(log, tmp_path):
-    positions_file = tmp_path / "positions.json"
+    positions_file = tmp_path / "state.db"
     append(log, b"handled\n")
-    first = LogFollower(log, JsonFilePositions(positions_file))
+    first = LogFollower(log, State(positions_file))
     assert first.read_lines() == [b"handled"]
     first.commit()
     append(log, b"read but not handled\n")
     assert first.read_lines() == [b"read but not handled"]
     first.close()  # a crash before commit()
-    second = LogFollower(log, JsonFilePositions(positions_file))
+    second = LogFollower(log, State(positions_file))
     assert second.read_lines() == [b"read but not handled"]
     second.close()
 
 
 def test_restart_keeps_a_partial_line_for_after_the_restart(log, tmp_path):
-    positions_file = tmp_path / "positions.json"
+    positions_file = tmp_path / "state.db"
     append(log, b"a\npart")
-    first = LogFollower(log, JsonFilePositions(positions_file))
+    first = LogFollower(log, State(positions_file))
     assert first.read_lines() == [b"a"]
     first.commit()
     first.close()
     append(log, b"ial\n")
-    second = LogFollower(log, JsonFilePositions(positions_file))
+    second = LogFollower(log, State(positions_file))
     assert second.read_lines() == [b"partial"]
     second.close()
 
 
 def test_restart_after_rotation_while_down_finishes_the_rotated_file(log, tmp_path):
-    positions_file = tmp_path / "positions.json"
+    positions_file = tmp_path / "state.db"
     append(log, b"seen\n")
-    first = LogFollower(log, JsonFilePositions(positions_file))
+    first = LogFollower(log, State(positions_file))
     assert first.read_lines() == [b"seen"]
     first.commit()
     first.close()
     append(log, b"written while down\n")
     os.rename(log, log + ".1")
     append(log, b"in new file\n")
-    second = LogFollower(log, JsonFilePositions(positions_file))
+    second = LogFollower(log, State(positions_file))
     assert second.read_lines() == [b"written while down", b"in new file"]
     second.commit()
     second.close()
-    third = LogFollower(log, JsonFilePositions(positions_file))
+    third = LogFollower(log, State(positions_file))
     assert third.read_lines() == []
     third.close()
 
 
 def test_restart_with_log_renamed_and_not_yet_recreated(log, tmp_path, clock):
-    positions_file = tmp_path / "positions.json"
+    positions_file = tmp_path / "state.db"
     append(log, b"seen\n")
-    first = LogFollower(log, JsonFilePositions(positions_file), clock=clock)
+    first = LogFollower(log, State(positions_file), clock=clock)
     assert first.read_lines() == [b"seen"]
     first.commit()
     first.close()
     append(log, b"written while down\nunterminated")
     os.rename(log, log + ".1")
-    second = LogFollower(log, JsonFilePositions(positions_file), clock=clock)
+    second = LogFollower(log, State(positions_file), clock=clock)
     assert second.read_lines() == [b"written while down"]
     second.commit()
     clock.advance(ROTATE_GRACE_SECONDS * 2)
@@ -318,7 +298,7 @@ def test_restart_with_log_renamed_and_not_yet_recreated(log, tmp_path, clock):
     assert second.read_lines() == []
     second.commit()
     second.close()
-    third = LogFollower(log, JsonFilePositions(positions_file), clock=clock)
+    third = LogFollower(log, State(positions_file), clock=clock)
     assert third.read_lines() == []
     append(log, b"successor\n")
     assert third.read_lines() == [b"successor"]
@@ -326,16 +306,16 @@ def test_restart_with_log_renamed_and_not_yet_recreated(log, tmp_path, clock):
     assert third.read_lines() == [b"unterminated"]
     third.commit()
     third.close()
-    fourth = LogFollower(log, JsonFilePositions(positions_file), clock=clock)
+    fourth = LogFollower(log, State(positions_file), clock=clock)
     clock.advance(ROTATE_GRACE_SECONDS)
     assert fourth.read_lines() == []
     fourth.close()
 
 
 def test_same_inode_and_size_with_new_content_is_read_from_start(log, tmp_path):
-    positions_file = tmp_path / "positions.json"
+    positions_file = tmp_path / "state.db"
     append(log, b"alpha\nbravo\n")
-    first = LogFollower(log, JsonFilePositions(positions_file))
+    first = LogFollower(log, State(positions_file))
     assert first.read_lines() == [b"alpha", b"bravo"]
     first.commit()
     first.close()
@@ -344,7 +324,7 @@ def test_same_inode_and_size_with_new_content_is_read_from_start(log, tmp_path):
         handle.write(b"delta\necho!\n")
     assert os.stat(log).st_ino == inode
     assert os.path.getsize(log) == len(b"alpha\nbravo\n")
-    second = LogFollower(log, JsonFilePositions(positions_file))
+    second = LogFollower(log, State(positions_file))
     assert second.read_lines() == [b"delta", b"echo!"]
     second.close()
 
@@ -397,7 +377,7 @@ def test_unreadable_log_is_reported_in_stats_not_raised():
         os.chmod(log, 0o000)
         program = (
             "import json, sys\n"
-            "from policyd.tail import LogFollower, MemoryPositions\n"
+            "from fakes import MemoryPositions\nfrom policyd.tail import LogFollower\n"
             "follower = LogFollower(sys.argv[1], MemoryPositions())\n"
             "print(json.dumps({'lines': [l.decode() for l in follower.read_lines()],"
             " 'stats': follower.stats}))\n"
@@ -407,7 +387,8 @@ def test_unreadable_log_is_reported_in_stats_not_raised():
         result = subprocess.run(
             [sys.executable, "-c", program, log],
             capture_output=True, text=True, cwd="/", check=True,
-            env={"PYTHONPATH": repository, "PATH": "/usr/bin:/bin"}, **kwargs,
+            env={"PYTHONPATH": f"{repository}:{repository}/tests", "PATH": "/usr/bin:/bin"},
+            **kwargs,
         )
         report = json.loads(result.stdout)
         assert report["lines"] == []
@@ -415,26 +396,6 @@ def test_unreadable_log_is_reported_in_stats_not_raised():
         assert "Permission denied" in report["stats"]["error"]
     finally:
         shutil.rmtree(scratch)
-
-
-def test_json_positions_survive_reload_and_leave_no_temp_files(tmp_path):
-    positions_file = tmp_path / "positions.json"
-    store = JsonFilePositions(positions_file)
-    assert store.load("/var/log/a.log") is None
-    store.save("/var/log/a.log", {"inode": 1, "device": 2, "offset": 3, "head": "ab"})
-    store.save("/var/log/b.log", {"inode": 4, "device": 5, "offset": 6, "head": "cd"})
-    reloaded = JsonFilePositions(positions_file)
-    assert reloaded.load("/var/log/a.log") == {"inode": 1, "device": 2, "offset": 3, "head": "ab"}
-    assert reloaded.load("/var/log/b.log")["offset"] == 6
-    assert sorted(os.listdir(tmp_path)) == ["positions.json"]
-
-
-def test_corrupt_positions_file_names_the_file(tmp_path):
-    positions_file = tmp_path / "positions.json"
-    positions_file.write_text("{not json")
-    with pytest.raises(InputError) as raised:
-        JsonFilePositions(positions_file).load("/var/log/a.log")
-    assert str(positions_file) in str(raised.value)
 
 
 def test_malformed_saved_position_is_treated_as_none(log):

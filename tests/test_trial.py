@@ -2,7 +2,6 @@
 rollback, the daemon's second guard, boot restore, damaged records and the
 anti-lockout lint."""
 import base64
-import copy
 import hashlib
 import ipaddress
 import json
@@ -10,9 +9,11 @@ import logging
 
 import pytest
 
-from policyd import trial
+from fakes import FakeNft
+from policyd import lockout, policystore, trial
 from policyd.errors import InputError, KernelError
-from policyd.trial import Peer, PolicyStore
+from policyd.lockout import Peer
+from policyd.policystore import PolicyStore
 
 ip = ipaddress.ip_address
 
@@ -40,115 +41,9 @@ services:
 """
 
 
-class FakeClock:
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-class FakeKernel:
-    """Enough of nftables to run compiled documents: tables, sets with expiring
-    elements, chains; one load is all or nothing, like one transaction.
-
-    `timers=False` models a kernel whose trial element never expires, so only
-    the daemon's deadline can end a trial.
-    """
-
-    def __init__(self, clock, timers=True):
-        self.clock = clock
-        self.timers = timers
-        self.tables = {}
-        self.loads = []
-        self.refuse = None  # a message: the next load fails with it
-        self.before_load = None  # called with the document before it is applied
-
-    def load(self, document):
-        if self.before_load:
-            self.before_load(document)
-        if self.refuse:
-            message, self.refuse = self.refuse, None
-            raise KernelError(message)
-        tables = copy.deepcopy(self.tables)
-        for command in document["nftables"]:
-            (verb, body), = command.items()
-            if verb != "metainfo":
-                self._run(tables, verb, body)
-        self.tables = tables
-        self.loads.append(document)
-
-    def _run(self, tables, verb, body):
-        (kind, obj), = body.items()
-        name = obj.get("table", obj.get("name"))
-        if kind == "table":
-            if verb == "add":
-                tables.setdefault(obj["name"], {"sets": {}, "chains": set()})
-            elif verb == "delete":
-                if obj["name"] not in tables:
-                    raise KernelError("No such file or directory")
-                del tables[obj["name"]]
-            return
-        table = tables.get(name)
-        if table is None:
-            raise KernelError(f"No such file or directory: table {name}")
-        if kind == "set" and verb == "add":
-            table["sets"].setdefault(obj["name"], {})
-        elif kind == "set" and verb == "flush":
-            table["sets"][obj["name"]].clear()
-        elif kind == "chain" and verb == "add":
-            table["chains"].add(obj["name"])
-        elif kind == "element":
-            elements = table["sets"].get(obj["name"])
-            if elements is None:
-                raise KernelError("No such file or directory: set")
-            self._expire(elements)
-            for elem in obj["elem"]:
-                value, timeout = elem, None
-                if isinstance(elem, dict) and "elem" in elem:
-                    value, timeout = elem["elem"]["val"], elem["elem"].get("timeout")
-                if verb == "add":
-                    elements[value] = None if timeout is None else self.clock.now + timeout
-                elif verb == "delete":
-                    if value not in elements:
-                        raise KernelError("Could not process rule: No such file or directory")
-                    del elements[value]
-
-    def _expire(self, elements):
-        if not self.timers:
-            return
-        for value, expiry in list(elements.items()):
-            if expiry is not None and expiry <= self.clock.now:
-                del elements[value]
-
-    def set_elements(self, table, name):
-        try:
-            elements = self.tables[table]["sets"][name]
-        except KeyError:
-            raise KernelError("No such file or directory") from None
-        self._expire(elements)
-        return [(value, None if expiry is None else 0,
-                 None if expiry is None else int(expiry - self.clock.now))
-                for value, expiry in elements.items()]
-
-    def active_services(self, table="policyd"):
-        """Service names the kernel enforces now, from the chains and the trial set."""
-        chains = self.tables[table]["chains"]
-        slot = "committed"
-        if "trial" in self.tables[table]["sets"] and self.set_elements(table, "trial"):
-            slot = "candidate"
-        prefix = f"{slot}_svc_"
-        return sorted(c[len(prefix):] for c in chains if c.startswith(prefix))
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 @pytest.fixture
 def kernel(clock):
-    return FakeKernel(clock)
+    return FakeNft(clock)
 
 
 @pytest.fixture
@@ -190,7 +85,7 @@ def test_trial_runs_candidate_and_leaves_the_committed_file_alone(
         kernel, store, files, clock, committed):
     pending = start(kernel, store, files["cand"], clock, seconds=30)
     assert kernel.active_services() == ["cand"]
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert store.pending() == pending
     assert pending.deadline == clock.now + 30 and pending.seconds == 30
     assert pending.data == files["cand"].read_bytes()
@@ -220,10 +115,10 @@ def test_confirm_in_time_commits_the_candidate(kernel, store, files, clock, comm
     policy = trial.confirm(kernel, store, now=clock.now)
     assert policy.services[0].name == "cand"
     assert store.pending() is None
-    assert (store.dir / trial.COMMITTED).read_bytes() == files["cand"].read_bytes()
+    assert (store.dir / policystore.COMMITTED).read_bytes() == files["cand"].read_bytes()
     assert store.meta()["sha256"] == policy.digest
     assert kernel.active_services() == ["cand"]
-    assert "trial" not in kernel.tables["policyd"]["sets"]
+    assert "trial" not in kernel.tables["policyd"].sets
     clock.advance(3600)  # no timer is left that could undo it
     assert kernel.active_services() == ["cand"]
 
@@ -245,10 +140,10 @@ def test_confirm_after_the_kernel_expired_the_trial_is_too_late(
     with pytest.raises(trial.TooLate, match="too late"):
         # The daemon's clock may lag the kernel's: ask with a time inside the deadline.
         trial.confirm(kernel, store, now=clock.now - 5)
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert store.pending() is None
     assert kernel.active_services() == ["base"]
-    assert not any(c.startswith("candidate") for c in kernel.tables["policyd"]["chains"])
+    assert not any(c.startswith("candidate") for c in kernel.tables["policyd"].chains)
 
 
 def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
@@ -267,13 +162,13 @@ def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
     kernel.set_elements = list_then_expire
     with pytest.raises(trial.TooLate):
         trial.confirm(kernel, store, now=clock.now)
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert kernel.active_services() == ["base"]
 
 
 def test_confirm_after_the_wall_clock_deadline_fails_even_if_the_kernel_kept_it(
         store, files, clock):
-    kernel = FakeKernel(clock, timers=False)
+    kernel = FakeNft(clock, timers=False)
     plain(kernel, store, files["base"], clock)
     start(kernel, store, files["cand"], clock, seconds=30)
     clock.advance(30)
@@ -329,13 +224,13 @@ def test_rollback_restores_committed_now(kernel, store, files, clock, committed)
     assert ended.source == str(files["cand"])
     assert kernel.active_services() == ["base"]
     assert store.pending() is None
-    assert (store.dir / trial.COMMITTED).read_bytes() == committed
+    assert (store.dir / policystore.COMMITTED).read_bytes() == committed
 
 
 def test_rollback_without_a_record_still_reloads_committed(kernel, store, files, clock,
                                                             committed):
     start(kernel, store, files["cand"], clock, seconds=30)
-    (store.dir / trial.PENDING).write_text("{")
+    (store.dir / policystore.PENDING).write_text("{")
     assert trial.rollback(kernel, store) is None
     assert kernel.active_services() == ["base"]
 
@@ -376,7 +271,7 @@ def test_confirm_timeout_must_be_positive(kernel, store, files, clock):
 
 
 def test_enforce_is_the_rollback_on_kernels_without_timers(store, files, clock):
-    kernel = FakeKernel(clock, timers=False)
+    kernel = FakeNft(clock, timers=False)
     plain(kernel, store, files["base"], clock)
     start(kernel, store, files["cand"], clock, seconds=30)
     clock.advance(29)
@@ -422,9 +317,9 @@ def test_restore_with_nothing_committed_guards_nothing(kernel, store, files, clo
 def test_damaged_pending_record_is_no_trial(kernel, store, files, clock, committed, damage,
                                             caplog):
     start(kernel, store, files["cand"], clock, seconds=30)
-    path = store.dir / trial.PENDING
+    path = store.dir / policystore.PENDING
     path.write_bytes(damage(path.read_bytes()))
-    with caplog.at_level(logging.WARNING, logger="policyd.trial"):
+    with caplog.at_level(logging.WARNING, logger="policyd.policystore"):
         assert store.pending() is None
     assert "treating it as no trial" in caplog.text
     assert trial.status(store, now=clock.now)["trial"] is None
@@ -447,14 +342,16 @@ def _replace_json(raw, **fields):
 
 def test_bans_survive_apply_trial_confirm_and_rollback(kernel, store, files, clock,
                                                         committed):
-    bans = kernel.tables["policyd_bans"]["sets"]["ban4"]
-    bans["203.0.113.9"] = clock.now + 3600
+    kernel.load({"nftables": [{"add": {"element": {
+        "family": "inet", "table": "policyd_bans", "name": "ban4",
+        "elem": [{"elem": {"val": "203.0.113.9", "timeout": 3600}}]}}}]})
     start(kernel, store, files["cand"], clock)
     trial.confirm(kernel, store, now=clock.now)
     start(kernel, store, files["base"], clock)
     trial.rollback(kernel, store)
     plain(kernel, store, files["base"], clock)
-    assert "203.0.113.9" in kernel.tables["policyd_bans"]["sets"]["ban4"]
+    assert [value for value, _t, _left in kernel.set_elements("policyd_bans", "ban4")] == [
+        "203.0.113.9"]
 
 
 def test_status_reports_committed_and_trial(kernel, store, files, clock, committed):
@@ -488,7 +385,7 @@ def test_plain_apply_stores_a_relative_path_as_absolute(kernel, store, files, cl
     monkeypatch.chdir(files["cand"].parent)
     plain(kernel, store, files["cand"].name, clock)
     assert store.meta()["source"] == str(files["cand"])
-    assert store.committed().source == str(store.dir / trial.COMMITTED)
+    assert store.committed().source == str(store.dir / policystore.COMMITTED)
 
 
 def test_confirm_and_rollback_without_a_trial_both_say_no_and_create_nothing(kernel, tmp_path):
@@ -511,28 +408,29 @@ def test_rollback_with_a_committed_policy_but_no_trial_says_no(kernel, store, fi
 # --- the anti-lockout lint ---------------------------------------------------
 
 def test_ssh_peer_from_environment():
-    peer = trial.ssh_peer({"SSH_CONNECTION": "198.51.100.7 51234 192.0.2.1 22"})
+    peer = lockout.ssh_peer({"SSH_CONNECTION": "198.51.100.7 51234 192.0.2.1 22"})
     assert peer.address == ip("198.51.100.7") and peer.port == 22
-    assert trial.ssh_peer({"SSH_CONNECTION": "::ffff:192.0.2.9 5 2001:db8::1 2222"}).address \
+    assert lockout.ssh_peer({"SSH_CONNECTION": "::ffff:192.0.2.9 5 2001:db8::1 2222"}).address \
         == ip("192.0.2.9")
-    assert trial.ssh_peer({"SSH_CONNECTION": "2001:db8::9 5 2001:db8::1 22"}).address \
+    assert lockout.ssh_peer({"SSH_CONNECTION": "2001:db8::9 5 2001:db8::1 22"}).address \
         == ip("2001:db8::9")
     for bad in ("", "198.51.100.7 51234 192.0.2.1", "nonsense 1 2 3", "1.2.3.4 1 5.6.7.8 x"):
-        assert trial.ssh_peer({"SSH_CONNECTION": bad}) is None
-    assert trial.ssh_peer({}) is None
+        assert lockout.ssh_peer({"SSH_CONNECTION": bad}) is None
+    assert lockout.ssh_peer({}) is None
 
 
 def test_lint_refuses_a_policy_that_cuts_the_ssh_client(kernel, store, files, clock,
                                                          committed):
-    peers = lambda policy: [Peer(ip("192.0.2.50"), 22, "tcp", "your SSH session")]
-    with pytest.raises(trial.LockoutRisk) as refused:
+    def peers(policy):
+        return [Peer(ip("192.0.2.50"), 22, "tcp", "your SSH session")]
+    with pytest.raises(lockout.LockoutRisk) as refused:
         start(kernel, store, files["cand"], clock, peers=peers)
     message = str(refused.value)
     assert "192.0.2.50" in message and "port 22" in message
     assert "services.cand.action: drop" in message and "--force" in message
     assert "\n" not in message
     assert store.pending() is None and kernel.active_services() == ["base"]
-    with pytest.raises(trial.LockoutRisk):
+    with pytest.raises(lockout.LockoutRisk):
         plain(kernel, store, files["cand"], clock, peers=peers)
     start(kernel, store, files["cand"], clock, peers=peers, force=True)
     assert kernel.active_services() == ["cand"]
@@ -544,9 +442,9 @@ def test_lint_passes_allowed_and_unguarded_peers():
     peers = [Peer(ip("198.51.100.7"), 22, "tcp", "ssh"),        # allowed by address
              Peer(ip("192.0.2.50"), 8080, "tcp", "ssh"),        # port not guarded
              Peer(ip("192.0.2.50"), 11434, "udp", "ssh")]       # other protocol
-    assert trial.lockout_cuts(candidate, peers) == []
+    assert lockout.lockout_cuts(candidate, peers) == []
     cut = Peer(ip("2001:db8::5"), 11434, "tcp", "an established connection")
-    [(peer, decision)] = trial.lockout_cuts(candidate, peers + [cut, cut])
+    [(peer, decision)] = lockout.lockout_cuts(candidate, peers + [cut, cut])
     assert peer == cut and decision.verdict == "drop"
 
 
@@ -561,29 +459,29 @@ def test_lint_asks_for_the_interface_only_when_an_iface_rule_could_allow():
         asked.append(address)
         return "tailscale0" if address == ip("100.64.0.9") else "eth0"
 
-    assert trial.lockout_cuts(candidate, [peer], iface_of) == []
+    assert lockout.lockout_cuts(candidate, [peer], iface_of) == []
     other = Peer(ip("198.51.100.7"), 22, "tcp", "ssh")
-    assert [p for p, _ in trial.lockout_cuts(candidate, [other], iface_of)] == [other]
+    assert [p for p, _ in lockout.lockout_cuts(candidate, [other], iface_of)] == [other]
     assert asked == [ip("100.64.0.9"), ip("198.51.100.7")]
 
 
 def test_lint_refusal_names_more_cuts(kernel, store, files, clock, committed):
-    peers = lambda policy: [Peer(ip("192.0.2.50"), 22, "tcp", "a"),
-                            Peer(ip("192.0.2.51"), 11434, "tcp", "b")]
-    with pytest.raises(trial.LockoutRisk, match=r"and 1 more"):
+    def peers(policy):
+        return [Peer(ip("192.0.2.50"), 22, "tcp", "a"), Peer(ip("192.0.2.51"), 11434, "tcp", "b")]
+    with pytest.raises(lockout.LockoutRisk, match=r"and 1 more"):
         start(kernel, store, files["cand"], clock, peers=peers)
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     path = tmp_path / "state" / "committed.yaml"
-    trial.atomic_write(path, b"old")
+    policystore.atomic_write(path, b"old")
 
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trial.os, "replace", crash)
+    monkeypatch.setattr(policystore.os, "replace", crash)
     with pytest.raises(OSError):
-        trial.atomic_write(path, b"new")
+        policystore.atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
     assert [p.name for p in path.parent.iterdir()] == ["committed.yaml"]
 
@@ -599,7 +497,7 @@ def test_operator_peers_are_the_ssh_client_and_established_peers(monkeypatch):
 
     monkeypatch.setattr(netdiag, "established_peers", established)
     candidate = policy_mod.loads(CANDIDATE + "  dns: {ports: [53], proto: udp, allow: any}\n")
-    peers = trial.operator_peers(candidate, {"SSH_CONNECTION": "198.51.100.7 5 192.0.2.1 22"})
+    peers = lockout.operator_peers(candidate, {"SSH_CONNECTION": "198.51.100.7 5 192.0.2.1 22"})
     assert asked == [[22, 11434]]  # TCP ports only: sock_diag reads TCP here
     assert [(p.address, p.port) for p in peers] == [(ip("198.51.100.7"), 22),
                                                    (ip("192.0.2.77"), 11434)]
@@ -613,9 +511,9 @@ def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, kernel, st
         raise OSError(95, "sock_diag: Operation not supported")
 
     monkeypatch.setattr(netdiag, "established_peers", broken)
-    with pytest.raises(trial.LockoutRisk, match="--force"):
+    with pytest.raises(lockout.LockoutRisk, match="--force"):
         trial.start_trial(kernel, store, files["cand"], 30, now=clock.now,
-                          peers=lambda policy: trial.operator_peers(policy, {}))
+                          peers=lambda policy: lockout.operator_peers(policy, {}))
     assert store.pending() is None
 
 
@@ -636,15 +534,15 @@ def test_the_lint_in_a_child_refuses_as_the_lint_does_and_loads_nothing_here(fil
     import sys
     policy = trial.policy_mod.load(files["base"])
     cut = [Peer(ip("198.51.100.7"), 11434, "tcp", "an established connection")]
-    with pytest.raises(trial.LockoutRisk, match="198.51.100.7 on tcp port 11434"):
-        trial.lint_in_child(policy, peers=lambda _p: cut, iface_of=lambda _a: None)
-    trial.lint_in_child(policy, peers=lambda _p: [], iface_of=lambda _a: None)
+    with pytest.raises(lockout.LockoutRisk, match="198.51.100.7 on tcp port 11434"):
+        lockout.lint_in_child(policy, peers=lambda _p: cut, iface_of=lambda _a: None)
+    lockout.lint_in_child(policy, peers=lambda _p: [], iface_of=lambda _a: None)
 
     def broken(_policy):
         raise RuntimeError("sock_diag said no")
-    with pytest.raises(trial.LockoutRisk, match="could not run"):
-        trial.lint_in_child(policy, peers=broken, iface_of=lambda _a: None)
+    with pytest.raises(lockout.LockoutRisk, match="could not run"):
+        lockout.lint_in_child(policy, peers=broken, iface_of=lambda _a: None)
     if "pyroute2" not in sys.modules:
         # The real peers load pyroute2, in the child only.
-        trial.lint_in_child(policy)
+        lockout.lint_in_child(policy)
         assert "pyroute2" not in sys.modules

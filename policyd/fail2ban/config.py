@@ -19,10 +19,6 @@ FILTER_OPTIONS = ("usedns", "prefregex", "ignoreregex", "failregex", "maxlines",
                   "datepattern", "journalmatch")
 MAX_DEPTH = 10          # %(...)s nesting, as configparser allows
 MAX_TAG_ROUNDS = 25     # <tag> replacements of one name inside one value
-_TAG = re.compile(r"<([^ <>]+)>")
-_INTERPOLATION = re.compile(r"%%|%\(([^)]+)\)s")
-_SECTION_OPTION = re.compile(r"^([\w\-]+)/([^\s>]+)$")
-_CONDITIONAL = re.compile(r"^(\w+)(\?.+)$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +33,13 @@ class FilterDefinition:
     maxlines: int
     usedns: str
     journalmatch: str | None
+
+
+# The syntax fail2ban's reader adds to configparser's.
+_TAG = re.compile(r"<([^ <>]+)>")
+_INTERPOLATION = re.compile(r"%%|%\(([^)]+)\)s")
+_SECTION_OPTION = re.compile(r"^([\w\-]+)/([^\s>]+)$")
+_CONDITIONAL = re.compile(r"^(\w+)(\?.+)$")
 
 
 class _RawParser(configparser.RawConfigParser):
@@ -63,12 +66,7 @@ class ConfigSet:
             self._merge(file)
 
     def _merge(self, file):
-        parser = _RawParser()
-        try:
-            with open(file, encoding="utf-8") as stream:
-                parser.read_file(stream, source=file)
-        except (OSError, UnicodeDecodeError, configparser.Error) as error:
-            raise InputError(f"cannot read fail2ban config: {error}", file=file) from None
+        parser = _read(file)
         self.files.append(file)
         self.defaults.update(parser.defaults())
         for name, values in parser.own_sections().items():
@@ -146,16 +144,21 @@ class ConfigSet:
         return _INTERPOLATION.sub(replace, value)
 
 
-def _with_includes(path, seen):
-    """path with its [INCLUDES] before/after (each with its .local), depth first."""
-    if path in seen or not os.path.isfile(path):
-        return []
+def _read(path):
     parser = _RawParser()
     try:
         with open(path, encoding="utf-8") as stream:
             parser.read_file(stream, source=path)
     except (OSError, UnicodeDecodeError, configparser.Error) as error:
         raise InputError(f"cannot read fail2ban config: {error}", file=path) from None
+    return parser
+
+
+def _with_includes(path, seen):
+    """path with its [INCLUDES] before/after (each with its .local), depth first."""
+    if path in seen or not os.path.isfile(path):
+        return []
+    parser = _read(path)
     before, after = [], []
     if parser.has_section("INCLUDES"):
         for option, target in (("before", before), ("after", after)):

@@ -278,6 +278,7 @@ class Fail2banFilter:
             return Outcome.MALFORMED
         return Failure(address, self.name)
 
+
 _COMPOSITE_NAME = re.compile(r"^(alt_|tuple_)(.*?)(?:_\d+)?$")
 
 

@@ -6,7 +6,7 @@ rest are counted without being decoded. The daemon never takes this path: it
 runs every line in full, so a required text split by a cut-out date (the one
 blind spot of a raw-line search) can only make test-filter undercount.
 """
-from policyd.filters import Outcome, _plain_region
+from policyd.filters import Outcome, _plain_region, lines_holding
 
 
 def scan_region(flt, buffer, end, result, hosts):
@@ -24,52 +24,50 @@ def scan_region(flt, buffer, end, result, hosts):
     lines = buffer[:end].split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    for line in lines:
-        outcome = flt.classify_timed(line, None, False)[0]
-        if outcome is Outcome.IGNORED:
-            result.ignored += 1
-        elif outcome is Outcome.MALFORMED:
-            result.malformed += 1
-        else:
-            result.matched += 1
-            _tally(hosts, outcome.host, 1)
-    result.lines += len(lines)
+    _add(result, len(lines), (flt.classify_timed(line, None, False)[0] for line in lines), hosts)
 
 
 def _scan_candidates(flt, buffer, end, result, hosts):
-    spans = set()
-    for token in flt.scan_tokens:
-        position = buffer.find(token, 0, end)
-        while position >= 0:
-            start = buffer.rfind(b"\n", 0, position) + 1
-            stop = buffer.find(b"\n", position, end)
-            spans.add((start, stop))
-            position = buffer.find(token, stop + 1, end)
-    line_count = buffer.count(b"\n", 0, end)
-    matched = malformed = 0
+    spans = lines_holding(buffer, end, flt.scan_tokens)
     cut, match = flt.dates.cut, flt._match
+
+    def outcomes():
+        for start, stop in sorted(spans):   # file order: the connection cache needs it
+            # classify_timed() inlined: the region has no NUL and no over-long line.
+            try:
+                text = buffer[start:stop].decode("utf-8")
+                yield match(cut(text)[0] + "\n")
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+                yield Outcome.MALFORMED
+
+    _add(result, buffer.count(b"\n", 0, end), outcomes(), hosts)
+
+
+def scan_text(flt, text, result, hosts):
+    """Offline scan of decoded whole lines."""
+    classify = flt.classify_text
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    _add(result, len(lines), (Outcome.MALFORMED if "\x00" in line else classify(line, None, False)[0]
+                              for line in lines), hosts)
+
+
+def _add(result, line_count, outcomes, hosts):
+    """Count `line_count` lines into `result`, of which `outcomes` are the ones
+    classified (the rest were ignored unread); each match tallied by host."""
+    matched = malformed = 0
     counts = {}   # by the host object's id: ipaddress hashes slowly; _address caches objects
-    for start, stop in sorted(spans):   # file order: the connection cache needs it
-        # classify_timed() inlined: the region has no NUL and no over-long line.
-        try:
-            text = buffer[start:stop].decode("utf-8")
-        except UnicodeDecodeError:
-            malformed += 1
-            continue
-        try:
-            outcome = match(cut(text)[0] + "\n")
-        except (ValueError, KeyError, TypeError):
-            outcome = Outcome.MALFORMED
+    for outcome in outcomes:
         if outcome is Outcome.IGNORED:
             continue
         if outcome is Outcome.MALFORMED:
             malformed += 1
             continue
         matched += 1
-        host = outcome.host
-        entry = counts.get(id(host))
+        entry = counts.get(id(outcome.host))
         if entry is None:
-            counts[id(host)] = [host, 1]
+            counts[id(outcome.host)] = [outcome.host, 1]
         else:
             entry[1] += 1
     for host, count in counts.values():
@@ -78,31 +76,6 @@ def _scan_candidates(flt, buffer, end, result, hosts):
     result.matched += matched
     result.malformed += malformed
     result.ignored += line_count - matched - malformed
-
-
-def scan_text(flt, text, result, hosts):
-    """Offline scan of decoded whole lines."""
-    classify = flt.classify_text
-    matched = malformed = 0
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for line in lines:
-        if "\x00" in line:
-            malformed += 1
-            continue
-        outcome = classify(line, None, False)[0]
-        if outcome is Outcome.IGNORED:
-            continue
-        if outcome is Outcome.MALFORMED:
-            malformed += 1
-            continue
-        matched += 1
-        _tally(hosts, outcome.host, 1)
-    result.lines += len(lines)
-    result.matched += matched
-    result.malformed += malformed
-    result.ignored += len(lines) - matched - malformed
 
 
 def _tally(hosts, host, count):

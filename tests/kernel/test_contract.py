@@ -13,7 +13,8 @@ import pytest
 
 from kernel_lab import CLIENT, MARKS, SERVER, lab, pair  # noqa: F401 (fixtures)
 from netlab import TIME_SCALE, wait_for
-from policyd.compile import FAMILY, TRIAL_SET, compile_policy
+from policyd.compile import TRIAL_SET, compile_policy
+from policyd.ruleset import FAMILY, Ruleset
 from policyd.errors import KernelError
 from policyd.nft import BanTable
 
@@ -51,7 +52,7 @@ def _shut(pair, source):
 
 
 def _load(pair, policy, document=None):
-    pair.kernel(lambda nft: nft.load(document or compile_policy(policy)))
+    pair.kernel(lambda nft: nft.load(document or compile_policy(policy).document()))
 
 
 def _bans(pair, policy):
@@ -69,7 +70,7 @@ def test_table_swap_is_atomic_and_a_refused_load_changes_nothing(pair):
     _load(pair, closed)  # the same table, replaced in one transaction
     assert _shut(pair, "v4") and _shut(pair, "v6")
     before = pair.ruleset()
-    refused = compile_policy(opened)
+    refused = compile_policy(opened).document()
     refused["nftables"].append({"add": {"element": {
         "family": FAMILY, "table": opened.table, "name": "no_such_set", "elem": ["192.0.2.7"]}}})
     with pytest.raises(KernelError):
@@ -81,7 +82,7 @@ def test_table_swap_is_atomic_and_a_refused_load_changes_nothing(pair):
 def test_trial_expiry_falls_back_to_committed_and_a_late_confirm_fails_whole(pair):
     opened, closed = pair.policy(OPEN), pair.policy(CLOSED, "closed.yaml")
     seconds = max(3, round(TIME_SCALE))
-    _load(pair, None, compile_policy(closed, opened, seconds))
+    _load(pair, None, compile_policy(closed, opened, seconds).document())
     left = pair.kernel(lambda nft: nft.set_elements(closed.table, TRIAL_SET))
     assert [(value, 0 < remaining <= seconds) for value, _t, remaining in left] == [("tcp", True)]
     assert _reaches(pair, "v4"), "the candidate runs while the trial element lives"
@@ -89,9 +90,8 @@ def test_trial_expiry_falls_back_to_committed_and_a_late_confirm_fails_whole(pai
         lambda nft: nft.set_elements(closed.table, TRIAL_SET)), timeout=seconds + 5)
     assert _shut(pair, "v4"), "the kernel is back on the committed chain by itself"
     before = pair.ruleset()
-    confirm = compile_policy(opened)
-    confirm["nftables"].insert(1, {"delete": {"element": {
-        "family": FAMILY, "table": opened.table, "name": TRIAL_SET, "elem": ["tcp"]}}})
+    alive = Ruleset().delete_elements(opened.table, TRIAL_SET, ["tcp"])
+    confirm = compile_policy(opened, into=alive).document()
     with pytest.raises(KernelError):
         _load(pair, None, confirm)
     assert pair.ruleset() == before

@@ -217,4 +217,3 @@ def make_tls_files(directory, ip_address):
             "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
     os.chmod(directory / "server.key", 0o644)  # redis-server reads it; the lab is root's tmp
     return directory / "ca.pem"
-

@@ -18,7 +18,8 @@ import run as bench_run  # noqa: E402
 
 TINY = ["--lines", "1000", "--trials", "2", "--allowlist", "1000", "--restore", "200",
         "--apply-networks", "1000", "--fail2ban-trials", "2", "--fail2ban-restore", "20",
-        "--flood-sources", "300", "--fail2ban-flood-seconds", "5", "--reload-trials", "10", "--fleet-trials", "2", "--quiet"]
+        "--flood-sources", "300", "--fail2ban-flood-seconds", "5", "--reload-trials", "10",
+        "--fleet-trials", "2", "--quiet"]
 
 
 def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):

@@ -103,7 +103,7 @@ def test_manual_ban_and_unban_from_other_nodes(fleet):
     bans = fleet.status(n5)
     assert bans["fleet"]["peers"]["n3"]["applied"] >= 1
     out = n5.policyd("bans", "--json").stdout
-    assert f'"filter": "fleet:n3"' in out
+    assert '"filter": "fleet:n3"' in out
     # Unbanned on another node than the one that banned it: lifted everywhere.
     assert n5.policyd("unban", source).returncode == 0
     assert wait_for(lambda: open_to(fleet, fleet.nodes, source), PROPAGATION)
@@ -333,6 +333,7 @@ def test_redis_down_then_back_empty(fleet):
     assert wait_for(lambda: dropped_by(fleet, fleet.nodes, during), 3 * PROPAGATION)
     assert wait_for(lambda: fleet.status(n1)["fleet"]["outbox"] == 0, PROPAGATION)
     # Every node refilled its stream with what it still bans.
+
     def stream_networks(role):
         return fleet.admin(lambda c: {fields.get(b"net") for _id, fields
                                       in c.xrange(STREAM_PREFIX + role)})

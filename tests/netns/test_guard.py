@@ -238,24 +238,24 @@ def test_kernel_skeleton_matches_the_compiled_one(world):
     """The daemon's cheap drift check must see no drift right after a load."""
     from netlab import in_namespace, REPO
     from policyd import policy as policy_mod
-    from policyd.compile import compile_policy, skeleton
+    from policyd.compile import compile_policy
     from policyd.nft import Nft
 
     def check():
         nft = Nft()
         paths = sorted((REPO / "policies").glob("*.yaml"))
-        documents = [compile_policy(policy_mod.load(p)) for p in paths]
-        documents.append(compile_policy(policy_mod.load(paths[0]), policy_mod.load(paths[1]), 30))
-        for document in documents:
-            nft.load(document)
+        rulesets = [compile_policy(policy_mod.load(p)) for p in paths]
+        rulesets.append(compile_policy(policy_mod.load(paths[0]), policy_mod.load(paths[1]), 30))
+        for ruleset in rulesets:
+            nft.load(ruleset.document())
             for table in ("policyd", "policyd_bans"):
-                assert nft.skeleton(table) == skeleton(document, table)
-        nft.load(documents[0])
+                assert nft.skeleton(table) == ruleset.skeleton(table)
+        nft.load(rulesets[0].document())
         listing = world.server.nft("-a", "list", "chain", "inet", "policyd",
                                    "committed_svc_ollama").stdout
         last_handle = listing.split("# handle")[-1].split()[0]
         world.server.nft("delete", "rule", "inet", "policyd", "committed_svc_ollama",
                          "handle", last_handle)
-        assert nft.skeleton("policyd") != skeleton(documents[0], "policyd")
+        assert nft.skeleton("policyd") != rulesets[0].skeleton("policyd")
 
     in_namespace(world.server.name, check)

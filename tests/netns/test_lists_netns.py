@@ -50,9 +50,9 @@ def test_netlink_load_lists_the_same_ruleset_as_libnftables(world):
         nft = Nft()
         paths = [rich] + sorted(str(p) for p in (REPO / "policies").glob("*.yaml"))
         loaded = [policy.load(p) for p in paths]
-        documents = [compile_policy(p) for p in loaded]
-        documents.append(compile_policy(loaded[1], loaded[2], 30))
-        documents.append(compile_policy(loaded[0], loaded[0], 30))
+        documents = [compile_policy(p).document() for p in loaded]
+        documents.append(compile_policy(loaded[1], loaded[2], 30).document())
+        documents.append(compile_policy(loaded[0], loaded[0], 30).document())
         for document in documents:
             nlbatch.encode(document)  # the fast path must take every shipped shape
             listings = []

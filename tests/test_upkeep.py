@@ -1,0 +1,61 @@
+"""The part of the daemon that keeps the kernel converged (chores.PolicyUpkeep), on
+the fake nftables: tables edited or gone are put back, a trial's deadline is
+kept, a newer committed policy is reported; nothing is done when all is well."""
+import pytest
+
+from fakes import FakeNft
+from policyd import trial
+from policyd.chores import PolicyUpkeep
+from policyd.policystore import PolicyStore
+
+BASE = "version: 1\nservices:\n  base:\n    ports: [11434]\n    allow: [192.0.2.0/24]\n"
+OTHER = "version: 1\nservices:\n  other:\n    ports: [22]\n    allow: [198.51.100.0/24]\n"
+
+
+@pytest.fixture
+def world(tmp_path, clock):
+    kernel, store = FakeNft(clock), PolicyStore(tmp_path / "state")
+    paths = {}
+    for name, text in (("base", BASE), ("other", OTHER)):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(text)
+    policy = trial.apply(kernel, store, paths["base"], peers=lambda _p: [], now=clock.now)
+    return kernel, store, paths, policy, PolicyUpkeep(store, clock=clock)
+
+
+def test_nothing_to_do_when_the_kernel_holds_the_committed_policy(world):
+    kernel, _store, _paths, policy, upkeep = world
+    loads = len(kernel.loads)
+    found = upkeep.check(kernel, policy)
+    assert found == {"rolled_back": False, "trial_active": False}
+    assert len(kernel.loads) == loads
+
+
+def test_an_edited_or_deleted_table_is_put_back(world):
+    kernel, _store, _paths, policy, upkeep = world
+    kernel.model.tables["policyd"].chains["committed_svc_base"].rules.pop()  # `nft delete rule`
+    found = upkeep.check(kernel, policy)
+    assert "restored_ms" in found
+    assert kernel.model.skeleton("policyd") == upkeep._expected["policyd"]
+    del kernel.model.tables["policyd"]  # `nft flush ruleset`, the guard half
+    assert "restored_ms" in upkeep.check(kernel, policy)
+    assert kernel.active_services() == ["base"]
+
+
+def test_a_trial_is_kept_until_its_deadline_then_ended(world, clock):
+    kernel, store, paths, policy, upkeep = world
+    trial.start_trial(kernel, store, paths["other"], 30, peers=lambda _p: [], now=clock.now)
+    found = upkeep.check(kernel, policy)
+    assert found["trial_active"] and "restored_ms" not in found, "the candidate is no drift"
+    assert kernel.active_services() == ["other"]
+    clock.advance(31)
+    found = upkeep.check(kernel, policy)
+    assert found["rolled_back"] and not found["trial_active"]
+    assert kernel.active_services() == ["base"]
+
+
+def test_a_policy_committed_by_the_cli_is_reported(world, clock):
+    kernel, store, paths, policy, upkeep = world
+    newer = trial.apply(kernel, store, paths["other"], peers=lambda _p: [], now=clock.now)
+    found = upkeep.check(kernel, policy)
+    assert found["committed"].digest == newer.digest and "restored_ms" not in found
