@@ -9,12 +9,16 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
+# The checkout may live under /tmp (CI clones anywhere): keep it reachable at
+# /mnt/policyd before /tmp becomes the guest's own tmpfs.
+mkdir -p /mnt/policyd
+mount --bind "$POLICYD_REPO" /mnt/policyd
 mount -t tmpfs tmpfs /tmp
 mkdir -p /run/netns
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 ip link set lo up
 echo "POLICYD-LANE-KERNEL $(uname -r)"
-cd "$POLICYD_REPO" || { echo "POLICYD-LANE-RESULT rc=99"; echo o > /proc/sysrq-trigger; }
+cd /mnt/policyd || { echo "POLICYD-LANE-RESULT rc=99"; echo o > /proc/sysrq-trigger; }
 # POLICYD_TESTS: pytest arguments, ',' for spaces (kernel arguments cannot hold spaces).
 IFS=, read -r -a tests <<< "$POLICYD_TESTS"
 PYTHONPATH=. POLICYD_TEST_TIME_SCALE=$POLICYD_TEST_TIME_SCALE \
