@@ -13,6 +13,12 @@ mount -t tmpfs tmpfs /run
 # /mnt/policyd before /tmp becomes the guest's own tmpfs.
 mkdir -p /mnt/policyd
 mount --bind "$POLICYD_REPO" /mnt/policyd
+# Likewise the kernel's modules (init linked them from the checkout's build/).
+if [ -n "$POLICYD_MODULES" ]; then
+    rm -f "/usr/lib/modules/$(uname -r)"
+    mkdir -p "/usr/lib/modules/$(uname -r)"
+    mount --bind "$POLICYD_MODULES" "/usr/lib/modules/$(uname -r)"
+fi
 mount -t tmpfs tmpfs /tmp
 mkdir -p /run/netns
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
