@@ -11,7 +11,7 @@ import struct
 import time
 from pathlib import Path
 
-from netlab import Lab, PolicydDaemon, in_namespace
+from policyd_lab.netlab import Lab, PolicydDaemon, in_namespace
 
 TABLE = "policyd"
 # Set elements only, never traffic: 10.0.0.0/8 holds 50k spaced /28s.

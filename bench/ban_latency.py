@@ -9,16 +9,15 @@ import contextlib
 import math
 import socket
 import statistics
-import sys
 import time
 import weakref
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "netns"))
 
-from conftest import SERVER_WAN_V4, SERVER_WAN_V6, World  # noqa: E402
-from netlab import Lab, in_namespace  # noqa: E402
-from proxies import http_get, start_nginx, start_ollama_standin, syn_answered  # noqa: E402
+from policyd_lab.world import SERVER_WAN_V4, SERVER_WAN_V6, World  # noqa: E402
+from policyd_lab.netlab import Lab, in_namespace  # noqa: E402
+from policyd_lab.proxies import start_nginx, start_ollama_standin  # noqa: E402
+from policyd_lab.webclient import http_get, syn_answered  # noqa: E402
 
 WRONG = ("ollama", "wrong")
 # Fresh sources: IPv4 /32s from the stranger's own /24, IPv6 from a fresh /64 each,

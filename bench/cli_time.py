@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from apply_time import LIST_POLICY, networks
-from netlab import Lab
+from policyd_lab.netlab import Lab
 from policyd_daemon import TimedDaemon, seed_bans, state_dir
 
 POLICY = LIST_POLICY + """\

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ban_latency import measure, nginx_world
-from netlab import wait_for  # on sys.path through ban_latency
+from policyd_lab.netlab import wait_for
 
 JAIL = "nginx-http-auth"
 TABLE = "f2b-table"

@@ -22,10 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "netns"))
 
-from fleetlab import STREAM_PREFIX, FleetLab  # noqa: E402
-from netlab import Lab, in_namespace  # noqa: E402
+from policyd_lab.fleetlab import STREAM_PREFIX, FleetLab  # noqa: E402
+from policyd_lab.netlab import Lab, in_namespace  # noqa: E402
 from policyd import control  # noqa: E402
 
 ELEMENT = re.compile(r"add element inet policyd_bans ban4 \{ ([0-9.]+) ")
@@ -99,7 +98,7 @@ def redis_floor(world, trials):
 
 
 def _connected(world):
-    from fleetlab import ADMIN_PASSWORD
+    from policyd_lab.fleetlab import ADMIN_PASSWORD
     client = world.client("admin", ADMIN_PASSWORD)
     client.ping()  # the socket is made now, inside the namespace
     return client

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from ban_latency import FreshSources, ProbeSockets, nginx_world, one_trial, percentile
-from conftest import SERVER_WAN_V4  # tests/netns is on sys.path through ban_latency
-from netlab import wait_for
+from policyd_lab.world import SERVER_WAN_V4
+from policyd_lab.netlab import wait_for
 from policyd_daemon import BAN_TABLE, TimedDaemon
 from setcount import SetCounter
 

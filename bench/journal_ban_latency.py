@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "netns"))
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ban_latency import FreshSources, ProbeSockets, percentile  # noqa: E402
-from conftest import SERVER_WAN_V4, World  # noqa: E402
-from journal_files import JournalPipe  # noqa: E402
-from netlab import Lab, PolicydDaemon  # noqa: E402
-from proxies import syn_answered  # noqa: E402
+from policyd_lab.world import SERVER_WAN_V4, World  # noqa: E402
+from policyd_lab.journal_files import JournalPipe  # noqa: E402
+from policyd_lab.netlab import Lab, PolicydDaemon  # noqa: E402
+from policyd_lab.webclient import syn_answered  # noqa: E402
 
 MAXRETRY = 5
 POLICY = """\

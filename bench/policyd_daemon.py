@@ -9,13 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "netns"))
 
-from netlab import POLICYD, REPO, wait_for  # noqa: E402
+from policyd_lab.netlab import POLICYD, REPO, wait_for  # noqa: E402
 
 BAN_TABLE = "policyd_bans"
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ban_latency import measure, nginx_world, percentile
-from netlab import wait_for  # on sys.path through ban_latency
+from policyd_lab.netlab import wait_for
 from policyd_daemon import TimedDaemon, write_policy
 
 

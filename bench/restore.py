@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from netlab import Lab, wait_for
+from policyd_lab.netlab import Lab, wait_for
 from policyd_daemon import BAN_TABLE, TimedDaemon, seed_bans, state_dir, write_policy
 from setcount import SetCounter
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "tests" / "netns"))
 
 import report  # noqa: E402
 from apply_time import measure_apply  # noqa: E402

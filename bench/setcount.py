@@ -9,12 +9,9 @@ inside a namespace and then used from the calling thread.
 import errno
 import socket
 import struct
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "netns"))
 
-from netlab import in_namespace  # noqa: E402
+from policyd_lab.netlab import in_namespace  # noqa: E402
 
 from policyd import nfnetlink as nl  # noqa: E402
 

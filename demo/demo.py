@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "netns"))
 
-from netlab import POLICYD, Lab, leftover_namespaces, wait_for  # noqa: E402
-from proxies import KeepAlive, http_get, open_connection, start_nginx, start_ollama_standin  # noqa: E402
+from policyd_lab.netlab import POLICYD, Lab, leftover_namespaces, wait_for  # noqa: E402
+from policyd_lab.proxies import start_nginx, start_ollama_standin  # noqa: E402
+from policyd_lab.webclient import KeepAlive, http_get, open_connection  # noqa: E402
 
 SERVER, TRUSTED = "192.0.2.1", "192.0.2.10"
 SERVER_WAN, ATTACKER = "198.51.100.1", "198.51.100.66"

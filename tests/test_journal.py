@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from journal_files import JournalWriter, available, entry
+from policyd_lab.journal_files import JournalWriter, available, entry
 from policyd.bans import BanManager
 from policyd.daemon import Daemon
 from policyd.filters import Outcome
 from policyd.journal import JournalSource
-from policyd.policy import LogSource
+from policyd.policymodel import LogSource
 from policyd.state import State
 from fakes import FakeBanKernel, FakeClock, Settings
 

@@ -27,7 +27,9 @@ echo "POLICYD-LANE-KERNEL $(uname -r)"
 cd /mnt/policyd || { echo "POLICYD-LANE-RESULT rc=99"; echo o > /proc/sysrq-trigger; }
 # POLICYD_TESTS: pytest arguments, ',' for spaces (kernel arguments cannot hold spaces).
 IFS=, read -r -a tests <<< "$POLICYD_TESTS"
-PYTHONPATH=. POLICYD_TEST_TIME_SCALE=$POLICYD_TEST_TIME_SCALE \
+# The system python3 has no venv here: policyd comes from the checkout's root,
+# the test lab (package policyd_lab) from tests/lab, as `make setup` installs them.
+PYTHONPATH=.:tests/lab POLICYD_TEST_TIME_SCALE=$POLICYD_TEST_TIME_SCALE \
     python3 -m pytest -q -rs -p no:cacheprovider --color=no "${tests[@]}"
 echo "POLICYD-LANE-RESULT rc=$?"
 sync

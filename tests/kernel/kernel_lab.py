@@ -3,8 +3,8 @@ and the suite's fixtures and marks.
 
 The suite runs on the host kernel in `make test` and on Debian 12's 6.1 in
 `make test-kernel` (tests/kernel/lane.sh), where POLICYD_TEST_TIME_SCALE
-stretches every wait. No conftest.py here: tests/netns imports its own
-conftest by that name, and two would shadow each other.
+stretches every wait. The namespaces themselves come from the test lab
+(policyd_lab.netlab), as for tests/netns.
 """
 import os
 import shutil
@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from netlab import Lab, in_namespace, leftover_namespaces
+from policyd_lab.netlab import in_namespace, open_lab
 
 
 def _missing():
@@ -81,12 +81,8 @@ class Pair:
 
 @pytest.fixture
 def lab(tmp_path):
-    lab = Lab(tmp_path)
-    try:
+    with open_lab(tmp_path) as lab:
         yield lab
-    finally:
-        lab.close()
-        assert not leftover_namespaces(lab.prefix), "namespaces left behind"
 
 
 @pytest.fixture

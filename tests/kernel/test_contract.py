@@ -12,7 +12,7 @@ import time
 import pytest
 
 from kernel_lab import CLIENT, MARKS, SERVER, lab, pair  # noqa: F401 (fixtures)
-from netlab import TIME_SCALE, wait_for
+from policyd_lab.netlab import TIME_SCALE, wait_for
 from policyd.compile import TRIAL_SET, compile_policy
 from policyd.ruleset import FAMILY, Ruleset
 from policyd.errors import KernelError

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, TRUSTED_V4
-from netlab import PolicydDaemon, wait_for
-from proxies import (KeepAlive, ProxyUnavailable, http_get, start_caddy, start_nginx,
-                     start_ollama_standin)
+from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx, start_ollama_standin
+from policyd_lab.webclient import KeepAlive, http_get
+from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, TRUSTED_V4
 
 GOOD = ("ollama", "secret")
 BAD = ("ollama", "wrong")

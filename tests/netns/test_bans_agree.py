@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from netlab import PolicydDaemon, wait_for
+from policyd_lab.netlab import PolicydDaemon, wait_for
 
 POLICY = """\
     version: 1

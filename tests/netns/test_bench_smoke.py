@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from netlab import REPO, leftover_namespaces
+from policyd_lab.netlab import REPO, leftover_namespaces
 
 sys.path.insert(0, str(REPO / "bench"))
 

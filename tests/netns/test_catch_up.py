@@ -5,8 +5,8 @@ a burst within findtime still bans, and a first-seen log is not read at all.
 import json
 import time
 
-from conftest import SERVER_WAN_V4, STRANGER_V4
-from netlab import PolicydDaemon, wait_for
+from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.world import SERVER_WAN_V4, STRANGER_V4
 
 POLICY = """\
     version: 1

@@ -7,8 +7,8 @@ import json
 import signal
 import time
 
-from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, STRANGER_V6, TRUSTED_V4
-from netlab import POLICYD, REPO, PolicydDaemon, wait_for
+from policyd_lab.netlab import POLICYD, REPO, PolicydDaemon, wait_for
+from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, STRANGER_V6, TRUSTED_V4
 
 POLICY = """\
     version: 1

@@ -4,8 +4,8 @@ it touches anything; missing logs and bans are each one key=value line."""
 import json
 import time
 
-from conftest import SERVER_V4, SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
-from netlab import REPO, PolicydDaemon, wait_for
+from policyd_lab.netlab import REPO, PolicydDaemon, wait_for
+from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
 from test_daemon import failure
 
 TWO_LOGS = """\

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from netlab import REPO, PolicydDaemon
+from policyd_lab.netlab import REPO, PolicydDaemon
 
 NGINX_ACCESS_LOG = "/var/log/nginx/access.log"
 

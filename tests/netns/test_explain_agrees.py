@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from netlab import TIME_SCALE
+from policyd_lab.netlab import TIME_SCALE
 
 POLICY = """\
     version: 1
@@ -63,7 +63,7 @@ def what_the_kernel_does(host, source, server, port, proto):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from netlab import Lab
+    from policyd_lab.netlab import Lab
     lab = Lab(tmp_path_factory.mktemp("explain"))
     try:
         server, client, vpn = lab.host("srv"), lab.host("cli"), lab.host("vpn")

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from fleetlab import ATTACKER_EXTRA, ATTACKER_V4, STREAM_PREFIX, FleetLab
-from netlab import Lab, leftover_namespaces, wait_for
-from proxies import http_get, start_nginx, start_ollama_standin, syn_answered
+from policyd_lab.fleetlab import ATTACKER_EXTRA, ATTACKER_V4, STREAM_PREFIX, FleetLab
+from policyd_lab.netlab import Lab, leftover_namespaces, wait_for
+from policyd_lab.proxies import start_nginx, start_ollama_standin
+from policyd_lab.webclient import http_get, syn_answered
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="needs redis-server (make setup installs it)")

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from fleetlab import ATTACKER_EXTRA, FleetLab, make_tls_files
-from netlab import wait_for
-from proxies import syn_answered
+from policyd_lab.fleetlab import ATTACKER_EXTRA, FleetLab, make_tls_files
+from policyd_lab.netlab import wait_for
+from policyd_lab.webclient import syn_answered
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("openssl") is None,
                                 reason="needs redis-server and openssl")

@@ -6,7 +6,7 @@ import ipaddress
 import json
 import time
 
-from netlab import PolicydDaemon, wait_for
+from policyd_lab.netlab import PolicydDaemon, wait_for
 
 POLICY = """\
     version: 1

@@ -14,10 +14,10 @@ import pytest
 
 from policyd.filters import load_filter, scan
 
-from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, TRUSTED_V4, TRUSTED_V6
-from netlab import PolicydDaemon, wait_for
-from proxies import (ProxyUnavailable, http_get, raw_request, start_caddy, start_nginx_shared_log,
-                     start_ollama_standin)
+from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx_shared_log, start_ollama_standin
+from policyd_lab.webclient import http_get, raw_request
+from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, TRUSTED_V4, TRUSTED_V6
 
 GOOD = ("ollama", "secret")
 BAD = ("ollama", "wrong")

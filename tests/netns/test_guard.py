@@ -2,7 +2,7 @@
 import threading
 import time
 
-from conftest import (SERVER_V4, SERVER_V6, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4,
+from policyd_lab.world import (SERVER_V4, SERVER_V6, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4,
                       TRUSTED_V4)
 
 LAN_POLICY = """\
@@ -236,7 +236,7 @@ def test_explain_reports_live_ban(world):
 
 def test_kernel_skeleton_matches_the_compiled_one(world):
     """The daemon's cheap drift check must see no drift right after a load."""
-    from netlab import in_namespace, REPO
+    from policyd_lab.netlab import in_namespace, REPO
     from policyd import policy as policy_mod
     from policyd.compile import compile_policy
     from policyd.nft import Nft

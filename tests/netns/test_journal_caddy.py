@@ -3,18 +3,15 @@ JSON access log relayed into a real journal file as caddy.service's entries (wha
 journald does with a unit's output), and `policyd run` following `journal:
 caddy.service`. A local user's forged entries (another unit) ban nobody."""
 import json
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-from conftest import SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
-from netlab import PolicydDaemon, wait_for
-from proxies import ProxyUnavailable, http_get, start_caddy, start_ollama_standin, syn_answered
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from journal_files import JournalPipe, available  # noqa: E402
+from policyd_lab.journal_files import JournalPipe, available
+from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_ollama_standin
+from policyd_lab.webclient import http_get, syn_answered
+from policyd_lab.world import SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
 
 pytestmark = pytest.mark.skipif(not available, reason="systemd-journal-remote is not installed")
 WRONG = ("ollama", "wrong")

@@ -6,18 +6,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-from conftest import SERVER_V4, SERVER_WAN_V4, STRANGER_V4
-from netlab import PolicydDaemon, wait_for
-from proxies import syn_answered
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from journal_files import JournalPipe, available  # noqa: E402
+from policyd_lab.journal_files import JournalPipe, available
+from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.webclient import syn_answered
+from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, STRANGER_V4
 
 SSHD = "/usr/sbin/sshd"
 PORT = 2222

@@ -4,8 +4,8 @@ import json
 import re
 import time
 
-from conftest import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4
-from netlab import REPO, in_namespace
+from policyd_lab.netlab import REPO, in_namespace
+from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4
 
 RICH = """\
     version: 1
@@ -136,7 +136,7 @@ def _replace(path, text):
 
 
 def test_the_daemon_follows_a_deny_list_and_keeps_it_through_a_bad_version(world):
-    from netlab import PolicydDaemon, wait_for
+    from policyd_lab.netlab import PolicydDaemon, wait_for
     world.server.listen(8080)
     _allow, deny = _lists(world, deny="# empty for now\n203.0.113.99\n")
     deny = world.lab.tmp / "deny.txt"
@@ -175,7 +175,7 @@ def test_the_daemon_follows_a_deny_list_and_keeps_it_through_a_bad_version(world
 
 def test_an_allowlist_element_deleted_by_hand_is_put_back(world):
     """Issue 12: the drift check compares set elements, not only chains and set names."""
-    from netlab import PolicydDaemon, wait_for
+    from policyd_lab.netlab import PolicydDaemon, wait_for
     world.server.listen(11434)
     # IPv4 only: the list-fed IPv6 set is absent, which must not stop the check.
     allow, _deny = _lists(world, allow="192.0.2.0/24\n")

@@ -8,10 +8,11 @@ from ipaddress import ip_address
 
 import pytest
 
-from conftest import SERVER_V4, SERVER_V6, TRUSTED_V4, TRUSTED_V6
-from netlab import wait_for
+from policyd_lab.netlab import wait_for
+from policyd_lab.world import SERVER_V4, SERVER_V6, TRUSTED_V4, TRUSTED_V6
 from policyd.filters import Failure, Outcome, load_filter
-from proxies import KeepAlive, ProxyUnavailable, http_get, start_caddy, start_nginx, start_ollama_standin
+from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx, start_ollama_standin
+from policyd_lab.webclient import KeepAlive, http_get
 
 RIGHT = ("ollama", "secret")
 WRONG = ("ollama", "wrong")

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import textwrap
 
-from netlab import PolicydDaemon, in_namespace, run, wait_for
+from policyd_lab.netlab import PolicydDaemon, in_namespace, run, wait_for
 
 REDIS_V4 = "192.0.2.100"
 ATTACKER_V4 = "192.0.2.66"

@@ -4,6 +4,7 @@ Every namespace and process it makes is recorded and removed by close(), which
 the fixtures call also when a test fails. Addresses come from the
 documentation ranges only, and nothing here touches the root namespace's rules.
 """
+import contextlib
 import ctypes
 import itertools
 import json
@@ -17,7 +18,8 @@ import time
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
-REPO = Path(__file__).resolve().parents[2]
+# This file is tests/lab/policyd_lab/netlab.py in the checkout.
+REPO = Path(__file__).resolve().parents[3]
 POLICYD = [sys.executable, "-m", "policyd"]
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -257,3 +259,14 @@ def wait_for(predicate, timeout=5.0, interval=0.02):
 def leftover_namespaces(prefix):
     names = run("ip", "netns", "list", check=False).stdout.split("\n")
     return [n.split()[0] for n in names if n.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def open_lab(tmp_path):
+    """A Lab that is closed, and checked to leave no namespace behind, however the block ends."""
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.close()
+        assert not leftover_namespaces(lab.prefix), "namespaces left behind"
