@@ -22,7 +22,7 @@ class FakeClock:
 
 @dataclass(frozen=True)
 class Settings:
-    """Same attribute names as policy.BanSettings; bans.py only reads them."""
+    """Same attribute names as policymodel.BanSettings; bans.py only reads them."""
     ports: tuple = (11434,)
     maxretry: int = 5
     findtime: int = 600

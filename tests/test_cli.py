@@ -214,7 +214,7 @@ def test_ban_refusals_name_the_argument_the_operator_typed(tmp_path):
     from policyd.bans import BanManager
     from policyd.bandesk import BanDesk
     from policyd.errors import InputError
-    from policyd.policy import BanSettings
+    from policyd.policymodel import BanSettings
     from policyd.state import State
 
     class Kernel:
