@@ -6,28 +6,13 @@ import json
 import pytest
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.policies import ban_policy, log_file
 from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx, start_ollama_standin
 from policyd_lab.webclient import KeepAlive, http_get
 from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, TRUSTED_V4
 
 GOOD = ("ollama", "secret")
 BAD = ("ollama", "wrong")
-POLICY = """\
-    version: 1
-    services:
-      ollama:
-        ports: [11434]
-        allow: [127.0.0.0/8, "::1"]
-      proxy:
-        ports: [{port}]
-        allow: [any]
-    bans:
-      ports: [{port}, 11434]
-      maxretry: 3
-      logs:
-        - path: {log}
-          filter: {filter}
-"""
 
 
 @pytest.fixture
@@ -39,7 +24,7 @@ def nginx(world, lab):
 
 
 def _daemon(world, log, port=8080, log_filter="nginx-auth"):
-    policy = world.policy(POLICY.format(port=port, log=log, filter=log_filter))
+    policy = world.policy(ban_policy(log_file(log, log_filter), ports=[port], ollama=True))
     return PolicydDaemon(world.server, policy).start()
 
 
@@ -117,8 +102,7 @@ def test_bans_made_through_nginx_survive_apply_and_flush(world, nginx):
         for _ in range(3):
             http_get(world.stranger, url, auth=BAD)
         assert wait_for(lambda: _banned(world) == [f"{STRANGER_V4}/32"], 2)
-        policy = world.policy(POLICY.format(port=8080, log=nginx.error_log,
-                                            filter="nginx-auth"), "again.yaml")
+        policy = world.policy(ban_policy(log_file(nginx.error_log), ollama=True), "again.yaml")
         assert world.server.policyd("apply", policy, "--force").returncode == 0
         assert http_get(world.stranger, url, auth=GOOD, timeout=0.5) is None
         world.server.nft("flush", "ruleset")

@@ -5,9 +5,9 @@ automatic bans and ranges, checked against real packets from each source.
 """
 import json
 import os
-import time
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.nginxlog import nginx_failure
 
 POLICY = """\
     version: 1
@@ -47,12 +47,6 @@ def _server_address(source):
     return SERVER["v6"] if ":" in source else SERVER[source.rsplit(".", 1)[0]]
 
 
-def _failure(address):
-    # Stamped now: the failure window goes by the time a line carries.
-    return (f'{time.strftime("%Y/%m/%d %H:%M:%S")} [error] 1234#1234: *1 user "admin": password mismatch, '
-            f'client: {address}, server: _, request: "GET / HTTP/1.1", host: "x"\n')
-
-
 def test_ban_bans_explain_and_unban_agree_with_the_kernel(lab):
     server, client = lab.host("srv"), lab.host("cli")
     rows = MANUAL + [AUTO]
@@ -89,7 +83,7 @@ def test_ban_bans_explain_and_unban_agree_with_the_kernel(lab):
             assert out.returncode == 0, out.stderr
             said[given] = out.stdout.split()[1]
         with log.open("a") as out:
-            out.write(_failure(AUTO[0]) * 2)
+            out.write(nginx_failure(AUTO[0]) * 2)
         assert wait_for(lambda: shut(AUTO[0]), timeout=5)
         listed = {b["network"] for b in json.loads(server.policyd("bans", "--json").stdout)}
 
@@ -158,7 +152,7 @@ def test_changing_ipv6_prefix_keeps_each_ban_exactly_as_wide(lab):
     daemon = PolicydDaemon(server, str(policy)).start()
     try:
         with log.open("a") as out:
-            out.write(_failure(sources[0]) * 2)
+            out.write(nginx_failure(sources[0]) * 2)
         assert wait_for(lambda: shut(sources[1]), timeout=5), "the /64 is banned"
         assert not shut(sources[2])
         policy.write_text(text.replace("maxretry: 2", "maxretry: 2\n  ipv6_prefix: 56"))
@@ -171,7 +165,7 @@ def test_changing_ipv6_prefix_keeps_each_ban_exactly_as_wide(lab):
             "the /64 ban neither widened to the /56 nor vanished"
         assert shut(sources[1])
         with log.open("a") as out:  # a new offender in the same /56 is banned as the /56
-            out.write(_failure(sources[2]) * 2)
+            out.write(nginx_failure(sources[2]) * 2)
         assert wait_for(lambda: shut(sources[2]), timeout=5)
         assert sorted(listed()) == ["2001:db8:5::/56"] or sorted(listed()) == [
             "2001:db8:5::/56", "2001:db8:5::/64"]

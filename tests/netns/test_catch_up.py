@@ -6,29 +6,13 @@ import json
 import time
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.nginxlog import nginx_failure
+from policyd_lab.policies import ban_policy, log_file
 from policyd_lab.world import SERVER_WAN_V4, STRANGER_V4
-
-POLICY = """\
-    version: 1
-    services:
-      proxy:
-        ports: [8080]
-        allow: [any]
-    bans:
-      ports: [8080]
-      maxretry: 3
-      findtime: 10m
-      bantime: 1h
-      logs:
-        - path: {log}
-          filter: nginx-auth
-"""
 
 
 def failure(address, ago):
-    stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(time.time() - ago))
-    return (f'{stamp} [error] 812#812: *1 user "admin": password mismatch, client: {address}, '
-            f'server: _, request: "GET /api/tags HTTP/1.1", host: "ollama.example"\n')
+    return nginx_failure(address, time.time() - ago)
 
 
 def _status(world):
@@ -40,7 +24,7 @@ def test_catching_up_bans_by_the_time_each_line_carries(world):
     # A first-seen log is followed from its end: this burst is history.
     log.write_text(failure(STRANGER_V4, 30) * 5)
     world.server.listen(8080)
-    policy = world.policy(POLICY.format(log=log))
+    policy = world.policy(ban_policy(log_file(log)))
     daemon = PolicydDaemon(world.server, policy).start()
     try:
         time.sleep(0.5)

@@ -8,33 +8,9 @@ import signal
 import time
 
 from policyd_lab.netlab import POLICYD, REPO, PolicydDaemon, wait_for
+from policyd_lab.nginxlog import nginx_failure
+from policyd_lab.policies import ban_policy, log_file
 from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, STRANGER_V6, TRUSTED_V4
-
-POLICY = """\
-    version: 1
-    services:
-      ollama:
-        ports: [11434]
-        allow: [127.0.0.0/8, "::1"]
-      proxy:
-        ports: [8080]
-        allow: [any]
-    bans:
-      ports: [8080, 11434]
-      maxretry: 3
-      findtime: 10m
-      bantime: 1h
-      logs:
-        - path: {log}
-          filter: nginx-auth
-"""
-
-
-def failure(address, user="admin", path="/api/tags", host="ollama.example"):
-    # Stamped now, as nginx does: the failure window runs on the line's own time.
-    return (f'{time.strftime("%Y/%m/%d %H:%M:%S")} [error] 1234#1234: *1 user "{user}": password mismatch, '
-            f'client: {address}, server: _, request: "GET {path} HTTP/1.1", '
-            f'host: "{host}"\n')
 
 
 def _setup(world):
@@ -42,7 +18,7 @@ def _setup(world):
     log.write_text("")
     world.server.listen(8080)
     world.server.listen(11434)
-    return log, world.policy(POLICY.format(log=log))
+    return log, world.policy(ban_policy(log_file(log), ollama=True))
 
 
 def test_repeated_failures_ban_the_source_and_cut_its_open_connection(world):
@@ -52,11 +28,11 @@ def test_repeated_failures_ban_the_source_and_cut_its_open_connection(world):
         kept_open = world.stranger.connect(SERVER_WAN_V4, 8080)
         assert kept_open is not None
         with log.open("a") as out:
-            out.write(failure(STRANGER_V4) * 2)
+            out.write(nginx_failure(STRANGER_V4) * 2)
         time.sleep(0.3)
         assert world.stranger.can_connect(SERVER_WAN_V4, 8080), "banned before maxretry"
         with log.open("a") as out:
-            out.write(failure(STRANGER_V4))
+            out.write(nginx_failure(STRANGER_V4))
         assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
         # The connection opened before the ban is cut too, not only new ones.
         kept_open.settimeout(0.5)
@@ -85,7 +61,7 @@ def test_injected_address_bans_nobody_else(world):
             # What an attacker controls in nginx's error.log: the user name (up to
             # the first colon), the request line and the Host header.
             for _ in range(5):
-                out.write(failure(STRANGER_V4, user=f"x client {TRUSTED_V4}",
+                out.write(nginx_failure(STRANGER_V4, user=f"x client {TRUSTED_V4}",
                                   path=f"/, client: {TRUSTED_V4}, server: y",
                                   host=f"h, client: {TRUSTED_V4}"))
             out.write("\x00\xff binary junk \xfe\n" * 3)
@@ -106,7 +82,7 @@ def test_bans_survive_apply_restart_and_a_flushed_ruleset(world):
     try:
         assert world.server.policyd("ban", STRANGER_V6, "--for", "1h").returncode == 0
         with log.open("a") as out:
-            out.write(failure(STRANGER_V4) * 3)
+            out.write(nginx_failure(STRANGER_V4) * 3)
         assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
         assert not world.stranger.can_connect(SERVER_WAN_V6, 8080, 0.2)
         # A new policy applied: bans stay.
@@ -139,14 +115,14 @@ def test_restart_neither_misses_nor_double_counts(world):
     log, policy = _setup(world)
     daemon = PolicydDaemon(world.server, policy).start()
     with log.open("a") as out:
-        out.write(failure(STRANGER_V4) * 2)
+        out.write(nginx_failure(STRANGER_V4) * 2)
     assert wait_for(lambda: json.loads(world.server.policyd("status", "--json").stdout)
                     ["logs"][0]["matched"] == 2, 3)
     daemon.stop_and_read()
     # Written while the daemon is down: counted once it is back, together with the
     # two from before, which makes three and a ban; re-reading would make five.
     with log.open("a") as out:
-        out.write(failure(STRANGER_V4))
+        out.write(nginx_failure(STRANGER_V4))
     daemon = PolicydDaemon(world.server, policy).start()
     try:
         assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
@@ -160,7 +136,7 @@ def test_sighup_reloads_and_sigkill_leaves_the_kernel_guarding(world):
     log, policy = _setup(world)
     daemon = PolicydDaemon(world.server, policy).start()
     with log.open("a") as out:
-        out.write(failure(STRANGER_V4) * 3)
+        out.write(nginx_failure(STRANGER_V4) * 3)
     assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
     daemon.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
@@ -212,7 +188,7 @@ def test_metrics_are_served_on_loopback_and_by_the_cli(world):
     daemon = PolicydDaemon(world.server, policy, "--metrics-listen", "127.0.0.1:9611").start()
     try:
         with log.open("a") as out:
-            out.write(failure(STRANGER_V4) * 3)
+            out.write(nginx_failure(STRANGER_V4) * 3)
         assert wait_for(lambda: 'policyd_bans_total{reason="auto"} 1' in
                         world.server.policyd("metrics").stdout, 3)
         served = world.server.exec("curl", "-sf", "http://127.0.0.1:9611/metrics").stdout
@@ -248,7 +224,7 @@ def test_metrics_count_what_the_cli_did(world):
                 if line.startswith("policyd_applies_total{")}
 
     try:
-        other = world.policy(POLICY.format(log=log).replace("maxretry: 3", "maxretry: 4"),
+        other = world.policy(ban_policy(log_file(log), ollama=True).replace("maxretry: 3", "maxretry: 4"),
                              "other.yaml")
         assert world.server.policyd("apply", other, "--confirm-timeout", "30",
                                     "--force").returncode == 0
@@ -270,7 +246,7 @@ def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
     log, policy = _setup(world)
     daemon = PolicydDaemon(world.server, policy).start()
     with log.open("a") as out:
-        out.write(failure(STRANGER_V4) * 3)
+        out.write(nginx_failure(STRANGER_V4) * 3)
     assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
     daemon.stop_and_read()
     world.server.nft("flush", "ruleset")  # what a reboot leaves
@@ -283,7 +259,7 @@ def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
 def test_an_edited_policy_file_does_not_take_effect_behind_the_operators_back(world):
     log, policy = _setup(world)
     assert world.server.policyd("apply", policy, "--force").returncode == 0
-    edited = world.policy(POLICY.format(log=log).replace('allow: [any]', 'allow: [192.0.2.0/24]'),
+    edited = world.policy(ban_policy(log_file(log), ollama=True).replace('allow: [any]', 'allow: [192.0.2.0/24]'),
                           "edited.yaml")
     daemon = PolicydDaemon(world.server, edited).start()
     try:

@@ -5,8 +5,8 @@ import json
 import time
 
 from policyd_lab.netlab import REPO, PolicydDaemon, wait_for
+from policyd_lab.nginxlog import nginx_failure
 from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
-from test_daemon import failure
 
 TWO_LOGS = """\
     version: 1
@@ -58,7 +58,7 @@ def test_a_filter_broken_after_apply_costs_its_log_only(world):
         assert f"the daemon does not follow {other}" in doctor.stdout
         # The daemon still bans from the log whose filter loads.
         with good.open("a") as out:
-            out.write(failure(STRANGER_V4) * 3)
+            out.write(nginx_failure(STRANGER_V4) * 3)
         assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
         assert daemon.proc.poll() is None
     finally:
@@ -171,7 +171,7 @@ def test_a_missing_log_is_one_line_and_each_ban_is_logged_once(world):
     daemon = PolicydDaemon(world.server, policy).start()
     try:
         missing.parent.mkdir()
-        missing.write_text(failure(STRANGER_V4) * 3)
+        missing.write_text(nginx_failure(STRANGER_V4) * 3)
         assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 5)
         time.sleep(0.5)
     finally:

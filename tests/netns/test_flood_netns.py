@@ -4,34 +4,12 @@ answering. Sizes are small and waits generous: no timing is asserted here
 (bench/flood.py measures the 300k-line flood)."""
 import ipaddress
 import json
-import time
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.nginxlog import nginx_failure
+from policyd_lab.policies import ban_policy, log_file
 
-POLICY = """\
-    version: 1
-    services:
-      proxy:
-        ports: [8080]
-        allow: [any]
-    bans:
-      ports: [8080]
-      maxretry: 3
-      findtime: 10m
-      bantime: 1h
-      logs:
-        - path: {flood}
-          filter: nginx-auth
-        - path: {other}
-          filter: nginx-auth
-"""
 SOURCES = 3000
-
-
-def line(n, address):
-    # Stamped now: the failure window goes by the time a line carries.
-    return (f'{time.strftime("%Y/%m/%d %H:%M:%S")} [error] 1#1: *{n} user "admin": password mismatch, '
-            f'client: {address}, server: _, request: "GET / HTTP/1.1", host: "x"\n')
 
 
 def source(i):
@@ -61,11 +39,11 @@ def test_a_flood_of_sources_is_banned_every_one_and_a_newcomer_too(world):
     flood, other = world.lab.tmp / "flood.log", world.lab.tmp / "other.log"
     flood.write_text("")
     other.write_text("")
-    daemon = PolicydDaemon(world.server, world.policy(POLICY.format(flood=flood, other=other))).start()
+    daemon = PolicydDaemon(world.server, world.policy(ban_policy(log_file(flood), log_file(other)))).start()
     try:
         # Three rounds, so no source reaches maxretry before the last third of the file.
-        flood.write_text("".join(line(n, source(n % SOURCES)) for n in range(3 * SOURCES)))
-        other.write_text(line(1, "198.51.100.77") * 3)
+        flood.write_text("".join(nginx_failure(source(n % SOURCES), connection=n) for n in range(3 * SOURCES)))
+        other.write_text(nginx_failure("198.51.100.77") * 3)
         assert wait_for(lambda: len(elements(world.server, "ban6")) >= SOURCES, timeout=120,
                         interval=0.5), f"{len(elements(world.server, 'ban6'))} of {SOURCES} banned"
         assert wait_for(lambda: "198.51.100.77" in elements(world.server, "ban4"), timeout=30)
@@ -88,13 +66,13 @@ def test_a_control_reload_is_answered_once_the_worker_has_it_in_use(world):
     flood, other = world.lab.tmp / "flood.log", world.lab.tmp / "other.log"
     flood.write_text("")
     other.write_text("")
-    daemon = PolicydDaemon(world.server, world.policy(POLICY.format(flood=flood, other=other))).start()
+    daemon = PolicydDaemon(world.server, world.policy(ban_policy(log_file(flood), log_file(other)))).start()
     try:
         run_dir = world.lab.policyd_env(world.server)["POLICYD_RUN_DIR"]
         digest = json.loads(world.server.policyd("status", "--json").stdout)["policy"]["committed"]["sha256"]
         assert control.request(run_dir, "reload", timeout=60) == {"sha256": digest}
         # Bans still work after the policy was taken again on the worker.
-        other.write_text(line(1, "198.51.100.78") * 3)
+        other.write_text(nginx_failure("198.51.100.78") * 3)
         assert wait_for(lambda: "198.51.100.78" in elements(world.server, "ban4"), timeout=30)
     finally:
         err = daemon.stop_and_read()

@@ -9,6 +9,7 @@ import pytest
 
 from policyd_lab.journal_files import JournalPipe, available
 from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.policies import ban_policy, journal
 from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_ollama_standin
 from policyd_lab.webclient import http_get, syn_answered
 from policyd_lab.world import SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
@@ -16,22 +17,6 @@ from policyd_lab.world import SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
 pytestmark = pytest.mark.skipif(not available, reason="systemd-journal-remote is not installed")
 WRONG = ("ollama", "wrong")
 FORGED = "203.0.113.77"
-
-POLICY = """\
-    version: 1
-    services:
-      proxy:
-        ports: [8081]
-        allow: [any]
-    bans:
-      maxretry: 3
-      findtime: 10m
-      bantime: 1h
-      logs:
-        - journal: caddy.service
-          journal_dir: {journal_dir}
-          filter: caddy-auth
-"""
 
 
 class Relay:
@@ -76,7 +61,8 @@ def test_failures_that_reach_only_the_journal_end_in_a_kernel_ban(world, tmp_pat
         pipe.close()
         pytest.skip(str(exc))
     relay = Relay(caddy.access_log, pipe)
-    daemon = PolicydDaemon(world.server, world.policy(POLICY.format(journal_dir=journal_dir)))
+    policy = ban_policy(journal("caddy.service", journal_dir, "caddy-auth"), ports=[8081])
+    daemon = PolicydDaemon(world.server, world.policy(policy))
     try:
         daemon.start()
         # A local user's `systemd-cat -t caddy` lands under its own unit: no ban.

@@ -12,6 +12,7 @@ import pytest
 
 from policyd_lab.journal_files import JournalPipe, available
 from policyd_lab.netlab import PolicydDaemon, wait_for
+from policyd_lab.policies import ban_policy, journal
 from policyd_lab.webclient import syn_answered
 from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, STRANGER_V4
 
@@ -25,21 +26,6 @@ pytestmark = [
                        reason="Debian's fail2ban (filter.d) is not installed"),
 ]
 
-POLICY = """\
-    version: 1
-    services:
-      ssh:
-        ports: [{port}]
-        allow: [any]
-    bans:
-      maxretry: 3
-      findtime: 10m
-      bantime: 1h
-      logs:
-        - journal: ssh.service
-          journal_dir: {journal_dir}
-          filter: fail2ban:sshd
-"""
 
 SSHD_CONFIG = """\
 Port {port}
@@ -99,8 +85,8 @@ def test_failed_ssh_logins_in_the_journal_end_in_a_ban(world, tmp_path):
                 "MESSAGE": "Server listening on 0.0.0.0 port 2222."}])
     sshd = start_sshd(world.server, tmp_path / "sshd")
     relay = StderrToJournal(sshd.stderr, pipe, sshd.pid)
-    daemon = PolicydDaemon(world.server, world.policy(POLICY.format(port=PORT,
-                                                                     journal_dir=journal_dir)))
+    daemon = PolicydDaemon(world.server, world.policy(ban_policy(
+        journal("ssh.service", journal_dir, "fail2ban:sshd"), service="ssh", ports=[PORT])))
     try:
         assert wait_for(lambda: syn_answered(world.stranger, SERVER_WAN_V4, PORT, 0.5), 10), \
             f"sshd did not come up: {relay.lines}"

@@ -1,6 +1,6 @@
 """Real nginx and Caddy in a server namespace: the proxies the ban engine reads.
 
-These check the lab pieces in tests/netns/proxies.py and that what the real
+These check the lab pieces in policyd_lab.proxies and that what the real
 proxies write is what the shipped filters expect: a wrong password is a
 Failure naming the client, a credential-less first request is not.
 """
