@@ -1,7 +1,8 @@
-"""Fixtures every unit test may use; the fakes behind them live in tests/fakes.py."""
+"""Fixtures every unit test may use: the fake clock and the two fake kernels (the
+ruleset, the ban table), all on that one clock. The fakes live in tests/fakes.py."""
 import pytest
 
-from fakes import FakeClock
+from fakes import FakeBanKernel, FakeClock, FakeNft
 
 try:
     import policyd_lab  # noqa: F401 (the namespace tests' lab, installed by make setup)
@@ -13,3 +14,15 @@ except ImportError:
 @pytest.fixture
 def clock():
     return FakeClock()
+
+
+@pytest.fixture
+def nft(clock):
+    """nftables' rulesets (policyd.nft.Nft), replayed by the ruleset model."""
+    return FakeNft(clock)
+
+
+@pytest.fixture
+def ban_kernel(clock):
+    """The kernel's ban sets (policyd.nft.BanTable)."""
+    return FakeBanKernel(clock)

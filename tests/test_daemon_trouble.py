@@ -5,7 +5,6 @@ import textwrap
 
 import pytest
 
-from fakes import FakeClock, FakeNft
 from policyd import daemon as daemon_mod
 from policyd import policy as policy_mod
 from policyd.policystore import PolicyStore
@@ -20,7 +19,7 @@ POLICY = textwrap.dedent("""\
 
 
 @pytest.fixture
-def held_back(tmp_path):
+def held_back(tmp_path, clock, nft):
     """A daemon holding back (nothing enforced yet) whose state dir just got a
     committed policy from an operator's apply, and a state.db that is not ours."""
     path = tmp_path / "policy.yaml"
@@ -30,9 +29,9 @@ def held_back(tmp_path):
     store.commit(path.read_bytes(), policy_mod.load(path))
     with sqlite3.connect(state_dir / daemon_mod.STATE_FILE) as db:
         db.execute("CREATE TABLE photos (id INTEGER)")
-    the_daemon = daemon_mod.Daemon(path, state_dir, tmp_path / "run", clock=FakeClock())
+    the_daemon = daemon_mod.Daemon(path, state_dir, tmp_path / "run", clock=clock)
     the_daemon.store = store
-    the_daemon.nft = FakeNft(FakeClock())
+    the_daemon.nft = nft
     return the_daemon
 
 

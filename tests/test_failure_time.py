@@ -11,7 +11,7 @@ from policyd.bans import BanManager
 from policyd.filters import Failure, load_filter
 from policyd.guard import judge_for
 from policyd.state import State
-from fakes import FakeBanKernel, FakeClock, Settings
+from fakes import FakeClock, Settings
 
 ip = ipaddress.ip_address
 
@@ -22,9 +22,9 @@ def clock():
 
 
 @pytest.fixture
-def manager(tmp_path, clock):
+def manager(tmp_path, clock, ban_kernel):
     state = State(tmp_path / "state.db")
-    yield BanManager(Settings(maxretry=3, findtime=600), state, FakeBanKernel(clock), clock=clock)
+    yield BanManager(Settings(maxretry=3, findtime=600), state, ban_kernel, clock=clock)
     state.close()
 
 

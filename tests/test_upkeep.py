@@ -3,7 +3,6 @@ the fake nftables: tables edited or gone are put back, a trial's deadline is
 kept, a newer committed policy is reported; nothing is done when all is well."""
 import pytest
 
-from fakes import FakeNft
 from policyd import trial
 from policyd.chores import PolicyUpkeep
 from policyd.policystore import PolicyStore
@@ -13,8 +12,8 @@ OTHER = "version: 1\nservices:\n  other:\n    ports: [22]\n    allow: [198.51.10
 
 
 @pytest.fixture
-def world(tmp_path, clock):
-    kernel, store = FakeNft(clock), PolicyStore(tmp_path / "state")
+def world(tmp_path, clock, nft):
+    kernel, store = nft, PolicyStore(tmp_path / "state")
     paths = {}
     for name, text in (("base", BASE), ("other", OTHER)):
         paths[name] = tmp_path / f"{name}.yaml"
