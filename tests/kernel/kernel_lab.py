@@ -12,7 +12,8 @@ import textwrap
 
 import pytest
 
-from policyd_lab.netlab import in_namespace, open_lab
+from policyd_lab.fixtures import lab  # noqa: F401 (a fixture, for test_contract)
+from policyd_lab.netlab import in_namespace
 
 
 def _missing():
@@ -77,12 +78,6 @@ class Pair:
 
     def ruleset(self):
         return self.server.ruleset()
-
-
-@pytest.fixture
-def lab(tmp_path):
-    with open_lab(tmp_path) as lab:
-        yield lab
 
 
 @pytest.fixture

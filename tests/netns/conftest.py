@@ -1,14 +1,13 @@
 """Namespace tests: marked `netns` (skipped without root, ip or nft), and the two
-fixtures they share: a lab that always cleans up, and the world of
-policyd_lab.world (a server with a trusted and a stranger neighbour).
+fixtures they share (policyd_lab.fixtures): a lab that always cleans up, and the
+world (a server with a trusted and a stranger neighbour).
 """
 import os
 import shutil
 
 import pytest
 
-from policyd_lab.netlab import open_lab
-from policyd_lab.world import World
+from policyd_lab.fixtures import lab, world  # noqa: F401 (fixtures)
 
 
 def _missing():
@@ -27,14 +26,3 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.netns)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
-
-
-@pytest.fixture
-def lab(tmp_path):
-    with open_lab(tmp_path) as lab:
-        yield lab
-
-
-@pytest.fixture
-def world(lab):
-    return World(lab)

@@ -9,6 +9,7 @@ world: the server with a trusted and a stranger neighbour, and its addresses.
 proxies, ollama_standin, webclient: nginx and Caddy in front of a stand-in
 Ollama, and the HTTP client that talks to them from another namespace.
 fleetlab: several nodes and a Redis on one bridge. journal_files: real
-journal files written by systemd-journal-remote. policies, logs: the policy
-texts and nginx failure lines the tests write.
+journal files written by systemd-journal-remote. policies, nginxlog: the policy
+texts and nginx failure lines the tests write. fixtures: `lab` and `world`
+for pytest.
 """

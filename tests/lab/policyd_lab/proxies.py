@@ -99,8 +99,8 @@ class Nginx:
         _stop(self.proc)
 
 
-NGINX_CONF = """\
-# Written by policyd_lab/proxies.py: everything nginx writes stays in {work}.
+# Both configurations start alike: one worker, everything written into {work}.
+_NGINX_HEAD = """\
 user root;
 worker_processes 1;
 pid {work}/nginx.pid;
@@ -117,6 +117,11 @@ http {{
     fastcgi_temp_path {work}/tmp/fastcgi;
     uwsgi_temp_path {work}/tmp/uwsgi;
     scgi_temp_path {work}/tmp/scgi;
+"""
+
+NGINX_CONF = """\
+# Written by policyd_lab/proxies.py: everything nginx writes stays in {work}.
+""" + _NGINX_HEAD + """\
     # Long enough that a keep-alive test, not nginx, decides when a connection ends.
     keepalive_timeout 300s;
     keepalive_requests 100000;
@@ -246,22 +251,7 @@ SHARED_LOG_CONF = """\
 # {static_port}) and the Ollama auth proxy, both writing the one error.log at
 # Debian's default level. No try_files: with it nginx logs no 404 at all, without
 # it every 404 is an `open() "..." failed` entry holding the decoded path.
-user root;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log;
-
-events {{
-    worker_connections 1024;
-}}
-
-http {{
-    access_log {work}/access.log;
-    client_body_temp_path {work}/tmp/body;
-    proxy_temp_path {work}/tmp/proxy;
-    fastcgi_temp_path {work}/tmp/fastcgi;
-    uwsgi_temp_path {work}/tmp/uwsgi;
-    scgi_temp_path {work}/tmp/scgi;
+""" + _NGINX_HEAD + """\
 
     server {{
         listen {static_port} default_server;
@@ -292,5 +282,6 @@ def start_nginx_shared_log(host, workdir, listen_port=8080, static_port=80, user
     work = _nginx_workdir(workdir, users)
     (work / "html").mkdir(exist_ok=True)
     (work / "html" / "index.html").write_text("<h1>Welcome to nginx!</h1>\n")
-    return _run_nginx(host, work, SHARED_LOG_CONF.format(work=work, port=listen_port, static_port=static_port,
-                                                         upstream=upstream_port), listen_port, static_port)
+    conf = SHARED_LOG_CONF.format(work=work, port=listen_port, static_port=static_port,
+                                  upstream=upstream_port, level="error")  # Debian's default level
+    return _run_nginx(host, work, conf, listen_port, static_port)
