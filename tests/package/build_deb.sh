@@ -29,6 +29,12 @@ mkdir "$srcdir"
     exit 1
 }
 
+# The test lab (tests/lab, package policyd_lab) is for tests, bench and demo only.
+if dpkg-deb -c "$workdir"/policyd_"$version"_*.deb | grep -q policyd_lab; then
+    echo "build_deb: the .deb holds the test lab (policyd_lab)" >&2
+    exit 1
+fi
+
 rm -f "$outdir"/policyd_*
 cp "$workdir"/policyd_"$version"_* "$outdir"/
 ls "$outdir"/policyd_"$version"_*
