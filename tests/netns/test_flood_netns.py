@@ -35,11 +35,17 @@ def _value(elem):
     return elem
 
 
-def test_a_flood_of_sources_is_banned_every_one_and_a_newcomer_too(world):
+def _start(world):
+    """The daemon following two empty logs: (flood log, other log, daemon)."""
     flood, other = world.lab.tmp / "flood.log", world.lab.tmp / "other.log"
     flood.write_text("")
     other.write_text("")
-    daemon = PolicydDaemon(world.server, world.policy(ban_policy(log_file(flood), log_file(other)))).start()
+    daemon = PolicydDaemon(world.server, world.policy(ban_policy(log_file(flood), log_file(other))))
+    return flood, other, daemon.start()
+
+
+def test_a_flood_of_sources_is_banned_every_one_and_a_newcomer_too(world):
+    flood, other, daemon = _start(world)
     try:
         # Three rounds, so no source reaches maxretry before the last third of the file.
         flood.write_text("".join(nginx_failure(source(n % SOURCES), connection=n) for n in range(3 * SOURCES)))
@@ -63,10 +69,7 @@ def test_a_flood_of_sources_is_banned_every_one_and_a_newcomer_too(world):
 
 def test_a_control_reload_is_answered_once_the_worker_has_it_in_use(world):
     from policyd import control
-    flood, other = world.lab.tmp / "flood.log", world.lab.tmp / "other.log"
-    flood.write_text("")
-    other.write_text("")
-    daemon = PolicydDaemon(world.server, world.policy(ban_policy(log_file(flood), log_file(other)))).start()
+    flood, other, daemon = _start(world)
     try:
         run_dir = world.lab.policyd_env(world.server)["POLICYD_RUN_DIR"]
         digest = json.loads(world.server.policyd("status", "--json").stdout)["policy"]["committed"]["sha256"]
