@@ -183,7 +183,7 @@ def _expired_trial(tmp_path):
 
 def test_status_without_a_daemon_shows_an_expired_trial_as_ended(tmp_path, monkeypatch):
     _expired_trial(tmp_path)
-    monkeypatch.setattr(cli, "_nft_or_none", lambda obj: None)
+    monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
     result = invoke(tmp_path, "status")
     assert result.exit_code == 0, result.stderr
     assert "left" not in result.output
@@ -198,7 +198,7 @@ def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monke
     store = policystore.PolicyStore(tmp_path / "state")
     store.hold_back("/etc/policyd/policy.yaml", "refusing: 192.0.2.7 on tcp port 11434 "
                     "(an established connection) would be cut", 1000.0)
-    monkeypatch.setattr(cli, "_nft_or_none", lambda obj: None)
+    monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
     result = invoke(tmp_path, "status")
     assert "NOT ENFORCED" in result.output and "192.0.2.7" in result.output
     report = json.loads(invoke(tmp_path, "status", "--json").output)
