@@ -103,6 +103,19 @@ def from_snapshot(snapshot, now, network_text):
     return BanColumns(now, network, expires_at, banned_at, list(causes), cause)
 
 
+def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK):
+    """to_wire() answers of the snapshot's bans in force at `now`, soonest expiry
+    first (equal ones in recorded order), `chunk` bans each, made as they are asked
+    for. The one sort is of plain floats: C-level, a few ms for 100k."""
+    expires = list(map(_EXPIRES, map(itemgetter(1), snapshot)))
+    order = sorted(range(len(snapshot)), key=expires.__getitem__)
+    for start in range(0, len(order), chunk):
+        part = from_snapshot(list(map(snapshot.__getitem__, order[start:start + chunk])),
+                             now, network_text)
+        if len(part):
+            yield part.to_wire()
+
+
 class _Index(dict):
     """value -> its index in order of first sight; looked up by C-level maps."""
 

@@ -40,20 +40,38 @@ def columns_json(columns, order=None):
     """json.dumps(rows, indent=2, sort_keys=True) of the bans as objects (README's
     keys), each value encoded by json itself, a whole column per call."""
     order = columns.soonest_first() if order is None else order
-    if not order:
-        return "[]"
+    return "[\n" + _json_rows(columns, order) + "\n]" if order else "[]"
+
+
+def _json_rows(columns, order):
     heads = [f'    "failures": {json.dumps(failures)},\n    "filter": {json.dumps(name)},\n'
              for failures, name, _reason in columns.causes]
     tails = [f'    "reason": {json.dumps(reason)},\n' for _f, _n, reason in columns.causes]
     causes = list(map(columns.cause.__getitem__, order))
-    rows = map(_JSON_ROW.__mod__, zip(
+    return ",\n".join(map(_JSON_ROW.__mod__, zip(
         _encoded(map(columns.banned_at.__getitem__, order)),
         _encoded(map(columns.expires_at.__getitem__, order)),
         map(heads.__getitem__, causes),
         _encoded(map(columns.network.__getitem__, order)),
         map(tails.__getitem__, causes),
-        seconds_left(columns, order)))
-    return "[\n" + ",\n".join(rows) + "\n]"
+        seconds_left(columns, order))))
+
+
+def write_parts(parts, as_json, write):
+    """Print streamed columns (each already soonest first) as they come: the
+    same text, or the same JSON list, as printing them all at once."""
+    first = True
+    for columns in parts:
+        order = range(len(columns))
+        if not order:
+            continue
+        if as_json:
+            write(("[\n" if first else ",\n") + _json_rows(columns, order))
+        else:
+            write(columns_text(columns, order))
+        first = False
+    if as_json:
+        write("[]\n" if first else "\n]\n")
 
 
 def _encoded(values):

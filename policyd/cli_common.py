@@ -113,8 +113,7 @@ def format_time(timestamp):
 
 
 def write_out(text):
-    """All of `text` to stdout in one write: 100k lines through click.echo one by
+    """`text` to stdout in one write, now: 100k lines through click.echo one by
     one take seconds."""
-    out = sys.stdout
-    out.write(text)
-    out.flush()
+    sys.stdout.write(text)
+    sys.stdout.flush()

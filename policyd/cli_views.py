@@ -69,29 +69,39 @@ def bans(obj, as_json, kernel):
 
     From the running daemon, or without one from the state file (what the daemon
     restores when it starts); --kernel lists what the kernel holds instead."""
-    from policyd import banprint
-    result = None if kernel else _ban_book(obj)
-    if result is None:
+    from policyd import banlist, banprint, control
+    if kernel:
         result = _bans_from_kernel(obj)
+    else:
+        try:
+            result, parts = control.request_parts(obj.run_dir, "bans", form=banlist.WIRE)
+        except control.DaemonUnavailable:
+            result, parts = _bans_without_daemon(obj), None
+    if parts is not None:
+        banprint.write_parts(map(_columns, parts), as_json, write_out)
+        return
+    # A kernel listing, the state file's bans, or a daemon from before the columns.
     write_out(banprint.as_json(result) + "\n" if as_json else banprint.text(result))
 
 
-def _ban_book(obj):
-    """BanColumns of the daemon's ban book, or of the state file if no daemon runs
-    (None if there is none: then the kernel is asked)."""
+def _columns(part):
     from policyd import banlist, control
-    answer = ask_daemon(obj, "bans", form=banlist.WIRE)
-    if isinstance(answer, list):
-        return answer  # a daemon from before the columns: rows
-    if answer is not None:
-        try:
-            return banlist.BanColumns.from_wire(answer)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise control.ControlError(f"the daemon sent an unreadable ban list: {exc}") from None
+    try:
+        return banlist.BanColumns.from_wire(part)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise control.ControlError(f"the daemon sent an unreadable ban list: {exc}") from None
+
+
+def _bans_without_daemon(obj):
+    """BanColumns of the state file, what the daemon restores when it starts; the
+    kernel's rows if there is no state file; none if nothing is committed."""
+    from policyd import banlist
     if policystore.PolicyStore(obj.state_dir).meta() is None:
-        return []  # nothing committed: nothing is banned
+        return []
     columns = banlist.from_state(obj.state_dir, time.time())
-    if columns is not None and sys.stderr.isatty():
+    if columns is None:
+        return _bans_from_kernel(obj)
+    if sys.stderr.isatty():
         click.echo("policyd: no daemon runs: bans as the state file records them "
                    "(`policyd bans --kernel` lists the kernel's)", err=True)
     return columns

@@ -56,12 +56,67 @@ def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
+class Stream:
+    """A handler's answer sent in parts, each its own JSON line as soon as it is
+    made, between a first line ({"ok": true, "stream": true, "result": head}) and
+    a last one ({"end": true}). A client prints part k while the daemon makes
+    part k+1; one that stops early only closes the connection."""
+
+    def __init__(self, parts, head=None):
+        self.parts = parts
+        self.head = head if head is not None else {}
+
+
 def request(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args) -> Any:
     """Send one command to the daemon and return its result.
 
     Raises DaemonUnavailable when no daemon listens, ControlError when it
     refuses (code 1) or calls the input wrong (code 2).
     """
+    conn = _send(run_dir, command, timeout, args)
+    try:
+        line = read_line(conn, timeout)
+    finally:
+        conn.close()
+    return _result(line)[0]
+
+
+def request_parts(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args):
+    """(result, parts) of a command the daemon may answer as a Stream: `result` is
+    its head and `parts` an iterator of the parts (which raises ControlError if
+    the daemon stops before the end), or `result` is the whole answer and `parts`
+    None. Raises as request() does before anything is read."""
+    conn = _send(run_dir, command, timeout, args)
+    lines = conn.makefile("rb")
+    try:
+        result, streamed = _result(_next_line(lines, timeout))
+    except BaseException:
+        lines.close()
+        conn.close()
+        raise
+    if not streamed:
+        lines.close()
+        conn.close()
+        return result, None
+    return result, _parts(conn, lines, timeout)
+
+
+def _parts(conn, lines, timeout):
+    try:
+        while True:
+            message = _decoded(_next_line(lines, timeout))
+            if message.get("end") is True:
+                return
+            if "part" not in message:
+                raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
+            yield message["part"]
+    finally:
+        lines.close()
+        conn.close()
+
+
+def _send(run_dir, command, timeout, args) -> socket.socket:
+    """A connection with the request sent (a refusal may already wait to be read)."""
     path = socket_path(run_dir)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     conn.settimeout(timeout)
@@ -72,27 +127,53 @@ def request(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args) 
             raise DaemonUnavailable(f"no policyd daemon at {path}") from exc
         except PermissionError as exc:
             raise ControlError(PERMISSION_DENIED, CODE_REFUSED) from exc
-        except socket.timeout as exc:
-            raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
         try:
             conn.sendall(encode({"command": command, "args": args}))
         except (BrokenPipeError, ConnectionResetError):
             pass  # a refusal may already be waiting to be read
-        except socket.timeout as exc:
-            raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
-        line = read_line(conn, timeout)
-    finally:
+    except socket.timeout as exc:
         conn.close()
+        raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _decoded(line):
     try:
-        response = json.loads(line)
-        if response.get("ok") is True:
-            return response.get("result")
-        code = response.get("code")
-        if code not in (CODE_REFUSED, CODE_BAD_INPUT):
-            code = CODE_REFUSED
-        raise ControlError(one_line(response["error"]), code)
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        message = json.loads(line)
+    except ValueError as exc:
         raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED) from exc
+    if not isinstance(message, dict):
+        raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
+    return message
+
+
+def _result(line):
+    """(result, whether parts follow) of the daemon's first line, or its refusal."""
+    response = _decoded(line)
+    if response.get("ok") is True:
+        return response.get("result"), response.get("stream") is True
+    code = response.get("code")
+    if code not in (CODE_REFUSED, CODE_BAD_INPUT):
+        code = CODE_REFUSED
+    error = response.get("error")
+    if not isinstance(error, str):
+        raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
+    raise ControlError(one_line(error), code)
+
+
+def _next_line(lines, timeout) -> bytes:
+    try:
+        line = lines.readline()
+    except socket.timeout as exc:
+        raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
+    except ConnectionResetError:
+        line = b""
+    if not line.endswith(b"\n"):
+        raise ControlError("the daemon closed the connection without answering", CODE_REFUSED)
+    return line
 
 
 def read_line(conn: socket.socket, timeout: float) -> bytes:
@@ -110,9 +191,10 @@ def read_line(conn: socket.socket, timeout: float) -> bytes:
     except ConnectionResetError:
         pass
     data = b"".join(chunks)
-    if b"\n" not in data:
+    end = data.find(b"\n")
+    if end < 0:
         raise ControlError("the daemon closed the connection without answering", CODE_REFUSED)
-    return data.split(b"\n", 1)[0]
+    return data[:end]
 
 
 _SERVER_NAMES = ("ControlServer", "MainLoopCall", "Handler")

@@ -19,7 +19,7 @@ from typing import Any
 
 from policyd.control import (CODE_BAD_INPUT, CODE_REFUSED, CONNECTION_TIMEOUT,
                              MAX_CONNECTIONS, MAX_REQUEST_BYTES, PERMISSION_DENIED,
-                             ControlError, encode, one_line, peer_credentials)
+                             ControlError, Stream, encode, one_line, peer_credentials)
 from policyd.errors import HostError, PolicydError
 
 log = logging.getLogger(__name__)
@@ -215,11 +215,15 @@ class ControlServer:
             raise ControlError("request args is not an object", CODE_BAD_INPUT)
         return command, args
 
-    def _execute(self, command: str, args: dict) -> bytes:
+    def _execute(self, command: str, args: dict) -> bytes | Stream:
         """The encoded answer: encoded once, here, so an unencodable result is
-        refused before anything is written (and 100k bans are not encoded twice)."""
+        refused before anything is written (and 100k bans are not encoded twice).
+        A Stream is left to _answer_and_close, which sends its parts as made."""
         try:
-            return encode({"ok": True, "result": self.handler(command, args)})
+            result = self.handler(command, args)
+            if isinstance(result, Stream):
+                return result
+            return encode({"ok": True, "result": result})
         except ControlError as exc:
             response = {"ok": False, "error": one_line(exc.message), "code": exc.code}
         except PolicydError as exc:  # input (2), host or kernel trouble (1): its own code
@@ -231,13 +235,31 @@ class ControlServer:
                         "code": CODE_REFUSED}
         return encode(response)
 
-    def _answer_and_close(self, conn: socket.socket, response: dict | bytes) -> None:
+    def _answer_and_close(self, conn: socket.socket, response: dict | bytes | Stream) -> None:
         try:
-            conn.sendall(response if isinstance(response, bytes) else encode(response))
+            if isinstance(response, Stream):
+                self._stream(conn, response)
+            else:
+                conn.sendall(response if isinstance(response, bytes) else encode(response))
         except OSError as exc:
             log.debug("control socket: answer not delivered: %s", exc)
         finally:
             conn.close()
+
+    @staticmethod
+    def _stream(conn: socket.socket, stream: Stream) -> None:
+        """Head, parts, end. A part that fails ends the answer without its last
+        line, which the client reports; what it already printed stays printed."""
+        conn.sendall(encode({"ok": True, "stream": True, "result": stream.head}))
+        try:
+            for part in stream.parts:
+                conn.sendall(encode({"part": part}))
+        except OSError:
+            raise
+        except Exception:
+            log.error("control socket: a streamed answer failed", exc_info=True)
+            return
+        conn.sendall(encode({"end": True}))
 
 
 class MainLoopCall:

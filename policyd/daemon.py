@@ -780,15 +780,17 @@ class Daemon:
 
     def ban_list(self, form=None):
         """Answered off the main loop (see _control): the main loop only takes a
-        snapshot. As columns (form policyd.banlist.WIRE: a few strings, built in
-        chunks so the main loop gets the GIL between them) or, for a client that
-        does not ask for them, as a list of objects."""
+        snapshot. Asked for columns (policyd.banlist.WIRE), a control.Stream of
+        them, soonest expiry first, each part made while the client prints the
+        one before and in steps that give the main loop the GIL between them;
+        else the list of objects older clients read."""
         from policyd import banlist
         if self.bans is None:
             return []
         snapshot, now = self.bans.snapshot(), self.clock()
         if form == banlist.WIRE:
-            return OffLoop(lambda: banlist.from_snapshot(snapshot, now, network_text).to_wire())
+            return OffLoop(lambda: control.Stream(
+                banlist.parts_from_snapshot(snapshot, now, network_text), {"form": form}))
         return OffLoop(lambda: banlist.rows_from_snapshot(snapshot, now, network_text))
 
 

@@ -170,3 +170,24 @@ def test_a_kernel_listing_prints_network_and_seconds_only():
              "failures": None, "filter": None, "reason": None, "banned_at": None}]
     assert banprint.text(rows) == "192.0.2.7/32\t42s left\t\n"
     assert banprint.as_json(rows) == json.dumps(rows, indent=2, sort_keys=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 5000])
+def test_streamed_parts_print_what_the_whole_list_prints(chunk):
+    items = snapshot(300, seed=chunk, expired=5)
+    items += [((4, 1000 + i, 32), (NOW + 99.5, 1, "nginx-auth", "auto", NOW)) for i in range(20)]
+    rows = json.loads(json.dumps(old_rows(items, NOW)))
+    parts = [json.loads(json.dumps(part))
+             for part in banlist.parts_from_snapshot(items, NOW, cidr_text, chunk=chunk)]
+    for as_json, expected in ((False, old_text(rows)),
+                              (True, json.dumps(rows, indent=2, sort_keys=True) + "\n")):
+        out = []
+        banprint.write_parts(map(banlist.BanColumns.from_wire, parts), as_json, out.append)
+        assert "".join(out) == expected
+
+
+def test_no_parts_print_an_empty_list():
+    for as_json, expected in ((False, ""), (True, "[]\n")):
+        out = []
+        banprint.write_parts(iter(()), as_json, out.append)
+        assert "".join(out) == expected
