@@ -4,6 +4,7 @@ two ways to reach a running daemon. Imports nothing a command may not need.
 """
 import functools
 import importlib
+import os
 import sys
 import time
 
@@ -114,6 +115,12 @@ def format_time(timestamp):
 
 def write_out(text):
     """`text` to stdout in one write, now: 100k lines through click.echo one by
-    one take seconds."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    one take seconds. A reader that stopped (`policyd bans | head`) ends the
+    command quietly, as it ends `cat`."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and complain; point it nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
