@@ -197,8 +197,8 @@ def _columns_of(db, now):
     """One pass over the bans table, in the order the rows were written."""
     rows = db.execute("SELECT network, expires_at, banned_at, failures, filter, reason "
                       "FROM bans WHERE expires_at > ?", (now,)).fetchall()
-    causes = {}
-    cause = [causes.setdefault(triple, len(causes)) for triple in map(itemgetter(3, 4, 5), rows)]
+    causes = _Index()
+    cause = list(map(causes.__getitem__, map(itemgetter(3, 4, 5), rows)))
     return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
                       list(map(itemgetter(2), rows)), list(causes), cause)
 
