@@ -30,7 +30,8 @@ class BanColumns:
     """Active bans at `now`, one list per field, in the order they were recorded.
 
     `cause[i]` indexes `causes`, the distinct (failures, filter, reason) triples:
-    a handful for 100k bans, so each is formatted once.
+    a handful for 100k bans, so each is formatted once. `banned_at` is None where
+    it was not read (the text does not print it).
     """
 
     __slots__ = ("now", "network", "expires_at", "banned_at", "causes", "cause")
@@ -157,13 +158,15 @@ def rows_from_snapshot(snapshot, now, network_text):
                                                banned_at) in rows]
 
 
-def from_state(state_dir, now):
+def from_state(state_dir, now, banned_at=True):
     """The bans a state file records as in force at `now`, or None without a file.
 
     Read-only and without the daemon's start-up checks (policyd.state runs those):
     this is what the daemon restores when it starts, read for an operator.
+    Without `banned_at` that column is left out (None): the text needs none, and
+    reading a value per row is what costs here.
     """
-    return _read_state(state_dir, lambda db: _columns_of(db, now),
+    return _read_state(state_dir, lambda db: _columns_of(db, now, banned_at),
                        BanColumns(now, [], [], [], [], []))
 
 
@@ -194,14 +197,16 @@ def _read_state(state_dir, read, empty):
         raise HostError(f"cannot read state database: {error}", file=path) from None
 
 
-def _columns_of(db, now):
+def _columns_of(db, now, banned_at):
     """One pass over the bans table, in the order the rows were written."""
-    rows = db.execute("SELECT network, expires_at, banned_at, failures, filter, reason "
-                      "FROM bans WHERE expires_at > ?", (now,)).fetchall()
+    rows = db.execute(f"SELECT network, expires_at, {'banned_at' if banned_at else 'NULL'}, "
+                      "failures, filter, reason FROM bans WHERE expires_at > ?",
+                      (now,)).fetchall()
     causes = _Index()
     cause = list(map(causes.__getitem__, map(itemgetter(3, 4, 5), rows)))
     return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
-                      list(map(itemgetter(2), rows)), list(causes), cause)
+                      list(map(itemgetter(2), rows)) if banned_at else None,
+                      list(causes), cause)
 
 
 def seconds_left(columns, order):

@@ -76,7 +76,7 @@ def bans(obj, as_json, kernel):
         try:
             result, parts = control.request_parts(obj.run_dir, "bans", form=banlist.WIRE)
         except control.DaemonUnavailable:
-            result, parts = _bans_without_daemon(obj), None
+            result, parts = _bans_without_daemon(obj, as_json), None
     if parts is not None:
         banprint.write_parts(map(_columns, parts), as_json, write_out)
         return
@@ -92,13 +92,13 @@ def _columns(part):
         raise control.ControlError(f"the daemon sent an unreadable ban list: {exc}") from None
 
 
-def _bans_without_daemon(obj):
+def _bans_without_daemon(obj, as_json):
     """BanColumns of the state file, what the daemon restores when it starts; the
     kernel's rows if there is no state file; none if nothing is committed."""
     from policyd import banlist
     if policystore.PolicyStore(obj.state_dir).meta() is None:
         return []
-    columns = banlist.from_state(obj.state_dir, time.time())
+    columns = banlist.from_state(obj.state_dir, time.time(), banned_at=as_json)
     if columns is None:
         return _bans_from_kernel(obj)
     if sys.stderr.isatty():

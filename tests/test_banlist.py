@@ -145,6 +145,8 @@ def test_the_state_file_lists_what_the_daemon_would_list(tmp_path):
     state.close()
     recorded = banlist.from_state(tmp_path, clock())
     assert banprint.columns_json(recorded) == banprint.columns_json(daemon)
+    assert banprint.columns_text(banlist.from_state(tmp_path, clock(), banned_at=False)) == (
+        banprint.columns_text(daemon))
     assert banlist.count_in_state(tmp_path, clock()) == 5
     clock.advance(60)  # the /28 expired
     assert banlist.count_in_state(tmp_path, clock()) == 4
