@@ -304,3 +304,18 @@ def test_without_a_daemon_bans_and_status_read_the_state_file_and_say_so(tmp_pat
     report = json.loads(invoke(tmp_path, "status", "--json").output)
     assert report["bans"] == {"active": 2, "total": None, "source": "state"}
     assert "bans:      2 active (as the state file records them" in invoke(tmp_path, "status").output
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly():
+    """`policyd bans | head`: the rest of the list has nowhere to go; no traceback."""
+    import subprocess
+    import sys
+    program = ("from policyd.cli_common import write_out\n"
+               "for _ in range(50):\n"
+               "    write_out('192.0.2.7/32\\t60.0s left\\treason=manual\\n' * 20000)\n")
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(100)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
