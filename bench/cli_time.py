@@ -4,14 +4,20 @@ Owns one throwaway namespace with a 100k-network list policy applied and 100k
 bans restored by a running daemon, and times `doctor`, `status`, `bans` and
 `explain` as an operator runs them (a fresh process each, start-up included):
 with the daemon running, and `status`, `bans`, `explain` again without it.
+Also the daemon's ban latency (log line -> kernel element) while `policyd bans`
+runs in a loop beside it, against the same latency with nothing else running:
+answering an operator must not hold the main loop up.
 """
+import compileall
 import json
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 
 from apply_time import LIST_POLICY, networks
-from policyd_lab.netlab import Lab
+from policyd_lab.netlab import REPO, Lab, in_namespace
 from policyd_daemon import TimedDaemon, seed_bans, state_dir
 
 POLICY = LIST_POLICY + """\
@@ -36,7 +42,69 @@ def _time(host, *args, expect=(0,)):
     return round(statistics.median(seconds), 3)
 
 
+def _failure(address):
+    return (f'{time.strftime("%Y/%m/%d %H:%M:%S")} [error] 1234#1234: *1 user "admin": '
+            f'password mismatch, client: {address}, server: _, request: "GET / HTTP/1.1", '
+            'host: "x"\n')
+
+
+def _ban_latencies(host, log, addresses):
+    """ms from appending maxretry+1 failures of each address to its ban in the kernel."""
+    from policyd.nfnetlink import Netlink
+    netlink = in_namespace(host.name, Netlink)
+    out = []
+    try:
+        for address in addresses:
+            key = bytes(int(part) for part in address.split("."))
+            with open(log, "a") as file:
+                file.write(_failure(address) * 6)
+            started = time.perf_counter()
+            while netlink.get_element("policyd_bans", "ban4", key) is None:
+                if time.perf_counter() - started > 5:
+                    break
+                time.sleep(0.0005)
+            out.append((time.perf_counter() - started) * 1000)
+    finally:
+        netlink.close()
+    return out
+
+
+def _summary(latencies):
+    ordered = sorted(latencies)
+    return {"n": len(ordered), "median_ms": round(statistics.median(ordered), 1),
+            "p99_ms": round(ordered[max(0, int(len(ordered) * 0.99) - 1)], 1),
+            "max_ms": round(ordered[-1], 1)}
+
+
+def measure_stall(host, log, trials=60, runs_wanted=5):
+    """Ban latency alone, then while `policyd bans` runs in a loop beside it (at
+    least `runs_wanted` runs, one address per trial, spread over the runs)."""
+    pool = [f"198.51.100.{i}" for i in range(1, 255)] + [f"192.0.2.{i}" for i in range(1, 255)]
+    alone = _ban_latencies(host, log, pool[:trials // 2])
+    pool = pool[trials // 2:]
+    stop, runs = threading.Event(), []
+
+    def operator():
+        while not stop.is_set():
+            runs.append(host.policyd("bans", timeout=120).returncode)
+    thread = threading.Thread(target=operator)
+    thread.start()
+    during = []
+    try:
+        while (len(runs) < runs_wanted or len(during) < trials) and pool:
+            during += _ban_latencies(host, log, [pool.pop(0)])
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join()
+    return {"alone": _summary(alone), "during_bans": _summary(during), "bans_runs": len(runs),
+            "bans_failed": sum(1 for code in runs if code != 0)}
+
+
 def measure_cli(workdir, count=100000, bans=100000):
+    # The package ships byte-compiled modules (dh_python3); a checkout run with
+    # PYTHONDONTWRITEBYTECODE would compile every module on every command instead.
+    compileall.compile_dir(str(REPO / "policyd"), quiet=1)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     v4, v6 = networks(count)
@@ -65,6 +133,7 @@ def measure_cli(workdir, count=100000, bans=100000):
             "explain": _time(host, "explain", str(policy), v4[7].split("/")[0], "8080"),
             "explain_banned": _time(host, "explain", str(policy), banned, "8080"),
         }}
+        result["ban_latency"] = measure_stall(host, log)
         daemon.stop()
         result["without_daemon"] = {
             "status": _time(host, "status"),
@@ -79,6 +148,5 @@ def measure_cli(workdir, count=100000, bans=100000):
 
 
 if __name__ == "__main__":
-    import sys
     print(json.dumps(measure_cli(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/cli-bench")),
                      indent=1))

@@ -188,9 +188,18 @@ def _cli_rows(c):
             text += f" (a banned source: {cell(daemon['explain_banned'])})"
         if command in alone:
             text += f"; no daemon {cell(alone[command])}"
-        values = [daemon[command]] + ([daemon["explain_banned"]] if command == "explain" else [])
+        values = ([daemon[command]] + ([daemon["explain_banned"]] if command == "explain" else [])
+                  + ([alone[command]] if command in alone else []))
         out.append((f"(f) `{command}` with {what}", text, "", "<= 0.2 s",
                     _verdict(all(ok(v, 0.2) for v in values))))
+    stall = c.get("ban_latency")
+    if stall:
+        during, quiet = stall["during_bans"], stall["alone"]
+        out.append((f"(f) ban latency while `policyd bans` lists {c['bans']:,} bans in a loop",
+                    f"p99 {during['p99_ms']:.0f} ms, max {during['max_ms']:.0f} ms "
+                    f"({stall['bans_runs']} runs)",
+                    f"nothing else running: p99 {quiet['p99_ms']:.0f} ms", "p99 <= 50 ms",
+                    _verdict(during["p99_ms"] <= 50)))
     return out
 
 

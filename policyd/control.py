@@ -1,27 +1,17 @@
-"""The daemon's control socket: root only, one JSON line in, one JSON line out.
+"""The daemon's control socket, the side every command uses: the wire (one JSON
+line in, one JSON line out), its errors, and the client the CLI asks with.
 
-Owns the socket's permissions (mode 0600 from birth plus an SO_PEERCRED uid
-check), bounded serving on background threads, and the client the CLI uses.
+The server (root-only socket, bounded threads) lives in policyd.control_server
+and is reachable here by name; importing it costs a CLI command nothing.
 """
 
-import concurrent.futures
 import json
-import logging
-import os
-import queue
-import selectors
 import socket
-import stat
 import struct
-import threading
-import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
-from policyd.errors import HostError, PolicydError
-
-log = logging.getLogger(__name__)
+from policyd.errors import PolicydError
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST_BYTES = 64 * 1024
@@ -31,8 +21,6 @@ PERMISSION_DENIED = "permission denied: the control socket is root's"
 
 CODE_REFUSED = 1
 CODE_BAD_INPUT = 2
-
-Handler = Callable[[str, dict], Any]
 
 
 class DaemonUnavailable(Exception):
@@ -68,261 +56,15 @@ def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-class ControlServer:
-    """Serves `handler(command, args) -> result` on a root-only Unix socket.
+class Stream:
+    """A handler's answer sent in parts, each its own JSON line as soon as it is
+    made, between a first line ({"ok": true, "stream": true, "result": head}) and
+    a last one ({"end": true}). A client prints part k while the daemon makes
+    part k+1; one that stops early only closes the connection."""
 
-    The handler runs on a server thread, one per connection and possibly
-    several at once: the daemon must make it thread-safe, typically by wrapping
-    its real handler in MainLoopCall. It raises InputError for bad arguments
-    (answered with code 2), ControlError to refuse with its own code, and any
-    other exception is answered with code 1 and logged; the server keeps going.
-    One request per connection.
-    """
-
-    def __init__(self, path, handler: Handler, *, max_connections: int = MAX_CONNECTIONS,
-                 timeout: float = CONNECTION_TIMEOUT):
-        self.path = Path(path)
-        self.handler = handler
-        self.timeout = timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._listener: socket.socket | None = None
-        self._bound_inode: tuple[int, int] | None = None
-        self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = -1, -1
-        self._connections: set[threading.Thread] = set()
-        self._connections_lock = threading.Lock()
-
-    def start(self) -> None:
-        self._listener = self._bind()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is None:
-            return
-        os.write(self._wake_w, b"x")
-        self._thread.join()
-        self._thread = None
-        self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._unlink_own_socket()
-        # Requests in flight get one connection timeout in total to finish.
-        deadline = time.monotonic() + self.timeout
-        with self._connections_lock:
-            pending = list(self._connections)
-        for thread in pending:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _bind(self) -> socket.socket:
-        run_dir = self.path.parent
-        if not run_dir.exists():
-            run_dir.mkdir(mode=0o700, parents=True)
-            os.chmod(run_dir, 0o700)  # mkdir's mode is filtered by the umask
-        self._remove_stale_socket()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            # Linux creates the socket file with the socket inode's mode minus
-            # the umask, so this makes it 0600 from birth without touching the
-            # process-wide umask that other threads rely on.
-            os.fchmod(listener.fileno(), 0o600)
-            listener.bind(str(self.path))
-            os.chmod(self.path, 0o600)
-            listener.listen(MAX_CONNECTIONS)
-            listener.setblocking(False)
-        except OSError as exc:
-            listener.close()
-            raise HostError(f"cannot listen: {exc.strerror or exc}", file=self.path) from exc
-        info = os.stat(self.path)
-        self._bound_inode = (info.st_dev, info.st_ino)
-        return listener
-
-    def _remove_stale_socket(self) -> None:
-        try:
-            info = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(info.st_mode):
-            raise HostError("exists and is not a socket; refusing to replace it", file=self.path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(self.path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(self.path)
-            return
-        except OSError:
-            pass  # not provably stale: refuse below rather than steal a live daemon's socket
-        finally:
-            probe.close()
-        raise HostError("another policyd is listening on this control socket", file=self.path)
-
-    def _unlink_own_socket(self) -> None:
-        # Only our own inode: a newer daemon may already have replaced the file.
-        try:
-            info = os.lstat(self.path)
-            if (info.st_dev, info.st_ino) == self._bound_inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def _accept_loop(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                ready = {key.fd for key, _ in selector.select()}
-                if self._wake_r in ready:
-                    return
-                try:
-                    conn, _ = self._listener.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    continue
-                except OSError as exc:
-                    # EMFILE and friends: wait a little instead of spinning.
-                    log.warning("control socket: accept failed: %s", exc)
-                    time.sleep(0.1)
-                    continue
-                self._dispatch(conn)
-
-    def _dispatch(self, conn: socket.socket) -> None:
-        conn.setblocking(True)
-        conn.settimeout(self.timeout)
-        if not self._slots.acquire(blocking=False):
-            self._answer_and_close(conn, {"ok": False, "error": "too many control connections; try again",
-                                          "code": CODE_REFUSED})
-            return
-        thread = threading.Thread(target=self._serve_connection, args=(conn,),
-                                  name="control-conn", daemon=True)
-        with self._connections_lock:
-            self._connections.add(thread)
-        thread.start()
-
-    def _serve_connection(self, conn: socket.socket) -> None:
-        try:
-            _, uid, _ = peer_credentials(conn)
-            if uid != 0:
-                response = {"ok": False, "error": PERMISSION_DENIED, "code": CODE_REFUSED}
-            else:
-                try:
-                    response = self._execute(*self._read_request(conn))
-                except ControlError as exc:
-                    response = {"ok": False, "error": exc.message, "code": exc.code}
-            self._answer_and_close(conn, response)
-        except OSError as exc:
-            log.debug("control socket: connection dropped: %s", exc)
-            conn.close()
-        except Exception:
-            log.exception("control socket: connection failed")
-            conn.close()
-        finally:
-            self._slots.release()
-            with self._connections_lock:
-                self._connections.discard(threading.current_thread())
-
-    def _read_request(self, conn: socket.socket) -> tuple[str, dict]:
-        deadline = time.monotonic() + self.timeout
-        data = b""
-        while b"\n" not in data and len(data) <= MAX_REQUEST_BYTES:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("request not received in time")
-            conn.settimeout(remaining)
-            chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-        line = data.split(b"\n", 1)[0]
-        if len(line) > MAX_REQUEST_BYTES:
-            raise ControlError(f"request larger than {MAX_REQUEST_BYTES} bytes", CODE_BAD_INPUT)
-        try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            request = None
-        if not isinstance(request, dict):
-            raise ControlError("request is not a JSON object", CODE_BAD_INPUT)
-        command, args = request.get("command"), request.get("args", {})
-        if not isinstance(command, str) or not command:
-            raise ControlError("request has no command", CODE_BAD_INPUT)
-        if not isinstance(args, dict):
-            raise ControlError("request args is not an object", CODE_BAD_INPUT)
-        return command, args
-
-    def _execute(self, command: str, args: dict) -> dict:
-        try:
-            result = self.handler(command, args)
-            encode({"result": result})  # refuse an unencodable result here, not mid-write
-        except ControlError as exc:
-            return {"ok": False, "error": one_line(exc.message), "code": exc.code}
-        except PolicydError as exc:  # input (2), host or kernel trouble (1): its own code
-            return {"ok": False, "error": one_line(exc.for_operator()), "code": exc.exit_code}
-        except Exception as exc:  # the server outlives any handler bug
-            log.error("control command %s failed", command, exc_info=True)
-            return {"ok": False, "error": one_line(f"{command}: {exc}" if str(exc) else
-                                                   f"{command}: {type(exc).__name__}"),
-                    "code": CODE_REFUSED}
-        return {"ok": True, "result": result}
-
-    def _answer_and_close(self, conn: socket.socket, response: dict) -> None:
-        try:
-            conn.sendall(encode(response))
-        except OSError as exc:
-            log.debug("control socket: answer not delivered: %s", exc)
-        finally:
-            conn.close()
-
-
-class MainLoopCall:
-    """Runs control commands on the daemon's main loop instead of a server thread.
-
-    Use an instance as ControlServer's handler: each call is queued, `wake()`
-    (if given) nudges the main loop, and the server thread waits for the
-    answer. The main loop calls `run_pending()` whenever it wakes up.
-    """
-
-    def __init__(self, handler: Handler, *, wake: Callable[[], None] | None = None,
-                 timeout: float = CONNECTION_TIMEOUT - 1.0):
-        self.handler = handler
-        self.wake = wake
-        self.timeout = timeout
-        self._calls: queue.Queue = queue.Queue()
-
-    def __call__(self, command: str, args: dict) -> Any:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((future, command, args))
-        if self.wake is not None:
-            self.wake()
-        try:
-            return future.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            if future.cancel():
-                raise ControlError(f"{command}: the daemon is busy; nothing was done") from None
-            # Already running on the main loop: its effect will happen, so wait for it.
-            return future.result()
-
-    def run_pending(self) -> int:
-        """Run every queued command on the calling (main) thread; how many ran."""
-        ran = 0
-        while True:
-            try:
-                future, command, args = self._calls.get_nowait()
-            except queue.Empty:
-                return ran
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(self.handler(command, args))
-            except BaseException as exc:  # handed to the waiting server thread
-                future.set_exception(exc)
-            ran += 1
+    def __init__(self, parts, head=None):
+        self.parts = parts
+        self.head = head if head is not None else {}
 
 
 def request(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args) -> Any:
@@ -331,6 +73,50 @@ def request(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args) 
     Raises DaemonUnavailable when no daemon listens, ControlError when it
     refuses (code 1) or calls the input wrong (code 2).
     """
+    conn = _send(run_dir, command, timeout, args)
+    try:
+        line = read_line(conn, timeout)
+    finally:
+        conn.close()
+    return _result(line)[0]
+
+
+def request_parts(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args):
+    """(result, parts) of a command the daemon may answer as a Stream: `result` is
+    its head and `parts` an iterator of the parts (which raises ControlError if
+    the daemon stops before the end), or `result` is the whole answer and `parts`
+    None. Raises as request() does before anything is read."""
+    conn = _send(run_dir, command, timeout, args)
+    lines = conn.makefile("rb")
+    try:
+        result, streamed = _result(_next_line(lines, timeout))
+    except BaseException:
+        lines.close()
+        conn.close()
+        raise
+    if not streamed:
+        lines.close()
+        conn.close()
+        return result, None
+    return result, _parts(conn, lines, timeout)
+
+
+def _parts(conn, lines, timeout):
+    try:
+        while True:
+            message = _decoded(_next_line(lines, timeout))
+            if message.get("end") is True:
+                return
+            if "part" not in message:
+                raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
+            yield message["part"]
+    finally:
+        lines.close()
+        conn.close()
+
+
+def _send(run_dir, command, timeout, args) -> socket.socket:
+    """A connection with the request sent (a refusal may already wait to be read)."""
     path = socket_path(run_dir)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     conn.settimeout(timeout)
@@ -341,27 +127,53 @@ def request(run_dir, command: str, timeout: float = CONNECTION_TIMEOUT, **args) 
             raise DaemonUnavailable(f"no policyd daemon at {path}") from exc
         except PermissionError as exc:
             raise ControlError(PERMISSION_DENIED, CODE_REFUSED) from exc
-        except socket.timeout as exc:
-            raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
         try:
             conn.sendall(encode({"command": command, "args": args}))
         except (BrokenPipeError, ConnectionResetError):
             pass  # a refusal may already be waiting to be read
-        except socket.timeout as exc:
-            raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
-        line = read_line(conn, timeout)
-    finally:
+    except socket.timeout as exc:
         conn.close()
+        raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _decoded(line):
     try:
-        response = json.loads(line)
-        if response.get("ok") is True:
-            return response.get("result")
-        code = response.get("code")
-        if code not in (CODE_REFUSED, CODE_BAD_INPUT):
-            code = CODE_REFUSED
-        raise ControlError(one_line(response["error"]), code)
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        message = json.loads(line)
+    except ValueError as exc:
         raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED) from exc
+    if not isinstance(message, dict):
+        raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
+    return message
+
+
+def _result(line):
+    """(result, whether parts follow) of the daemon's first line, or its refusal."""
+    response = _decoded(line)
+    if response.get("ok") is True:
+        return response.get("result"), response.get("stream") is True
+    code = response.get("code")
+    if code not in (CODE_REFUSED, CODE_BAD_INPUT):
+        code = CODE_REFUSED
+    error = response.get("error")
+    if not isinstance(error, str):
+        raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
+    raise ControlError(one_line(error), code)
+
+
+def _next_line(lines, timeout) -> bytes:
+    try:
+        line = lines.readline()
+    except socket.timeout as exc:
+        raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
+    except ConnectionResetError:
+        line = b""
+    if not line.endswith(b"\n"):
+        raise ControlError("the daemon closed the connection without answering", CODE_REFUSED)
+    return line
 
 
 def read_line(conn: socket.socket, timeout: float) -> bytes:
@@ -379,6 +191,18 @@ def read_line(conn: socket.socket, timeout: float) -> bytes:
     except ConnectionResetError:
         pass
     data = b"".join(chunks)
-    if b"\n" not in data:
+    end = data.find(b"\n")
+    if end < 0:
         raise ControlError("the daemon closed the connection without answering", CODE_REFUSED)
-    return data.split(b"\n", 1)[0]
+    return data[:end]
+
+
+_SERVER_NAMES = ("ControlServer", "MainLoopCall", "Handler")
+
+
+def __getattr__(name):
+    """control.ControlServer and friends, imported when first asked for."""
+    if name in _SERVER_NAMES:
+        from policyd import control_server
+        return getattr(control_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -704,7 +704,7 @@ class Daemon:
         desk = BanDesk(self.bans, publish=self.fleet and self.fleet.publish)
         handlers = {
             "status": self.status,
-            "bans": self.ban_list,
+            "bans": lambda: self.ban_list(args.get("form")),
             "ban": lambda: self._counted(desk.manual_ban(args.get("address"),
                                                          args.get("duration"))),
             "unban": lambda: desk.manual_unban(args.get("address")),
@@ -778,13 +778,20 @@ class Daemon:
             "lists": self.lists.stats() if self.lists is not None else [],
         }
 
-    def ban_list(self):
-        """Answered off the main loop (see _control): it only takes a snapshot, and
-        the rows are built from keys, so 100k bans answer in a fraction of a second."""
+    def ban_list(self, form=None):
+        """Answered off the main loop (see _control): the main loop only takes a
+        snapshot. Asked for columns (policyd.banlist.WIRE), a control.Stream of
+        them, soonest expiry first, each part made while the client prints the
+        one before and in steps that give the main loop the GIL between them;
+        else the list of objects older clients read."""
+        from policyd import banlist
         if self.bans is None:
             return []
         snapshot, now = self.bans.snapshot(), self.clock()
-        return OffLoop(lambda: _ban_rows(snapshot, now))
+        if form == banlist.WIRE:
+            return OffLoop(lambda: control.Stream(
+                banlist.parts_from_snapshot(snapshot, now, network_text), {"form": form}))
+        return OffLoop(lambda: banlist.rows_from_snapshot(snapshot, now, network_text))
 
 
 class OffLoop:
@@ -793,18 +800,6 @@ class OffLoop:
 
     def __init__(self, work):
         self.work = work
-
-
-def _ban_rows(snapshot, now):
-    """Ban.as_dict() plus seconds_left for each ban of a snapshot in force at `now`,
-    soonest expiry first, without building an ipaddress object per ban."""
-    rows = sorted(((key, entry) for key, entry in snapshot if entry[0] > now),
-                  key=lambda item: (item[1][0], item[0]))
-    return [{"network": network_text(version, number, prefixlen), "expires_at": expires_at,
-             "failures": failures, "filter": filter_name, "reason": reason,
-             "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
-            for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
-                                               banned_at) in rows]
 
 
 def run(policy_path, state_dir, run_dir, metrics_listen=None):

@@ -183,7 +183,7 @@ def _expired_trial(tmp_path):
 
 def test_status_without_a_daemon_shows_an_expired_trial_as_ended(tmp_path, monkeypatch):
     _expired_trial(tmp_path)
-    monkeypatch.setattr(cli, "_nft_or_none", lambda obj: None)
+    monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
     result = invoke(tmp_path, "status")
     assert result.exit_code == 0, result.stderr
     assert "left" not in result.output
@@ -198,7 +198,7 @@ def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monke
     store = policystore.PolicyStore(tmp_path / "state")
     store.hold_back("/etc/policyd/policy.yaml", "refusing: 192.0.2.7 on tcp port 11434 "
                     "(an established connection) would be cut", 1000.0)
-    monkeypatch.setattr(cli, "_nft_or_none", lambda obj: None)
+    monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
     result = invoke(tmp_path, "status")
     assert "NOT ENFORCED" in result.output and "192.0.2.7" in result.output
     report = json.loads(invoke(tmp_path, "status", "--json").output)
@@ -278,3 +278,44 @@ def test_banning_without_a_daemon_does_not_import_the_daemon():
     out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_without_a_daemon_bans_and_status_read_the_state_file_and_say_so(tmp_path, monkeypatch):
+    from policyd.bans import BanManager
+    from policyd.state import State
+    from fakes import FakeBanKernel, FakeClock, Settings
+    monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
+    assert invoke(tmp_path, "bans").output == ""  # nothing committed: nothing banned
+    store = policystore.PolicyStore(tmp_path / "state")
+    store.commit(GOOD.encode(), trial.policy_mod.loads(GOOD.encode(), "/etc/policyd/policy.yaml"))
+    clock = FakeClock(__import__("time").time())
+    with State(tmp_path / "state" / "state.db") as state:
+        manager = BanManager(Settings(), state, FakeBanKernel(clock), clock=clock)
+        manager.ban("192.0.2.7", 600)
+        manager.ban("2001:db8:1::/64", 60)
+        manager.flush()
+    result = invoke(tmp_path, "bans")
+    assert result.exit_code == 0, result.stderr
+    lines = result.output.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["2001:db8:1::/64", "192.0.2.7/32"]
+    assert lines[1].endswith("\tfailures=0 reason=manual")
+    listed = json.loads(invoke(tmp_path, "bans", "--json").output)
+    assert [ban["reason"] for ban in listed] == ["manual", "manual"]
+    report = json.loads(invoke(tmp_path, "status", "--json").output)
+    assert report["bans"] == {"active": 2, "total": None, "source": "state"}
+    assert "bans:      2 active (as the state file records them" in invoke(tmp_path, "status").output
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly():
+    """`policyd bans | head`: the rest of the list has nowhere to go; no traceback."""
+    import subprocess
+    import sys
+    program = ("from policyd.cli_common import write_out\n"
+               "for _ in range(50):\n"
+               "    write_out('192.0.2.7/32\\t60.0s left\\treason=manual\\n' * 20000)\n")
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(100)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""

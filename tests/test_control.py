@@ -316,3 +316,39 @@ def test_non_root_client_refused_by_peer_credentials(shared_run_dir):
         assert handled == []
         assert request(shared_run_dir, "echo") == "ok"
     assert handled == ["echo"]
+
+
+def _streaming_handler(command, args):
+    def parts(fail_after=None):
+        for i in range(args.get("count", 3)):
+            if i == fail_after:
+                raise RuntimeError("the book went away")
+            yield {"i": i, "text": "x" * args.get("size", 10)}
+    if command == "stream":
+        return control.Stream(parts(), {"form": "test"})
+    if command == "broken":
+        return control.Stream(parts(fail_after=2))
+    return echo_handler(command, args)
+
+
+def test_a_streamed_answer_arrives_part_by_part(run_dir):
+    with ControlServer(socket_path(run_dir), _streaming_handler):
+        head, parts = control.request_parts(run_dir, "stream", count=40, size=100_000)
+        assert head == {"form": "test"}
+        assert [part["i"] for part in parts] == list(range(40))
+        # An answer that is not a stream comes whole, as request() gives it.
+        assert control.request_parts(run_dir, "echo", a=1) == (
+            {"command": "echo", "args": {"a": 1}}, None)
+        with pytest.raises(ControlError, match="not an address") as refused:
+            control.request_parts(run_dir, "bad")
+        assert refused.value.code == 2
+
+
+def test_a_stream_that_fails_midway_is_an_error_after_the_parts_it_sent(run_dir):
+    with ControlServer(socket_path(run_dir), _streaming_handler):
+        _head, parts = control.request_parts(run_dir, "broken", count=5)
+        received = []
+        with pytest.raises(ControlError, match="closed the connection"):
+            for part in parts:
+                received.append(part["i"])
+        assert received == [0, 1]

@@ -54,6 +54,9 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     assert results["apply"]["churn_lines"] == 10 and results["apply"]["churn_seconds"] > 0
     for command in ("doctor", "status", "bans", "explain", "explain_banned"):
         assert isinstance(results["cli"]["with_daemon"][command], float), command
+    stall = results["cli"]["ban_latency"]
+    assert stall["bans_runs"] >= 5 and stall["bans_failed"] == 0
+    assert stall["during_bans"]["n"] >= 60 and stall["during_bans"]["max_ms"] < 5000
     assert 0 < results["memory"]["rss_idle_mb"] <= results["memory"]["peak_rss_bans_mb"]
     fleet = results["fleet"]
     assert fleet["trials"] == 2 and fleet["misses"] == 0 and fleet["last_node_applied"] == 3

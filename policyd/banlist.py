@@ -1,0 +1,232 @@
+"""The ban list an operator reads (`policyd bans`), as columns: built from the
+daemon's ban book or, with no daemon, from the state file; sent over the control
+socket as a few long strings instead of 100k JSON objects.
+
+Printing them is policyd.banprint's. A column is built and read with C-level
+maps where it can: with 100k bans, a Python step per ban per field is what costs.
+"""
+import array
+import base64
+import binascii
+import math
+import socket
+import sqlite3
+from itertools import compress, repeat
+from operator import itemgetter, sub
+from pathlib import Path
+
+from policyd.errors import HostError
+
+WIRE = "columns/1"
+# Bans per step on the daemon's server thread: a C-level map holds the GIL for
+# its whole run, and the main loop must not wait behind it for long (each map
+# over 5000 bans takes a few ms at most).
+CHUNK = 5000
+_EXPIRES, _BANNED = itemgetter(0), itemgetter(4)  # of the ban book's entry tuple
+_CAUSE = itemgetter(1, 2, 3)                        # -> (failures, filter, reason)
+
+
+class BanColumns:
+    """Active bans at `now`, one list per field, in the order they were recorded.
+
+    `cause[i]` indexes `causes`, the distinct (failures, filter, reason) triples:
+    a handful for 100k bans, so each is formatted once. `banned_at` is None where
+    it was not read (the text does not print it).
+    """
+
+    __slots__ = ("now", "network", "expires_at", "banned_at", "causes", "cause")
+
+    def __init__(self, now, network, expires_at, banned_at, causes, cause):
+        self.now = now
+        self.network = network
+        self.expires_at = expires_at
+        self.banned_at = banned_at
+        self.causes = causes
+        self.cause = cause
+
+    def __len__(self):
+        return len(self.network)
+
+    def soonest_first(self):
+        """Indexes by expiry, soonest first; equal expiries in recorded order."""
+        return sorted(range(len(self.expires_at)), key=self.expires_at.__getitem__)
+
+    def to_wire(self):
+        """A JSON-ready dict of a few strings: networks joined by newlines, floats
+        as base64 of native doubles (the socket never leaves this host)."""
+        return {"form": WIRE, "now": self.now, "count": len(self.network),
+                "network": "\n".join(self.network),
+                "expires_at": _b64(array.array("d", self.expires_at)),
+                "banned_at": _b64(array.array("d", self.banned_at)),
+                "causes": [list(cause) for cause in self.causes],
+                "cause": _b64(array.array("I", self.cause))}
+
+    @classmethod
+    def from_wire(cls, data):
+        """The columns of a to_wire() answer; ValueError if it is not one."""
+        if not isinstance(data, dict) or data.get("form") != WIRE:
+            raise ValueError("not a ban list in columns")
+        count, now = data["count"], data["now"]
+        if not isinstance(count, int) or not isinstance(now, (int, float)):
+            raise ValueError("ban list: count or time missing")
+        network = data["network"].split("\n") if count else []
+        expires_at, banned_at = _doubles(data["expires_at"]), _doubles(data["banned_at"])
+        cause = _unb64("I", data["cause"])
+        causes = [tuple(entry) for entry in data["causes"]]
+        if not all(len(entry) == 3 for entry in causes):
+            raise ValueError("ban list: a cause is not (failures, filter, reason)")
+        if {len(network), len(expires_at), len(banned_at), len(cause)} != {count}:
+            raise ValueError("ban list: columns of different lengths")
+        if count and max(cause) >= len(causes):
+            raise ValueError("ban list: a cause out of range")
+        if not all(map(math.isfinite, expires_at)) or not all(map(math.isfinite, banned_at)):
+            raise ValueError("ban list: a time that is not a number")
+        return cls(float(now), network, expires_at, banned_at, causes, cause)
+
+
+def from_snapshot(snapshot, now, network_text):
+    """The columns of a ban book snapshot ([(key, entry)], BanManager.snapshot())
+    of the bans still in force at `now`; network_text(*key) spells a key as
+    policyd.lists.cidr_text does (and is asked only where inet_ntop differs)."""
+    network, expires_at, banned_at, cause = [], [], [], []
+    causes = _Index()
+    for start in range(0, len(snapshot), CHUNK):
+        part = snapshot[start:start + CHUNK]
+        entries = list(map(itemgetter(1), part))
+        keep = list(map(float(now).__lt__, map(_EXPIRES, entries)))
+        if not all(keep):  # expired, not yet lifted: not in force
+            part, entries = list(compress(part, keep)), list(compress(entries, keep))
+        if not part:
+            continue
+        network += _network_texts(list(map(itemgetter(0), part)), network_text)
+        expires_at += map(_EXPIRES, entries)
+        banned_at += map(_BANNED, entries)
+        cause += map(causes.__getitem__, map(_CAUSE, entries))
+    return BanColumns(now, network, expires_at, banned_at, list(causes), cause)
+
+
+def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK):
+    """to_wire() answers of the snapshot's bans in force at `now`, soonest expiry
+    first (equal ones in recorded order), `chunk` bans each, made as they are asked
+    for. The one sort is of plain floats: C-level, a few ms for 100k."""
+    expires = list(map(_EXPIRES, map(itemgetter(1), snapshot)))
+    order = sorted(range(len(snapshot)), key=expires.__getitem__)
+    for start in range(0, len(order), chunk):
+        part = from_snapshot(list(map(snapshot.__getitem__, order[start:start + chunk])),
+                             now, network_text)
+        if len(part):
+            yield part.to_wire()
+
+
+class _Index(dict):
+    """value -> its index in order of first sight; looked up by C-level maps."""
+
+    def __missing__(self, value):
+        self[value] = index = len(self)
+        return index
+
+
+_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+_SUFFIXES = [f"/{length}" for length in range(129)]
+
+
+def _network_texts(keys, network_text):
+    """network_text(*key) for each key, by inet_ntop over the whole list. glibc writes
+    an IPv6 address whose first 80 bits are zero with an embedded IPv4 (::1.2.3.4),
+    where ipaddress writes hex: those few are spelled by network_text itself."""
+    versions = list(map(itemgetter(0), keys))
+    numbers, lengths = map(itemgetter(1), keys), map(itemgetter(2), keys)
+    families = list(map(_FAMILIES.__getitem__, versions))
+    texts = list(map(socket.inet_ntop, map(itemgetter(0), families), map(
+        int.to_bytes, numbers, map(itemgetter(1), families), repeat("big"))))
+    if sum(map(str.__contains__, texts, repeat("."))) != versions.count(4):
+        for i, (version, text) in enumerate(zip(versions, texts)):
+            if version == 6 and "." in text:
+                texts[i] = network_text(*keys[i]).rpartition("/")[0]
+    return map(str.__add__, texts, map(_SUFFIXES.__getitem__, lengths))
+
+
+def rows_from_snapshot(snapshot, now, network_text):
+    """The list-of-objects answer of daemons before the columns (Ban.as_dict() plus
+    seconds_left, soonest expiry first), for a request that does not ask for columns."""
+    rows = sorted(((key, entry) for key, entry in snapshot if entry[0] > now),
+                  key=lambda item: (item[1][0], item[0]))
+    return [{"network": network_text(version, number, prefixlen), "expires_at": expires_at,
+             "failures": failures, "filter": filter_name, "reason": reason,
+             "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
+            for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
+                                               banned_at) in rows]
+
+
+def from_state(state_dir, now, banned_at=True):
+    """The bans a state file records as in force at `now`, or None without a file.
+
+    Read-only and without the daemon's start-up checks (policyd.state runs those):
+    this is what the daemon restores when it starts, read for an operator.
+    Without `banned_at` that column is left out (None): the text needs none, and
+    reading a value per row is what costs here.
+    """
+    return _read_state(state_dir, lambda db: _columns_of(db, now, banned_at),
+                       BanColumns(now, [], [], [], [], []))
+
+
+def count_in_state(state_dir, now):
+    """How many bans the state file records as in force at `now` (None without one)."""
+    return _read_state(state_dir, lambda db: db.execute(
+        "SELECT count(*) FROM bans WHERE expires_at > ?", (now,)).fetchone()[0], 0)
+
+
+def _read_state(state_dir, read, empty):
+    """read(db) on the state file opened read-only; `empty` if it has no bans table
+    yet, None if there is no file. A foreign or damaged file is the host's error."""
+    from policyd.state import APPLICATION_ID, STATE_FILE
+    path = Path(state_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            if db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                raise HostError("not a policyd state database (foreign SQLite file)", file=path)
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bans'").fetchone():
+                return empty
+            return read(db)
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        raise HostError(f"cannot read state database: {error}", file=path) from None
+
+
+def _columns_of(db, now, banned_at):
+    """One pass over the bans table, in the order the rows were written."""
+    rows = db.execute(f"SELECT network, expires_at, {'banned_at' if banned_at else 'NULL'}, "
+                      "failures, filter, reason FROM bans WHERE expires_at > ?",
+                      (now,)).fetchall()
+    causes = _Index()
+    cause = list(map(causes.__getitem__, map(itemgetter(3, 4, 5), rows)))
+    return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
+                      list(map(itemgetter(2), rows)) if banned_at else None,
+                      list(causes), cause)
+
+
+def seconds_left(columns, order):
+    """max(0, expires_at - now) of each ban in `order` (C-level maps)."""
+    return map(max, repeat(0.0), map(sub, map(columns.expires_at.__getitem__, order),
+                                      repeat(columns.now)))
+
+
+def _b64(values):
+    return base64.b64encode(values.tobytes()).decode("ascii")
+
+
+def _unb64(typecode, text):
+    values = array.array(typecode)
+    try:
+        values.frombytes(base64.b64decode(text, validate=True))
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise ValueError(f"ban list: a column is not base64 of {typecode!r}") from exc
+    return values
+
+
+def _doubles(text):
+    return _unb64("d", text).tolist()

@@ -1,0 +1,195 @@
+"""`policyd bans` as columns (policyd.banlist, policyd.banprint): the same text and
+JSON as formatting each ban as an object, from the daemon's book and from the
+state file, and a wire answer that refuses what is not one."""
+import ipaddress
+import json
+import random
+import sqlite3
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fakes import FakeBanKernel, FakeClock, Settings
+from policyd import banlist, banprint
+from policyd.bans import BanManager
+from policyd.errors import HostError
+from policyd.lists import cidr_text
+from policyd.state import State
+
+NOW = 1_800_000_000.25
+CAUSES = [(0, None, "manual"), (5, "nginx-auth", "auto"), (3, "fleet:node2", "auto"),
+          (7, 'odd "name"\n\u00e9', "auto")]
+# Networks whose text is not plain inet_ntop: glibc writes an embedded IPv4 where
+# ipaddress writes hex (::1.2.3.4, ::ffff:1.2.3.4), and the IPv4 ones.
+SPECIAL = [(6, int(ipaddress.IPv6Address("::ffff:192.0.2.7")), 128),
+           (6, int(ipaddress.IPv6Address("::192.0.2.8")), 128),
+           (6, int(ipaddress.IPv6Address("::1")), 128),
+           (6, int(ipaddress.IPv6Address("2001:db8::")), 64),
+           (6, int(ipaddress.IPv6Address("2001:db8:0:0:1::")), 80),
+           (4, int(ipaddress.IPv4Address("203.0.113.64")), 28),
+           (4, int(ipaddress.IPv4Address("192.0.2.1")), 32)]
+
+
+def snapshot(count, seed=1, expired=0):
+    """[(key, entry)] as BanManager.snapshot() gives it, distinct expiries."""
+    rng = random.Random(seed)
+    keys = list(SPECIAL)
+    while len(keys) < count + expired:
+        if rng.random() < 0.5:
+            keys.append((4, rng.getrandbits(32), 32))
+        else:
+            keys.append((6, rng.getrandbits(64) << 64, 64))
+    items = []
+    for i, key in enumerate(keys[:count + expired]):
+        failures, name, reason = rng.choice(CAUSES)
+        banned_at = NOW - rng.uniform(0, 3600)
+        expires_at = NOW + rng.uniform(0.01, 7200) if i < count else NOW - rng.uniform(0, 60)
+        items.append((key, (expires_at, failures, name, reason, banned_at)))
+    rng.shuffle(items)
+    return items
+
+
+def old_rows(items, now):
+    """What daemons answered before the columns (policyd.daemon._ban_rows, verbatim)."""
+    rows = sorted(((key, entry) for key, entry in items if entry[0] > now),
+                  key=lambda item: (item[1][0], item[0]))
+    return [{"network": cidr_text(version, number, prefixlen), "expires_at": expires_at,
+             "failures": failures, "filter": filter_name, "reason": reason,
+             "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
+            for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
+                                               banned_at) in rows]
+
+
+def old_text(rows):
+    """The text `policyd bans` printed from those rows (the CLI before the columns)."""
+    lines = []
+    for ban in rows:
+        failures, name, reason = ban.get("failures"), ban.get("filter"), ban.get("reason")
+        details = " ".join(part for part in (
+            None if failures is None else f"failures={failures}",
+            None if name is None else f"filter={name}",
+            None if reason is None else f"reason={reason}") if part)
+        lines.append(f"{ban['network']}\t{ban['seconds_left']}s left\t{details}\n")
+    return "".join(lines)
+
+
+def over_the_wire(columns):
+    return banlist.BanColumns.from_wire(json.loads(json.dumps(columns.to_wire())))
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 300, 12000])
+def test_columns_print_exactly_what_the_objects_printed(count):
+    items = snapshot(count, seed=count, expired=3)
+    rows = json.loads(json.dumps(old_rows(items, NOW)))  # as the CLI received them
+    columns = over_the_wire(banlist.from_snapshot(items, NOW, cidr_text))
+    assert len(columns) == count
+    assert banprint.columns_text(columns) == old_text(rows)
+    assert banprint.columns_json(columns) == json.dumps(rows, indent=2, sort_keys=True)
+
+
+def test_the_rows_answer_is_still_given_to_a_client_that_does_not_ask_for_columns():
+    items = snapshot(50)
+    assert banlist.rows_from_snapshot(items, NOW, cidr_text) == old_rows(items, NOW)
+
+
+def test_equal_expiries_keep_the_order_the_bans_were_recorded_in():
+    keys = [(4, 3, 32), (4, 1, 32), (4, 2, 32)]
+    items = [(key, (NOW + 60, 5, "nginx-auth", "auto", NOW)) for key in keys]
+    items.insert(1, ((4, 9, 32), (NOW + 30, 0, None, "manual", NOW)))
+    text = banprint.columns_text(over_the_wire(banlist.from_snapshot(items, NOW, cidr_text)))
+    assert [line.split("\t")[0] for line in text.splitlines()] == [
+        "0.0.0.9/32", "0.0.0.3/32", "0.0.0.1/32", "0.0.0.2/32"]
+
+
+@given(st.floats(min_value=0.0, max_value=1e9, allow_nan=False))
+def test_one_decimal_is_spelled_as_round_then_repr_spelled_it(seconds):
+    assert "%.1f" % seconds == repr(round(max(0.0, seconds), 1))
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda w: w.update(form="rows"),
+    lambda w: w.update(count=w["count"] + 1),
+    lambda w: w.update(expires_at=w["expires_at"][:-4]),
+    lambda w: w.update(cause="not base64!"),
+    lambda w: w.update(causes=w["causes"][:1]),
+    lambda w: w.update(causes=[[1, 2]] * 4),
+    lambda w: w.update(banned_at=banlist._b64(banlist.array.array("d", [float("nan")] * 5))),
+])
+def test_a_wire_answer_that_is_not_a_ban_list_is_refused(spoil):
+    items = [(key, (NOW + 10 + i, *CAUSES[i % 4][:3], NOW)) for i, key in enumerate(SPECIAL[:5])]
+    wire = banlist.from_snapshot(items, NOW, cidr_text).to_wire()
+    assert len(banlist.BanColumns.from_wire(dict(wire))) == 5
+    spoil(wire)
+    with pytest.raises(ValueError):
+        banlist.BanColumns.from_wire(wire)
+
+
+def _book(tmp_path, clock):
+    state = State(tmp_path / "state.db")
+    manager = BanManager(Settings(maxretry=1), state, FakeBanKernel(clock), clock=clock)
+    manager.ban("192.0.2.7", 600)
+    manager.ban("2001:db8:1::/64", 1200)
+    manager.ban("203.0.113.64/28", 60)
+    manager.record_failures([(ipaddress.ip_address("2001:db8:2::9"), "nginx-auth", None)])
+    manager.record_failures([(ipaddress.ip_address("198.51.100.3"), "caddy-auth", None)])
+    manager.flush()
+    return state, manager
+
+
+def test_the_state_file_lists_what_the_daemon_would_list(tmp_path):
+    clock = FakeClock(NOW)
+    state, manager = _book(tmp_path, clock)
+    clock.advance(30)
+    daemon = over_the_wire(banlist.from_snapshot(manager.snapshot(), clock(), cidr_text))
+    state.close()
+    recorded = banlist.from_state(tmp_path, clock())
+    assert banprint.columns_json(recorded) == banprint.columns_json(daemon)
+    assert banprint.columns_text(banlist.from_state(tmp_path, clock(), banned_at=False)) == (
+        banprint.columns_text(daemon))
+    assert banlist.count_in_state(tmp_path, clock()) == 5
+    clock.advance(60)  # the /28 expired
+    assert banlist.count_in_state(tmp_path, clock()) == 4
+    assert "203.0.113.64/28" not in banprint.columns_text(banlist.from_state(tmp_path, clock()))
+
+
+def test_reading_the_state_file_neither_creates_nor_accepts_a_foreign_one(tmp_path):
+    assert banlist.from_state(tmp_path, NOW) is None
+    assert banlist.count_in_state(tmp_path, NOW) is None
+    assert not (tmp_path / "state.db").exists()
+    foreign = sqlite3.connect(tmp_path / "state.db")
+    foreign.execute("CREATE TABLE bans (x)")
+    foreign.commit()
+    foreign.close()
+    with pytest.raises(HostError, match="foreign"):
+        banlist.count_in_state(tmp_path, NOW)
+    with pytest.raises(HostError, match="foreign"):
+        banlist.from_state(tmp_path, NOW)
+
+
+def test_a_kernel_listing_prints_network_and_seconds_only():
+    rows = [{"network": "192.0.2.7/32", "seconds_left": 42, "expires_at": None,
+             "failures": None, "filter": None, "reason": None, "banned_at": None}]
+    assert banprint.text(rows) == "192.0.2.7/32\t42s left\t\n"
+    assert banprint.as_json(rows) == json.dumps(rows, indent=2, sort_keys=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 5000])
+def test_streamed_parts_print_what_the_whole_list_prints(chunk):
+    items = snapshot(300, seed=chunk, expired=5)
+    items += [((4, 1000 + i, 32), (NOW + 99.5, 1, "nginx-auth", "auto", NOW)) for i in range(20)]
+    rows = json.loads(json.dumps(old_rows(items, NOW)))
+    parts = [json.loads(json.dumps(part))
+             for part in banlist.parts_from_snapshot(items, NOW, cidr_text, chunk=chunk)]
+    for as_json, expected in ((False, old_text(rows)),
+                              (True, json.dumps(rows, indent=2, sort_keys=True) + "\n")):
+        out = []
+        banprint.write_parts(map(banlist.BanColumns.from_wire, parts), as_json, out.append)
+        assert "".join(out) == expected
+
+
+def test_no_parts_print_an_empty_list():
+    for as_json, expected in ((False, ""), (True, "[]\n")):
+        out = []
+        banprint.write_parts(iter(()), as_json, out.append)
+        assert "".join(out) == expected
