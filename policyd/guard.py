@@ -10,8 +10,6 @@ import bisect
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 from urllib.parse import unquote_to_bytes
 
 from policyd.filters import Failure, Outcome, _cached_parse_host
@@ -33,14 +31,30 @@ _NGINX_ENCODED_NEWLINE = re.compile(rb'%0[aA]')
 _NGINX_CUT_LINE = re.compile(rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n')
 
 
-@dataclass(frozen=True)
 class Forgery:
     """A request that wrote lines into another entry of the log."""
-    sender: IPv4Address | IPv6Address | None  # the request's real client, if it can be read
-    filter: str
-    dropped: int        # failure lines it wrote, dropped
-    reason: str         # encoded-newline | truncated | continuation
-    time: float | None = None
+
+    __slots__ = ("sender", "filter", "dropped", "reason", "time")
+
+    def __init__(self, sender, filter, dropped, reason, time=None):  # noqa: A002
+        self.sender = sender    # the request's real client, if it can be read
+        self.filter = filter
+        self.dropped = dropped  # failure lines it wrote, dropped
+        self.reason = reason    # encoded-newline | truncated | continuation
+        self.time = time
+
+    def _fields(self):
+        return (self.sender, self.filter, self.dropped, self.reason, self.time)
+
+    def __eq__(self, other):
+        return self._fields() == other._fields() if other.__class__ is Forgery else NotImplemented
+
+    def __hash__(self):
+        return hash(self._fields())
+
+    def __repr__(self):
+        return (f"Forgery(sender={self.sender!r}, filter={self.filter!r}, dropped={self.dropped!r}, "
+                f"reason={self.reason!r}, time={self.time!r})")
 
     def failure(self):
         """The request itself, as one failure of its sender (who must be known)."""
@@ -315,7 +329,7 @@ class RegionJudge:
     judged in full, so a clean region costs two regex passes."""
 
     def __init__(self, log_filter, buffer, end, candidates):
-        self.filter, self.buffer = log_filter, buffer
+        self.filter, self.buffer, self.end = log_filter, buffer, end
         self.continuation = log_filter.guard["kind"] == "continuation"
         self.suspects = suspect_ranges(log_filter, buffer, end, candidates)
         self.starts = [low for low, _high in self.suspects]
@@ -327,13 +341,13 @@ class RegionJudge:
             last = bisect.bisect_right(self.starts, start)
             if not any(self.suspects[i][1] >= end for i in range(first, last)):
                 return False
-        return dropped_in_region(self.filter, self.buffer, start, end)
+        return dropped_in_region(self.filter, self.buffer, start, end, self.end)
 
 
 def suspect_ranges(log_filter, buffer, end, candidates=None):
     """For the offline scan of buffer[:end] (whole lines): sorted (lo, hi) byte
-    ranges holding every failure line the daemon's judge might drop. Regex
-    passes at C speed over the region, or only over the write after each of the
+    ranges holding every failure line the daemon's judge might drop. Searched
+    at C speed over the region, or only over the write after each of the
     (start, end) failure candidates when those windows are the smaller part."""
     guard = log_filter.guard or {}
     if guard.get("kind") != "nginx-error":
@@ -348,23 +362,47 @@ def suspect_ranges(log_filter, buffer, end, candidates=None):
                 windows[-1] = (windows[-1][0], max(windows[-1][1], high))
             else:
                 windows.append((start, high))
-    ranges = []
+    ranges = set()
+    find = buffer.find
     for low, high in windows:
-        for found in _NGINX_ENCODED_NEWLINE.finditer(buffer, low, high):
-            line_end = buffer.find(b"\n", found.start(), end)
+        # An encoded newline: memchr for "%", which log text rarely holds.
+        found = find(b"%", low, high)
+        while found >= 0:
+            if _NGINX_ENCODED_NEWLINE.match(buffer, found):
+                line_end = find(b"\n", found, end)
+                line_end = end if line_end < 0 else line_end
+                ranges.add((max(0, line_end + 1 - size), line_end))
+            found = find(b"%", found + 1, high)
+        # A truncated write: a line with an errno and no complete tail, ending
+        # exactly `size` bytes after a line start. memchr for "(", then the cheap
+        # test of the line's length before the regex.
+        found = find(b"(", low, high)
+        while found >= 0:
+            line_end = find(b"\n", found, end)
             line_end = end if line_end < 0 else line_end
-            ranges.append((max(0, line_end + 1 - size), line_end))
-        for found in _NGINX_CUT_LINE.finditer(buffer, low, high):
-            line_end = found.end() - 1
             head = line_end + 1 - size       # the first byte of its write, if it was truncated
             if head >= 0 and (head == 0 or buffer[head - 1] == 10):
-                ranges.append((head, line_end))
-    return sorted(set(ranges))
+                line_start = buffer.rfind(b"\n", 0, found) + 1
+                if _NGINX_CUT_LINE.search(buffer, line_start, line_end + 1):
+                    ranges.add((head, line_end))
+            found = find(b"(", line_end + 1, high)
+    return sorted(ranges)
 
 
-def dropped_in_region(log_filter, buffer, start, end):
+def tally_judged(judge, lines, low, high):
+    """For the offline scan: run an NginxErrorJudge (positioned at the first of
+    `lines`) over whole lines and return the outcome of each non-ignored line
+    starting in [low, high): Failure, Outcome.MALFORMED, or None if dropped."""
+    results = []
+    judge._process(lines, results)
+    return [e.outcome for e in results if isinstance(e, _Line) and low <= e.start < high]
+
+
+def dropped_in_region(log_filter, buffer, start, end, limit=None):
     """For the offline scan: True if the daemon's judge drops the failure line
-    buffer[start:end]. Judges the lines around it (within one write either side)."""
+    buffer[start:end] (buffer[:limit] being whole lines). Judges the lines
+    around it (within one write either side)."""
+    limit = len(buffer) if limit is None else limit
     guard = log_filter.guard or {}
     if guard.get("kind") == "continuation":
         if start == 0:
@@ -375,8 +413,8 @@ def dropped_in_region(log_filter, buffer, start, end):
         return False
     size = guard["entry_max_bytes"]
     context_start = buffer.rfind(b"\n", 0, max(0, start - size)) + 1 if start > size else 0
-    context_end = buffer.find(b"\n", min(len(buffer), end + size))
-    context_end = len(buffer) if context_end < 0 else context_end
+    context_end = buffer.find(b"\n", min(limit, end + size), limit)
+    context_end = limit - 1 if context_end < 0 else context_end
     judge = NginxErrorJudge(log_filter)
     judge._position = context_start
     results = []
