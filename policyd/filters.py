@@ -225,6 +225,7 @@ class Filter:
         first, look = self._checked_rules[0] if self._checked_rules else (None, True)
         fast = isinstance(first, _RegexRule) and not look
         match = first.regex.match if fast else None
+        host_group = first.regex.groupindex["host"] if fast else 0
         ignore, cache, host_of = self.ignore, _HOST_CACHE, self._candidate_host
         for start, end in spans:
             line = buffer[start:end]
@@ -235,7 +236,7 @@ class Filter:
                 # classify() for the first rule, inlined: the line matches it with a good host.
                 found = match(line)
                 if found is not None:
-                    address = cache.get(found.group("host"))
+                    address = cache.get(found.group(host_group))
                     if address is not None and address is not Outcome.MALFORMED:
                         for pattern in ignore:
                             if pattern.match(line):
@@ -321,11 +322,14 @@ def lines_holding(buffer, end, tokens, low=0):
     """{(start, end)} of the whole lines of buffer[low:end] that hold any of `tokens`:
     found at C speed, without a Python object for any other line."""
     spans = set()
+    add, find, rfind = spans.add, buffer.find, buffer.rfind
     for token in tokens:
         position = search_token(buffer, token, low, end)
         while position >= 0:
-            start = buffer.rfind(b"\n", 0, position) + 1
-            stop = buffer.find(b"\n", position, end)
-            spans.add((start, stop))
-            position = search_token(buffer, token, stop + 1, end)
+            stop = find(b"\n", position, end)
+            add((rfind(b"\n", 0, position) + 1, stop))
+            # The next hit is usually a few lines on: one window's plain find first.
+            position = find(token, stop + 1, min(end, stop + _FIND_WINDOW))
+            if position < 0 and stop + _FIND_WINDOW < end:
+                position = search_token(buffer, token, stop + _FIND_WINDOW - len(token) + 1, end)
     return spans

@@ -125,7 +125,7 @@ def _scan_region(log_filter, buffer, low, high, whole, result, hosts):
     # cut out only the lines around a hit; every other line is counted as
     # ignored without ever becoming a Python object.
     line_count = len(_NEWLINE.findall(buffer, low, high))
-    candidates = sorted(lines_holding(buffer, high, log_filter.prefilter, low))
+    candidates = lines_holding(buffer, high, log_filter.prefilter, low)
     matched = malformed = forged = 0
     region_judge = None
     if log_filter.guard and candidates:
