@@ -15,6 +15,7 @@ MALFORMED.
 import enum
 import json
 import re
+from operator import itemgetter
 from ipaddress import IPv4Address, IPv6Address  # noqa: F401 (the types a Failure's host has)
 
 from policyd.addr import parse_host
@@ -41,33 +42,37 @@ class Outcome(enum.Enum):
     MALFORMED = "malformed"
 
 
-class Failure:
-    """One failure: the host and the filter that saw it (its identity), and the Unix
-    seconds the line carries (None: none readable), which is not part of it."""
+class Failure(tuple):
+    """One failure, the tuple (host, filter, time) the ban engine reads: the host and
+    the filter that saw it are its identity; time, the Unix seconds the line carries
+    (None: none readable), is not part of it."""
 
-    __slots__ = ("host", "filter", "time")
+    __slots__ = ()
 
-    def __init__(self, host, filter, time=None):   # noqa: A002 (the field's name)
-        setter = object.__setattr__
-        setter(self, "host", host)
-        setter(self, "filter", filter)
-        setter(self, "time", time)
+    def __new__(cls, host, filter, time=None):   # noqa: A002 (the field's name)
+        return tuple.__new__(cls, (host, filter, time))
 
-    def __setattr__(self, name, value):
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    __delattr__ = __setattr__
+    host = property(itemgetter(0))
+    filter = property(itemgetter(1))
+    time = property(itemgetter(2))
 
     def __eq__(self, other):
-        if other.__class__ is not Failure:
-            return NotImplemented
-        return self.host == other.host and self.filter == other.filter
+        if isinstance(other, Failure):
+            return self[0] == other[0] and self[1] == other[1]
+        return NotImplemented
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
     def __hash__(self):
-        return hash((self.host, self.filter))
+        return hash((self[0], self[1]))
+
+    def __getnewargs__(self):
+        return tuple(self)
 
     def __repr__(self):
-        return f"Failure(host={self.host!r}, filter={self.filter!r}, time={self.time!r})"
+        return f"Failure(host={self[0]!r}, filter={self[1]!r}, time={self[2]!r})"
 
 
 class _RegexRule:
@@ -186,6 +191,8 @@ class Filter:
         self.ignore = tuple(ignore)
         self.source = source
         self.guard = guard  # dict from the `guard` key, read by policyd.guard; None: no guard
+        # An ignore regex runs on every failure line: first the text it cannot match without.
+        self._ignore = tuple((_required_text(pattern), pattern.match) for pattern in self.ignore)
         tokens = []
         for rule in self.rules:
             tokens.extend(t for t in rule.contains if t not in tokens)
@@ -218,6 +225,54 @@ class Filter:
         address, rule, raw_time = outcome
         return Failure(address, self.name, rule.time_parser(raw_time) if raw_time is not None else None)
 
+    def classify_batch(self, lines):
+        """[(index, outcome)] of classify(line) for each of `lines` that is not IGNORED:
+        the daemon's bulk form, with the first rule's common case inlined."""
+        first, look = self._checked_rules[0] if self._checked_rules else (None, True)
+        classify, ignored, results = self.classify, Outcome.IGNORED, []
+        if not (self.prefilter and isinstance(first, _RegexRule) and not look):
+            for index, line in enumerate(lines):
+                outcome = classify(line)
+                if outcome is not ignored:
+                    results.append((index, outcome))
+            return results
+        match, prefilter, ignore, name = first.regex.match, self.prefilter, self._ignore, self.name
+        groups = first.regex.groupindex
+        host_group, time_group, parse_time = groups["host"], groups.get("time"), first.time_parser
+        cache, malformed, make = _HOST_CACHE, Outcome.MALFORMED, tuple.__new__
+        times = parse_time.texts if parse_time is not None else {}
+        for index, line in enumerate(lines):
+            for token in prefilter:
+                if token in line:
+                    break
+            else:
+                if len(line) > MAX_LINE_BYTES or b"\x00" in line or line[-1:] == b"\n":
+                    outcome = classify(line)
+                    if outcome is not ignored:
+                        results.append((index, outcome))
+                continue
+            found = None
+            if len(line) <= MAX_LINE_BYTES and b"\x00" not in line and line[-1:] != b"\n":
+                found = match(line)
+            if found is not None:
+                raw = found.group(host_group)
+                address = cache.get(raw)
+                if address is None:
+                    address = _cached_parse_host(raw) or malformed
+                if address is not malformed:
+                    for required, skip in ignore:
+                        if required in line and skip(line):
+                            break
+                    else:
+                        raw = found.group(time_group) if parse_time is not None else None
+                        when = None if raw is None else (times.get(raw) or parse_time(raw))
+                        results.append((index, make(Failure, (address, name, when))))
+                    continue
+            outcome = classify(line)
+            if outcome is not ignored:
+                results.append((index, outcome))
+        return results
+
     def classify_spans(self, buffer, spans):
         """(start, end, address or Outcome.MALFORMED) for each (start, end) line of
         `buffer` that is not IGNORED: the bulk form of classify() for lines that
@@ -226,7 +281,7 @@ class Filter:
         fast = isinstance(first, _RegexRule) and not look
         match = first.regex.match if fast else None
         host_group = first.regex.groupindex["host"] if fast else 0
-        ignore, cache, host_of = self.ignore, _HOST_CACHE, self._candidate_host
+        ignore, cache, host_of = self._ignore, _HOST_CACHE, self._candidate_host
         for start, end in spans:
             line = buffer[start:end]
             if end - start > MAX_LINE_BYTES:
@@ -238,8 +293,8 @@ class Filter:
                 if found is not None:
                     address = cache.get(found.group(host_group))
                     if address is not None and address is not Outcome.MALFORMED:
-                        for pattern in ignore:
-                            if pattern.match(line):
+                        for required, skip in ignore:
+                            if required in line and skip(line):
                                 break
                         else:
                             yield start, end, address
@@ -260,13 +315,35 @@ class Filter:
             if result is Outcome.MALFORMED:
                 malformed = True
                 continue
-            for pattern in self.ignore:
-                if pattern.match(line):
+            for required, match in self._ignore:
+                if required in line and match(line):
                     return Outcome.IGNORED
             return result[0], rule, result[1]
         if malformed or b"\x00" in line or not _is_utf8(line):
             return Outcome.MALFORMED
         return Outcome.IGNORED
+
+
+def _required_text(pattern):
+    """The longest run of bytes every match of the compiled bytes `pattern` holds
+    (b"" when none can be shown): its top-level literals, which a match of the
+    whole sequence always contains, in a pattern without case folding."""
+    try:
+        from re import _parser
+        parsed = _parser.parse(pattern.pattern, pattern.flags)
+    except Exception:   # another Python's parser: no shortcut, the regex decides
+        return b""
+    if not isinstance(pattern.pattern, bytes) or parsed.state.flags & (re.IGNORECASE | re.LOCALE):
+        return b""
+    best, run = b"", bytearray()
+    for op, value in list(parsed.data) + [(None, None)]:
+        if op is _parser.LITERAL:
+            run.append(value)
+            continue
+        if len(run) > len(best):
+            best = bytes(run)
+        run.clear()
+    return best
 
 
 def _holds_any(line, tokens):

@@ -8,6 +8,7 @@ their `guard` key; see filters/README.md for what each kind guarantees.
 """
 import bisect
 import re
+from itertools import accumulate
 import time
 from collections import deque
 from urllib.parse import unquote_to_bytes
@@ -71,6 +72,23 @@ def judge_for(log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
     return PlainJudge(log_filter)
 
 
+def failures_from(judge, lines, mid_write=False):
+    """The daemon's text -> failures step for one slice of a log: ([Failure], the
+    number of MALFORMED lines, [(i, Forgery)]) from judge.judge(lines, mid_write),
+    where i is how many failures came before the forgery in the log. A Failure
+    is the tuple (host, filter, time) the ban engine reads."""
+    failures, forgeries, malformed = [], [], 0
+    add, is_malformed = failures.append, Outcome.MALFORMED
+    for outcome in judge.judge(lines, mid_write):
+        if outcome.__class__ is Failure:
+            add(outcome)
+        elif outcome is is_malformed:
+            malformed += 1
+        else:
+            forgeries.append((len(failures), outcome))
+    return failures, malformed, forgeries
+
+
 class PlainJudge:
     """A log no request can write a line into: every line stands on its own."""
 
@@ -81,13 +99,17 @@ class PlainJudge:
 
     def judge(self, lines, mid_write=False):
         """Failures, Forgery events and Outcome.MALFORMED, in log order."""
-        classify = self.filter.classify
-        results = []
-        for line in lines:
-            outcome = classify(line)
-            if outcome is not Outcome.IGNORED:
-                results.append(outcome)
-        return results
+        return [outcome for _index, outcome in _classify_batch(self.filter, lines)]
+
+
+def _classify_batch(log_filter, lines):
+    """[(index, outcome)] of the lines not IGNORED (policyd.filters' bulk form)."""
+    batch = getattr(log_filter, "classify_batch", None)
+    if batch is not None:
+        return batch(lines)
+    classify, ignored = log_filter.classify, Outcome.IGNORED
+    return [(i, outcome) for i, line in enumerate(lines)
+            if (outcome := classify(line)) is not ignored]
 
 
 class ContinuationJudge(PlainJudge):
@@ -147,6 +169,8 @@ class NginxErrorJudge(PlainJudge):
     follower may have read only part of a write.
     """
 
+    every_line = False   # True: a _Line (with its place) for every non-ignored line
+
     def __init__(self, log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
         super().__init__(log_filter)
         self.max_bytes = log_filter.guard["entry_max_bytes"]
@@ -198,16 +222,25 @@ class NginxErrorJudge(PlainJudge):
 
     def _classify_each(self, lines, results):
         """The common case, nothing in the batch could end a forging write: classify only."""
-        classify, ignored = self.filter.classify, Outcome.IGNORED
         position, index, recent = self._position, self._index, self._recent
-        for line in lines:
-            outcome = classify(line)
-            if outcome is not ignored:
-                entry = _Line(index, position, position + len(line), outcome)
+        found = _classify_batch(self.filter, lines)
+        end = position + sum(map(len, lines)) + len(lines)
+        if found:
+            # Where each line starts, summed at C speed: only failures need it.
+            before = list(accumulate(map(len, lines), initial=position))
+            append = results.append
+            last_write = -1 if self.every_line else end - self.max_bytes
+            for number, outcome in found:
+                start = before[number] + number   # and a newline after each line
+                if start < last_write:
+                    # No line still to come can drop it, nor hold it: handed on as it is.
+                    append(outcome)
+                    continue
+                entry = _Line(index + number, start, start + len(lines[number]), outcome)
                 recent.append(entry)
-                results.append(entry)
-            position += len(line) + 1
-            index += 1
+                append(entry)
+        position = end
+        index += len(lines)
         # Keep the line starts of the last max_bytes for a truncated write still to come.
         starts, oldest, start = self._starts, position - self.max_bytes, position
         tail = []
@@ -394,6 +427,7 @@ def tally_judged(judge, lines, low, high):
     `lines`) over whole lines and return the outcome of each non-ignored line
     starting in [low, high): Failure, Outcome.MALFORMED, or None if dropped."""
     results = []
+    judge.every_line = True
     judge._process(lines, results)
     return [e.outcome for e in results if isinstance(e, _Line) and low <= e.start < high]
 
@@ -416,6 +450,7 @@ def dropped_in_region(log_filter, buffer, start, end, limit=None):
     context_end = buffer.find(b"\n", min(limit, end + size), limit)
     context_end = limit - 1 if context_end < 0 else context_end
     judge = NginxErrorJudge(log_filter)
+    judge.every_line = True
     judge._position = context_start
     results = []
     judge._process(buffer[context_start:context_end].split(b"\n"), results)
