@@ -169,14 +169,14 @@ def _lookup(record, path):
     return value
 
 
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})\Z")
+_HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})\Z"   # compiled (and cached) by re on use
 
 
 def _parse_host_maybe_port(text):
     """An address, or `ipv4:port` / `[ipv6]:port` as Go's RemoteAddr writes it."""
     address = parse_host(text)
     if address is None:
-        with_port = _HOST_PORT.match(text)
+        with_port = re.match(_HOST_PORT, text)
         if with_port and int(with_port.group(2)) <= 65535:
             address = parse_host(with_port.group(1))
     return address
@@ -273,35 +273,53 @@ class Filter:
                 results.append((index, outcome))
         return results
 
-    def classify_spans(self, buffer, spans):
-        """(start, end, address or Outcome.MALFORMED) for each (start, end) line of
-        `buffer` that is not IGNORED: the bulk form of classify() for lines that
-        hold a prefilter token, have no NUL byte and end before a newline."""
+    def classify_region(self, buffer, low, high):
+        """classify() of every line of buffer[low:high] (whole lines, no NUL byte), in
+        bulk: ([(start, end, address)] of its failures, number of MALFORMED lines).
+        The lines holding a prefilter token are found at C speed; no other line
+        becomes a Python object. The first rule's common case is inlined."""
         first, look = self._checked_rules[0] if self._checked_rules else (None, True)
         fast = isinstance(first, _RegexRule) and not look
         match = first.regex.match if fast else None
         host_group = first.regex.groupindex["host"] if fast else 0
         ignore, cache, host_of = self._ignore, _HOST_CACHE, self._candidate_host
-        for start, end in spans:
-            line = buffer[start:end]
-            if end - start > MAX_LINE_BYTES:
-                yield start, end, Outcome.MALFORMED
-                continue
-            if fast:
-                # classify() for the first rule, inlined: the line matches it with a good host.
-                found = match(line)
-                if found is not None:
-                    address = cache.get(found.group(host_group))
-                    if address is not None and address is not Outcome.MALFORMED:
-                        for required, skip in ignore:
-                            if required in line and skip(line):
-                                break
-                        else:
-                            yield start, end, address
-                        continue
-            outcome = host_of(line)
-            if outcome is not Outcome.IGNORED:
-                yield start, end, outcome if outcome is Outcome.MALFORMED else outcome[0]
+        find, rfind, malformed_outcome = buffer.find, buffer.rfind, Outcome.MALFORMED
+        failures, add, malformed = [], None, 0
+        add = failures.append
+        tokens = self.prefilter
+        for number, token in enumerate(tokens):
+            earlier = tokens[:number]   # a line holding one of these was classified already
+            position = search_token(buffer, token, low, high)
+            while position >= 0:
+                start = rfind(b"\n", 0, position) + 1
+                end = find(b"\n", position, high)
+                # The next hit is usually a few lines on: one window's plain find first.
+                position = find(token, end + 1, min(high, end + _FIND_WINDOW))
+                if position < 0 and end + _FIND_WINDOW < high:
+                    position = search_token(buffer, token, end + _FIND_WINDOW - len(token) + 1, high)
+                line = buffer[start:end]
+                if earlier and _holds_any(line, earlier):
+                    continue
+                if end - start > MAX_LINE_BYTES:
+                    malformed += 1
+                    continue
+                if fast:
+                    found = match(line)
+                    if found is not None:
+                        address = cache.get(found.group(host_group))
+                        if address is not None and address is not malformed_outcome:
+                            for required, skip in ignore:
+                                if required in line and skip(line):
+                                    break
+                            else:
+                                add((start, end, address))
+                            continue
+                outcome = host_of(line)
+                if outcome is malformed_outcome:
+                    malformed += 1
+                elif outcome is not Outcome.IGNORED:
+                    add((start, end, outcome[0]))
+        return failures, malformed
 
     def _candidate_host(self, line):
         """(host, time) of a failing line that passed the prefilter, or an Outcome."""

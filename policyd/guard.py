@@ -18,18 +18,33 @@ from policyd.filters import Failure, Outcome, _cached_parse_host
 # A failure read while its write may be incomplete waits this long for the rest.
 HOLD_SECONDS = 1.0
 
-# nginx writes the client, server and raw request after the message; the raw
-# request line holds no space or control byte (nginx >= 1.21.1 refuses them).
-_NGINX_TAIL = re.compile(rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)')
-# A complete nginx entry ends with the host (which holds no quote or space) or
-# the referrer nginx writes after it.
-_NGINX_COMPLETE = re.compile(rb', (?:host|referrer): "[^" ]*"\Z')
-# A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
-# it, marking the cut with "..."), so a truncated entry that wrote newlines ends
-# in a line holding the errno and no complete tail.
-_NGINX_ERRNO = re.compile(rb' \(\d+: ')
-_NGINX_ENCODED_NEWLINE = re.compile(rb'%0[aA]')
-_NGINX_CUT_LINE = re.compile(rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n')
+
+class _Patterns:
+    """The nginx patterns, compiled on first use: compiling is most of a small
+    command's start-up, and test-filter needs them only near a suspect line."""
+
+    SOURCES = {
+        # nginx writes the client, server and raw request after the message; the raw
+        # request line holds no space or control byte (nginx >= 1.21.1 refuses them).
+        "tail": rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)',
+        # A complete nginx entry ends with the host (which holds no quote or space) or
+        # the referrer nginx writes after it.
+        "complete": rb', (?:host|referrer): "[^" ]*"\Z',
+        # A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
+        # it, marking the cut with "..."), so a truncated entry that wrote newlines ends
+        # in a line holding the errno and no complete tail.
+        "errno": rb' \(\d+: ',
+        "encoded_newline": rb'%0[aA]',
+        "cut_line": rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n',
+    }
+
+    def __getattr__(self, name):
+        compiled = re.compile(self.SOURCES[name])
+        setattr(self, name, compiled)
+        return compiled
+
+
+_NGINX = _Patterns()
 
 
 class Forgery:
@@ -215,7 +230,7 @@ class NginxErrorJudge(PlainJudge):
         if not results:
             self._recent.clear()   # what was returned can no longer be dropped
         blob = b"\n".join(lines) + b"\n"
-        if _NGINX_ENCODED_NEWLINE.search(blob) or _NGINX_CUT_LINE.search(blob):
+        if _NGINX.encoded_newline.search(blob) or _NGINX.cut_line.search(blob):
             self._judge_each(lines, results)
         else:
             self._classify_each(lines, results)
@@ -276,8 +291,8 @@ class NginxErrorJudge(PlainJudge):
             entry = _Line(index, start, end, outcome) if outcome is not ignored else None
             if b"%0a" in line or b"%0A" in line:
                 self._encoded_newline(line, entry or _Line(index, start, end, None), results)
-            elif (oldest >= 0 and _NGINX_ERRNO.search(line) is not None
-                  and not (line.endswith(b'"') and _NGINX_COMPLETE.search(line))):
+            elif (oldest >= 0 and _NGINX.errno.search(line) is not None
+                  and not (line.endswith(b'"') and _NGINX.complete.search(line))):
                 self._maybe_truncated(entry or _Line(index, start, end, None), oldest, results)
             starts.append(start)
             if entry is not None:
@@ -322,7 +337,7 @@ def nginx_sender(line):
     is the one address among those explaining the longest start, else None.
     """
     best, senders = -1, set()
-    for found in _NGINX_TAIL.finditer(line):
+    for found in _NGINX.tail.finditer(line):
         path = found.group(2).split(b"?", 1)[0]
         if b"%0a" not in path and b"%0A" not in path:
             continue
@@ -401,7 +416,7 @@ def suspect_ranges(log_filter, buffer, end, candidates=None):
         # An encoded newline: memchr for "%", which log text rarely holds.
         found = find(b"%", low, high)
         while found >= 0:
-            if _NGINX_ENCODED_NEWLINE.match(buffer, found):
+            if _NGINX.encoded_newline.match(buffer, found):
                 line_end = find(b"\n", found, end)
                 line_end = end if line_end < 0 else line_end
                 ranges.add((max(0, line_end + 1 - size), line_end))
@@ -416,7 +431,7 @@ def suspect_ranges(log_filter, buffer, end, candidates=None):
             head = line_end + 1 - size       # the first byte of its write, if it was truncated
             if head >= 0 and (head == 0 or buffer[head - 1] == 10):
                 line_start = buffer.rfind(b"\n", 0, found) + 1
-                if _NGINX_CUT_LINE.search(buffer, line_start, line_end + 1):
+                if _NGINX.cut_line.search(buffer, line_start, line_end + 1):
                     ranges.add((head, line_end))
             found = find(b"(", line_end + 1, high)
     return sorted(ranges)

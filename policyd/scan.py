@@ -9,10 +9,11 @@ a NUL byte or a very long line takes the per-line path (the daemon's judge).
 """
 import re
 import time
+from collections import Counter
 
 from policyd import filters
 from policyd.errors import InputError
-from policyd.filters import MAX_LINE_BYTES, Failure, Outcome, _plain_region, lines_holding
+from policyd.filters import MAX_LINE_BYTES, Failure, Outcome, _plain_region
 
 _NEWLINE = re.compile(b"\n")
 
@@ -125,34 +126,30 @@ def _scan_region(log_filter, buffer, low, high, whole, result, hosts):
     # cut out only the lines around a hit; every other line is counted as
     # ignored without ever becoming a Python object.
     line_count = len(_NEWLINE.findall(buffer, low, high))
-    candidates = lines_holding(buffer, high, log_filter.prefilter, low)
-    matched = malformed = forged = 0
-    region_judge = None
-    if log_filter.guard and candidates:
+    failures, malformed = log_filter.classify_region(buffer, low, high)
+    forged = 0
+    if log_filter.guard and failures:
         from policyd.guard import RegionJudge  # guard builds on policyd.filters
-        region_judge = RegionJudge(log_filter, buffer, whole, candidates)
-        if not region_judge.suspects and not region_judge.continuation:
-            region_judge = None
-    for line_start, line_end, outcome in log_filter.classify_spans(buffer, candidates):
-        if outcome is Outcome.MALFORMED:
-            malformed += 1
-            continue
-        if region_judge is not None and region_judge.drops(line_start, line_end):
-            forged += 1
-            continue
-        matched += 1
-        # Keyed by the (cached, kept alive) address object's id: hashing an
-        # ipaddress object is slow Python code, and this runs once per failure.
-        counted = hosts.get(id(outcome))
+        region_judge = RegionJudge(log_filter, buffer, whole, [(s, e) for s, e, _ in failures])
+        if region_judge.suspects or region_judge.continuation:
+            kept = [f for f in failures if not region_judge.drops(f[0], f[1])]
+            forged = len(failures) - len(kept)
+            failures = kept
+    # Counted by the (cached, kept alive) address object's id, at C speed:
+    # hashing an ipaddress object is slow Python code.
+    addresses = [address for _start, _end, address in failures]
+    by_id = dict(zip(map(id, addresses), addresses))
+    for key, count in Counter(map(id, addresses)).items():
+        counted = hosts.get(key)
         if counted is None:
-            hosts[id(outcome)] = [outcome, 1]
+            hosts[key] = [by_id[key], count]
         else:
-            counted[1] += 1
+            counted[1] += count
     result.lines += line_count
-    result.matched += matched
+    result.matched += len(failures)
     result.malformed += malformed
     result.forged += forged
-    result.ignored += line_count - matched - malformed - forged
+    result.ignored += line_count - len(failures) - malformed - forged
 
 
 def _scan_lines(log_filter, buffer, low, high, result, hosts):
