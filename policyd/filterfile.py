@@ -33,9 +33,6 @@ that match no rule and are not UTF-8 are MALFORMED."""
 import re
 from pathlib import Path
 
-import yaml
-from yaml.constructor import SafeConstructor
-
 from policyd.errors import InputError
 from policyd.filters import Filter, _JsonRule, _RegexRule
 from policyd.logtime import TimeParser, valid_format
@@ -53,9 +50,10 @@ _GUARD_KEYS = {"kind", "entry_max_bytes", "whole", "sender"}
 GUARD_KINDS = ("nginx-error", "continuation")
 
 
-def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
+def load_filter(name_or_path, search_dirs=None, mode=None, journal=False, cache=False):
     """Load a filter by bare name (searched in search_dirs) or by path;
-    `fail2ban:NAME` or a .conf path loads a fail2ban filter.d filter."""
+    `fail2ban:NAME` or a .conf path loads a fail2ban filter.d filter.
+    cache: `policyd test-filter` keeps parsed filters (policyd.filtercache)."""
     text = str(name_or_path)
     if text.startswith("fail2ban:") or text.endswith(".conf"):
         from policyd.fail2ban.engine import load
@@ -63,23 +61,37 @@ def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
     if mode is not None:
         raise InputError(f"filter {text!r} has no modes (only fail2ban filters do)", key="mode")
     if "/" in text or text.endswith(".yaml"):
-        return _load_file(Path(text))
+        return _load_file(Path(text), cache)
     if not _FILTER_NAME.match(text):
         raise InputError(f"invalid filter name {text!r}", key="filter")
     dirs = DEFAULT_SEARCH_DIRS if search_dirs is None else search_dirs
     for directory in dirs:
         candidate = Path(directory) / f"{text}.yaml"
         if candidate.is_file():
-            return _load_file(candidate)
+            return _load_file(candidate, cache)
     searched = ", ".join(str(d) for d in dirs)
     raise InputError(f"unknown filter {text!r} (searched {searched})", key="filter")
 
 
-def _load_file(path):
+def _load_file(path, cache=False):
+    """cache: keep the parsed filter in policyd.filtercache (test-filter only)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read filter: {error}", file=path) from None
+    if not cache:
+        return _parse(path, text)
+    from policyd import filtercache
+    cached = filtercache.read(path, data)
+    if cached is None:
+        cached = _parse(path, text)
+        filtercache.write(data, cached)
+    return cached
+
+
+def _parse(path, text):
+    import yaml  # here, not at the top: policyd.filtercache spares test-filter its import
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:
@@ -112,13 +124,15 @@ class _Loader:
 
     def __init__(self, path):
         self.path = path
-        self.constructor = SafeConstructor()
+        import yaml
+        from yaml.constructor import SafeConstructor
+        self.yaml, self.constructor = yaml, SafeConstructor()
 
     def fail(self, node, key, message):
         raise InputError(message, file=self.path, line=node.start_mark.line + 1, key=key)
 
     def mapping(self, node, allowed, key):
-        if not isinstance(node, yaml.MappingNode):
+        if not isinstance(node, self.yaml.MappingNode):
             self.fail(node, key, "must be a mapping")
         result = {}
         for key_node, value_node in node.value:
@@ -134,7 +148,7 @@ class _Loader:
         return result
 
     def sequence(self, node, key):
-        if not isinstance(node, yaml.SequenceNode):
+        if not isinstance(node, self.yaml.SequenceNode):
             self.fail(node, key, "must be a list")
         return node.value
 
@@ -142,7 +156,7 @@ class _Loader:
         return self.constructor.construct_object(node, deep=True)
 
     def string(self, node, key):
-        value = self.value(node) if isinstance(node, yaml.ScalarNode) else None
+        value = self.value(node) if isinstance(node, self.yaml.ScalarNode) else None
         if not isinstance(value, str) or not value:
             self.fail(node, key, "must be a non-empty string")
         return value

@@ -25,10 +25,10 @@ READ_CHUNK_BYTES = 256 * 1024   # policyd.scan reads the log in slices of this s
 _EMPTY_VALUES = (None, "", "-")
 
 
-def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
+def load_filter(name_or_path, search_dirs=None, mode=None, journal=False, cache=False):
     """policyd.filterfile.load_filter (the YAML machinery is imported on first use)."""
     from policyd.filterfile import load_filter as load
-    return load(name_or_path, search_dirs=search_dirs, mode=mode, journal=journal)
+    return load(name_or_path, search_dirs=search_dirs, mode=mode, journal=journal, cache=cache)
 
 
 def scan(log_filter, path):
@@ -226,100 +226,16 @@ class Filter:
         return Failure(address, self.name, rule.time_parser(raw_time) if raw_time is not None else None)
 
     def classify_batch(self, lines):
-        """[(index, outcome)] of classify(line) for each of `lines` that is not IGNORED:
-        the daemon's bulk form, with the first rule's common case inlined."""
-        first, look = self._checked_rules[0] if self._checked_rules else (None, True)
-        classify, ignored, results = self.classify, Outcome.IGNORED, []
-        if not (self.prefilter and isinstance(first, _RegexRule) and not look):
-            for index, line in enumerate(lines):
-                outcome = classify(line)
-                if outcome is not ignored:
-                    results.append((index, outcome))
-            return results
-        match, prefilter, ignore, name = first.regex.match, self.prefilter, self._ignore, self.name
-        groups = first.regex.groupindex
-        host_group, time_group, parse_time = groups["host"], groups.get("time"), first.time_parser
-        cache, malformed, make = _HOST_CACHE, Outcome.MALFORMED, tuple.__new__
-        times = parse_time.texts if parse_time is not None else {}
-        for index, line in enumerate(lines):
-            for token in prefilter:
-                if token in line:
-                    break
-            else:
-                if len(line) > MAX_LINE_BYTES or b"\x00" in line or line[-1:] == b"\n":
-                    outcome = classify(line)
-                    if outcome is not ignored:
-                        results.append((index, outcome))
-                continue
-            found = None
-            if len(line) <= MAX_LINE_BYTES and b"\x00" not in line and line[-1:] != b"\n":
-                found = match(line)
-            if found is not None:
-                raw = found.group(host_group)
-                address = cache.get(raw)
-                if address is None:
-                    address = _cached_parse_host(raw) or malformed
-                if address is not malformed:
-                    for required, skip in ignore:
-                        if required in line and skip(line):
-                            break
-                    else:
-                        raw = found.group(time_group) if parse_time is not None else None
-                        when = None if raw is None else (times.get(raw) or parse_time(raw))
-                        results.append((index, make(Failure, (address, name, when))))
-                    continue
-            outcome = classify(line)
-            if outcome is not ignored:
-                results.append((index, outcome))
-        return results
+        """[(index, outcome)] of classify(line) for each of `lines` that is not
+        IGNORED, in bulk (policyd.filterbulk): the daemon's form."""
+        from policyd.filterbulk import classify_batch
+        return classify_batch(self, lines)
 
     def classify_region(self, buffer, low, high):
-        """classify() of every line of buffer[low:high] (whole lines, no NUL byte), in
-        bulk: ([(start, end, address)] of its failures, number of MALFORMED lines).
-        The lines holding a prefilter token are found at C speed; no other line
-        becomes a Python object. The first rule's common case is inlined."""
-        first, look = self._checked_rules[0] if self._checked_rules else (None, True)
-        fast = isinstance(first, _RegexRule) and not look
-        match = first.regex.match if fast else None
-        host_group = first.regex.groupindex["host"] if fast else 0
-        ignore, cache, host_of = self._ignore, _HOST_CACHE, self._candidate_host
-        find, rfind, malformed_outcome = buffer.find, buffer.rfind, Outcome.MALFORMED
-        failures, add, malformed = [], None, 0
-        add = failures.append
-        tokens = self.prefilter
-        for number, token in enumerate(tokens):
-            earlier = tokens[:number]   # a line holding one of these was classified already
-            position = search_token(buffer, token, low, high)
-            while position >= 0:
-                start = rfind(b"\n", 0, position) + 1
-                end = find(b"\n", position, high)
-                # The next hit is usually a few lines on: one window's plain find first.
-                position = find(token, end + 1, min(high, end + _FIND_WINDOW))
-                if position < 0 and end + _FIND_WINDOW < high:
-                    position = search_token(buffer, token, end + _FIND_WINDOW - len(token) + 1, high)
-                line = buffer[start:end]
-                if earlier and _holds_any(line, earlier):
-                    continue
-                if end - start > MAX_LINE_BYTES:
-                    malformed += 1
-                    continue
-                if fast:
-                    found = match(line)
-                    if found is not None:
-                        address = cache.get(found.group(host_group))
-                        if address is not None and address is not malformed_outcome:
-                            for required, skip in ignore:
-                                if required in line and skip(line):
-                                    break
-                            else:
-                                add((start, end, address))
-                            continue
-                outcome = host_of(line)
-                if outcome is malformed_outcome:
-                    malformed += 1
-                elif outcome is not Outcome.IGNORED:
-                    add((start, end, outcome[0]))
-        return failures, malformed
+        """classify() of every line of buffer[low:high] in bulk (policyd.filterbulk):
+        ([(start, end, address)] of its failures, number of MALFORMED lines)."""
+        from policyd.filterbulk import classify_region
+        return classify_region(self, buffer, low, high)
 
     def _candidate_host(self, line):
         """(host, time) of a failing line that passed the prefilter, or an Outcome."""

@@ -129,7 +129,7 @@ def _scan_region(log_filter, buffer, low, high, whole, result, hosts):
     failures, malformed = log_filter.classify_region(buffer, low, high)
     forged = 0
     if log_filter.guard and failures:
-        from policyd.guard import RegionJudge  # guard builds on policyd.filters
+        from policyd.guardscan import RegionJudge  # the guard builds on policyd.filters
         region_judge = RegionJudge(log_filter, buffer, whole, [(s, e) for s, e, _ in failures])
         if region_judge.suspects or region_judge.continuation:
             kept = [f for f in failures if not region_judge.drops(f[0], f[1])]
@@ -155,7 +155,8 @@ def _scan_region(log_filter, buffer, low, high, whole, result, hosts):
 def _scan_lines(log_filter, buffer, low, high, result, hosts):
     """The per-line path (the daemon's judge), for slices with NUL bytes or very
     long lines, and filters without a prefilter."""
-    from policyd.guard import NginxErrorJudge, judge_for, tally_judged
+    from policyd.guard import NginxErrorJudge, judge_for
+    from policyd.guardscan import tally_judged
     judge = judge_for(log_filter)
     if isinstance(judge, NginxErrorJudge):
         # Judge the context too, count only what starts in buffer[low:high].

@@ -15,7 +15,8 @@ def run(filter_name, logfile, as_json, mode, echo):
     import json
 
     from policyd import filters
-    result = filters.scan(filters.load_filter(filter_name, mode=mode), logfile).to_json()
+    log_filter = filters.load_filter(filter_name, mode=mode, cache=True)
+    result = filters.scan(log_filter, logfile).to_json()
     if as_json:
         echo(json.dumps(result, sort_keys=True))
         return
