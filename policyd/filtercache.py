@@ -3,12 +3,11 @@
 Owns turning a loaded policyd.filters.Filter into plain JSON and back, and the
 cache directory (~/.cache/policyd/filters, or $XDG_CACHE_HOME): importing the
 YAML machinery is a third of a small scan's start-up. An entry is named by the
-SHA-256 of the filter file's bytes (and this module's format), so an edited
+BLAKE2b hash of the filter file's bytes (and this module's format), so an edited
 filter is parsed and validated anew; entries, and the directory, are trusted
 only when the current user owns them and nobody else can write them. The
 daemon never uses it.
 """
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,11 @@ import stat
 
 from policyd.filters import Filter, _JsonRule, _RegexRule
 from policyd.logtime import TimeParser
+
+try:
+    from _blake2 import blake2b   # what hashlib gives, without loading OpenSSL at start-up
+except ImportError:   # pragma: no cover (a Python built without it)
+    from hashlib import blake2b
 
 FORMAT = b"policyd filter cache 1\n"
 
@@ -26,7 +30,7 @@ def directory():
 
 
 def key(data):
-    return hashlib.sha256(FORMAT + data).hexdigest()
+    return blake2b(FORMAT + data, digest_size=32).hexdigest()
 
 
 def _trusted(status):

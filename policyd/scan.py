@@ -7,6 +7,7 @@ speed, only the lines around a hit become Python objects, and the guard judges
 in full only the failures near a line that could have forged them. A slice with
 a NUL byte or a very long line takes the per-line path (the daemon's judge).
 """
+import os
 import re
 import time
 from collections import Counter
@@ -58,7 +59,9 @@ def scan(log_filter, path):
     context = guard.get("entry_max_bytes", 1) + 1 if guard else 0
     try:
         with open(path, "rb", buffering=0) as stream:
-            for buffer, low, high, whole in _regions(stream, result, context):
+            regions = (_file_regions(stream.fileno(), result, context) if stream.seekable()
+                       else _regions(stream, result, context))
+            for buffer, low, high, whole in regions:
                 if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.fail2ban)
                     log_filter.scan_region(buffer, high, result, hosts)
                 elif log_filter.prefilter and _plain_region(buffer, whole):
@@ -73,6 +76,52 @@ def scan(log_filter, path):
         by_text[str(address)] = by_text.get(str(address), 0) + count
     result.hosts = by_text
     return result
+
+
+def _file_regions(fd, result, context):
+    """_regions() for a file that can be read at any offset: each slice is read
+    with its context (read twice, a few kB), so no slice is copied to join it."""
+    base = low = 0          # the file offsets of buffer[0] and of the first line to count
+    size = max(filters.READ_CHUNK_BYTES, 2 * context)
+    while True:
+        at, start = base, low - base
+        buffer = os.pread(fd, start + size, at)
+        end_of_file = len(buffer) < start + size
+        whole = max(buffer.rfind(b"\n") + 1, start)
+        high = whole
+        if not end_of_file and context:
+            high = buffer.rfind(b"\n", 0, max(0, whole - context)) + 1
+        tail = len(buffer) - whole     # a line still without its newline
+        if high <= start and not end_of_file and tail > MAX_LINE_BYTES:
+            high = whole               # count what precedes an over-long line now
+        if high > start:
+            yield buffer, start, high, whole
+            low, size = at + high, max(filters.READ_CHUNK_BYTES, 2 * context)
+            base = at + (buffer.rfind(b"\n", 0, max(0, high - context)) + 1 if context else high)
+        if end_of_file:
+            if tail > MAX_LINE_BYTES:
+                result.lines += 1
+                result.malformed += 1
+            elif tail:   # the last line, without its newline
+                last = buffer[base - at:] + b"\n"
+                yield last, low - base, len(last), len(last)
+            return
+        if tail > MAX_LINE_BYTES and high == whole:
+            # An over-long line: counted as malformed, and read on to its end.
+            skip = at + len(buffer)
+            while True:
+                piece = os.pread(fd, size, skip)
+                cut = piece.find(b"\n")
+                if cut >= 0 or not piece:
+                    break
+                skip += len(piece)
+            result.lines += 1
+            result.malformed += 1
+            if not piece:
+                return
+            base = low = skip + cut + 1
+        elif high <= start:
+            size *= 2   # lines too long for one slice with its context: a larger slice
 
 
 def _regions(stream, result, context):

@@ -7,6 +7,7 @@ over the same bytes: the same failures for the same hosts, the same forged
 lines dropped, wherever a slice boundary falls.
 """
 import ipaddress
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -166,3 +167,21 @@ def test_a_failure_is_the_tuple_the_ban_engine_reads():
     assert failure == Failure(host, name, None) and hash(failure) == hash(Failure(host, name))
     with pytest.raises(AttributeError):
         failure.host = None
+
+
+@pytest.mark.parametrize("chunk", [512, 5000])
+def test_a_log_read_from_a_pipe_counts_what_a_file_counts(tmp_path, chunk):
+    import threading
+    data = b"".join(PIECES) * 3 + b"y" * (MAX_LINE_BYTES + 5) + b"\n" + b"".join(PIECES) + PIECES[0][:-1]
+    log = tmp_path / "error.log"
+    log.write_bytes(data)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_bytes, args=(data,))
+    writer.start()
+    try:
+        from_pipe = scanned(NGINX_AUTH, pipe, chunk)
+    finally:
+        writer.join()
+    assert from_pipe == scanned(NGINX_AUTH, log, chunk)
+    assert from_pipe["malformed"] >= 1 and from_pipe["forged"] >= 1
