@@ -6,8 +6,15 @@ lines holding a prefilter token at C speed and never makes the others Python
 objects). Both inline the first rule's common case: the line matches it with a
 valid host; every other case goes through Filter.classify's own code.
 """
-from policyd.filters import (_FIND_WINDOW, _HOST_CACHE, MAX_LINE_BYTES, Failure, Outcome, _cached_parse_host,
-                             _holds_any, _RegexRule, search_token)
+import re
+from itertools import repeat
+from operator import sub
+
+from policyd.filters import (_HOST_CACHE, MAX_LINE_BYTES, Failure, Outcome, _cached_parse_host, _RegexRule,
+                             search_token)
+
+_Match = re.Match
+_after = (1).__add__   # the start of a line, from the newline before it (or -1)
 
 
 def classify_batch(log_filter, lines):
@@ -63,46 +70,82 @@ def classify_region(log_filter, buffer, low, high):
     """classify() of every line of buffer[low:high] (whole lines, no NUL byte), in
     bulk: ([(start, end, address)] of its failures, number of MALFORMED lines).
     The lines holding a prefilter token are found at C speed; no other line
-    becomes a Python object. The first rule's common case is inlined."""
-    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
-    fast = isinstance(first, _RegexRule) and not look
-    match = first.regex.match if fast else None
-    host_group = first.regex.groupindex["host"] if fast else 0
-    ignore, cache, host_of = log_filter._ignore, _HOST_CACHE, log_filter._candidate_host
-    find, rfind, malformed_outcome = buffer.find, buffer.rfind, Outcome.MALFORMED
-    failures, add, malformed = [], None, 0
-    add = failures.append
-    tokens = log_filter.prefilter
-    for number, token in enumerate(tokens):
-        earlier = tokens[:number]   # a line holding one of these was classified already
+    becomes a Python object. When every such line takes the first rule's
+    common case (it matches with a known good host, and no ignore regex can
+    match it), they are classified by C loops (map) alone; otherwise each
+    goes through the per-line code."""
+    starts = {}
+    find, rfind = buffer.find, buffer.rfind
+    for token in log_filter.prefilter:
+        hits, size = [], len(token)
         position = search_token(buffer, token, low, high)
         while position >= 0:
-            start = rfind(b"\n", 0, position) + 1
-            end = find(b"\n", position, high)
-            # The next hit is usually a few lines on: one window's plain find first.
-            position = find(token, end + 1, min(high, end + _FIND_WINDOW))
-            if position < 0 and end + _FIND_WINDOW < high:
-                position = search_token(buffer, token, end + _FIND_WINDOW - len(token) + 1, high)
-            line = buffer[start:end]
-            if earlier and _holds_any(line, earlier):
-                continue
-            if end - start > MAX_LINE_BYTES:
-                malformed += 1
-                continue
-            if fast:
-                found = match(line)
-                if found is not None:
-                    address = cache.get(found.group(host_group))
-                    if address is not None and address is not malformed_outcome:
-                        for required, skip in ignore:
-                            if required in line and skip(line):
-                                break
-                        else:
-                            add((start, end, address))
-                        continue
-            outcome = host_of(line)
-            if outcome is malformed_outcome:
-                malformed += 1
-            elif outcome is not Outcome.IGNORED:
-                add((start, end, outcome[0]))
+            hits.append(position)
+            if len(hits) == _DENSE:   # many more to come: the rest by one C loop
+                hits.extend(map(_Match.start, _literal(token).finditer(buffer, position + size, high)))
+                break
+            position = find(token, position + size, high)
+        if hits:   # their lines' starts, once each (a line may hold several tokens)
+            starts.update(dict.fromkeys(map(_after, map(rfind, repeat(b"\n"), repeat(0), hits))))
+    if not starts:
+        return [], 0
+    starts = list(starts)
+    ends = list(map(find, repeat(b"\n"), starts, repeat(high)))
+    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
+    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
+    if at_line is not None and max(map(sub, ends, starts)) <= MAX_LINE_BYTES:
+        matches = list(map(at_line, repeat(buffer), starts, ends))
+        if None not in matches:
+            addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches,
+                                                      repeat(first.regex.groupindex["host"]))))
+            seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
+            if (id(None) not in seen and id(Outcome.MALFORMED) not in seen
+                    and not any(max(map(find, repeat(required), starts, ends)) >= 0
+                                for required, _skip in log_filter._ignore)):
+                return list(zip(starts, ends, addresses)), 0
+    return _classify_lines(log_filter, starts, ends, list(map(buffer.__getitem__, map(slice, starts, ends))))
+
+
+_DENSE = 16
+_LITERALS = {}
+_AT_LINE = {}
+
+
+def _literal(token):
+    compiled = _LITERALS.get(token)
+    if compiled is None:
+        compiled = _LITERALS[token] = re.compile(re.escape(token))
+    return compiled
+
+
+def _at_line(regex):
+    """match(buffer, start, end) of `regex` on the line buffer[start:end], or None.
+
+    sre's ^ matches only at the real start of a buffer, so a rule's regex cannot
+    run at a line's offset as it is; its leading ^ made multi-line can (it then
+    matches after the newline before the line, as ^ at the start of the line
+    itself). With endpos the line's end is the end of the text for \\Z and $; only
+    a lookbehind could see before the line, so a regex with one is not changed.
+    """
+    if regex not in _AT_LINE:
+        source = regex.pattern
+        usable = (isinstance(source, bytes) and source.startswith(b"^") and b"(?<" not in source
+                  and not regex.flags & re.MULTILINE)
+        _AT_LINE[regex] = re.compile(b"(?m:^)" + source[1:], regex.flags).match if usable else None
+    return _AT_LINE[regex]
+
+
+def _classify_lines(log_filter, starts, ends, lines):
+    """classify_region()'s result, line by line (Filter._candidate_host)."""
+    failures, malformed = [], 0
+    host_of, malformed_outcome = log_filter._candidate_host, Outcome.MALFORMED
+    for start, end, line in zip(starts, ends, lines):
+        if end - start > MAX_LINE_BYTES:
+            malformed += 1
+            continue
+        outcome = host_of(line)
+        if outcome is malformed_outcome:
+            malformed += 1
+        elif outcome is not Outcome.IGNORED:
+            failures.append((start, end, outcome[0]))
     return failures, malformed

@@ -185,3 +185,27 @@ def test_a_log_read_from_a_pipe_counts_what_a_file_counts(tmp_path, chunk):
         writer.join()
     assert from_pipe == scanned(NGINX_AUTH, log, chunk)
     assert from_pipe["malformed"] >= 1 and from_pipe["forged"] >= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.one_of(st.lists(LINE_PARTS.filter(lambda p: p not in (b"\x00", b"\n")),
+                                         max_size=8).map(b"".join),
+                                st.sampled_from([p.rstrip(b"\n") for p in PIECES if b"\x00" not in p]),
+                                st.just(line(auth_failure(ATTACKER)).rstrip(b"\n"))), max_size=40),
+       head=st.integers(min_value=0, max_value=3))
+def test_classify_region_is_classify_line_by_line(lines, head):
+    buffer = b"x\n" * head + b"".join(part + b"\n" for part in lines)
+    starts, position = [], 2 * head
+    for part in buffer[2 * head:].split(b"\n")[:-1]:
+        starts.append(position)
+        position += len(part) + 1
+    expected_failures, expected_malformed = [], 0
+    for start in starts:
+        text = buffer[start:buffer.index(b"\n", start)]
+        outcome = NGINX_AUTH.classify(text)
+        if outcome is Outcome.MALFORMED:
+            expected_malformed += 1
+        elif isinstance(outcome, Failure):
+            expected_failures.append((start, start + len(text), outcome.host))
+    failures, malformed = NGINX_AUTH.classify_region(buffer, 2 * head, len(buffer))
+    assert (sorted(failures), malformed) == (expected_failures, expected_malformed)
