@@ -8,7 +8,7 @@ valid host; every other case goes through Filter.classify's own code.
 """
 import re
 from itertools import repeat
-from operator import sub
+from operator import contains, sub
 
 from policyd.filters import (_HOST_CACHE, MAX_LINE_BYTES, Failure, Outcome, _cached_parse_host, _RegexRule,
                              search_token)
@@ -74,23 +74,10 @@ def classify_region(log_filter, buffer, low, high):
     common case (it matches with a known good host, and no ignore regex can
     match it), they are classified by C loops (map) alone; otherwise each
     goes through the per-line code."""
-    starts = {}
-    find, rfind = buffer.find, buffer.rfind
-    for token in log_filter.prefilter:
-        hits, size = [], len(token)
-        position = search_token(buffer, token, low, high)
-        while position >= 0:
-            hits.append(position)
-            if len(hits) == _DENSE:   # many more to come: the rest by one C loop
-                hits.extend(map(_Match.start, _literal(token).finditer(buffer, position + size, high)))
-                break
-            position = find(token, position + size, high)
-        if hits:   # their lines' starts, once each (a line may hold several tokens)
-            starts.update(dict.fromkeys(map(_after, map(rfind, repeat(b"\n"), repeat(0), hits))))
+    starts, ends = _candidates(buffer, log_filter.prefilter, low, high)
     if not starts:
         return [], 0
-    starts = list(starts)
-    ends = list(map(find, repeat(b"\n"), starts, repeat(high)))
+    find = buffer.find
     first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
     at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
     if at_line is not None and max(map(sub, ends, starts)) <= MAX_LINE_BYTES:
@@ -104,6 +91,67 @@ def classify_region(log_filter, buffer, low, high):
                                 for required, _skip in log_filter._ignore)):
                 return list(zip(starts, ends, addresses)), 0
     return _classify_lines(log_filter, starts, ends, list(map(buffer.__getitem__, map(slice, starts, ends))))
+
+
+def failures_in_lines(log_filter, lines):
+    """The daemon's common case in C loops: (offsets, failures) of the failure lines
+    of `lines`, the offsets being where each starts in b"\\n".join(lines), in log
+    order; or None when any line of the slice is unusual (a NUL byte, an over-long
+    line, a candidate the first rule does not take, a bad host, a possible ignore
+    match), and classify_batch() must judge it line by line."""
+    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
+    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
+    if at_line is None or not lines or max(map(len, lines)) > MAX_LINE_BYTES:
+        return None
+    buffer = b"\n".join(lines) + b"\n"
+    if b"\x00" in buffer or any(map(contains, lines, repeat(b"\n"))):
+        return None
+    starts, ends = _candidates(buffer, log_filter.prefilter, 0, len(buffer))
+    if not starts:
+        return [], []
+    matches = list(map(at_line, repeat(buffer), starts, ends))
+    if None in matches or any(max(map(buffer.find, repeat(required), starts, ends)) >= 0
+                              for required, _skip in log_filter._ignore):
+        return None
+    groups = first.regex.groupindex
+    addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches, repeat(groups["host"]))))
+    seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
+    if id(None) in seen:
+        for number, address in enumerate(addresses):
+            if address is None:
+                addresses[number] = _cached_parse_host(matches[number].group(groups["host"]))
+        seen = set(map(id, addresses))
+    if id(None) in seen or id(Outcome.MALFORMED) in seen:
+        return None
+    parse_time = first.time_parser
+    if parse_time is None:
+        times = repeat(None)
+    else:
+        raw = list(map(_Match.group, matches, repeat(groups["time"])))
+        times = list(map(parse_time.texts.get, raw))
+        for number, when in enumerate(times):
+            if when is None and raw[number] is not None:
+                times[number] = parse_time(raw[number])
+    return starts, list(map(tuple.__new__, repeat(Failure), zip(addresses, repeat(log_filter.name), times)))
+
+
+def _candidates(buffer, tokens, low, high):
+    """Sorted starts and ends of the lines of buffer[low:high] holding a token."""
+    starts = {}
+    find, rfind = buffer.find, buffer.rfind
+    for token in tokens:
+        hits, size = [], len(token)
+        position = search_token(buffer, token, low, high)
+        while position >= 0:
+            hits.append(position)
+            if len(hits) == _DENSE:   # many more to come: the rest by one C loop
+                hits.extend(map(_Match.start, _literal(token).finditer(buffer, position + size, high)))
+                break
+            position = find(token, position + size, high)
+        if hits:   # their lines' starts, once each (a line may hold several tokens)
+            starts.update(dict.fromkeys(map(_after, map(rfind, repeat(b"\n"), repeat(0), hits))))
+    starts = sorted(starts)
+    return starts, list(map(find, repeat(b"\n"), starts, repeat(high)))
 
 
 _DENSE = 16

@@ -8,11 +8,14 @@ their `guard` key; see filters/README.md for what each kind guarantees.
 """
 import re
 import time
+from bisect import bisect_left
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, count
+from operator import add
 from urllib.parse import unquote_to_bytes
 
-from policyd.filters import Failure, Outcome, _cached_parse_host
+from policyd.filterbulk import failures_in_lines
+from policyd.filters import Failure, Filter, Outcome, _cached_parse_host
 
 # A failure read while its write may be incomplete waits this long for the rest.
 HOLD_SECONDS = 1.0
@@ -237,8 +240,24 @@ class NginxErrorJudge(PlainJudge):
     def _classify_each(self, lines, results):
         """The common case, nothing in the batch could end a forging write: classify only."""
         position, index, recent = self._position, self._index, self._recent
-        found = _classify_batch(self.filter, lines)
         end = position + sum(map(len, lines)) + len(lines)
+        fast = failures_in_lines(self.filter, lines) if isinstance(self.filter, Filter) else None
+        if fast is not None:
+            offsets, failures = fast
+            # No line still to come can drop or hold a failure before the batch's last write.
+            keep = 0 if self.every_line else bisect_left(offsets, end - self.max_bytes - position)
+            results.extend(failures[:keep])
+            if keep < len(offsets):
+                line_starts = list(map(add, accumulate(map(len, lines), initial=0), count()))
+                for number in range(keep, len(offsets)):
+                    line = bisect_left(line_starts, offsets[number])
+                    start = position + offsets[number]
+                    entry = _Line(index + line, start, start + len(lines[line]), failures[number])
+                    recent.append(entry)
+                    results.append(entry)
+            found = ()
+        else:
+            found = _classify_batch(self.filter, lines)
         if found:
             # Where each line starts, summed at C speed: only failures need it.
             before = list(accumulate(map(len, lines), initial=position))
