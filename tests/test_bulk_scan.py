@@ -209,3 +209,38 @@ def test_classify_region_is_classify_line_by_line(lines, head):
             expected_failures.append((start, start + len(text), outcome.host))
     failures, malformed = NGINX_AUTH.classify_region(buffer, 2 * head, len(buffer))
     assert (sorted(failures), malformed) == (expected_failures, expected_malformed)
+
+
+CLEAN = [line(auth_failure(host, connection=n)).rstrip(b"\n") for n, host in
+         enumerate([ATTACKER, VICTIM, "2001:db8::7", "::ffff:192.0.2.13"])] + [b"", b"other text"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.one_of(st.sampled_from(CLEAN), st.lists(LINE_PARTS, max_size=6).map(b"".join)),
+                      max_size=30))
+def test_the_daemons_c_loop_path_is_classify_line_by_line(lines):
+    from policyd.filterbulk import failures_in_lines
+    expected, offset = [], 0
+    for text in lines:
+        outcome = NGINX_AUTH.classify(text)
+        if outcome is not Outcome.IGNORED:
+            expected.append((offset, outcome, getattr(outcome, "time", None)))
+        offset += len(text) + 1
+    fast = failures_in_lines(NGINX_AUTH, lines)
+    if all(text in CLEAN for text in lines):
+        assert fast is not None   # the common case takes the C loops
+    if fast is not None:
+        offsets, failures = fast
+        assert [(o, f, f.time) for o, f in zip(offsets, failures)] == expected
+
+
+def test_a_slice_read_in_two_keeps_only_its_last_write_droppable():
+    judge = judge_for(NGINX_AUTH)
+    lines = [line(auth_failure(ATTACKER, connection=n)).rstrip(b"\n") for n in range(40)]
+    decoded, raw = forging("/\n" + auth_failure(VICTIM) + "\n")
+    forged = nginx_404(decoded, raw).split(b"\n")[:-1]
+    first = judge.judge(lines + forged[:1], mid_write=True)
+    second = judge.judge(forged[1:], mid_write=False)
+    everything = first + second
+    assert [f.host for f in everything if isinstance(f, Failure)] == [ipaddress.ip_address(ATTACKER)] * 40
+    assert [f.sender for f in everything if isinstance(f, Forgery)] == [ipaddress.ip_address(ATTACKER)]
