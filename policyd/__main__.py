@@ -1,5 +1,13 @@
-"""Entry point for `python3 -m policyd`."""
+"""Entry point for `python3 -m policyd` and the `policyd` command."""
+import sys
 
-from policyd.cli import main
 
-main()
+def main():
+    from policyd.testfilter import quick
+    if not quick(sys.argv[1:]):
+        from policyd.cli import main as cli
+        cli()
+
+
+if __name__ == "__main__":
+    main()

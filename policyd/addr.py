@@ -5,7 +5,7 @@ anything that is not exactly one address is refused rather than guessed at.
 """
 import ipaddress
 import re
-import socket
+import _socket as socket  # the C module: socket.py builds enums at import, a cost to every command
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -47,17 +47,8 @@ def test_filter(filter_name, logfile, as_json, mode):
     """Run FILTER over LOGFILE offline: lines, matches, hosts, time.
 
     FILTER is a policyd filter name or file, or fail2ban:NAME (filter.d/NAME.conf)."""
-    from policyd import filters
-    result = filters.scan(filters.load_filter(filter_name, mode=mode), logfile).to_json()
-    if as_json:
-        click.echo(json.dumps(result, sort_keys=True))
-        return
-    click.echo(f"{result['file']}: {result['lines']} lines, {result['matched']} matched, "
-               f"{result['ignored']} ignored, {result['malformed']} malformed, "
-               f"{len(result['hosts'])} hosts, {result['seconds']:.3f}s "
-               f"({result['lines_per_second']:.0f} lines/s)")
-    for host, count in sorted(result["hosts"].items(), key=lambda kv: -kv[1])[:20]:
-        click.echo(f"  {count:8d}  {host}")
+    from policyd import testfilter  # policyd.__main__ runs its plain forms without click
+    testfilter.run(filter_name, logfile, as_json, mode, click.echo)
 
 
 @main.command("import-fail2ban")

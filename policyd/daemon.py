@@ -25,7 +25,7 @@ from policyd.chores import Chores, PolicyUpkeep, give_back_memory
 from policyd.compile import compile_policy
 from policyd.errors import InputError, KernelError, PolicydError
 from policyd.filters import Outcome
-from policyd.guard import Forgery
+from policyd.guard import failures_from
 from policyd.journal import JournalSource
 from policyd.listsync import ListSync
 from policyd.lists import cidr_text as network_text
@@ -390,18 +390,12 @@ class Daemon:
             return [], False
         if lines:
             self.metrics.log_lines.labels(log=source.path).inc(len(lines))
-        failures = []
-        malformed = 0
-        for outcome in source.judge.judge(lines, source.follower.mid_write):
-            if outcome is Outcome.MALFORMED:
-                malformed += 1
-            elif isinstance(outcome, Forgery):
-                if self._forged(source, outcome):
-                    failure = outcome.failure()
-                    failures.append((failure.host, failure.filter, failure.time))
-            else:
-                source.matched += 1
-                failures.append((outcome.host, outcome.filter, outcome.time))
+        failures, malformed, forgeries = failures_from(source.judge, lines, source.follower.mid_write)
+        source.matched += len(failures)
+        made = [(before, forgery.failure()) for before, forgery in forgeries
+                if self._forged(source, forgery)]
+        for before, failure in reversed(made):   # each where the log has it
+            failures.insert(before, failure)
         self._count_outcomes(source, failures, malformed)
         return failures, len(lines) >= READ_SLICE_LINES
 

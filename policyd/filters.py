@@ -1,62 +1,40 @@
 """Log filters: which raw log line is an authentication failure, and from whom.
 
-Owns the filter file format (filters/NAME.yaml), the classification of one raw
-log line (bytes) into Failure / IGNORED / MALFORMED, and the offline scan behind
-`policyd test-filter`.
-
-Filter file format (YAML mapping; unknown keys are errors):
-
-    description: free text
-    rules:                      # tried in order; the first rule that matches wins
-      - contains: ["password mismatch", "was not found in"]
-        regex: '^(?P<time>\\d{4}/\\d\\d/\\d\\d \\d\\d:\\d\\d:\\d\\d) ... client: (?P<host>[0-9A-Fa-f:.]+), server: '
-        time_format: '%Y/%m/%d %H:%M:%S'   # for the group `time` (or json.time); see policyd.logtime
-      - contains: ['"status":401']
-        json:
-          match: {status: 401}              # dotted path -> value (or list of values)
-          match_regex: {msg: '^Unsuccessful '}  # dotted path -> anchored regex on a string
-          host: [request.client_ip, request.remote_ip]  # first path that is present
-          present: [request.headers.Authorization]      # path must exist
-          nonempty: [ClientUsername]        # path must exist and not be "", "-", [], {}
-          time: StartUTC                    # the line's own time, read with time_format
-    ignore:                     # anchored regexes; a matching line is never a failure
-      - '^\\S+ \\S+ \\[info\\] .* no user/password was provided'
-    guard:                      # how a request could write a line into this log: policyd.guard
-      kind: nginx-error         # or `continuation` with `whole` and `sender` regexes
+Owns the classification of one raw log line (bytes) into Failure / IGNORED /
+MALFORMED; loading filter files is policyd.filterfile's (load_filter is
+re-exported here), the offline scan policyd.scan's.
 
 `contains` is the speed trick: a line that holds none of the listed substrings is
-IGNORED without running the regex or parsing JSON. `regex` must start with `^`
-and have a named group `host`; it runs on bytes, only the host is decoded and
-passed to policyd.addr.parse_host. A host that is not exactly one address makes
-the line MALFORMED, never a ban. Lines over MAX_LINE_BYTES, lines with NUL bytes,
-candidate JSON lines that do not parse as a JSON object, and candidate text lines
-that match no rule and are not UTF-8 are MALFORMED.
+IGNORED without running the regex or parsing JSON. A rule's `regex` runs on
+bytes, only the host is decoded and passed to policyd.addr.parse_host. A host
+that is not exactly one address makes the line MALFORMED, never a ban. Lines over
+MAX_LINE_BYTES, lines with NUL bytes, candidate JSON lines that do not parse as a
+JSON object, and candidate text lines that match no rule and are not UTF-8 are
+MALFORMED.
 """
 import enum
 import json
 import re
-import time
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
-
-import yaml
-from yaml.constructor import SafeConstructor
+from operator import itemgetter
+from ipaddress import IPv4Address, IPv6Address  # noqa: F401 (the types a Failure's host has)
 
 from policyd.addr import parse_host
-from policyd.errors import InputError
-from policyd.logtime import TimeParser, valid_format
 
 MAX_LINE_BYTES = 64 * 1024
-READ_CHUNK_BYTES = 4 * 1024 * 1024
-DEFAULT_SEARCH_DIRS = (
-    Path(__file__).resolve().parent.parent / "filters",
-    Path("/usr/share/policyd/filters"),
-    Path("/etc/policyd/filters"),
-)
-_NEWLINE = re.compile(b"\n")
-_FILTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+READ_CHUNK_BYTES = 256 * 1024   # policyd.scan reads the log in slices of this size (in cache)
 _EMPTY_VALUES = (None, "", "-")
+
+
+def load_filter(name_or_path, search_dirs=None, mode=None, journal=False, cache=False):
+    """policyd.filterfile.load_filter (the YAML machinery is imported on first use)."""
+    from policyd.filterfile import load_filter as load
+    return load(name_or_path, search_dirs=search_dirs, mode=mode, journal=journal, cache=cache)
+
+
+def scan(log_filter, path):
+    """policyd.scan.scan: run `log_filter` over the file at `path`, offline."""
+    from policyd.scan import scan as scan_file
+    return scan_file(log_filter, path)
 
 
 class Outcome(enum.Enum):
@@ -64,12 +42,37 @@ class Outcome(enum.Enum):
     MALFORMED = "malformed"
 
 
-@dataclass(frozen=True)
-class Failure:
-    host: IPv4Address | IPv6Address
-    filter: str
-    # Unix seconds the line carries (None: none readable); not part of a failure's identity.
-    time: float | None = field(default=None, compare=False)
+class Failure(tuple):
+    """One failure, the tuple (host, filter, time) the ban engine reads: the host and
+    the filter that saw it are its identity; time, the Unix seconds the line carries
+    (None: none readable), is not part of it."""
+
+    __slots__ = ()
+
+    def __new__(cls, host, filter, time=None):   # noqa: A002 (the field's name)
+        return tuple.__new__(cls, (host, filter, time))
+
+    host = property(itemgetter(0))
+    filter = property(itemgetter(1))
+    time = property(itemgetter(2))
+
+    def __eq__(self, other):
+        if isinstance(other, Failure):
+            return self[0] == other[0] and self[1] == other[1]
+        return NotImplemented
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self):
+        return hash((self[0], self[1]))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    def __repr__(self):
+        return f"Failure(host={self[0]!r}, filter={self[1]!r}, time={self[2]!r})"
 
 
 class _RegexRule:
@@ -166,14 +169,14 @@ def _lookup(record, path):
     return value
 
 
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})\Z")
+_HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})\Z"   # compiled (and cached) by re on use
 
 
 def _parse_host_maybe_port(text):
     """An address, or `ipv4:port` / `[ipv6]:port` as Go's RemoteAddr writes it."""
     address = parse_host(text)
     if address is None:
-        with_port = _HOST_PORT.match(text)
+        with_port = re.match(_HOST_PORT, text)
         if with_port and int(with_port.group(2)) <= 65535:
             address = parse_host(with_port.group(1))
     return address
@@ -188,6 +191,8 @@ class Filter:
         self.ignore = tuple(ignore)
         self.source = source
         self.guard = guard  # dict from the `guard` key, read by policyd.guard; None: no guard
+        # An ignore regex runs on every failure line: first the text it cannot match without.
+        self._ignore = tuple((_required_text(pattern), pattern.match) for pattern in self.ignore)
         tokens = []
         for rule in self.rules:
             tokens.extend(t for t in rule.contains if t not in tokens)
@@ -220,6 +225,18 @@ class Filter:
         address, rule, raw_time = outcome
         return Failure(address, self.name, rule.time_parser(raw_time) if raw_time is not None else None)
 
+    def classify_batch(self, lines):
+        """[(index, outcome)] of classify(line) for each of `lines` that is not
+        IGNORED, in bulk (policyd.filterbulk): the daemon's form."""
+        from policyd.filterbulk import classify_batch
+        return classify_batch(self, lines)
+
+    def classify_region(self, buffer, low, high):
+        """classify() of every line of buffer[low:high] in bulk (policyd.filterbulk):
+        ([(start, end, address)] of its failures, number of MALFORMED lines)."""
+        from policyd.filterbulk import classify_region
+        return classify_region(self, buffer, low, high)
+
     def _candidate_host(self, line):
         """(host, time) of a failing line that passed the prefilter, or an Outcome."""
         malformed = False
@@ -232,13 +249,35 @@ class Filter:
             if result is Outcome.MALFORMED:
                 malformed = True
                 continue
-            for pattern in self.ignore:
-                if pattern.match(line):
+            for required, match in self._ignore:
+                if required in line and match(line):
                     return Outcome.IGNORED
             return result[0], rule, result[1]
         if malformed or b"\x00" in line or not _is_utf8(line):
             return Outcome.MALFORMED
         return Outcome.IGNORED
+
+
+def _required_text(pattern):
+    """The longest run of bytes every match of the compiled bytes `pattern` holds
+    (b"" when none can be shown): its top-level literals, which a match of the
+    whole sequence always contains, in a pattern without case folding."""
+    try:
+        from re import _parser
+        parsed = _parser.parse(pattern.pattern, pattern.flags)
+    except Exception:   # another Python's parser: no shortcut, the regex decides
+        return b""
+    if not isinstance(pattern.pattern, bytes) or parsed.state.flags & (re.IGNORECASE | re.LOCALE):
+        return b""
+    best, run = b"", bytearray()
+    for op, value in list(parsed.data) + [(None, None)]:
+        if op is _parser.LITERAL:
+            run.append(value)
+            continue
+        if len(run) > len(best):
+            best = bytes(run)
+        run.clear()
+    return best
 
 
 def _holds_any(line, tokens):
@@ -256,311 +295,27 @@ def _is_utf8(line):
     return True
 
 
-# ---------------------------------------------------------------- loading
-
-_TOP_KEYS = {"description", "rules", "ignore", "guard"}
-_RULE_KEYS = {"contains", "regex", "json", "time_format"}
-_JSON_KEYS = {"match", "match_regex", "host", "present", "nonempty", "time"}
-_GUARD_KEYS = {"kind", "entry_max_bytes", "whole", "sender"}
-GUARD_KINDS = ("nginx-error", "continuation")
+# Below this many bytes str.find runs its simple skip loop, which beats the
+# two-way search it picks for longer haystacks by about 2x on log text.
+_FIND_WINDOW = 20000
 
 
-def load_filter(name_or_path, search_dirs=None, mode=None, journal=False):
-    """Load a filter by bare name (searched in search_dirs) or by path;
-    `fail2ban:NAME` or a .conf path loads a fail2ban filter.d filter."""
-    text = str(name_or_path)
-    if text.startswith("fail2ban:") or text.endswith(".conf"):
-        from policyd.fail2ban.engine import load
-        return load(text.removeprefix("fail2ban:"), mode=mode, journal=journal)
-    if mode is not None:
-        raise InputError(f"filter {text!r} has no modes (only fail2ban filters do)", key="mode")
-    if "/" in text or text.endswith(".yaml"):
-        return _load_file(Path(text))
-    if not _FILTER_NAME.match(text):
-        raise InputError(f"invalid filter name {text!r}", key="filter")
-    dirs = DEFAULT_SEARCH_DIRS if search_dirs is None else search_dirs
-    for directory in dirs:
-        candidate = Path(directory) / f"{text}.yaml"
-        if candidate.is_file():
-            return _load_file(candidate)
-    searched = ", ".join(str(d) for d in dirs)
-    raise InputError(f"unknown filter {text!r} (searched {searched})", key="filter")
-
-
-def _load_file(path):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read filter: {error}", file=path) from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise InputError(f"invalid YAML: {getattr(error, 'problem', error)}", file=path,
-                         line=mark.line + 1 if mark else None) from None
-    loader = _Loader(path)
-    if root is None:
-        raise InputError("empty filter file", file=path)
-    top = loader.mapping(root, _TOP_KEYS, "filter")
-    if "rules" not in top:
-        raise InputError("missing key", file=path, line=root.start_mark.line + 1, key="rules")
-    rules_node = top["rules"]
-    rule_nodes = loader.sequence(rules_node, "rules")
-    if not rule_nodes:
-        loader.fail(rules_node, "rules", "at least one rule is required")
-    rules = [loader.rule(node, f"rules[{i}]") for i, node in enumerate(rule_nodes)]
-    ignore = []
-    if "ignore" in top:
-        for i, node in enumerate(loader.sequence(top["ignore"], "ignore")):
-            ignore.append(loader.regex(node, f"ignore[{i}]", need_host=False))
-    if "description" in top:
-        loader.string(top["description"], "description")
-    guard = loader.guard(top["guard"]) if "guard" in top else None
-    return Filter(path.stem, rules, ignore, source=path, guard=guard)
-
-
-class _Loader:
-    """Turns composed YAML nodes into rules, failing with file:line: key."""
-
-    def __init__(self, path):
-        self.path = path
-        self.constructor = SafeConstructor()
-
-    def fail(self, node, key, message):
-        raise InputError(message, file=self.path, line=node.start_mark.line + 1, key=key)
-
-    def mapping(self, node, allowed, key):
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(node, key, "must be a mapping")
-        result = {}
-        for key_node, value_node in node.value:
-            name = self.value(key_node)
-            where = f"{key}.{name}" if key != "filter" else str(name)
-            if not isinstance(name, str):
-                self.fail(key_node, where, "keys must be strings")
-            if allowed is not None and name not in allowed:
-                self.fail(key_node, where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-            if name in result:
-                self.fail(key_node, where, "duplicate key")
-            result[name] = value_node
-        return result
-
-    def sequence(self, node, key):
-        if not isinstance(node, yaml.SequenceNode):
-            self.fail(node, key, "must be a list")
-        return node.value
-
-    def value(self, node):
-        return self.constructor.construct_object(node, deep=True)
-
-    def string(self, node, key):
-        value = self.value(node) if isinstance(node, yaml.ScalarNode) else None
-        if not isinstance(value, str) or not value:
-            self.fail(node, key, "must be a non-empty string")
-        return value
-
-    def strings(self, node, key):
-        return [self.string(n, f"{key}[{i}]") for i, n in enumerate(self.sequence(node, key))]
-
-    def regex(self, node, key, need_host, as_bytes=True):
-        pattern = self.string(node, key)
-        if not pattern.startswith(("^", r"\A")):
-            self.fail(node, key, "regex must be anchored with ^ (an unanchored regex lets log "
-                                 "text an attacker wrote choose the host)")
-        try:
-            compiled = re.compile(pattern.encode("utf-8") if as_bytes else pattern)
-        except re.error as error:
-            self.fail(node, key, f"bad regex: {error}")
-        if need_host and "host" not in compiled.groupindex:
-            self.fail(node, key, "regex needs a named group (?P<host>...)")
-        return compiled
-
-    def rule(self, node, key):
-        fields = self.mapping(node, _RULE_KEYS, key)
-        contains = ()
-        if "contains" in fields:
-            contains = tuple(s.encode("utf-8") for s in self.strings(fields["contains"], f"{key}.contains"))
-        if ("regex" in fields) == ("json" in fields):
-            self.fail(node, key, "a rule needs exactly one of `regex` or `json`")
-        time_parser = None
-        if "time_format" in fields:
-            time_format = self.string(fields["time_format"], f"{key}.time_format")
-            problem = valid_format(time_format)
-            if problem:
-                self.fail(fields["time_format"], f"{key}.time_format", problem)
-            time_parser = TimeParser(time_format)
-        if "regex" in fields:
-            regex = self.regex(fields["regex"], f"{key}.regex", need_host=True)
-            if ("time" in regex.groupindex) != (time_parser is not None):
-                self.fail(fields["regex"], f"{key}.regex",
-                          "a named group (?P<time>...) and time_format go together")
-            return _RegexRule(regex, contains, time_parser)
-        return self.json_rule(fields["json"], f"{key}.json", contains, time_parser)
-
-    def guard(self, node):
-        fields = self.mapping(node, _GUARD_KEYS, "guard")
-        if "kind" not in fields:
-            self.fail(node, "guard.kind", "missing key")
-        kind = self.string(fields["kind"], "guard.kind")
-        if kind not in GUARD_KINDS:
-            self.fail(fields["kind"], "guard.kind", f"must be one of {', '.join(GUARD_KINDS)}")
-        guard = {"kind": kind}
-        if kind == "nginx-error":
-            size = self.value(fields["entry_max_bytes"]) if "entry_max_bytes" in fields else 2048
-            if type(size) is not int or not 256 <= size <= 1 << 20:
-                self.fail(fields.get("entry_max_bytes", node), "guard.entry_max_bytes",
-                          "must be an integer from 256 to 1048576 (nginx's NGX_MAX_ERROR_STR)")
-            guard["entry_max_bytes"] = size
-            unused = {"whole", "sender"} & set(fields)
-        else:
-            for name in ("whole", "sender"):
-                if name not in fields:
-                    self.fail(node, f"guard.{name}", "missing key (a continuation guard needs it)")
-            guard["whole"] = self.regex_any(fields["whole"], "guard.whole")
-            guard["sender"] = self.regex(fields["sender"], "guard.sender", need_host=True)
-            unused = {"entry_max_bytes"} & set(fields)
-        if unused:
-            name = sorted(unused)[0]
-            self.fail(fields[name], f"guard.{name}", f"not used by kind {kind}")
-        return guard
-
-    def regex_any(self, node, key):
-        """An unanchored regex (searched, not matched), compiled for bytes."""
-        pattern = self.string(node, key)
-        try:
-            return re.compile(pattern.encode("utf-8"))
-        except re.error as error:
-            self.fail(node, key, f"bad regex: {error}")
-
-    def json_rule(self, node, key, contains, time_parser=None):
-        fields = self.mapping(node, _JSON_KEYS, key)
-        if "host" not in fields:
-            self.fail(node, f"{key}.host", "missing key: a JSON rule needs host paths")
-        hosts = [_path(p) for p in self.strings(fields["host"], f"{key}.host")]
-        if not hosts:
-            self.fail(fields["host"], f"{key}.host", "at least one host path is required")
-        match = []
-        if "match" in fields:
-            for name, value_node in self.mapping(fields["match"], None, f"{key}.match").items():
-                value = self.value(value_node)
-                wanted = value if isinstance(value, list) else [value]
-                if not wanted or not all(isinstance(w, (str, int, float, bool)) for w in wanted):
-                    self.fail(value_node, f"{key}.match.{name}", "must be a scalar or a list of scalars")
-                match.append((_path(name), tuple(wanted)))
-        match_regex = []
-        if "match_regex" in fields:
-            for name, value_node in self.mapping(fields["match_regex"], None, f"{key}.match_regex").items():
-                pattern = self.regex(value_node, f"{key}.match_regex.{name}", need_host=False, as_bytes=False)
-                match_regex.append((_path(name), pattern))
-        present = ([_path(p) for p in self.strings(fields["present"], f"{key}.present")]
-                   if "present" in fields else [])
-        nonempty = ([_path(p) for p in self.strings(fields["nonempty"], f"{key}.nonempty")]
-                    if "nonempty" in fields else [])
-        time_path = _path(self.string(fields["time"], f"{key}.time")) if "time" in fields else None
-        if (time_path is None) != (time_parser is None):
-            self.fail(node, f"{key}.time", "json.time and the rule's time_format go together")
-        return _JsonRule(contains, match, match_regex, hosts, present, nonempty, time_path, time_parser)
-
-
-def _path(dotted):
-    return tuple(dotted.split("."))
-
-
-# ---------------------------------------------------------------- offline scan
-
-@dataclass
-class ScanResult:
-    filter: str
-    file: str
-    lines: int = 0
-    matched: int = 0
-    ignored: int = 0
-    malformed: int = 0
-    forged: int = 0     # failure lines a request wrote into another entry (policyd.guard)
-    hosts: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def lines_per_second(self):
-        return self.lines / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self):
-        """The stable `test-filter --json` object (a dict ready for json.dumps)."""
-        return {
-            "lines": self.lines,
-            "matched": self.matched,
-            "ignored": self.ignored,
-            "malformed": self.malformed,
-            "forged": self.forged,
-            "hosts": dict(sorted(self.hosts.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "seconds": round(self.seconds, 6),
-            "lines_per_second": round(self.lines_per_second, 1),
-            "filter": self.filter,
-            "file": self.file,
-        }
-
-
-def scan(log_filter, path):
-    """Run `log_filter` over the file at `path`, counting outcomes per line."""
-    result = ScanResult(filter=log_filter.name, file=str(path))
-    hosts = {}
-    started = time.perf_counter()
-    try:
-        with open(path, "rb") as stream:
-            for buffer, end in _line_regions(stream, result):
-                if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.fail2ban)
-                    log_filter.scan_region(buffer, end, result, hosts)
-                elif log_filter.prefilter and _plain_region(buffer, end):
-                    _scan_region(log_filter, buffer, end, result, hosts)
-                else:
-                    lines = buffer[:end].split(b"\n")
-                    if lines[-1] == b"":
-                        lines.pop()
-                    _scan_lines(log_filter, lines, result, hosts)
-    except OSError as error:
-        raise InputError(f"cannot read log: {error.strerror}", file=path) from None
-    result.seconds = time.perf_counter() - started
-    by_text = {}
-    for address, count in hosts.values():
-        by_text[str(address)] = by_text.get(str(address), 0) + count
-    result.hosts = by_text
-    return result
-
-
-def _line_regions(stream, result):
-    """Yield (buffer, end): buffer[:end] is whole lines, each ending in a newline.
-
-    A line longer than MAX_LINE_BYTES is counted as malformed here and its
-    bytes are dropped as they arrive, so memory stays bounded.
-    """
-    pending = b""
-    skipping = False  # inside a line already counted as over-long
-    while True:
-        chunk = stream.read(READ_CHUNK_BYTES)
-        if not chunk:
-            break
-        if skipping:
-            cut = chunk.find(b"\n")
-            if cut < 0:
-                continue
-            chunk = chunk[cut + 1:]
-            skipping = False
-        buffer = pending + chunk if pending else chunk
-        end = buffer.rfind(b"\n") + 1
-        pending = buffer[end:]
-        if len(pending) > MAX_LINE_BYTES:
-            result.lines += 1
-            result.malformed += 1
-            pending = b""
-            skipping = True
-        if end:
-            yield buffer, end
-    if pending:
-        yield pending + b"\n", len(pending) + 1
+def search_token(buffer, token, start, end):
+    """buffer.find(token, start, end), in windows of _FIND_WINDOW bytes."""
+    over = len(token) - 1
+    while start < end:
+        stop = start + _FIND_WINDOW
+        if stop + over >= end:
+            return buffer.find(token, start, end)
+        found = buffer.find(token, start, stop + over)
+        if found >= 0:
+            return found
+        start = stop
+    return -1
 
 
 def _plain_region(buffer, end):
-    """True if the region has no NUL byte and no line near MAX_LINE_BYTES.
+    """True if buffer[:end] has no NUL byte and no line near MAX_LINE_BYTES.
 
     Such regions take the fast path; the check is conservative (a line of
     half the limit already sends the region down the per-line path).
@@ -574,77 +329,18 @@ def _plain_region(buffer, end):
     return True
 
 
-def lines_holding(buffer, end, tokens):
-    """{(start, end)} of the whole lines of buffer[:end] that hold any of `tokens`:
+def lines_holding(buffer, end, tokens, low=0):
+    """{(start, end)} of the whole lines of buffer[low:end] that hold any of `tokens`:
     found at C speed, without a Python object for any other line."""
     spans = set()
+    add, find, rfind = spans.add, buffer.find, buffer.rfind
     for token in tokens:
-        position = buffer.find(token, 0, end)
+        position = search_token(buffer, token, low, end)
         while position >= 0:
-            start = buffer.rfind(b"\n", 0, position) + 1
-            stop = buffer.find(b"\n", position, end)
-            spans.add((start, stop))
-            position = buffer.find(token, stop + 1, end)
+            stop = find(b"\n", position, end)
+            add((rfind(b"\n", 0, position) + 1, stop))
+            # The next hit is usually a few lines on: one window's plain find first.
+            position = find(token, stop + 1, min(end, stop + _FIND_WINDOW))
+            if position < 0 and stop + _FIND_WINDOW < end:
+                position = search_token(buffer, token, stop + _FIND_WINDOW - len(token) + 1, end)
     return spans
-
-
-def _scan_region(log_filter, buffer, end, result, hosts):
-    # The speed trick: search the whole region for the prefilter tokens at C
-    # speed and cut out only the lines around a hit; every other line is
-    # counted as ignored without ever becoming a Python object.
-    # sre's literal search beats bytes.count's byte loop by 2x on a 4 MB region.
-    line_count = len(_NEWLINE.findall(buffer, 0, end))
-    candidates = lines_holding(buffer, end, log_filter.prefilter)
-    matched = malformed = forged = 0
-    host_of = log_filter._candidate_host
-    region_judge = None
-    if log_filter.guard:
-        from policyd.guard import RegionJudge  # guard builds on this module
-        region_judge = RegionJudge(log_filter, buffer, end, candidates)
-    for line_start, line_end in candidates:
-        line = buffer[line_start:line_end]
-        if len(line) > MAX_LINE_BYTES:
-            malformed += 1
-            continue
-        outcome = host_of(line)
-        if outcome is Outcome.IGNORED:
-            continue
-        if outcome is Outcome.MALFORMED:
-            malformed += 1
-            continue
-        if region_judge is not None and region_judge.drops(line_start, line_end):
-            forged += 1
-            continue
-        matched += 1
-        # Keyed by the (cached, kept alive) address object's id: hashing an
-        # ipaddress object is slow Python code, and this runs once per failure.
-        counted = hosts.get(id(outcome[0]))
-        if counted is None:
-            hosts[id(outcome[0])] = [outcome[0], 1]
-        else:
-            counted[1] += 1
-    result.lines += line_count
-    result.matched += matched
-    result.malformed += malformed
-    result.forged += forged
-    result.ignored += line_count - matched - malformed - forged
-
-
-def _scan_lines(log_filter, lines, result, hosts):
-    """The per-line path, for regions with NUL bytes or very long lines."""
-    from policyd.guard import Forgery, judge_for
-    counted = 0
-    for outcome in judge_for(log_filter).judge(lines):
-        if isinstance(outcome, Forgery):
-            result.forged += outcome.dropped
-            counted += outcome.dropped
-        elif outcome is Outcome.MALFORMED:
-            result.malformed += 1
-            counted += 1
-        else:
-            result.matched += 1
-            counted += 1
-            tally = hosts.setdefault(id(outcome.host), [outcome.host, 0])
-            tally[1] += 1
-    result.ignored += len(lines) - counted
-    result.lines += len(lines)

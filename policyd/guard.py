@@ -3,44 +3,76 @@
 Owns the judgement between a filter and the ban engine: which failure lines a
 request wrote into another entry (dropped, and counted against the request's
 real sender when that can be read), holding failures while a write may still
-be arriving, and the same judgement for the offline scan. Filters opt in with
+be arriving (policyd.guardscan applies it to the offline scan). Filters opt in with
 their `guard` key; see filters/README.md for what each kind guarantees.
 """
-import bisect
 import re
 import time
+from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from itertools import accumulate, count
+from operator import add
 from urllib.parse import unquote_to_bytes
 
-from policyd.filters import Failure, Outcome, _cached_parse_host
+from policyd.filterbulk import failures_in_lines
+from policyd.filters import Failure, Filter, Outcome, _cached_parse_host
 
 # A failure read while its write may be incomplete waits this long for the rest.
 HOLD_SECONDS = 1.0
 
-# nginx writes the client, server and raw request after the message; the raw
-# request line holds no space or control byte (nginx >= 1.21.1 refuses them).
-_NGINX_TAIL = re.compile(rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)')
-# A complete nginx entry ends with the host (which holds no quote or space) or
-# the referrer nginx writes after it.
-_NGINX_COMPLETE = re.compile(rb', (?:host|referrer): "[^" ]*"\Z')
-# A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
-# it, marking the cut with "..."), so a truncated entry that wrote newlines ends
-# in a line holding the errno and no complete tail.
-_NGINX_ERRNO = re.compile(rb' \(\d+: ')
-_NGINX_ENCODED_NEWLINE = re.compile(rb'%0[aA]')
-_NGINX_CUT_LINE = re.compile(rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n')
+
+class _Patterns:
+    """The nginx patterns, compiled on first use: compiling is most of a small
+    command's start-up, and test-filter needs them only near a suspect line."""
+
+    SOURCES = {
+        # nginx writes the client, server and raw request after the message; the raw
+        # request line holds no space or control byte (nginx >= 1.21.1 refuses them).
+        "tail": rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)',
+        # A complete nginx entry ends with the host (which holds no quote or space) or
+        # the referrer nginx writes after it.
+        "complete": rb', (?:host|referrer): "[^" ]*"\Z',
+        # A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
+        # it, marking the cut with "..."), so a truncated entry that wrote newlines ends
+        # in a line holding the errno and no complete tail.
+        "errno": rb' \(\d+: ',
+        "encoded_newline": rb'%0[aA]',
+        "cut_line": rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n',
+    }
+
+    def __getattr__(self, name):
+        compiled = re.compile(self.SOURCES[name])
+        setattr(self, name, compiled)
+        return compiled
 
 
-@dataclass(frozen=True)
+_NGINX = _Patterns()
+
+
 class Forgery:
     """A request that wrote lines into another entry of the log."""
-    sender: IPv4Address | IPv6Address | None  # the request's real client, if it can be read
-    filter: str
-    dropped: int        # failure lines it wrote, dropped
-    reason: str         # encoded-newline | truncated | continuation
-    time: float | None = None
+
+    __slots__ = ("sender", "filter", "dropped", "reason", "time")
+
+    def __init__(self, sender, filter, dropped, reason, time=None):  # noqa: A002
+        self.sender = sender    # the request's real client, if it can be read
+        self.filter = filter
+        self.dropped = dropped  # failure lines it wrote, dropped
+        self.reason = reason    # encoded-newline | truncated | continuation
+        self.time = time
+
+    def _fields(self):
+        return (self.sender, self.filter, self.dropped, self.reason, self.time)
+
+    def __eq__(self, other):
+        return self._fields() == other._fields() if other.__class__ is Forgery else NotImplemented
+
+    def __hash__(self):
+        return hash(self._fields())
+
+    def __repr__(self):
+        return (f"Forgery(sender={self.sender!r}, filter={self.filter!r}, dropped={self.dropped!r}, "
+                f"reason={self.reason!r}, time={self.time!r})")
 
     def failure(self):
         """The request itself, as one failure of its sender (who must be known)."""
@@ -57,6 +89,23 @@ def judge_for(log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
     return PlainJudge(log_filter)
 
 
+def failures_from(judge, lines, mid_write=False):
+    """The daemon's text -> failures step for one slice of a log: ([Failure], the
+    number of MALFORMED lines, [(i, Forgery)]) from judge.judge(lines, mid_write),
+    where i is how many failures came before the forgery in the log. A Failure
+    is the tuple (host, filter, time) the ban engine reads."""
+    failures, forgeries, malformed = [], [], 0
+    add, is_malformed = failures.append, Outcome.MALFORMED
+    for outcome in judge.judge(lines, mid_write):
+        if outcome.__class__ is Failure:
+            add(outcome)
+        elif outcome is is_malformed:
+            malformed += 1
+        else:
+            forgeries.append((len(failures), outcome))
+    return failures, malformed, forgeries
+
+
 class PlainJudge:
     """A log no request can write a line into: every line stands on its own."""
 
@@ -67,13 +116,17 @@ class PlainJudge:
 
     def judge(self, lines, mid_write=False):
         """Failures, Forgery events and Outcome.MALFORMED, in log order."""
-        classify = self.filter.classify
-        results = []
-        for line in lines:
-            outcome = classify(line)
-            if outcome is not Outcome.IGNORED:
-                results.append(outcome)
-        return results
+        return [outcome for _index, outcome in _classify_batch(self.filter, lines)]
+
+
+def _classify_batch(log_filter, lines):
+    """[(index, outcome)] of the lines not IGNORED (policyd.filters' bulk form)."""
+    batch = getattr(log_filter, "classify_batch", None)
+    if batch is not None:
+        return batch(lines)
+    classify, ignored = log_filter.classify, Outcome.IGNORED
+    return [(i, outcome) for i, line in enumerate(lines)
+            if (outcome := classify(line)) is not ignored]
 
 
 class ContinuationJudge(PlainJudge):
@@ -133,6 +186,8 @@ class NginxErrorJudge(PlainJudge):
     follower may have read only part of a write.
     """
 
+    every_line = False   # True: a _Line (with its place) for every non-ignored line
+
     def __init__(self, log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
         super().__init__(log_filter)
         self.max_bytes = log_filter.guard["entry_max_bytes"]
@@ -177,23 +232,48 @@ class NginxErrorJudge(PlainJudge):
         if not results:
             self._recent.clear()   # what was returned can no longer be dropped
         blob = b"\n".join(lines) + b"\n"
-        if _NGINX_ENCODED_NEWLINE.search(blob) or _NGINX_CUT_LINE.search(blob):
+        if _NGINX.encoded_newline.search(blob) or _NGINX.cut_line.search(blob):
             self._judge_each(lines, results)
         else:
             self._classify_each(lines, results)
 
     def _classify_each(self, lines, results):
         """The common case, nothing in the batch could end a forging write: classify only."""
-        classify, ignored = self.filter.classify, Outcome.IGNORED
         position, index, recent = self._position, self._index, self._recent
-        for line in lines:
-            outcome = classify(line)
-            if outcome is not ignored:
-                entry = _Line(index, position, position + len(line), outcome)
+        end = position + sum(map(len, lines)) + len(lines)
+        fast = failures_in_lines(self.filter, lines) if isinstance(self.filter, Filter) else None
+        if fast is not None:
+            offsets, failures = fast
+            # No line still to come can drop or hold a failure before the batch's last write.
+            keep = 0 if self.every_line else bisect_left(offsets, end - self.max_bytes - position)
+            results.extend(failures[:keep])
+            if keep < len(offsets):
+                line_starts = list(map(add, accumulate(map(len, lines), initial=0), count()))
+                for number in range(keep, len(offsets)):
+                    line = bisect_left(line_starts, offsets[number])
+                    start = position + offsets[number]
+                    entry = _Line(index + line, start, start + len(lines[line]), failures[number])
+                    recent.append(entry)
+                    results.append(entry)
+            found = ()
+        else:
+            found = _classify_batch(self.filter, lines)
+        if found:
+            # Where each line starts, summed at C speed: only failures need it.
+            before = list(accumulate(map(len, lines), initial=position))
+            append = results.append
+            last_write = -1 if self.every_line else end - self.max_bytes
+            for number, outcome in found:
+                start = before[number] + number   # and a newline after each line
+                if start < last_write:
+                    # No line still to come can drop it, nor hold it: handed on as it is.
+                    append(outcome)
+                    continue
+                entry = _Line(index + number, start, start + len(lines[number]), outcome)
                 recent.append(entry)
-                results.append(entry)
-            position += len(line) + 1
-            index += 1
+                append(entry)
+        position = end
+        index += len(lines)
         # Keep the line starts of the last max_bytes for a truncated write still to come.
         starts, oldest, start = self._starts, position - self.max_bytes, position
         tail = []
@@ -229,8 +309,8 @@ class NginxErrorJudge(PlainJudge):
             entry = _Line(index, start, end, outcome) if outcome is not ignored else None
             if b"%0a" in line or b"%0A" in line:
                 self._encoded_newline(line, entry or _Line(index, start, end, None), results)
-            elif (oldest >= 0 and _NGINX_ERRNO.search(line) is not None
-                  and not (line.endswith(b'"') and _NGINX_COMPLETE.search(line))):
+            elif (oldest >= 0 and _NGINX.errno.search(line) is not None
+                  and not (line.endswith(b'"') and _NGINX.complete.search(line))):
                 self._maybe_truncated(entry or _Line(index, start, end, None), oldest, results)
             starts.append(start)
             if entry is not None:
@@ -275,7 +355,7 @@ def nginx_sender(line):
     is the one address among those explaining the longest start, else None.
     """
     best, senders = -1, set()
-    for found in _NGINX_TAIL.finditer(line):
+    for found in _NGINX.tail.finditer(line):
         path = found.group(2).split(b"?", 1)[0]
         if b"%0a" not in path and b"%0A" not in path:
             continue
@@ -304,82 +384,3 @@ def _nginx_normalized(path):
         kept.append(segment)
     trailing = b"/" if path.endswith((b"/", b"/.", b"/..")) and kept else b""
     return b"/" + b"/".join(kept) + trailing
-
-
-# ---------------------------------------------------------------- offline scan
-
-class RegionJudge:
-    """The daemon's judgement for `policyd test-filter`, which never splits a
-    region into lines: drops(start, end) says whether the failure line
-    buffer[start:end] would be dropped. Only failures near a suspect line are
-    judged in full, so a clean region costs two regex passes."""
-
-    def __init__(self, log_filter, buffer, end, candidates):
-        self.filter, self.buffer = log_filter, buffer
-        self.continuation = log_filter.guard["kind"] == "continuation"
-        self.suspects = suspect_ranges(log_filter, buffer, end, candidates)
-        self.starts = [low for low, _high in self.suspects]
-        self.reach = max((high - low for low, high in self.suspects), default=0)
-
-    def drops(self, start, end):
-        if not self.continuation:
-            first = bisect.bisect_left(self.starts, start - self.reach)
-            last = bisect.bisect_right(self.starts, start)
-            if not any(self.suspects[i][1] >= end for i in range(first, last)):
-                return False
-        return dropped_in_region(self.filter, self.buffer, start, end)
-
-
-def suspect_ranges(log_filter, buffer, end, candidates=None):
-    """For the offline scan of buffer[:end] (whole lines): sorted (lo, hi) byte
-    ranges holding every failure line the daemon's judge might drop. Regex
-    passes at C speed over the region, or only over the write after each of the
-    (start, end) failure candidates when those windows are the smaller part."""
-    guard = log_filter.guard or {}
-    if guard.get("kind") != "nginx-error":
-        return []
-    size = guard["entry_max_bytes"]
-    windows = [(0, end)]
-    if candidates is not None and len(candidates) * size < end // 2:
-        windows = []
-        for start, _ in sorted(candidates):
-            high = min(end, start + size + 1)
-            if windows and start <= windows[-1][1]:
-                windows[-1] = (windows[-1][0], max(windows[-1][1], high))
-            else:
-                windows.append((start, high))
-    ranges = []
-    for low, high in windows:
-        for found in _NGINX_ENCODED_NEWLINE.finditer(buffer, low, high):
-            line_end = buffer.find(b"\n", found.start(), end)
-            line_end = end if line_end < 0 else line_end
-            ranges.append((max(0, line_end + 1 - size), line_end))
-        for found in _NGINX_CUT_LINE.finditer(buffer, low, high):
-            line_end = found.end() - 1
-            head = line_end + 1 - size       # the first byte of its write, if it was truncated
-            if head >= 0 and (head == 0 or buffer[head - 1] == 10):
-                ranges.append((head, line_end))
-    return sorted(set(ranges))
-
-
-def dropped_in_region(log_filter, buffer, start, end):
-    """For the offline scan: True if the daemon's judge drops the failure line
-    buffer[start:end]. Judges the lines around it (within one write either side)."""
-    guard = log_filter.guard or {}
-    if guard.get("kind") == "continuation":
-        if start == 0:
-            return False
-        before = buffer.rfind(b"\n", 0, start - 1) + 1
-        return guard["whole"].search(buffer[before:start - 1]) is None
-    if guard.get("kind") != "nginx-error":
-        return False
-    size = guard["entry_max_bytes"]
-    context_start = buffer.rfind(b"\n", 0, max(0, start - size)) + 1 if start > size else 0
-    context_end = buffer.find(b"\n", min(len(buffer), end + size))
-    context_end = len(buffer) if context_end < 0 else context_end
-    judge = NginxErrorJudge(log_filter)
-    judge._position = context_start
-    results = []
-    judge._process(buffer[context_start:context_end].split(b"\n"), results)
-    return not any(isinstance(e, _Line) and e.start == start and isinstance(e.outcome, Failure)
-                   for e in results)

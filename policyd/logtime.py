@@ -16,7 +16,7 @@ class TimeParser:
     def __init__(self, time_format):
         self.format = time_format
         self._cache = {}
-        self._texts = {}   # the raw field as written -> seconds
+        self.texts = {}    # the raw field as written -> seconds (read by policyd.filters)
         # Lines of one minute differ only in their seconds: parse the minute once.
         self._by_minute = time_format.endswith(":%S")
 
@@ -24,13 +24,13 @@ class TimeParser:
         # A burst of lines carries the same few texts: one dict lookup for those
         # (and one float object, shared by every failure of that second).
         hashable = isinstance(raw, (bytes, str))
-        when = self._texts.get(raw) if hashable else None
+        when = self.texts.get(raw) if hashable else None
         if when is None:
             when = self._uncached(raw)
             if hashable and when is not None:
-                if len(self._texts) >= _CACHE_LIMIT:
-                    self._texts.clear()
-                self._texts[raw] = when
+                if len(self.texts) >= _CACHE_LIMIT:
+                    self.texts.clear()
+                self.texts[raw] = when
         return when
 
     def _uncached(self, raw):
