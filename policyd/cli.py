@@ -6,7 +6,6 @@ policyd.cli_views (the daemon and what it holds); this module wires them to one
 click group. Exit codes: 0 success, 1 the operation ran and said no, 2 the input
 is wrong.
 """
-import json
 import os
 
 import click
