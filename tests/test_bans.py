@@ -559,10 +559,10 @@ def test_a_window_that_went_quiet_is_forgotten_with_one_entry_per_network(make, 
     for _ in range(4):
         fail(manager, "192.0.2.60", 1)
         clock.advance(1)
-    assert len(manager._window_order) == 1  # one entry per open window, not per failure
+    assert len(manager.window.order) == 1  # one entry per open window, not per failure
     clock.advance(600)
     manager.expire()
-    assert not manager._window and not manager._window_order
+    assert not manager.window.times and not manager.window.order
 
 
 def test_restore_after_an_ipv6_prefix_change_replaces_the_ipv6_elements_in_one_batch(make,
