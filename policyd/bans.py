@@ -92,9 +92,9 @@ class NewBans(Sequence):
             return [_ban(key, entry) for key, entry in self._made[index]]
         return _ban(*self._made[index])
 
-    def keys(self):
-        """(key, entry) of each ban, as the ban book keeps them."""
-        return self._made
+    def sample(self, limit=5):
+        """The first bans' networks as text, for a log line (no ipaddress objects)."""
+        return " ".join(text(key) for key, _entry in self._made[:limit])
 
     def filters(self):
         """The filter names of these bans, sorted, without building them."""

@@ -493,8 +493,7 @@ class Daemon:
                                          duration=f"{round(ban.expires_at - ban.banned_at)}s"))
             return
         log.warning("bans %s", kv(count=len(bans), filter=",".join(bans.filters()),
-                                  sample=" ".join(str(ban.network) for ban in bans[:5]),
-                                  hint="policyd bans lists them all"))
+                                  sample=bans.sample(), hint="policyd bans lists them all"))
 
     def _flush(self, write_state=True):
         try:

@@ -3,7 +3,7 @@ import ipaddress
 import sqlite3
 
 from policyd.bans import _blob, _key, _text
-from policyd.banqueue import StateQueue
+from policyd.banqueue import KernelQueue, StateQueue
 from policyd.state import State
 
 
@@ -37,3 +37,38 @@ def test_positions_ride_with_the_last_piece_and_a_failed_write_is_kept(tmp_path,
     queue.write()
     assert state.load_bans(now=0.0) == []
     state.close()
+
+
+class RecordingKernel:
+    def __init__(self, refuse=False):
+        self.calls, self.refuse = [], refuse
+
+    def add_ban_keys(self, items):
+        self._call("add", items)
+
+    def replace_ban_keys(self, items):
+        self._call("replace", items)
+
+    def remove_bans(self, networks):
+        self._call("remove", networks)
+
+    def _call(self, kind, items):
+        if self.refuse:
+            raise OSError(105, "No buffer space available")
+        self.calls.append((kind, sorted(items)))
+
+
+def test_the_kernel_queue_adds_fresh_keys_replaces_others_and_keeps_what_was_refused():
+    kernel = RecordingKernel(refuse=True)
+    queue = KernelQueue(kernel)
+    queue.banned(key("192.0.2.1/32"), 1000.5, fresh=True)
+    queue.banned(key("192.0.2.2/32"), 1000.5, fresh=False)
+    queue.banned(key("192.0.2.3/32"), 900.0, fresh=True)  # over before it was pushed
+    queue.lifted(key("198.51.100.0/24"))
+    assert queue.push(now=950.0) == 0 and queue.add, "refused: still queued"
+    kernel.refuse = False
+    assert queue.push(now=950.0) == 3
+    assert kernel.calls == [("add", [(key("192.0.2.1/32"), 51)]),
+                            ("replace", [(key("192.0.2.2/32"), 51)]),
+                            ("remove", [ipaddress.ip_network("198.51.100.0/24")])]
+    assert not queue.add and not queue.fresh and not queue.remove
