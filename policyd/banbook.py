@@ -59,16 +59,20 @@ class BanBook:
     def _histories(self, keys):
         """{key: (times banned, end of the last ban)} of those of `keys` with history:
         the queue's unwritten ones, the rest in one query."""
-        found, ask = {}, []
+        found, ask, blobs = {}, [], []
         unwritten = self.state_queue.history
+        stored = self.state_queue.history_filter
+        may_have = stored.may_have if stored is not None else None
         for key in keys:
             entry = unwritten(key)
-            if entry is None:
-                ask.append(key)
-            else:
+            if entry is not None:
                 found[key] = entry
+                continue
+            data = blob(key)
+            if may_have is None or may_have(data):
+                ask.append(key)
+                blobs.append(data)
         if ask:
-            blobs = [blob(key) for key in ask]
             try:
                 stored = self.state.load_history_of_many(blobs)
             except PolicydError as error:

@@ -10,6 +10,7 @@ import sqlite3
 
 from .bankeys import blob, network, sample, text, timeout
 from .errors import KernelError
+from .historyfilter import HistoryFilter
 from .statewriter import write_rows
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class StateQueue:
         # Log positions (file offsets, journal cursors) written in the same
         # transaction as the failures read up to them: a crash loses both or neither.
         self.positions: dict[str, dict] = {}
+        # Which keys may have history in state already (the rest need no query).
+        self.history_filter = HistoryFilter(state.path) if getattr(state, "path", None) else None
         self._batches = itertools.count()
         self._in_flight: dict[int, list] = {}   # batch -> its history items, until written
         self._history_in_flight: dict[tuple, tuple[int, float]] = {}
@@ -165,6 +168,9 @@ class StateQueue:
         for key, _entries in failures:
             del self.failures[key]
         prune_before, self.prune_before = self.prune_before, None
+        if self.history_filter is not None:
+            for key, _entry in history:
+                self.history_filter.add(blob(key))  # before any write can hold it
         positions = []
         if not (self.upsert or self.delete or self.history_unwritten or self.failures):
             # The last piece: the positions go with it, so a position is never
