@@ -16,6 +16,10 @@ from .statewriter import write_rows
 log = logging.getLogger(__name__)
 
 
+# Networks whose queued failures may wait while a backlog is read (~100 bytes each).
+HELD_FAILURE_KEYS = 100_000
+
+
 class KernelQueue:
     """What the next flush must add to and remove from the kernel's ban sets. Keys
     never banned before (no element can linger in the kernel) are `fresh`: they
@@ -135,7 +139,7 @@ class StateQueue:
         return bool(self.upsert or self.delete or self.history_unwritten or self.failures
                     or self.prune_before is not None or self.positions)
 
-    def write(self, max_rows=None):
+    def write(self, max_rows=None, hold_failures=False):
         """Persist queued changes in one transaction, at most about max_rows rows of
         them (None: all); returns the rows handed over. With a writer the
         transaction runs on its thread (written() hears of it), and so does making
@@ -144,8 +148,17 @@ class StateQueue:
         kernel is still served, enforcement matters more.
 
         A flood queues 100k bans: written in bounded pieces between slices of
-        log lines, no single transaction holds up the next ban for long."""
+        log lines, no single transaction holds up the next ban for long.
+
+        hold_failures (while a backlog of lines is read): failures stay queued,
+        up to HELD_FAILURE_KEYS networks; most belong to networks the next lines
+        ban, which drops them unwritten. Positions wait with them, so a crash
+        re-reads those lines instead of losing their failures."""
         if not self.pending():
+            return 0
+        hold = hold_failures and len(self.failures) <= HELD_FAILURE_KEYS
+        if hold and not (self.delete or self.upsert or self.history_unwritten
+                         or self.prune_before is not None):
             return 0
         budget = max_rows
         deletes = list(itertools.islice(self.delete, budget))
@@ -155,7 +168,7 @@ class StateQueue:
         history = list(itertools.islice(self.history_unwritten.items(), budget))
         budget = None if budget is None else max(0, budget - len(history))
         failures, failure_count = [], 0
-        for key, entries in self.failures.items():
+        for key, entries in () if hold else self.failures.items():
             if budget is not None and failure_count >= budget:
                 break
             failures.append((key, entries))

@@ -326,8 +326,8 @@ class BanManager:
     def state_pending(self):
         return self.queue.pending()
 
-    def write_state(self, max_rows=None):
-        return self.queue.write(max_rows)
+    def write_state(self, max_rows=None, hold_failures=False):
+        return self.queue.write(max_rows, hold_failures)
 
     def state_written(self, batches):
         self.queue.written(batches)

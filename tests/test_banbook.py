@@ -17,18 +17,21 @@ def k(text):
     return key(ipaddress.ip_network(text))
 
 
-def book_of(tmp_path, **settings):
+def book_of(tmp_path, history=(), **settings):
+    """A book on a state file holding `history` rows, written before it starts (the
+    running daemon is the only writer of history)."""
     state = State(tmp_path / "state.db")
+    with state.transaction() as writer:
+        writer.upsert_history(history)
     return BanBook(Settings(**settings), state, StateQueue(state, None), KernelQueue(kernel=None))
 
 
 def test_a_batch_of_auto_bans_escalates_each_by_its_own_history(tmp_path):
-    book = book_of(tmp_path, bantime=100, bantime_max=10_000)
-    with book.state.transaction() as writer:  # banned twice before, the last ended 50 s ago
-        writer.upsert_history([(blob(k("192.0.2.2/32")), 2, NOW - 50)])
+    book = book_of(tmp_path, bantime=100, bantime_max=10_000, history=[
+        (blob(k("192.0.2.2/32")), 2, NOW - 50),        # banned twice, the last ended 50 s ago
+        (blob(k("192.0.2.4/32")), 5, NOW - 20_000)])   # quiet longer than bantime_max: decayed
     book.state_queue.history_unwritten[k("192.0.2.3/32")] = (1, NOW - 10)  # not yet written
-    with book.state.transaction() as writer:  # quiet for longer than bantime_max: decayed
-        writer.upsert_history([(blob(k("192.0.2.4/32")), 5, NOW - 20_000)])
+    book.state_queue.history_filter.wait()
     due = {k(f"192.0.2.{n}/32"): ("nginx-auth", 3) for n in (1, 2, 3, 4)}
     made = dict(book.start_auto(due, NOW))
     assert {key_: entry[0] - NOW for key_, entry in made.items()} == {
