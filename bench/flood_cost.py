@@ -76,6 +76,7 @@ def _drive(nft, settings, state_dir, failures, host, profile):
     manager = BanManager(settings, state, BanTable(nft, "policyd_bans", settings.ipv6_prefix),
                          writer=writer)
     slice_lines = daemon_mod.READ_SLICE_LINES
+    log_bans = daemon_mod.BanLog().record if hasattr(daemon_mod, "BanLog") else daemon_mod.Daemon._log_bans
     # As the daemon does while a backlog is read (where the ban path knows how).
     hold = {"hold_failures": True} \
         if "hold_failures" in inspect.signature(manager.write_state).parameters else {}
@@ -99,7 +100,7 @@ def _drive(nft, settings, state_dir, failures, host, profile):
             manager.flush(write_state=False)
         c = time.thread_time()
         if bans:
-            daemon_mod.Daemon._log_bans(bans)
+            log_bans(bans)
         d = time.thread_time()
         manager.state_written(writer.collect())
         if writer.queued() < daemon_mod.STATE_BATCHES_QUEUED:
