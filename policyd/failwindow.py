@@ -24,10 +24,10 @@ class FailureWindow:
     def __init__(self, settings, unwritten):
         self.unwritten = unwritten
         self.times: dict[tuple, list[float]] = {}
-        # (a time, key): one entry per window when it opens, so expire() can find
-        # windows that went quiet. Not one per failure: a flood of 300k lines
-        # would keep 300k entries for findtime.
-        self.order: deque[tuple[float, tuple]] = deque()
+        # (a time, [keys]): one entry per batch of windows opened together, so
+        # expire() can find windows that went quiet. Not one per failure: a flood
+        # of 300k lines would keep 300k entries for findtime.
+        self.order: deque[tuple[float, list]] = deque()
         self.failures_total: Counter = Counter()   # per filter, every failure seen
         self.ignored_total: Counter = Counter()    # per filter, from loopback/ignored sources
         self.configure(settings)
@@ -79,7 +79,7 @@ class FailureWindow:
             times = self.times.get(key)
             if times is None:
                 times = self.times[key] = []
-                self.order.append((when, key))
+                self.order.append((when, [key]))
             times.append(when)
 
     def count(self, key, filter_name, now, when=None):
@@ -93,7 +93,7 @@ class FailureWindow:
         times = self.times.get(key)
         if times is None:
             times = self.times[key] = []
-            self.order.append((now, key))
+            self.order.append((now, [key]))
         while times and times[0] < cutoff:
             times.pop(0)
         bisect.insort(times, when)
@@ -114,14 +114,15 @@ class FailureWindow:
         mask6, hostmask6, prefix6 = self._mask6, self._hostmask6, self._prefix6
         cutoff = now - self.findtime
         maxretry = self.maxretry
-        window, unwritten, open_window = self.times, self.unwritten, self.order.append
+        window, unwritten = self.times, self.unwritten
         # Prefixes shorter than a key's own that a ban could cover it with: mostly none.
         shorter4 = sorted(p for p in prefixlens[4] if p < 32)
         shorter6 = sorted(p for p in prefixlens[6] if p < prefix6)
         shorter128 = sorted(p for p in prefixlens[6] if p < 128)
-        due, stamps = {}, {}
+        due, opened = {}, []
+        last_stamp = (None, None)
         for address, filter_name, when in failures:
-            number = int(address)
+            number = address._ip  # int(address), without a Python-level call per failure
             if (address.__class__ is _V6 or (address.__class__ is not _V4 and address.version == 6)) \
                     and number >> 32 != 0xFFFF:
                 first = number & mask6
@@ -156,7 +157,7 @@ class FailureWindow:
             times = window.get(key)
             if times is None:
                 times = window[key] = [when]
-                open_window((now, key))
+                opened.append(key)
             else:
                 if times[0] < cutoff:
                     while times and times[0] < cutoff:
@@ -170,15 +171,17 @@ class FailureWindow:
                 del window[key]
                 unwritten.pop(key, None)
                 continue
-            stamp = stamps.get((when, filter_name))
-            if stamp is None:
+            stamp = last_stamp
+            if when != stamp[0] or filter_name != stamp[1]:
                 # Shared by the failures of one second: a flood's lines carry few times.
-                stamp = stamps[when, filter_name] = (when, filter_name)
+                stamp = last_stamp = (when, filter_name)
             queued = unwritten.get(key)
             if queued is None:
                 unwritten[key] = [stamp]
             else:
                 queued.append(stamp)
+        if opened:
+            self.order.append((now, opened))
         return due
 
     def forget(self, key):
@@ -194,16 +197,17 @@ class FailureWindow:
         cutoff = now - self.findtime
         order = self.order
         while order and order[0][0] < cutoff:
-            _when, key = order.popleft()
-            times = self.times.get(key)
-            if times is None:
-                continue  # banned or forgotten since
-            while times and times[0] < cutoff:
-                times.pop(0)
-            if times:
-                order.append((times[0], key))  # still open: look again when it is due
-            else:
-                del self.times[key]
+            _when, keys = order.popleft()
+            for key in keys:
+                times = self.times.get(key)
+                if times is None:
+                    continue  # banned or forgotten since
+                while times and times[0] < cutoff:
+                    times.pop(0)
+                if times:
+                    order.append((times[0], [key]))  # still open: look again when it is due
+                else:
+                    del self.times[key]
         return cutoff
 
 
