@@ -104,11 +104,16 @@ class NewBans(Sequence):
 class BanManager:
     """Decides bans in memory, mirrors them to `state` and `kernel` on flush()."""
 
-    def __init__(self, settings, state, kernel, clock=time.time, writer=None):
+    def __init__(self, settings, state, kernel, clock=time.time, writer=None, history_ahead=None):
+        """history_ahead: read which networks have a ban history on a thread now, so
+        that first offenders cost no query (None: if there is a writer thread, i.e.
+        for the daemon; a CLI's short-lived manager does not need it)."""
         self.state = state
         self.clock = clock
         # What the next state write must hold, and the batches on their way.
-        self.queue = StateQueue(state, writer)
+        self.queue = StateQueue(state, writer,
+                                history_ahead=writer is not None if history_ahead is None
+                                else history_ahead)
         self.kernel_queue = KernelQueue(kernel)
         self.window = FailureWindow(settings, self.queue.failures)
         self.book = BanBook(settings, state, self.queue, self.kernel_queue)

@@ -23,7 +23,8 @@ def book_of(tmp_path, history=(), **settings):
     state = State(tmp_path / "state.db")
     with state.transaction() as writer:
         writer.upsert_history(history)
-    return BanBook(Settings(**settings), state, StateQueue(state, None), KernelQueue(kernel=None))
+    return BanBook(Settings(**settings), state, StateQueue(state, None, history_ahead=True),
+                   KernelQueue(kernel=None))
 
 
 def test_a_batch_of_auto_bans_escalates_each_by_its_own_history(tmp_path):

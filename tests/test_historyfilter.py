@@ -40,11 +40,12 @@ def test_first_offenders_cost_no_query_and_a_returning_one_still_escalates(tmp_p
     state = State(tmp_path / "state.db")
     settings = Settings(maxretry=2, bantime=100, bantime_max=10_000)
     first = BanManager(settings, state, FakeBanKernel(clock), clock=clock)
+    assert first.queue.history_filter is None  # no writer thread: not a daemon's
     first.record_failures([(ipaddress.ip_address("192.0.2.50"), "f", None)] * 2)
     first.flush()
     clock.advance(150)
     first.expire()
-    restarted = BanManager(settings, state, FakeBanKernel(clock), clock=clock)
+    restarted = BanManager(settings, state, FakeBanKernel(clock), clock=clock, history_ahead=True)
     restarted.queue.history_filter.wait()
     asked = []
     real = state.load_history_of_many
