@@ -78,8 +78,7 @@ def _drive(nft, settings, state_dir, failures, host, profile):
     slice_lines = daemon_mod.READ_SLICE_LINES
     log_bans = daemon_mod.BanLog().record if hasattr(daemon_mod, "BanLog") else daemon_mod.Daemon._log_bans
     # As the daemon does while a backlog is read (where the ban path knows how).
-    hold = {"hold_failures": True} \
-        if "hold_failures" in inspect.signature(manager.write_state).parameters else {}
+    hold = {"backlog": True} if "backlog" in inspect.signature(manager.write_state).parameters else {}
     profiler = cProfile.Profile() if profile else None
     sections = {"record": 0.0, "kernel": 0.0, "log": 0.0, "state": 0.0}
     slices = []

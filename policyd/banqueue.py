@@ -16,8 +16,10 @@ from .statewriter import write_rows
 log = logging.getLogger(__name__)
 
 
-# Networks whose queued failures may wait while a backlog is read (~100 bytes each).
+# While a backlog is read, queued failures of up to this many networks, and up to
+# this many ban and history rows, wait for its end (~100 bytes each).
 HELD_FAILURE_KEYS = 100_000
+HELD_BAN_ROWS = 200_000
 
 
 class KernelQueue:
@@ -140,7 +142,7 @@ class StateQueue:
         return bool(self.upsert or self.delete or self.history_unwritten or self.failures
                     or self.prune_before is not None or self.positions)
 
-    def write(self, max_rows=None, hold_failures=False):
+    def write(self, max_rows=None, backlog=False):
         """Persist queued changes in one transaction, at most about max_rows rows of
         them (None: all); returns the rows handed over. With a writer the
         transaction runs on its thread (written() hears of it), and so does making
@@ -148,18 +150,17 @@ class StateQueue:
         Without, here, and on a write error the rows go back to the queue: the
         kernel is still served, enforcement matters more.
 
-        A flood queues 100k bans: written in bounded pieces between slices of
-        log lines, no single transaction holds up the next ban for long.
-
-        hold_failures (while a backlog of lines is read): failures stay queued,
-        up to HELD_FAILURE_KEYS networks; most belong to networks the next lines
-        ban, which drops them unwritten. Positions wait with them, so a crash
-        re-reads those lines instead of losing their failures."""
+        backlog (while a backlog of lines is read): the kernel first, state once
+        the backlog is read. Failures wait, up to HELD_FAILURE_KEYS networks: most
+        belong to networks the next lines ban, which drops them unwritten. Bans
+        and history wait, up to HELD_BAN_ROWS: the writer's thread would take CPU
+        and the GIL from the ban path. Positions wait with them, so a crash
+        re-reads those lines (and bans again) instead of losing their failures."""
         if not self.pending():
             return 0
-        hold = hold_failures and len(self.failures) <= HELD_FAILURE_KEYS
-        if hold and not (self.delete or self.upsert or self.history_unwritten
-                         or self.prune_before is not None):
+        hold = backlog and len(self.failures) <= HELD_FAILURE_KEYS
+        if backlog and len(self.upsert) + len(self.delete) + len(self.history_unwritten) \
+                <= HELD_BAN_ROWS and (hold or not self.failures):
             return 0
         budget = max_rows
         deletes = list(itertools.islice(self.delete, budget))

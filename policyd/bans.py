@@ -331,8 +331,8 @@ class BanManager:
     def state_pending(self):
         return self.queue.pending()
 
-    def write_state(self, max_rows=None, hold_failures=False):
-        return self.queue.write(max_rows, hold_failures)
+    def write_state(self, max_rows=None, backlog=False):
+        return self.queue.write(max_rows, backlog)
 
     def state_written(self, batches):
         self.queue.written(batches)

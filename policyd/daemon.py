@@ -465,8 +465,8 @@ class Daemon:
         for source in self.sources:
             if source.kind == "file":
                 source.follower.commit()  # queued: written with the last piece of state
-        # In a backlog, failures wait: most belong to networks the next slices ban.
-        written = self.bans.write_state(STATE_CHUNK_ROWS, hold_failures=self.backlog)
+        # In a backlog, the kernel first: state (within bounds) once it is read.
+        written = self.bans.write_state(STATE_CHUNK_ROWS, backlog=self.backlog)
         if not self.bans.state_pending():
             self.next_state_write = now + STATE_WRITE_SECONDS
         elif not written:

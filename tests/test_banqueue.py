@@ -74,17 +74,30 @@ def test_the_kernel_queue_adds_fresh_keys_replaces_others_and_keeps_what_was_ref
     assert not queue.add and not queue.fresh and not queue.remove
 
 
-def test_held_failures_wait_with_their_positions_until_the_backlog_ends(tmp_path, monkeypatch):
+def test_in_a_backlog_state_waits_within_bounds_and_positions_wait_with_it(tmp_path, monkeypatch):
     state = State(tmp_path / "state.db")
     queue = StateQueue(state, None)
     queue.failures[key("192.0.2.1/32")] = [(100.0, "nginx-auth")]
     queue.positions["/var/log/a.log"] = {"offset": 42}
-    assert queue.write(hold_failures=True) == 0, "nothing but failures: nothing written"
     queue.ban_started(key("198.51.100.7/32"), (4000.0, 3, "nginx-auth", "auto", 400.0), (1, 4000.0))
-    assert queue.write(hold_failures=True) == 2  # the ban and its history
+    assert queue.write(backlog=True) == 0, "the kernel first: state once the backlog is read"
+    monkeypatch.setattr("policyd.banqueue.HELD_BAN_ROWS", 1)  # too many bans held: written
+    assert queue.write(backlog=True) == 2  # the ban and its history, not the failures
     assert state.load_bans(now=0.0) and not state.load_failures(since=0.0)
     assert state.load_position("/var/log/a.log") is None, "not before the failures it covers"
-    monkeypatch.setattr("policyd.banqueue.HELD_FAILURE_KEYS", 0)  # too many held: written anyway
-    assert queue.write(hold_failures=True) == 1
+    assert queue.write(backlog=True) == 0
+    monkeypatch.setattr("policyd.banqueue.HELD_FAILURE_KEYS", 0)  # too many failures held
+    assert queue.write(backlog=True) == 1
     assert state.load_failures(since=0.0) and state.load_position("/var/log/a.log") == {"offset": 42}
+    state.close()
+
+
+def test_after_a_backlog_everything_is_written(tmp_path):
+    state = State(tmp_path / "state.db")
+    queue = StateQueue(state, None)
+    queue.failures[key("192.0.2.1/32")] = [(100.0, "nginx-auth")]
+    queue.ban_started(key("198.51.100.7/32"), (4000.0, 3, "nginx-auth", "auto", 400.0), (1, 4000.0))
+    queue.positions["/var/log/a.log"] = {"offset": 42}
+    assert queue.write(backlog=False) == 3
+    assert state.load_position("/var/log/a.log") == {"offset": 42} and not queue.pending()
     state.close()
