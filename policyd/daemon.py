@@ -303,6 +303,7 @@ class Daemon:
             log.info("stopped %s", kv(enforcing="no"))
             return
         self._flush(write_state=False)
+        self.ban_log.flush()  # a flood's last summary
         self.state_writer.stop()  # writes what it was given
         self.bans.state_written(self.state_writer.collect())
         self.bans.writer = None
