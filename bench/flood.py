@@ -14,6 +14,7 @@ are read; what this measures is that a flood does not stall the daemon.
 """
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -83,6 +84,12 @@ def flood_lines(sources, per_source, seed=14):
     return "".join(lines).encode(), completed
 
 
+def cpu_seconds(pid):
+    """User + system CPU the process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid):
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -98,7 +105,7 @@ class FloodWatch:
     def __init__(self, namespace, keys, pid):
         self.counter = SetCounter(namespace)
         self.keys, self.pid = keys, pid
-        self.done_at = None
+        self.done_at = self.done_cpu = None
         self.rss = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -112,6 +119,7 @@ class FloodWatch:
             now = time.monotonic()
             if self.done_at is None and not self.counter.missing(BAN_TABLE, "ban6", self.keys):
                 self.done_at = now
+                self.done_cpu = cpu_seconds(self.pid)
             if now - last_rss >= 0.05:
                 last_rss = now
                 self.rss.append((now, rss_mb(self.pid)[0]))
@@ -150,6 +158,7 @@ def measure_policyd_flood(workdir, sources=100000, per_source=3, settle=2.0, giv
             one_trial(world, sources_v4.next(), server, nginx.port, probes, maxretry=MAXRETRY,
                       probe_interval=0.001, probe_timeout=0.1, give_up=5.0, confirm_timeout=0.5)
             watch.start()
+            cpu_at_write = cpu_seconds(pid)
             written_at = time.monotonic()
             with open(flood_log, "ab") as out:
                 out.write(data)
@@ -181,6 +190,10 @@ def measure_policyd_flood(workdir, sources=100000, per_source=3, settle=2.0, giv
                 "lines": sources * per_source, "sources": sources, "maxretry": MAXRETRY,
                 "bytes": len(data), "write_seconds": round(write_seconds, 3),
                 "all_banned_seconds": None if done_at is None else round(done_at - written_at, 2),
+                # The daemon's CPU (all threads) from the write until all were banned: what a
+                # shared, loaded machine distorts far less than the wall time.
+                "all_banned_cpu_seconds": None if watch.done_cpu is None
+                else round(watch.done_cpu - cpu_at_write, 2),
                 "kernel_bans": kernel_bans,
                 "latency": {"trials": len(latencies), "misses": misses,
                             "median_ms": round(sorted(latencies)[len(latencies) // 2] * 1000, 2) if latencies else None,

@@ -89,6 +89,8 @@ class StateWriter:
                     if item is None:
                         return
                     token, rows = item
+                    if callable(rows):
+                        rows = rows()  # made here, off the ban path, once for every retry
                     while not self._write(state, rows):
                         if self._stopping.wait(RETRY_SECONDS):
                             return
@@ -115,7 +117,10 @@ class StateWriter:
 
 def write_rows(state, rows):
     """One transaction of prepared rows: {"delete_bans", "upsert_bans", "upsert_history",
-    "add_failures": lists, "prune_before": time or None, "positions": [(path, position)]}."""
+    "add_failures": lists, "prune_before": time or None, "positions": [(path, position)]},
+    or a callable that makes them (policyd.banqueue hands those over)."""
+    if callable(rows):
+        rows = rows()
     with state.transaction() as writer:
         writer.delete_bans(rows.get("delete_bans", ()))
         writer.upsert_bans(rows.get("upsert_bans", ()))

@@ -559,10 +559,10 @@ def test_a_window_that_went_quiet_is_forgotten_with_one_entry_per_network(make, 
     for _ in range(4):
         fail(manager, "192.0.2.60", 1)
         clock.advance(1)
-    assert len(manager._window_order) == 1  # one entry per open window, not per failure
+    assert len(manager.window.order) == 1  # one entry per open window, not per failure
     clock.advance(600)
     manager.expire()
-    assert not manager._window and not manager._window_order
+    assert not manager.window.times and not manager.window.order
 
 
 def test_restore_after_an_ipv6_prefix_change_replaces_the_ipv6_elements_in_one_batch(make,
@@ -575,3 +575,17 @@ def test_restore_after_an_ipv6_prefix_change_replaces_the_ipv6_elements_in_one_b
     assert manager.restore(flush_ipv6=True) == 2
     assert kernel.batches[-2] == ("flush6", [])
     assert set(kernel.list_bans()) == {net("2001:db8:4::/64"), net("198.51.100.9/32")}
+
+
+def test_a_state_file_whose_history_cannot_be_read_still_bans_as_a_first_offence(make, db_path):
+    """State raises HostError on a damaged read; the ban path caught only InputError,
+    so one unreadable table stopped every ban of a slice."""
+    import sqlite3
+    manager = make(Settings(maxretry=3, bantime=600))
+    broken = sqlite3.connect(db_path)
+    broken.execute("DROP TABLE ban_history")
+    broken.close()
+    bans = manager.record_failures([(ip("192.0.2.90"), "nginx-auth", None)] * 3)
+    assert [(ban.network, ban.expires_at - ban.banned_at) for ban in bans] == [(net("192.0.2.90/32"), 600)]
+    assert manager.record_failure(ip("192.0.2.91"), "nginx-auth") is None
+    assert fail(manager, "192.0.2.91", 2)[-1].expires_at - manager.clock() == 600

@@ -118,7 +118,7 @@ def test_a_position_is_written_in_the_same_transaction_as_its_failures(daemon):
     real = daemon_mod.StateWriter.submit
 
     def submit(writer, token, rows):
-        written.append(rows)
+        written.append(rows() if callable(rows) else rows)  # made on the writer thread
         return real(writer, token, rows)
 
     daemon.state_writer.submit = submit.__get__(daemon.state_writer)

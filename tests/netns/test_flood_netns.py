@@ -4,6 +4,8 @@ answering. Sizes are small and waits generous: no timing is asserted here
 (bench/flood.py measures the 300k-line flood)."""
 import ipaddress
 import json
+import sqlite3
+from pathlib import Path
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
 from policyd_lab.nginxlog import nginx_failure
@@ -24,6 +26,14 @@ def elements(host, set_name):
         if "set" in item:
             return {_value(elem) for elem in item["set"].get("elem", [])}
     return set()
+
+
+def _rows(path, table):
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        db.close()
 
 
 def _value(elem):
@@ -58,6 +68,11 @@ def test_a_flood_of_sources_is_banned_every_one_and_a_newcomer_too(world):
                           for i in range(SOURCES)}
         status = json.loads(world.server.policyd("status", "--json").stdout)
         assert status["bans"]["active"] == SOURCES + 1
+        # State waits while the backlog is read (the kernel first), then holds every
+        # ban and its history, with the daemon still running.
+        state_db = Path(world.lab.policyd_env(world.server)["POLICYD_STATE_DIR"]) / "state.db"
+        assert wait_for(lambda: _rows(state_db, "bans") == _rows(state_db, "ban_history") == SOURCES + 1,
+                        timeout=60, interval=0.5), (_rows(state_db, "bans"), _rows(state_db, "ban_history"))
         [flood_stats] = [entry for entry in status["logs"] if entry["path"] == str(flood)]
         assert flood_stats["matched"] == 3 * SOURCES
     finally:
