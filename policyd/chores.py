@@ -115,13 +115,23 @@ class PolicyUpkeep:
         self._expected_key = None
         self._expected = {}
 
-    def reload(self, nft, load_kernel):
-        """(committed Policy or None, whether it was loaded into the kernel)."""
+    def reload(self, nft, load_kernel, current=None, held=None):
+        """(committed Policy or None, whether it was loaded into the kernel).
+
+        With `current` (the policy the kernel has) and `held()` ({set name: (key
+        length, intervals)}: what its interval sets hold), a policy whose chains
+        and rules are unchanged goes in as one transaction of only the elements
+        that differ (Nft.load_changes); else, or if that fails, whole."""
         committed = self.store.committed()
         if committed is None:
             return None, False
         if load_kernel and self.store.pending() is None:
-            nft.load(compile_policy(committed).document())
+            ruleset = compile_policy(committed)
+            changes = getattr(nft, "load_changes", None)
+            if (changes is None or current is None or current.table != committed.table
+                    or not changes(ruleset, compile_policy(current), committed.table,
+                                   held() if held else {})):
+                nft.load(ruleset.document())
             return committed, True
         return committed, False
 
