@@ -159,7 +159,7 @@ class Daemon:
         self.lists = ListSync(self.nft, self.policy, self.wake.set, self._reload,
                               submit=self.chores.submit)
         self.elements = drift.ElementWatch(self.policy.table, self._expected_sets, self.wake.set,
-                                           epoch=lambda: self.lists.epoch + Nft.loads)
+                                           epoch=self._kernel_epoch)
         self.elements.start()
         self._start_fleet()  # catches up with the other nodes before READY
         self.held_back = None
@@ -553,7 +553,12 @@ class Daemon:
         hold bans up)."""
         found = self.upkeep.check(nft, policy, elements_drifted)
         if found.get("committed") is not None:
-            found["lists"] = self.lists.prepare(found["committed"])
+            self.lists.epoch += 1
+            try:
+                found["lists"] = self.lists.prepare(found["committed"])
+                self.lists.take(found["lists"])
+            finally:
+                self.lists.epoch += 1
         return found
 
     def _take_first_commit(self):
@@ -605,6 +610,12 @@ class Daemon:
                 policy=self.policy.digest[:12], bans=count, sets="; ".join(differences) or None,
                 ms=round(found["restored_ms"] + (time.perf_counter() - started) * 1000, 1)))
 
+    def _kernel_epoch(self):
+        """For the drift check: moves whenever the list follower's epoch or the loads
+        do, and is odd while either is (both can be at once, on the worker)."""
+        lists_epoch, loads = self.lists.epoch, Nft.loads
+        return 2 * (lists_epoch + loads) + ((lists_epoch | loads) & 1)
+
     def _expected_sets(self):
         """What the guard table's interval sets should hold (on the drift thread):
         the committed policy's, with list-fed sets as the list follower loaded them.
@@ -650,8 +661,15 @@ class Daemon:
         differ (a small transaction: the kernel's commit lock, which ban adds wait
         for, is held milliseconds, not the 0.3 s of 100k elements), and its list
         files are read here, not on the main loop."""
-        committed, loaded = self.upkeep.reload(nft, load_kernel, current, self._expected_sets)
-        prepared = self.lists.prepare(committed) if committed is not None else None
+        self.lists.epoch += 1  # odd: the drift check does not compare meanwhile
+        try:
+            committed, loaded = self.upkeep.reload(nft, load_kernel, current,
+                                                   self._expected_sets)
+            prepared = self.lists.prepare(committed) if committed is not None else None
+            if prepared is not None:
+                self.lists.take(prepared)
+        finally:
+            self.lists.epoch += 1
         return committed, loaded, prepared
 
     def _reloaded(self, result, error, replies):

@@ -24,16 +24,21 @@ def strip(raw):
 def parse_lines(data, path):
     """(v4, v6): tuples of (first address as int, prefix length, line number) in
     file order; InputError names the first bad line."""
+    found = bulk(data)
+    return found if found is not None else _one_by_one(data, path)
+
+
+def bulk(data):
+    """parse_lines' answer from the C-speed passes alone, or None (see _bulk)."""
     # 100k entries are 300k young tuples and no cycle: the collector walking
     # them again and again would double the time.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        found = _bulk(data)
+        return _bulk(data)
     finally:
         if enabled:
             gc.enable()
-    return found if found is not None else _one_by_one(data, path)
 
 
 def _one_by_one(data, path):

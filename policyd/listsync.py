@@ -34,25 +34,31 @@ class ListSync:
         self.epoch = 0  # policyd.drift: odd while a change is between kernel and here
         self._lock = threading.Lock()
         self.watcher = None
+        self._prepared = self._taken = 0  # prepare() results made, and the last taken
         self.follow(policy)
 
     def follow(self, policy, prepared=None):
-        """Follow the list files of `policy` (the committed one): as `prepared` found
-        them (prepare(), run off the main loop), else as read now."""
-        if prepared is None or prepared[0] is not policy:
-            prepared = self.prepare(policy)
+        """Follow the list files of `policy` (the committed one), as `prepared` read
+        them (prepare() and take(), on the worker), else as read now."""
         self.stop()
-        self.policy, self.files, self.refused, self.sets = prepared
+        if prepared is None:
+            prepared = self.prepare(policy)
+        if prepared[4] > self._taken:
+            self.take(prepared)
         if self.files:
-            # A change between prepare() and now is looked at once more.
-            with self._lock:
-                self.changed |= set(self.files) if self.submit is not None else set()
             self.watcher = LogWatcher(list(self.files), self._on_change, poll_interval=5.0)
             self.watcher.start()
 
+    def take(self, prepared):
+        """What list changes are diffed against from now on: prepare()'s result, taken
+        on the worker right after the kernel got what it read (so the next change
+        is diffed against what the kernel has, not what it had)."""
+        self.policy, self.files, self.refused, self.sets, self._taken = prepared
+
     def prepare(self, policy):
-        """(policy, files, refused, sets): every list file of `policy` read and
-        parsed, touching nothing of ours (the daemon's worker runs it)."""
+        """(policy, files, refused, sets, sequence number): every list file of
+        `policy` read and parsed, touching nothing else of ours (the daemon's
+        worker runs it)."""
         files, refused = {}, {}
         for service in policy.services:
             for netlist in service.allow_lists + service.deny_lists:
@@ -70,7 +76,8 @@ class ListSync:
         sets = list(self._sets(policy))
         for kernel_set in sets:
             kernel_set.reset(files)
-        return policy, files, refused, sets
+        self._prepared += 1
+        return policy, files, refused, sets, self._prepared
 
     def _refuse(self, path, sha256, error):
         self.refused[path] = (sha256, str(error))
