@@ -6,6 +6,7 @@ running the completions in collect(). A job never touches the daemon's objects:
 it gets what it needs as arguments and returns what it found.
 """
 import ctypes
+import gc
 import logging
 import queue
 import threading
@@ -87,6 +88,12 @@ class Chores:
                 return
             kind, job, done = item
             nft = None
+            # No cyclic collection while a job runs: a collection holds the GIL while
+            # it walks every young object, and a reload makes a million of them
+            # (30-270 ms in which no ban could run). What the job leaves alive is
+            # frozen out of later collections instead (see Daemon._adopt).
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 # A context per job: libnftables keeps the cache of its last command
                 # (every element of a 100k-network set, ~200 MB) until it is freed.
@@ -98,6 +105,9 @@ class Chores:
                 if nft is not None and hasattr(nft, "close"):
                     nft.close()
                 del nft
+                gc.freeze()
+                if collecting:
+                    gc.enable()
                 give_back_memory()
             self._results.put((kind, done, result, error))
             if self._wake is not None:

@@ -40,11 +40,13 @@ class ListSync:
     def follow(self, policy, prepared=None):
         """Follow the list files of `policy` (the committed one), as `prepared` read
         them (prepare() and take(), on the worker), else as read now."""
-        self.stop()
         if prepared is None:
             prepared = self.prepare(policy)
         if prepared[4] > self._taken:
             self.take(prepared)
+        if self.watcher is not None and sorted(self.watcher.paths) == sorted(self.files):
+            return  # the same files: the watcher goes on (stopping one costs 10-100 ms)
+        self.stop()
         if self.files:
             self.watcher = LogWatcher(list(self.files), self._on_change, poll_interval=5.0)
             self.watcher.start()
@@ -58,14 +60,15 @@ class ListSync:
     def prepare(self, policy):
         """(policy, files, refused, sets, sequence number): every list file of
         `policy` read and parsed, touching nothing else of ours (the daemon's
-        worker runs it)."""
+        worker runs it). A file as it was last loaded here, and sets fed the same
+        way by such files, are taken over as they are, not parsed again."""
         files, refused = {}, {}
+        current = getattr(self, "files", {})
         for service in policy.services:
             for netlist in service.allow_lists + service.deny_lists:
                 if netlist.path not in files:
                     try:
-                        with open(netlist.path, "rb") as handle:
-                            files[netlist.path] = _Followed(netlist.path, handle.read())
+                        files[netlist.path] = self._read(netlist.path, current.get(netlist.path))
                     except (OSError, InputError) as exc:
                         # Followed all the same: once it is good, the policy loads whole.
                         refused[netlist.path] = (None, str(exc))
@@ -73,11 +76,26 @@ class ListSync:
                                   kv(list=netlist.path, error=exc))
                         files[netlist.path] = _Followed(netlist.path, b"")
                         files[netlist.path].sha256 = None
-        sets = list(self._sets(policy))
-        for kernel_set in sets:
-            kernel_set.reset(files)
+        kept = {_shape(kernel_set): kernel_set for kernel_set in getattr(self, "sets", ())
+                if all(files.get(path) is current.get(path) for path in kernel_set.paths)}
+        sets = []
+        for kernel_set in self._sets(policy):
+            if _shape(kernel_set) in kept:
+                sets.append(kept[_shape(kernel_set)])
+            else:
+                kernel_set.reset(files)
+                sets.append(kernel_set)
         self._prepared += 1
         return policy, files, refused, sets, self._prepared
+
+    @staticmethod
+    def _read(path, loaded):
+        """The _Followed of the file at `path`: `loaded` if the file is as it was."""
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if loaded is not None and loaded.sha256 == hashlib.sha256(data).hexdigest():
+            return loaded
+        return _Followed(path, data)
 
     def _refuse(self, path, sha256, error):
         self.refused[path] = (sha256, str(error))
@@ -237,3 +255,9 @@ class ListSync:
                 kernel_set.commit_delta(remove, add)
             else:
                 kernel_set.reset(self.files)
+
+
+def _shape(kernel_set):
+    """What a list-fed set is made of: equal shapes hold the same elements."""
+    inline = tuple(tuple(getattr(networks, "pairs", networks)) for networks in (kernel_set.inline,))
+    return kernel_set.name, kernel_set.version, inline, tuple(kernel_set.paths)
