@@ -17,6 +17,11 @@ from policyd.compile import compile_policy
 
 log = logging.getLogger(__name__)
 
+# Objects a job may leave in the youngest generation and still be collected
+# as usual afterwards (a collection of that many takes a few ms); past it,
+# they are frozen rather than walked on the ban path.
+FREEZE_AFTER_OBJECTS = 50000
+
 
 def give_back_memory():
     """Hand freed heap back to the system. A reload's parse, compile and libnftables
@@ -90,8 +95,8 @@ class Chores:
             nft = None
             # No cyclic collection while a job runs: a collection holds the GIL while
             # it walks every young object, and a reload makes a million of them
-            # (30-270 ms in which no ban could run). What the job leaves alive is
-            # frozen out of later collections instead (see Daemon._adopt).
+            # (30-270 ms in which no ban could run). What a big job leaves alive is
+            # frozen out of later collections instead (as Daemon._adopt does).
             collecting = gc.isenabled()
             gc.disable()
             try:
@@ -105,7 +110,8 @@ class Chores:
                 if nft is not None and hasattr(nft, "close"):
                     nft.close()
                 del nft
-                gc.freeze()
+                if gc.get_count()[0] > FREEZE_AFTER_OBJECTS:
+                    gc.freeze()  # a big job's survivors: never walked, freed by refcount
                 if collecting:
                     gc.enable()
                 give_back_memory()
