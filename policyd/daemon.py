@@ -847,21 +847,31 @@ def _ban_rows(snapshot, now):
                                                banned_at) in rows]
 
 
-def run(policy_path, state_dir, run_dir, metrics_listen=None):
-    """`policyd run`: start, loop until SIGTERM/SIGINT, stop; SIGHUP reloads."""
-    daemon = Daemon(policy_path, state_dir, run_dir, metrics_listen)
+def signal_handlers(daemon):
+    """{signal number: handler}: SIGTERM and SIGINT stop the loop, SIGHUP reloads.
+
+    A handler runs on the main thread between two bytecodes, possibly inside
+    wake.wait() while that thread holds the Event's lock: wake.set() there would
+    wait for its own thread forever. A short thread sets it once the lock is free."""
+    def wake():
+        threading.Thread(target=daemon.wake.set, name="policyd-signal", daemon=True).start()
 
     def stop(_signum, _frame):
         daemon.stopping = True
-        daemon.wake.set()
+        wake()
 
     def reload(_signum, _frame):
         daemon.reload_requested = True
-        daemon.wake.set()
+        wake()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, reload)
+    return {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
+
+
+def run(policy_path, state_dir, run_dir, metrics_listen=None):
+    """`policyd run`: start, loop until SIGTERM/SIGINT, stop; SIGHUP reloads."""
+    daemon = Daemon(policy_path, state_dir, run_dir, metrics_listen)
+    for signum, handler in signal_handlers(daemon).items():
+        signal.signal(signum, handler)
     daemon.start()
     try:
         daemon.run()
