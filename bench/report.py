@@ -84,7 +84,9 @@ def rows(results):
     reload = results.get("reload_latency")
     if reload:
         busy, quiet = reload["during_reloads"], reload["quiet"]
-        out.append((f"(g) ban latency during a loop of {reload['allowlist']:,}-network reloads",
+        churn = reload.get("list_churn_lines")
+        what = f", each after {churn:,} lines of the list file changed" if churn else ""
+        out.append((f"(g) ban latency during a loop of {reload['allowlist']:,}-network reloads{what}",
                     f"median {busy['median_ms']:.1f} ms, p99 {busy['p99_ms']:.1f} ms ({busy['trials']} trials "
                     f"over {reload['reloads']} reloads of {_seconds_list(reload['reload_seconds'])}); "
                     f"without reloads: {quiet['median_ms']:.1f} / {quiet['p99_ms']:.1f} ms", "",

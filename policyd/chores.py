@@ -6,6 +6,7 @@ running the completions in collect(). A job never touches the daemon's objects:
 it gets what it needs as arguments and returns what it found.
 """
 import ctypes
+import gc
 import logging
 import queue
 import threading
@@ -15,6 +16,11 @@ from policyd import trial
 from policyd.compile import compile_policy
 
 log = logging.getLogger(__name__)
+
+# Objects a job may leave in the youngest generation and still be collected
+# as usual afterwards (a collection of that many takes a few ms); past it,
+# they are frozen rather than walked on the ban path.
+FREEZE_AFTER_OBJECTS = 50000
 
 
 def give_back_memory():
@@ -87,6 +93,12 @@ class Chores:
                 return
             kind, job, done = item
             nft = None
+            # No cyclic collection while a job runs: a collection holds the GIL while
+            # it walks every young object, and a reload makes a million of them
+            # (30-270 ms in which no ban could run). What a big job leaves alive is
+            # frozen out of later collections instead (as Daemon._adopt does).
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 # A context per job: libnftables keeps the cache of its last command
                 # (every element of a 100k-network set, ~200 MB) until it is freed.
@@ -98,6 +110,10 @@ class Chores:
                 if nft is not None and hasattr(nft, "close"):
                     nft.close()
                 del nft
+                if gc.get_count()[0] > FREEZE_AFTER_OBJECTS:
+                    gc.freeze()  # a big job's survivors: never walked, freed by refcount
+                if collecting:
+                    gc.enable()
                 give_back_memory()
             self._results.put((kind, done, result, error))
             if self._wake is not None:
@@ -115,13 +131,23 @@ class PolicyUpkeep:
         self._expected_key = None
         self._expected = {}
 
-    def reload(self, nft, load_kernel):
-        """(committed Policy or None, whether it was loaded into the kernel)."""
+    def reload(self, nft, load_kernel, current=None, held=None):
+        """(committed Policy or None, whether it was loaded into the kernel).
+
+        With `current` (the policy the kernel has) and `held()` ({set name: (key
+        length, intervals)}: what its interval sets hold), a policy whose chains
+        and rules are unchanged goes in as one transaction of only the elements
+        that differ (Nft.load_changes); else, or if that fails, whole."""
         committed = self.store.committed()
         if committed is None:
             return None, False
         if load_kernel and self.store.pending() is None:
-            nft.load(compile_policy(committed).document())
+            ruleset = compile_policy(committed)
+            changes = getattr(nft, "load_changes", None)
+            if (changes is None or current is None or current.table != committed.table
+                    or not changes(ruleset, compile_policy(current), committed.table,
+                                   held() if held else {})):
+                nft.load(ruleset.document())
             return committed, True
         return committed, False
 

@@ -158,9 +158,10 @@ class Daemon:
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)
-        self.lists = ListSync(self.nft, self.policy, self.wake.set, self._reload)
+        self.lists = ListSync(self.nft, self.policy, self.wake.set, self._reload,
+                              submit=self.chores.submit)
         self.elements = drift.ElementWatch(self.policy.table, self._expected_sets, self.wake.set,
-                                           epoch=lambda: self.lists.epoch + Nft.loads)
+                                           epoch=self._kernel_epoch)
         self.elements.start()
         self._start_fleet()  # catches up with the other nodes before READY
         self.held_back = None
@@ -524,7 +525,7 @@ class Daemon:
         # gone or edited) runs on the worker; _upkept() takes its findings.
         policy = self.policy
         elements_drifted = self.elements.drifted  # the element watch's verdict, read here
-        self.chores.submit("upkeep", lambda nft: self.upkeep.check(nft, policy, elements_drifted),
+        self.chores.submit("upkeep", lambda nft: self._upkeep_job(nft, policy, elements_drifted),
                            self._upkept)
         try:
             for ban in self.bans.expire(write_state=False):  # _save() writes it
@@ -536,6 +537,20 @@ class Daemon:
                     log.warning("kernel lacked bans %s", kv(readded=readded))
         except (KernelError, OSError) as exc:
             self._trouble("housekeeping", exc)
+
+    def _upkeep_job(self, nft, policy, elements_drifted):
+        """On the worker: housekeeping's policy half, and the list files of a newer
+        committed policy read there too (100k lines parsed on the main loop would
+        hold bans up)."""
+        found = self.upkeep.check(nft, policy, elements_drifted)
+        if found.get("committed") is not None:
+            self.lists.epoch += 1
+            try:
+                found["lists"] = self.lists.prepare(found["committed"])
+                self.lists.take(found["lists"])
+            finally:
+                self.lists.epoch += 1
+        return found
 
     def _take_first_commit(self):
         """While held back: an operator's apply committed a policy; enforce from now on."""
@@ -567,7 +582,7 @@ class Daemon:
         self.problems.pop("policy upkeep", None)
         self.trial_active = found.get("trial_active", False)
         if found.get("committed") is not None:
-            self._adopt(found["committed"])
+            self._adopt(found["committed"], found.get("lists"))
         if found.get("rolled_back"):
             self.metrics.applies.labels(kind="rollback").inc()
             log.warning("trial ended %s", kv(reason="deadline passed unconfirmed"))
@@ -585,6 +600,12 @@ class Daemon:
             log.warning("tables were gone or changed: restored %s", kv(
                 policy=self.policy.digest[:12], bans=count, sets="; ".join(differences) or None,
                 ms=round(found["restored_ms"] + (time.perf_counter() - started) * 1000, 1)))
+
+    def _kernel_epoch(self):
+        """For the drift check: moves whenever the list follower's epoch or the loads
+        do, and is odd while either is (both can be at once, on the worker)."""
+        lists_epoch, loads = self.lists.epoch, Nft.loads
+        return 2 * (lists_epoch + loads) + ((lists_epoch | loads) & 1)
 
     def _expected_sets(self):
         """What the guard table's interval sets should hold (on the drift thread):
@@ -618,11 +639,29 @@ class Daemon:
             for reply in replies:
                 reply.set_result({"sha256": self.policy.digest if self.policy else None})
             return
+        current = self.policy
         replies = list(replies)
-        if not self.chores.submit("reload", lambda nft: self.upkeep.reload(nft, load_kernel),
+        if not self.chores.submit("reload", lambda nft: self._reload_job(nft, load_kernel, current),
                                   lambda result, error: self._reloaded(result, error, replies)):
             again_kernel, again_replies = self._reload_again or (False, [])
             self._reload_again = (again_kernel or load_kernel, again_replies + replies)
+
+    def _reload_job(self, nft, load_kernel, current):
+        """On the worker: everything a reload parses, compiles and loads. A policy
+        whose chains and rules the kernel has goes in as only the elements that
+        differ (a small transaction: the kernel's commit lock, which ban adds wait
+        for, is held milliseconds, not the 0.3 s of 100k elements), and its list
+        files are read here, not on the main loop."""
+        self.lists.epoch += 1  # odd: the drift check does not compare meanwhile
+        try:
+            committed, loaded = self.upkeep.reload(nft, load_kernel, current,
+                                                   self._expected_sets)
+            prepared = self.lists.prepare(committed) if committed is not None else None
+            if prepared is not None:
+                self.lists.take(prepared)
+        finally:
+            self.lists.epoch += 1
+        return committed, loaded, prepared
 
     def _reloaded(self, result, error, replies):
         if error is not None:
@@ -630,11 +669,11 @@ class Daemon:
             for reply in replies:
                 reply.set_exception(error)
         else:
-            committed, loaded = result
+            committed, loaded, prepared = result
             if loaded:
                 self.metrics.applies.labels(kind="restore").inc()
             if committed is not None:
-                self._adopt(committed)
+                self._adopt(committed, prepared)
             for reply in replies:
                 reply.set_result({"sha256": self.policy.digest})
         if self._reload_again is not None:
@@ -642,8 +681,9 @@ class Daemon:
             self._reload_again = None
             self._reload(load_kernel, waiting)
 
-    def _adopt(self, committed):
-        """Make `committed` the daemon's policy: ban settings, ban table, logs."""
+    def _adopt(self, committed, lists_prepared=None):
+        """Make `committed` the daemon's policy: ban settings, ban table, logs, and
+        list files (as ListSync.prepare read them on the worker, if it did)."""
         changed_logs = committed.bans.logs != self.policy.bans.logs
         changed_fleet = committed.fleet != self.policy.fleet
         changed_prefix = committed.bans.ipv6_prefix != self.policy.bans.ipv6_prefix
@@ -673,7 +713,7 @@ class Daemon:
                 self.fleet = None
             self._start_fleet()
         gc.freeze()
-        self.lists.follow(committed)
+        self.lists.follow(committed, lists_prepared)
         self.elements.table = committed.table
         self.elements.reset()
         log.info("reloaded %s", kv(policy=committed.source, sha256=committed.digest[:12]))
@@ -793,21 +833,31 @@ class OffLoop:
         self.work = work
 
 
-def run(policy_path, state_dir, run_dir, metrics_listen=None):
-    """`policyd run`: start, loop until SIGTERM/SIGINT, stop; SIGHUP reloads."""
-    daemon = Daemon(policy_path, state_dir, run_dir, metrics_listen)
+def signal_handlers(daemon):
+    """{signal number: handler}: SIGTERM and SIGINT stop the loop, SIGHUP reloads.
+
+    A handler runs on the main thread between two bytecodes, possibly inside
+    wake.wait() while that thread holds the Event's lock: wake.set() there would
+    wait for its own thread forever. A short thread sets it once the lock is free."""
+    def wake():
+        threading.Thread(target=daemon.wake.set, name="policyd-signal", daemon=True).start()
 
     def stop(_signum, _frame):
         daemon.stopping = True
-        daemon.wake.set()
+        wake()
 
     def reload(_signum, _frame):
         daemon.reload_requested = True
-        daemon.wake.set()
+        wake()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, reload)
+    return {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
+
+
+def run(policy_path, state_dir, run_dir, metrics_listen=None):
+    """`policyd run`: start, loop until SIGTERM/SIGINT, stop; SIGHUP reloads."""
+    daemon = Daemon(policy_path, state_dir, run_dir, metrics_listen)
+    for signum, handler in signal_handlers(daemon).items():
+        signal.signal(signum, handler)
     daemon.start()
     try:
         daemon.run()

@@ -3,7 +3,8 @@
 Owns reading and strict validation of the files a policy's `allow` and `deny`
 name (FireHOL netsets and Spamhaus DROP read as they are). Entries are kept as
 integers, not ipaddress objects: lists run to 100k lines and must load fast.
-A bad line refuses the whole list with file:line.
+A bad line refuses the whole list with file:line. Parsing is policyd.listparse,
+the compiled sets' elements policyd.elements.
 """
 import array
 import bisect
@@ -16,7 +17,9 @@ import socket
 from pathlib import Path
 
 from policyd.errors import InputError
+from policyd.listparse import parse_entry, parse_lines, parse_text, strip  # noqa: F401
 from policyd.logfmt import kv
+from policyd.nlattr import big_endian
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +113,17 @@ class _Records:
     def build(cls, version, entries):
         length = 4 if version == 4 else 16
         ordered = sorted(entries)
-        return cls(version,
-                   b"".join(first.to_bytes(length, "big") + bytes([prefixlen])
-                            for first, prefixlen, _line in ordered),
-                   array.array("I", [line for _first, _prefixlen, line in ordered]))
+        # Column by column (addresses, then prefix lengths), not a record at a time.
+        records = bytearray((length + 1) * len(ordered))
+        if ordered:
+            firsts, prefixes, lines = zip(*ordered)
+            keys = big_endian(firsts, length)
+            for offset in range(length):
+                records[offset::length + 1] = keys[offset::length]
+            records[length::length + 1] = bytes(prefixes)
+        else:
+            lines = ()
+        return cls(version, bytes(records), array.array("I", lines))
 
     def __len__(self):
         return len(self.records) // self.size
@@ -227,48 +237,10 @@ def _store(netlist):
         pass
 
 
-def strip(raw):
-    """The entry on one line with comments and blanks removed (b"" if none)."""
-    for mark in (b"#", b";"):
-        cut = raw.find(mark)
-        if cut >= 0:
-            raw = raw[:cut]
-    return raw.strip()
-
-
 def parse(data, path):
     """The NetList of a list file's bytes; InputError names the first bad line."""
-    v4, v6 = [], []
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        raw = strip(raw) if b"#" in raw or b";" in raw else raw.strip()
-        if not raw:
-            continue
-        # parse_text takes the common shapes fast; parse_entry settles the rest
-        # and says what is wrong.
-        entry = parse_text(raw.decode("ascii", "replace")) or parse_entry(raw, path, number)
-        (v4 if entry[0] == 4 else v6).append((entry[1], entry[2], number))
-    return NetList(path, hashlib.sha256(data).hexdigest(), tuple(v4), tuple(v6))
-
-
-def parse_text(text):
-    """(version, first address as int, prefix length) of a plain address or CIDR
-    network text, or None for anything else (the caller then says why)."""
-    address, _, length = text.partition("/")
-    try:
-        if ":" in address:
-            first, bits = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big"), 128
-        else:
-            first, bits = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big"), 32
-    except OSError:
-        return None
-    if length and not (length.isdigit() and len(length) <= 3):
-        return None
-    prefixlen = int(length) if length else bits
-    if prefixlen > bits or first & ((1 << (bits - prefixlen)) - 1):
-        return None
-    if bits == 128 and first >> 32 == 0xFFFF:
-        return None  # IPv4-mapped: parse_network decides
-    return (4 if bits == 32 else 6), first, prefixlen
+    v4, v6 = parse_lines(data, path)
+    return NetList(path, hashlib.sha256(data).hexdigest(), v4, v6)
 
 
 class Networks(tuple):
@@ -315,34 +287,6 @@ class Networks(tuple):
         return repr(self._built())
 
 
-def parse_entry(text, path="<list>", line=None):
-    """b"192.0.2.0/24" -> (4, first address as int, 24); strict: host bits are an error."""
-    try:
-        address, slash, length = text.decode("ascii").partition("/")
-    except UnicodeDecodeError:
-        raise InputError("not an address or network (non-ASCII)", path, line) from None
-    version = 6 if ":" in address else 4
-    family, bits = _FAMILY[version]
-    try:
-        first = int.from_bytes(socket.inet_pton(family, address), "big")
-    except OSError:
-        raise InputError(f"{text.decode('ascii')!r} is not an address or network",
-                         path, line) from None
-    prefixlen = bits
-    if slash:
-        if not length.isdigit() or len(length) > 3 or int(length) > bits:
-            raise InputError(f"{text.decode('ascii')!r} has a bad prefix length", path, line)
-        prefixlen = int(length)
-    if first & ((1 << (bits - prefixlen)) - 1):
-        raise InputError(f"{text.decode('ascii')!r} has host bits set", path, line)
-    if version == 6 and first >> 32 == 0xFFFF:  # as addr.parse_network reads it
-        if prefixlen != 128:
-            raise InputError(f"{text.decode('ascii')!r} is an IPv4-mapped network; "
-                             "write it as IPv4", path, line)
-        return 4, first & 0xFFFFFFFF, 32
-    return version, first, prefixlen
-
-
 def network_text(version, first, prefixlen):
     family, bits = _FAMILY[version]
     text = socket.inet_ntop(family, first.to_bytes(bits // 8, "big"))
@@ -362,171 +306,5 @@ def as_network(version, first, prefixlen):
     return (ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network)((first, prefixlen))
 
 
-class Elements(list):
-    """An interval set's JSON elements, and the same networks as integers: its
-    `intervals` ((first, last) pairs) are what the netlink encoder, doctor and
-    the drift check read, so the 100k texts are built only when Python code
-    reads the list (render, libnftables, tests), never on the fast path.
-
-    json.dumps reads a list subclass through its iterator (PySequence_Fast
-    copies anything but an exact list), so documents serialise whole;
-    policyd.nft still materializes before libnftables, to depend on nothing.
-    """
-
-    def __init__(self, version, disjoint=None, sources=None):
-        super().__init__()
-        self.version = version
-        self._disjoint = disjoint
-        # (networks, netlists) to sweep into `disjoint` on first need: `explain`
-        # asks find() about one address and never needs the 100k of them.
-        self._sources = sources
-        self._filled, self._intervals = False, None
-
-    @property
-    def disjoint(self):
-        if self._sources is not None:
-            self._disjoint = disjoint_networks(self.version, *self._sources)
-            self._sources = None
-        return self._disjoint
-
-    @disjoint.setter
-    def disjoint(self, value):
-        self._disjoint, self._sources = value, None
-
-    def find(self, address):
-        """The network of this set holding `address` (an ipaddress object), or None:
-        from the policy's networks and the lists' sorted records while the set is
-        not built, else by bisecting its intervals."""
-        if self._sources is not None:
-            networks, netlists = self._sources
-            for network in networks:
-                if address in network:
-                    return network
-            for netlist in netlists:
-                found = netlist.find(address)
-                if found is not None:
-                    return ipaddress.ip_network(found[0], strict=False)
-            return None
-        intervals = self.intervals
-        if intervals is None:
-            return None
-        number = int(address)
-        index = bisect.bisect_right(intervals, (number, float("inf"))) - 1
-        if index >= 0 and intervals[index][0] <= number <= intervals[index][1]:
-            return as_network(self.version, *self.disjoint[index])
-        return None
-
-    @property
-    def intervals(self):
-        """Sorted disjoint (first, last) pairs; None once texts were added by hand."""
-        if self.disjoint is None:
-            return None
-        if self._intervals is None:
-            bits = _FAMILY[self.version][1]
-            self._intervals = [(first, first + (1 << (bits - prefixlen)) - 1)
-                               for first, prefixlen in self.disjoint]
-        return self._intervals
-
-    def materialize(self):
-        if not self._filled:
-            self._filled = True
-            list.extend(self, _element_texts(self.version, self.disjoint))
-        return self
-
-    json = materialize
-
-    def __len__(self):
-        return list.__len__(self) if self._filled else len(self.disjoint)
-
-    def __bool__(self):
-        if self._sources is not None and not self._filled:
-            networks, netlists = self._sources
-            return bool(networks) or any(netlist.count(self.version) for netlist in netlists)
-        return len(self) > 0
-
-    def __iter__(self):
-        return list.__iter__(self.materialize())
-
-    def __reversed__(self):
-        return list.__reversed__(self.materialize())
-
-    def __getitem__(self, index):
-        return list.__getitem__(self.materialize(), index)
-
-    def __contains__(self, item):
-        return list.__contains__(self.materialize(), item)
-
-    def __eq__(self, other):
-        if isinstance(other, Elements):
-            other.materialize()
-        return list.__eq__(self.materialize(), other)
-
-    def __ne__(self, other):
-        return not self == other
-
-    __hash__ = None
-
-    def __repr__(self):
-        return list.__repr__(self.materialize())
-
-    def extend(self, items):
-        list.extend(self.materialize(), items)
-        self._intervals = None  # the integers no longer say it all:
-        self.disjoint = None    # readers of `intervals` parse the texts instead
-
-    def append(self, item):
-        self.extend([item])
-
-
-def materialize(document):
-    """Build every lazy element text in `document` (before a C-level json.dumps)."""
-    for command in document.get("nftables", []):
-        for body in command.values():
-            if isinstance(body, dict):
-                for obj in body.values():
-                    if isinstance(obj, dict) and isinstance(obj.get("elem"), Elements):
-                        obj["elem"].materialize()
-    return document
-
-
-def disjoint_networks(version, networks=(), netlists=()):
-    """Sorted (first, prefix length) of every network, nested ones dropped.
-
-    Networks nest or are disjoint, so one sweep in address order that skips
-    whatever starts inside the last kept one leaves no overlap (nft and the
-    kernel refuse overlapping intervals).
-    """
-    bits = _FAMILY[version][1]
-    pairs = getattr(networks, "pairs", None)
-    entries = ([(first, prefixlen, 0) for first, prefixlen in pairs] if pairs is not None
-               else [(int(n.network_address), n.prefixlen, 0) for n in networks])
-    for netlist in netlists:
-        entries.extend(netlist.entries(version))
-    entries.sort()  # lists come sorted mostly: timsort makes this nearly free
-    out, end = [], -1
-    for first, prefixlen, _line in entries:
-        if first <= end:
-            continue
-        out.append((first, prefixlen))
-        end = first + (1 << (bits - prefixlen)) - 1
-    return out
-
-
-def set_elements(version, disjoint):
-    """The JSON interval-set elements of disjoint (first, prefix length) networks,
-    as an Elements list (texts built when read)."""
-    return Elements(version, disjoint)
-
-
-def lazy_elements(version, networks=(), netlists=()):
-    """The interval-set elements of `networks` and the lists' entries, as an
-    Elements list that sweeps them (disjoint_networks) only when first read."""
-    return Elements(version, sources=(networks, tuple(netlists)))
-
-
-def _element_texts(version, disjoint):
-    family, bits = _FAMILY[version]
-    size, ntop = bits // 8, socket.inet_ntop
-    return [ntop(family, first.to_bytes(size, "big")) if prefixlen == bits else
-            {"prefix": {"addr": ntop(family, first.to_bytes(size, "big")), "len": prefixlen}}
-            for first, prefixlen in disjoint]
+from policyd.elements import (Elements, disjoint_networks, lazy_elements,  # noqa: E402,F401
+                               materialize, set_elements)

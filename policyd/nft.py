@@ -15,7 +15,7 @@ import threading
 
 import nftables
 
-from policyd import lists, nfnetlink, nlbatch
+from policyd import lists, nfnetlink, nlbatch, reloaddiff
 from policyd.compile import BAN_SETS, RANGE_BAN_SETS
 from policyd.ruleset import FAMILY
 from policyd.errors import KernelError
@@ -79,6 +79,25 @@ class Nft:
                 log.warning("kernel refused the netlink encoding (%s); loading through "
                             "libnftables", os.strerror(exc.errno or errno.EINVAL))
                 self._json(document, dry_run=False)
+        finally:
+            self._count_load()
+
+    def load_changes(self, new, old, table, held):
+        """Take the kernel from Ruleset `old` to `new` by one transaction of only
+        the interval elements that differ in `table` (policyd.reloaddiff), or by
+        none if nothing does; False when that cannot be done (the caller loads
+        `new` whole). Refused, the transaction changed nothing."""
+        self._count_load()
+        try:
+            messages = reloaddiff.delta(self.netlink, new, old, table, held)
+            if messages is None:
+                return False
+            if messages:
+                self.netlink.send_batch(messages)
+            return True
+        except (OSError, nlbatch.Unsupported) as exc:
+            log.info("element changes not loaded, loading whole: %s", exc)
+            return False
         finally:
             self._count_load()
 

@@ -58,3 +58,31 @@ def test_a_bug_in_housekeeping_is_logged_with_its_trace_and_the_loop_goes_on(hel
     monkeypatch.setattr(held_back, "_take_first_commit", lambda: None)  # fixed
     held_back._housekeeping()
     assert "housekeeping" not in held_back.problems
+
+
+@pytest.mark.parametrize("signame", ["SIGHUP", "SIGTERM"])
+def test_a_signal_that_lands_while_the_loop_holds_its_wake_lock_does_not_hang_it(signame):
+    """A signal handler runs on the main thread between two bytecodes, possibly
+    inside wake.wait() while that thread holds the Event's lock: a handler that
+    takes the lock itself (wake.set()) waits for its own thread forever. Seen
+    under a loop of SIGHUPs: the daemon stopped answering and ignored SIGTERM."""
+    import signal
+    import threading
+
+    class Loop:
+        stopping = reload_requested = False
+        wake = threading.Event()
+
+    loop = Loop()
+    handlers = daemon_mod.signal_handlers(loop)
+
+    def landing():
+        with loop.wake._cond:  # as inside wake.wait(), on the loop's own thread
+            handlers[getattr(signal, signame)](getattr(signal, signame), None)
+
+    thread = threading.Thread(target=landing, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "the handler waited for the lock its own thread holds"
+    assert loop.wake.wait(5)
+    assert loop.stopping or loop.reload_requested

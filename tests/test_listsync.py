@@ -156,3 +156,19 @@ def test_an_entry_on_two_lines_stays_until_both_are_gone(setup):
     (batch,) = nft.netlink.batches
     assert [_keys(m) for m in batch] == [(nlbatch.DELSETELEM, [
         (socket.inet_aton("192.0.2.0"), False), (socket.inet_aton("192.0.2.16"), True)])]
+
+
+@pytest.mark.parametrize("data", [
+    b"192.0.2.0/24\n2001:db8::/32\n198.51.100.7\n",
+    b"# header\n192.0.2.0/24 ; SBL1\n\n  203.0.113.0/25\t\r\n2001:db8:1::/48 # x\n",
+    b"192.0.2.0/24\n192.0.2.0/24\n192.0.2.0/24 # again\n",
+    b"192.0.2.1/\n::ffff:192.0.2.1\n",
+    b"",
+])
+def test_a_list_read_in_bulk_is_known_as_read_line_by_line(data, monkeypatch):
+    """_Followed's C-speed reading leaves exactly what the line-by-line one does."""
+    from policyd import listmodel, listparse
+    fast = listmodel._Followed("/l", data)
+    monkeypatch.setattr(listparse, "bulk", lambda _data: None)
+    slow = listmodel._Followed("/l", data)
+    assert (fast.raw, fast.refs, fast.entries) == (slow.raw, slow.refs, slow.entries)

@@ -58,3 +58,33 @@ def test_a_policy_committed_by_the_cli_is_reported(world, clock):
     newer = trial.apply(kernel, store, paths["other"], peers=lambda _p: [], now=clock.now)
     found = upkeep.check(kernel, policy)
     assert found["committed"].digest == newer.digest and "restored_ms" not in found
+
+
+def test_the_worker_collects_nothing_during_a_job_and_freezes_what_a_big_one_leaves():
+    """A cyclic collection holds the GIL while it walks every young object: none
+    runs while a job does, and the survivors of a big job are frozen, not walked
+    later on the ban path. Collection is on again after it."""
+    import gc
+    import threading
+    from policyd.chores import FREEZE_AFTER_OBJECTS, Chores
+    done = threading.Event()
+    seen = {}
+
+    def job(_nft):
+        seen["enabled"] = gc.isenabled()
+        return [[i] for i in range(2 * FREEZE_AFTER_OBJECTS)]
+
+    before = gc.get_freeze_count()
+    chores = Chores(lambda: None, wake=done.set)
+    chores.start()
+    try:
+        chores.submit("big", job, lambda result, error: seen.update(result=result, error=error))
+        assert done.wait(10)
+        chores.collect()
+    finally:
+        chores.stop()
+    assert seen["enabled"] is False and seen["error"] is None
+    assert len(seen["result"]) == 2 * FREEZE_AFTER_OBJECTS
+    assert gc.isenabled()
+    assert gc.get_freeze_count() >= before + 2 * FREEZE_AFTER_OBJECTS
+    gc.unfreeze()

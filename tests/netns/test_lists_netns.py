@@ -203,3 +203,56 @@ def test_an_allowlist_element_deleted_by_hand_is_put_back(world):
     finally:
         err = daemon.stop_and_read()
     assert "committed_ollama_v4: 2 element(s) missing" in err, err
+
+
+def test_a_reload_sends_only_the_changed_elements_and_a_refused_one_changes_nothing(world):
+    """Issue 14 item 3: a reload whose chains and rules are unchanged goes in as one
+    small transaction of the elements that differ, leaving exactly the ruleset a
+    whole load leaves; a refused one changes nothing, byte for byte."""
+    lines = [f"10.{i >> 8 & 255}.{i & 255}.0/28" for i in range(3000)]
+    lines += [f"2001:db8:{i:x}::/64" for i in range(3000)]
+    allow, _deny = _lists(world, allow="\n".join(lines) + "\n")
+    path = world.policy(f"""\
+        version: 1
+        services:
+          ollama: {{ports: [11434], allow: [192.0.2.0/24, {{file: {allow}}}]}}
+    """)
+    state = world.lab.tmp / "reload-state"
+
+    def reload_with_changes():
+        from policyd import drift, nlbatch, policystore, reloaddiff, trial
+        from policyd.chores import PolicyUpkeep
+        from policyd.compile import compile_policy
+        from policyd.nft import Nft
+        nft, store = Nft(), policystore.PolicyStore(state)
+        current = trial.apply(nft, store, path, force=True)
+        changed = lines[:10] + lines[20:] + ["198.51.100.0/24", "2001:db8:ffff::/48"]
+        (world.lab.tmp / "allow.txt").write_text("\n".join(changed) + "\n")
+        sent = []
+        real_send = nft.netlink.send_batch
+        nft.netlink.send_batch = lambda messages: sent.append(messages) or real_send(messages)
+        held = drift.expected_intervals(compile_policy(current), current.table)
+        committed, loaded = PolicyUpkeep(store).reload(nft, True, current, lambda: held)
+        assert loaded and len(sent) == 1
+        kinds = {kind for kind, _flags, _body in sent[0]}
+        assert kinds == {nlbatch.DELSETELEM, nlbatch.NEWSETELEM}, kinds
+
+        def tables():  # a whole load re-creates the guard table: it lists last then
+            return [world.server.nft("list", "table", "inet", name).stdout
+                    for name in ("policyd", "policyd_bans")]
+        by_delta = tables()
+        nft.load(compile_policy(committed).document())
+        assert tables() == by_delta, "the delta leaves what a whole load leaves"
+        # A transaction the kernel refuses (an interval that overlaps one it holds).
+        before = world.server.ruleset()
+        ipv4 = {"committed_ollama_v4": (4, [], [(167772160, 167772160 + 255)])}
+        try:
+            real_send(reloaddiff.encode_changes(current.table, {
+                **ipv4, "committed_ollama_v6": (16, [(1, 1)], [])}))
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the kernel took an overlapping interval")
+        assert world.server.ruleset() == before
+
+    in_namespace(world.server.name, reload_with_changes)
