@@ -19,7 +19,7 @@ from flood import flood_lines  # noqa: E402
 from policyd.filters import Failure, Outcome, load_filter  # noqa: E402
 from policyd.guard import judge_for  # noqa: E402
 
-SLICE = 500   # policyd.daemon.READ_SLICE_LINES
+SLICE = 500   # policyd.daemon_logs.READ_SLICE_LINES
 
 
 def per_line(judge, lines):

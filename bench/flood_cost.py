@@ -64,7 +64,8 @@ def measure(workdir, sources=100000, per_source=MAXRETRY, profile=None):
 
 
 def _drive(nft, settings, state_dir, failures, host, profile):
-    from policyd import daemon as daemon_mod
+    from policyd import daemon as daemon_mod, daemon_logs
+    from policyd.banlog import BanLog
     from policyd.bans import BanManager
     from policyd.nft import BanTable
     from policyd.state import State
@@ -75,8 +76,8 @@ def _drive(nft, settings, state_dir, failures, host, profile):
     writer.start()
     manager = BanManager(settings, state, BanTable(nft, "policyd_bans", settings.ipv6_prefix),
                          writer=writer)
-    slice_lines = daemon_mod.READ_SLICE_LINES
-    log_bans = daemon_mod.BanLog().record if hasattr(daemon_mod, "BanLog") else daemon_mod.Daemon._log_bans
+    slice_lines = daemon_logs.READ_SLICE_LINES
+    log_bans = BanLog().record
     # As the daemon does while a backlog is read (where the ban path knows how).
     hold = {"backlog": True} if "backlog" in inspect.signature(manager.write_state).parameters else {}
     profiler = cProfile.Profile() if profile else None

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd import daemon as daemon_mod
+from policyd import daemon_control, daemon_logs
 from policyd.addr import parse_host
 from policyd.bans import BanManager
 from policyd.chores import Chores
@@ -82,7 +83,7 @@ def settle(daemon):
 
 
 def test_a_flood_is_banned_slice_by_slice_and_every_source_once(daemon, monkeypatch):
-    monkeypatch.setattr(daemon_mod, "READ_SLICE_LINES", 200)
+    monkeypatch.setattr(daemon_logs, "READ_SLICE_LINES", 200)
     flood(daemon.log_path, 3000, 3)
     turns = 0
     while daemon._read_logs():
@@ -241,7 +242,7 @@ def test_the_ban_list_is_a_snapshot_formatted_off_the_main_loop(daemon):
     while daemon._read_logs():
         pass
     answer = daemon.ban_list()
-    assert isinstance(answer, daemon_mod.OffLoop)
+    assert isinstance(answer, daemon_control.OffLoop)
     daemon.bans.unban("2001:db8:0:1::7")  # after the snapshot: not in this answer
     listed = answer.work()
     assert len(listed) == 5 and {entry["reason"] for entry in listed} == {"auto"}
