@@ -393,12 +393,6 @@ class Netlink:
                 if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
                     yield value
 
-    def has_element(self, table, name, key):
-        """Whether one set holds `key` (or, in an interval set, an interval holding it):
-        one NFT_MSG_GETSETELEM, ~0.1 ms whatever the set's size. OSError if the set
-        is gone."""
-        return self.get_element(table, name, key) is not None
-
     def get_element(self, table, name, key):
         """(key bytes, ms left or None, element flags) of the element holding `key`,
         or None; one NFT_MSG_GETSETELEM. OSError if the set is gone."""
