@@ -114,7 +114,7 @@ def measure_churn(workdir, count=100000, churn=0.01):
 
 def _has_element(netlink, name, key):
     """One element lookup (NFT_MSG_GETSETELEM, not a dump): ~0.1 ms whatever the set's size."""
-    from policyd import nfnetlink as nl, nlbatch
+    from policyd import nfwire as nl, nlbatch
     body = (nlbatch.string(1, TABLE) + nlbatch.string(2, name)
             + nlbatch.attr(3 | nlbatch.NESTED, nlbatch.encode_element(key)))
     seq = netlink._next_seq()

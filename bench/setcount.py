@@ -13,7 +13,7 @@ import struct
 
 from policyd_lab.netlab import in_namespace  # noqa: E402
 
-from policyd import nfnetlink as nl  # noqa: E402
+from policyd import nfnetlink, nfwire as nl  # noqa: E402
 
 HEADER = struct.Struct("=IHHII")
 
@@ -22,7 +22,7 @@ class SetCounter:
     """counter.count(table, set) -> elements now in that inet set, 0 if it does not exist."""
 
     def __init__(self, namespace):
-        self.netlink = in_namespace(namespace, nl.Netlink)
+        self.netlink = in_namespace(namespace, nfnetlink.Netlink)
         self.sock = in_namespace(namespace, socket.socket, socket.AF_NETLINK, socket.SOCK_RAW,
                                  nl.NETLINK_NETFILTER)
         self.sock.bind((0, 0))

@@ -65,9 +65,6 @@ class Ban:
     reason: str  # "auto" | "manual"
     banned_at: float
 
-    def seconds_left(self, now):
-        return max(0.0, self.expires_at - now)
-
     def as_dict(self):
         """JSON-ready form, for `policyd bans --json` and the control socket."""
         fields = asdict(self)

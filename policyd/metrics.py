@@ -78,9 +78,6 @@ class Snapshot:
         self._values = {name: dict(value.items()) if isinstance(value, dict) else value
                         for name, value in values.items()}
 
-    def value(self, name: str):
-        return self._values.get(name)
-
     def describe(self):
         return list(self.collect())
 

@@ -1,114 +1,25 @@
-"""Set-element changes, cheap dumps and a kernel feature probe, straight over nfnetlink.
-
-The ban hot path: one batch (one kernel transaction) adds or removes any number
-of timed elements (single keys or intervals) without libnftables, whose cache
-rebuild would make every ban pay for the size of the allowlist. Nothing here
-parses rules or sets.
+"""The netfilter netlink socket: set-element changes in one batch, cheap dumps and
+the DESTROYSETELEM probe. The ban hot path: one batch (one kernel transaction) adds or
+removes any number of timed elements without libnftables, whose cache rebuild would
+make every ban pay for the size of the allowlist. Message encoding: policyd.nfwire.
 """
 import errno
 import os
 import socket
 import struct
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
-NFNL_MSG_BATCH_BEGIN = 0x10
-NFNL_MSG_BATCH_END = 0x11
-NFT_MSG_GETTABLE = 1
-NFT_MSG_GETCHAIN = 4
-NFT_MSG_GETRULE = 7
-NFT_MSG_GETSET = 10
-NFT_MSG_NEWSETELEM = 12
-NFT_MSG_GETSETELEM = 13
-NFT_MSG_DELSETELEM = 14
-NFT_MSG_GETGEN = 16
-NFT_MSG_DESTROYSETELEM = 30  # Linux >= 6.3: like DEL, but a missing element is fine
-NFPROTO_INET = 1
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-NLMSG_ERROR = 0x2
-NLMSG_DONE = 0x3
-NLM_F_DUMP = 0x300
-NFTA_TABLE_NAME = 1
-NFTA_CHAIN_TABLE = 1
-NFTA_CHAIN_NAME = 3
-NFTA_RULE_TABLE = 1
-NFTA_RULE_CHAIN = 2
-NFTA_SET_TABLE = 1
-NFTA_SET_NAME = 2
-NLA_F_NESTED = 0x8000
-NFTA_SET_ELEM_LIST_TABLE = 1
-NFTA_SET_ELEM_LIST_SET = 2
-NFTA_SET_ELEM_LIST_ELEMENTS = 3
-NFTA_LIST_ELEM = 1
-NFTA_SET_ELEM_KEY = 1
-NFTA_SET_ELEM_FLAGS = 3
-NFT_SET_ELEM_INTERVAL_END = 1
-NFTA_SET_ELEM_TIMEOUT = 4
-NFTA_SET_ELEM_EXPIRATION = 5
-NFTA_DATA_VALUE = 1
-# An attribute's length is 16 bits, so one message carries at most ~64 KiB of
-# elements; larger changes become several messages in the same batch.
-MAX_ELEMENTS_BYTES = 60000
+from policyd.nfwire import (
+    MAX_ELEMENTS_BYTES, NETLINK_NETFILTER, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END,
+    NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFT_MSG_DELSETELEM, NFT_MSG_DESTROYSETELEM,
+    NFT_MSG_GETCHAIN, NFT_MSG_GETGEN, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM,
+    NFT_MSG_GETTABLE, NFT_MSG_NEWSETELEM, NFT_SET_ELEM_INTERVAL_END, NFTA_CHAIN_NAME,
+    NFTA_CHAIN_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_TABLE, NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_TABLE_NAME, NLA_F_NESTED, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, _attr, _attrs, _element, _elements,
+    _first_element, _packed, _string_attrs, error_code, set_head)
 
-
-def _attr(kind, payload):
-    header = struct.pack("=HH", 4 + len(payload), kind)
-    return header + payload + b"\0" * (-len(payload) % 4)
-
-
-def _element(key_bytes, timeout_ms, flags=0):
-    """One NFTA_LIST_ELEM { KEY { DATA_VALUE key } [FLAGS] [TIMEOUT ms] }, packed in one go.
-
-    Restores encode 100k of these; nested _attr calls cost a second there.
-    Keys are 4 or 16 bytes, so no padding is ever needed.
-    """
-    size = len(key_bytes)
-    extra = (12 if timeout_ms is not None else 0) + (8 if flags else 0)
-    head = struct.pack("=HHHHHH", 4 + 8 + size + extra,
-                       NFTA_LIST_ELEM | NLA_F_NESTED, 8 + size, NFTA_SET_ELEM_KEY | NLA_F_NESTED,
-                       4 + size, NFTA_DATA_VALUE)
-    out = head + key_bytes
-    if flags:
-        out += struct.pack("=HH", 8, NFTA_SET_ELEM_FLAGS) + flags.to_bytes(4, "big")
-    if timeout_ms is not None:
-        out += struct.pack("=HH", 12, NFTA_SET_ELEM_TIMEOUT) + timeout_ms.to_bytes(8, "big")
-    return out
-
-
-def _packed(items, timeouts=True):
-    """Packed elements of (key, seconds) items, and of (start, seconds, end) intervals.
-
-    An interval is its start element, which carries the timeout, and an end
-    element flagged INTERVAL_END holding the first key after it; a range that
-    reaches the last address has no end element (the kernel and nft agree on that).
-    """
-    out = []
-    for item in items:
-        seconds = item[1] if timeouts else None
-        out.append(_element(item[0], None if seconds is None else seconds * 1000))
-        if len(item) == 3 and item[2] is not None:
-            out.append(_element(item[2], None, NFT_SET_ELEM_INTERVAL_END))
-    return out
-
-
-def _attrs(payload):
-    """(type, value) of each attribute in `payload`, flags stripped from the type."""
-    out, offset = [], 0
-    while offset + 4 <= len(payload):
-        length, attr = struct.unpack_from("=HH", payload, offset)
-        if length < 4:
-            break
-        out.append((attr & 0x3FFF, payload[offset + 4:offset + length]))
-        offset += (length + 3) & ~3
-    return out
-
-
-def _string_attrs(payload):
-    """{type: text} for the top-level attributes that hold NUL-terminated names."""
-    return {kind: value[:-1].decode("utf-8", "replace")
-            for kind, value in _attrs(payload) if value.endswith(b"\0")}
+# What other modules read from here (policyd.nft: the interval-end flag).
+__all__ = ["Netlink", "NFT_SET_ELEM_INTERVAL_END"]
 
 
 class Netlink:
@@ -181,8 +92,7 @@ class Netlink:
         `flush` are emptied first, in the same transaction.
         """
         # DELSETELEM without an element list flushes the set (Linux >= 4.10).
-        messages = [(NFT_MSG_DELSETELEM, 0, _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                     + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")) for name in flush]
+        messages = [(NFT_MSG_DELSETELEM, 0, set_head(table, name)) for name in flush]
         for name, items in changes.items():
             messages += self._messages(NFT_MSG_NEWSETELEM, table, name, _packed(items),
                                        NLM_F_CREATE)
@@ -192,8 +102,7 @@ class Netlink:
         """[(key bytes, milliseconds left or None, flags)] of one set's elements, by a
         netlink dump (no libnftables cache, so no allowlist cost). An interval set
         lists start and end (flags & NFT_SET_ELEM_INTERVAL_END) elements."""
-        body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+        body = set_head(table, name)
         return [element for payload in self._dump_raw(NFT_MSG_GETSETELEM, body)
                 for element in _elements(payload) if element[0] is not None]
 
@@ -272,31 +181,25 @@ class Netlink:
 
     def _dump_raw(self, kind, body=b""):
         """The attribute payload of every message a dump request answers with."""
+        seq = self._request(kind, NLM_F_DUMP, body)
+        objects = []
+        for msg_kind, message in self._answers(seq, 1 << 20):
+            if msg_kind == NLMSG_DONE:
+                return objects
+            if msg_kind == NLMSG_ERROR:
+                raise _refusal(message)
+            objects.append(message[20:])
+
+    def _request(self, kind, flags, body, family=NFPROTO_INET):
+        """Send one nf_tables request outside a batch; returns its sequence number."""
         seq = self._next_seq()
         self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | kind,
-                                     NLM_F_REQUEST | NLM_F_DUMP, NFPROTO_INET, 0, body, seq))
-        objects = []
-        while True:
-            data = self._sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, msg_kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data,
-                                                                             offset)
-                if length < 16:
-                    return objects
-                if msg_seq == seq:
-                    if msg_kind == NLMSG_DONE:
-                        return objects
-                    if msg_kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, offset + 16)
-                        raise OSError(-code, os.strerror(-code))
-                    objects.append(data[offset + 20:offset + length])
-                offset += (length + 3) & ~3
+                                     NLM_F_REQUEST | flags, family, 0, body, seq))
+        return seq
 
     def _messages(self, kind, table, name, elements, flags=0):
         """Messages of `kind` carrying packed `elements`, split below the 64 KiB limit."""
-        head = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+        head = set_head(table, name)
         out, chunk = [], []
         size = 0
         for element in elements:
@@ -338,10 +241,9 @@ class Netlink:
         failure = 0
         for kind, seq, message in self._received(1 << 20) if waiting else ():
             if kind == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", message, 16)
                 waiting.discard(seq)
-                if code and not failure:
-                    failure = -code
+                if not failure:
+                    failure = error_code(message)
             if not waiting:
                 break
         if failure:
@@ -354,20 +256,17 @@ class Netlink:
 
     def generation(self):
         """The ruleset's generation id: it moves with every committed transaction."""
-        seq = self._next_seq()
-        self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
-                                     NLM_F_REQUEST, 0, 0, b"", seq))
+        seq = self._request(NFT_MSG_GETGEN, 0, b"", family=0)
         for kind, message in self._answers(seq):
             if kind == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", message, 16)
-                raise OSError(-code, os.strerror(-code))
+                raise _refusal(message)
             for attr, value in _attrs(message[20:]):
                 if attr == 1:  # NFTA_GEN_ID
                     return int.from_bytes(value, "big")
 
-    def _answers(self, seq):
+    def _answers(self, seq, size=65536):
         """(message type, whole message) of each netlink message answering `seq`."""
-        for kind, msg_seq, message in self._received():
+        for kind, msg_seq, message in self._received(size):
             if msg_seq == seq:
                 yield kind, message
 
@@ -386,61 +285,31 @@ class Netlink:
     def set_element_payloads(self, table, name):
         """The raw NFTA_SET_ELEM_LIST_ELEMENTS contents of one set's dump, in the
         kernel's order: hashing them costs no parsing (policyd.drift digests them)."""
-        body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+        body = set_head(table, name)
         for payload in self._dump_raw(NFT_MSG_GETSETELEM, body):
             for kind, value in _attrs(payload):
                 if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
                     yield value
 
-    def has_element(self, table, name, key):
-        """Whether one set holds `key` (or, in an interval set, an interval holding it):
-        one NFT_MSG_GETSETELEM, ~0.1 ms whatever the set's size. OSError if the set
-        is gone."""
-        return self.get_element(table, name, key) is not None
-
     def get_element(self, table, name, key):
         """(key bytes, ms left or None, element flags) of the element holding `key`,
         or None; one NFT_MSG_GETSETELEM. OSError if the set is gone."""
-        element = struct.pack("=HHHHHH", 4 + 8 + len(key), NFTA_LIST_ELEM | NLA_F_NESTED,
-                              8 + len(key), NFTA_SET_ELEM_KEY | NLA_F_NESTED, 4 + len(key),
-                              NFTA_DATA_VALUE) + key
-        body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, element))
-        seq = self._next_seq()
-        self._sock.send(self._header((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-                                     NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, 0, body, seq))
+        body = set_head(table, name) + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+                                             _element(key, None))
+        seq = self._request(NFT_MSG_GETSETELEM, NLM_F_ACK, body)
         found = None
         for kind, message in self._answers(seq):
             if kind != NLMSG_ERROR:
                 found = _first_element(message[20:])
                 continue
-            (code,) = struct.unpack_from("=i", message, 16)
-            if code == -errno.ENOENT:
+            if error_code(message) == errno.ENOENT:
                 return None
-            if code:
-                raise OSError(-code, os.strerror(-code))
+            if error_code(message):
+                raise _refusal(message)
             return found
 
 
-def _elements(payload):
-    """(key, ms left or None, flags) of each element in a GETSETELEM answer."""
-    for kind, value in _attrs(payload):
-        if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
-            continue
-        for _elem_kind, element in _attrs(value):
-            key, left, flags = None, None, 0
-            for attr, data in _attrs(element):
-                if attr == NFTA_SET_ELEM_KEY:
-                    key = next((v for k, v in _attrs(data) if k == NFTA_DATA_VALUE), None)
-                elif attr == NFTA_SET_ELEM_EXPIRATION:
-                    left = int.from_bytes(data, "big")
-                elif attr == NFTA_SET_ELEM_FLAGS:
-                    flags = int.from_bytes(data, "big")
-            yield key, left, flags
-
-
-def _first_element(payload):
-    """(key, ms left or None, flags) of the first element in a GETSETELEM answer."""
-    return next(_elements(payload), None)
+def _refusal(message):
+    """The OSError an NLMSG_ERROR message carries."""
+    code = error_code(message)
+    return OSError(code, os.strerror(code))

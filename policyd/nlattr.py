@@ -5,7 +5,7 @@ import array
 import struct
 import sys
 
-from policyd.nfnetlink import NLA_F_NESTED as NESTED
+from policyd.nfwire import NLA_F_NESTED as NESTED
 
 
 class Unsupported(Exception):

@@ -9,7 +9,7 @@ and the caller loads the document with libnftables instead.
 import socket
 import struct
 
-from policyd import nfnetlink as nl
+from policyd import nfwire as nl
 from policyd import nlrules
 from policyd.nlattr import NESTED, Unsupported, attr, big_endian, nest, string, u32, u64
 from policyd.nlrules import PROTOCOLS

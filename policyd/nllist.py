@@ -9,8 +9,8 @@ import bisect
 import errno
 import ipaddress
 
-from policyd import nfnetlink as nl
-from policyd.nfnetlink import _attrs
+from policyd import nfwire as nl
+from policyd.nfwire import _attrs
 
 HOOKS = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting",
          5: "ingress"}

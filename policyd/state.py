@@ -148,10 +148,6 @@ class State:
     def __exit__(self, *exc):
         self.close()
 
-    @property
-    def schema_version(self):
-        return self._read("PRAGMA user_version")[0][0]
-
     def _read(self, sql, args=()):
         with self._lock:
             try:
@@ -266,9 +262,6 @@ class Writer:
         """rows: (key, time, filter)."""
         self._db.executemany("INSERT INTO failures (key, time, filter) VALUES (?, ?, ?)", rows)
 
-    def forget_failures(self, keys):
-        self._db.executemany("DELETE FROM failures WHERE key = ?", ((key,) for key in keys))
-
     def save_position(self, path, position):
         self._db.execute(
             "INSERT INTO log_positions (path, position) VALUES (?, ?) "
@@ -277,14 +270,6 @@ class Writer:
 
     def prune_failures(self, before):
         self._db.execute("DELETE FROM failures WHERE time < ?", (before,))
-
-    def save_positions(self, positions):
-        """{path: position}: log positions that belong to this batch of failures."""
-        self._db.executemany(
-            "INSERT INTO log_positions (path, position) VALUES (?, ?) "
-            "ON CONFLICT (path) DO UPDATE SET position = excluded.position",
-            ((str(path), json.dumps(position, sort_keys=True))
-             for path, position in positions.items()))
 
     def add_fleet_outbox(self, rows):
         """rows: (op, network, expires_at, reason); returns the seq given to each."""

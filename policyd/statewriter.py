@@ -65,10 +65,6 @@ class StateWriter:
         """Batches submitted whose completion was not collected yet."""
         return self._queued
 
-    @property
-    def running(self):
-        return self._thread is not None
-
     def collect(self):
         """Tokens of the batches written since the last call, in order."""
         done = []

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from policyd import nfnetlink
+from policyd import nfwire
 from policyd.nft import BanTable, _ranges
 
 N = ipaddress.ip_network
@@ -74,24 +74,24 @@ def test_interval_items_carry_the_first_address_after_the_network():
 def _attrs_of(element):
     """{attribute type: payload} of one packed NFTA_LIST_ELEM."""
     inner = element[4:]
-    return {kind: value for kind, value in nfnetlink._attrs(inner)}
+    return {kind: value for kind, value in nfwire._attrs(inner)}
 
 
 def test_packed_interval_is_a_timed_start_and_a_flagged_end():
-    start, end = nfnetlink._packed([(b"\xcb\x00\x71\x40", 60, b"\xcb\x00\x71\x50")])
+    start, end = nfwire._packed([(b"\xcb\x00\x71\x40", 60, b"\xcb\x00\x71\x50")])
     start_attrs, end_attrs = _attrs_of(start), _attrs_of(end)
-    assert struct.unpack(">Q", start_attrs[nfnetlink.NFTA_SET_ELEM_TIMEOUT]) == (60000,)
-    assert nfnetlink.NFTA_SET_ELEM_FLAGS not in start_attrs
-    assert end_attrs[nfnetlink.NFTA_SET_ELEM_FLAGS] == (1).to_bytes(4, "big")
-    assert nfnetlink.NFTA_SET_ELEM_TIMEOUT not in end_attrs
+    assert struct.unpack(">Q", start_attrs[nfwire.NFTA_SET_ELEM_TIMEOUT]) == (60000,)
+    assert nfwire.NFTA_SET_ELEM_FLAGS not in start_attrs
+    assert end_attrs[nfwire.NFTA_SET_ELEM_FLAGS] == (1).to_bytes(4, "big")
+    assert nfwire.NFTA_SET_ELEM_TIMEOUT not in end_attrs
     # Keys only (deletes): no timeout anywhere.
-    assert all(nfnetlink.NFTA_SET_ELEM_TIMEOUT not in _attrs_of(e) for e in
-               nfnetlink._packed([(b"\x01\x02\x03\x04", 60, b"\x01\x02\x03\x05")],
+    assert all(nfwire.NFTA_SET_ELEM_TIMEOUT not in _attrs_of(e) for e in
+               nfwire._packed([(b"\x01\x02\x03\x04", 60, b"\x01\x02\x03\x05")],
                                  timeouts=False))
 
 
 def test_listed_intervals_become_the_networks_that_were_banned():
-    end = nfnetlink.NFT_SET_ELEM_INTERVAL_END
+    end = nfwire.NFT_SET_ELEM_INTERVAL_END
     elements = [  # as the kernel dumps them: newest first, nft's leading end at 0
         (_b("203.0.113.80/32"), None, end), (_b("203.0.113.64/32"), 59000, 0),
         (_b("0.0.0.0/32"), None, end),
@@ -108,7 +108,7 @@ def test_listing_merges_hash_and_interval_sets():
         "ban4": [(_b("198.51.100.7/32"), 30000, 0)],
         "ban6": [(_b("2001:db8:2::/64"), 40000, 0)],
         "ban6_range": [(_b("2001:db8:10::/128"), 50000, 0),
-                       (_b("2001:db8:11::/128"), None, nfnetlink.NFT_SET_ELEM_INTERVAL_END)]})
+                       (_b("2001:db8:11::/128"), None, nfwire.NFT_SET_ELEM_INTERVAL_END)]})
     assert _table(netlink).list_bans() == {N("198.51.100.7/32"): 30, N("2001:db8:2::/64"): 40,
                                            N("2001:db8:10::/48"): 50}
 

@@ -14,23 +14,18 @@ net = ipaddress.ip_network
 
 
 @pytest.fixture
-def kernel(clock):
-    return FakeBanKernel(clock)
-
-
-@pytest.fixture
 def db_path(tmp_path):
     return tmp_path / "state.db"
 
 
 @pytest.fixture
-def make(db_path, clock, kernel):
+def make(db_path, clock, ban_kernel):
     opened = []
 
     def make(settings=None):
         state = State(db_path)
         opened.append(state)
-        return BanManager(settings or Settings(), state, kernel, clock=clock)
+        return BanManager(settings or Settings(), state, ban_kernel, clock=clock)
     yield make
     for state in opened:
         state.close()
@@ -41,16 +36,16 @@ def fail(manager, address, times, filter_name="nginx-auth"):
     return [manager.record_failure(ip(address), filter_name) for _ in range(times)]
 
 
-def test_four_failures_in_window_do_not_ban_the_fifth_does(make, clock, kernel):
+def test_four_failures_in_window_do_not_ban_the_fifth_does(make, clock, ban_kernel):
     manager = make()
     for _ in range(4):
         assert manager.record_failure(ip("192.0.2.10"), "nginx-auth") is None
         clock.advance(100)
     ban = manager.record_failure(ip("192.0.2.10"), "nginx-auth")
     assert ban == Ban(net("192.0.2.10/32"), clock.now + 3600, 5, "nginx-auth", "auto", clock.now)
-    assert kernel.batches == []  # queued only, until flush
+    assert ban_kernel.batches == []  # queued only, until flush
     assert manager.flush() == 1
-    assert kernel.batches == [("add", [(net("192.0.2.10/32"), 3600)])]
+    assert ban_kernel.batches == [("add", [(net("192.0.2.10/32"), 3600)])]
 
 
 def test_findtime_edge_first_failure_exactly_findtime_ago_still_counts(make, clock):
@@ -70,7 +65,7 @@ def test_failures_spread_beyond_findtime_never_ban(make, clock):
     assert manager.active() == []
 
 
-def test_further_failures_while_banned_do_not_reban(make, clock, kernel):
+def test_further_failures_while_banned_do_not_reban(make, clock, ban_kernel):
     manager = make()
     first = fail(manager, "192.0.2.13", 5)[-1]
     manager.flush()
@@ -78,7 +73,7 @@ def test_further_failures_while_banned_do_not_reban(make, clock, kernel):
     assert fail(manager, "192.0.2.13", 10) == [None] * 10
     assert manager.flush() == 0
     assert manager.active() == [first]
-    assert len(kernel.batches) == 1
+    assert len(ban_kernel.batches) == 1
     assert manager.failures_total["nginx-auth"] == 15
 
 
@@ -124,11 +119,11 @@ def test_escalation_history_decays_after_bantime_max_of_quiet(make, clock):
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1", "192.168.1.50", "2001:db8:ff::7"])
-def test_loopback_and_ignored_sources_are_never_banned(make, kernel, address):
+def test_loopback_and_ignored_sources_are_never_banned(make, ban_kernel, address):
     manager = make(Settings(ignore=(net("192.168.1.50/32"), net("2001:db8:ff::/48"))))
     assert fail(manager, address, 50) == [None] * 50
     assert manager.flush() == 0
-    assert manager.active() == [] and kernel.batches == []
+    assert manager.active() == [] and ban_kernel.batches == []
     assert manager.ignored_total["nginx-auth"] == 50
 
 
@@ -165,47 +160,47 @@ def test_ipv6_prefix_is_narrowed_when_it_would_cover_an_ignored_address(make):
     assert fail(manager, "2001:db8:5:5::1", 10) == [None] * 10
 
 
-def test_burst_of_1000_offenders_is_one_kernel_batch(make, kernel):
+def test_burst_of_1000_offenders_is_one_kernel_batch(make, ban_kernel):
     manager = make(Settings(maxretry=1))
     offenders = [ipaddress.IPv4Address(0xC6336400 + i) for i in range(256)] + \
                 [ipaddress.IPv6Address((0x20010DB8 << 96) + (i << 64) + 1) for i in range(744)]
     bans = [manager.record_failure(address, "nginx-auth") for address in offenders]
     assert all(bans)
     assert manager.flush() == 1000
-    assert len(kernel.batches) == 1
-    kind, batch = kernel.batches[0]
+    assert len(ban_kernel.batches) == 1
+    kind, batch = ban_kernel.batches[0]
     assert kind == "add" and len(batch) == 1000
     assert {network for network, _ in batch} == {ban.network for ban in bans}
     assert {timeout for _, timeout in batch} == {3600}
-    assert manager.flush() == 0 and len(kernel.batches) == 1
+    assert manager.flush() == 0 and len(ban_kernel.batches) == 1
 
 
-def test_kernel_failure_keeps_the_queue_for_the_next_flush(make, kernel, clock, caplog):
+def test_kernel_failure_keeps_the_queue_for_the_next_flush(make, ban_kernel, clock, caplog):
     manager = make()
-    kernel.failing = True
+    ban_kernel.failing = True
     ban = fail(manager, "203.0.113.5", 5)[-1]
     assert manager.flush() == 0
     assert "kept queued" in caplog.text
     assert manager.active() == [ban]  # still decided and persisted, only not enforced yet
     clock.advance(30)
-    kernel.failing = False
+    ban_kernel.failing = False
     assert manager.flush() == 1
-    assert kernel.batches == [("add", [(net("203.0.113.5/32"), 3600 - 30)])]
+    assert ban_kernel.batches == [("add", [(net("203.0.113.5/32"), 3600 - 30)])]
 
 
-def test_kernel_failure_on_removal_is_retried(make, kernel):
+def test_kernel_failure_on_removal_is_retried(make, ban_kernel):
     manager = make()
     manager.ban("203.0.113.6", 600)
     manager.flush()
     manager.unban("203.0.113.6")
-    kernel.failing = True
+    ban_kernel.failing = True
     assert manager.flush() == 0
-    kernel.failing = False
+    ban_kernel.failing = False
     assert manager.flush() == 1
-    assert kernel.batches[-1] == ("remove", [net("203.0.113.6/32")])
+    assert ban_kernel.batches[-1] == ("remove", [net("203.0.113.6/32")])
 
 
-def test_restart_restores_remaining_time_and_keeps_history(make, clock, kernel, db_path):
+def test_restart_restores_remaining_time_and_keeps_history(make, clock, ban_kernel, db_path):
     manager = make()
     first = fail(manager, "198.51.100.20", 5)[-1]
     manual = manager.ban(net("2001:db8:77::/48"), 7200)
@@ -216,17 +211,17 @@ def test_restart_restores_remaining_time_and_keeps_history(make, clock, kernel, 
     manager.state.close()
 
     clock.advance(1000)
-    kernel.elements.clear()  # e.g. `nft flush ruleset` while the daemon was down
-    kernel.batches.clear()
+    ban_kernel.elements.clear()  # e.g. `nft flush ruleset` while the daemon was down
+    ban_kernel.batches.clear()
     restarted = make()
     assert restarted.active() == sorted([again, manual], key=lambda ban: ban.expires_at)
     assert restarted.restore() == 2
-    kind, batch = kernel.batches[0]
+    kind, batch = ban_kernel.batches[0]
     assert kind == "add"
     assert sorted(batch, key=lambda pair: str(pair[0])) == sorted(
         [(again.network, int(again.expires_at - clock.now)),
          (manual.network, int(manual.expires_at - clock.now))], key=lambda pair: str(pair[0]))
-    assert len(kernel.batches) == 1
+    assert len(ban_kernel.batches) == 1
     clock.advance(again.expires_at - clock.now + 1)
     restarted.expire()
     third = fail(restarted, "198.51.100.20", 5)[-1]
@@ -266,7 +261,7 @@ def test_failures_older_than_findtime_are_not_restored(make, clock):
     assert fail(restarted, "192.0.2.32", 4) == [None] * 4
 
 
-def test_expire_drops_only_bans_whose_time_has_passed(make, clock, kernel):
+def test_expire_drops_only_bans_whose_time_has_passed(make, clock, ban_kernel):
     manager = make()
     short = manager.ban("203.0.113.40", 100)
     long = manager.ban("203.0.113.41", 1000)
@@ -279,10 +274,10 @@ def test_expire_drops_only_bans_whose_time_has_passed(make, clock, kernel):
     assert manager.active_count == 1
     manager.state.close()
     assert make().active() == [long]
-    assert [kind for kind, _ in kernel.batches] == ["add"]  # the kernel expires its own
+    assert [kind for kind, _ in ban_kernel.batches] == ["add"]  # the kernel expires its own
 
 
-def test_manual_ban_and_unban(make, clock, kernel):
+def test_manual_ban_and_unban(make, clock, ban_kernel):
     manager = make()
     ban = manager.ban("203.0.113.50", 900)
     assert ban == Ban(net("203.0.113.50/32"), clock.now + 900, 0, None, "manual", clock.now)
@@ -290,17 +285,17 @@ def test_manual_ban_and_unban(make, clock, kernel):
     assert manager.unban("203.0.113.50") == net("203.0.113.50/32")
     assert manager.unban("203.0.113.50") is None
     assert manager.flush() == 1
-    assert kernel.batches == [("add", [(net("203.0.113.50/32"), 900)]),
+    assert ban_kernel.batches == [("add", [(net("203.0.113.50/32"), 900)]),
                               ("remove", [net("203.0.113.50/32")])]
     assert manager.active() == []
 
 
 @pytest.mark.parametrize("network", ["128.0.0.0/1", "10.0.0.0/7", "2000::/3", "2000::/15"])
-def test_bans_wider_than_a_deny_list_belongs_are_refused(make, kernel, network):
+def test_bans_wider_than_a_deny_list_belongs_are_refused(make, ban_kernel, network):
     manager = make()
     with pytest.raises(InputError, match="deny list"):
         manager.ban(network, 60)
-    assert manager.flush() == 0 and kernel.batches == []
+    assert manager.flush() == 0 and ban_kernel.batches == []
 
 
 def test_manual_ban_without_duration_uses_escalated_bantime(make):
@@ -308,22 +303,22 @@ def test_manual_ban_without_duration_uses_escalated_bantime(make):
     assert manager.ban(ip("2001:db8:9::1"), None).expires_at - manager.clock() == 3600
 
 
-def test_unban_by_address_lifts_the_covering_slash64(make, kernel):
+def test_unban_by_address_lifts_the_covering_slash64(make, ban_kernel):
     manager = make()
     fail(manager, "2001:db8:4:4::1", 5)
     manager.flush()
     # It says which network it lifted: more than the address asked for.
     assert manager.unban(ip("2001:db8:4:4::abc")) == net("2001:db8:4:4::/64")
     manager.flush()
-    assert kernel.batches[-1] == ("remove", [net("2001:db8:4:4::/64")])
+    assert ban_kernel.batches[-1] == ("remove", [net("2001:db8:4:4::/64")])
 
 
-def test_ban_then_unban_before_flush_nets_out_to_a_removal(make, kernel):
+def test_ban_then_unban_before_flush_nets_out_to_a_removal(make, ban_kernel):
     manager = make()
     manager.ban("198.51.100.60", 600)
     manager.unban("198.51.100.60")
     manager.flush()
-    assert kernel.batches == [("remove", [net("198.51.100.60/32")])]
+    assert ban_kernel.batches == [("remove", [net("198.51.100.60/32")])]
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1", "::1", "127.0.0.0/8", "192.168.1.50",
@@ -353,26 +348,26 @@ def test_manual_ban_overlapping_an_existing_ban_is_refused(make):
         manager.ban("203.0.113.0/24", 600)
 
 
-def test_failures_inside_a_wider_manual_ban_do_not_ban_again(make, kernel):
+def test_failures_inside_a_wider_manual_ban_do_not_ban_again(make, ban_kernel):
     manager = make()
     manager.ban("198.51.100.0/24", 600)
     assert fail(manager, "198.51.100.99", 6) == [None] * 6
     manager.flush()
-    assert kernel.batches == [("add", [(net("198.51.100.0/24"), 600)])]
+    assert ban_kernel.batches == [("add", [(net("198.51.100.0/24"), 600)])]
 
 
-def test_reconcile_readds_only_what_the_kernel_lacks(make, kernel):
+def test_reconcile_readds_only_what_the_kernel_lacks(make, ban_kernel):
     manager = make(Settings(maxretry=1))
     for last_octet in (1, 2, 3):
         fail(manager, f"192.0.2.{last_octet}", 1)
     manager.flush()
     assert manager.reconcile() == 0
-    del kernel.elements[net("192.0.2.2/32")]
+    del ban_kernel.elements[net("192.0.2.2/32")]
     assert manager.reconcile() == 1
-    assert kernel.batches[-1] == ("add", [(net("192.0.2.2/32"), 3600)])
-    kernel.elements.clear()
+    assert ban_kernel.batches[-1] == ("add", [(net("192.0.2.2/32"), 3600)])
+    ban_kernel.elements.clear()
     assert manager.reconcile() == 3
-    assert len(kernel.batches[-1][1]) == 3
+    assert len(ban_kernel.batches[-1][1]) == 3
 
 
 def test_bans_are_counted_by_reason(make):
@@ -393,39 +388,39 @@ def test_ban_as_dict_is_json_ready(make):
     assert ban.as_dict()["reason"] == "manual"
 
 
-def test_kernel_timeout_rounds_up_so_the_kernel_never_lifts_a_ban_early(make, clock, kernel):
+def test_kernel_timeout_rounds_up_so_the_kernel_never_lifts_a_ban_early(make, clock, ban_kernel):
     manager = make()
     manager.ban("192.0.2.90", 100)
     clock.advance(0.4)
     manager.flush()
-    assert kernel.batches == [("add", [(net("192.0.2.90/32"), 100)])]
+    assert ban_kernel.batches == [("add", [(net("192.0.2.90/32"), 100)])]
 
 
-def test_extending_an_active_ban_is_not_a_new_offence(make, clock, kernel):
+def test_extending_an_active_ban_is_not_a_new_offence(make, clock, ban_kernel):
     manager = make()
     manager.ban("192.0.2.91", 100)
     extended = manager.ban("192.0.2.91", 5000)
     manager.flush()
     assert manager.active() == [extended]
-    assert kernel.batches == [("add", [(net("192.0.2.91/32"), 5000)])]
+    assert ban_kernel.batches == [("add", [(net("192.0.2.91/32"), 5000)])]
     clock.advance(5001)
     manager.expire()
     assert manager.ban("192.0.2.91", None).expires_at - clock.now == 7200  # one previous ban
 
 
-def test_ban_is_persisted_even_while_the_kernel_refuses(make, kernel):
+def test_ban_is_persisted_even_while_the_kernel_refuses(make, ban_kernel):
     manager = make()
-    kernel.failing = True
+    ban_kernel.failing = True
     ban = fail(manager, "203.0.113.80", 5)[-1]
     manager.flush()
     manager.state.close()
-    kernel.failing = False
+    ban_kernel.failing = False
     restarted = make()
     assert restarted.active() == [ban]
     assert restarted.restore() == 1
 
 
-def test_bans_that_the_grown_ignore_list_covers_are_lifted(make, kernel):
+def test_bans_that_the_grown_ignore_list_covers_are_lifted(make, ban_kernel):
     manager = make()
     fail(manager, "2001:db8:66:1::9", 5)
     fail(manager, "192.0.2.66", 5)
@@ -433,25 +428,25 @@ def test_bans_that_the_grown_ignore_list_covers_are_lifted(make, kernel):
     lifted = manager.reconfigure(Settings(ignore=(net("2001:db8:66:1::1/128"),)))
     assert [ban.network for ban in lifted] == [net("2001:db8:66:1::/64")]
     assert manager.flush() == 1
-    assert kernel.batches[-1] == ("remove", [net("2001:db8:66:1::/64")])
+    assert ban_kernel.batches[-1] == ("remove", [net("2001:db8:66:1::/64")])
     assert [ban.network for ban in manager.active()] == [net("192.0.2.66/32")]
     manager.state.close()
     # A restart with the old ban still on file and a new ignore list lifts it too.
     restarted = make(Settings(ignore=(net("192.0.2.66/32"),)))
     assert restarted.active() == []
     restarted.flush()
-    assert kernel.batches[-1] == ("remove", [net("192.0.2.66/32")])
+    assert ban_kernel.batches[-1] == ("remove", [net("192.0.2.66/32")])
 
 
-def test_unban_then_ban_again_before_flush_ends_banned(make, kernel):
+def test_unban_then_ban_again_before_flush_ends_banned(make, ban_kernel):
     manager = make()
     manager.ban("198.51.100.61", 600)
     manager.flush()
     manager.unban("198.51.100.61")
     manager.ban("198.51.100.61", 900)
     manager.flush()
-    assert kernel.batches[-1] == ("add", [(net("198.51.100.61/32"), 900)])
-    assert net("198.51.100.61/32") in kernel.list_bans()
+    assert ban_kernel.batches[-1] == ("add", [(net("198.51.100.61/32"), 900)])
+    assert net("198.51.100.61/32") in ban_kernel.list_bans()
 
 
 def test_after_restart_bans_expire_in_expiry_order(make, clock):
@@ -517,12 +512,12 @@ def test_a_batch_reads_ban_history_in_one_query_not_one_per_ban(make, clock, mon
     assert durations["192.0.2.41/32"] == 3600
 
 
-def test_first_bans_are_added_and_repeat_offenders_replaced(make, kernel, monkeypatch):
+def test_first_bans_are_added_and_repeat_offenders_replaced(make, ban_kernel, monkeypatch):
     # A network never banned has no element that could linger in the kernel, so a
     # plain add is enough; a repeat offender's element is replaced for its new timeout.
     calls = []
-    monkeypatch.setattr(kernel, "add_ban_keys", lambda items: calls.append(("add", len(items))))
-    monkeypatch.setattr(kernel, "replace_ban_keys", lambda items: calls.append(("replace", len(items))))
+    monkeypatch.setattr(ban_kernel, "add_ban_keys", lambda items: calls.append(("add", len(items))))
+    monkeypatch.setattr(ban_kernel, "replace_ban_keys", lambda items: calls.append(("replace", len(items))))
     manager = make()
     fail(manager, "192.0.2.50", 5)
     fail(manager, "192.0.2.51", 5)
@@ -566,15 +561,15 @@ def test_a_window_that_went_quiet_is_forgotten_with_one_entry_per_network(make, 
 
 
 def test_restore_after_an_ipv6_prefix_change_replaces_the_ipv6_elements_in_one_batch(make,
-                                                                                       kernel):
+                                                                                       ban_kernel):
     manager = make()
     manager.ban("2001:db8:4::/64", 600)
     manager.ban("198.51.100.9", 600)
     manager.flush()
-    kernel.elements[net("2001:db8:77::/56")] = kernel.clock() + 60  # stale, other meaning
+    ban_kernel.elements[net("2001:db8:77::/56")] = ban_kernel.clock() + 60  # stale, other meaning
     assert manager.restore(flush_ipv6=True) == 2
-    assert kernel.batches[-2] == ("flush6", [])
-    assert set(kernel.list_bans()) == {net("2001:db8:4::/64"), net("198.51.100.9/32")}
+    assert ban_kernel.batches[-2] == ("flush6", [])
+    assert set(ban_kernel.list_bans()) == {net("2001:db8:4::/64"), net("198.51.100.9/32")}
 
 
 def test_a_state_file_whose_history_cannot_be_read_still_bans_as_a_first_offence(make, db_path):

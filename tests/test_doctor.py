@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from policyd import doctor, hostenv, tableshape
+from policyd import doctor, doctor_host, hostenv, tableshape
 from policyd import policy as policy_mod
 from policyd.cli import main
 from policyd.compile import compile_policy
@@ -199,7 +199,7 @@ def test_text_form_is_one_line_per_finding_with_the_fix(host, policy):
 
 def test_ollama_on_every_ipv4_address_is_a_warning_naming_address_and_fix(host, policy):
     host.listening = [Listener(ip("0.0.0.0"), 11434, 0, 501)]
-    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=None)
+    findings = doctor_host.check_listeners(policy, host, "policyd", guard_loaded=None)
     warning, = [f for f in findings if f.level == "warn"]
     assert "0.0.0.0:11434" in warning.message and "ollama (pid 4242)" in warning.message
     assert "could not be read" in warning.message
@@ -210,7 +210,7 @@ def test_ollama_on_every_ipv4_address_is_a_warning_naming_address_and_fix(host, 
 def test_a_wildcard_listener_behind_the_loaded_table_is_the_lan_set_up(host, policy):
     # ollama-lan.yaml: OLLAMA_HOST=0.0.0.0 so that the LAN and loopback both reach it.
     host.listening = [Listener(ip("0.0.0.0"), 11434, 0, 501)]
-    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    findings = doctor_host.check_listeners(policy, host, "policyd", guard_loaded=True)
     assert doctor.exit_code(findings) == 0
     finding, = [f for f in findings if "11434" in f.message]
     assert "(loaded) admits only the allow list" in finding.message
@@ -219,7 +219,7 @@ def test_a_wildcard_listener_behind_the_loaded_table_is_the_lan_set_up(host, pol
 def test_a_wildcard_listener_without_the_table_says_nothing_guards_it(host, policy):
     host.listening = [Listener(ip("::"), 11434, 0, 777)]
     host.owners = {777: [(99, "docker-proxy")]}
-    warning, = [f for f in doctor.check_listeners(policy, host, "policyd", guard_loaded=False)
+    warning, = [f for f in doctor_host.check_listeners(policy, host, "policyd", guard_loaded=False)
                 if f.level == "warn"]
     assert "[::]:11434" in warning.message and "NOT loaded" in warning.message
     assert "-p 127.0.0.1:11434:11434" in warning.fix
@@ -228,7 +228,7 @@ def test_a_wildcard_listener_without_the_table_says_nothing_guards_it(host, poli
 def test_an_unknown_process_on_a_wildcard_gets_the_generic_fix(host, policy):
     host.listening = [Listener(ip("0.0.0.0"), 8080, 0, 888)]
     host.owners = {}
-    warning, = [f for f in doctor.check_listeners(policy, host, "policyd", guard_loaded=False)
+    warning, = [f for f in doctor_host.check_listeners(policy, host, "policyd", guard_loaded=False)
                 if f.level == "warn"]
     assert warning.message.startswith("tcp/8080: a socket listens on 0.0.0.0:8080")
     assert "bind it to 127.0.0.1:8080" in warning.fix
@@ -237,7 +237,7 @@ def test_an_unknown_process_on_a_wildcard_gets_the_generic_fix(host, policy):
 def test_loopback_and_specific_addresses_are_ok_and_silence_is_noted(host, policy):
     host.listening = [Listener(ip("127.0.0.1"), 11434, 0, 501),
                       Listener(ip("192.0.2.1"), 11434, 0, 502)]
-    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    findings = doctor_host.check_listeners(policy, host, "policyd", guard_loaded=True)
     assert [f.level for f in findings] == ["ok", "ok", "ok", "ok"]
     messages = [f.message for f in findings]
     assert messages[0] == "tcp/8080: nothing listens"
@@ -248,14 +248,14 @@ def test_loopback_and_specific_addresses_are_ok_and_silence_is_noted(host, polic
 
 def test_a_udp_listener_on_every_address_is_a_warning(host, policy):
     host.listening = [Listener(ip("::"), 5353, 0, 901, "udp")]
-    findings = doctor.check_listeners(policy, host, "policyd", guard_loaded=False)
+    findings = doctor_host.check_listeners(policy, host, "policyd", guard_loaded=False)
     udp = [f for f in findings if f.message.startswith("udp/5353")]
     assert [f.level for f in udp] == ["warn"] and "[::]:5353" in udp[0].message
 
 
 def test_listeners_that_cannot_be_listed_are_a_warning(host, policy):
     host.listener_error = PermissionError(1, "Operation not permitted")
-    finding, = doctor.check_listeners(policy, host, "policyd", guard_loaded=True)
+    finding, = doctor_host.check_listeners(policy, host, "policyd", guard_loaded=True)
     assert finding.level == "warn" and "as root" in finding.fix
 
 
@@ -270,7 +270,7 @@ services:
     allow: [{iface: lan0}, {iface: nosuch0}, {iface: "wg*"}, {iface: "tun*"}]
 """)
     host.links = ["lo", "lan0", "wg0"]
-    findings = doctor.check_interfaces(policy, host)
+    findings = doctor_host.check_interfaces(policy, host)
     by_name = {f.message.split()[0]: f for f in findings}
     assert by_name["lan0"].level == "ok" and by_name["wg*"].level == "ok"
     assert by_name["nosuch0"].level == "warn" and by_name["tun*"].level == "warn"
@@ -279,7 +279,7 @@ services:
 
 
 def test_no_interface_rules_no_interface_findings(host):
-    assert doctor.check_interfaces(load("version: 1\nservices: {a: {ports: [1], allow: any}}"),
+    assert doctor_host.check_interfaces(load("version: 1\nservices: {a: {ports: [1], allow: any}}"),
                                    host) == []
 
 
@@ -301,7 +301,7 @@ bans:
 def test_missing_unreadable_and_hidden_logs(host):
     host.log_errors = {"/var/log/missing.log": FileNotFoundError(2, "No such file"),
                        "/var/log/secret.log": PermissionError(13, "Permission denied")}
-    findings = doctor.check_logs(load(LOGS_POLICY), host)
+    findings = doctor_host.check_logs(load(LOGS_POLICY), host)
     assert [f.level for f in findings] == ["ok", "warn", "fail", "warn"]
     assert "does not exist" in findings[1].message and "bans.logs[1].path" in findings[1].fix
     assert "Permission denied" in findings[2].message
@@ -310,7 +310,7 @@ def test_missing_unreadable_and_hidden_logs(host):
 
 def test_a_filter_that_does_not_load_fails_once_per_filter(host):
     host.filter_errors = {"broken": InputError("unknown filter 'broken'", key="filter")}
-    findings = doctor.check_filters(load(LOGS_POLICY), host)
+    findings = doctor_host.check_filters(load(LOGS_POLICY), host)
     assert [(f.level, f.message.split("'")[1]) for f in findings] == [
         ("fail", "broken"), ("ok", "caddy-auth"), ("ok", "nginx-auth")]
     assert "unknown filter" in findings[0].message
@@ -514,11 +514,11 @@ def test_an_enabled_nftables_service_is_found_by_its_wants_symlink(tmp_path):
     env = hostenv.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None,
                                  systemd_dir=systemd)
     systemd.mkdir()
-    assert doctor.check_nftables_service(env)[0].level == "ok"
+    assert doctor_host.check_nftables_service(env)[0].level == "ok"
     (systemd / "sysinit.target.wants").mkdir()
     (systemd / "sysinit.target.wants" / "nftables.service").symlink_to(
         "/lib/systemd/system/nftables.service")
-    finding, = doctor.check_nftables_service(env)
+    finding, = doctor_host.check_nftables_service(env)
     assert finding.level == "warn" and "sysinit.target.wants" in finding.message
     assert "After=nftables.service" in finding.fix
 
@@ -527,7 +527,7 @@ def test_the_daemon_check_connects_to_the_control_socket(tmp_path):
     run_dir = tmp_path / "run"
     env = hostenv.HostEnvironment(tmp_path / "s", run_dir, nft_factory=None)
     assert env.control_socket_state() == "missing"
-    assert "not running" in doctor.check_daemon(env)[0].message
+    assert "not running" in doctor_host.check_daemon(env)[0].message
     run_dir.mkdir()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(run_dir / "control.sock"))
@@ -535,10 +535,10 @@ def test_the_daemon_check_connects_to_the_control_socket(tmp_path):
         assert env.control_socket_state() == "stale"  # bound, never listening
         server.listen(1)
         assert env.control_socket_state() == "listening"
-        assert doctor.check_daemon(env)[0].level == "ok"
+        assert doctor_host.check_daemon(env)[0].level == "ok"
     finally:
         server.close()
-    assert doctor.check_daemon(env)[0].level == "warn"
+    assert doctor_host.check_daemon(env)[0].level == "warn"
 
 
 def test_socket_owners_map_inodes_to_processes_through_proc(tmp_path):
@@ -586,7 +586,7 @@ def test_a_wildcard_listener_on_an_allow_any_port_is_ok(tmp_path):
     host.listening = [Listener(ip("0.0.0.0"), 8080, 0, 601), Listener(ip("::"), 8443, 0, 602),
                       Listener(ip("127.0.0.1"), 11434, 0, 501)]
     host.owners = {601: [(10, "nginx")], 602: [(10, "nginx")], 501: [(11, "ollama")]}
-    findings = doctor.check_listeners(proxy, host, proxy.table, True)
+    findings = doctor_host.check_listeners(proxy, host, proxy.table, True)
     assert [f.level for f in findings] == ["ok", "ok", "ok"]
     assert "allows any source" in findings[1].message
 
@@ -595,7 +595,7 @@ def test_a_wildcard_listener_on_an_allowlisted_port_without_the_table_is_a_warni
     proxy = load(PROXY_TEXT)
     host = FakeHost(tmp_path, proxy)
     host.listening = [Listener(ip("0.0.0.0"), 11434, 0, 501)]
-    findings = doctor.check_listeners(proxy, host, proxy.table, False)
+    findings = doctor_host.check_listeners(proxy, host, proxy.table, False)
     assert [f.level for f in findings if "11434" in f.message] == ["warn"]
 
 

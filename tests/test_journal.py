@@ -229,7 +229,7 @@ class DoctorEnv:
 
 
 def test_doctor_says_journal_or_file_and_whether_each_is_readable(tmp_path, journal):
-    from policyd import doctor
+    from policyd import doctor_host
     from policyd.policy import loads
     journal.write([entry("caddy.service", "started")])
     log = tmp_path / "access.log"
@@ -244,7 +244,7 @@ bans:
     - {{journal: ssh.service, journal_dir: {journal.directory}, filter: "fail2ban:sshd"}}
     - {{journal: nginx.service, journal_dir: {tmp_path / 'nowhere'}, filter: nginx-access}}
 """)
-    findings = doctor.check_logs(policy, DoctorEnv())
+    findings = doctor_host.check_logs(policy, DoctorEnv())
     assert [f.level for f in findings] == ["ok", "warn", "fail"]
     assert findings[0].message.startswith("journal caddy.service in ")
     assert "readable" in findings[0].message

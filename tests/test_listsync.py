@@ -41,7 +41,7 @@ def _keys(message):
 
 
 def nlbatch_attrs(payload):
-    from policyd.nfnetlink import _attrs
+    from policyd.nfwire import _attrs
     return _attrs(payload)
 
 

@@ -42,11 +42,6 @@ services:
 
 
 @pytest.fixture
-def kernel(clock):
-    return FakeNft(clock)
-
-
-@pytest.fixture
 def store(tmp_path):
     return PolicyStore(tmp_path / "state")
 
@@ -64,27 +59,27 @@ def no_peers(policy):
     return []
 
 
-def plain(kernel, store, path, clock, **kwargs):
-    return trial.apply(kernel, store, path, peers=kwargs.pop("peers", no_peers),
+def plain(nft, store, path, clock, **kwargs):
+    return trial.apply(nft, store, path, peers=kwargs.pop("peers", no_peers),
                        now=clock.now, **kwargs)
 
 
-def start(kernel, store, path, clock, seconds=30, **kwargs):
-    return trial.start_trial(kernel, store, path, seconds,
+def start(nft, store, path, clock, seconds=30, **kwargs):
+    return trial.start_trial(nft, store, path, seconds,
                              peers=kwargs.pop("peers", no_peers), now=clock.now, **kwargs)
 
 
 @pytest.fixture
-def committed(kernel, store, files, clock):
+def committed(nft, store, files, clock):
     """A store and kernel where BASE was applied and committed."""
-    plain(kernel, store, files["base"], clock)
+    plain(nft, store, files["base"], clock)
     return files["base"].read_bytes()
 
 
 def test_trial_runs_candidate_and_leaves_the_committed_file_alone(
-        kernel, store, files, clock, committed):
-    pending = start(kernel, store, files["cand"], clock, seconds=30)
-    assert kernel.active_services() == ["cand"]
+        nft, store, files, clock, committed):
+    pending = start(nft, store, files["cand"], clock, seconds=30)
+    assert nft.active_services() == ["cand"]
     assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert store.pending() == pending
     assert pending.deadline == clock.now + 30 and pending.seconds == 30
@@ -93,65 +88,65 @@ def test_trial_runs_candidate_and_leaves_the_committed_file_alone(
 
 
 def test_pending_record_is_on_disk_before_the_kernel_sees_the_candidate(
-        kernel, store, files, clock, committed):
+        nft, store, files, clock, committed):
     seen = []
-    kernel.before_load = lambda document: seen.append(store.pending())
-    start(kernel, store, files["cand"], clock)
+    nft.before_load = lambda document: seen.append(store.pending())
+    start(nft, store, files["cand"], clock)
     assert seen[0] is not None and seen[0].source == str(files["cand"])
 
 
-def test_kernel_running_out_of_time_brings_committed_back(kernel, store, files, clock,
+def test_kernel_running_out_of_time_brings_committed_back(nft, store, files, clock,
                                                            committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
+    start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(29)
-    assert kernel.active_services() == ["cand"]
+    assert nft.active_services() == ["cand"]
     clock.advance(1)
-    assert kernel.active_services() == ["base"]
+    assert nft.active_services() == ["base"]
 
 
-def test_confirm_in_time_commits_the_candidate(kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
+def test_confirm_in_time_commits_the_candidate(nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(10)
-    policy = trial.confirm(kernel, store, now=clock.now)
+    policy = trial.confirm(nft, store, now=clock.now)
     assert policy.services[0].name == "cand"
     assert store.pending() is None
     assert (store.dir / policystore.COMMITTED).read_bytes() == files["cand"].read_bytes()
     assert store.meta()["sha256"] == policy.digest
-    assert kernel.active_services() == ["cand"]
-    assert "trial" not in kernel.tables["policyd"].sets
+    assert nft.active_services() == ["cand"]
+    assert "trial" not in nft.tables["policyd"].sets
     clock.advance(3600)  # no timer is left that could undo it
-    assert kernel.active_services() == ["cand"]
+    assert nft.active_services() == ["cand"]
 
 
 def test_confirm_deletes_the_trial_element_in_the_same_transaction(
-        kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock)
-    trial.confirm(kernel, store, now=clock.now)
-    commands = kernel.loads[-1]["nftables"]
+        nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock)
+    trial.confirm(nft, store, now=clock.now)
+    commands = nft.loads[-1]["nftables"]
     assert commands[1] == {"delete": {"element": {
         "family": "inet", "table": "policyd", "name": "trial", "elem": ["tcp"]}}}
     assert commands[2] == {"add": {"table": {"family": "inet", "name": "policyd"}}}
 
 
 def test_confirm_after_the_kernel_expired_the_trial_is_too_late(
-        kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
+        nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(31)
     with pytest.raises(trial.TooLate, match="too late"):
         # The daemon's clock may lag the kernel's: ask with a time inside the deadline.
-        trial.confirm(kernel, store, now=clock.now - 5)
+        trial.confirm(nft, store, now=clock.now - 5)
     assert (store.dir / policystore.COMMITTED).read_bytes() == committed
     assert store.pending() is None
-    assert kernel.active_services() == ["base"]
-    assert not any(c.startswith("candidate") for c in kernel.tables["policyd"].chains)
+    assert nft.active_services() == ["base"]
+    assert not any(c.startswith("candidate") for c in nft.tables["policyd"].chains)
 
 
 def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
-        kernel, store, files, clock, committed):
+        nft, store, files, clock, committed):
     """The element expires between listing it and deleting it: the transaction fails."""
-    start(kernel, store, files["cand"], clock, seconds=30)
+    start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(29)
-    original, listings = kernel.set_elements, []
+    original, listings = nft.set_elements, []
 
     def list_then_expire(table, name):
         listings.append(original(table, name))
@@ -159,145 +154,145 @@ def test_confirm_racing_the_timer_fails_whole_and_changes_nothing(
             clock.advance(2)
         return listings[-1]
 
-    kernel.set_elements = list_then_expire
+    nft.set_elements = list_then_expire
     with pytest.raises(trial.TooLate):
-        trial.confirm(kernel, store, now=clock.now)
+        trial.confirm(nft, store, now=clock.now)
     assert (store.dir / policystore.COMMITTED).read_bytes() == committed
-    assert kernel.active_services() == ["base"]
+    assert nft.active_services() == ["base"]
 
 
 def test_confirm_after_the_wall_clock_deadline_fails_even_if_the_kernel_kept_it(
         store, files, clock):
-    kernel = FakeNft(clock, timers=False)
-    plain(kernel, store, files["base"], clock)
-    start(kernel, store, files["cand"], clock, seconds=30)
+    nft = FakeNft(clock, timers=False)
+    plain(nft, store, files["base"], clock)
+    start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(30)
     with pytest.raises(trial.TooLate):
-        trial.confirm(kernel, store, now=clock.now)
-    assert kernel.active_services() == ["base"]
+        trial.confirm(nft, store, now=clock.now)
+    assert nft.active_services() == ["base"]
     assert store.committed().services[0].name == "base"
 
 
-def test_confirm_without_a_trial(kernel, store, clock, committed):
+def test_confirm_without_a_trial(nft, store, clock, committed):
     with pytest.raises(trial.NoTrial):
-        trial.confirm(kernel, store, now=clock.now)
+        trial.confirm(nft, store, now=clock.now)
 
 
 def test_confirm_keeps_the_trial_when_the_kernel_refuses_for_another_reason(
-        kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
-    kernel.refuse = "Operation not permitted"
+        nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock, seconds=30)
+    nft.refuse = "Operation not permitted"
     with pytest.raises(KernelError):
-        trial.confirm(kernel, store, now=clock.now)
+        trial.confirm(nft, store, now=clock.now)
     assert store.pending() is not None
-    assert kernel.active_services() == ["cand"]
-    assert trial.confirm(kernel, store, now=clock.now).services[0].name == "cand"
+    assert nft.active_services() == ["cand"]
+    assert trial.confirm(nft, store, now=clock.now).services[0].name == "cand"
 
 
 def test_second_trial_and_plain_apply_are_refused_while_one_runs(
-        kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
-    loads = len(kernel.loads)
+        nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock, seconds=30)
+    loads = len(nft.loads)
     with pytest.raises(trial.TrialRunning, match="confirm.*rollback"):
-        start(kernel, store, files["base"], clock)
+        start(nft, store, files["base"], clock)
     with pytest.raises(trial.TrialRunning):
-        plain(kernel, store, files["base"], clock)
-    assert len(kernel.loads) == loads
+        plain(nft, store, files["base"], clock)
+    assert len(nft.loads) == loads
     assert store.pending().source == str(files["cand"])
 
 
 def test_a_trial_past_its_deadline_does_not_block_the_next_apply(
-        kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
+        nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(31)
-    start(kernel, store, files["cand"], clock, seconds=30)
-    assert kernel.active_services() == ["cand"]
+    start(nft, store, files["cand"], clock, seconds=30)
+    assert nft.active_services() == ["cand"]
     clock.advance(31)
-    plain(kernel, store, files["cand"], clock)
+    plain(nft, store, files["cand"], clock)
     assert store.pending() is None
     assert store.committed().services[0].name == "cand"
 
 
-def test_rollback_restores_committed_now(kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
-    ended = trial.rollback(kernel, store)
+def test_rollback_restores_committed_now(nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock, seconds=30)
+    ended = trial.rollback(nft, store)
     assert ended.source == str(files["cand"])
-    assert kernel.active_services() == ["base"]
+    assert nft.active_services() == ["base"]
     assert store.pending() is None
     assert (store.dir / policystore.COMMITTED).read_bytes() == committed
 
 
-def test_rollback_without_a_record_still_reloads_committed(kernel, store, files, clock,
+def test_rollback_without_a_record_still_reloads_committed(nft, store, files, clock,
                                                             committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
+    start(nft, store, files["cand"], clock, seconds=30)
     (store.dir / policystore.PENDING).write_text("{")
-    assert trial.rollback(kernel, store) is None
-    assert kernel.active_services() == ["base"]
+    assert trial.rollback(nft, store) is None
+    assert nft.active_services() == ["base"]
 
 
-def test_rollback_with_nothing_at_all(kernel, store):
+def test_rollback_with_nothing_at_all(nft, store):
     with pytest.raises(trial.NoTrial):
-        trial.rollback(kernel, store)
+        trial.rollback(nft, store)
 
 
-def test_first_ever_trial_falls_back_to_guarding_nothing(kernel, store, files, clock):
-    start(kernel, store, files["cand"], clock, seconds=30)
-    assert kernel.active_services() == ["cand"]
+def test_first_ever_trial_falls_back_to_guarding_nothing(nft, store, files, clock):
+    start(nft, store, files["cand"], clock, seconds=30)
+    assert nft.active_services() == ["cand"]
     assert store.pending().previous_sha256 is None
     clock.advance(30)
-    assert kernel.active_services() == []
-    trial.rollback(kernel, store)
-    assert kernel.active_services() == []
+    assert nft.active_services() == []
+    trial.rollback(nft, store)
+    assert nft.active_services() == []
     assert store.committed() is None
 
 
-def test_failed_trial_load_leaves_no_record(kernel, store, files, clock, committed):
-    kernel.refuse = "set ban4 has the wrong type"
+def test_failed_trial_load_leaves_no_record(nft, store, files, clock, committed):
+    nft.refuse = "set ban4 has the wrong type"
     with pytest.raises(KernelError):
-        start(kernel, store, files["cand"], clock)
+        start(nft, store, files["cand"], clock)
     assert store.pending() is None
-    assert kernel.active_services() == ["base"]
+    assert nft.active_services() == ["base"]
 
 
-def test_trial_cannot_move_the_table(kernel, store, files, clock, committed):
+def test_trial_cannot_move_the_table(nft, store, files, clock, committed):
     with pytest.raises(InputError, match="table"):
-        start(kernel, store, files["other"], clock)
+        start(nft, store, files["other"], clock)
     assert store.pending() is None
 
 
-def test_confirm_timeout_must_be_positive(kernel, store, files, clock):
+def test_confirm_timeout_must_be_positive(nft, store, files, clock):
     with pytest.raises(InputError, match="--confirm-timeout"):
-        start(kernel, store, files["cand"], clock, seconds=0)
+        start(nft, store, files["cand"], clock, seconds=0)
 
 
 def test_enforce_is_the_rollback_on_kernels_without_timers(store, files, clock):
-    kernel = FakeNft(clock, timers=False)
-    plain(kernel, store, files["base"], clock)
-    start(kernel, store, files["cand"], clock, seconds=30)
+    nft = FakeNft(clock, timers=False)
+    plain(nft, store, files["base"], clock)
+    start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(29)
-    assert trial.enforce(kernel, store, now=clock.now) is False
-    assert kernel.active_services() == ["cand"]
+    assert trial.enforce(nft, store, now=clock.now) is False
+    assert nft.active_services() == ["cand"]
     clock.advance(1)
-    assert trial.enforce(kernel, store, now=clock.now) is True
-    assert kernel.active_services() == ["base"]
+    assert trial.enforce(nft, store, now=clock.now) is True
+    assert nft.active_services() == ["base"]
     assert store.pending() is None
-    assert trial.enforce(kernel, store, now=clock.now) is False
+    assert trial.enforce(nft, store, now=clock.now) is False
 
 
-def test_restore_committed_is_a_rollback(kernel, store, files, clock, committed):
-    start(kernel, store, files["cand"], clock, seconds=30)
-    kernel.tables.clear()  # a reboot: the kernel starts empty
-    policy = trial.restore_committed(kernel, store)
+def test_restore_committed_is_a_rollback(nft, store, files, clock, committed):
+    start(nft, store, files["cand"], clock, seconds=30)
+    nft.tables.clear()  # a reboot: the kernel starts empty
+    policy = trial.restore_committed(nft, store)
     assert policy.services[0].name == "base"
-    assert kernel.active_services() == ["base"]
+    assert nft.active_services() == ["base"]
     assert store.pending() is None
 
 
-def test_restore_with_nothing_committed_guards_nothing(kernel, store, files, clock):
-    start(kernel, store, files["cand"], clock, seconds=30)
-    assert trial.restore_committed(kernel, store) is None
-    assert kernel.active_services() == []
-    assert trial.restore_committed(kernel, store) is None
+def test_restore_with_nothing_committed_guards_nothing(nft, store, files, clock):
+    start(nft, store, files["cand"], clock, seconds=30)
+    assert trial.restore_committed(nft, store) is None
+    assert nft.active_services() == []
+    assert trial.restore_committed(nft, store) is None
 
 
 @pytest.mark.parametrize("damage", [
@@ -314,9 +309,9 @@ def test_restore_with_nothing_committed_guards_nothing(kernel, store, files, clo
                               sha256=hashlib.sha256(b"version: 1\n").hexdigest()),
 ], ids=["truncated", "empty", "garbage", "list", "version", "missing", "type", "base64",
         "digest", "policy"])
-def test_damaged_pending_record_is_no_trial(kernel, store, files, clock, committed, damage,
+def test_damaged_pending_record_is_no_trial(nft, store, files, clock, committed, damage,
                                             caplog):
-    start(kernel, store, files["cand"], clock, seconds=30)
+    start(nft, store, files["cand"], clock, seconds=30)
     path = store.dir / policystore.PENDING
     path.write_bytes(damage(path.read_bytes()))
     with caplog.at_level(logging.WARNING, logger="policyd.policystore"):
@@ -324,13 +319,13 @@ def test_damaged_pending_record_is_no_trial(kernel, store, files, clock, committ
     assert "treating it as no trial" in caplog.text
     assert trial.status(store, now=clock.now)["trial"] is None
     with pytest.raises(trial.NoTrial):
-        trial.confirm(kernel, store, now=clock.now)
-    assert trial.enforce(kernel, store, now=clock.now + 60) is False
+        trial.confirm(nft, store, now=clock.now)
+    assert trial.enforce(nft, store, now=clock.now + 60) is False
     # The kernel's timer is untouched by all this and still ends the candidate.
-    assert kernel.active_services() == ["cand"]
+    assert nft.active_services() == ["cand"]
     clock.advance(30)
-    assert kernel.active_services() == ["base"]
-    assert trial.restore_committed(kernel, store).services[0].name == "base"
+    assert nft.active_services() == ["base"]
+    assert trial.restore_committed(nft, store).services[0].name == "base"
     assert not path.exists()
 
 
@@ -340,25 +335,25 @@ def _replace_json(raw, **fields):
     return json.dumps(record).encode()
 
 
-def test_bans_survive_apply_trial_confirm_and_rollback(kernel, store, files, clock,
+def test_bans_survive_apply_trial_confirm_and_rollback(nft, store, files, clock,
                                                         committed):
-    kernel.load({"nftables": [{"add": {"element": {
+    nft.load({"nftables": [{"add": {"element": {
         "family": "inet", "table": "policyd_bans", "name": "ban4",
         "elem": [{"elem": {"val": "203.0.113.9", "timeout": 3600}}]}}}]})
-    start(kernel, store, files["cand"], clock)
-    trial.confirm(kernel, store, now=clock.now)
-    start(kernel, store, files["base"], clock)
-    trial.rollback(kernel, store)
-    plain(kernel, store, files["base"], clock)
-    assert [value for value, _t, _left in kernel.set_elements("policyd_bans", "ban4")] == [
+    start(nft, store, files["cand"], clock)
+    trial.confirm(nft, store, now=clock.now)
+    start(nft, store, files["base"], clock)
+    trial.rollback(nft, store)
+    plain(nft, store, files["base"], clock)
+    assert [value for value, _t, _left in nft.set_elements("policyd_bans", "ban4")] == [
         "203.0.113.9"]
 
 
-def test_status_reports_committed_and_trial(kernel, store, files, clock, committed):
+def test_status_reports_committed_and_trial(nft, store, files, clock, committed):
     assert trial.status(store, now=clock.now)["trial"] is None
-    pending = start(kernel, store, files["cand"], clock, seconds=30)
+    pending = start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(12)
-    report = trial.status(store, now=clock.now, nft=kernel)
+    report = trial.status(store, now=clock.now, nft=nft)
     assert report["committed"]["sha256"] == store.committed().digest
     assert report["committed"]["committed_at"] == pending.started_at
     assert report["trial"]["candidate_sha256"] == pending.sha256
@@ -368,41 +363,41 @@ def test_status_reports_committed_and_trial(kernel, store, files, clock, committ
 
 
 def test_status_reports_a_trial_past_its_deadline_as_ended_not_pending(
-        kernel, store, files, clock, committed):
+        nft, store, files, clock, committed):
     # No daemon has cleared the record yet; the kernel has already rolled back.
-    pending = start(kernel, store, files["cand"], clock, seconds=30)
+    pending = start(nft, store, files["cand"], clock, seconds=30)
     clock.advance(31)
-    assert kernel.active_services() == ["base"]
-    report = trial.status(store, now=clock.now, nft=kernel)
+    assert nft.active_services() == ["base"]
+    report = trial.status(store, now=clock.now, nft=nft)
     assert report["trial"] is None
     assert report["ended_trial"] == {"candidate_sha256": pending.sha256,
                                      "source": pending.source, "deadline": pending.deadline}
     json.dumps(report)
 
 
-def test_plain_apply_stores_a_relative_path_as_absolute(kernel, store, files, clock,
+def test_plain_apply_stores_a_relative_path_as_absolute(nft, store, files, clock,
                                                         monkeypatch):
     monkeypatch.chdir(files["cand"].parent)
-    plain(kernel, store, files["cand"].name, clock)
+    plain(nft, store, files["cand"].name, clock)
     assert store.meta()["source"] == str(files["cand"])
     assert store.committed().source == str(store.dir / policystore.COMMITTED)
 
 
-def test_confirm_and_rollback_without_a_trial_both_say_no_and_create_nothing(kernel, tmp_path):
+def test_confirm_and_rollback_without_a_trial_both_say_no_and_create_nothing(nft, tmp_path):
     store = PolicyStore(tmp_path / "never-made")
     for step in (trial.confirm, trial.rollback):
         with pytest.raises(trial.NoTrial):
-            step(kernel, store)
+            step(nft, store)
     assert not (tmp_path / "never-made").exists()
-    assert kernel.loads == []
+    assert nft.loads == []
 
 
-def test_rollback_with_a_committed_policy_but_no_trial_says_no(kernel, store, files, clock,
+def test_rollback_with_a_committed_policy_but_no_trial_says_no(nft, store, files, clock,
                                                                committed):
-    loads = len(kernel.loads)
+    loads = len(nft.loads)
     with pytest.raises(trial.NoTrial, match="no trial"):
-        trial.rollback(kernel, store)
-    assert len(kernel.loads) == loads
+        trial.rollback(nft, store)
+    assert len(nft.loads) == loads
 
 
 # --- the anti-lockout lint ---------------------------------------------------
@@ -419,21 +414,21 @@ def test_ssh_peer_from_environment():
     assert lockout.ssh_peer({}) is None
 
 
-def test_lint_refuses_a_policy_that_cuts_the_ssh_client(kernel, store, files, clock,
+def test_lint_refuses_a_policy_that_cuts_the_ssh_client(nft, store, files, clock,
                                                          committed):
     def peers(policy):
         return [Peer(ip("192.0.2.50"), 22, "tcp", "your SSH session")]
     with pytest.raises(lockout.LockoutRisk) as refused:
-        start(kernel, store, files["cand"], clock, peers=peers)
+        start(nft, store, files["cand"], clock, peers=peers)
     message = str(refused.value)
     assert "192.0.2.50" in message and "port 22" in message
     assert "services.cand.action: drop" in message and "--force" in message
     assert "\n" not in message
-    assert store.pending() is None and kernel.active_services() == ["base"]
+    assert store.pending() is None and nft.active_services() == ["base"]
     with pytest.raises(lockout.LockoutRisk):
-        plain(kernel, store, files["cand"], clock, peers=peers)
-    start(kernel, store, files["cand"], clock, peers=peers, force=True)
-    assert kernel.active_services() == ["cand"]
+        plain(nft, store, files["cand"], clock, peers=peers)
+    start(nft, store, files["cand"], clock, peers=peers, force=True)
+    assert nft.active_services() == ["cand"]
 
 
 def test_lint_passes_allowed_and_unguarded_peers():
@@ -465,11 +460,11 @@ def test_lint_asks_for_the_interface_only_when_an_iface_rule_could_allow():
     assert asked == [ip("100.64.0.9"), ip("198.51.100.7")]
 
 
-def test_lint_refusal_names_more_cuts(kernel, store, files, clock, committed):
+def test_lint_refusal_names_more_cuts(nft, store, files, clock, committed):
     def peers(policy):
         return [Peer(ip("192.0.2.50"), 22, "tcp", "a"), Peer(ip("192.0.2.51"), 11434, "tcp", "b")]
     with pytest.raises(lockout.LockoutRisk, match=r"and 1 more"):
-        start(kernel, store, files["cand"], clock, peers=peers)
+        start(nft, store, files["cand"], clock, peers=peers)
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -503,7 +498,7 @@ def test_operator_peers_are_the_ssh_client_and_established_peers(monkeypatch):
                                                    (ip("192.0.2.77"), 11434)]
 
 
-def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, kernel, store, files,
+def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, nft, store, files,
                                                          clock, committed):
     from policyd import netdiag
 
@@ -512,22 +507,22 @@ def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, kernel, st
 
     monkeypatch.setattr(netdiag, "established_peers", broken)
     with pytest.raises(lockout.LockoutRisk, match="--force"):
-        trial.start_trial(kernel, store, files["cand"], 30, now=clock.now,
+        trial.start_trial(nft, store, files["cand"], 30, now=clock.now,
                           peers=lambda policy: lockout.operator_peers(policy, {}))
     assert store.pending() is None
 
 
 def test_a_plain_apply_that_changes_the_table_removes_the_old_guard_table(
-        kernel, store, files, clock, committed):
-    assert "policyd" in kernel.tables
-    plain(kernel, store, files["other"], clock)
-    assert "policyd" not in kernel.tables
-    assert "elsewhere" in kernel.tables and "elsewhere_bans" in kernel.tables
+        nft, store, files, clock, committed):
+    assert "policyd" in nft.tables
+    plain(nft, store, files["other"], clock)
+    assert "policyd" not in nft.tables
+    assert "elsewhere" in nft.tables and "elsewhere_bans" in nft.tables
     # The old ban table stays until its bans are in the new one (the CLI or daemon
     # moves them, then retires it).
-    assert "policyd_bans" in kernel.tables
-    trial.retire_table(kernel, "policyd_bans")
-    assert "policyd_bans" not in kernel.tables
+    assert "policyd_bans" in nft.tables
+    trial.retire_table(nft, "policyd_bans")
+    assert "policyd_bans" not in nft.tables
 
 
 def test_the_lint_in_a_child_refuses_as_the_lint_does_and_loads_nothing_here(files):
