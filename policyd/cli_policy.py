@@ -116,11 +116,10 @@ def apply(obj, policy_path, confirm_timeout, wait, force):
     if confirm_timeout is None:
         if wait:
             raise InputError("needs --confirm-timeout", key="--wait")
-        previous = store.committed()
-        policy = trial.apply(nft, store, policy_path, force=force)
+        policy, previous = trial.apply_tables(nft, store, policy_path, force=force)
         tell_daemon(obj, "plain")
-        if previous is not None and previous.bans_table != policy.bans_table:
-            _move_bans(obj, nft, previous.bans_table)
+        if previous is not None and previous[1] != policy.bans_table:
+            _move_bans(obj, nft, previous[1])
         click.echo(f"applied {policy.source} (sha256 {policy.digest[:12]})")
         return
     pending = trial.start_trial(nft, store, policy_path, confirm_timeout, force=force)
