@@ -6,10 +6,16 @@ to the line-by-line parser (which names the bad line) on anything unusual.
 import gc
 import socket
 from itertools import compress, count, repeat
+from operator import and_, gt
 
 from policyd.errors import InputError
 
 _FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
+# Host-bit masks by prefix length, per family: `first & mask` is 0 for a network.
+_HOST_MASK = {bits: [(1 << (bits - prefixlen)) - 1 for prefixlen in range(bits + 1)]
+              for bits in (32, 128)}
+# IPv4-mapped IPv6 (::ffff:0:0/96) lies below this: only then look closer.
+_BELOW_MAPPED_END = 0x10000 << 32
 
 
 def strip(raw):
@@ -64,11 +70,9 @@ def _bulk(data):
         return None
     if any(mark in text for mark in "\x1c\x1d\x1e\x1f"):
         return None  # str.strip() takes these, bytes.strip() does not
-    lines = text.split("\n")
     if "#" in text or ";" in text:
-        lines = [line.split("#", 1)[0].split(";", 1)[0] if "#" in line or ";" in line else line
-                 for line in lines]
-    lines = list(map(str.strip, lines))
+        text = _cut_comments(text)
+    lines = list(map(str.strip, text.split("\n")))
     present = list(map(bool, lines))
     entries = list(compress(lines, present))
     numbers = list(compress(count(1), present))
@@ -90,14 +94,36 @@ def _bulk(data):
         if (len(given) != sum(map(len, slashes)) or not all(map(str.isdigit, given))
                 or max(map(len, given), default=0) > 3):
             return None
-        prefixes = [int(length) if length else bits for length in lengths]
-        if max(prefixes) > bits or any(first & ((1 << (bits - prefixlen)) - 1)
-                                       for first, prefixlen in zip(firsts, prefixes)):
+        prefixes = (list(map(int, lengths)) if len(given) == len(texts)
+                    else [int(length) if length else bits for length in lengths])
+        if max(prefixes) > bits or any(map(and_, firsts, map(_HOST_MASK[bits].__getitem__,
+                                                             prefixes))):
             return None
-        if version == 6 and any(first >> 32 == 0xFFFF for first in firsts):
+        if version == 6 and any(map(gt, repeat(_BELOW_MAPPED_END), firsts)) and any(
+                first >> 32 == 0xFFFF for first in firsts):
             return None  # IPv4-mapped: parse_entry decides
         out.append(tuple(zip(firsts, prefixes, lines_of)))
     return out[0], out[1]
+
+
+def _cut_comments(text):
+    """`text` without what strip() cuts from each line: from a line's first `#` or
+    `;` to its end. A jump per comment, not a pass per line: lists carry a few."""
+    parts, at = [], 0
+    marks = {mark: text.find(mark) for mark in "#;"}
+    while True:
+        for mark, where in marks.items():
+            if 0 <= where < at:
+                marks[mark] = text.find(mark, at)
+        found = [where for where in marks.values() if where >= 0]
+        if not found:
+            parts.append(text[at:])
+            return "".join(parts)
+        cut = min(found)
+        parts.append(text[at:cut])
+        at = text.find("\n", cut)
+        if at < 0:
+            return "".join(parts)
 
 
 def _split_lengths(texts):

@@ -221,6 +221,10 @@ BULK_CASES = [
     b"0.0.0.0/0\n::/0\n",
     b"",
     b"\n\n# only comments\n",
+    b"192.0.2.0/24 ; a # b\n198.51.100.0/25 # c ; d\n;x\n#y",  # both marks, either first
+    b"192.0.2.0/24;x\n198.51.100.0/24;y\n203.0.113.0/24;z\n",  # a comment on every line
+    b"192.0.2.7\n198.51.100.0/24\n2001:db8::1\n2001:db8::/48\n",  # lengths given and not
+    b"::ffff:c000:201\n::1\n",       # mapped written in hex; an address below it
 ]
 
 
