@@ -8,6 +8,7 @@ the compiled sets' elements policyd.elements.
 """
 import array
 import bisect
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -215,12 +216,34 @@ def _cached(path, sha256):
     return NetList(path, sha256, index=index)
 
 
+# A list while cache writes wait (stored_later); None: they happen at once.
+_unstored = None
+
+
+@contextlib.contextmanager
+def stored_later():
+    """Hold back the cache writes of lists parsed inside, and write them on leaving:
+    `policyd apply` has the kernel load the policy first. The cache is by content
+    and only ever saves time, so when it is written changes nothing else."""
+    global _unstored
+    outer, _unstored = _unstored, []
+    try:
+        yield
+    finally:
+        waiting, _unstored = _unstored, outer
+        for netlist in waiting:
+            _store(netlist)
+
+
 def _store(netlist):
     """Keep a parsed list for the next command; the previous version of it goes.
 
     The cache lives in the state dir (root's, 0700): whoever can write there can
     change the committed policy anyway. Failing to write it costs only time."""
     if _cache_root() is None:
+        return
+    if _unstored is not None:
+        _unstored.append(netlist)
         return
     target = _cache_path(netlist.path, netlist.sha256)
     try:
