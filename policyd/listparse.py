@@ -6,7 +6,7 @@ to the line-by-line parser (which names the bad line) on anything unusual.
 import gc
 import socket
 from itertools import compress, count, repeat
-from operator import and_, gt
+from operator import and_, gt, not_
 
 from policyd.errors import InputError
 
@@ -72,13 +72,13 @@ def _bulk(data):
         return None  # str.strip() takes these, bytes.strip() does not
     if "#" in text or ";" in text:
         text = _cut_comments(text)
-    lines = list(map(str.strip, text.split("\n")))
-    present = list(map(bool, lines))
-    entries = list(compress(lines, present))
-    numbers = list(compress(count(1), present))
+    lines = text.split("\n")
+    if any(space in text for space in " \t\r\x0b\x0c"):  # what else str.strip() takes
+        lines = list(map(str.strip, lines))
+    entries, numbers = _present(lines)
     six = list(map(str.__contains__, entries, repeat(":")))
     out = []
-    for version, keep in ((4, [not s for s in six]), (6, six)):
+    for version, keep in ((4, list(map(not_, six))), (6, six)):
         family, bits = _FAMILY[version]
         texts, lines_of = list(compress(entries, keep)), list(compress(numbers, keep))
         if not texts:
@@ -104,6 +104,23 @@ def _bulk(data):
             return None  # IPv4-mapped: parse_entry decides
         out.append(tuple(zip(firsts, prefixes, lines_of)))
     return out[0], out[1]
+
+
+def _present(lines):
+    """(the lines that are not empty, their numbers from 1). Lists have few empty
+    lines (a comment header, the end): then they are picked out, not filtered."""
+    empty = lines.count("")
+    if empty > 8:
+        present = list(map(bool, lines))
+        return list(compress(lines, present)), list(compress(count(1), present))
+    found, at = [], -1
+    for _ in range(empty):
+        at = lines.index("", at + 1)
+        found.append(at)
+    entries, numbers = list(lines), list(range(1, len(lines) + 1))
+    for at in reversed(found):  # from the end, so the earlier indexes hold
+        del entries[at], numbers[at]
+    return entries, numbers
 
 
 def _cut_comments(text):

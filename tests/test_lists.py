@@ -225,6 +225,9 @@ BULK_CASES = [
     b"192.0.2.0/24;x\n198.51.100.0/24;y\n203.0.113.0/24;z\n",  # a comment on every line
     b"192.0.2.7\n198.51.100.0/24\n2001:db8::1\n2001:db8::/48\n",  # lengths given and not
     b"::ffff:c000:201\n::1\n",       # mapped written in hex; an address below it
+    b"\n192.0.2.0/24\n\n198.51.100.0/24\n\n\n2001:db8::/48",  # a few empty lines, no end
+    b"\n" * 9 + b"192.0.2.0/24\n" + b"\n" * 9 + b"2001:db8::/48\n",  # many empty lines
+    b"192.0.2.0/24\x0b\n198.51.100.0/24\x0c\n",  # whitespace str.strip() takes
 ]
 
 
