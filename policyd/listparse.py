@@ -5,8 +5,8 @@ to the line-by-line parser (which names the bad line) on anything unusual.
 """
 import gc
 import socket
-from itertools import compress, count, repeat
-from operator import and_, gt, not_
+from itertools import chain, compress, count, repeat
+from operator import and_, gt, itemgetter, not_
 
 from policyd.errors import InputError
 
@@ -45,6 +45,27 @@ def bulk(data):
     finally:
         if enabled:
             gc.enable()
+
+
+def texts(values):
+    """{(version, first, prefix length): None} of texts that are each exactly a
+    plain address or network (a policy's inline allowlist), all distinct, each
+    family in order, by the bulk pass; None when any is not, or one repeats: the
+    caller then reads them one by one and says which is wrong."""
+    joined = "\n".join(values)
+    if any(mark in joined for mark in "#; \t\r\x0b\x0c") or joined.count("\n") != len(values) - 1:
+        return None  # the bulk pass would cut or strip what the caller refuses
+    try:
+        found = bulk(joined.encode("ascii"))
+    except UnicodeEncodeError:
+        return None
+    if found is None or sum(map(len, found)) != len(values):
+        return None  # an empty text, or one the bulk pass does not take
+    first, prefixlen = itemgetter(0), itemgetter(1)
+    out = dict.fromkeys(chain.from_iterable(
+        zip(repeat(version), map(first, entries), map(prefixlen, entries))
+        for version, entries in zip((4, 6), found)))
+    return out if len(out) == len(values) else None
 
 
 def _one_by_one(data, path):
