@@ -230,7 +230,7 @@ def _cached(path, sha256):
     return NetList(path, sha256, index=index)
 
 
-# A list while cache writes wait (stored_later); None: they happen at once.
+# A list while cache writes wait (stored_later, one CLI command); None: at once.
 _unstored = None
 
 
