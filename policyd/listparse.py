@@ -5,11 +5,17 @@ to the line-by-line parser (which names the bad line) on anything unusual.
 """
 import gc
 import socket
-from itertools import compress, count, repeat
+from itertools import chain, compress, count, repeat
+from operator import and_, gt, itemgetter, not_
 
 from policyd.errors import InputError
 
 _FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
+# Host-bit masks by prefix length, per family: `first & mask` is 0 for a network.
+_HOST_MASK = {bits: [(1 << (bits - prefixlen)) - 1 for prefixlen in range(bits + 1)]
+              for bits in (32, 128)}
+# IPv4-mapped IPv6 (::ffff:0:0/96) lies below this: only then look closer.
+_BELOW_MAPPED_END = 0x10000 << 32
 
 
 def strip(raw):
@@ -41,6 +47,27 @@ def bulk(data):
             gc.enable()
 
 
+def texts(values):
+    """{(version, first, prefix length): None} of texts that are each exactly a
+    plain address or network (a policy's inline allowlist), all distinct, each
+    family in order, by the bulk pass; None when any is not, or one repeats: the
+    caller then reads them one by one and says which is wrong."""
+    joined = "\n".join(values)
+    if any(mark in joined for mark in "#; \t\r\x0b\x0c") or joined.count("\n") != len(values) - 1:
+        return None  # the bulk pass would cut or strip what the caller refuses
+    try:
+        found = bulk(joined.encode("ascii"))
+    except UnicodeEncodeError:
+        return None
+    if found is None or sum(map(len, found)) != len(values):
+        return None  # an empty text, or one the bulk pass does not take
+    first, prefixlen = itemgetter(0), itemgetter(1)
+    out = dict.fromkeys(chain.from_iterable(
+        zip(repeat(version), map(first, entries), map(prefixlen, entries))
+        for version, entries in zip((4, 6), found)))
+    return out if len(out) == len(values) else None
+
+
 def _one_by_one(data, path):
     v4, v6 = [], []
     for number, raw in enumerate(data.split(b"\n"), 1):
@@ -64,17 +91,15 @@ def _bulk(data):
         return None
     if any(mark in text for mark in "\x1c\x1d\x1e\x1f"):
         return None  # str.strip() takes these, bytes.strip() does not
-    lines = text.split("\n")
     if "#" in text or ";" in text:
-        lines = [line.split("#", 1)[0].split(";", 1)[0] if "#" in line or ";" in line else line
-                 for line in lines]
-    lines = list(map(str.strip, lines))
-    present = list(map(bool, lines))
-    entries = list(compress(lines, present))
-    numbers = list(compress(count(1), present))
+        text = _cut_comments(text)
+    lines = text.split("\n")
+    if any(space in text for space in " \t\r\x0b\x0c"):  # what else str.strip() takes
+        lines = list(map(str.strip, lines))
+    entries, numbers = _present(lines)
     six = list(map(str.__contains__, entries, repeat(":")))
     out = []
-    for version, keep in ((4, [not s for s in six]), (6, six)):
+    for version, keep in ((4, list(map(not_, six))), (6, six)):
         family, bits = _FAMILY[version]
         texts, lines_of = list(compress(entries, keep)), list(compress(numbers, keep))
         if not texts:
@@ -90,14 +115,53 @@ def _bulk(data):
         if (len(given) != sum(map(len, slashes)) or not all(map(str.isdigit, given))
                 or max(map(len, given), default=0) > 3):
             return None
-        prefixes = [int(length) if length else bits for length in lengths]
-        if max(prefixes) > bits or any(first & ((1 << (bits - prefixlen)) - 1)
-                                       for first, prefixlen in zip(firsts, prefixes)):
+        prefixes = (list(map(int, lengths)) if len(given) == len(texts)
+                    else [int(length) if length else bits for length in lengths])
+        if max(prefixes) > bits or any(map(and_, firsts, map(_HOST_MASK[bits].__getitem__,
+                                                             prefixes))):
             return None
-        if version == 6 and any(first >> 32 == 0xFFFF for first in firsts):
+        if version == 6 and any(map(gt, repeat(_BELOW_MAPPED_END), firsts)) and any(
+                first >> 32 == 0xFFFF for first in firsts):
             return None  # IPv4-mapped: parse_entry decides
         out.append(tuple(zip(firsts, prefixes, lines_of)))
     return out[0], out[1]
+
+
+def _present(lines):
+    """(the lines that are not empty, their numbers from 1). Lists have few empty
+    lines (a comment header, the end): then they are picked out, not filtered."""
+    empty = lines.count("")
+    if empty > 8:
+        present = list(map(bool, lines))
+        return list(compress(lines, present)), list(compress(count(1), present))
+    found, at = [], -1
+    for _ in range(empty):
+        at = lines.index("", at + 1)
+        found.append(at)
+    entries, numbers = list(lines), list(range(1, len(lines) + 1))
+    for at in reversed(found):  # from the end, so the earlier indexes hold
+        del entries[at], numbers[at]
+    return entries, numbers
+
+
+def _cut_comments(text):
+    """`text` without what strip() cuts from each line: from a line's first `#` or
+    `;` to its end. A jump per comment, not a pass per line: lists carry a few."""
+    parts, at = [], 0
+    marks = {mark: text.find(mark) for mark in "#;"}
+    while True:
+        for mark, where in marks.items():
+            if 0 <= where < at:
+                marks[mark] = text.find(mark, at)
+        found = [where for where in marks.values() if where >= 0]
+        if not found:
+            parts.append(text[at:])
+            return "".join(parts)
+        cut = min(found)
+        parts.append(text[at:cut])
+        at = text.find("\n", cut)
+        if at < 0:
+            return "".join(parts)
 
 
 def _split_lengths(texts):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from policyd import lists
+from policyd import listparse, lists
 from policyd.addr import parse_network
 from policyd.errors import InputError
 from policyd.fleet_config import read_fleet
@@ -243,9 +243,13 @@ class _Reader:
         rate = None
         if "rate" in items:
             rate = self.rate(items["rate"][1], f"{key}.rate")
-        allow_any, nets, interfaces, allow_lists = False, {}, [], []
+        allow_any, interfaces, allow_lists = False, [], []
         akey = f"{key}.allow"
-        for item in self.sequence(items["allow"][1], akey):
+        allow = self.sequence(items["allow"][1], akey)
+        # 100k plain network texts in one bulk pass; anything else one by one.
+        nets = (all(type(item) is yaml.ScalarNode for item in allow)
+                and listparse.texts([item.value for item in allow])) or {}
+        for item in () if nets else allow:
             if isinstance(item, yaml.MappingNode) and self._is_file(item):
                 allow_lists.append(self.list_file(item, akey, allow_lists))
             elif isinstance(item, yaml.MappingNode):

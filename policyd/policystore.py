@@ -110,6 +110,23 @@ class PolicyStore:
             return None
         return policy_mod.load(path)
 
+    def committed_tables(self, data, policy):
+        """(table, bans_table) of the committed policy, or None if nothing was committed.
+
+        When the committed bytes are `data` (a re-apply) they are `policy`'s: the
+        tables come from the policy file alone, so 100k entries are not parsed again.
+        """
+        path = self.dir / COMMITTED
+        try:
+            if path.read_bytes() == data:
+                return policy.table, policy.bans_table
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass  # unreadable: committed() below says why
+        committed = self.committed()
+        return None if committed is None else (committed.table, committed.bans_table)
+
     def meta(self):
         try:
             return json.loads((self.dir / COMMITTED_META).read_text())

@@ -71,11 +71,17 @@ def read_candidate(path):
     return data, policy
 
 
-def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=route_iface,
-          now=None, lint=None):
+def apply(nft, store, path, **options):
     """Load the policy at `path` in one transaction and make it the committed one.
 
     `lint(policy)` replaces the anti-lockout lint (the daemon runs it in a child)."""
+    return apply_tables(nft, store, path, **options)[0]
+
+
+def apply_tables(nft, store, path, *, force=False, peers=operator_peers,
+                 iface_of=route_iface, now=None, lint=None):
+    """apply(), returning (the Policy applied, (table, bans_table) of the policy it
+    replaced or None): the CLI moves bans with them, without parsing it again."""
     now = time.time() if now is None else now
     data, policy = read_candidate(path)
     if lint is not None and not force:
@@ -84,18 +90,18 @@ def apply(nft, store, path, *, force=False, peers=operator_peers, iface_of=route
         refuse_cuts(policy, peers, iface_of)
     with store.locked():
         _refuse_if_running(store, now)
-        previous = store.committed()
+        previous = store.committed_tables(data, policy)
         ruleset = compile_policy(policy)
-        if previous is not None and previous.table != policy.table:
+        if previous is not None and previous[0] != policy.table:
             # The old guard table goes in the same transaction: left loaded it
             # would go on dropping what the new policy allows. The old ban table
             # stays until its bans are in the new one (move_bans), so no ban
             # lapses meanwhile.
-            delete_table(ruleset, previous.table)
+            delete_table(ruleset, previous[0])
         nft.load(ruleset.document())
         store.commit(data, policy, now)
         store.clear_pending()  # an expired trial's record, if one was left
-    return policy
+    return policy, previous
 
 
 def retire_table(nft, name):

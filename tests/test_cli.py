@@ -319,3 +319,33 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly():
     proc.stdout.close()
     assert proc.wait(timeout=60) == 0
     assert proc.stderr.read() == b""
+
+
+def test_apply_writes_the_list_cache_after_the_kernel_has_the_policy(tmp_path, monkeypatch):
+    import gc
+    from fakes import FakeClock, FakeNft
+    networks = tmp_path / "allow.txt"
+    networks.write_text("# bench\n192.0.2.0/24\n2001:db8::/48\n")
+    path = write(tmp_path, f"version: 1\nservices:\n  proxy:\n    ports: [8080]\n"
+                           f"    allow:\n      - file: {networks}\n")
+    cache = tmp_path / "state" / "lists"
+    kernel, cached_at_load = FakeNft(FakeClock()), []
+    kernel.before_load = lambda document: cached_at_load.append(
+        sorted(cache.glob("*")) if cache.exists() else [])
+    monkeypatch.setenv("POLICYD_LIST_CACHE", "")  # the CLI sets it; restored after
+    monkeypatch.setattr(cli.Context, "nft", lambda self: kernel)
+    result = invoke(tmp_path, "apply", path, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert cached_at_load == [[]]
+    assert len(list(cache.glob("*"))) == 1
+    assert gc.isenabled(), "the collector is back after the command"
+    # The next command reads the list from the cache: same networks as parsed.
+    assert invoke(tmp_path, "show", path).stdout == cli_show_uncached(tmp_path, path)
+
+
+def cli_show_uncached(tmp_path, path):
+    from policyd import lists
+    lists._last_good.clear()
+    state = tmp_path / "other-state"
+    runner = CliRunner(mix_stderr=False)
+    return runner.invoke(cli.main, ["--state-dir", str(state), "show", str(path)]).stdout

@@ -221,6 +221,13 @@ BULK_CASES = [
     b"0.0.0.0/0\n::/0\n",
     b"",
     b"\n\n# only comments\n",
+    b"192.0.2.0/24 ; a # b\n198.51.100.0/25 # c ; d\n;x\n#y",  # both marks, either first
+    b"192.0.2.0/24;x\n198.51.100.0/24;y\n203.0.113.0/24;z\n",  # a comment on every line
+    b"192.0.2.7\n198.51.100.0/24\n2001:db8::1\n2001:db8::/48\n",  # lengths given and not
+    b"::ffff:c000:201\n::1\n",       # mapped written in hex; an address below it
+    b"\n192.0.2.0/24\n\n198.51.100.0/24\n\n\n2001:db8::/48",  # a few empty lines, no end
+    b"\n" * 9 + b"192.0.2.0/24\n" + b"\n" * 9 + b"2001:db8::/48\n",  # many empty lines
+    b"192.0.2.0/24\x0b\n198.51.100.0/24\x0c\n",  # whitespace str.strip() takes
 ]
 
 
@@ -239,3 +246,15 @@ def test_bulk_parse_reads_exactly_as_line_by_line(data):
     bulk = listparse._bulk(data)
     assert bulk is None or bulk == slow
     assert outcome(lambda: listparse.parse_lines(data, "/l")) == slow
+
+
+def test_a_cached_list_gives_back_every_entry_with_its_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(lists, "cache_dir", str(tmp_path / "cache"))
+    path = write(tmp_path, "l.txt", "# head\n198.51.100.0/24\n192.0.2.7\n0.0.0.0/0\n"
+                 "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120\n::/0\n2001:db8::/48\n"
+                 "255.255.255.255\n2001:db8:0:0:8000::/65\n")
+    parsed = lists.read(str(path))
+    cached = lists.read(str(path))
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the second read came from it
+    for version in (4, 6):
+        assert cached.entries(version) == tuple(sorted(parsed.entries(version)))

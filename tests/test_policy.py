@@ -163,3 +163,41 @@ def test_log_entries_know_their_lines_without_changing_equality():
     source, = policy.loads(text, "p.yaml").bans.logs
     assert (source.path_line, source.filter_line) == (8, 9)
     assert source == type(source)("/var/log/a.log", "nginx-auth")
+
+
+INLINE_ALLOWLISTS = [
+    '["192.0.2.0/24", "2001:db8::/32", "198.51.100.7", "2001:db8:1::1"]',
+    '["2001:DB8::/48", "192.0.2.0/024", "0.0.0.0/0", "::/0"]',
+    '["192.0.2.0/24", "192.0.2.0/24"]',           # twice: refused, naming the line
+    '["192.0.2.1/24"]',                           # host bits
+    '["::ffff:192.0.2.7", "192.0.2.8"]',          # IPv4-mapped reads as IPv4
+    '["::ffff:192.0.2.7", "192.0.2.7"]',          # ... and then repeats
+    '[" 192.0.2.0/24"]', '["192.0.2.0/24 ; x"]', '["192.0.2.0/24#x"]', '[""]',
+    '["any", "192.0.2.0/24"]', '[any]', '[]', '["fe80::1%eth0"]', '["caf\\u00e9"]',
+    '["192.0.2.0/24\\n198.51.100.0/24"]',
+]
+
+
+@pytest.mark.parametrize("allow", INLINE_ALLOWLISTS)
+def test_an_inline_allowlist_reads_alike_in_bulk_and_one_by_one(allow, monkeypatch):
+    from policyd import listparse
+    text = f"version: 1\nservices:\n  s:\n    ports: [80]\n    allow: {allow}\n"
+
+    def outcome():
+        try:
+            service = policy.loads(text, "/p.yaml").services[0]
+        except InputError as exc:
+            return str(exc)
+        return (service.allow_any, list(service.allow4.pairs), list(service.allow6.pairs))
+    bulk = outcome()
+    monkeypatch.setattr(listparse, "texts", lambda values: None)
+    assert bulk == outcome()
+
+
+def test_plain_network_texts_go_through_the_bulk_pass():
+    from policyd import listparse
+    assert listparse.texts(["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"]) == {
+        (4, int(ipaddress.ip_address("192.0.2.0")), 24): None,
+        (4, int(ipaddress.ip_address("198.51.100.7")), 32): None,
+        (6, int(ipaddress.ip_address("2001:db8::")), 32): None}
+    assert listparse.texts(["192.0.2.0/24", "192.0.2.0/24"]) is None  # one by one names it

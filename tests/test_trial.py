@@ -541,3 +541,32 @@ def test_the_lint_in_a_child_refuses_as_the_lint_does_and_loads_nothing_here(fil
         # The real peers load pyroute2, in the child only.
         lockout.lint_in_child(policy)
         assert "pyroute2" not in sys.modules
+
+
+def test_a_re_apply_parses_the_policy_once(kernel, store, files, clock, committed,
+                                           monkeypatch):
+    # The committed bytes are the candidate's: 100k entries in YAML cost a second
+    # a parse, so the previous policy's tables come from the candidate itself.
+    parses = []
+    original = trial.policy_mod.loads
+    monkeypatch.setattr(trial.policy_mod, "loads",
+                        lambda *args: parses.append(args) or original(*args))
+    applied, previous = trial.apply_tables(kernel, store, files["base"], peers=no_peers,
+                                           now=clock.now)
+    assert len(parses) == 1
+    assert previous == (applied.table, applied.bans_table) == ("policyd", "policyd_bans")
+
+
+def test_apply_tables_names_the_tables_of_a_different_committed_policy(
+        kernel, store, files, clock, committed):
+    applied, previous = trial.apply_tables(kernel, store, files["other"], peers=no_peers,
+                                           now=clock.now)
+    assert applied.table == "elsewhere"
+    assert previous == ("policyd", "policyd_bans")
+    assert trial.apply_tables(kernel, store, files["base"], peers=no_peers,
+                              now=clock.now)[1] == ("elsewhere", "elsewhere_bans")
+
+
+def test_a_first_apply_has_no_previous_tables(kernel, store, files, clock):
+    assert trial.apply_tables(kernel, store, files["base"], peers=no_peers,
+                              now=clock.now)[1] is None
