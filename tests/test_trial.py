@@ -543,7 +543,7 @@ def test_the_lint_in_a_child_refuses_as_the_lint_does_and_loads_nothing_here(fil
         assert "pyroute2" not in sys.modules
 
 
-def test_a_re_apply_parses_the_policy_once(kernel, store, files, clock, committed,
+def test_a_re_apply_parses_the_policy_once(nft, store, files, clock, committed,
                                            monkeypatch):
     # The committed bytes are the candidate's: 100k entries in YAML cost a second
     # a parse, so the previous policy's tables come from the candidate itself.
@@ -551,22 +551,22 @@ def test_a_re_apply_parses_the_policy_once(kernel, store, files, clock, committe
     original = trial.policy_mod.loads
     monkeypatch.setattr(trial.policy_mod, "loads",
                         lambda *args: parses.append(args) or original(*args))
-    applied, previous = trial.apply_tables(kernel, store, files["base"], peers=no_peers,
+    applied, previous = trial.apply_tables(nft, store, files["base"], peers=no_peers,
                                            now=clock.now)
     assert len(parses) == 1
     assert previous == (applied.table, applied.bans_table) == ("policyd", "policyd_bans")
 
 
 def test_apply_tables_names_the_tables_of_a_different_committed_policy(
-        kernel, store, files, clock, committed):
-    applied, previous = trial.apply_tables(kernel, store, files["other"], peers=no_peers,
+        nft, store, files, clock, committed):
+    applied, previous = trial.apply_tables(nft, store, files["other"], peers=no_peers,
                                            now=clock.now)
     assert applied.table == "elsewhere"
     assert previous == ("policyd", "policyd_bans")
-    assert trial.apply_tables(kernel, store, files["base"], peers=no_peers,
+    assert trial.apply_tables(nft, store, files["base"], peers=no_peers,
                               now=clock.now)[1] == ("elsewhere", "elsewhere_bans")
 
 
-def test_a_first_apply_has_no_previous_tables(kernel, store, files, clock):
-    assert trial.apply_tables(kernel, store, files["base"], peers=no_peers,
+def test_a_first_apply_has_no_previous_tables(nft, store, files, clock):
+    assert trial.apply_tables(nft, store, files["base"], peers=no_peers,
                               now=clock.now)[1] is None
