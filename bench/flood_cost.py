@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "netns"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flood import MAXRETRY, POLICY, source  # noqa: E402
-from netlab import Lab, in_namespace  # noqa: E402
+from policyd_lab.netlab import Lab, in_namespace  # noqa: E402
 
 
 def flood_failures(sources, per_source, seed=14):

@@ -45,7 +45,10 @@ def key_range(key):
 def blob(key):
     """The State key: packed address (4 or 16 bytes, so the version) + prefix length."""
     version, number, prefixlen = key
-    return number.to_bytes(4 if version == 4 else 16, "big") + bytes((prefixlen,))
+    return number.to_bytes(4 if version == 4 else 16, "big") + _PREFIX_BYTE[prefixlen]
+
+
+_PREFIX_BYTE = {prefixlen: bytes((prefixlen,)) for prefixlen in range(129)}  # a flood writes 200k blobs
 
 
 def key_from_blob(data):

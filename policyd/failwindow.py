@@ -111,6 +111,10 @@ class FailureWindow:
         failures = list(failures)
         self.failures_total.update(map(itemgetter(1), failures))
         ranges4, ranges6 = self._ranges[4], self._ranges[6]
+        # The span from the lowest protected address to the highest, per version:
+        # a network clear of it is clear of every protected range (most are).
+        low4, high4 = _span(ranges4)
+        low6, high6 = _span(ranges6)
         mask6, hostmask6, prefix6 = self._mask6, self._hostmask6, self._prefix6
         cutoff = now - self.findtime
         maxretry = self.maxretry
@@ -129,22 +133,28 @@ class FailureWindow:
                 key = (6, first, prefix6)
                 last = first | hostmask6
                 shorter = shorter6
-                for low, high in ranges6:
-                    if low <= number <= high:
-                        key = None
-                        break
-                    if low <= last and first <= high:
-                        key = (6, number, 128)  # its /prefix would cover a protected network
-                        shorter = shorter128
-                if key is None:
-                    self.ignored_total[filter_name] += 1
-                    continue
+                if first <= high6 and low6 <= last:
+                    for low, high in ranges6:
+                        if low <= number <= high:
+                            key = None
+                            break
+                        if low <= last and first <= high:
+                            key = (6, number, 128)  # its /prefix would cover a protected network
+                            shorter = shorter128
+                    if key is None:
+                        self.ignored_total[filter_name] += 1
+                        continue
             else:
                 number &= 0xFFFFFFFF  # IPv4, or IPv4-mapped IPv6 counted as IPv4
                 key = (4, number, 32)
-                if any(low <= number <= high for low, high in ranges4):
-                    self.ignored_total[filter_name] += 1
-                    continue
+                if low4 <= number <= high4:
+                    for low, high in ranges4:
+                        if low <= number <= high:
+                            key = None
+                            break
+                    if key is None:
+                        self.ignored_total[filter_name] += 1
+                        continue
                 shorter = shorter4
             if when is None or when >= now:
                 when = now  # no time on the line, or one in the future: now
@@ -209,6 +219,13 @@ class FailureWindow:
                 else:
                     del self.times[key]
         return cutoff
+
+
+def _span(ranges):
+    """(lowest first, highest last) of [(first, last)]; an empty span if none."""
+    if not ranges:
+        return 1, 0
+    return min(first for first, _last in ranges), max(last for _first, last in ranges)
 
 
 def _covered(key, shorter, active):

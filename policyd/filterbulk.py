@@ -8,7 +8,7 @@ valid host; every other case goes through Filter.classify's own code.
 """
 import re
 from itertools import repeat
-from operator import contains, sub
+from operator import sub
 
 from policyd.filters import (_HOST_CACHE, MAX_LINE_BYTES, Failure, Outcome, _cached_parse_host, _RegexRule,
                              search_token)
@@ -106,7 +106,8 @@ def failures_in_lines(log_filter, lines):
     if not lines:
         return [], []
     buffer = b"\n".join(lines) + b"\n"
-    if b"\x00" in buffer or any(map(contains, lines, repeat(b"\n"))):
+    # One newline per line joined: no line holds one of its own.
+    if b"\x00" in buffer or buffer.count(b"\n") != len(lines):
         return None
     starts, ends = _candidates(buffer, log_filter.prefilter, 0, len(buffer))
     if not starts:

@@ -147,7 +147,10 @@ class _JsonRule:
 
 _MISSING = object()
 _HOST_CACHE = {}
-_HOST_CACHE_LIMIT = 4096
+# A flood names each of up to ~100k sources a few times; a cache that holds them
+# all parses each once. 131072 entries of host text -> address: about 27 MB at
+# most (measured: 20 MB for 100k IPv6 hosts); cleared whole when full.
+_HOST_CACHE_LIMIT = 1 << 17
 
 
 def _cached_parse_host(raw):
