@@ -199,6 +199,10 @@ def _read_state(state_dir, read, empty):
 
 def _columns_of(db, now, banned_at):
     """One pass over the bans table, in the order the rows were written."""
+    if not banned_at:
+        columns = _text_columns_of(db, now)
+        if columns is not None:
+            return columns
     rows = db.execute(f"SELECT network, expires_at, {'banned_at' if banned_at else 'NULL'}, "
                       "failures, filter, reason FROM bans WHERE expires_at > ?",
                       (now,)).fetchall()
@@ -209,10 +213,42 @@ def _columns_of(db, now, banned_at):
                       list(causes), cause)
 
 
+# Distinct causes of the bans in force, up to this many, are numbered by SQLite
+# itself: a row is then (network, expires_at, small int), and Python builds no
+# failures, filter and reason objects per ban (most of reading the file's time).
+MAX_NUMBERED_CAUSES = 64
+
+
+def _text_columns_of(db, now):
+    """The columns the text prints (no banned_at), or None if the bans have too
+    many distinct causes to number in SQL."""
+    causes = db.execute("SELECT DISTINCT failures, filter, reason FROM bans "
+                        "WHERE expires_at > ?", (now,)).fetchmany(MAX_NUMBERED_CAUSES + 1)
+    if len(causes) > MAX_NUMBERED_CAUSES:
+        return None
+    numbered = " ".join("WHEN failures IS ? AND filter IS ? AND reason IS ? THEN "
+                        f"{index}" for index in range(len(causes)))
+    rows = db.execute(f"SELECT network, expires_at, CASE {numbered} ELSE -1 END FROM bans "
+                      "WHERE expires_at > ?" if causes else
+                      "SELECT network, expires_at, -1 FROM bans WHERE expires_at > ?",
+                      [value for cause in causes for value in cause] + [now]).fetchall()
+    cause = list(map(itemgetter(2), rows))
+    if cause and min(cause) < 0:  # the table changed between the two reads
+        return None
+    return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
+                      None, causes, cause)
+
+
 def seconds_left(columns, order):
-    """max(0, expires_at - now) of each ban in `order` (C-level maps)."""
-    return map(max, repeat(0.0), map(sub, map(columns.expires_at.__getitem__, order),
-                                      repeat(columns.now)))
+    """[max(0, expires_at - now)] of each ban in `order` (C-level maps; the max
+    only where a ban has expired, which the daemon and the state file leave out)."""
+    expires = columns.expires_at
+    if not (isinstance(order, range) and order == range(len(expires))):
+        expires = list(map(expires.__getitem__, order))
+    now = columns.now
+    if not expires or min(expires) > now:
+        return list(map(sub, expires, repeat(now)))
+    return list(map(max, repeat(0.0), map(sub, expires, repeat(now))))
 
 
 def _b64(values):

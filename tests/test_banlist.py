@@ -193,3 +193,26 @@ def test_no_parts_print_an_empty_list():
         out = []
         banprint.write_parts(iter(()), as_json, out.append)
         assert "".join(out) == expected
+
+
+@pytest.mark.parametrize("odd", ["192.0.2.7/32%s", "192.0.2.7/32\n198.51.100.1", "100%"])
+def test_text_of_a_network_spelled_oddly_is_what_one_line_per_ban_gave(odd):
+    # The state file is read as it is: a network text with '%' or a newline in it
+    # (never written by policyd) must neither break the one-format text nor change it.
+    columns = banlist.BanColumns(NOW, ["192.0.2.1/32", odd, "192.0.2.3/32"],
+                                 [NOW + 5, NOW + 1, NOW - 3], None, CAUSES[:3], [0, 1, 2])
+    expected = "".join(banprint._TEXT_LINE % (columns.network[i], max(0.0, columns.expires_at[i] - NOW),
+                                              banprint.details(*CAUSES[i])) for i in (2, 1, 0))
+    assert banprint.columns_text(columns) == expected
+
+
+@pytest.mark.parametrize("numbered", [0, 1, 64])
+def test_the_state_file_text_is_the_same_however_many_causes_sqlite_numbers(
+        tmp_path, monkeypatch, numbered):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    expected = banprint.columns_text(banlist.from_state(tmp_path, clock()))
+    monkeypatch.setattr(banlist, "MAX_NUMBERED_CAUSES", numbered)
+    assert banprint.columns_text(banlist.from_state(tmp_path, clock(), banned_at=False)) == expected
+    assert len(expected.splitlines()) == 5
