@@ -133,17 +133,32 @@ _SUFFIXES = [f"/{length}" for length in range(129)]
 def _network_texts(keys, network_text):
     """network_text(*key) for each key, by inet_ntop over the whole list. glibc writes
     an IPv6 address whose first 80 bits are zero with an embedded IPv4 (::1.2.3.4),
-    where ipaddress writes hex: those few are spelled by network_text itself."""
-    versions = list(map(itemgetter(0), keys))
-    numbers, lengths = map(itemgetter(1), keys), map(itemgetter(2), keys)
-    families = list(map(_FAMILIES.__getitem__, versions))
-    texts = list(map(socket.inet_ntop, map(itemgetter(0), families), map(
-        int.to_bytes, numbers, map(itemgetter(1), families), repeat("big"))))
-    if sum(map(str.__contains__, texts, repeat("."))) != versions.count(4):
+    where ipaddress writes hex: those few are spelled by network_text itself.
+    A chunk of one version and one prefix length (the usual) maps the fewest steps."""
+    if not keys:
+        return []
+    versions, numbers = list(map(itemgetter(0), keys)), list(map(itemgetter(1), keys))
+    lengths = list(map(itemgetter(2), keys))
+    if versions.count(versions[0]) == len(versions):
+        family, size = _FAMILIES[versions[0]]
+        texts = list(map(socket.inet_ntop, repeat(family), map(
+            int.to_bytes, numbers, repeat(size), repeat("big"))))
+        spoken = versions[0] == 6 and min(numbers) < _DOTTED_BELOW
+    else:
+        families = list(map(_FAMILIES.__getitem__, versions))
+        texts = list(map(socket.inet_ntop, map(itemgetter(0), families), map(
+            int.to_bytes, numbers, map(itemgetter(1), families), repeat("big"))))
+        spoken = True
+    if spoken and sum(map(str.__contains__, texts, repeat("."))) != versions.count(4):
         for i, (version, text) in enumerate(zip(versions, texts)):
             if version == 6 and "." in text:
                 texts[i] = network_text(*keys[i]).rpartition("/")[0]
+    if lengths.count(lengths[0]) == len(lengths):
+        return map(str.__add__, texts, repeat(_SUFFIXES[lengths[0]]))
     return map(str.__add__, texts, map(_SUFFIXES.__getitem__, lengths))
+
+
+_DOTTED_BELOW = 1 << 48  # an IPv6 number from here up has a nonzero bit in its first 80
 
 
 def rows_from_snapshot(snapshot, now, network_text):
@@ -176,6 +191,9 @@ def count_in_state(state_dir, now):
         "SELECT count(*) FROM bans WHERE expires_at > ?", (now,)).fetchone()[0], 0)
 
 
+READ_MMAP_BYTES = 1 << 30
+
+
 def _read_state(state_dir, read, empty):
     """read(db) on the state file opened read-only; `empty` if it has no bans table
     yet, None if there is no file. A foreign or damaged file is the host's error."""
@@ -186,6 +204,7 @@ def _read_state(state_dir, read, empty):
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
+            db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")  # pages read in place, not copied
             if db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
                 raise HostError("not a policyd state database (foreign SQLite file)", file=path)
             if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bans'").fetchone():
