@@ -1,13 +1,11 @@
 """The ban list an operator reads (`policyd bans`), as columns: built from the
 daemon's ban book or, with no daemon, from the state file; sent over the control
-socket as a few long strings instead of 100k JSON objects.
+socket as raw bytes after a small JSON head instead of 100k JSON objects.
 
 Printing them is policyd.banprint's. A column is built and read with C-level
 maps where it can: with 100k bans, a Python step per ban per field is what costs.
 """
 import array
-import base64
-import binascii
 import math
 import socket
 import sqlite3
@@ -15,9 +13,10 @@ from itertools import compress, repeat
 from operator import itemgetter, sub
 from pathlib import Path
 
+from policyd.control import RawPart
 from policyd.errors import HostError
 
-WIRE = "columns/1"
+WIRE = "columns/2"  # /1 sent the columns as base64 in the JSON line
 # Bans per step on the daemon's server thread: a C-level map holds the GIL for
 # its whole run, and the main loop must not wait behind it for long (each map
 # over 5000 bans takes a few ms at most).
@@ -52,36 +51,51 @@ class BanColumns:
         return sorted(range(len(self.expires_at)), key=self.expires_at.__getitem__)
 
     def to_wire(self):
-        """A JSON-ready dict of a few strings: networks joined by newlines, floats
-        as base64 of native doubles (the socket never leaves this host)."""
-        return {"form": WIRE, "now": self.now, "count": len(self.network),
-                "network": "\n".join(self.network),
-                "expires_at": _b64(array.array("d", self.expires_at)),
-                "banned_at": _b64(array.array("d", self.banned_at)),
-                "causes": [list(cause) for cause in self.causes],
-                "cause": _b64(array.array("I", self.cause))}
+        """A control.RawPart: a small JSON head and the columns as bytes (networks
+        joined by newlines, then native doubles and uint32s: the socket never
+        leaves this host), neither JSON-escaped nor base64'd."""
+        network = "\n".join(self.network).encode()
+        data = b"".join((network, array.array("d", self.expires_at).tobytes(),
+                         array.array("d", self.banned_at).tobytes(),
+                         array.array("I", self.cause).tobytes()))
+        return RawPart({"form": WIRE, "now": self.now, "count": len(self.network),
+                        "causes": [list(cause) for cause in self.causes],
+                        "network_bytes": len(network)}, data)
 
     @classmethod
-    def from_wire(cls, data):
+    def from_wire(cls, part):
         """The columns of a to_wire() answer; ValueError if it is not one."""
-        if not isinstance(data, dict) or data.get("form") != WIRE:
+        head, data = part if isinstance(part, RawPart) else (None, None)
+        if not isinstance(head, dict) or head.get("form") != WIRE:
             raise ValueError("not a ban list in columns")
-        count, now = data["count"], data["now"]
+        count, now, split = head["count"], head["now"], head["network_bytes"]
         if not isinstance(count, int) or not isinstance(now, (int, float)):
             raise ValueError("ban list: count or time missing")
-        network = data["network"].split("\n") if count else []
-        expires_at, banned_at = _doubles(data["expires_at"]), _doubles(data["banned_at"])
-        cause = _unb64("I", data["cause"])
-        causes = [tuple(entry) for entry in data["causes"]]
+        if (not isinstance(split, int) or count < 0 or split < 0
+                or len(data) != split + count * _ROW_BYTES):
+            raise ValueError("ban list: columns of different lengths")
+        network = data[:split].decode().split("\n") if count else []
+        expires_at, banned_at = _column("d", data, split, count), _column("d", data, split + 8 * count, count)
+        cause = _column("I", data, split + 16 * count, count)
+        causes = [tuple(entry) for entry in head["causes"]]
         if not all(len(entry) == 3 for entry in causes):
             raise ValueError("ban list: a cause is not (failures, filter, reason)")
-        if {len(network), len(expires_at), len(banned_at), len(cause)} != {count}:
+        if len(network) != count:
             raise ValueError("ban list: columns of different lengths")
         if count and max(cause) >= len(causes):
             raise ValueError("ban list: a cause out of range")
         if not all(map(math.isfinite, expires_at)) or not all(map(math.isfinite, banned_at)):
             raise ValueError("ban list: a time that is not a number")
         return cls(float(now), network, expires_at, banned_at, causes, cause)
+
+
+_ROW_BYTES = 8 + 8 + 4  # expires_at, banned_at, cause
+
+
+def _column(typecode, data, start, count):
+    values = array.array(typecode)
+    values.frombytes(data[start:start + values.itemsize * count])
+    return values.tolist()
 
 
 def from_snapshot(snapshot, now, network_text):
@@ -268,20 +282,3 @@ def seconds_left(columns, order):
     if not expires or min(expires) > now:
         return list(map(sub, expires, repeat(now)))
     return list(map(max, repeat(0.0), map(sub, expires, repeat(now))))
-
-
-def _b64(values):
-    return base64.b64encode(values.tobytes()).decode("ascii")
-
-
-def _unb64(typecode, text):
-    values = array.array(typecode)
-    try:
-        values.frombytes(base64.b64decode(text, validate=True))
-    except (binascii.Error, TypeError, ValueError) as exc:
-        raise ValueError(f"ban list: a column is not base64 of {typecode!r}") from exc
-    return values
-
-
-def _doubles(text):
-    return _unb64("d", text).tolist()
