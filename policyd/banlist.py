@@ -1,13 +1,11 @@
 """The ban list an operator reads (`policyd bans`), as columns: built from the
 daemon's ban book or, with no daemon, from the state file; sent over the control
-socket as a few long strings instead of 100k JSON objects.
+socket as raw bytes after a small JSON head instead of 100k JSON objects.
 
 Printing them is policyd.banprint's. A column is built and read with C-level
 maps where it can: with 100k bans, a Python step per ban per field is what costs.
 """
 import array
-import base64
-import binascii
 import math
 import socket
 import sqlite3
@@ -15,9 +13,10 @@ from itertools import compress, repeat
 from operator import itemgetter, sub
 from pathlib import Path
 
+from policyd.control import RawPart
 from policyd.errors import HostError
 
-WIRE = "columns/1"
+WIRE = "columns/2"  # /1 sent the columns as base64 in the JSON line
 # Bans per step on the daemon's server thread: a C-level map holds the GIL for
 # its whole run, and the main loop must not wait behind it for long (each map
 # over 5000 bans takes a few ms at most).
@@ -52,36 +51,51 @@ class BanColumns:
         return sorted(range(len(self.expires_at)), key=self.expires_at.__getitem__)
 
     def to_wire(self):
-        """A JSON-ready dict of a few strings: networks joined by newlines, floats
-        as base64 of native doubles (the socket never leaves this host)."""
-        return {"form": WIRE, "now": self.now, "count": len(self.network),
-                "network": "\n".join(self.network),
-                "expires_at": _b64(array.array("d", self.expires_at)),
-                "banned_at": _b64(array.array("d", self.banned_at)),
-                "causes": [list(cause) for cause in self.causes],
-                "cause": _b64(array.array("I", self.cause))}
+        """A control.RawPart: a small JSON head and the columns as bytes (networks
+        joined by newlines, then native doubles and uint32s: the socket never
+        leaves this host), neither JSON-escaped nor base64'd."""
+        network = "\n".join(self.network).encode()
+        data = b"".join((network, array.array("d", self.expires_at).tobytes(),
+                         array.array("d", self.banned_at).tobytes(),
+                         array.array("I", self.cause).tobytes()))
+        return RawPart({"form": WIRE, "now": self.now, "count": len(self.network),
+                        "causes": [list(cause) for cause in self.causes],
+                        "network_bytes": len(network)}, data)
 
     @classmethod
-    def from_wire(cls, data):
+    def from_wire(cls, part):
         """The columns of a to_wire() answer; ValueError if it is not one."""
-        if not isinstance(data, dict) or data.get("form") != WIRE:
+        head, data = part if isinstance(part, RawPart) else (None, None)
+        if not isinstance(head, dict) or head.get("form") != WIRE:
             raise ValueError("not a ban list in columns")
-        count, now = data["count"], data["now"]
+        count, now, split = head["count"], head["now"], head["network_bytes"]
         if not isinstance(count, int) or not isinstance(now, (int, float)):
             raise ValueError("ban list: count or time missing")
-        network = data["network"].split("\n") if count else []
-        expires_at, banned_at = _doubles(data["expires_at"]), _doubles(data["banned_at"])
-        cause = _unb64("I", data["cause"])
-        causes = [tuple(entry) for entry in data["causes"]]
+        if (not isinstance(split, int) or count < 0 or split < 0
+                or len(data) != split + count * _ROW_BYTES):
+            raise ValueError("ban list: columns of different lengths")
+        network = data[:split].decode().split("\n") if count else []
+        expires_at, banned_at = _column("d", data, split, count), _column("d", data, split + 8 * count, count)
+        cause = _column("I", data, split + 16 * count, count)
+        causes = [tuple(entry) for entry in head["causes"]]
         if not all(len(entry) == 3 for entry in causes):
             raise ValueError("ban list: a cause is not (failures, filter, reason)")
-        if {len(network), len(expires_at), len(banned_at), len(cause)} != {count}:
+        if len(network) != count:
             raise ValueError("ban list: columns of different lengths")
         if count and max(cause) >= len(causes):
             raise ValueError("ban list: a cause out of range")
         if not all(map(math.isfinite, expires_at)) or not all(map(math.isfinite, banned_at)):
             raise ValueError("ban list: a time that is not a number")
         return cls(float(now), network, expires_at, banned_at, causes, cause)
+
+
+_ROW_BYTES = 8 + 8 + 4  # expires_at, banned_at, cause
+
+
+def _column(typecode, data, start, count):
+    values = array.array(typecode)
+    values.frombytes(data[start:start + values.itemsize * count])
+    return values.tolist()
 
 
 def from_snapshot(snapshot, now, network_text):
@@ -133,17 +147,32 @@ _SUFFIXES = [f"/{length}" for length in range(129)]
 def _network_texts(keys, network_text):
     """network_text(*key) for each key, by inet_ntop over the whole list. glibc writes
     an IPv6 address whose first 80 bits are zero with an embedded IPv4 (::1.2.3.4),
-    where ipaddress writes hex: those few are spelled by network_text itself."""
-    versions = list(map(itemgetter(0), keys))
-    numbers, lengths = map(itemgetter(1), keys), map(itemgetter(2), keys)
-    families = list(map(_FAMILIES.__getitem__, versions))
-    texts = list(map(socket.inet_ntop, map(itemgetter(0), families), map(
-        int.to_bytes, numbers, map(itemgetter(1), families), repeat("big"))))
-    if sum(map(str.__contains__, texts, repeat("."))) != versions.count(4):
+    where ipaddress writes hex: those few are spelled by network_text itself.
+    A chunk of one version and one prefix length (the usual) maps the fewest steps."""
+    if not keys:
+        return []
+    versions, numbers = list(map(itemgetter(0), keys)), list(map(itemgetter(1), keys))
+    lengths = list(map(itemgetter(2), keys))
+    if versions.count(versions[0]) == len(versions):
+        family, size = _FAMILIES[versions[0]]
+        texts = list(map(socket.inet_ntop, repeat(family), map(
+            int.to_bytes, numbers, repeat(size), repeat("big"))))
+        spoken = versions[0] == 6 and min(numbers) < _DOTTED_BELOW
+    else:
+        families = list(map(_FAMILIES.__getitem__, versions))
+        texts = list(map(socket.inet_ntop, map(itemgetter(0), families), map(
+            int.to_bytes, numbers, map(itemgetter(1), families), repeat("big"))))
+        spoken = True
+    if spoken and sum(map(str.__contains__, texts, repeat("."))) != versions.count(4):
         for i, (version, text) in enumerate(zip(versions, texts)):
             if version == 6 and "." in text:
                 texts[i] = network_text(*keys[i]).rpartition("/")[0]
+    if lengths.count(lengths[0]) == len(lengths):
+        return map(str.__add__, texts, repeat(_SUFFIXES[lengths[0]]))
     return map(str.__add__, texts, map(_SUFFIXES.__getitem__, lengths))
+
+
+_DOTTED_BELOW = 1 << 48  # an IPv6 number from here up has a nonzero bit in its first 80
 
 
 def rows_from_snapshot(snapshot, now, network_text):
@@ -176,6 +205,9 @@ def count_in_state(state_dir, now):
         "SELECT count(*) FROM bans WHERE expires_at > ?", (now,)).fetchone()[0], 0)
 
 
+READ_MMAP_BYTES = 1 << 30
+
+
 def _read_state(state_dir, read, empty):
     """read(db) on the state file opened read-only; `empty` if it has no bans table
     yet, None if there is no file. A foreign or damaged file is the host's error."""
@@ -186,6 +218,7 @@ def _read_state(state_dir, read, empty):
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
+            db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")  # pages read in place, not copied
             if db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
                 raise HostError("not a policyd state database (foreign SQLite file)", file=path)
             if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bans'").fetchone():
@@ -199,6 +232,10 @@ def _read_state(state_dir, read, empty):
 
 def _columns_of(db, now, banned_at):
     """One pass over the bans table, in the order the rows were written."""
+    if not banned_at:
+        columns = _text_columns_of(db, now)
+        if columns is not None:
+            return columns
     rows = db.execute(f"SELECT network, expires_at, {'banned_at' if banned_at else 'NULL'}, "
                       "failures, filter, reason FROM bans WHERE expires_at > ?",
                       (now,)).fetchall()
@@ -209,24 +246,39 @@ def _columns_of(db, now, banned_at):
                       list(causes), cause)
 
 
+# Distinct causes of the bans in force, up to this many, are numbered by SQLite
+# itself: a row is then (network, expires_at, small int), and Python builds no
+# failures, filter and reason objects per ban (most of reading the file's time).
+MAX_NUMBERED_CAUSES = 64
+
+
+def _text_columns_of(db, now):
+    """The columns the text prints (no banned_at), or None if the bans have too
+    many distinct causes to number in SQL."""
+    causes = db.execute("SELECT DISTINCT failures, filter, reason FROM bans "
+                        "WHERE expires_at > ?", (now,)).fetchmany(MAX_NUMBERED_CAUSES + 1)
+    if len(causes) > MAX_NUMBERED_CAUSES:
+        return None
+    numbered = " ".join("WHEN failures IS ? AND filter IS ? AND reason IS ? THEN "
+                        f"{index}" for index in range(len(causes)))
+    rows = db.execute(f"SELECT network, expires_at, CASE {numbered} ELSE -1 END FROM bans "
+                      "WHERE expires_at > ?" if causes else
+                      "SELECT network, expires_at, -1 FROM bans WHERE expires_at > ?",
+                      [value for cause in causes for value in cause] + [now]).fetchall()
+    cause = list(map(itemgetter(2), rows))
+    if cause and min(cause) < 0:  # the table changed between the two reads
+        return None
+    return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
+                      None, causes, cause)
+
+
 def seconds_left(columns, order):
-    """max(0, expires_at - now) of each ban in `order` (C-level maps)."""
-    return map(max, repeat(0.0), map(sub, map(columns.expires_at.__getitem__, order),
-                                      repeat(columns.now)))
-
-
-def _b64(values):
-    return base64.b64encode(values.tobytes()).decode("ascii")
-
-
-def _unb64(typecode, text):
-    values = array.array(typecode)
-    try:
-        values.frombytes(base64.b64decode(text, validate=True))
-    except (binascii.Error, TypeError, ValueError) as exc:
-        raise ValueError(f"ban list: a column is not base64 of {typecode!r}") from exc
-    return values
-
-
-def _doubles(text):
-    return _unb64("d", text).tolist()
+    """[max(0, expires_at - now)] of each ban in `order` (C-level maps; the max
+    only where a ban has expired, which the daemon and the state file leave out)."""
+    expires = columns.expires_at
+    if not (isinstance(order, range) and order == range(len(expires))):
+        expires = list(map(expires.__getitem__, order))
+    now = columns.now
+    if not expires or min(expires) > now:
+        return list(map(sub, expires, repeat(now)))
+    return list(map(max, repeat(0.0), map(sub, expires, repeat(now))))

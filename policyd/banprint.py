@@ -11,6 +11,7 @@ from policyd.banlist import seconds_left
 # "%.1f" of a float spells it as repr(round(x, 1)) did (both round the exact
 # binary value half-even to one decimal; a test holds them together), once.
 _TEXT_LINE = "%s\t%.1fs left\t%s\n"
+_TEXT_TAIL = _TEXT_LINE[2:]
 _ROW_LINE = "%s\t%ss left\t%s\n"
 # json.dumps(rows, indent=2, sort_keys=True) of one ban; the cause's fields
 # (failures, filter before network; reason after) come pre-rendered.
@@ -27,9 +28,30 @@ def details(failures, name, reason):
 
 
 def columns_text(columns, order=None):
-    """Every ban of `columns` as a text line, soonest expiry first."""
+    """Every ban of `columns` as a text line, soonest expiry first.
+
+    One '%' format over the whole list: the networks, joined, become the format
+    (each line's end replaced by the rest of its line) and seconds left and
+    details its arguments; a format call per line costs twice as much."""
     order = columns.soonest_first() if order is None else order
+    if not len(order):
+        return ""
     words = [details(*cause) for cause in columns.causes]
+    networks = "\n".join(columns.network if _whole(order, columns.network)
+                          else map(columns.network.__getitem__, order))
+    if networks.count("\n") != len(order) - 1:  # a network with a newline in it
+        return _per_line(columns, order, words)
+    arguments = [None] * (2 * len(order))
+    arguments[0::2] = seconds_left(columns, order)
+    arguments[1::2] = map(words.__getitem__, map(columns.cause.__getitem__, order))
+    return (networks.replace("%", "%%") + "\n").replace("\n", _TEXT_TAIL) % tuple(arguments)
+
+
+def _whole(order, column):
+    return isinstance(order, range) and order == range(len(column))
+
+
+def _per_line(columns, order, words):
     return "".join(map(_TEXT_LINE.__mod__, zip(
         map(columns.network.__getitem__, order),
         seconds_left(columns, order),

@@ -9,7 +9,7 @@ import json
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from policyd.errors import PolicydError
 
@@ -54,6 +54,17 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+class RawPart(NamedTuple):
+    """A streamed part with bytes: sent as {"part": head, "bytes": len(data)} and
+    then the bytes as they are, not JSON-escaped (megabytes of them for 100k bans)."""
+    head: dict
+    data: bytes
+
+
+# The most bytes one raw part may announce; a client refuses more.
+MAX_RAW_PART_BYTES = 1 << 28
 
 
 class Stream:
@@ -109,10 +120,28 @@ def _parts(conn, lines, timeout):
                 return
             if "part" not in message:
                 raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
-            yield message["part"]
+            if "bytes" not in message:
+                yield message["part"]
+                continue
+            size = message["bytes"]
+            if not isinstance(size, int) or not 0 <= size <= MAX_RAW_PART_BYTES:
+                raise ControlError("the daemon sent an unreadable answer", CODE_REFUSED)
+            yield RawPart(message["part"], _read_exactly(lines, size, timeout))
     finally:
         lines.close()
         conn.close()
+
+
+def _read_exactly(lines, size, timeout) -> bytes:
+    try:
+        data = lines.read(size)
+    except socket.timeout as exc:
+        raise ControlError(f"the daemon did not answer within {timeout:g}s", CODE_REFUSED) from exc
+    except ConnectionResetError:
+        data = b""
+    if len(data) != size:
+        raise ControlError("the daemon closed the connection without answering", CODE_REFUSED)
+    return data
 
 
 def _send(run_dir, command, timeout, args) -> socket.socket:

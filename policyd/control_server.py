@@ -19,7 +19,7 @@ from typing import Any
 
 from policyd.control import (CODE_BAD_INPUT, CODE_REFUSED, CONNECTION_TIMEOUT,
                              MAX_CONNECTIONS, MAX_REQUEST_BYTES, PERMISSION_DENIED,
-                             ControlError, Stream, encode, one_line, peer_credentials)
+                             ControlError, RawPart, Stream, encode, one_line, peer_credentials)
 from policyd.errors import HostError, PolicydError
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,11 @@ class ControlServer:
         conn.sendall(encode({"ok": True, "stream": True, "result": stream.head}))
         try:
             for part in stream.parts:
-                conn.sendall(encode({"part": part}))
+                if isinstance(part, RawPart):
+                    conn.sendall(encode({"part": part.head, "bytes": len(part.data)}))
+                    conn.sendall(part.data)
+                else:
+                    conn.sendall(encode({"part": part}))
         except OSError:
             raise
         except Exception:

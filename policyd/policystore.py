@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from policyd import policy as policy_mod
 from policyd.errors import InputError
 
 COMMITTED = "committed.yaml"
@@ -67,6 +66,7 @@ class Pending:
     previous_sha256: str | None
 
     def policy(self):
+        from policyd import policy as policy_mod  # yaml and the model: not for `bans`, `status`
         return policy_mod.loads(self.data, self.source)
 
     def to_json(self):
@@ -108,6 +108,7 @@ class PolicyStore:
         path = self.dir / COMMITTED
         if not path.exists():
             return None
+        from policyd import policy as policy_mod  # yaml and the model: not for `bans`, `status`
         return policy_mod.load(path)
 
     def committed_tables(self, data, policy):

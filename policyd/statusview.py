@@ -3,7 +3,7 @@ kernel say when none runs, printed as lines an operator reads.
 """
 import time
 
-from policyd.cli_common import format_time, policystore, trial
+from policyd.cli_common import format_time, policystore
 
 
 def without_daemon(obj):
@@ -11,10 +11,10 @@ def without_daemon(obj):
     kernel's features, and the bans the state file records (`"source": "state"`):
     counting the kernel's elements means a dump that takes the kernel ~0.3 s per
     100k bans, where the file counts them in milliseconds."""
-    from policyd import banlist
+    from policyd import banlist, trialstate
     store = policystore.PolicyStore(obj.state_dir)
     nft = obj.nft_or_none()
-    policy = trial.status(store, nft=nft)
+    policy = trialstate.status(store, nft=nft)
     result = {"daemon": None, "policy": policy, "bans": None, "logs": [], "fleet": None}
     if policy["committed"] is not None:
         active = banlist.count_in_state(obj.state_dir, time.time())

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fakes import FakeBanKernel, FakeClock, Settings
 from policyd import banlist, banprint
 from policyd.bans import BanManager
+from policyd.control import RawPart
 from policyd.errors import HostError
 from policyd.lists import cidr_text
 from policyd.state import State
@@ -74,8 +75,13 @@ def old_text(rows):
     return "".join(lines)
 
 
+def wire_copy(part):
+    """A part as the client reads it: the head through JSON, the bytes as sent."""
+    return RawPart(json.loads(json.dumps(part.head)), bytes(part.data))
+
+
 def over_the_wire(columns):
-    return banlist.BanColumns.from_wire(json.loads(json.dumps(columns.to_wire())))
+    return banlist.BanColumns.from_wire(wire_copy(columns.to_wire()))
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 300, 12000])
@@ -108,21 +114,25 @@ def test_one_decimal_is_spelled_as_round_then_repr_spelled_it(seconds):
 
 
 @pytest.mark.parametrize("spoil", [
-    lambda w: w.update(form="rows"),
-    lambda w: w.update(count=w["count"] + 1),
-    lambda w: w.update(expires_at=w["expires_at"][:-4]),
-    lambda w: w.update(cause="not base64!"),
-    lambda w: w.update(causes=w["causes"][:1]),
-    lambda w: w.update(causes=[[1, 2]] * 4),
-    lambda w: w.update(banned_at=banlist._b64(banlist.array.array("d", [float("nan")] * 5))),
+    lambda h, d: (dict(h, form="columns/1"), d),
+    lambda h, d: (dict(h, count=h["count"] + 1), d),
+    lambda h, d: (h, d[:-4]),
+    lambda h, d: (dict(h, network_bytes=h["network_bytes"] - 1), d),
+    lambda h, d: (dict(h, network_bytes="12"), d),
+    lambda h, d: (h, d.replace(b"2001:db8::/64", b"2001:db8::\xff64")),
+    lambda h, d: (dict(h, causes=h["causes"][:1]), d),
+    lambda h, d: (dict(h, causes=[[1, 2]] * 4), d),
+    lambda h, d: (h, d[:h["network_bytes"] + 40] + banlist.array.array("d", [float("nan")] * 5)
+                  .tobytes() + d[h["network_bytes"] + 80:]),
+    lambda h, d: (h, None),
 ])
 def test_a_wire_answer_that_is_not_a_ban_list_is_refused(spoil):
     items = [(key, (NOW + 10 + i, *CAUSES[i % 4][:3], NOW)) for i, key in enumerate(SPECIAL[:5])]
-    wire = banlist.from_snapshot(items, NOW, cidr_text).to_wire()
-    assert len(banlist.BanColumns.from_wire(dict(wire))) == 5
-    spoil(wire)
-    with pytest.raises(ValueError):
-        banlist.BanColumns.from_wire(wire)
+    wire = wire_copy(banlist.from_snapshot(items, NOW, cidr_text).to_wire())
+    assert len(banlist.BanColumns.from_wire(wire)) == 5
+    head, data = spoil(dict(wire.head), wire.data)
+    with pytest.raises((ValueError, TypeError)):
+        banlist.BanColumns.from_wire(RawPart(head, data))
 
 
 def _book(tmp_path, clock):
@@ -179,7 +189,7 @@ def test_streamed_parts_print_what_the_whole_list_prints(chunk):
     items = snapshot(300, seed=chunk, expired=5)
     items += [((4, 1000 + i, 32), (NOW + 99.5, 1, "nginx-auth", "auto", NOW)) for i in range(20)]
     rows = json.loads(json.dumps(old_rows(items, NOW)))
-    parts = [json.loads(json.dumps(part))
+    parts = [wire_copy(part)
              for part in banlist.parts_from_snapshot(items, NOW, cidr_text, chunk=chunk)]
     for as_json, expected in ((False, old_text(rows)),
                               (True, json.dumps(rows, indent=2, sort_keys=True) + "\n")):
@@ -193,3 +203,26 @@ def test_no_parts_print_an_empty_list():
         out = []
         banprint.write_parts(iter(()), as_json, out.append)
         assert "".join(out) == expected
+
+
+@pytest.mark.parametrize("odd", ["192.0.2.7/32%s", "192.0.2.7/32\n198.51.100.1", "100%"])
+def test_text_of_a_network_spelled_oddly_is_what_one_line_per_ban_gave(odd):
+    # The state file is read as it is: a network text with '%' or a newline in it
+    # (never written by policyd) must neither break the one-format text nor change it.
+    columns = banlist.BanColumns(NOW, ["192.0.2.1/32", odd, "192.0.2.3/32"],
+                                 [NOW + 5, NOW + 1, NOW - 3], None, CAUSES[:3], [0, 1, 2])
+    expected = "".join(banprint._TEXT_LINE % (columns.network[i], max(0.0, columns.expires_at[i] - NOW),
+                                              banprint.details(*CAUSES[i])) for i in (2, 1, 0))
+    assert banprint.columns_text(columns) == expected
+
+
+@pytest.mark.parametrize("numbered", [0, 1, 64])
+def test_the_state_file_text_is_the_same_however_many_causes_sqlite_numbers(
+        tmp_path, monkeypatch, numbered):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    expected = banprint.columns_text(banlist.from_state(tmp_path, clock()))
+    monkeypatch.setattr(banlist, "MAX_NUMBERED_CAUSES", numbered)
+    assert banprint.columns_text(banlist.from_state(tmp_path, clock(), banned_at=False)) == expected
+    assert len(expected.splitlines()) == 5

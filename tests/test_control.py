@@ -328,6 +328,9 @@ def _streaming_handler(command, args):
         return control.Stream(parts(), {"form": "test"})
     if command == "broken":
         return control.Stream(parts(fail_after=2))
+    if command == "raw":
+        return control.Stream(control.RawPart({"i": i}, bytes([i]) * 10 + b"\n{\"end\": true}\n")
+                              for i in range(args["count"]))
     return echo_handler(command, args)
 
 
@@ -342,6 +345,39 @@ def test_a_streamed_answer_arrives_part_by_part(run_dir):
         with pytest.raises(ControlError, match="not an address") as refused:
             control.request_parts(run_dir, "bad")
         assert refused.value.code == 2
+
+
+def test_raw_parts_arrive_as_sent_between_json_parts(run_dir):
+    # Bytes that look like the stream's own lines are data, never read as lines.
+    with ControlServer(socket_path(run_dir), _streaming_handler):
+        _head, parts = control.request_parts(run_dir, "raw", count=4)
+        assert list(parts) == [control.RawPart({"i": i}, bytes([i]) * 10 + b"\n{\"end\": true}\n")
+                               for i in range(4)]
+
+
+@pytest.mark.parametrize("announced", [b'{"part": {}, "bytes": 99}\n' + b"x" * 10,
+                                       b'{"part": {}, "bytes": -1}\n',
+                                       b'{"part": {}, "bytes": "9"}\n' + b"x" * 9])
+def test_a_raw_part_shorter_or_odder_than_announced_is_an_error(tmp_path, announced):
+    path = tmp_path / control.SOCKET_NAME
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def answer():
+        conn, _ = listener.accept()
+        conn.recv(1000)
+        conn.sendall(b'{"ok": true, "stream": true, "result": {}}\n' + announced)
+        conn.close()
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        _head, parts = control.request_parts(tmp_path, "raw")
+        with pytest.raises(ControlError, match="answer"):
+            list(parts)
+    finally:
+        thread.join()
+        listener.close()
 
 
 def test_a_stream_that_fails_midway_is_an_error_after_the_parts_it_sent(run_dir):
