@@ -121,11 +121,14 @@ class ControlAnswers:
         from policyd import banlist
         if self.bans is None:
             return []
-        snapshot, now = self.bans.snapshot(), self.clock()
+        # A dict copy here (3 ms for 100k bans); its [(key, entry)] list is made
+        # off the loop (building it here held bans up 20 ms).
+        book, now = dict(self.bans.book.active), self.clock()
         if form == banlist.WIRE:
             return OffLoop(lambda: control.Stream(
-                banlist.parts_from_snapshot(snapshot, now, network_text), {"form": form}))
-        return OffLoop(lambda: banlist.rows_from_snapshot(snapshot, now, network_text))
+                banlist.parts_from_snapshot(list(book.items()), now, network_text),
+                {"form": form}))
+        return OffLoop(lambda: banlist.rows_from_snapshot(list(book.items()), now, network_text))
 
 
 class OffLoop:

@@ -13,6 +13,7 @@ from policyd import policy as policy_mod
 from policyd import preflight
 from policyd.compile import TRIAL_SET, compile_policy, delete_table
 from policyd.ruleset import Ruleset
+from policyd.trialstate import status  # noqa: F401 (re-exported)
 from policyd.errors import InputError, KernelError, Refused
 from policyd.lockout import operator_peers, refuse_cuts, route_iface
 from policyd.policystore import Pending
@@ -253,48 +254,8 @@ def restore_committed_locked(nft, store):
     return committed
 
 
-def status(store, now=None, nft=None):
-    """The committed policy and the trial, for `policyd status`.
-
-    {"committed": {"sha256", "source", "committed_at"} | None,
-     "trial": {"candidate_sha256", "source", "started_at", "deadline", "seconds",
-               "seconds_left", "previous_sha256", ["kernel_seconds_left"]} | None,
-     "ended_trial": {"candidate_sha256", "source", "deadline"} | None,
-     "held_back": {"source", "reason", "at"} | None}
-    `kernel_seconds_left` (only when `nft` is given) is what the kernel's timer says.
-    A trial past its deadline is `ended_trial`, never `trial`: the kernel has
-    already gone back to the committed policy.
-    """
-    now = time.time() if now is None else now
-    meta = store.meta()
-    committed = None
-    if meta:
-        committed = {key: meta.get(key) for key in ("sha256", "source", "committed_at")}
-    pending = store.pending()
-    trial = ended = None
-    if pending is not None and now >= pending.deadline:
-        # The kernel ended it at the deadline; only the record waits for a daemon
-        # (or `policyd rollback`) to clear it. It is not pending any more.
-        ended = {"candidate_sha256": pending.sha256, "source": pending.source,
-                 "deadline": pending.deadline}
-    elif pending is not None:
-        trial = {"candidate_sha256": pending.sha256, "source": pending.source,
-                 "started_at": pending.started_at, "deadline": pending.deadline,
-                 "seconds": pending.seconds,
-                 "seconds_left": max(0.0, round(pending.deadline - now, 1)),
-                 "previous_sha256": pending.previous_sha256}
-        if nft is not None:
-            trial["kernel_seconds_left"] = _kernel_seconds_left(nft, pending)
-    return {"committed": committed, "trial": trial, "ended_trial": ended,
-            "held_back": store.held_back()}
-
-
-def _kernel_seconds_left(nft, pending):
-    try:
-        elements = nft.set_elements(pending.policy().table, TRIAL_SET)
-    except KernelError:
-        return 0
-    return max((expires or 0 for _value, _timeout, expires in elements), default=0)
+# `policyd status`'s view of the committed policy and the trial lives in
+# policyd.trialstate (importable without the compiler); re-exported here.
 
 
 def format_time(timestamp):
