@@ -72,7 +72,7 @@ def _with_cpu(result, key, seconds):
 def _kernel_count(host, name):
     """Elements in one set, counted over policyd's own netlink dump (no nft cache)."""
     def count():
-        from policyd.nfnetlink import Netlink
+        from policyd.kernel.nfnetlink import Netlink
         return len(Netlink().set_keys(TABLE, name))
     return in_namespace(host.name, count)
 
@@ -136,7 +136,7 @@ def measure_churn(workdir, count=100000, churn=0.01):
 
 def _has_element(netlink, name, key):
     """One element lookup (NFT_MSG_GETSETELEM, not a dump): ~0.1 ms whatever the set's size."""
-    from policyd import nfwire as nl, nlbatch
+    from policyd.kernel import nfwire as nl, nlbatch
     body = (nlbatch.string(1, TABLE) + nlbatch.string(2, name)
             + nlbatch.attr(3 | nlbatch.NESTED, nlbatch.encode_element(key)))
     seq = netlink._next_seq()
@@ -156,7 +156,7 @@ def _has_element(netlink, name, key):
 def _time_until_present(tmp, list_path, key, timeout=10.0):
     """Rename tmp over list_path (how cron jobs write lists), then seconds until the
     kernel's set holds `key`."""
-    from policyd.nfnetlink import Netlink
+    from policyd.kernel.nfnetlink import Netlink
     netlink = Netlink()
     started = time.perf_counter()
     tmp.replace(list_path)

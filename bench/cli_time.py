@@ -54,7 +54,7 @@ def _failure(address):
 
 def _ban_latencies(host, log, addresses):
     """ms from appending maxretry+1 failures of each address to its ban in the kernel."""
-    from policyd.nfnetlink import Netlink
+    from policyd.kernel.nfnetlink import Netlink
     netlink = in_namespace(host.name, Netlink)
     out = []
     try:

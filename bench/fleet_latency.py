@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from policyd_lab.fleetlab import STREAM_PREFIX, FleetLab  # noqa: E402
 from policyd_lab.netlab import Lab, in_namespace  # noqa: E402
-from policyd import control  # noqa: E402
+from policyd.operator import control  # noqa: E402
 
 ELEMENT = re.compile(r"add element inet policyd_bans ban4 \{ ([0-9.]+) ")
 SOURCES = [f"{a}.{b}" for a in ("198.51.100", "203.0.113") for b in range(1, 255)]

@@ -4,7 +4,7 @@ Owns measuring what `Daemon._file_failures` does between reading a slice of
 lines and handing failures to the ban engine (the forged-line judge and the
 filter), on bench/flood.py's lines (300k failures from 100k sources), in slices
 of the daemon's READ_SLICE_LINES. `--per-line` times the per-line loop the
-daemon ran before policyd.guard.failures_from (it runs on any checkout, for a
+daemon ran before policyd.logs.guard.failures_from (it runs on any checkout, for a
 before/after in one run: PYTHONPATH=OLD_CHECKOUT python bench/flood_classify.py --per-line).
 """
 import argparse
@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flood import flood_lines  # noqa: E402
 
-from policyd.filters import _HOST_CACHE, Failure, Outcome, load_filter  # noqa: E402
-from policyd.guard import judge_for  # noqa: E402
+from policyd.logs.filters import _HOST_CACHE, Failure, Outcome, load_filter  # noqa: E402
+from policyd.logs.guard import judge_for  # noqa: E402
 
-SLICE = 500   # policyd.daemon_logs.READ_SLICE_LINES
+SLICE = 500   # policyd.daemon.logs.READ_SLICE_LINES
 
 
 def per_line(judge, lines):
@@ -34,7 +34,7 @@ def per_line(judge, lines):
 
 
 def bulk(judge, lines):
-    from policyd.guard import failures_from
+    from policyd.logs.guard import failures_from
     return failures_from(judge, lines, False)[0]
 
 

@@ -42,8 +42,8 @@ def flood_failures(sources, per_source, seed=14):
 
 
 def measure(workdir, sources=100000, per_source=MAXRETRY, profile=None):
-    from policyd import policy as policy_mod
-    from policyd.nft import Nft
+    from policyd.policy import reader as policy_mod
+    from policyd.kernel.nft import Nft
     workdir = Path(workdir)
     lab = Lab(workdir)
     try:
@@ -64,12 +64,12 @@ def measure(workdir, sources=100000, per_source=MAXRETRY, profile=None):
 
 
 def _drive(nft, settings, state_dir, failures, host, profile):
-    from policyd import daemon as daemon_mod, daemon_logs
-    from policyd.banlog import BanLog
-    from policyd.bans import BanManager
-    from policyd.nft import BanTable
-    from policyd.state import State
-    from policyd.statewriter import StateWriter
+    from policyd.daemon import core as daemon_mod, logs as daemon_logs
+    from policyd.banning.banlog import BanLog
+    from policyd.banning.bans import BanManager
+    from policyd.kernel.nft import BanTable
+    from policyd.banning.state import State
+    from policyd.banning.statewriter import StateWriter
     state_dir.mkdir(parents=True)
     state = State(state_dir / "bans.sqlite")
     writer = StateWriter(state.path)

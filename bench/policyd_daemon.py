@@ -176,9 +176,9 @@ def ban_networks(count):
 def seed_bans(state_path, policy_path, count, duration=7200):
     """Write `count` manual bans of `duration` seconds into the state file, as a daemon
     that made them would have; returns the networks. No daemon may run on that file."""
-    from policyd import policy as policy_mod
-    from policyd.bans import BanManager
-    from policyd.state import State
+    from policyd.policy import reader as policy_mod
+    from policyd.banning.bans import BanManager
+    from policyd.banning.state import State
 
     settings = policy_mod.load(policy_path).bans
     networks = ban_networks(count)

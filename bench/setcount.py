@@ -13,7 +13,7 @@ import struct
 
 from policyd_lab.netlab import in_namespace  # noqa: E402
 
-from policyd import nfnetlink, nfwire as nl  # noqa: E402
+from policyd.kernel import nfnetlink, nfwire as nl  # noqa: E402
 
 HEADER = struct.Struct("=IHHII")
 

@@ -3,9 +3,9 @@ import sys
 
 
 def main():
-    from policyd.testfilter import quick
+    from policyd.operator.testfilter import quick
     if not quick(sys.argv[1:]):
-        from policyd.cli import main as cli
+        from policyd.operator.cli import main as cli
         cli()
 
 

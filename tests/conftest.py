@@ -18,11 +18,11 @@ def clock():
 
 @pytest.fixture
 def nft(clock):
-    """nftables' rulesets (policyd.nft.Nft), replayed by the ruleset model."""
+    """nftables' rulesets (policyd.kernel.nft.Nft), replayed by the ruleset model."""
     return FakeNft(clock)
 
 
 @pytest.fixture
 def ban_kernel(clock):
-    """The kernel's ban sets (policyd.nft.BanTable)."""
+    """The kernel's ban sets (policyd.kernel.nft.BanTable)."""
     return FakeBanKernel(clock)

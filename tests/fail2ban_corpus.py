@@ -74,8 +74,8 @@ def _expected_time(text):
 def run_filter(name, check_time=True):
     """Run one filter over its sample file(s); a Result with every disagreement."""
     from policyd.errors import InputError
-    from policyd.fail2ban.engine import load
-    from policyd.filters import Failure
+    from policyd.logs.fail2ban.engine import load
+    from policyd.logs.filters import Failure
 
     os.environ["TZ"] = SAMPLE_TZ
     time.tzset()

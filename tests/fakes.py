@@ -4,7 +4,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from policyd.errors import KernelError
-from policyd.ruleset import Ruleset
+from policyd.rules.model import Ruleset
 
 
 class FakeClock:
@@ -34,7 +34,7 @@ class Settings:
 
 
 class MemoryPositions:
-    """A log PositionStore in a dict (policyd.state.State is the daemon's)."""
+    """A log PositionStore in a dict (policyd.banning.state.State is the daemon's)."""
 
     def __init__(self):
         self._positions = {}
@@ -48,7 +48,7 @@ class MemoryPositions:
 
 
 class FakeBanKernel:
-    """The ban table (policyd.nft.BanTable): records each call as one batch and keeps
+    """The ban table (policyd.kernel.nft.BanTable): records each call as one batch and keeps
     elements with an expiry like the kernel."""
 
     def __init__(self, clock):
@@ -92,7 +92,7 @@ class FakeBanKernel:
 
 class FakeNft:
     """nftables for the trial tests: each load runs on the tables the earlier loads
-    left, through the ruleset model's replay (policyd.ruleset) with the kernel's
+    left, through the ruleset model's replay (policyd.rules.model) with the kernel's
     strictness, all or nothing like one transaction; elements with a timeout
     expire on the fake clock.
 
@@ -162,7 +162,7 @@ class FakeNft:
         return out
 
     def skeleton(self, table):
-        """What policyd.nfnetlink reports cheaply: chains with rule counts, set names."""
+        """What policyd.kernel.nfnetlink reports cheaply: chains with rule counts, set names."""
         return self.model.skeleton(table)
 
     def active_services(self, table="policyd"):

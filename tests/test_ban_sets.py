@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from policyd import nfwire
-from policyd.nft import BanTable, _ranges
+from policyd.kernel import nfwire
+from policyd.kernel.nft import BanTable, _ranges
 
 N = ipaddress.ip_network
 

@@ -5,10 +5,10 @@ import ipaddress
 import sqlite3
 
 from fakes import Settings
-from policyd.banbook import BanBook
-from policyd.bankeys import blob, key
-from policyd.banqueue import KernelQueue, StateQueue
-from policyd.state import State
+from policyd.banning.banbook import BanBook
+from policyd.banning.bankeys import blob, key
+from policyd.banning.banqueue import KernelQueue, StateQueue
+from policyd.banning.state import State
 
 NOW = 1_000_000.0
 

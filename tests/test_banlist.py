@@ -1,4 +1,4 @@
-"""`policyd bans` as columns (policyd.banlist, policyd.banprint): the same text and
+"""`policyd bans` as columns (policyd.operator.banlist, policyd.operator.banprint): the same text and
 JSON as formatting each ban as an object, from the daemon's book and from the
 state file, and a wire answer that refuses what is not one."""
 import ipaddress
@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fakes import FakeBanKernel, FakeClock, Settings
-from policyd import banlist, banprint
-from policyd.bans import BanManager
-from policyd.control import RawPart
+from policyd.operator import banlist, banprint
+from policyd.banning.bans import BanManager
+from policyd.operator.control import RawPart
 from policyd.errors import HostError
-from policyd.lists import cidr_text
-from policyd.state import State
+from policyd.policy.lists import cidr_text
+from policyd.banning.state import State
 
 NOW = 1_800_000_000.25
 CAUSES = [(0, None, "manual"), (5, "nginx-auth", "auto"), (3, "fleet:node2", "auto"),
@@ -52,7 +52,7 @@ def snapshot(count, seed=1, expired=0):
 
 
 def old_rows(items, now):
-    """What daemons answered before the columns (policyd.daemon._ban_rows, verbatim)."""
+    """What daemons answered before the columns (policyd.daemon.core._ban_rows, verbatim)."""
     rows = sorted(((key, entry) for key, entry in items if entry[0] > now),
                   key=lambda item: (item[1][0], item[0]))
     return [{"network": cidr_text(version, number, prefixlen), "expires_at": expires_at,

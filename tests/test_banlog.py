@@ -3,8 +3,8 @@ import ipaddress
 import logging
 
 from fakes import FakeClock
-from policyd.banlog import BanLog
-from policyd.bans import NewBans
+from policyd.banning.banlog import BanLog
+from policyd.banning.bans import NewBans
 
 NOW = 1_000_000.0
 

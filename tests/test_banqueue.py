@@ -2,9 +2,9 @@
 import ipaddress
 import sqlite3
 
-from policyd.bans import _blob, _key, _text
-from policyd.banqueue import KernelQueue, StateQueue
-from policyd.state import State
+from policyd.banning.bans import _blob, _key, _text
+from policyd.banning.banqueue import KernelQueue, StateQueue
+from policyd.banning.state import State
 
 
 def key(text):
@@ -24,7 +24,7 @@ def test_positions_ride_with_the_last_piece_and_a_failed_write_is_kept(tmp_path,
 
     def broken(*_args):
         raise sqlite3.OperationalError("disk I/O error")
-    monkeypatch.setattr("policyd.banqueue.write_rows", broken)
+    monkeypatch.setattr("policyd.banning.banqueue.write_rows", broken)
     assert queue.write() == 0 and queue.pending(), "kept for the next flush"
     monkeypatch.undo()
     assert queue.write() == 4
@@ -81,12 +81,12 @@ def test_in_a_backlog_state_waits_within_bounds_and_positions_wait_with_it(tmp_p
     queue.positions["/var/log/a.log"] = {"offset": 42}
     queue.ban_started(key("198.51.100.7/32"), (4000.0, 3, "nginx-auth", "auto", 400.0), (1, 4000.0))
     assert queue.write(backlog=True) == 0, "the kernel first: state once the backlog is read"
-    monkeypatch.setattr("policyd.banqueue.HELD_BAN_ROWS", 1)  # too many bans held: written
+    monkeypatch.setattr("policyd.banning.banqueue.HELD_BAN_ROWS", 1)  # too many bans held: written
     assert queue.write(backlog=True) == 2  # the ban and its history, not the failures
     assert state.load_bans(now=0.0) and not state.load_failures(since=0.0)
     assert state.load_position("/var/log/a.log") is None, "not before the failures it covers"
     assert queue.write(backlog=True) == 0
-    monkeypatch.setattr("policyd.banqueue.HELD_FAILURE_KEYS", 0)  # too many failures held
+    monkeypatch.setattr("policyd.banning.banqueue.HELD_FAILURE_KEYS", 0)  # too many failures held
     assert queue.write(backlog=True) == 1
     assert state.load_failures(since=0.0) and state.load_position("/var/log/a.log") == {"offset": 42}
     state.close()

@@ -5,9 +5,9 @@ import ipaddress
 import pytest
 
 from fakes import FakeBanKernel, Settings
-from policyd.bans import Ban, BanManager
+from policyd.banning.bans import Ban, BanManager
 from policyd.errors import InputError
-from policyd.state import State
+from policyd.banning.state import State
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

@@ -1,7 +1,7 @@
 """The bulk paths agree with the per-line path, also where an attacker who read them would aim.
 
-`policyd test-filter` (policyd.scan) reads a log in slices and searches them
-whole; the daemon (policyd.guard, Filter.classify_batch) classifies a slice of
+`policyd test-filter` (policyd.logs.scan) reads a log in slices and searches them
+whole; the daemon (policyd.logs.guard, Filter.classify_batch) classifies a slice of
 lines at once. Both must count exactly what the daemon's per-line judge counts
 over the same bytes: the same failures for the same hosts, the same forged
 lines dropped, wherever a slice boundary falls.
@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_forged_line_guard import ATTACKER, VICTIM, auth_failure, forging, nginx_404
 
-from policyd.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter
-from policyd.guard import Forgery, judge_for
-from policyd.scan import scan
+from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter
+from policyd.logs.guard import Forgery, judge_for
+from policyd.logs.scan import scan
 
 NGINX_AUTH = load_filter("nginx-auth")
 
@@ -40,7 +40,7 @@ def per_line(log_filter, data):
 
 def scanned(log_filter, path, chunk):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("policyd.filters.READ_CHUNK_BYTES", chunk)
+        patch.setattr("policyd.logs.filters.READ_CHUNK_BYTES", chunk)
         result = scan(log_filter, path)
     return {"lines": result.lines, "matched": result.matched, "malformed": result.malformed,
             "forged": result.forged, "hosts": result.hosts, "ignored": result.ignored}
@@ -219,7 +219,7 @@ CLEAN = [line(auth_failure(host, connection=n)).rstrip(b"\n") for n, host in
 @given(lines=st.lists(st.one_of(st.sampled_from(CLEAN), st.lists(LINE_PARTS, max_size=6).map(b"".join)),
                       max_size=30))
 def test_the_daemons_c_loop_path_is_classify_line_by_line(lines):
-    from policyd.filterbulk import failures_in_lines
+    from policyd.logs.filterbulk import failures_in_lines
     expected, offset = [], 0
     for text in lines:
         outcome = NGINX_AUTH.classify(text)

@@ -6,7 +6,10 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from policyd import __version__, cli, lockout, policystore, trial
+from policyd import __version__
+from policyd.kernel import lockout, trial
+from policyd.operator import cli
+from policyd.policy import store as policystore
 
 GOOD = """\
 version: 1
@@ -156,7 +159,7 @@ def test_confirm_timeout_refuses_nonsense_and_more_than_a_day(tmp_path, given):
 @pytest.mark.parametrize("listen", ["0.0.0.0:9611", "[::]:9611", "192.0.2.1:9611"])
 def test_run_refuses_a_metrics_listener_beyond_loopback_before_starting(tmp_path, listen,
                                                                        monkeypatch):
-    from policyd import daemon
+    from policyd.daemon import core as daemon
     monkeypatch.setattr(daemon, "run", lambda *a, **k: pytest.fail("the daemon started"))
     result = invoke(tmp_path, "run", write(tmp_path, GOOD), "--metrics-listen", listen)
     assert result.exit_code == 2
@@ -211,11 +214,11 @@ def test_status_says_plainly_when_the_first_policy_was_held_back(tmp_path, monke
 
 
 def test_ban_refusals_name_the_argument_the_operator_typed(tmp_path):
-    from policyd.bans import BanManager
-    from policyd.bandesk import BanDesk
+    from policyd.banning.bans import BanManager
+    from policyd.operator.bandesk import BanDesk
     from policyd.errors import InputError
-    from policyd.policymodel import BanSettings
-    from policyd.state import State
+    from policyd.policy.model import BanSettings
+    from policyd.banning.state import State
 
     class Kernel:
         def add_bans(self, bans):
@@ -257,7 +260,7 @@ def test_every_operator_error_class_carries_the_exit_code_spec_gives_it():
 def test_a_foreign_state_database_is_the_hosts_fault_not_the_input(tmp_path):
     import sqlite3
 
-    from policyd import policy
+    from policyd.policy import reader as policy
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     with sqlite3.connect(state_dir / "state.db") as db:
@@ -273,16 +276,16 @@ def test_a_foreign_state_database_is_the_hosts_fault_not_the_input(tmp_path):
 def test_banning_without_a_daemon_does_not_import_the_daemon():
     import subprocess
     import sys
-    program = ("import sys, policyd.bandesk, policyd.cli; "
-               "print('policyd.daemon' in sys.modules)")
+    program = ("import sys, policyd.operator.bandesk, policyd.operator.cli; "
+               "print('policyd.daemon.core' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_without_a_daemon_bans_and_status_read_the_state_file_and_say_so(tmp_path, monkeypatch):
-    from policyd.bans import BanManager
-    from policyd.state import State
+    from policyd.banning.bans import BanManager
+    from policyd.banning.state import State
     from fakes import FakeBanKernel, FakeClock, Settings
     monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
     assert invoke(tmp_path, "bans").output == ""  # nothing committed: nothing banned
@@ -310,7 +313,7 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly():
     """`policyd bans | head`: the rest of the list has nowhere to go; no traceback."""
     import subprocess
     import sys
-    program = ("from policyd.cli_common import write_out\n"
+    program = ("from policyd.operator.cli_common import write_out\n"
                "for _ in range(50):\n"
                "    write_out('192.0.2.7/32\\t60.0s left\\treason=manual\\n' * 20000)\n")
     proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
@@ -344,7 +347,7 @@ def test_apply_writes_the_list_cache_after_the_kernel_has_the_policy(tmp_path, m
 
 
 def cli_show_uncached(tmp_path, path):
-    from policyd import lists
+    from policyd.policy import lists
     lists._last_good.clear()
     state = tmp_path / "other-state"
     runner = CliRunner(mix_stderr=False)

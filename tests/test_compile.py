@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from policyd import policy, render
-from policyd.compile import compile_policy
+from policyd.policy import reader as policy
+from policyd.rules import render
+from policyd.rules.compile import compile_policy
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from policyd import control
-from policyd.control import (ControlError, ControlServer, DaemonUnavailable, MainLoopCall,
+from policyd.operator import control
+from policyd.operator.control import (ControlError, ControlServer, DaemonUnavailable, MainLoopCall,
                              request, socket_path)
 from policyd.errors import HostError, InputError, KernelError
 
@@ -260,7 +260,7 @@ def catch(action):
 
 CLIENT_AS_NOBODY = textwrap.dedent("""
     import json, sys
-    from policyd.control import request, ControlError, DaemonUnavailable
+    from policyd.operator.control import request, ControlError, DaemonUnavailable
     try:
         request(sys.argv[1], "echo")
         print(json.dumps({"outcome": "answered"}))

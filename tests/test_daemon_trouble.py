@@ -5,9 +5,9 @@ import textwrap
 
 import pytest
 
-from policyd import daemon as daemon_mod
-from policyd import policy as policy_mod
-from policyd.policystore import PolicyStore
+from policyd.daemon import core as daemon_mod
+from policyd.policy import reader as policy_mod
+from policyd.policy.store import PolicyStore
 
 POLICY = textwrap.dedent("""\
     version: 1

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from policyd import doctor, doctor_host, hostenv, tableshape
-from policyd import policy as policy_mod
-from policyd.cli import main
-from policyd.compile import compile_policy
+from policyd.operator import doctor, doctor_host, hostenv, tableshape
+from policyd.policy import reader as policy_mod
+from policyd.operator.cli import main
+from policyd.rules.compile import compile_policy
 from policyd.errors import InputError, KernelError
-from policyd.netdiag import Listener
-from policyd.policystore import Pending, PolicyStore
+from policyd.operator.netdiag import Listener
+from policyd.policy.store import Pending, PolicyStore
 
 ip = ipaddress.ip_address
 NOW = 1_000_000.0

@@ -1,5 +1,5 @@
 """The element watch: generation gate, digests, and a full comparison only when needed."""
-from policyd import drift
+from policyd.kernel import drift
 
 
 class FakeNetlink:

@@ -1,8 +1,8 @@
 """explain.decide: the verdict and the deciding rule, in the compiled rules' order."""
 import ipaddress
 
-from policyd import policy
-from policyd.explain import decide
+from policyd.policy import reader as policy
+from policyd.operator.explain import decide
 
 POLICY_TEXT = """\
 version: 1

@@ -7,9 +7,9 @@ import textwrap
 import pytest
 
 from policyd.errors import InputError
-from policyd.fail2ban.config import read_filter
-from policyd.fail2ban.engine import load
-from policyd.filters import Failure, Outcome, load_filter, scan
+from policyd.logs.fail2ban.config import read_filter
+from policyd.logs.fail2ban.engine import load
+from policyd.logs.filters import Failure, Outcome, load_filter, scan
 
 ip = ipaddress.ip_address
 NOW = 1_780_000_000.0
@@ -206,7 +206,7 @@ def test_a_failure_carries_its_lines_time_for_the_window(filter_dir):
 ])
 def test_check_refuses_a_fail2ban_filter_the_daemon_could_not_run(tmp_path, entry, words):
     from click.testing import CliRunner
-    from policyd.cli import main
+    from policyd.operator.cli import main
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nservices:\n  p: {ports: [80], allow: any}\n"
                       f"bans:\n  logs:\n    - {entry}\n")
@@ -222,7 +222,7 @@ def test_a_failregex_without_an_address_is_refused(filter_dir):
 
 
 def test_the_multi_line_window_stays_small_whatever_the_line_lengths(filter_dir):
-    from policyd.fail2ban.multiline import MAX_WINDOW_CHARS
+    from policyd.logs.fail2ban.multiline import MAX_WINDOW_CHARS
     write(filter_dir, "multi.conf", "[Definition]\nfailregex = ^a <HOST>\\nb$\nmaxlines = 20\n")
     flt = load("multi", filter_dir=str(filter_dir), clock=lambda: NOW)
     for _ in range(20):

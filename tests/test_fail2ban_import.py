@@ -6,8 +6,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from policyd.cli import main
-from policyd.policy import loads
+from policyd.operator.cli import main
+from policyd.policy.reader import loads
 
 pytestmark = pytest.mark.skipif(not os.path.isfile("/etc/fail2ban/filter.d/sshd.conf"),
                                 reason="Debian's fail2ban is not installed")

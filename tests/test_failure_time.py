@@ -7,10 +7,10 @@ from datetime import datetime
 
 import pytest
 
-from policyd.bans import BanManager
-from policyd.filters import Failure, load_filter
-from policyd.guard import judge_for
-from policyd.state import State
+from policyd.banning.bans import BanManager
+from policyd.logs.filters import Failure, load_filter
+from policyd.logs.guard import judge_for
+from policyd.banning.state import State
 from fakes import FakeClock, Settings
 
 ip = ipaddress.ip_address

@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 from fakes import Settings
-from policyd.failwindow import FailureWindow
+from policyd.banning.failwindow import FailureWindow
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

@@ -1,11 +1,11 @@
-"""policyd.filtercache: test-filter's parsed filters, kept by content and trusted only when safe."""
+"""policyd.logs.filtercache: test-filter's parsed filters, kept by content and trusted only when safe."""
 import os
 from pathlib import Path
 
 import pytest
 
-from policyd import filtercache
-from policyd.filterfile import DEFAULT_SEARCH_DIRS, load_filter
+from policyd.logs import filtercache
+from policyd.logs.filterfile import DEFAULT_SEARCH_DIRS, load_filter
 
 BUNDLED = sorted(p.stem for p in Path(DEFAULT_SEARCH_DIRS[0]).glob("*.yaml"))
 
@@ -32,7 +32,7 @@ def test_every_bundled_filter_comes_back_from_the_cache_as_it_was_parsed(name, t
     parsed = load_filter(name)
     assert shape(load_filter(name, cache=True)) == shape(parsed)   # parsed, then written
     assert len(os.listdir(filtercache.directory())) == 1
-    monkeypatch.setattr("policyd.filterfile._parse", lambda *a: pytest.fail("parsed again"))
+    monkeypatch.setattr("policyd.logs.filterfile._parse", lambda *a: pytest.fail("parsed again"))
     assert shape(load_filter(name, cache=True)) == shape(parsed)   # read back
 
 

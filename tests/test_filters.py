@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from policyd.errors import InputError
-from policyd.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter, scan
+from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter, scan
 
 SAMPLES = Path(__file__).parent / "samples"
 FILTERS = Path(__file__).parent.parent / "filters"
@@ -210,7 +210,7 @@ def test_scan_counts_a_generated_file(tmp_path):
 
 
 def test_scan_fast_path_spans_read_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr("policyd.filters.READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr("policyd.logs.filters.READ_CHUNK_BYTES", 1000)
     other = b'2024/05/01 10:00:01 [error] 1#1: *2 open() "/x" failed (2: No such file or directory), client: 192.0.2.9'
     log = tmp_path / "error.log"
     log.write_bytes((NGINX_FAIL + b"\n" + other + b"\n") * 200)

@@ -9,13 +9,15 @@ import os
 
 import pytest
 
-from policyd import fleet_wire, metrics, policy
-from policyd.bans import BanManager
+from policyd.fleet import wire as fleet_wire
+from policyd.operator import metrics
+from policyd.policy import reader as policy
+from policyd.banning.bans import BanManager
 from policyd.errors import InputError
-from policyd.fleet import ORIGIN, Fleet
-from policyd.fleet_peers import TokenBucket
-from policyd.fleet_config import node_of_stream, parse_url, read_password, stream_key
-from policyd.state import State
+from policyd.fleet.node import ORIGIN, Fleet
+from policyd.fleet.peers import TokenBucket
+from policyd.fleet.config import node_of_stream, parse_url, read_password, stream_key
+from policyd.banning.state import State
 from fakes import FakeBanKernel, FakeClock
 
 NET = ipaddress.ip_network
@@ -348,7 +350,7 @@ def test_at_catch_up_this_nodes_own_later_unban_outranks_an_older_ban(node):
 
 
 def test_manual_bans_and_unbans_are_published_by_the_ban_desk(node):
-    from policyd.bandesk import BanDesk
+    from policyd.operator.bandesk import BanDesk
     desk = BanDesk(node.bans, publish=node.publish)
     desk.manual_ban("203.0.113.7", "10m")
     desk.manual_unban("203.0.113.8")  # not banned here: still said, the others may have it
@@ -357,7 +359,7 @@ def test_manual_bans_and_unbans_are_published_by_the_ban_desk(node):
 
 
 def test_without_a_daemon_the_outbox_keeps_the_ban_for_later(node):
-    from policyd.fleet import outbox_writer
+    from policyd.fleet.node import outbox_writer
     outbox_writer(node.state)("ban", NET("203.0.113.9/32"), 1_700_000_600.0, "manual")
     assert [row[1:] for row in node.state.fleet_outbox()] == \
         [("ban", "203.0.113.9/32", 1_700_000_600.0, "manual")]

@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policyd import daemon as daemon_mod
-from policyd import daemon_control, daemon_logs
+from policyd.daemon import core as daemon_mod
+from policyd.daemon import control as daemon_control, logs as daemon_logs
 from policyd.addr import parse_host
-from policyd.bans import BanManager
-from policyd.chores import Chores
-from policyd.sources import LogSource
-from policyd.state import State
-from policyd.statewriter import QueuedPositions, StateWriter
+from policyd.banning.bans import BanManager
+from policyd.daemon.chores import Chores
+from policyd.logs.sources import LogSource
+from policyd.banning.state import State
+from policyd.banning.statewriter import QueuedPositions, StateWriter
 from fakes import FakeClock, Settings
 
 
@@ -184,7 +184,7 @@ def test_the_fast_address_parser_agrees_with_ipaddress(text):
 def test_a_document_is_written_in_pieces_as_json_dumps_writes_it_whole():
     import json
 
-    from policyd import nft
+    from policyd.kernel import nft
     document = {"nftables": [{"add": {"table": {"family": "inet", "name": "t"}}},
                              {"add": {"element": {"family": "inet", "table": "t", "name": "s",
                                                   "elem": [{"prefix": {"addr": f"2001:db8:{n:x}::", "len": 64}}
@@ -195,7 +195,7 @@ def test_a_document_is_written_in_pieces_as_json_dumps_writes_it_whole():
 
 
 def test_the_state_writer_keeps_order_and_retries_a_failed_batch(tmp_path, monkeypatch):
-    from policyd import statewriter
+    from policyd.banning import statewriter
     monkeypatch.setattr(statewriter, "RETRY_SECONDS", 0.01)
     path = tmp_path / "state.db"
     State(path).close()

@@ -1,4 +1,4 @@
-"""policyd.guard: lines a request writes into another entry never count for whom they name.
+"""policyd.logs.guard: lines a request writes into another entry never count for whom they name.
 
 The nginx entries here are built byte for byte the way nginx 1.22 writes them
 (tests/netns/test_forged_lines.py checks the same forms against real nginx).
@@ -8,8 +8,8 @@ from urllib.parse import quote
 
 import pytest
 
-from policyd.filters import Failure, Outcome, load_filter, scan
-from policyd.guard import Forgery, NginxErrorJudge, judge_for, nginx_sender
+from policyd.logs.filters import Failure, Outcome, load_filter, scan
+from policyd.logs.guard import Forgery, NginxErrorJudge, judge_for, nginx_sender
 
 ip = ipaddress.ip_address
 ROOT = "/var/www/html"

@@ -4,10 +4,10 @@ path asks the state file only about keys that may have history."""
 import ipaddress
 
 from fakes import FakeBanKernel, Settings
-from policyd.bankeys import blob, key
-from policyd.bans import BanManager
-from policyd.historyfilter import HistoryFilter
-from policyd.state import State
+from policyd.banning.bankeys import blob, key
+from policyd.banning.bans import BanManager
+from policyd.banning.historyfilter import HistoryFilter
+from policyd.banning.state import State
 
 
 def b(text):

@@ -8,12 +8,12 @@ import time
 import pytest
 
 from policyd_lab.journal_files import JournalWriter, available, entry
-from policyd.bans import BanManager
-from policyd.daemon import Daemon
-from policyd.filters import Outcome
-from policyd.journal import JournalSource
-from policyd.policymodel import LogSource
-from policyd.state import State
+from policyd.banning.bans import BanManager
+from policyd.daemon.core import Daemon
+from policyd.logs.filters import Outcome
+from policyd.logs.journal import JournalSource
+from policyd.policy.model import LogSource
+from policyd.banning.state import State
 from fakes import FakeBanKernel, FakeClock, Settings
 
 pytestmark = pytest.mark.skipif(not available, reason="systemd-journal-remote is not installed")
@@ -229,8 +229,8 @@ class DoctorEnv:
 
 
 def test_doctor_says_journal_or_file_and_whether_each_is_readable(tmp_path, journal):
-    from policyd import doctor_host
-    from policyd.policy import loads
+    from policyd.operator import doctor_host
+    from policyd.policy.reader import loads
     journal.write([entry("caddy.service", "started")])
     log = tmp_path / "access.log"
     log.write_text("")
@@ -254,7 +254,7 @@ bans:
 
 def test_policy_journal_entries_are_validated():
     from policyd.errors import InputError
-    from policyd.policy import loads
+    from policyd.policy.reader import loads
     head = "version: 1\nservices:\n  p: {ports: [80], allow: any}\nbans:\n  logs:\n"
     ok = loads(head + "    - {journal: ssh.service, filter: 'fail2ban:sshd', mode: aggressive}\n")
     assert ok.bans.logs[0].label == "journal:ssh.service"
@@ -291,7 +291,7 @@ def test_an_idle_journal_writes_no_state(tmp_path, journal):
 
 
 def test_fail2ban_filters_on_files_put_failures_at_their_lines_time(tmp_path):
-    from policyd.sources import LogSource as FileSource
+    from policyd.logs.sources import LogSource as FileSource
     log = tmp_path / "auth.log"
     log.write_text("")
     config = LogSource(path=str(log), filter="fail2ban:sshd")

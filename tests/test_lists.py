@@ -4,8 +4,11 @@ import textwrap
 
 import pytest
 
-from policyd import elements as elements_mod, explain, lists, nlbatch, policy, render
-from policyd.compile import compile_policy
+from policyd.kernel import nlbatch
+from policyd.operator import explain
+from policyd.policy import lists, reader as policy
+from policyd.rules import elements as elements_mod, render
+from policyd.rules.compile import compile_policy
 from policyd.errors import InputError
 
 SAMPLES = "tests/samples/lists"
@@ -235,7 +238,7 @@ BULK_CASES = [
 def test_bulk_parse_reads_exactly_as_line_by_line(data):
     """The C-speed bulk pass either gives what the line-by-line parser gives (same
     entries, same lines) or steps aside for it: never a different answer."""
-    from policyd import listparse
+    from policyd.policy import listparse
 
     def outcome(parse):
         try:

@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from policyd import listsync, nlbatch, policy
+from policyd.kernel import listsync, nlbatch
+from policyd.policy import reader as policy
 
 
 class FakeNetlink:
@@ -41,7 +42,7 @@ def _keys(message):
 
 
 def nlbatch_attrs(payload):
-    from policyd.nfwire import _attrs
+    from policyd.kernel.nfwire import _attrs
     return _attrs(payload)
 
 
@@ -167,7 +168,7 @@ def test_an_entry_on_two_lines_stays_until_both_are_gone(setup):
 ])
 def test_a_list_read_in_bulk_is_known_as_read_line_by_line(data, monkeypatch):
     """_Followed's C-speed reading leaves exactly what the line-by-line one does."""
-    from policyd import listmodel, listparse
+    from policyd.policy import listmodel, listparse
     fast = listmodel._Followed("/l", data)
     monkeypatch.setattr(listparse, "bulk", lambda _data: None)
     slow = listmodel._Followed("/l", data)

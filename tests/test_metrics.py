@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from policyd.errors import InputError
-from policyd.metrics import (CONTENT_TYPE, MetricsServer, Snapshot, new_registry, parse_listen,
+from policyd.operator.metrics import (CONTENT_TYPE, MetricsServer, Snapshot, new_registry, parse_listen,
                              render, standard_metrics)
 
 

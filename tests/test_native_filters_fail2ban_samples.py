@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from policyd.filters import Failure, load_filter
+from policyd.logs.filters import Failure, load_filter
 
 SAMPLES = Path("/usr/lib/python3/dist-packages/fail2ban/tests/files/logs")
 # fail2ban sample -> (policyd filter, fail2ban's default mode or None if it has none)

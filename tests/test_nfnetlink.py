@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from policyd import nfnetlink, nfwire
+from policyd.kernel import nfnetlink, nfwire
 
 
 class ScriptedSocket:

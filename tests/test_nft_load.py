@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from policyd import nft as nft_mod
-from policyd import policy
-from policyd.compile import compile_policy
+from policyd.kernel import nft as nft_mod
+from policyd.policy import reader as policy
+from policyd.rules.compile import compile_policy
 from policyd.errors import KernelError
 
 POLICY = """\

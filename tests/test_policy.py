@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from policyd import policy
+from policyd.policy import reader as policy
 from policyd.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ INLINE_ALLOWLISTS = [
 
 @pytest.mark.parametrize("allow", INLINE_ALLOWLISTS)
 def test_an_inline_allowlist_reads_alike_in_bulk_and_one_by_one(allow, monkeypatch):
-    from policyd import listparse
+    from policyd.policy import listparse
     text = f"version: 1\nservices:\n  s:\n    ports: [80]\n    allow: {allow}\n"
 
     def outcome():
@@ -195,7 +195,7 @@ def test_an_inline_allowlist_reads_alike_in_bulk_and_one_by_one(allow, monkeypat
 
 
 def test_plain_network_texts_go_through_the_bulk_pass():
-    from policyd import listparse
+    from policyd.policy import listparse
     assert listparse.texts(["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"]) == {
         (4, int(ipaddress.ip_address("192.0.2.0")), 24): None,
         (4, int(ipaddress.ip_address("198.51.100.7")), 32): None,

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import policyd.tail
-from policyd.filters import Failure, Outcome, load_filter
-from policyd.guard import Forgery, judge_for
+import policyd.logs.tail
+from policyd.logs.filters import Failure, Outcome, load_filter
+from policyd.logs.guard import Forgery, judge_for
 from fakes import MemoryPositions
-from policyd.tail import LogFollower
+from policyd.logs.tail import LogFollower
 
 ip = ipaddress.ip_address
 SHIPPED = ["nginx-auth", "nginx-access", "caddy-auth", "traefik-auth",
@@ -187,7 +187,7 @@ def read_points(writes, page, draw_cuts):
 def test_only_real_clients_are_ever_reported(name, tmp_path, monkeypatch):
     log_filter = load_filter(name)
     # Small pages make cuts inside writes common.
-    monkeypatch.setattr(policyd.tail, "PAGE_BYTES", 64)
+    monkeypatch.setattr(policyd.logs.tail, "PAGE_BYTES", 64)
 
     @LIMITS
     @given(entries(name), st.randoms(use_true_random=False))
@@ -261,6 +261,6 @@ def test_the_follower_returns_exactly_the_complete_lines_whatever_the_split(tmp_
                 lines += follower.read_lines()
         assert lines == data.split(b"\n")[:-1]
         assert follower.mid_write == (not data.endswith(b"\n") and bool(data)) or \
-            os.path.getsize(path) % policyd.tail.PAGE_BYTES == 0
+            os.path.getsize(path) % policyd.logs.tail.PAGE_BYTES == 0
     finally:
         follower.close()

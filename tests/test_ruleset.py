@@ -1,4 +1,4 @@
-"""The ruleset model (policyd.ruleset) and the kernel-order walk over it (policyd.walk):
+"""The ruleset model (policyd.rules.model) and the kernel-order walk over it (policyd.rules.walk):
 the model of a compiled transaction says what the other readers said, and the
 walk agrees with explain wherever explain agrees with nftables."""
 import ipaddress
@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from policyd import policy, render, tableshape
-from policyd.compile import compile_policy
-from policyd.explain import decide
-from policyd.ruleset import Ruleset
-from policyd.walk import Packet, walk
+from policyd.operator import tableshape
+from policyd.policy import reader as policy
+from policyd.rules import render
+from policyd.rules.compile import compile_policy
+from policyd.operator.explain import decide
+from policyd.rules.model import Ruleset
+from policyd.rules.walk import Packet, walk
 
 POLICIES = sorted(Path(__file__).resolve().parent.parent.glob("policies/*.yaml"))
 ip = ipaddress.ip_address

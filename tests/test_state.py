@@ -5,9 +5,9 @@ import sqlite3
 
 import pytest
 
-from policyd import state as state_module
+from policyd.banning import state as state_module
 from policyd.errors import HostError
-from policyd.state import SCHEMA_VERSION, State
+from policyd.banning.state import SCHEMA_VERSION, State
 
 
 def key(text):

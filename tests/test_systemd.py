@@ -184,14 +184,14 @@ def test_setup_logging_with_and_without_journal(tmp_path, monkeypatch):
             info = os.fstat(stream.fileno())
             monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
             setup_logging(logging.INFO, stream)
-            logging.getLogger("policyd.daemon").warning(event("ban", addr="203.0.113.9", failures=5))
-            logging.getLogger("policyd.daemon").debug("hidden below INFO")
+            logging.getLogger("policyd.daemon.core").warning(event("ban", addr="203.0.113.9", failures=5))
+            logging.getLogger("policyd.daemon.core").debug("hidden below INFO")
             stream.seek(0)
             assert stream.read() == "<4>ban addr=203.0.113.9 failures=5\n"
         monkeypatch.delenv("JOURNAL_STREAM")
         terminal = io.StringIO()
         setup_logging(logging.DEBUG, terminal)
-        logging.getLogger("policyd.daemon").debug("tail: opened error.log")
+        logging.getLogger("policyd.daemon.core").debug("tail: opened error.log")
         assert terminal.getvalue() == "DEBUG tail: opened error.log\n"
         assert len(root.handlers) == 1
     finally:

@@ -1,4 +1,4 @@
-"""Tests for policyd.tail: following real files through rotation and restarts.
+"""Tests for policyd.logs.tail: following real files through rotation and restarts.
 
 Each test writes real files under tmp_path; a fake clock stands in for the
 rotation grace period, and watcher tests wait on events with a bounded timeout.
@@ -17,9 +17,9 @@ import pytest
 
 import policyd
 from fakes import MemoryPositions
-from policyd.state import State
-from policyd.logwatch import LogWatcher
-from policyd.tail import ROTATE_GRACE_SECONDS, LogFollower
+from policyd.banning.state import State
+from policyd.logs.logwatch import LogWatcher
+from policyd.logs.tail import ROTATE_GRACE_SECONDS, LogFollower
 
 WATCH_TIMEOUT = 10.0
 
@@ -377,7 +377,7 @@ def test_unreadable_log_is_reported_in_stats_not_raised():
         os.chmod(log, 0o000)
         program = (
             "import json, sys\n"
-            "from fakes import MemoryPositions\nfrom policyd.tail import LogFollower\n"
+            "from fakes import MemoryPositions\nfrom policyd.logs.tail import LogFollower\n"
             "follower = LogFollower(sys.argv[1], MemoryPositions())\n"
             "print(json.dumps({'lines': [l.decode() for l in follower.read_lines()],"
             " 'stats': follower.stats}))\n"

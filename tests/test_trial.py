@@ -10,10 +10,11 @@ import logging
 import pytest
 
 from fakes import FakeNft
-from policyd import lockout, policystore, trial
+from policyd.kernel import lockout, trial
+from policyd.policy import store as policystore
 from policyd.errors import InputError, KernelError
-from policyd.lockout import Peer
-from policyd.policystore import PolicyStore
+from policyd.kernel.lockout import Peer
+from policyd.policy.store import PolicyStore
 
 ip = ipaddress.ip_address
 
@@ -314,7 +315,7 @@ def test_damaged_pending_record_is_no_trial(nft, store, files, clock, committed,
     start(nft, store, files["cand"], clock, seconds=30)
     path = store.dir / policystore.PENDING
     path.write_bytes(damage(path.read_bytes()))
-    with caplog.at_level(logging.WARNING, logger="policyd.policystore"):
+    with caplog.at_level(logging.WARNING, logger="policyd.policy.store"):
         assert store.pending() is None
     assert "treating it as no trial" in caplog.text
     assert trial.status(store, now=clock.now)["trial"] is None
@@ -432,7 +433,7 @@ def test_lint_refuses_a_policy_that_cuts_the_ssh_client(nft, store, files, clock
 
 
 def test_lint_passes_allowed_and_unguarded_peers():
-    from policyd import policy as policy_mod
+    from policyd.policy import reader as policy_mod
     candidate = policy_mod.loads(CANDIDATE)
     peers = [Peer(ip("198.51.100.7"), 22, "tcp", "ssh"),        # allowed by address
              Peer(ip("192.0.2.50"), 8080, "tcp", "ssh"),        # port not guarded
@@ -444,7 +445,7 @@ def test_lint_passes_allowed_and_unguarded_peers():
 
 
 def test_lint_asks_for_the_interface_only_when_an_iface_rule_could_allow():
-    from policyd import policy as policy_mod
+    from policyd.policy import reader as policy_mod
     candidate = policy_mod.loads(
         "version: 1\nservices:\n  ssh: {ports: [22], allow: [{iface: tailscale0}]}\n")
     peer = Peer(ip("100.64.0.9"), 22, "tcp", "ssh")
@@ -482,8 +483,8 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_operator_peers_are_the_ssh_client_and_established_peers(monkeypatch):
-    from policyd import netdiag
-    from policyd import policy as policy_mod
+    from policyd.operator import netdiag
+    from policyd.policy import reader as policy_mod
     asked = []
 
     def established(ports):
@@ -500,7 +501,7 @@ def test_operator_peers_are_the_ssh_client_and_established_peers(monkeypatch):
 
 def test_lint_refuses_when_it_cannot_see_the_connections(monkeypatch, nft, store, files,
                                                          clock, committed):
-    from policyd import netdiag
+    from policyd.operator import netdiag
 
     def broken(ports):
         raise OSError(95, "sock_diag: Operation not supported")

@@ -1,10 +1,10 @@
-"""policyd.trialstate: the trial as `status` reports it, read without the compiler
-(policyd.trial re-exports it: the daemon answers with the same function)."""
+"""policyd.kernel.trialstate: the trial as `status` reports it, read without the compiler
+(policyd.kernel.trial re-exports it: the daemon answers with the same function)."""
 import subprocess
 import sys
 
-from policyd import compile as compile_mod
-from policyd import trial, trialstate
+from policyd.rules import compile as compile_mod
+from policyd.kernel import trial, trialstate
 from test_trial import committed, files, start, store  # noqa: F401 (fixtures)
 
 
@@ -38,11 +38,11 @@ def test_nothing_committed(store, clock):  # noqa: F811
 
 
 def test_status_without_a_daemon_imports_neither_yaml_nor_the_compiler(tmp_path):
-    code = ("import sys, types; from policyd import statusview; "
+    code = ("import sys, types; from policyd.operator import statusview; "
             f"obj = types.SimpleNamespace(state_dir={str(tmp_path)!r}, nft_or_none=lambda: None); "
             "print(statusview.to_text(statusview.without_daemon(obj))); "
-            "print(sorted(m for m in ('yaml', 'policyd.compile', 'policyd.policy', "
-            "'policyd.trial') if m in sys.modules))")
+            "print(sorted(m for m in ('yaml', 'policyd.rules.compile', 'policyd.policy.reader', "
+            "'policyd.kernel.trial') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "[]"
     assert "policy:    nothing committed" in out.stdout

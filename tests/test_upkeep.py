@@ -3,9 +3,9 @@ the fake nftables: tables edited or gone are put back, a trial's deadline is
 kept, a newer committed policy is reported; nothing is done when all is well."""
 import pytest
 
-from policyd import trial
-from policyd.chores import PolicyUpkeep
-from policyd.policystore import PolicyStore
+from policyd.kernel import trial
+from policyd.daemon.chores import PolicyUpkeep
+from policyd.policy.store import PolicyStore
 
 BASE = "version: 1\nservices:\n  base:\n    ports: [11434]\n    allow: [192.0.2.0/24]\n"
 OTHER = "version: 1\nservices:\n  other:\n    ports: [22]\n    allow: [198.51.100.0/24]\n"
@@ -66,7 +66,7 @@ def test_the_worker_collects_nothing_during_a_job_and_freezes_what_a_big_one_lea
     later on the ban path. Collection is on again after it."""
     import gc
     import threading
-    from policyd.chores import FREEZE_AFTER_OBJECTS, Chores
+    from policyd.daemon.chores import FREEZE_AFTER_OBJECTS, Chores
     done = threading.Event()
     seen = {}
 

@@ -54,17 +54,17 @@ class Pair:
         self._kernel = None
 
     def policy(self, text, name="policy.yaml"):
-        from policyd import policy as policy_mod
+        from policyd.policy import reader as policy_mod
         path = self.lab.tmp / name
         path.write_text(textwrap.dedent(text))
         return policy_mod.load(str(path))
 
     def kernel(self, func, *args):
-        """func(nft, *args) in the server's namespace, with one policyd.nft.Nft made
+        """func(nft, *args) in the server's namespace, with one policyd.kernel.nft.Nft made
         there (libnftables may open its socket lazily, so every call runs inside)."""
         def call():
             if self._kernel is None:
-                from policyd.nft import Nft
+                from policyd.kernel.nft import Nft
                 self._kernel = Nft()
             return func(self._kernel, *args)
         return in_namespace(self.server.name, call)

@@ -1,7 +1,7 @@
 """The kernel behaviours policyd depends on, checked on the running kernel with real packets.
 
 Runs on the host in `make test` and on Debian 12's own 6.1 in `make test-kernel`.
-Each test drives policyd's kernel adapter (policyd.nft) in-process: what is
+Each test drives policyd's kernel adapter (policyd.kernel.nft) in-process: what is
 under test is the kernel, not the CLI. Waits on the clock are scaled by
 netlab.TIME_SCALE, so emulation makes them slower, never red.
 """
@@ -13,10 +13,10 @@ import pytest
 
 from kernel_lab import CLIENT, MARKS, SERVER, lab, pair  # noqa: F401 (fixtures)
 from policyd_lab.netlab import TIME_SCALE, wait_for
-from policyd.compile import TRIAL_SET, compile_policy
-from policyd.ruleset import FAMILY, Ruleset
+from policyd.rules.compile import TRIAL_SET, compile_policy
+from policyd.rules.model import FAMILY, Ruleset
 from policyd.errors import KernelError
-from policyd.nft import BanTable
+from policyd.kernel.nft import BanTable
 
 OPEN = """\
     version: 1

@@ -311,7 +311,7 @@ def test_a_node_cut_off_from_redis_catches_up_both_ways(fleet):
 
 
 def fleet_socket_timeout():
-    from policyd.fleet_redis import SOCKET_TIMEOUT
+    from policyd.fleet.transport import SOCKET_TIMEOUT
     return SOCKET_TIMEOUT
 
 

@@ -83,7 +83,7 @@ def test_a_flood_of_sources_is_banned_every_one_and_a_newcomer_too(world):
 
 
 def test_a_control_reload_is_answered_once_the_worker_has_it_in_use(world):
-    from policyd import control
+    from policyd.operator import control
     flood, other, daemon = _start(world)
     try:
         run_dir = world.lab.policyd_env(world.server)["POLICYD_RUN_DIR"]

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
-from policyd.filters import load_filter, scan
+from policyd.logs.filters import load_filter, scan
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
 from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx_shared_log, start_ollama_standin

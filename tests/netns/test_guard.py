@@ -237,9 +237,9 @@ def test_explain_reports_live_ban(world):
 def test_kernel_skeleton_matches_the_compiled_one(world):
     """The daemon's cheap drift check must see no drift right after a load."""
     from policyd_lab.netlab import in_namespace, REPO
-    from policyd import policy as policy_mod
-    from policyd.compile import compile_policy
-    from policyd.nft import Nft
+    from policyd.policy import reader as policy_mod
+    from policyd.rules.compile import compile_policy
+    from policyd.kernel.nft import Nft
 
     def check():
         nft = Nft()

@@ -44,9 +44,10 @@ def test_netlink_load_lists_the_same_ruleset_as_libnftables(world):
     rich = world.policy(RICH.format(allow=allow, deny=deny), "rich.yaml")
 
     def compare():
-        from policyd import nlbatch, policy
-        from policyd.compile import compile_policy
-        from policyd.nft import Nft
+        from policyd.kernel import nlbatch
+        from policyd.policy import reader as policy
+        from policyd.rules.compile import compile_policy
+        from policyd.kernel.nft import Nft
         nft = Nft()
         paths = [rich] + sorted(str(p) for p in (REPO / "policies").glob("*.yaml"))
         loaded = [policy.load(p) for p in paths]
@@ -220,10 +221,11 @@ def test_a_reload_sends_only_the_changed_elements_and_a_refused_one_changes_noth
     state = world.lab.tmp / "reload-state"
 
     def reload_with_changes():
-        from policyd import drift, nlbatch, policystore, reloaddiff, trial
-        from policyd.chores import PolicyUpkeep
-        from policyd.compile import compile_policy
-        from policyd.nft import Nft
+        from policyd.kernel import drift, nlbatch, reloaddiff, trial
+        from policyd.policy import store as policystore
+        from policyd.daemon.chores import PolicyUpkeep
+        from policyd.rules.compile import compile_policy
+        from policyd.kernel.nft import Nft
         nft, store = Nft(), policystore.PolicyStore(state)
         current = trial.apply(nft, store, path, force=True)
         changed = lines[:10] + lines[20:] + ["198.51.100.0/24", "2001:db8:ffff::/48"]

@@ -10,7 +10,7 @@ import pytest
 
 from policyd_lab.netlab import wait_for
 from policyd_lab.world import SERVER_V4, SERVER_V6, TRUSTED_V4, TRUSTED_V6
-from policyd.filters import Failure, Outcome, load_filter
+from policyd.logs.filters import Failure, Outcome, load_filter
 from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx, start_ollama_standin
 from policyd_lab.webclient import KeepAlive, http_get
 

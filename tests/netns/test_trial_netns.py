@@ -19,7 +19,7 @@ import pytest
 
 from policyd_lab.netlab import POLICYD, REPO, wait_for
 from policyd_lab.world import SERVER_V4, SERVER_V6, SERVER_WAN_V4, SERVER_WAN_V6, TRUSTED_V4
-from policyd.policystore import PENDING, PolicyStore
+from policyd.policy.store import PENDING, PolicyStore
 
 PORT = 11434
 TRIAL_SECONDS = 4

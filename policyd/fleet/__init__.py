@@ -1,0 +1,1 @@
+"""Bans shared across boxes over Redis Streams."""

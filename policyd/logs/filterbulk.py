@@ -1,0 +1,202 @@
+"""Filters in bulk: many lines classified at once, exactly as Filter.classify would.
+
+Owns the two bulk forms: a slice of lines the daemon read (classify_batch) and a
+region of a log buffer that test-filter reads (classify_region, which finds the
+lines holding a prefilter token at C speed and never makes the others Python
+objects). Both inline the first rule's common case: the line matches it with a
+valid host; every other case goes through Filter.classify's own code.
+"""
+import re
+from itertools import repeat
+from operator import sub
+
+from policyd.logs.filters import (_HOST_CACHE, MAX_LINE_BYTES, Failure, Outcome, _cached_parse_host, _RegexRule,
+                             search_token)
+
+_Match = re.Match
+_after = (1).__add__   # the start of a line, from the newline before it (or -1)
+
+
+def classify_batch(log_filter, lines):
+    """[(index, outcome)] of log_filter.classify(line) for each of `lines` that is
+    not IGNORED: the daemon's bulk form, with the first rule's common case inlined."""
+    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
+    classify, ignored, results = log_filter.classify, Outcome.IGNORED, []
+    if not (log_filter.prefilter and isinstance(first, _RegexRule) and not look):
+        for index, line in enumerate(lines):
+            outcome = classify(line)
+            if outcome is not ignored:
+                results.append((index, outcome))
+        return results
+    match, prefilter, ignore, name = first.regex.match, log_filter.prefilter, log_filter._ignore, log_filter.name
+    groups = first.regex.groupindex
+    host_group, time_group, parse_time = groups["host"], groups.get("time"), first.time_parser
+    cache, malformed, make = _HOST_CACHE, Outcome.MALFORMED, tuple.__new__
+    times = parse_time.texts if parse_time is not None else {}
+    for index, line in enumerate(lines):
+        for token in prefilter:
+            if token in line:
+                break
+        else:
+            if len(line) > MAX_LINE_BYTES or b"\x00" in line or line[-1:] == b"\n":
+                outcome = classify(line)
+                if outcome is not ignored:
+                    results.append((index, outcome))
+            continue
+        found = None
+        if len(line) <= MAX_LINE_BYTES and b"\x00" not in line and line[-1:] != b"\n":
+            found = match(line)
+        if found is not None:
+            raw = found.group(host_group)
+            address = cache.get(raw)
+            if address is None:
+                address = _cached_parse_host(raw) or malformed
+            if address is not malformed:
+                for required, skip in ignore:
+                    if required in line and skip(line):
+                        break
+                else:
+                    raw = found.group(time_group) if parse_time is not None else None
+                    when = None if raw is None else (times.get(raw) or parse_time(raw))
+                    results.append((index, make(Failure, (address, name, when))))
+                continue
+        outcome = classify(line)
+        if outcome is not ignored:
+            results.append((index, outcome))
+    return results
+
+
+def classify_region(log_filter, buffer, low, high):
+    """classify() of every line of buffer[low:high] (whole lines, no NUL byte), in
+    bulk: ([(start, end, address)] of its failures, number of MALFORMED lines).
+    The lines holding a prefilter token are found at C speed; no other line
+    becomes a Python object. When every such line takes the first rule's
+    common case (it matches with a known good host, and no ignore regex can
+    match it), they are classified by C loops (map) alone; otherwise each
+    goes through the per-line code."""
+    starts, ends = _candidates(buffer, log_filter.prefilter, low, high)
+    if not starts:
+        return [], 0
+    find = buffer.find
+    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
+    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
+    if at_line is not None and max(map(sub, ends, starts)) <= MAX_LINE_BYTES:
+        matches = list(map(at_line, repeat(buffer), starts, ends))
+        if None not in matches:
+            addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches,
+                                                      repeat(first.regex.groupindex["host"]))))
+            seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
+            if (id(None) not in seen and id(Outcome.MALFORMED) not in seen
+                    and not any(max(map(find, repeat(required), starts, ends)) >= 0
+                                for required, _skip in log_filter._ignore)):
+                return list(zip(starts, ends, addresses)), 0
+    return _classify_lines(log_filter, starts, ends, list(map(buffer.__getitem__, map(slice, starts, ends))))
+
+
+def failures_in_lines(log_filter, lines):
+    """The daemon's common case in C loops: (offsets, failures) of the failure lines
+    of `lines`, the offsets being where each starts in b"\\n".join(lines), in log
+    order; or None when any line of the slice is unusual (a NUL byte, an over-long
+    line, a candidate the first rule does not take, a bad host, a possible ignore
+    match), and classify_batch() must judge it line by line."""
+    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
+    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
+    if at_line is None or (lines and max(map(len, lines)) > MAX_LINE_BYTES):
+        return None
+    if not lines:
+        return [], []
+    buffer = b"\n".join(lines) + b"\n"
+    # One newline per line joined: no line holds one of its own.
+    if b"\x00" in buffer or buffer.count(b"\n") != len(lines):
+        return None
+    starts, ends = _candidates(buffer, log_filter.prefilter, 0, len(buffer))
+    if not starts:
+        return [], []
+    matches = list(map(at_line, repeat(buffer), starts, ends))
+    if None in matches or any(max(map(buffer.find, repeat(required), starts, ends)) >= 0
+                              for required, _skip in log_filter._ignore):
+        return None
+    groups = first.regex.groupindex
+    addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches, repeat(groups["host"]))))
+    seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
+    if id(None) in seen:
+        for number, address in enumerate(addresses):
+            if address is None:
+                addresses[number] = _cached_parse_host(matches[number].group(groups["host"]))
+        seen = set(map(id, addresses))
+    if id(None) in seen or id(Outcome.MALFORMED) in seen:
+        return None
+    parse_time = first.time_parser
+    if parse_time is None:
+        times = repeat(None)
+    else:
+        raw = list(map(_Match.group, matches, repeat(groups["time"])))
+        times = list(map(parse_time.texts.get, raw))
+        for number, when in enumerate(times):
+            if when is None and raw[number] is not None:
+                times[number] = parse_time(raw[number])
+    return starts, list(map(tuple.__new__, repeat(Failure), zip(addresses, repeat(log_filter.name), times)))
+
+
+def _candidates(buffer, tokens, low, high):
+    """Sorted starts and ends of the lines of buffer[low:high] holding a token."""
+    starts = {}
+    find, rfind = buffer.find, buffer.rfind
+    for token in tokens:
+        hits, size = [], len(token)
+        position = search_token(buffer, token, low, high)
+        while position >= 0:
+            hits.append(position)
+            if len(hits) == _DENSE:   # many more to come: the rest by one C loop
+                hits.extend(map(_Match.start, _literal(token).finditer(buffer, position + size, high)))
+                break
+            position = find(token, position + size, high)
+        if hits:   # their lines' starts, once each (a line may hold several tokens)
+            starts.update(dict.fromkeys(map(_after, map(rfind, repeat(b"\n"), repeat(0), hits))))
+    starts = sorted(starts)
+    return starts, list(map(find, repeat(b"\n"), starts, repeat(high)))
+
+
+_DENSE = 16
+_LITERALS = {}
+_AT_LINE = {}
+
+
+def _literal(token):
+    compiled = _LITERALS.get(token)
+    if compiled is None:
+        compiled = _LITERALS[token] = re.compile(re.escape(token))
+    return compiled
+
+
+def _at_line(regex):
+    """match(buffer, start, end) of `regex` on the line buffer[start:end], or None.
+
+    sre's ^ matches only at the real start of a buffer, so a rule's regex cannot
+    run at a line's offset as it is; its leading ^ made multi-line can (it then
+    matches after the newline before the line, as ^ at the start of the line
+    itself). With endpos the line's end is the end of the text for \\Z and $; only
+    a lookbehind could see before the line, so a regex with one is not changed.
+    """
+    if regex not in _AT_LINE:
+        source = regex.pattern
+        usable = (isinstance(source, bytes) and source.startswith(b"^") and b"(?<" not in source
+                  and not regex.flags & re.MULTILINE)
+        _AT_LINE[regex] = re.compile(b"(?m:^)" + source[1:], regex.flags).match if usable else None
+    return _AT_LINE[regex]
+
+
+def _classify_lines(log_filter, starts, ends, lines):
+    """classify_region()'s result, line by line (Filter._candidate_host)."""
+    failures, malformed = [], 0
+    host_of, malformed_outcome = log_filter._candidate_host, Outcome.MALFORMED
+    for start, end, line in zip(starts, ends, lines):
+        if end - start > MAX_LINE_BYTES:
+            malformed += 1
+            continue
+        outcome = host_of(line)
+        if outcome is malformed_outcome:
+            malformed += 1
+        elif outcome is not Outcome.IGNORED:
+            failures.append((start, end, outcome[0]))
+    return failures, malformed

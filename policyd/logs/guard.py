@@ -1,0 +1,386 @@
+"""Whole log entries from physical lines: no request can write a failure line for someone else.
+
+Owns the judgement between a filter and the ban engine: which failure lines a
+request wrote into another entry (dropped, and counted against the request's
+real sender when that can be read), holding failures while a write may still
+be arriving (policyd.logs.guardscan applies it to the offline scan). Filters opt in with
+their `guard` key; see filters/README.md for what each kind guarantees.
+"""
+import re
+import time
+from bisect import bisect_left
+from collections import deque
+from itertools import accumulate, count
+from operator import add
+from urllib.parse import unquote_to_bytes
+
+from policyd.logs.filterbulk import failures_in_lines
+from policyd.logs.filters import Failure, Filter, Outcome, _cached_parse_host
+
+# A failure read while its write may be incomplete waits this long for the rest.
+HOLD_SECONDS = 1.0
+
+
+class _Patterns:
+    """The nginx patterns, compiled on first use: compiling is most of a small
+    command's start-up, and test-filter needs them only near a suspect line."""
+
+    SOURCES = {
+        # nginx writes the client, server and raw request after the message; the raw
+        # request line holds no space or control byte (nginx >= 1.21.1 refuses them).
+        "tail": rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)',
+        # A complete nginx entry ends with the host (which holds no quote or space) or
+        # the referrer nginx writes after it.
+        "complete": rb', (?:host|referrer): "[^" ]*"\Z',
+        # A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
+        # it, marking the cut with "..."), so a truncated entry that wrote newlines ends
+        # in a line holding the errno and no complete tail.
+        "errno": rb' \(\d+: ',
+        "encoded_newline": rb'%0[aA]',
+        "cut_line": rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n',
+    }
+
+    def __getattr__(self, name):
+        compiled = re.compile(self.SOURCES[name])
+        setattr(self, name, compiled)
+        return compiled
+
+
+_NGINX = _Patterns()
+
+
+class Forgery:
+    """A request that wrote lines into another entry of the log."""
+
+    __slots__ = ("sender", "filter", "dropped", "reason", "time")
+
+    def __init__(self, sender, filter, dropped, reason, time=None):  # noqa: A002
+        self.sender = sender    # the request's real client, if it can be read
+        self.filter = filter
+        self.dropped = dropped  # failure lines it wrote, dropped
+        self.reason = reason    # encoded-newline | truncated | continuation
+        self.time = time
+
+    def _fields(self):
+        return (self.sender, self.filter, self.dropped, self.reason, self.time)
+
+    def __eq__(self, other):
+        return self._fields() == other._fields() if other.__class__ is Forgery else NotImplemented
+
+    def __hash__(self):
+        return hash(self._fields())
+
+    def __repr__(self):
+        return (f"Forgery(sender={self.sender!r}, filter={self.filter!r}, dropped={self.dropped!r}, "
+                f"reason={self.reason!r}, time={self.time!r})")
+
+    def failure(self):
+        """The request itself, as one failure of its sender (who must be known)."""
+        return Failure(self.sender, self.filter, self.time)
+
+
+def judge_for(log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
+    """The judge a followed log needs: one per LogSource."""
+    kind = (log_filter.guard or {}).get("kind")
+    if kind == "nginx-error":
+        return NginxErrorJudge(log_filter, clock, hold_seconds)
+    if kind == "continuation":
+        return ContinuationJudge(log_filter)
+    return PlainJudge(log_filter)
+
+
+def failures_from(judge, lines, mid_write=False):
+    """The daemon's text -> failures step for one slice of a log: ([Failure], the
+    number of MALFORMED lines, [(i, Forgery)]) from judge.judge(lines, mid_write),
+    where i is how many failures came before the forgery in the log. A Failure
+    is the tuple (host, filter, time) the ban engine reads."""
+    failures, forgeries, malformed = [], [], 0
+    add, is_malformed = failures.append, Outcome.MALFORMED
+    for outcome in judge.judge(lines, mid_write):
+        if outcome.__class__ is Failure:
+            add(outcome)
+        elif outcome is is_malformed:
+            malformed += 1
+        else:
+            forgeries.append((len(failures), outcome))
+    return failures, malformed, forgeries
+
+
+class PlainJudge:
+    """A log no request can write a line into: every line stands on its own."""
+
+    holding = False
+
+    def __init__(self, log_filter):
+        self.filter = log_filter
+
+    def judge(self, lines, mid_write=False):
+        """Failures, Forgery events and Outcome.MALFORMED, in log order."""
+        return [outcome for _index, outcome in _classify_batch(self.filter, lines)]
+
+
+def _classify_batch(log_filter, lines):
+    """[(index, outcome)] of the lines not IGNORED (policyd.logs.filters' bulk form)."""
+    batch = getattr(log_filter, "classify_batch", None)
+    if batch is not None:
+        return batch(lines)
+    classify, ignored = log_filter.classify, Outcome.IGNORED
+    return [(i, outcome) for i, line in enumerate(lines)
+            if (outcome := classify(line)) is not ignored]
+
+
+class ContinuationJudge(PlainJudge):
+    """For logs where a field a request controls may hold newlines but never the
+    entry's own skeleton (Traefik's Common Log Format, oauth2-proxy: a Basic user
+    name holds no colon, so no line of it can carry the entry's time). A line is
+    `whole` when it holds that skeleton; a failure line right after a line that is
+    not whole was written by the request inside an entry, and is dropped."""
+
+    def __init__(self, log_filter):
+        super().__init__(log_filter)
+        self.whole = log_filter.guard["whole"]
+        self.sender_regex = log_filter.guard["sender"]
+        self.after_whole = True   # a resumed log starts after a whole entry
+        self.entry_sender = None  # the client named by the line the current entry began with
+
+    def judge(self, lines, mid_write=False):
+        classify, whole = self.filter.classify, self.whole.search
+        results = []
+        for line in lines:
+            outcome = classify(line)
+            if self.after_whole:
+                found = self.sender_regex.match(line)
+                self.entry_sender = _cached_parse_host(found.group("host")) if found else None
+            elif isinstance(outcome, Failure):
+                results.append(Forgery(self.entry_sender, self.filter.name, 1, "continuation",
+                                       outcome.time))
+                outcome = Outcome.IGNORED
+            if outcome is not Outcome.IGNORED:
+                results.append(outcome)
+            self.after_whole = whole(line) is not None
+        return results
+
+
+class _Line:
+    __slots__ = ("index", "start", "end", "outcome")
+
+    def __init__(self, index, start, end, outcome):
+        self.index, self.start, self.end, self.outcome = index, start, end, outcome
+
+
+def _outcomes(entries):
+    """What a judge hands on: the outcomes of lines not dropped, and reports."""
+    return [e.outcome if isinstance(e, _Line) else e for e in entries
+            if not isinstance(e, _Line) or e.outcome is not None]
+
+
+class NginxErrorJudge(PlainJudge):
+    """nginx's error.log, shared with any site that logs decoded paths.
+
+    nginx writes each entry with one write(2) of at most entry_max_bytes
+    (NGX_MAX_ERROR_STR, 2048), truncating longer ones. A request can put
+    newlines into an entry only through a decoded path, so its entry either
+    ends in a line holding the raw request with `%0A`, or was truncated to
+    exactly entry_max_bytes. Such a line drops every failure line of its write
+    (those within entry_max_bytes before it); failures are held while the
+    follower may have read only part of a write.
+    """
+
+    every_line = False   # True: a _Line (with its place) for every non-ignored line
+
+    def __init__(self, log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
+        super().__init__(log_filter)
+        self.max_bytes = log_filter.guard["entry_max_bytes"]
+        self.clock = clock
+        self.hold_seconds = hold_seconds
+        self._position = 0          # where the next line starts, counting from the first line read
+        self._index = 0
+        self._starts = deque()      # where each line of the last max_bytes starts
+        self._recent = deque()      # _Line of each non-ignored line of the last max_bytes
+        self._held = []             # results waiting for the rest of their write
+        self._held_since = None
+
+    @property
+    def holding(self):
+        return bool(self._held)
+
+    def judge(self, lines, mid_write=False):
+        results = self._held
+        self._process(lines, results)
+        if mid_write and any(isinstance(e.outcome, Failure) for e in results if isinstance(e, _Line)):
+            if self._held_since is None:
+                self._held_since = self.clock()
+            if self.clock() - self._held_since < self.hold_seconds:
+                # Only what the rest of a write can still drop waits: a forging line
+                # drops failures within max_bytes before it, and every line still to
+                # come starts at self._position or later. So a flood read in slices
+                # is banned slice by slice, not held until its end.
+                cut = self._position - self.max_bytes
+                ready = 0
+                while ready < len(results) and (not isinstance(results[ready], _Line)
+                                                or results[ready].start < cut):
+                    ready += 1
+                self._held = results[ready:]
+                if ready:
+                    self._held_since = self.clock()
+                return _outcomes(results[:ready])
+        self._held, self._held_since = [], None
+        self._recent.clear()
+        return _outcomes(results)
+
+    def _process(self, lines, results):
+        if not results:
+            self._recent.clear()   # what was returned can no longer be dropped
+        blob = b"\n".join(lines) + b"\n"
+        if _NGINX.encoded_newline.search(blob) or _NGINX.cut_line.search(blob):
+            self._judge_each(lines, results)
+        else:
+            self._classify_each(lines, results)
+
+    def _classify_each(self, lines, results):
+        """The common case, nothing in the batch could end a forging write: classify only."""
+        position, index, recent = self._position, self._index, self._recent
+        end = position + sum(map(len, lines)) + len(lines)
+        fast = failures_in_lines(self.filter, lines) if isinstance(self.filter, Filter) else None
+        if fast is not None:
+            offsets, failures = fast
+            # No line still to come can drop or hold a failure before the batch's last write.
+            keep = 0 if self.every_line else bisect_left(offsets, end - self.max_bytes - position)
+            results.extend(failures[:keep])
+            if keep < len(offsets):
+                line_starts = list(map(add, accumulate(map(len, lines), initial=0), count()))
+                for number in range(keep, len(offsets)):
+                    line = bisect_left(line_starts, offsets[number])
+                    start = position + offsets[number]
+                    entry = _Line(index + line, start, start + len(lines[line]), failures[number])
+                    recent.append(entry)
+                    results.append(entry)
+            found = ()
+        else:
+            found = _classify_batch(self.filter, lines)
+        if found:
+            # Where each line starts, summed at C speed: only failures need it.
+            before = list(accumulate(map(len, lines), initial=position))
+            append = results.append
+            last_write = -1 if self.every_line else end - self.max_bytes
+            for number, outcome in found:
+                start = before[number] + number   # and a newline after each line
+                if start < last_write:
+                    # No line still to come can drop it, nor hold it: handed on as it is.
+                    append(outcome)
+                    continue
+                entry = _Line(index + number, start, start + len(lines[number]), outcome)
+                recent.append(entry)
+                append(entry)
+        position = end
+        index += len(lines)
+        # Keep the line starts of the last max_bytes for a truncated write still to come.
+        starts, oldest, start = self._starts, position - self.max_bytes, position
+        tail = []
+        for line in reversed(lines):
+            start -= len(line) + 1
+            if start < oldest:
+                break
+            tail.append(start)
+        if len(tail) < len(lines):
+            starts.clear()
+        starts.extend(reversed(tail))
+        while starts and starts[0] < oldest:
+            starts.popleft()
+        # Failures further back than that no line still to come can drop: forget
+        # them, or a flood read in slices (each ending mid_write) keeps them all.
+        while recent and recent[0].start < oldest:
+            recent.popleft()
+        self._position, self._index = position, index
+
+    def _judge_each(self, lines, results):
+        classify, ignored = self.filter.classify, Outcome.IGNORED
+        starts, recent, max_bytes = self._starts, self._recent, self.max_bytes
+        position, index = self._position, self._index
+        for line in lines:
+            start, end = position, position + len(line)
+            position = end + 1
+            oldest = position - max_bytes
+            while starts and starts[0] < oldest:
+                starts.popleft()
+            while recent and recent[0].start < oldest:
+                recent.popleft()
+            outcome = classify(line)
+            entry = _Line(index, start, end, outcome) if outcome is not ignored else None
+            if b"%0a" in line or b"%0A" in line:
+                self._encoded_newline(line, entry or _Line(index, start, end, None), results)
+            elif (oldest >= 0 and _NGINX.errno.search(line) is not None
+                  and not (line.endswith(b'"') and _NGINX.complete.search(line))):
+                self._maybe_truncated(entry or _Line(index, start, end, None), oldest, results)
+            starts.append(start)
+            if entry is not None:
+                recent.append(entry)
+                results.append(entry)
+            index += 1
+        self._position, self._index = position, index
+
+    @staticmethod
+    def _drop(lines):
+        dropped = 0
+        for line in lines:
+            if isinstance(line.outcome, Failure):
+                dropped += 1
+                line.outcome = None
+        return dropped
+
+    def _encoded_newline(self, line, entry, results):
+        count = line.count(b"%0a") + line.count(b"%0A")
+        first = entry.index - count
+        # The request's own line is never a failure either: its start is the
+        # request's text, dressed as it likes.
+        dropped = self._drop([e for e in self._recent if e.index >= first] + [entry])
+        sender = nginx_sender(line)
+        if dropped or sender is not None:
+            results.append(Forgery(sender, self.filter.name, dropped, "encoded-newline"))
+
+    def _maybe_truncated(self, entry, head, results):
+        # Truncated entries are exactly max_bytes: did one start at a line start?
+        if head in self._starts and head < entry.start:
+            dropped = self._drop([e for e in self._recent if e.start >= head] + [entry])
+            results.append(Forgery(None, self.filter.name, dropped, "truncated"))
+
+
+def nginx_sender(line):
+    """The client nginx named in the tail of an entry whose raw request wrote newlines.
+
+    Every `client:, server:, request:` group in the line is a candidate (the
+    request's text can hold more of them, before and after the real one). A
+    candidate explains the line if the last line of its decoded, normalized path
+    is what the physical line starts with; the real one always does. The sender
+    is the one address among those explaining the longest start, else None.
+    """
+    best, senders = -1, set()
+    for found in _NGINX.tail.finditer(line):
+        path = found.group(2).split(b"?", 1)[0]
+        if b"%0a" not in path and b"%0A" not in path:
+            continue
+        written = _nginx_normalized(unquote_to_bytes(path)).rsplit(b"\n", 1)[-1]
+        if len(written) > found.start() or not line.startswith(written):
+            continue
+        if len(written) > best:
+            best, senders = len(written), set()
+        if len(written) == best:
+            senders.add(found.group(1))
+    if len(senders) != 1:
+        return None
+    return _cached_parse_host(senders.pop())
+
+
+def _nginx_normalized(path):
+    """The path as nginx writes it after decoding: slashes merged, dot segments resolved."""
+    kept = []
+    for segment in path.split(b"/")[1:]:
+        if segment == b"." or segment == b"":
+            continue
+        if segment == b"..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(segment)
+    trailing = b"/" if path.endswith((b"/", b"/.", b"/..")) and kept else b""
+    return b"/" + b"/".join(kept) + trailing
