@@ -98,8 +98,27 @@ class NewBans(Sequence):
         return sorted({entry[2] for _key, entry in self._made if entry[2] is not None})
 
 
+class _OnPart:
+    """An attribute of the manager kept on one of its parts (read and set there)."""
+
+    def __init__(self, part):
+        self.part = part
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, manager, owner=None):
+        return self if manager is None else getattr(getattr(manager, self.part), self.name)
+
+    def __set__(self, manager, value):
+        setattr(getattr(manager, self.part), self.name, value)
+
+
 class BanManager:
     """Decides bans in memory, mirrors them to `state` and `kernel` on flush()."""
+
+    kernel = _OnPart("kernel_queue")   # the ban sets (a policy reload may swap them)
+    writer = _OnPart("queue")          # the state writer's thread, or None
 
     def __init__(self, settings, state, kernel, clock=time.time, writer=None, history_ahead=None):
         """history_ahead: read which networks have a ban history on a thread now, so
@@ -120,14 +139,6 @@ class BanManager:
         self.window.load((key_from_blob(data), when, name) for data, when, name
                          in state.load_failures(now - settings.findtime))
         self._lift_protected()
-
-    @property
-    def kernel(self):
-        return self.kernel_queue.kernel
-
-    @kernel.setter
-    def kernel(self, kernel):
-        self.kernel_queue.kernel = kernel
 
     # Counters the daemon's status and metrics read.
 
@@ -312,14 +323,6 @@ class BanManager:
         return len(self.book.active)
 
     # The state queue's side of the ban manager's API (the daemon's loop drives it).
-
-    @property
-    def writer(self):
-        return self.queue.writer
-
-    @writer.setter
-    def writer(self, writer):
-        self.queue.writer = writer
 
     def queue_position(self, key, position):
         """Store a log position with the next state write (with the failures before it)."""

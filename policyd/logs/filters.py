@@ -13,6 +13,7 @@ JSON object, and candidate text lines that match no rule and are not UTF-8 are
 MALFORMED.
 """
 import enum
+from dataclasses import dataclass
 import json
 import re
 from operator import itemgetter
@@ -93,17 +94,16 @@ class _RegexRule:
         return address, (found.group("time") if self.time_parser is not None else None)
 
 
+@dataclass(eq=False)
 class _JsonRule:
-    def __init__(self, contains, match, match_regex, host, present, nonempty, time=None,
-                 time_parser=None):
-        self.contains = contains
-        self.time = time
-        self.time_parser = time_parser
-        self.match = match
-        self.match_regex = match_regex
-        self.host = host
-        self.present = present
-        self.nonempty = nonempty
+    contains: tuple
+    match: tuple
+    match_regex: tuple
+    host: tuple
+    present: tuple
+    nonempty: tuple
+    time: tuple | None = None
+    time_parser: object = None
 
     def classify(self, line):
         try:

@@ -6,6 +6,7 @@ Printing them is policyd.operator.banprint's. A column is built and read with C-
 maps where it can: with 100k bans, a Python step per ban per field is what costs.
 """
 import array
+from dataclasses import dataclass
 import math
 import socket
 import sqlite3
@@ -25,6 +26,7 @@ _EXPIRES, _BANNED = itemgetter(0), itemgetter(4)  # of the ban book's entry tupl
 _CAUSE = itemgetter(1, 2, 3)                        # -> (failures, filter, reason)
 
 
+@dataclass(eq=False, slots=True)
 class BanColumns:
     """Active bans at `now`, one list per field, in the order they were recorded.
 
@@ -33,15 +35,12 @@ class BanColumns:
     it was not read (the text does not print it).
     """
 
-    __slots__ = ("now", "network", "expires_at", "banned_at", "causes", "cause")
-
-    def __init__(self, now, network, expires_at, banned_at, causes, cause):
-        self.now = now
-        self.network = network
-        self.expires_at = expires_at
-        self.banned_at = banned_at
-        self.causes = causes
-        self.cause = cause
+    now: float
+    network: list
+    expires_at: list
+    banned_at: list | None
+    causes: list
+    cause: list
 
     def __len__(self):
         return len(self.network)
