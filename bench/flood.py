@@ -28,32 +28,11 @@ from pathlib import Path
 from ban_latency import FreshSources, ProbeSockets, nginx_world, one_trial, percentile
 from policyd_lab.world import SERVER_WAN_V4
 from policyd_lab.netlab import wait_for
+from policyd_lab.policies import ban_policy, log_file
 from policyd_daemon import BAN_TABLE, TimedDaemon
 from setcount import SetCounter
 
 MAXRETRY = 3
-POLICY = """\
-# Written by bench/flood.py.
-version: 1
-services:
-  ollama:
-    ports: [11434]
-    allow: [127.0.0.0/8, "::1"]
-  proxy:
-    ports: [8080]
-    allow: [any]
-bans:
-  ports: [8080, 11434]
-  maxretry: {maxretry}
-  findtime: 10m
-  bantime: 1h
-  ipv6_prefix: 64
-  logs:
-    - path: {error_log}
-      filter: nginx-auth
-    - path: {flood_log}
-      filter: nginx-auth
-"""
 SAMPLE_KEYS = 64
 
 
@@ -139,7 +118,8 @@ def measure_policyd_flood(workdir, sources=100000, per_source=3, settle=2.0, giv
         flood_log = workdir / "flood.log"
         flood_log.write_text("")
         policy = workdir / "policy.yaml"
-        policy.write_text(POLICY.format(maxretry=MAXRETRY, error_log=nginx.error_log, flood_log=flood_log))
+        policy.write_text(ban_policy(log_file(nginx.error_log), log_file(flood_log), ollama=True,
+                                     maxretry=MAXRETRY))
         daemon = TimedDaemon(world.lab, world.server, policy, workdir / "policyd.log")
         watch = None
         try:

@@ -2,7 +2,7 @@
 import ipaddress
 import sqlite3
 
-from policyd.banning.bans import _blob, _key, _text
+from policyd.banning.bankeys import blob as _blob, key as _key, text as _text
 from policyd.banning.banqueue import KernelQueue, StateQueue
 from policyd.banning.state import State
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from policyd.operator import control
-from policyd.operator.control import (ControlError, ControlServer, DaemonUnavailable, MainLoopCall,
-                             request, socket_path)
+from policyd.operator.control import ControlError, DaemonUnavailable, request, socket_path
+from policyd.operator.control_server import ControlServer, MainLoopCall
 from policyd.errors import HostError, InputError, KernelError
 
 NOBODY = 65534

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from policyd import addr
 from policyd.banning.banbook import MAX_DOUBLINGS, BanBook  # noqa: F401 - MAX_DOUBLINGS: part of this API
-from policyd.banning.bankeys import as_network, blob, key as network_key, key_from_blob, network, sample, text, timeout
+from policyd.banning.bankeys import as_network, key as network_key, key_from_blob, network, sample, text, timeout
 from policyd.banning.banqueue import KernelQueue, StateQueue
 from policyd.errors import InputError
 from policyd.banning.failwindow import LOOPBACK, FailureWindow
@@ -27,9 +27,6 @@ MAX_MANUAL_BAN = 10 * 365 * 86400
 # Bans shorter than these are refused: they cut off a large share of the
 # internet, which is what a policy's deny list is for (reviewed, in a file).
 MIN_BAN_PREFIX = {4: 8, 6: 16}
-
-# Names other modules and tests used before the split (policyd.fleet.node: _as_network).
-_as_network, _blob, _key, _text, _network = as_network, blob, network_key, text, network
 
 
 class BanKernel(Protocol):

@@ -18,7 +18,7 @@ from pathlib import Path
 from policyd import __version__, systemd
 from policyd.fleet import node as fleet
 from policyd.kernel import drift
-from policyd.operator import control, metrics
+from policyd.operator import control, control_server, metrics
 from policyd.policy import lists, store as policystore
 from policyd.banning.bans import BanManager
 from policyd.daemon.chores import Chores, PolicyUpkeep, give_back_memory
@@ -73,7 +73,7 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
         self.metrics_listen = metrics_listen
         self.clock = clock
         self.wake = threading.Event()
-        self.calls = control.MainLoopCall(self._handle, wake=self.wake.set)
+        self.calls = control_server.MainLoopCall(self._handle, wake=self.wake.set)
         self.stopping = False
         self.reload_requested = False
         self.started_at = clock()
@@ -109,7 +109,7 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
         first_lint = self._first_start_lint()
         # The control socket next: a second daemon on this run dir must refuse
         # before it touches the kernel, the bans or the state file.
-        self.control = control.ControlServer(control.socket_path(self.run_dir), self._control)
+        self.control = control_server.ControlServer(control.socket_path(self.run_dir), self._control)
         self.control.start()
         if self.metrics_listen:
             self.metrics_server = metrics.MetricsServer(self.metrics_listen, self.registry)

@@ -14,7 +14,7 @@ import time
 from policyd.fleet import transport as fleet_redis, wire as fleet_wire
 from policyd.operator import metrics
 from policyd.fleet.peers import Peer, TokenBucket
-from policyd.banning.bans import _as_network
+from policyd.banning.bankeys import as_network
 from policyd.errors import InputError
 from policyd.fleet.config import read_password
 from policyd.logfmt import kv
@@ -138,7 +138,7 @@ class Fleet:
 
     def publish(self, op, address, expires_at, reason):
         """A manual ban or unban: queued and committed at once."""
-        self.pending.append((op, str(_as_network(address)), expires_at, reason))
+        self.pending.append((op, str(as_network(address)), expires_at, reason))
         self.commit()
 
     def commit(self):
@@ -354,7 +354,7 @@ def outbox_writer(state):
     def publish(op, address, expires_at, reason):
         try:
             with state.transaction() as writer:
-                writer.add_fleet_outbox([(op, str(_as_network(address)), expires_at, reason)])
+                writer.add_fleet_outbox([(op, str(as_network(address)), expires_at, reason)])
         except (sqlite3.Error, OSError) as exc:  # the ban itself is in force already
             log.error("fleet outbox not written, the other nodes will not hear of it %s",
                       kv(op=op, addr=address, error=exc))

@@ -224,14 +224,3 @@ def read_line(conn: socket.socket, timeout: float) -> bytes:
     if end < 0:
         raise ControlError("the daemon closed the connection without answering", CODE_REFUSED)
     return data[:end]
-
-
-_SERVER_NAMES = ("ControlServer", "MainLoopCall", "Handler")
-
-
-def __getattr__(name):
-    """control.ControlServer and friends, imported when first asked for."""
-    if name in _SERVER_NAMES:
-        from policyd.operator import control_server
-        return getattr(control_server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ import time
 
 from policyd_lab.netlab import REPO, PolicydDaemon, wait_for
 from policyd_lab.nginxlog import nginx_failure
+from policyd_lab.policies import ban_policy, log_file
 from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, STRANGER_V4, TRUSTED_V4
 
 TWO_LOGS = """\
@@ -132,13 +133,7 @@ def test_a_second_daemon_refuses_before_it_restores_any_ban(world):
     log = world.lab.tmp / "error.log"
     log.write_text("")
     world.server.listen(8080)
-    policy = world.policy(f"""\
-        version: 1
-        services:
-          proxy: {{ports: [8080], allow: [any]}}
-        bans:
-          logs: [{{path: {log}, filter: nginx-auth}}]
-        """)
+    policy = world.policy(ban_policy(log_file(log)))
     first = PolicydDaemon(world.server, policy).start()
     try:
         assert world.server.policyd("ban", STRANGER_V4, "--for", "1h").returncode == 0
@@ -210,13 +205,7 @@ def test_a_log_path_that_turns_into_a_directory_is_reported_not_fatal(world):
     log = world.lab.tmp / "error.log"
     log.write_text("")
     world.server.listen(8080)
-    policy = world.policy(f"""\
-        version: 1
-        services:
-          proxy: {{ports: [8080], allow: [any]}}
-        bans:
-          logs: [{{path: {log}, filter: nginx-auth}}]
-        """)
+    policy = world.policy(ban_policy(log_file(log)))
     assert world.server.policyd("apply", policy, "--force").returncode == 0
     log.unlink()
     log.mkdir()

@@ -16,27 +16,12 @@ from policyd.logs.filters import load_filter, scan
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
 from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx_shared_log, start_ollama_standin
+from policyd_lab.policies import ban_policy, log_file
 from policyd_lab.webclient import http_get, raw_request
 from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, TRUSTED_V4, TRUSTED_V6
 
 GOOD = ("ollama", "secret")
 BAD = ("ollama", "wrong")
-POLICY = """\
-    version: 1
-    services:
-      ollama:
-        ports: [11434]
-        allow: [127.0.0.0/8, "::1"]
-      proxy:
-        ports: [8080, 80]
-        allow: [any]
-    bans:
-      ports: [8080, 80, 11434]
-      maxretry: {maxretry}
-      logs:
-        - path: {log}
-          filter: nginx-auth
-"""
 VICTIMS = ("198.51.100.10", TRUSTED_V4, TRUSTED_V6, "2001:db8:1::77")
 
 
@@ -91,7 +76,8 @@ def nginx(world, lab):
 
 
 def _daemon(world, nginx, maxretry):
-    policy = world.policy(POLICY.format(maxretry=maxretry, log=nginx.error_log))
+    policy = world.policy(ban_policy(log_file(nginx.error_log), ports=(8080, 80), ollama=True,
+                                         maxretry=maxretry))
     return PolicydDaemon(world.server, policy).start()
 
 
