@@ -347,3 +347,94 @@ def test_a_reload_that_refollows_the_logs_does_not_read_entries_twice(tmp_path, 
         assert harness.banned() == {ip("192.0.2.12")}
     finally:
         daemon.watcher.stop()
+
+
+def ssh_instance(number, client="203.0.113.5"):
+    """A connection of socket-activated sshd (ssh.socket, Accept=yes) as journald
+    records it: its own instance of ssh@.service, in the template's slice."""
+    return {"unit": f"ssh@{number}-192.0.2.1:22-{client}:{50000 + number}.service",
+            "_SYSTEMD_SLICE": "system-ssh.slice", "identifier": "sshd", "pid": str(3000 + number)}
+
+
+def template_source(journal, unit="ssh@.service"):
+    return LogSource(path=None, filter="fail2ban:sshd", journal=unit,
+                     journal_dir=journal.directory)
+
+
+def test_a_template_follows_every_instance_of_it(tmp_path, journal):
+    # Each connection to a socket-activated sshd is a new unit: naming the
+    # template follows all of them, also those started after policyd.
+    journal.write([entry(message="Server listening on :: port 22.", **ssh_instance(0))])
+    harness = Harness(tmp_path, [template_source(journal)])
+    journal.write([entry(message=ssh_failure("203.0.113.5"), **ssh_instance(n))
+                   for n in range(1, 4)])
+    harness.read()
+    assert harness.banned() == {ip("203.0.113.5")}
+    assert harness.source().follower.stats["lines"] == 3
+
+
+def test_a_template_counts_only_its_own_instances(tmp_path, journal):
+    journal.write([entry(message="Server listening on :: port 22.", **ssh_instance(0))])
+    harness = Harness(tmp_path, [template_source(journal)])
+    journal.write(
+        # a user's own service named like an instance: journald files it under
+        # the user's manager (user@1000.service), whatever the user calls it
+        [entry("user@1000.service", ssh_failure("198.51.100.1"), "sshd",
+               _SYSTEMD_USER_UNIT="ssh@9-192.0.2.1:22-198.51.100.1:1.service",
+               _SYSTEMD_SLICE="user-1000.slice")] * 3
+        # the plain unit, and another template's instance put in the same slice
+        + [entry("ssh.service", ssh_failure("198.51.100.2"), "sshd")] * 3
+        + [entry("sshx@1.service", ssh_failure("198.51.100.3"), "sshd",
+                 _SYSTEMD_SLICE="system-ssh.slice")] * 3
+        + [entry("ssh@.service", ssh_failure("198.51.100.4"), "sshd",
+                 _SYSTEMD_SLICE="system-ssh.slice")] * 3
+        # a forged identifier from a login session
+        + [entry("session-3.scope", ssh_failure("198.51.100.5"), "sshd",
+                 _SYSTEMD_SLICE="user-1000.slice")] * 3)
+    harness.read()
+    assert not harness.banned()
+    assert harness.source().follower.stats["lines"] == 0
+
+
+def test_a_template_resumes_after_a_restart(tmp_path, journal):
+    journal.write([entry(message="Server listening on :: port 22.", **ssh_instance(0))])
+    harness = Harness(tmp_path, [template_source(journal)])
+    journal.write([entry(message=ssh_failure("203.0.113.6"), **ssh_instance(n, "203.0.113.6"))
+                   for n in range(1, 3)])
+    harness.read()
+    harness.housekeeping()
+    harness.stop()
+    journal.write([entry(message=ssh_failure("203.0.113.6"), **ssh_instance(3, "203.0.113.6"))])
+    harness.start()
+    harness.read()
+    assert harness.banned() == {ip("203.0.113.6")}   # 2 before the restart + 1 after
+
+
+def test_a_template_instance_slice_is_named_as_systemd_names_it():
+    from policyd.logs.journal import template_slice
+    assert template_slice("ssh@.service") == "system-ssh.slice"
+    assert template_slice("getty@.service") == "system-getty.slice"
+    # '-' separates slice levels, so systemd escapes it (and '\\') once more
+    assert template_slice("foo-bar@.service") == "system-foo\\x2dbar.slice"
+    assert template_slice("a\\x2db@.service") == "system-a\\x5cx2db.slice"
+    assert template_slice("ssh.service") is None
+    assert template_slice("ssh@1.service") is None
+
+
+def test_only_service_templates_are_accepted():
+    from policyd.errors import InputError
+    from policyd.policy.reader import loads
+    head = "version: 1\nservices:\n  p: {ports: [80], allow: any}\nbans:\n  logs:\n"
+    assert loads(head + "    - {journal: ssh@.service, filter: 'fail2ban:sshd'}\n")
+    with pytest.raises(InputError, match="NAME@.service") as error:
+        loads(head + "    - {journal: ssh@.socket, filter: 'fail2ban:sshd'}\n")
+    assert error.value.line == 6
+
+
+def test_doctor_finds_a_templates_instances(tmp_path, journal):
+    from policyd.logs.journal import probe
+    journal.write([entry("ssh.service", "Server listening on :: port 22.", "sshd")])
+    assert probe("ssh@.service", journal.directory)["entries"] is False
+    journal.write([entry(message=ssh_failure("203.0.113.5"), **ssh_instance(1))])
+    found = probe("ssh@.service", journal.directory)
+    assert found["entries"] is True and found["readable"] is True

@@ -1,7 +1,8 @@
 """Follow one systemd unit's entries in the journal (python3-systemd).
 
 Owns matching on the trusted `_SYSTEMD_UNIT` field (journald sets it; any
-local user can set SYSLOG_IDENTIFIER with `systemd-cat -t sshd`), the cursor
+local user can set SYSLOG_IDENTIFIER with `systemd-cat -t sshd`), or for a
+template (`ssh@.service`) on its instances' slice and unit names, the cursor
 that a restart resumes from, and a wake-up thread. The cursor is handed to the
 caller's position queue, which stores it in the same transaction as the
 failures read up to it, so a restart neither misses nor double-counts.
@@ -33,6 +34,49 @@ def position_key(unit):
     return f"journal:{unit}"
 
 
+def template_slice(unit):
+    """The slice systemd runs the instances of a template `NAME@.service` in
+    (`system-NAME.slice`, NAME escaped as unit_name_escape() does, so a '-' is
+    not read as a slice level), or None for a unit that is not a template."""
+    if not unit.endswith("@.service") or "@" in unit[:-len("@.service")]:
+        return None
+    prefix = unit[:-len("@.service")]
+    escaped = "".join(
+        f"\\x{byte:02x}" if byte in b"-\\" or (index == 0 and byte == ord("."))
+        else chr(byte) for index, byte in enumerate(prefix.encode()))
+    return f"system-{escaped}.slice"
+
+
+def _match_unit(reader, unit):
+    """Entries of `unit`; of a template, those in its instances' slice (sd-journal
+    matches exact values only: instance names are checked as they are read)."""
+    slice_name = template_slice(unit)
+    if slice_name is None:
+        reader.add_match(_SYSTEMD_UNIT=unit)
+    else:
+        reader.add_match(_SYSTEMD_SLICE=slice_name)
+
+
+def _instance_check(unit):
+    """For a template: a test that an entry's _SYSTEMD_UNIT is one of its
+    instances (another unit can be put in the slice with Slice=); else None."""
+    if template_slice(unit) is None:
+        return None
+    prefix = unit[:-len("service")]     # `ssh@.`: instances are `ssh@INSTANCE.service`
+    head, tail = prefix[:-1].encode(), b".service"
+
+    def is_instance(reader):
+        try:
+            name = reader._get("_SYSTEMD_UNIT")
+        except KeyError:
+            return False
+        if isinstance(name, str):
+            name = name.encode()
+        return (name.startswith(head) and name.endswith(tail)
+                and len(name) > len(head) + len(tail))
+    return is_instance
+
+
 class JournalFollower:
     """Returns new entries of one unit as (message bytes, Unix time, prefix text).
 
@@ -53,6 +97,7 @@ class JournalFollower:
         self.batch = BATCH_ENTRIES
         self.with_prefix = True    # `IDENTIFIER[PID]: ` for fail2ban filters
         self._journal = _journal_module()
+        self._is_instance = _instance_check(unit)
         self.reader = self._open()
         self.cursor = None
         self._committed = None     # the cursor last handed to commit()
@@ -75,7 +120,7 @@ class JournalFollower:
         except OSError as error:
             raise InputError(f"cannot open the journal: {error}",
                              file=self.directory, key="bans.logs.journal") from None
-        reader.add_match(_SYSTEMD_UNIT=self.unit)
+        _match_unit(reader, self.unit)
         # sd-journal watches the directory (new files after a rotation, removed
         # ones after a vacuum) only once its inotify descriptor exists.
         reader.fileno()
@@ -113,23 +158,28 @@ class JournalFollower:
         reader = self.reader
         limit = self.batch
         entries = []
+        scanned = 0
         self._error = None
         try:
             reader.process()   # picks up new and removed (rotated, vacuumed) files
+            is_instance = self._is_instance
             if self._unread_current:
                 self._unread_current = False
-                entries.append(self._entry(reader))
-            while len(entries) < limit and reader._next():
-                entries.append(self._entry(reader))
+                if is_instance is None or is_instance(reader):
+                    entries.append(self._entry(reader))
+            while scanned < limit and reader._next():
+                scanned += 1
+                if is_instance is None or is_instance(reader):
+                    entries.append(self._entry(reader))
         except OSError as error:
             self._error = str(error)
-        if entries:
+        if scanned or entries:
             try:
                 self.cursor = reader._get_cursor()   # the last entry read
             except OSError as error:
                 self._error = str(error)
         self._entries += len(entries)
-        if len(entries) >= limit and self._on_change is not None:
+        if scanned >= limit and self._on_change is not None:
             self._on_change(self.key)
         return entries
 
@@ -249,7 +299,7 @@ def probe(unit, directory=None):
         if not reader.get_usage():
             return {"readable": False, "entries": False, "last": None,
                     "error": "no journal files can be read there"}
-        reader.add_match(_SYSTEMD_UNIT=unit)
+        _match_unit(reader, unit)
         reader.seek_tail()
         if reader._previous():
             return {"readable": True, "error": None, "entries": True,

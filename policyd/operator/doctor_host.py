@@ -169,7 +169,8 @@ def check_journal(source, index, env):
     if not state["entries"]:
         return warn("log", f"{name} is readable but holds no entry of that unit yet",
                     f"check the unit name with `journalctl -u {source.journal}` (Debian's "
-                    "OpenSSH unit is ssh.service; policyd matches _SYSTEMD_UNIT, not aliases)")
+                    "OpenSSH unit is ssh.service; policyd matches _SYSTEMD_UNIT, not aliases; "
+                    "a template NAME@.service matches instances in system-NAME.slice)")
     age = max(0, round(env.now() - state["last"]))
     return ok("log", f"{name} is readable, last entry {age}s ago (filter {source.filter})")
 

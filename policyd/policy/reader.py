@@ -373,6 +373,10 @@ class _Reader:
             if not JOURNAL_UNIT.match(unit):
                 self.fail(entry["journal"][1], f"{key}.journal",
                           f"{unit!r} is not a systemd unit name (like caddy.service or ssh.service)")
+            if "@." in unit and not unit.endswith("@.service"):
+                self.fail(entry["journal"][1], f"{key}.journal",
+                          f"{unit!r}: only service templates (NAME@.service) have instances "
+                          "that log")
             values["journal"] = unit
         elif "journal_dir" in entry:
             self.fail(entry["journal_dir"][0], f"{key}.journal_dir", "only with `journal`")

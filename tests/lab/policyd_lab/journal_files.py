@@ -62,7 +62,10 @@ class JournalWriter:
 
 
 def entry(unit, message, identifier=None, pid="4242", when=None, **extra):
-    fields = {"_SYSTEMD_UNIT": unit, "MESSAGE": message, "_PID": pid,
+    """One entry as journald writes it for a process of `unit` (in system.slice
+    unless `_SYSTEMD_SLICE` is given)."""
+    fields = {"_SYSTEMD_UNIT": unit, "_SYSTEMD_SLICE": "system.slice", "MESSAGE": message,
+              "_PID": pid,
               "_COMM": identifier or unit.split(".")[0],
               "SYSLOG_IDENTIFIER": identifier or unit.split(".")[0], **extra}
     if when is not None:
