@@ -633,3 +633,82 @@ def test_doctor_with_a_missing_named_policy_exits_2(tmp_path):
     result = CliRunner(mix_stderr=False).invoke(main, [
         "--state-dir", str(tmp_path), "doctor", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
+
+
+# --- the installed unit's sandbox and the fleet's Redis -----------------------
+
+SHIPPED_UNIT = Path(__file__).resolve().parents[1] / "debian" / "policyd.service"
+FLEET_POLICY = """version: 1
+services:
+  ollama: {ports: [11434], allow: [192.0.2.0/24]}
+fleet:
+  redis: redis://gpu1@10.0.0.5:6379/0
+"""
+
+
+@pytest.fixture
+def unit_dirs(tmp_path):
+    """systemd's search path in miniature, the shipped unit installed in lib/."""
+    dirs = [tmp_path / name for name in ("etc", "run", "lib")]
+    for directory in dirs:
+        directory.mkdir()
+    (dirs[2] / "policyd.service").write_text(SHIPPED_UNIT.read_text())
+    return dirs
+
+
+def dropin(directory, name, text):
+    folder = directory / "policyd.service.d"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"[Service]\n{text}\n")
+
+
+def sandbox_findings(tmp_path, unit_dirs, policy_text=FLEET_POLICY):
+    env = hostenv.HostEnvironment(tmp_path / "s", tmp_path / "r", nft_factory=None,
+                                  unit_dirs=[str(d) for d in unit_dirs])
+    return doctor_host.check_fleet_sandbox(policy_mod.loads(policy_text), env)
+
+
+def test_the_shipped_unit_keeps_the_daemon_from_a_remote_redis(tmp_path, unit_dirs):
+    [finding] = sandbox_findings(tmp_path, unit_dirs)
+    assert finding.level == "fail"
+    assert "may not reach Redis at 10.0.0.5" in finding.message
+    assert str(unit_dirs[2] / "policyd.service") in finding.message
+    assert "IPAddressAllow=10.0.0.5" in finding.fix and "systemctl edit policyd" in finding.fix
+
+
+def test_the_readme_drop_in_lets_it_through(tmp_path, unit_dirs):
+    dropin(unit_dirs[0], "override.conf", "IPAddressAllow=10.0.0.5")
+    [finding] = sandbox_findings(tmp_path, unit_dirs)
+    assert finding.level == "ok" and "override.conf" in finding.message
+
+
+def test_drop_ins_merge_as_systemd_merges_them(tmp_path, unit_dirs):
+    # an empty assignment resets the list: nothing is denied any more
+    dropin(unit_dirs[0], "open.conf", "IPAddressDeny=")
+    assert sandbox_findings(tmp_path, unit_dirs)[0].level == "ok"
+    # a later drop-in (by name) denies again; a network (not just the address) allows
+    dropin(unit_dirs[0], "zz-close.conf", "IPAddressDeny=any")
+    assert sandbox_findings(tmp_path, unit_dirs)[0].level == "fail"
+    dropin(unit_dirs[1], "zzz-allow.conf", "IPAddressAllow=10.0.0.0/24 localhost")
+    assert sandbox_findings(tmp_path, unit_dirs)[0].level == "ok"
+    # the same drop-in name higher up the search path hides the lower one
+    dropin(unit_dirs[0], "zzz-allow.conf", "IPAddressAllow=192.0.2.1")
+    assert sandbox_findings(tmp_path, unit_dirs)[0].level == "fail"
+    # an allow in another section, or an entry systemd cannot parse, allows nothing
+    (unit_dirs[0] / "policyd.service.d" / "zzzz.conf").write_text(
+        "[Unit]\nIPAddressAllow=10.0.0.5\n[Service]\nIPAddressAllow=10.0.0.5/99 banana\n")
+    assert sandbox_findings(tmp_path, unit_dirs)[0].level == "fail"
+
+
+def test_a_unit_in_etc_replaces_the_packaged_one(tmp_path, unit_dirs):
+    (unit_dirs[0] / "policyd.service").write_text("[Service]\nExecStart=/usr/bin/policyd run\n")
+    dropin(unit_dirs[2], "deny.conf", "IPAddressDeny=10.0.0.0/8")
+    [finding] = sandbox_findings(tmp_path, unit_dirs)
+    assert finding.level == "fail" and "deny.conf" in finding.message
+
+
+def test_no_unit_or_no_fleet_says_nothing(tmp_path, unit_dirs):
+    no_fleet = FLEET_POLICY.split("fleet:")[0]
+    assert sandbox_findings(tmp_path, unit_dirs, no_fleet) == []
+    (unit_dirs[2] / "policyd.service").unlink()
+    assert sandbox_findings(tmp_path, unit_dirs) == []

@@ -8,8 +8,8 @@ import os
 
 from policyd.rules.compile import compile_policy
 from policyd.operator.doctor_host import (check_daemon, check_daemon_logs, check_filters, check_fleet,
-                                 check_interfaces, check_listeners, check_logs,
-                                 check_nftables_service)
+                                 check_fleet_sandbox, check_interfaces, check_listeners,
+                                 check_logs, check_nftables_service)
 from policyd.operator.doctor_report import OK, exit_code, fail, ok, to_json, to_text, warn
 from policyd.errors import InputError, KernelError
 from policyd.policy.store import COMMITTED
@@ -54,6 +54,7 @@ def diagnose(policy, env):
     findings += daemon
     if daemon[0].level == OK:
         findings += check_daemon_logs(env)
+    findings += check_fleet_sandbox(policy, env)
     findings += check_fleet(policy)
     return findings
 

@@ -4,6 +4,7 @@ Every fact comes from an environment object (policyd.operator.hostenv.HostEnviro
 """
 import ipaddress
 
+from policyd.operator import unitaccess
 from policyd.operator.doctor_report import Finding, fail, ok, warn
 from policyd.errors import InputError
 from policyd.rules.model import FAMILY
@@ -243,3 +244,23 @@ def check_fleet(policy):
     from policyd.fleet.transport import doctor_findings
     return [Finding(level, "fleet", message, fix)
             for level, message, fix in doctor_findings(policy.fleet)]
+
+
+def check_fleet_sandbox(policy, env):
+    """The installed unit's IPAddressDeny=any would keep the daemon from Redis (doctor
+    itself runs outside the sandbox, so Redis answering it proves nothing)."""
+    access = env.unit_ip_access() if policy.fleet is not None else None
+    if access is None:
+        return []    # no fleet, or no policyd unit installed (a run from a checkout)
+    files, lists = access
+    addresses = env.resolve(policy.fleet.host)
+    blocked = [a for a in addresses if unitaccess.blocked(a, lists)]
+    where = ", ".join(str(path) for path in files)
+    if not blocked:
+        return [ok("fleet", f"the policyd unit ({where}) may reach Redis at "
+                   + " ".join(str(a) for a in addresses))] if addresses else []
+    shown = " ".join(str(a) for a in blocked)
+    return [Finding("fail", "fleet", f"the policyd unit may not reach Redis at {shown}: "
+                    f"IPAddressDeny= in {where} blocks it, so the daemon cannot join the fleet",
+                    f"`systemctl edit policyd` and add: [Service] IPAddressAllow={shown}, "
+                    "then `systemctl restart policyd`")]

@@ -3,6 +3,7 @@ files, the kernel's tables, systemd units, the daemon's socket. Tests give
 doctor a fake with the same methods.
 """
 import errno
+import ipaddress
 import os
 import socket
 import time
@@ -15,7 +16,7 @@ class HostEnvironment:
     """The facts diagnose() needs, read from this host and network namespace."""
 
     def __init__(self, state_dir, run_dir, nft_factory, systemd_dir="/etc/systemd/system",
-                 proc_dir="/proc", filter_dirs=None, clock=time.time):
+                 proc_dir="/proc", filter_dirs=None, clock=time.time, unit_dirs=None):
         self.state_dir = str(state_dir)
         self.run_dir = Path(run_dir)
         self.store = PolicyStore(state_dir)
@@ -24,6 +25,7 @@ class HostEnvironment:
         self.systemd_dir = Path(systemd_dir)
         self.proc_dir = Path(proc_dir)
         self.filter_dirs = filter_dirs
+        self.unit_dirs = unit_dirs
         self.now = clock
 
     def _kernel(self):
@@ -94,6 +96,23 @@ class HostEnvironment:
 
     def nftables_service_links(self):
         return sorted(str(p) for p in self.systemd_dir.glob("*.wants/nftables.service"))
+
+    def unit_ip_access(self):
+        """(files, IP access lists) of the installed policyd unit, or None if there is none."""
+        from policyd.operator import unitaccess
+        files = (unitaccess.unit_files(self.unit_dirs) if self.unit_dirs is not None
+                 else unitaccess.unit_files())
+        return (files, unitaccess.ip_access(files)) if files else None
+
+    @staticmethod
+    def resolve(host):
+        """The addresses `host` (a name or an address) resolves to; none if it does not."""
+        try:
+            found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return []
+        return sorted({ipaddress.ip_address(info[4][0].split("%")[0]) for info in found},
+                      key=lambda a: (a.version, a))
 
     def control_socket_path(self):
         from policyd.operator import control  # its socket name; imported only when asked
