@@ -133,7 +133,7 @@ def test_a_decoy_claiming_more_lines_must_copy_them_and_a_guessed_entry_start_fa
     # dropped with it); it has to reproduce them exactly, the forging entry's own
     # first line included, whose time, pid and connection id nginx chose: here the
     # connection id is guessed one off. (Guessed right, all of them, the wrong
-    # password is dropped and nobody is named: see docs/guard.md.)
+    # password is dropped and nobody is named: filters/README.md, limits.)
     plain = nginx_404("/p", "/p", connection=98)      # ends with .../1.1", host: "example.org"
     before = wrong_password(99)
     decoded, raw = forging("/\n")
