@@ -309,10 +309,13 @@ class NginxErrorJudge(PlainJudge):
         """A line holding `%0A`: the end of a write whose decoded path wrote newlines
         if one of its tails explains the lines before it exactly (then those lines,
         and this one, are the request's), else a whole entry of its own."""
-        starts = [start for start, _text in self._tail]
-        before = [_SLASHES.sub(b"/", text) for _start, text in self._tail]
         heads, senders = [], set()
-        for client, written in ending_tails(_SLASHES.sub(b"/", line)):
+        tails = ending_tails(_SLASHES.sub(b"/", line))
+        if tails:
+            # nginx merges slashes, unless merge_slashes is off: compare with runs merged.
+            starts = [start for start, _text in self._tail]
+            before = [_SLASHES.sub(b"/", text) for _start, text in self._tail]
+        for client, written in tails:
             first = write_start(before, [_SLASHES.sub(b"/", w) for w in written], self.filter)
             if first is not None:
                 heads.append(starts[first])
