@@ -214,3 +214,18 @@ def test_every_failure_the_judge_keeps_is_a_real_entry_of_its_client(nginx_auth)
         results = guard.judge(lines[:cut], mid_write=True) + guard.judge(lines[cut:])
         assert failures(results).count(ip(ATTACKER)) == expected, cut
         assert set(counted(results)) <= {ip(ATTACKER)}, cut
+
+
+@pytest.mark.parametrize("request_line", ["GET {raw}", "GET http://localhost{raw} HTTP/1.1",
+                                          "GET HTTP://LOCALHOST:80/x/..{raw}?q HTTP/1.1"])
+def test_forging_through_http_0_9_or_an_absolute_uri_still_names_nobody_else(nginx_auth, request_line):
+    # Both forms were seen in nginx 1.22's error.log: an HTTP/0.9 request has no
+    # version and no headers, an absolute URI carries scheme and host before the path.
+    decoded, raw = forging("/\n" + auth_failure(VICTIM) + "\n")
+    entry = nginx_404(decoded, raw).decode()
+    entry = entry.replace(f'request: "GET {raw} HTTP/1.1", host: "example.org"', 'request: "'
+                          + request_line.format(raw=raw) + '"' + ("" if "HTTP/1" not in request_line
+                                                                   else ', host: "example.org"'))
+    results = judge(nginx_auth, lines_of(wrong_password(99), entry.encode()))
+    assert failures(results) == [ip(ATTACKER)]
+    assert [f.sender for f in forgeries(results)] == [ip(ATTACKER)]

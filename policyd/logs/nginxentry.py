@@ -42,14 +42,16 @@ class _Patterns:
 
 
 _NGINX = _Patterns()
+_ABSOLUTE = re.compile(rb"\A[A-Za-z][A-Za-z0-9+.-]*:/+[^/?#]*")   # slashes may come merged
 
 
 def written_lines(raw_target):
     """The lines nginx writes for a raw request target's path when it logs the
     decoded path ([first, ..., last], at least two), or None if it writes no newline.
-    The path ends at a raw `?` or `#`; %XX is decoded, slashes merged and dot
-    segments resolved (checked against nginx 1.22 in tests/netns/test_forged_lines.py)."""
-    path = raw_target.split(b"?", 1)[0].split(b"#", 1)[0]
+    The path starts after an absolute form's `scheme://host` and ends at a raw
+    `?` or `#`; %XX is decoded, slashes merged and dot segments resolved
+    (checked against nginx 1.22 in tests/netns/test_forged_lines.py)."""
+    path = _ABSOLUTE.sub(b"", raw_target).split(b"?", 1)[0].split(b"#", 1)[0]
     if b"%0a" not in path and b"%0A" not in path:
         return None
     lines = _nginx_normalized(unquote_to_bytes(path)).split(b"\n")
@@ -65,9 +67,14 @@ def ending_tails(line):
     line's start, which is on a line the decoded path wrote."""
     tails = []
     for found in _NGINX.tail.finditer(line):
+        raw = found.group(2)
         if line[found.end():found.end() + 1] != b" ":
-            continue    # the raw request was cut off: a truncated write
-        lines = written_lines(found.group(2))
+            # No version: an HTTP/0.9 request (no headers either, so the line ends
+            # with the request's closing quote), or a raw request cut off.
+            if found.end() != len(line) or not raw.endswith(b'"'):
+                continue
+            raw = raw[:-1]
+        lines = written_lines(raw)
         if (lines is not None and line.startswith(lines[-1])
                 and _NGINX.message_end.fullmatch(line, len(lines[-1]), found.start()) is not None):
             tails.append((found.group(1), lines))

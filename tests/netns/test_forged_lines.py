@@ -226,25 +226,33 @@ NORMALIZED_PATHS = ["/a%0Ab", "/a/%2E%2E/%0Ab", "/x%2F%2Fy%0Az", "/x//y%0A/z", "
                     "/a%0A+b%0A", "/a/b%0A/c/%2e/d/%2e%2e/e%0A"]
 
 
+# Request lines of other forms nginx 1.22 takes: HTTP/0.9 (no version, no headers),
+# absolute URIs (scheme and host before the path), a raw quote in the path.
+OTHER_REQUESTS = [b"GET /a%0Ab\r\n", b'GET /a"%0Ab\r\n', b"GET http://localhost/a%0Ab HTTP/1.1\r\nHost: x\r\n\r\n",
+                  b"GET HTTP://LOCALHOST:80/c/../a%0Ab?q HTTP/1.1\r\nHost: x\r\n\r\n"]
+
+
 def test_the_guard_knows_the_lines_nginx_writes_for_each_path(world, nginx):
     """policyd.logs.nginxentry.written_lines against nginx itself: a forging write is
     recognised by its tail reproducing the lines before it, so the decoding and
     normalizing must be nginx's (percent-decoding, merged slashes, dot segments,
     a raw `?` or `#` ending the path, the index file after a directory)."""
     root = str(nginx.error_log.parent / "html").encode()
-    for path in NORMALIZED_PATHS:
+    requests = [f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+                for path in NORMALIZED_PATHS] + OTHER_REQUESTS
+    for request in requests:
         size = nginx.error_log.stat().st_size if nginx.error_log.exists() else 0
-        assert _forge(world, path) == 404, path
-        assert wait_for(lambda: nginx.error_log.stat().st_size > size, 5), path
+        raw_request(world.stranger, SERVER_WAN_V4, 80, request)
+        assert wait_for(lambda: nginx.error_log.stat().st_size > size, 5), request
         entry = nginx.error_log.read_bytes()[size:]
         wrote = entry[entry.index(root) + len(root):]
         wrote = wrote[:list(re.finditer(rb'" (?:failed|is not found) \(', wrote))[-1].start()]
-        expected = b"\n".join(written_lines(path.encode()))
-        assert wrote in (expected, expected + b"index.html"), (path, wrote, expected)
+        expected = b"\n".join(written_lines(request.split(b"\r\n")[0].split(b" ")[1]))
+        assert wrote in (expected, expected + b"index.html"), (request, wrote, expected)
     # And each of those writes is recognised whole, as the stranger's.
     judge = judge_for(load_filter("nginx-auth"))
     found = forgeries(judge.judge(nginx.error_log.read_bytes().split(b"\n")[:-1]))
-    assert [(f.reason, str(f.sender)) for f in found] == [("encoded-newline", STRANGER_V4)] * len(NORMALIZED_PATHS)
+    assert [(f.reason, str(f.sender)) for f in found] == [("encoded-newline", STRANGER_V4)] * len(requests)
 
 
 def test_the_same_tricks_through_caddy_name_only_their_sender(world, lab):
