@@ -229,3 +229,12 @@ def test_forging_through_http_0_9_or_an_absolute_uri_still_names_nobody_else(ngi
     results = judge(nginx_auth, lines_of(wrong_password(99), entry.encode()))
     assert failures(results) == [ip(ATTACKER)]
     assert [f.sender for f in forgeries(results)] == [ip(ATTACKER)]
+
+
+def test_behind_a_unix_socket_the_forged_lines_are_still_dropped(nginx_auth):
+    # nginx listening on a socket (a proxy in front) writes `client: unix:`.
+    decoded, raw = forging("/\n" + auth_failure(VICTIM) + "\n")
+    entry = nginx_404(decoded, raw).replace(f"client: {ATTACKER},".encode(), b"client: unix:,")
+    results = judge(nginx_auth, lines_of(wrong_password(99), entry))
+    assert failures(results) == [ip(ATTACKER)]
+    assert [f.sender for f in forgeries(results)] == [None]

@@ -17,7 +17,8 @@ class _Patterns:
     SOURCES = {
         # nginx writes the client, server and raw request after the message; the raw
         # request line holds no space or control byte (nginx >= 1.21.1 refuses them).
-        "tail": rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)',
+        # The client is an address, or `unix:` behind a proxy on a socket.
+        "tail": rb', client: ([^, ]*), server: [^,]*, request: "[A-Z_-]+ ([^ ]*)',
         # A complete nginx entry ends with the host (which holds no quote or space) or
         # the referrer nginx writes after it.
         "complete": rb', (?:host|referrer): "[^" ]*"\Z',
