@@ -11,7 +11,7 @@ import ipaddress
 
 import pytest
 
-from policyd.logs.filters import load_filter
+from policyd.logs.filters import load_filter, scan
 from policyd.logs.guard import NginxErrorJudge, judge_for
 from test_forged_line_guard import (ATTACKER, FORMS, VICTIM, auth_failure, failures, forgeries, forging,
                                     lines_of, nginx_404)
@@ -238,3 +238,16 @@ def test_behind_a_unix_socket_the_forged_lines_are_still_dropped(nginx_auth):
     results = judge(nginx_auth, lines_of(wrong_password(99), entry))
     assert failures(results) == [ip(ATTACKER)]
     assert [f.sender for f in forgeries(results)] == [None]
+
+
+def test_the_offline_scan_agrees_with_the_daemon_on_these_attacks(nginx_auth, tmp_path):
+    writes = []
+    for n, pairing in enumerate(sorted(PAIRINGS)):
+        writes += [wrong_password(10 * n), *PAIRINGS[pairing](10 * n + 1)[0], wrong_password(10 * n + 5)]
+    log = tmp_path / "error.log"
+    log.write_bytes(b"".join(writes) * 2)
+    daemon_view = judge(nginx_auth, lines_of(*writes * 2))
+    result = scan(nginx_auth, log)
+    assert result.hosts == {ATTACKER: len(failures(daemon_view))}
+    assert result.matched == len(failures(daemon_view)) == 2 * sum(2 + PAIRINGS[p](0)[1] for p in PAIRINGS)
+    assert result.forged == sum(f.dropped for f in forgeries(daemon_view))
