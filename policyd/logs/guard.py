@@ -3,8 +3,9 @@
 Owns the judgement between a filter and the ban engine: which failure lines a
 request wrote into another entry (dropped, and counted against the request's
 real sender when that can be read), holding failures while a write may still
-be arriving (policyd.logs.guardscan applies it to the offline scan). Filters opt in with
-their `guard` key; see filters/README.md for what each kind guarantees.
+be arriving (policyd.logs.guardscan applies it to the offline scan). What one
+nginx write holds is policyd.logs.nginxentry's. Filters opt in with their
+`guard` key; see filters/README.md for what each kind guarantees.
 """
 import re
 import time
@@ -16,7 +17,7 @@ from operator import add
 from policyd.logs.filterbulk import failures_in_lines
 from policyd.logs.filters import Failure, Filter, Outcome, _cached_parse_host
 from policyd.logs.nginxentry import (_NGINX, ending_tails, newline_requests, nginx_sender,  # noqa: F401
-                                     write_head, write_start)
+                                     write_head, write_start)   # nginx_sender: one line's sender, for callers
 
 # A failure read while its write may be incomplete waits this long for the rest.
 HOLD_SECONDS = 1.0

@@ -223,7 +223,8 @@ def forgeries(results):
 NORMALIZED_PATHS = ["/a%0Ab", "/a/%2E%2E/%0Ab", "/x%2F%2Fy%0Az", "/x//y%0A/z", "/a%0A/../b%0Ac", "/a/./b%0A.",
                     "/a%0A#x%0Ay", "/a%0A%23x%0Ay", "/a%0A?x%0Ay", "/a%0A%3Fq%0Ay", "/a%0a%25%0Ab",
                     "/a%0A//%0A//b", "/a%0A/...%0Ab", "/a%0A%5C..%5Cb", "/%0A/", "/a%0A/index.html%0A/",
-                    "/a%0A+b%0A", "/a/b%0A/c/%2e/d/%2e%2e/e%0A"]
+                    "/a%0A+b%0A", "/a/b%0A/c/%2e/d/%2e%2e/e%0A", "/a%0D%0Ab", "/a%0A%2F", "/..%0A/b",
+                    "/a%0A%2F%2F%2E%2F.%2Fb", "/a%0A%C3%A9%FFb", "/a%0A%20%22b"]
 
 
 # Request lines of other forms nginx 1.22 takes: HTTP/0.9 (no version, no headers),
