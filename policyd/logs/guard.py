@@ -3,8 +3,9 @@
 Owns the judgement between a filter and the ban engine: which failure lines a
 request wrote into another entry (dropped, and counted against the request's
 real sender when that can be read), holding failures while a write may still
-be arriving (policyd.logs.guardscan applies it to the offline scan). Filters opt in with
-their `guard` key; see filters/README.md for what each kind guarantees.
+be arriving (policyd.logs.guardscan applies it to the offline scan). What one
+nginx write holds is policyd.logs.nginxentry's. Filters opt in with their
+`guard` key; see filters/README.md for what each kind guarantees.
 """
 import re
 import time
@@ -12,41 +13,15 @@ from bisect import bisect_left
 from collections import deque
 from itertools import accumulate, count
 from operator import add
-from urllib.parse import unquote_to_bytes
 
 from policyd.logs.filterbulk import failures_in_lines
 from policyd.logs.filters import Failure, Filter, Outcome, _cached_parse_host
+from policyd.logs.nginxentry import (_NGINX, ending_tails, newline_requests, nginx_sender,  # noqa: F401
+                                     write_head, write_start)   # nginx_sender: one line's sender, for callers
 
 # A failure read while its write may be incomplete waits this long for the rest.
 HOLD_SECONDS = 1.0
-
-
-class _Patterns:
-    """The nginx patterns, compiled on first use: compiling is most of a small
-    command's start-up, and test-filter needs them only near a suspect line."""
-
-    SOURCES = {
-        # nginx writes the client, server and raw request after the message; the raw
-        # request line holds no space or control byte (nginx >= 1.21.1 refuses them).
-        "tail": rb', client: ([0-9A-Fa-f:.]+), server: [^,]*, request: "[A-Z]+ ([^ ]*)',
-        # A complete nginx entry ends with the host (which holds no quote or space) or
-        # the referrer nginx writes after it.
-        "complete": rb', (?:host|referrer): "[^" ]*"\Z',
-        # A message naming a path comes with the errno (ngx_log_errno keeps 50 bytes for
-        # it, marking the cut with "..."), so a truncated entry that wrote newlines ends
-        # in a line holding the errno and no complete tail.
-        "errno": rb' \(\d+: ',
-        "encoded_newline": rb'%0[aA]',
-        "cut_line": rb' \(\d+: (?![^\n]*, (?:host|referrer): "[^" \n]*"\n)[^\n]*\n',
-    }
-
-    def __getattr__(self, name):
-        compiled = re.compile(self.SOURCES[name])
-        setattr(self, name, compiled)
-        return compiled
-
-
-_NGINX = _Patterns()
+_SLASHES = re.compile(rb"/+")
 
 
 class Forgery:
@@ -180,10 +155,11 @@ class NginxErrorJudge(PlainJudge):
     nginx writes each entry with one write(2) of at most entry_max_bytes
     (NGX_MAX_ERROR_STR, 2048), truncating longer ones. A request can put
     newlines into an entry only through a decoded path, so its entry either
-    ends in a line holding the raw request with `%0A`, or was truncated to
-    exactly entry_max_bytes. Such a line drops every failure line of its write
-    (those within entry_max_bytes before it); failures are held while the
-    follower may have read only part of a write.
+    ends in a line holding the raw request with `%0A` (policyd.logs.nginxentry
+    finds the lines that request wrote, and only those are dropped), or was
+    truncated to exactly entry_max_bytes (every line from the write's first
+    is dropped). Failures are held while the follower may have read only part
+    of a write; a read that ends between writes ends every write.
     """
 
     every_line = False   # True: a _Line (with its place) for every non-ignored line
@@ -195,7 +171,7 @@ class NginxErrorJudge(PlainJudge):
         self.hold_seconds = hold_seconds
         self._position = 0          # where the next line starts, counting from the first line read
         self._index = 0
-        self._starts = deque()      # where each line of the last max_bytes starts
+        self._tail = deque()        # (start, line) of each line of the last max_bytes
         self._recent = deque()      # _Line of each non-ignored line of the last max_bytes
         self._held = []             # results waiting for the rest of their write
         self._held_since = None
@@ -226,6 +202,8 @@ class NginxErrorJudge(PlainJudge):
                 return _outcomes(results[:ready])
         self._held, self._held_since = [], None
         self._recent.clear()
+        if not mid_write:
+            self._tail.clear()      # no write goes on past a read that ends between writes
         return _outcomes(results)
 
     def _process(self, lines, results):
@@ -274,19 +252,19 @@ class NginxErrorJudge(PlainJudge):
                 append(entry)
         position = end
         index += len(lines)
-        # Keep the line starts of the last max_bytes for a truncated write still to come.
-        starts, oldest, start = self._starts, position - self.max_bytes, position
+        # Keep the lines of the last max_bytes for a forging write still to come.
+        kept, oldest, start = self._tail, position - self.max_bytes, position
         tail = []
         for line in reversed(lines):
             start -= len(line) + 1
             if start < oldest:
                 break
-            tail.append(start)
+            tail.append((start, line))
         if len(tail) < len(lines):
-            starts.clear()
-        starts.extend(reversed(tail))
-        while starts and starts[0] < oldest:
-            starts.popleft()
+            kept.clear()
+        kept.extend(reversed(tail))
+        while kept and kept[0][0] < oldest:
+            kept.popleft()
         # Failures further back than that no line still to come can drop: forget
         # them, or a flood read in slices (each ending mid_write) keeps them all.
         while recent and recent[0].start < oldest:
@@ -295,92 +273,79 @@ class NginxErrorJudge(PlainJudge):
 
     def _judge_each(self, lines, results):
         classify, ignored = self.filter.classify, Outcome.IGNORED
-        starts, recent, max_bytes = self._starts, self._recent, self.max_bytes
+        kept, recent, max_bytes = self._tail, self._recent, self.max_bytes
         position, index = self._position, self._index
         for line in lines:
             start, end = position, position + len(line)
             position = end + 1
             oldest = position - max_bytes
-            while starts and starts[0] < oldest:
-                starts.popleft()
+            while kept and kept[0][0] < oldest:
+                kept.popleft()
             while recent and recent[0].start < oldest:
                 recent.popleft()
             outcome = classify(line)
             entry = _Line(index, start, end, outcome) if outcome is not ignored else None
             if b"%0a" in line or b"%0A" in line:
-                self._encoded_newline(line, entry or _Line(index, start, end, None), results)
+                self._encoded_newline(line, entry or _Line(index, start, end, None), oldest, results)
             elif (oldest >= 0 and _NGINX.errno.search(line) is not None
                   and not (line.endswith(b'"') and _NGINX.complete.search(line))):
                 self._maybe_truncated(entry or _Line(index, start, end, None), oldest, results)
-            starts.append(start)
+            kept.append((start, line))
             if entry is not None:
                 recent.append(entry)
                 results.append(entry)
             index += 1
         self._position, self._index = position, index
 
-    @staticmethod
-    def _drop(lines):
+    def _drop_from(self, head, entry):
+        """Drop the failure lines from `head` (a line start) to entry's line: how many."""
         dropped = 0
-        for line in lines:
+        for line in [e for e in self._recent if e.start >= head] + [entry]:
             if isinstance(line.outcome, Failure):
                 dropped += 1
                 line.outcome = None
         return dropped
 
-    def _encoded_newline(self, line, entry, results):
-        count = line.count(b"%0a") + line.count(b"%0A")
-        first = entry.index - count
-        # The request's own line is never a failure either: its start is the
-        # request's text, dressed as it likes.
-        dropped = self._drop([e for e in self._recent if e.index >= first] + [entry])
-        sender = nginx_sender(line)
-        if dropped or sender is not None:
+    def _encoded_newline(self, line, entry, oldest, results):
+        """A line holding `%0A`: the end of a write whose decoded path wrote newlines
+        if one of its tails explains the lines before it exactly (then those lines,
+        and this one, are the request's), else a whole entry of its own."""
+        heads, senders = [], set()
+        tails = ending_tails(_SLASHES.sub(b"/", line))
+        if tails:
+            # nginx merges slashes, unless merge_slashes is off: compare with runs merged.
+            starts = [start for start, _text in self._tail]
+            before = [_SLASHES.sub(b"/", text) for _start, text in self._tail]
+        for client, written in tails:
+            first = write_start(before, [_SLASHES.sub(b"/", w) for w in written], self.filter)
+            if first is not None:
+                heads.append(starts[first])
+                senders.add(_cached_parse_host(client))
+        if heads:
+            dropped = self._drop_from(min(heads), entry)
+            # Decoys the attacker wrote can explain its write as well as the real
+            # tail: then nobody is named. They never make it longer (write_start).
+            sender = senders.pop() if len(senders) == 1 else None
             results.append(Forgery(sender, self.filter.name, dropped, "encoded-newline"))
+        elif not (oldest >= 0 and _NGINX.errno.search(line) is not None
+                  and self._maybe_truncated(entry, oldest, results)):
+            # A failure line whose own request path holds an encoded newline (one
+            # line, as user names hold no colon): counted as that evidence, once.
+            if isinstance(entry.outcome, Failure) and any(
+                    _cached_parse_host(client) == entry.outcome.host for client in newline_requests(line)):
+                sender, entry.outcome = entry.outcome.host, None
+                results.append(Forgery(sender, self.filter.name, 1, "encoded-newline"))
 
     def _maybe_truncated(self, entry, head, results):
-        # Truncated entries are exactly max_bytes: did one start at a line start?
-        if head in self._starts and head < entry.start:
-            dropped = self._drop([e for e in self._recent if e.start >= head] + [entry])
-            results.append(Forgery(None, self.filter.name, dropped, "truncated"))
-
-
-def nginx_sender(line):
-    """The client nginx named in the tail of an entry whose raw request wrote newlines.
-
-    Every `client:, server:, request:` group in the line is a candidate (the
-    request's text can hold more of them, before and after the real one). A
-    candidate explains the line if the last line of its decoded, normalized path
-    is what the physical line starts with; the real one always does. The sender
-    is the one address among those explaining the longest start, else None.
-    """
-    best, senders = -1, set()
-    for found in _NGINX.tail.finditer(line):
-        path = found.group(2).split(b"?", 1)[0]
-        if b"%0a" not in path and b"%0A" not in path:
-            continue
-        written = _nginx_normalized(unquote_to_bytes(path)).rsplit(b"\n", 1)[-1]
-        if len(written) > found.start() or not line.startswith(written):
-            continue
-        if len(written) > best:
-            best, senders = len(written), set()
-        if len(written) == best:
-            senders.add(found.group(1))
-    if len(senders) != 1:
-        return None
-    return _cached_parse_host(senders.pop())
-
-
-def _nginx_normalized(path):
-    """The path as nginx writes it after decoding: slashes merged, dot segments resolved."""
-    kept = []
-    for segment in path.split(b"/")[1:]:
-        if segment == b"." or segment == b"":
-            continue
-        if segment == b"..":
-            if kept:
-                kept.pop()
-            continue
-        kept.append(segment)
-    trailing = b"/" if path.endswith((b"/", b"/.", b"/..")) and kept else b""
-    return b"/" + b"/".join(kept) + trailing
+        """True if the line ends a write nginx truncated (exactly max_bytes from a
+        line that can begin a write): every failure line of that write is dropped."""
+        if head >= entry.start:
+            return False
+        for start, text in self._tail:
+            if start == head:
+                if not write_head(text, self.filter):
+                    return False
+                dropped = self._drop_from(head, entry)
+                results.append(Forgery(None, self.filter.name, dropped, "truncated"))
+                return True
+        return False

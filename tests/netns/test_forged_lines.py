@@ -7,12 +7,16 @@ ban the stranger at maxretry. The same tricks through Caddy name nobody else.
 """
 import base64
 import json
+import re
+import signal
 import time
 from urllib.parse import quote
 
 import pytest
 
 from policyd.logs.filters import load_filter, scan
+from policyd.logs.guard import Forgery, judge_for
+from policyd.logs.nginxentry import written_lines
 
 from policyd_lab.netlab import PolicydDaemon, wait_for
 from policyd_lab.proxies import ProxyUnavailable, start_caddy, start_nginx_shared_log, start_ollama_standin
@@ -170,6 +174,86 @@ def test_a_brute_forcer_who_forges_meanwhile_is_banned_at_maxretry(world, nginx)
     assert f"ban addr={STRANGER_V4}/32 filter=nginx-auth failures=3" in err
     for victim in VICTIMS:
         assert f"ban addr={victim}" not in err
+
+
+def _forge_with_referrer(world, path, referrer):
+    request = (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nReferer: {referrer}\r\n"
+               f"Connection: close\r\n\r\n").encode()
+    return raw_request(world.stranger, SERVER_WAN_V4, 80, request)
+
+
+def test_a_brute_forcer_pairing_each_wrong_password_with_forging_requests_is_banned_at_maxretry(world, nginx):
+    """Each wrong password shares one read of the daemon with requests made to hide
+    it: a 404 whose query and referrer hold encoded newlines just before, and a
+    forging request with a referrer full of them and a decoy tail naming the admin
+    just after. Each try counts twice (the wrong password, and the forging request
+    against its sender), so maxretry 4 bans at the second try, not before."""
+    daemon = _daemon(world, nginx, maxretry=4)
+    url = f"http://{SERVER_WAN_V4}:8080/api/tags"
+    decoy = f', client: {VICTIMS[0]}, server: _, request: "GET /{"%0A" * 12} HTTP/1.1", host: "h"'
+    try:
+        for attempt in range(2):
+            # Stopped, the daemon reads the whole burst at once, as if it were sent at one instant.
+            daemon.proc.send_signal(signal.SIGSTOP)
+            try:
+                assert _forge_with_referrer(world, "/nothing?" + "%0A" * 40, "%0A" * 40) == 404
+                assert http_get(world.stranger, url, auth=BAD) == 401
+                assert _forge_with_referrer(world, forging_paths()["trailing-newline"],
+                                            "%0A" * 60 + decoy) == 404
+            finally:
+                daemon.proc.send_signal(signal.SIGCONT)
+            assert wait_for(lambda: _caught_up(world, nginx), 10)
+            if attempt == 0:
+                time.sleep(1.5)  # anything held for the rest of a write (HOLD_SECONDS) is decided by now
+                assert _banned(world) == []
+        assert wait_for(lambda: _banned(world) == [f"{STRANGER_V4}/32"], 10), _banned(world)
+        assert _log_status(world)["forged"] == 2
+    finally:
+        err = daemon.stop_and_read()
+    assert f"ban addr={STRANGER_V4}/32 filter=nginx-auth failures=4" in err, err
+    for victim in VICTIMS:
+        assert f"ban addr={victim}" not in err
+
+
+def forgeries(results):
+    return [r for r in results if isinstance(r, Forgery)]
+
+
+# Paths whose decoded form nginx normalizes: the guard must know the lines each writes.
+NORMALIZED_PATHS = ["/a%0Ab", "/a/%2E%2E/%0Ab", "/x%2F%2Fy%0Az", "/x//y%0A/z", "/a%0A/../b%0Ac", "/a/./b%0A.",
+                    "/a%0A#x%0Ay", "/a%0A%23x%0Ay", "/a%0A?x%0Ay", "/a%0A%3Fq%0Ay", "/a%0a%25%0Ab",
+                    "/a%0A//%0A//b", "/a%0A/...%0Ab", "/a%0A%5C..%5Cb", "/%0A/", "/a%0A/index.html%0A/",
+                    "/a%0A+b%0A", "/a/b%0A/c/%2e/d/%2e%2e/e%0A", "/a%0D%0Ab", "/a%0A%2F", "/..%0A/b",
+                    "/a%0A%2F%2F%2E%2F.%2Fb", "/a%0A%C3%A9%FFb", "/a%0A%20%22b"]
+
+
+# Request lines of other forms nginx 1.22 takes: HTTP/0.9 (no version, no headers),
+# absolute URIs (scheme and host before the path), a raw quote in the path.
+OTHER_REQUESTS = [b"GET /a%0Ab\r\n", b'GET /a"%0Ab\r\n', b"GET http://localhost/a%0Ab HTTP/1.1\r\nHost: x\r\n\r\n",
+                  b"GET HTTP://LOCALHOST:80/c/../a%0Ab?q HTTP/1.1\r\nHost: x\r\n\r\n"]
+
+
+def test_the_guard_knows_the_lines_nginx_writes_for_each_path(world, nginx):
+    """policyd.logs.nginxentry.written_lines against nginx itself: a forging write is
+    recognised by its tail reproducing the lines before it, so the decoding and
+    normalizing must be nginx's (percent-decoding, merged slashes, dot segments,
+    a raw `?` or `#` ending the path, the index file after a directory)."""
+    root = str(nginx.error_log.parent / "html").encode()
+    requests = [f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+                for path in NORMALIZED_PATHS] + OTHER_REQUESTS
+    for request in requests:
+        size = nginx.error_log.stat().st_size if nginx.error_log.exists() else 0
+        raw_request(world.stranger, SERVER_WAN_V4, 80, request)
+        assert wait_for(lambda: nginx.error_log.stat().st_size > size, 5), request
+        entry = nginx.error_log.read_bytes()[size:]
+        wrote = entry[entry.index(root) + len(root):]
+        wrote = wrote[:list(re.finditer(rb'" (?:failed|is not found) \(', wrote))[-1].start()]
+        expected = b"\n".join(written_lines(request.split(b"\r\n")[0].split(b" ")[1]))
+        assert wrote in (expected, expected + b"index.html"), (request, wrote, expected)
+    # And each of those writes is recognised whole, as the stranger's.
+    judge = judge_for(load_filter("nginx-auth"))
+    found = forgeries(judge.judge(nginx.error_log.read_bytes().split(b"\n")[:-1]))
+    assert [(f.reason, str(f.sender)) for f in found] == [("encoded-newline", STRANGER_V4)] * len(requests)
 
 
 def test_the_same_tricks_through_caddy_name_only_their_sender(world, lab):
