@@ -18,10 +18,13 @@ class _Followed:
     # Raw lines are what a rewrite is diffed by: set operations at C speed over
     # 100k lines, and only lines that changed are stripped and parsed.
 
-    def __init__(self, path, data):
+    def __init__(self, path, data, netlist=None):
+        """`netlist`: the same file as policyd.policy.lists read it (in the daemon, a
+        child parsed it), whose entries are taken if it is this version."""
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
-        if self._bulk(data):
+        parsed = (netlist.v4, netlist.v6) if getattr(netlist, "sha256", None) == self.sha256 else None
+        if self._bulk(data, parsed):
             return
         self.raw, self.refs, self.entries = set(), {}, {}
         strip, parse_text = lists.strip, lists.parse_text
@@ -40,10 +43,11 @@ class _Followed:
                 self.entries[text] = (entry if entry is not None
                                       else lists.parse_entry(text, path, number))
 
-    def _bulk(self, data):
+    def _bulk(self, data, parsed=None):
         """The usual list (every entry on a line of its own, no entry twice) read by
-        listparse's C-speed passes; False, having set nothing, for anything else."""
-        found = listparse.bulk(data)
+        listparse's C-speed passes (or as `parsed`: (v4, v6) entries as they give
+        them); False, having set nothing, for anything else."""
+        found = parsed if parsed is not None else listparse.bulk(data)
         if found is None:
             return False
         # In pieces (policyd.pieces): passes over 100k lines hold the GIL.

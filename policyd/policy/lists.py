@@ -180,6 +180,12 @@ keep_last_good = False
 _last_good = {}
 
 
+# The daemon sets this too: a list of CHILD_PARSE_BYTES or more missing from
+# the cache is parsed by a child process into the cache (policyd.policy.listchild).
+parse_in_child = False
+CHILD_PARSE_BYTES = 1 << 16
+
+
 # <state dir>/lists, which the CLI puts in POLICYD_LIST_CACHE for every command
 # (cache_dir, if set, wins). Parsed lists are kept there by content hash, so the
 # next command that reads an unchanged 100k-line list loads it in milliseconds
@@ -204,6 +210,10 @@ def read(path, key=None):
             raise InputError(f"list file: {exc.strerror or exc}", path, key=key) from None
         sha256 = hashlib.sha256(data).hexdigest()
         netlist = _cached(path, sha256)
+        if netlist is None and parse_in_child and len(data) >= CHILD_PARSE_BYTES and _cache_root():
+            from policyd.policy import listchild  # the daemon's way: see there
+            if listchild.parse_in_child(path, _cache_root()):
+                netlist = _cached(path, sha256)
         if netlist is None:
             netlist = parse(data, path, sha256)
             _store(netlist)
