@@ -66,3 +66,13 @@ def test_a_followed_list_ignores_a_parse_of_another_version(monkeypatch):
     monkeypatch.setattr(listparse, "bulk", lambda _data: None)  # the line-by-line reading
     followed = listmodel._Followed("/l", b"198.51.100.0/24\n", old)
     assert set(followed.entries) == {b"198.51.100.0/24"}
+
+
+def test_a_child_past_its_time_is_ended_and_the_daemon_parses_itself(daemon_lists, monkeypatch):
+    from policyd.policy import listchild
+    path = daemon_lists / "big.txt"
+    path.write_text(BIG)
+    monkeypatch.setattr(listchild, "TIMEOUT_SECONDS", 0)
+    assert listchild.parse_in_child(str(path), str(daemon_lists / "cache")) is False
+    assert not (daemon_lists / "cache").exists()  # it never got to write
+    assert len(lists.read(str(path))) == 4001

@@ -78,3 +78,37 @@ def test_a_list_model_in_pieces_diffs_as_in_one_pass(old, new, tiny_pieces, monk
     whole = listmodel._Followed("/l", old)
     assert (fast.raw, fast.refs, fast.entries) == (whole.raw, whole.refs, whole.entries)
     assert fast_diff == whole.diff(new)[:2]
+
+
+def _sweep(bits, entries):
+    """The plain sweep: in address order, skip what starts inside the last kept."""
+    out, end = [], -1
+    for first, prefixlen, _line in sorted(entries):
+        if first > end:
+            out.append((first, prefixlen))
+            end = first + (1 << (bits - prefixlen)) - 1
+    return out
+
+
+class _List:
+    def __init__(self, entries):
+        self._entries = entries
+
+    def entries(self, _version):
+        return self._entries
+
+
+NETWORKS = st.lists(st.tuples(st.integers(0, 1023), st.integers(22, 32)).map(
+    lambda pair: ((pair[0] << 6) & ~((1 << (32 - pair[1])) - 1), pair[1], 0)), max_size=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(entries=NETWORKS)
+def test_the_disjoint_sweep_in_pieces_keeps_what_the_plain_sweep_keeps(entries):
+    from policyd.rules import elements
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pieces, "PIECE", 3)
+        kept = elements.disjoint_networks(4, (), [_List(entries)])
+        assert kept == _sweep(32, entries)
+        assert elements.Elements(4, kept).intervals == [
+            (first, first + (1 << (32 - prefixlen)) - 1) for first, prefixlen in kept]

@@ -6,6 +6,7 @@ where the daemon then loads it in milliseconds. 100k lines parsed in the
 daemon would hold its GIL, and the bans waiting for it, for hundreds of ms.
 """
 import os
+import select
 import subprocess
 import sys
 
@@ -18,13 +19,35 @@ def parse_in_child(path, cache_root):
     True if it did. The caller looks in the cache for the version it read, and
     parses itself if it is not there (a bad line, a newer version, a failure)."""
     try:
-        done = subprocess.run([sys.executable, "-m", "policyd.policy.listchild", path],
-                              env=dict(os.environ, POLICYD_LIST_CACHE=cache_root),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=TIMEOUT_SECONDS, check=False)
+        child = subprocess.Popen([sys.executable, "-m", "policyd.policy.listchild", path],
+                                 env=dict(os.environ, POLICYD_LIST_CACHE=cache_root),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return False
-    return done.returncode == 0
+    try:
+        _wait(child)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        return False
+    return child.returncode == 0
+
+
+def _wait(child):
+    """Wait for the child, asleep until it exits (Popen.wait with a timeout polls,
+    up to 50 ms late)."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except (AttributeError, OSError):
+        child.wait(TIMEOUT_SECONDS)
+        return
+    try:
+        if not select.select([pidfd], [], [], TIMEOUT_SECONDS)[0]:
+            raise subprocess.TimeoutExpired(child.args, TIMEOUT_SECONDS)
+    finally:
+        os.close(pidfd)
+    child.wait()
 
 
 def main(argv=None):
