@@ -103,6 +103,7 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
 
     def start(self):
         lists.keep_last_good = True  # a list turning bad at runtime must not stop us
+        lists.parse_in_child = True  # 100k lines parsed here would hold the bans up
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = policystore.PolicyStore(self.state_dir)
         # The first start's lint forks: before any thread of ours runs.

@@ -69,7 +69,8 @@ class ListSync:
             for netlist in service.allow_lists + service.deny_lists:
                 if netlist.path not in files:
                     try:
-                        files[netlist.path] = self._read(netlist.path, current.get(netlist.path))
+                        files[netlist.path] = self._read(netlist.path, current.get(netlist.path),
+                                                         netlist)
                     except (OSError, InputError) as exc:
                         # Followed all the same: once it is good, the policy loads whole.
                         refused[netlist.path] = (None, str(exc))
@@ -90,13 +91,14 @@ class ListSync:
         return policy, files, refused, sets, self._prepared
 
     @staticmethod
-    def _read(path, loaded):
-        """The _Followed of the file at `path`: `loaded` if the file is as it was."""
+    def _read(path, loaded, netlist=None):
+        """The _Followed of the file at `path`: `loaded` if the file is as it was, else
+        read anew (with the entries of `netlist`, the policy's, if it is this version)."""
         with open(path, "rb") as handle:
             data = handle.read()
         if loaded is not None and loaded.sha256 == hashlib.sha256(data).hexdigest():
             return loaded
-        return _Followed(path, data)
+        return _Followed(path, data, netlist)
 
     def _refuse(self, path, sha256, error):
         self.refused[path] = (sha256, str(error))

@@ -5,6 +5,7 @@ and each list-fed set's sorted intervals. policyd.kernel.listsync drives them.
 import bisect
 import hashlib
 
+from policyd import pieces
 from policyd.policy import listparse, lists
 from policyd.errors import InputError
 
@@ -17,10 +18,13 @@ class _Followed:
     # Raw lines are what a rewrite is diffed by: set operations at C speed over
     # 100k lines, and only lines that changed are stripped and parsed.
 
-    def __init__(self, path, data):
+    def __init__(self, path, data, netlist=None):
+        """`netlist`: the same file as policyd.policy.lists read it (in the daemon, a
+        child parsed it), whose entries are taken if it is this version."""
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
-        if self._bulk(data):
+        parsed = (netlist.v4, netlist.v6) if getattr(netlist, "sha256", None) == self.sha256 else None
+        if self._bulk(data, parsed):
             return
         self.raw, self.refs, self.entries = set(), {}, {}
         strip, parse_text = lists.strip, lists.parse_text
@@ -39,22 +43,24 @@ class _Followed:
                 self.entries[text] = (entry if entry is not None
                                       else lists.parse_entry(text, path, number))
 
-    def _bulk(self, data):
+    def _bulk(self, data, parsed=None):
         """The usual list (every entry on a line of its own, no entry twice) read by
-        listparse's C-speed passes; False, having set nothing, for anything else."""
-        found = listparse.bulk(data)
+        listparse's C-speed passes (or as `parsed`: (v4, v6) entries as they give
+        them); False, having set nothing, for anything else."""
+        found = parsed if parsed is not None else listparse.bulk(data)
         if found is None:
             return False
-        lines = data.split(b"\n")
+        # In pieces (policyd.pieces): passes over 100k lines hold the GIL.
+        lines = pieces.split_lines(data)
         cut = lists.strip if b"#" in data or b";" in data else bytes.strip
         entries = {}
         for version, parsed in zip((4, 6), found):
-            texts = [cut(lines[number - 1]) for _first, _prefixlen, number in parsed]
-            entries.update(zip(texts, [(version, first, prefixlen)
-                                       for first, prefixlen, _number in parsed]))
+            for chunk in pieces.chunks(parsed):
+                entries.update(zip([cut(lines[number - 1]) for _first, _prefixlen, number in chunk],
+                                   [(version, first, prefixlen) for first, prefixlen, _n in chunk]))
         if len(entries) != len(found[0]) + len(found[1]):
             return False  # an entry given twice: the line-by-line reading counts them
-        self.raw, self.refs, self.entries = set(lines), {}, entries
+        self.raw, self.refs, self.entries = pieces.to_set(lines), {}, entries
         return True
 
     def count(self, text):
@@ -74,8 +80,9 @@ class _Followed:
         """(new entries {text: value}, gone entries {text: value}) if `data` replaced
         the file, and a commit() that makes it so; InputError (file:line) if a new
         line is bad, and then nothing changed."""
-        lines = set(data.split(b"\n"))
-        added, removed = lines - self.raw, self.raw - lines
+        ordered = pieces.split_lines(data)
+        lines = pieces.to_set(ordered)
+        added, removed = pieces.without(ordered, self.raw), pieces.without(self.raw, lines)
         delta = {}
         for raw in removed:
             text = lists.strip(raw)

@@ -8,6 +8,7 @@ import socket
 from itertools import chain, compress, count, repeat
 from operator import and_, gt, itemgetter, not_
 
+from policyd import pieces
 from policyd.errors import InputError
 
 _FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
@@ -41,7 +42,17 @@ def bulk(data):
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _bulk(data)
+        # A piece at a time (policyd.pieces): a pass over 100k lines would hold
+        # the GIL, and the daemon's bans, for tens of ms.
+        v4, v6, start = [], [], 1
+        for piece in pieces.line_pieces(data):
+            found = _bulk(piece, start)
+            if found is None:
+                return None
+            v4.extend(found[0])
+            v6.extend(found[1])
+            start += piece.count(b"\n") + 1
+        return tuple(v4), tuple(v6)
     finally:
         if enabled:
             gc.enable()
@@ -81,10 +92,11 @@ def _one_by_one(data, path):
     return tuple(v4), tuple(v6)
 
 
-def _bulk(data):
-    """parse_lines' answer for a file of plain lines, each pass over all lines at
-    C speed (map, compress, zip); None when anything is unusual (a bad line, a
-    mapped IPv6 address, a bare `/`): then the line-by-line parser decides."""
+def _bulk(data, start=1):
+    """parse_lines' answer for a file of plain lines (the first numbered `start`),
+    each pass over all lines at C speed (map, compress, zip); None when anything
+    is unusual (a bad line, a mapped IPv6 address, a bare `/`): then the
+    line-by-line parser decides."""
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
@@ -96,7 +108,7 @@ def _bulk(data):
     lines = text.split("\n")
     if any(space in text for space in " \t\r\x0b\x0c"):  # what else str.strip() takes
         lines = list(map(str.strip, lines))
-    entries, numbers = _present(lines)
+    entries, numbers = _present(lines, start)
     six = list(map(str.__contains__, entries, repeat(":")))
     out = []
     for version, keep in ((4, list(map(not_, six))), (6, six)):
@@ -127,18 +139,18 @@ def _bulk(data):
     return out[0], out[1]
 
 
-def _present(lines):
-    """(the lines that are not empty, their numbers from 1). Lists have few empty
-    lines (a comment header, the end): then they are picked out, not filtered."""
+def _present(lines, start=1):
+    """(the lines that are not empty, their numbers from `start`). Lists have few
+    empty lines (a comment header, the end): then they are picked out, not filtered."""
     empty = lines.count("")
     if empty > 8:
         present = list(map(bool, lines))
-        return list(compress(lines, present)), list(compress(count(1), present))
+        return list(compress(lines, present)), list(compress(count(start), present))
     found, at = [], -1
     for _ in range(empty):
         at = lines.index("", at + 1)
         found.append(at)
-    entries, numbers = list(lines), list(range(1, len(lines) + 1))
+    entries, numbers = list(lines), list(range(start, start + len(lines)))
     for at in reversed(found):  # from the end, so the earlier indexes hold
         del entries[at], numbers[at]
     return entries, numbers

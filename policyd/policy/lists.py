@@ -16,10 +16,11 @@ import marshal
 import os
 import socket
 import sys
-from itertools import repeat
-from operator import lshift, or_
+from itertools import islice, repeat
+from operator import itemgetter, lshift, or_
 from pathlib import Path
 
+from policyd import pieces
 from policyd.errors import InputError
 from policyd.policy.listparse import parse_entry, parse_lines, parse_text, strip  # noqa: F401
 from policyd.logfmt import kv
@@ -116,11 +117,15 @@ class _Records:
     @classmethod
     def build(cls, version, entries):
         length = 4 if version == 4 else 16
-        ordered = sorted(entries)
+        ordered = pieces.sort(entries)  # in pieces, as below: the daemon's bans wait on none
         # Column by column (addresses, then prefix lengths), not a record at a time.
         records = bytearray((length + 1) * len(ordered))
         if ordered:
-            firsts, prefixes, lines = zip(*ordered)
+            firsts, prefixes, lines = [], [], []
+            for chunk in pieces.chunks(ordered):
+                firsts.extend(map(itemgetter(0), chunk))
+                prefixes.extend(map(itemgetter(1), chunk))
+                lines.extend(map(itemgetter(2), chunk))
             keys = big_endian(firsts, length)
             for offset in range(length):
                 records[offset::length + 1] = keys[offset::length]
@@ -148,9 +153,13 @@ class _Records:
             if sys.byteorder == "little":
                 column.byteswap()
             columns.append(column)
-        firsts = (columns[0] if len(columns) == 1 else
-                  map(or_, map(lshift, columns[0], repeat(64)), columns[1]))
-        return tuple(zip(firsts, records[size - 1::size], self.lines))
+        firsts = iter(columns[0] if len(columns) == 1 else
+                      map(or_, map(lshift, columns[0], repeat(64)), columns[1]))
+        prefixes, out = records[size - 1::size], []
+        for at in range(0, len(self), pieces.PIECE):  # in pieces: see policyd.pieces
+            out.extend(zip(islice(firsts, pieces.PIECE), prefixes[at:at + pieces.PIECE],
+                           self.lines[at:at + pieces.PIECE]))
+        return tuple(out)
 
     def find(self, number):
         bits = 32 if self.version == 4 else 128
@@ -169,6 +178,12 @@ class _Records:
 # so a cron job's broken download never stops the daemon.
 keep_last_good = False
 _last_good = {}
+
+
+# The daemon sets this too: a list of CHILD_PARSE_BYTES or more missing from
+# the cache is parsed by a child process into the cache (policyd.policy.listchild).
+parse_in_child = False
+CHILD_PARSE_BYTES = 1 << 16
 
 
 # <state dir>/lists, which the CLI puts in POLICYD_LIST_CACHE for every command
@@ -195,6 +210,10 @@ def read(path, key=None):
             raise InputError(f"list file: {exc.strerror or exc}", path, key=key) from None
         sha256 = hashlib.sha256(data).hexdigest()
         netlist = _cached(path, sha256)
+        if netlist is None and parse_in_child and len(data) >= CHILD_PARSE_BYTES and _cache_root():
+            from policyd.policy import listchild  # the daemon's way: see there
+            if listchild.parse_in_child(path, _cache_root()):
+                netlist = _cached(path, sha256)
         if netlist is None:
             netlist = parse(data, path, sha256)
             _store(netlist)

@@ -5,8 +5,14 @@ them. Owns the sweep that makes a family's networks disjoint.
 import bisect
 import ipaddress
 import socket
+from operator import add, gt, itemgetter
+
+from policyd import pieces
 
 _FAMILY = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
+# Per family, by prefix length: the last address of a network minus its first.
+_SIZES = {bits: [(1 << (bits - prefixlen)) - 1 for prefixlen in range(bits + 1)]
+          for bits in (32, 128)}
 
 
 def as_network(version, first, prefixlen):
@@ -73,10 +79,12 @@ class Elements(list):
         if self.disjoint is None:
             return None
         if self._intervals is None:
-            bits = _FAMILY[self.version][1]
-            last = [(1 << (bits - prefixlen)) - 1 for prefixlen in range(bits + 1)]
-            self._intervals = [(first, first + last[prefixlen])
-                               for first, prefixlen in self.disjoint]
+            sizes = _SIZES[_FAMILY[self.version][1]]
+            self._intervals = intervals = []
+            for chunk in pieces.chunks(self.disjoint):  # in pieces: see policyd.pieces
+                firsts = list(map(itemgetter(0), chunk))
+                intervals.extend(zip(firsts, map(add, firsts, map(sizes.__getitem__,
+                                                                  map(itemgetter(1), chunk)))))
         return self._intervals
 
     def materialize(self):
@@ -154,13 +162,24 @@ def disjoint_networks(version, networks=(), netlists=()):
                else [(int(n.network_address), n.prefixlen, 0) for n in networks])
     for netlist in netlists:
         entries.extend(netlist.entries(version))
-    entries.sort()  # lists come sorted mostly: timsort makes this nearly free
+    # In pieces (policyd.pieces): one sort of 100k holds the GIL for 5-50 ms.
+    entries = pieces.sort(entries)
+    sizes = _SIZES[bits]
     out, end = [], -1
-    for first, prefixlen, _line in entries:
-        if first <= end:
+    for chunk in pieces.chunks(entries):
+        firsts = list(map(itemgetter(0), chunk))
+        prefixes = list(map(itemgetter(1), chunk))
+        lasts = list(map(add, firsts, map(sizes.__getitem__, prefixes)))
+        if firsts[0] > end and all(map(gt, firsts[1:], lasts)):
+            # None nests in another (the usual list): all kept, at C speed.
+            out.extend(zip(firsts, prefixes))
+            end = lasts[-1]
             continue
-        out.append((first, prefixlen))
-        end = first + (1 << (bits - prefixlen)) - 1
+        for first, prefixlen, last in zip(firsts, prefixes, lasts):
+            if first <= end:
+                continue
+            out.append((first, prefixlen))
+            end = last
     return out
 
 
