@@ -76,3 +76,20 @@ def test_a_child_past_its_time_is_ended_and_the_daemon_parses_itself(daemon_list
     assert listchild.parse_in_child(str(path), str(daemon_lists / "cache")) is False
     assert not (daemon_lists / "cache").exists()  # it never got to write
     assert len(lists.read(str(path))) == 4001
+
+
+def test_the_child_never_runs_code_from_the_daemons_working_directory(tmp_path, monkeypatch):
+    # `python3 -m` puts the working directory first on sys.path: a daemon started
+    # from a directory others can write (/tmp) would run their policyd package.
+    from policyd.policy import listchild
+    planted = tmp_path / "cwd" / "policyd" / "policy"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    for folder in (planted.parent, planted):
+        (folder / "__init__.py").write_text("")
+    (planted / "listchild.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    path = tmp_path / "big.txt"
+    path.write_text(BIG)
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert listchild.parse_in_child(str(path), str(tmp_path / "cache"))
+    assert not marker.exists()

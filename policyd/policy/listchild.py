@@ -19,7 +19,9 @@ def parse_in_child(path, cache_root):
     True if it did. The caller looks in the cache for the version it read, and
     parses itself if it is not there (a bad line, a newer version, a failure)."""
     try:
-        child = subprocess.Popen([sys.executable, "-m", "policyd.policy.listchild", path],
+        # -P: `-m` would put the working directory first on sys.path, and a
+        # daemon started from a directory others can write would run their code.
+        child = subprocess.Popen([sys.executable, "-P", "-m", "policyd.policy.listchild", path],
                                  env=dict(os.environ, POLICYD_LIST_CACHE=cache_root),
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
