@@ -125,10 +125,10 @@ class ControlAnswers:
             return []
         # A dict copy here (3 ms for 100k bans); its [(key, entry)] list is made
         # off the loop (building it here held bans up 20 ms).
-        book, now = dict(self.bans.book.active), self.clock()
+        book, stamp, now = dict(self.bans.book.active), self.bans.book.stamp, self.clock()
         if form == banlist.WIRE:
             return OffLoop(lambda: control.Stream(
-                banlist.parts_from_snapshot(list(book.items()), now, network_text),
+                banlist.parts_from_snapshot(book, now, network_text, stamp=stamp),
                 {"form": form}))
         return OffLoop(lambda: banlist.rows_from_snapshot(list(book.items()), now, network_text))
 
