@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fakes import FakeBanKernel, FakeClock, Settings
+from policyd.banning import statefile
 from policyd.operator import banlist, banprint
 from policyd.banning.bans import BanManager
 from policyd.operator.control import RawPart
@@ -242,7 +243,7 @@ def test_bans_of_one_cause_read_from_the_state_file_print_what_rows_printed(tmp_
         db.execute("UPDATE bans SET network = ? WHERE rowid = 5", (odd,))
         db.commit()
         db.close()
-    joined = banlist.statefile.read(tmp_path, lambda db: banlist._one_cause_columns_of(db, NOW),
+    joined = statefile.read(tmp_path, lambda db: banlist._one_cause_columns_of(db, NOW),
                                     None)
     assert (joined is None) == (odd is not None and "\n" in odd)
     rows = banlist.from_state(tmp_path, NOW)  # every column read, as rows
@@ -256,7 +257,7 @@ def test_bans_of_several_causes_are_not_read_as_one(tmp_path):
     clock = FakeClock(NOW)
     state, _manager = _book(tmp_path, clock)
     state.close()
-    assert banlist.statefile.read(
+    assert statefile.read(
         tmp_path, lambda db: banlist._one_cause_columns_of(db, NOW), None) is None
 
 

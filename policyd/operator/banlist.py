@@ -12,7 +12,6 @@ from bisect import bisect_right
 from itertools import accumulate, islice, repeat
 from operator import itemgetter, le, sub
 
-from policyd.banning import statefile
 from policyd.operator.control import RawPart
 
 WIRE = "columns/2"  # /1 sent the columns as base64 in the JSON line
@@ -121,15 +120,19 @@ def from_snapshot(snapshot, now, network_text):
     recorded order; network_text(*key) spells a key as policyd.policy.lists.cidr_text
     does (and is asked only where inet_ntop differs)."""
     keys, entries = _split(snapshot)
-    listing = _Listing(keys, entries, [i for i, entry in enumerate(entries) if entry[0] > now],
-                       network_text)
-    return listing.columns(now)
+    order = [i for i, entry in enumerate(entries) if entry[0] > now]
+    listing = _Listing(None, max(1, len(order)))
+    for lines, _starts, expires_at, banned_at, cause in listing.made(keys, entries, order,
+                                                                     network_text):
+        return BanColumns(now, None, expires_at.tolist(), banned_at.tolist(), list(listing.causes),
+                          cause.tolist(), lines[:-1].decode())
+    return BanColumns(now, [], [], [], [], [])
 
 
 def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None):
     """to_wire() answers of the snapshot's bans in force at `now`, soonest expiry
-    first (equal ones in recorded order), `chunk` bans each, made as they are asked
-    for. The one sort is of plain floats: C-level, a few ms for 100k.
+    first (equal ones in recorded order), up to `chunk` bans each, made as they are
+    asked for. The one sort is of plain floats: C-level, a few ms for 100k.
 
     `stamp`: the ban book's (BanBook.stamp) when the snapshot was taken. The
     listing of one stamp is kept and sent again while the book is unchanged:
@@ -137,17 +140,20 @@ def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None):
     the same bans again and again."""
     global _LAST
     listing = _LAST
-    if stamp is None or listing is None or listing.stamp != stamp:
+    if stamp is None or listing is None or (listing.stamp, listing.chunk) != (stamp, chunk):
         keys, entries = _split(snapshot)
         expires = list(map(_EXPIRES, entries))
-        listing = _Listing(keys, entries, sorted(range(len(keys)), key=expires.__getitem__),
-                           network_text, stamp)
-        if stamp is not None:
-            _LAST = listing
-    # Those expired, not yet lifted, are not in force: the first ones in this order.
-    count = len(listing.expires_at)
-    for start in range(bisect_right(listing.expires_at, now), count, chunk):
-        yield listing.wire(now, start, min(start + chunk, count))
+        listing = _Listing(stamp, chunk)
+        blocks = listing.made(keys, entries, sorted(range(len(keys)), key=expires.__getitem__),
+                              network_text)
+    else:
+        blocks = listing.blocks
+    for block in blocks:
+        part = _block_wire(now, listing.causes, block)
+        if part is not None:
+            yield part
+    if stamp is not None and listing is not _LAST:
+        _LAST = listing  # made whole (a client that stops early leaves it unmade)
 
 
 _LAST = None  # the daemon's last listing (its server threads list the bans)
@@ -160,39 +166,42 @@ def _split(snapshot):
 
 
 class _Listing:
-    """The bans at `order` of a snapshot (keys, entries) as whole columns, with
-    their causes numbered once, the networks as one ASCII text with the offset of
-    each line: 5 MB for 100k bans where 100k strings take 8. Made in steps of
-    CHUNK bans, so the main loop gets the GIL between them (a C-level map holds
-    it for its whole run)."""
+    """The bans of a snapshot in an order, in blocks of `chunk` bans, each the
+    networks as one ASCII text with the offset of each line (5 MB for 100k bans
+    where 100k strings take 8) and the other columns as arrays; their causes
+    numbered once for all. A block is made in one step: the main loop gets the
+    GIL between steps (a C-level map holds it for its whole run)."""
 
-    def __init__(self, keys, entries, order, network_text, stamp=None):
-        self.stamp, self.starts = stamp, array.array("Q", [0])
-        self.expires_at, self.banned_at, self.cause = array.array("d"), array.array("d"), array.array("I")
-        lines, causes = [], _Index()
-        for start in range(0, len(order), CHUNK):
-            part = order[start:start + CHUNK]
+    def __init__(self, stamp, chunk):
+        self.stamp, self.chunk, self.blocks, self.causes = stamp, chunk, [], _Index()
+
+    def made(self, keys, entries, order, network_text):
+        """Make the blocks of the bans at `order` (indexes into keys and entries),
+        yielding each as it is made."""
+        for start in range(0, len(order), self.chunk):
+            part = order[start:start + self.chunk]
             chosen = list(map(entries.__getitem__, part))
             texts = list(_network_texts(list(map(keys.__getitem__, part)), network_text))
-            lines.append("".join(map(str.__add__, texts, repeat("\n"))).encode("ascii"))
-            self.starts.extend(islice(accumulate(map(_PLUS_ONE, map(len, texts)),
-                                                 initial=self.starts[-1]), 1, None))
-            self.expires_at.extend(map(_EXPIRES, chosen))
-            self.banned_at.extend(map(_BANNED, chosen))
-            self.cause.extend(map(causes.__getitem__, map(_CAUSE, chosen)))
-        self.lines, self.causes = b"".join(lines), list(causes)
-
-    def wire(self, now, start, end):
-        """The to_wire() answer of bans start to end (in this order)."""
-        return _wire(now, self.causes, self.lines[self.starts[start]:self.starts[end] - 1],
-                     self.expires_at[start:end], self.banned_at[start:end], self.cause[start:end])
-
-    def columns(self, now):
-        return BanColumns(now, None, self.expires_at.tolist(), self.banned_at.tolist(),
-                          self.causes, self.cause.tolist(), self.lines[:-1].decode())
+            block = ("".join(map(str.__add__, texts, repeat("\n"))).encode("ascii"),
+                     array.array("Q", accumulate(map(_PLUS_ONE, map(len, texts)), initial=0)),
+                     array.array("d", map(_EXPIRES, chosen)), array.array("d", map(_BANNED, chosen)),
+                     array.array("I", map(self.causes.__getitem__, map(_CAUSE, chosen))))
+            self.blocks.append(block)
+            yield block
 
 
 _PLUS_ONE = (1).__add__
+
+
+def _block_wire(now, causes, block):
+    """The to_wire() answer of a block's bans in force at `now` (the last ones:
+    a block is in expiry order), or None if none is."""
+    lines, starts, expires_at, banned_at, cause = block
+    first = bisect_right(expires_at, now)
+    if first == len(expires_at):
+        return None
+    return _wire(now, list(causes), lines[starts[first]:-1], expires_at[first:],
+                 banned_at[first:], cause[first:])
 
 
 class _Index(dict):
@@ -258,12 +267,14 @@ def from_state(state_dir, now, banned_at=True):
     Without `banned_at` that column is left out (None): the text needs none, and
     reading a value per row is what costs here.
     """
+    from policyd.banning import statefile  # sqlite3: only without a daemon
     return statefile.read(state_dir, lambda db: _columns_of(db, now, banned_at),
                           BanColumns(now, [], [], [], [], []))
 
 
 def count_in_state(state_dir, now):
     """How many bans the state file records as in force at `now` (None without one)."""
+    from policyd.banning import statefile
     return statefile.read(state_dir, lambda db: db.execute(
         "SELECT count(*) FROM bans WHERE expires_at > ?", (now,)).fetchone()[0], 0)
 
