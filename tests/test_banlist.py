@@ -314,3 +314,14 @@ def test_every_change_of_the_book_gives_it_a_new_stamp(tmp_path):
     stamp = book.stamp
     assert manager.covering("198.51.100.4") is None and book.stamp == stamp  # reading is no change
     state.close()
+
+
+@pytest.mark.parametrize("chunk", [3, 5000])
+def test_bans_recorded_in_expiry_order_are_listed_as_when_sorted(chunk):
+    items = sorted(snapshot(40, seed=chunk, expired=4), key=lambda item: item[1][0])
+    rows = json.loads(json.dumps(old_rows(items, NOW)))
+    parts = list(banlist.parts_from_snapshot(dict(items), NOW, cidr_text, chunk=chunk))
+    assert wire_text(parts) == old_text(rows)
+    columns = banlist.from_snapshot(items, NOW, cidr_text)
+    assert isinstance(columns.soonest_first(), range)
+    assert banprint.columns_json(columns) == json.dumps(rows, indent=2, sort_keys=True)

@@ -57,12 +57,8 @@ class BanColumns:
         return len(self.expires_at)
 
     def soonest_first(self):
-        """Indexes by expiry, soonest first; equal expiries in recorded order: a
-        range when they are recorded so (bans of one bantime, the usual)."""
-        expires = self.expires_at
-        if all(map(le, expires, islice(expires, 1, None))):
-            return range(len(expires))
-        return sorted(range(len(expires)), key=expires.__getitem__)
+        """Indexes by expiry, soonest first; equal expiries in recorded order."""
+        return _soonest_first(self.expires_at)
 
     def to_wire(self):
         """A control.RawPart: a small JSON head and the columns as bytes (networks
@@ -144,8 +140,7 @@ def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None):
         keys, entries = _split(snapshot)
         expires = list(map(_EXPIRES, entries))
         listing = _Listing(stamp, chunk)
-        blocks = listing.made(keys, entries, sorted(range(len(keys)), key=expires.__getitem__),
-                              network_text)
+        blocks = listing.made(keys, entries, _soonest_first(expires), network_text)
     else:
         blocks = listing.blocks
     for block in blocks:
@@ -157,6 +152,14 @@ def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None):
 
 
 _LAST = None  # the daemon's last listing (its server threads list the bans)
+
+
+def _soonest_first(expires):
+    """Indexes by expiry, soonest first; equal expiries in recorded order: a range
+    when they are recorded so (bans of one bantime, the usual), without sorting."""
+    if all(map(le, expires, islice(expires, 1, None))):
+        return range(len(expires))
+    return sorted(range(len(expires)), key=expires.__getitem__)
 
 
 def _split(snapshot):
