@@ -325,3 +325,25 @@ def test_bans_recorded_in_expiry_order_are_listed_as_when_sorted(chunk):
     columns = banlist.from_snapshot(items, NOW, cidr_text)
     assert isinstance(columns.soonest_first(), range)
     assert banprint.columns_json(columns) == json.dumps(rows, indent=2, sort_keys=True)
+
+
+def test_the_daemon_lists_its_book_as_it_was_when_asked(tmp_path):
+    from policyd.daemon.control import ControlAnswers
+
+    class Answers(ControlAnswers):
+        def __init__(self, bans, clock):
+            self.bans, self.clock = bans, clock
+
+    def listed(answer):
+        return wire_text(answer.work().parts)
+    clock = FakeClock(NOW)
+    state, manager = _book(tmp_path, clock)
+    daemon = Answers(manager, clock)
+    first = listed(daemon.ban_list(banlist.WIRE))
+    asked = daemon.ban_list(banlist.WIRE)  # the book as it is now: the listing kept
+    manager.ban("198.51.100.77", 600)
+    later = listed(daemon.ban_list(banlist.WIRE))  # a new listing kept instead
+    assert listed(asked) == first and "198.51.100.77/32" not in first
+    assert "198.51.100.77/32" in later
+    assert later == wire_text(banlist.parts_from_snapshot(manager.snapshot(), clock(), cidr_text))
+    state.close()

@@ -125,7 +125,7 @@ def from_snapshot(snapshot, now, network_text):
     return BanColumns(now, [], [], [], [], [])
 
 
-def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None):
+def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None, listing=None):
     """to_wire() answers of the snapshot's bans in force at `now`, soonest expiry
     first (equal ones in recorded order), up to `chunk` bans each, made as they are
     asked for. The one sort is of plain floats: C-level, a few ms for 100k.
@@ -133,10 +133,11 @@ def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None):
     `stamp`: the ban book's (BanBook.stamp) when the snapshot was taken. The
     listing of one stamp is kept and sent again while the book is unchanged:
     spelling 100k keys is most of what a listing costs, and an operator lists
-    the same bans again and again."""
+    the same bans again and again. `listing`: kept(stamp) as the caller found it
+    (then the snapshot is not read)."""
     global _LAST
-    listing = _LAST
-    if stamp is None or listing is None or (listing.stamp, listing.chunk) != (stamp, chunk):
+    listing = listing or kept(stamp, chunk)
+    if listing is None:
         keys, entries = _split(snapshot)
         expires = list(map(_EXPIRES, entries))
         listing = _Listing(stamp, chunk)
@@ -152,6 +153,14 @@ def parts_from_snapshot(snapshot, now, network_text, chunk=CHUNK, stamp=None):
 
 
 _LAST = None  # the daemon's last listing (its server threads list the bans)
+
+
+def kept(stamp, chunk=CHUNK):
+    """The listing kept for a ban book at `stamp`, or None."""
+    listing = _LAST
+    if stamp is None or listing is None or (listing.stamp, listing.chunk) != (stamp, chunk):
+        return None
+    return listing
 
 
 def _soonest_first(expires):
