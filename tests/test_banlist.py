@@ -347,3 +347,21 @@ def test_the_daemon_lists_its_book_as_it_was_when_asked(tmp_path):
     assert "198.51.100.77/32" in later
     assert later == wire_text(banlist.parts_from_snapshot(manager.snapshot(), clock(), cidr_text))
     state.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 8, 1000])
+def test_the_state_file_printed_in_pieces_is_what_printing_it_whole_gives(tmp_path, pieces):
+    clock = FakeClock(NOW)
+    with State(tmp_path / "state.db") as state:
+        manager = BanManager(Settings(maxretry=1), state, FakeBanKernel(clock), clock=clock)
+        for i in range(300):
+            manager.ban(f"2001:db8:{i}::/64" if i % 3 else f"198.51.100.{i % 250}/32", 600 + i)
+        manager.flush()
+    for as_json in (False, True):  # the text reads no banned_at (networks joined by SQLite)
+        columns = banlist.from_state(tmp_path, NOW, banned_at=as_json)
+        whole = banprint.columns_json(columns) + "\n" if as_json else banprint.columns_text(columns)
+        out = []
+        banprint.write_columns(columns, as_json, out.append, pieces=pieces)
+        assert "".join(out) == whole
+        assert len(out) > 2 or not 1 < pieces <= 150
+        assert sum(map(len, columns.pieces(pieces))) == 300

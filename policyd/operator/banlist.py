@@ -56,6 +56,27 @@ class BanColumns:
     def __len__(self):
         return len(self.expires_at)
 
+    def pieces(self, count):
+        """These columns cut into about `count` pieces, in recorded order."""
+        if self._lines is None or self._network is not None:
+            size = max(1, -(-len(self) // count))
+            return [self._piece(start, start + size, self._network[start:start + size], None)
+                    for start in range(0, len(self), size)]
+        pieces, lines, at, line = [], self._lines, 0, 0
+        step = len(lines) // count + 1
+        while line < len(self):  # cut at the newline after each step
+            end = lines.find("\n", at + step)
+            text = lines[at:] if end < 0 else lines[at:end]
+            lines_in = text.count("\n") + 1
+            pieces.append(self._piece(line, line + lines_in, None, text))
+            at, line = len(lines) + 1 if end < 0 else end + 1, line + lines_in
+        return pieces
+
+    def _piece(self, start, end, network, lines):
+        return BanColumns(self.now, network, self.expires_at[start:end],
+                          None if self.banned_at is None else self.banned_at[start:end],
+                          self.causes, self.cause[start:end], lines)
+
     def soonest_first(self):
         """Indexes by expiry, soonest first; equal expiries in recorded order."""
         return _soonest_first(self.expires_at)

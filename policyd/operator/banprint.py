@@ -101,6 +101,17 @@ def write_parts(parts, as_json, write):
         write("[]\n" if first else "\n]\n")
 
 
+def write_columns(columns, as_json, write, pieces=8):
+    """Print columns (the state file's) as `text` or `as_json` would, written in
+    pieces when they are recorded soonest first (the usual): a reader, such as
+    a pipe, takes one while the next is made."""
+    order = columns.soonest_first()
+    if not isinstance(order, range) or len(order) < 2 * pieces:
+        write(columns_json(columns, order) + "\n" if as_json else columns_text(columns, order))
+        return
+    write_parts(columns.pieces(pieces), as_json, write)
+
+
 def _encoded(values):
     """json's encoding of each value: one json.dumps of the whole column, split where
     it put a newline between items (json escapes every newline inside a string)."""

@@ -33,6 +33,9 @@ def run(state_dir, run_dir, as_json, kernel):
         if parts is not None:
             banprint.write_parts(map(_columns, parts), as_json, write_out)
             return
+        if not isinstance(result, list):  # the state file's columns
+            banprint.write_columns(result, as_json, write_out)
+            return
     # A kernel listing, the state file's bans, or a daemon from before the columns.
     write_out(banprint.as_json(result) + "\n" if as_json else banprint.text(result))
 
