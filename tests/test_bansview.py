@@ -155,7 +155,8 @@ def test_the_note_on_a_terminal_is_the_same_both_ways(tmp_path):
 def test_the_committed_meta_is_read_as_the_policy_store_reads_it(tmp_path):
     assert bansview.COMMITTED_META == policystore.COMMITTED_META
     store = policystore.PolicyStore(tmp_path)
-    for content in (None, b"", b"null", b"{}", b"[", b"\xff", b'{"sha256": "x"}', b"0"):
+    for content in (None, b"", b"null", b"{}", b"[", b"\xff", b'{"sha256": "x"}', b"0",
+                    "{}".encode("utf-16")):
         if content is not None:
             (tmp_path / policystore.COMMITTED_META).write_bytes(content)
         assert bansview._committed(tmp_path) == (store.meta() is not None), content

@@ -29,7 +29,7 @@ def run(state_dir, run_dir, as_json, kernel):
         try:
             result, parts = control.request_parts(run_dir, "bans", form=WIRE)
         except control.DaemonUnavailable:
-            result, parts = _without_daemon(state_dir, run_dir, as_json), None
+            result, parts = _without_daemon(state_dir, as_json), None
         if parts is not None:
             banprint.write_parts(map(_columns, parts), as_json, write_out)
             return
@@ -52,12 +52,13 @@ def _committed(state_dir):
     """Whether a policy was committed: policyd.policy.store.PolicyStore.meta() is
     not None (importing that module, with dataclasses and tempfile, costs 25 ms)."""
     try:
-        return json.loads(open(os.path.join(state_dir, COMMITTED_META), "rb").read()) is not None
+        with open(os.path.join(state_dir, COMMITTED_META), "rb") as meta:
+            return json.loads(meta.read().decode()) is not None
     except (OSError, ValueError):
         return False
 
 
-def _without_daemon(state_dir, run_dir, as_json):
+def _without_daemon(state_dir, as_json):
     """BanColumns of the state file, what the daemon restores when it starts; the
     kernel's rows if there is no state file; none if nothing is committed."""
     from policyd.operator import banlist
