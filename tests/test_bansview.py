@@ -9,7 +9,6 @@ import re
 import sqlite3
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -226,4 +225,3 @@ def test_the_lean_start_imports_no_click(tmp_path):
                "; print('click' in sys.modules, file=sys.stderr)")
     out = run([sys.executable, "-c", program], tmp_path)
     assert out.returncode == 0 and out.stderr.strip() == "False"
-    assert threading  # the daemon fixture's server runs on threads of this process
