@@ -186,6 +186,8 @@ def _cli_rows(c):
             _verdict(ok(daemon["doctor"], 1.0)))]
     for command in ("status", "bans", "explain"):
         text = f"daemon running {cell(daemon[command])}"
+        if command == "bans" and "bans_after_a_ban" in daemon:
+            text += f" (right after a new ban: {cell(daemon['bans_after_a_ban'])})"
         if command == "explain":
             text += f" (a banned source: {cell(daemon['explain_banned'])})"
         if command in alone:

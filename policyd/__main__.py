@@ -3,8 +3,8 @@ import sys
 
 
 def main():
-    from policyd.operator.testfilter import quick
-    if not quick(sys.argv[1:]):
+    from policyd.operator import bansview, testfilter
+    if not (testfilter.quick(sys.argv[1:]) or bansview.quick(sys.argv[1:])):
         from policyd.operator.cli import main as cli
         cli()
 

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fakes import FakeBanKernel, FakeClock, Settings
+from policyd.banning import statefile
 from policyd.operator import banlist, banprint
 from policyd.banning.bans import BanManager
 from policyd.operator.control import RawPart
@@ -226,3 +227,141 @@ def test_the_state_file_text_is_the_same_however_many_causes_sqlite_numbers(
     monkeypatch.setattr(banlist, "MAX_NUMBERED_CAUSES", numbered)
     assert banprint.columns_text(banlist.from_state(tmp_path, clock(), banned_at=False)) == expected
     assert len(expected.splitlines()) == 5
+
+
+@pytest.mark.parametrize("odd", [None, "192.0.2.9/32%s", "192.0.2.9/32\n198.51.100.1"])
+def test_bans_of_one_cause_read_from_the_state_file_print_what_rows_printed(tmp_path, odd):
+    clock = FakeClock(NOW)
+    with State(tmp_path / "state.db") as state:
+        manager = BanManager(Settings(), state, FakeBanKernel(clock), clock=clock)
+        for i in range(700):  # equal expiries, and later ones recorded first
+            manager.ban(f"2001:db8:{i}::/64" if i % 3 else f"198.51.100.{i % 250}/32",
+                        600 - 7 * (i % 4))
+        manager.flush()
+    if odd is not None:  # spelled so by hand: the text must not break nor change
+        db = sqlite3.connect(tmp_path / "state.db")
+        db.execute("UPDATE bans SET network = ? WHERE rowid = 5", (odd,))
+        db.commit()
+        db.close()
+    joined = statefile.read(tmp_path, lambda db: banlist._one_cause_columns_of(db, NOW),
+                                    None)
+    assert (joined is None) == (odd is not None and "\n" in odd)
+    rows = banlist.from_state(tmp_path, NOW)  # every column read, as rows
+    assert rows.causes == [(0, None, "manual")] and len(rows) == 700
+    assert banprint.columns_text(banlist.from_state(tmp_path, NOW, banned_at=False)) == (
+        banprint.columns_text(rows))
+    assert banprint.columns_text(rows).count("\n") == 700 + (odd is not None and "\n" in odd)
+
+
+def test_bans_of_several_causes_are_not_read_as_one(tmp_path):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    assert statefile.read(
+        tmp_path, lambda db: banlist._one_cause_columns_of(db, NOW), None) is None
+
+
+def wire_text(parts):
+    out = []
+    banprint.write_parts(map(banlist.BanColumns.from_wire, map(wire_copy, parts)), False, out.append)
+    return "".join(out)
+
+
+def test_a_listing_is_sent_again_while_the_book_keeps_its_stamp(tmp_path):
+    clock = FakeClock(NOW)
+    state, manager = _book(tmp_path, clock)
+    book = manager.book
+    first = wire_text(banlist.parts_from_snapshot(dict(book.active), clock(), cidr_text,
+                                                  stamp=book.stamp))
+    clock.advance(30)
+    # Same stamp: the listing kept, only the time moved (and the /28 expired).
+    again = wire_text(banlist.parts_from_snapshot({}, clock(), cidr_text, stamp=book.stamp))
+    fresh = wire_text(banlist.parts_from_snapshot(dict(book.active), clock(), cidr_text))
+    assert again == fresh != first
+    clock.advance(60)
+    assert "203.0.113.64/28" not in wire_text(
+        banlist.parts_from_snapshot({}, clock(), cidr_text, stamp=book.stamp))
+    stamp = book.stamp
+    manager.ban("198.51.100.77", 600)
+    assert book.stamp != stamp
+    listed = wire_text(banlist.parts_from_snapshot(dict(book.active), clock(), cidr_text,
+                                                   stamp=book.stamp))
+    assert "198.51.100.77/32" in listed
+    assert listed == wire_text(banlist.parts_from_snapshot(dict(book.active), clock(), cidr_text))
+    state.close()
+
+
+def test_every_change_of_the_book_gives_it_a_new_stamp(tmp_path):
+    clock = FakeClock(NOW)
+    state, manager = _book(tmp_path, clock)
+    book, seen = manager.book, set()
+
+    def changed():
+        assert book.stamp not in seen
+        seen.add(book.stamp)
+    changed()
+    manager.ban("198.51.100.8", 60)  # a new ban
+    changed()
+    manager.ban("198.51.100.8", 600)  # extended
+    changed()
+    manager.unban("198.51.100.8")  # lifted
+    changed()
+    manager.record_failures([(ipaddress.ip_address("198.51.100.4"), "nginx-auth", None)])
+    changed()  # an automatic ban (maxretry 1)
+    clock.advance(3600 * 24)
+    manager.expire()
+    changed()
+    stamp = book.stamp
+    assert manager.covering("198.51.100.4") is None and book.stamp == stamp  # reading is no change
+    state.close()
+
+
+@pytest.mark.parametrize("chunk", [3, 5000])
+def test_bans_recorded_in_expiry_order_are_listed_as_when_sorted(chunk):
+    items = sorted(snapshot(40, seed=chunk, expired=4), key=lambda item: item[1][0])
+    rows = json.loads(json.dumps(old_rows(items, NOW)))
+    parts = list(banlist.parts_from_snapshot(dict(items), NOW, cidr_text, chunk=chunk))
+    assert wire_text(parts) == old_text(rows)
+    columns = banlist.from_snapshot(items, NOW, cidr_text)
+    assert isinstance(columns.soonest_first(), range)
+    assert banprint.columns_json(columns) == json.dumps(rows, indent=2, sort_keys=True)
+
+
+def test_the_daemon_lists_its_book_as_it_was_when_asked(tmp_path):
+    from policyd.daemon.control import ControlAnswers
+
+    class Answers(ControlAnswers):
+        def __init__(self, bans, clock):
+            self.bans, self.clock = bans, clock
+
+    def listed(answer):
+        return wire_text(answer.work().parts)
+    clock = FakeClock(NOW)
+    state, manager = _book(tmp_path, clock)
+    daemon = Answers(manager, clock)
+    first = listed(daemon.ban_list(banlist.WIRE))
+    asked = daemon.ban_list(banlist.WIRE)  # the book as it is now: the listing kept
+    manager.ban("198.51.100.77", 600)
+    later = listed(daemon.ban_list(banlist.WIRE))  # a new listing kept instead
+    assert listed(asked) == first and "198.51.100.77/32" not in first
+    assert "198.51.100.77/32" in later
+    assert later == wire_text(banlist.parts_from_snapshot(manager.snapshot(), clock(), cidr_text))
+    state.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 8, 1000])
+def test_the_state_file_printed_in_pieces_is_what_printing_it_whole_gives(tmp_path, pieces):
+    clock = FakeClock(NOW)
+    with State(tmp_path / "state.db") as state:
+        manager = BanManager(Settings(maxretry=1), state, FakeBanKernel(clock), clock=clock)
+        for i in range(300):
+            manager.ban(f"2001:db8:{i}::/64" if i % 3 else f"198.51.100.{i % 250}/32", 600 + i)
+        manager.flush()
+    for as_json in (False, True):  # the text reads no banned_at (networks joined by SQLite)
+        columns = banlist.from_state(tmp_path, NOW, banned_at=as_json)
+        whole = banprint.columns_json(columns) + "\n" if as_json else banprint.columns_text(columns)
+        out = []
+        banprint.write_columns(columns, as_json, out.append, pieces=pieces)
+        assert "".join(out) == whole
+        assert len(out) > 2 or not 1 < pieces <= 150
+        assert sum(map(len, columns.pieces(pieces))) == 300

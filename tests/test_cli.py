@@ -313,7 +313,7 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly():
     """`policyd bans | head`: the rest of the list has nowhere to go; no traceback."""
     import subprocess
     import sys
-    program = ("from policyd.operator.cli_common import write_out\n"
+    program = ("from policyd.operator.bansview import write_out\n"
                "for _ in range(50):\n"
                "    write_out('192.0.2.7/32\\t60.0s left\\treason=manual\\n' * 20000)\n")
     proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 # 2**62 * any bantime is far past any cap; stops absurd integers for
 # networks with a very long history.
 MAX_DOUBLINGS = 62
+# Stamps of the books' contents, unique in the process (see BanBook.stamp).
+_STAMPS = itertools.count(1)
 
 
 class BanBook:
@@ -37,6 +39,9 @@ class BanBook:
         self._expiry: list[tuple[float, int, list]] = []
         self._sequence = itertools.count()
         self.bans_total: Counter = Counter()   # per reason, bans made since start
+        # A new stamp at every change of `active`: what was made from a copy of it
+        # (an operator's listing) is still right while the stamp is the same.
+        self.stamp = next(_STAMPS)
 
     def load(self, rows):
         """State's ban rows (BAN_COLUMNS order) at startup."""
@@ -49,6 +54,7 @@ class BanBook:
         self._expiry = [(expires_at, next(self._sequence), keys)
                         for expires_at, keys in by_expiry.items()]
         heapq.heapify(self._expiry)
+        self.stamp = next(_STAMPS)
 
     # Escalation.
 
@@ -166,6 +172,7 @@ class BanBook:
         for expires_at, keys in by_expiry.items():
             heapq.heappush(self._expiry, (expires_at, next(self._sequence), keys))
         self.bans_total["auto"] += len(made)
+        self.stamp = next(_STAMPS)
         return made
 
     def end(self, key, ended_at, history=None):
@@ -202,9 +209,11 @@ class BanBook:
     def _add(self, key, entry):
         self.active[key] = entry
         self.prefixlens[key[0]][key[2]] += 1
+        self.stamp = next(_STAMPS)
 
     def _drop(self, key):
         del self.active[key]
+        self.stamp = next(_STAMPS)
         counts = self.prefixlens[key[0]]
         counts[key[2]] -= 1
         if not counts[key[2]]:

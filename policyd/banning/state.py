@@ -11,14 +11,10 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from policyd.banning.statefile import APPLICATION_ID, STATE_FILE  # noqa: F401 (for its users)
 from policyd.errors import HostError
 
 log = logging.getLogger(__name__)
-
-# "pold": marks the file as ours, so a foreign SQLite file is refused instead
-# of having our tables added to it.
-STATE_FILE = "state.db"  # in the state dir
-APPLICATION_ID = 0x706F6C64
 
 # The failure window is persisted, not kept only in memory: log positions are
 # persisted too, so after a restart the lines already read are never read

@@ -31,20 +31,25 @@ def columns_text(columns, order=None):
     """Every ban of `columns` as a text line, soonest expiry first.
 
     One '%' format over the whole list: the networks, joined, become the format
-    (each line's end replaced by the rest of its line) and seconds left and
-    details its arguments; a format call per line costs twice as much."""
+    (each line's end replaced by the rest of its line, its details too when all
+    bans have one cause) and seconds left (and details) its arguments; a format
+    call per line costs twice as much."""
     order = columns.soonest_first() if order is None else order
     if not len(order):
         return ""
     words = [details(*cause) for cause in columns.causes]
-    networks = "\n".join(columns.network if _whole(order, columns.network)
-                          else map(columns.network.__getitem__, order))
+    networks = (columns.lines if _whole(order, columns.expires_at)
+                else "\n".join(map(columns.network.__getitem__, order)))
     if networks.count("\n") != len(order) - 1:  # a network with a newline in it
         return _per_line(columns, order, words)
+    networks = networks.replace("%", "%%") + "\n"
+    if len(words) == 1:
+        tail = _TEXT_TAIL.replace("%s", words[0].replace("%", "%%"))
+        return networks.replace("\n", tail) % tuple(seconds_left(columns, order))
     arguments = [None] * (2 * len(order))
     arguments[0::2] = seconds_left(columns, order)
     arguments[1::2] = map(words.__getitem__, map(columns.cause.__getitem__, order))
-    return (networks.replace("%", "%%") + "\n").replace("\n", _TEXT_TAIL) % tuple(arguments)
+    return networks.replace("\n", _TEXT_TAIL) % tuple(arguments)
 
 
 def _whole(order, column):
@@ -94,6 +99,17 @@ def write_parts(parts, as_json, write):
         first = False
     if as_json:
         write("[]\n" if first else "\n]\n")
+
+
+def write_columns(columns, as_json, write, pieces=8):
+    """Print columns (the state file's) as `text` or `as_json` would, written in
+    pieces when they are recorded soonest first (the usual): a reader, such as
+    a pipe, takes one while the next is made."""
+    order = columns.soonest_first()
+    if not isinstance(order, range) or len(order) < 2 * pieces:
+        write(columns_json(columns, order) + "\n" if as_json else columns_text(columns, order))
+        return
+    write_parts(columns.pieces(pieces), as_json, write)
 
 
 def _encoded(values):

@@ -4,7 +4,6 @@ two ways to reach a running daemon. Imports nothing a command may not need.
 """
 import functools
 import importlib
-import os
 import sys
 import time
 
@@ -111,16 +110,3 @@ def format_time(timestamp):
     """Local time as every command prints it (policyd.kernel.trial's format, without
     importing the policy compiler that trial needs for `status`)."""
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(timestamp))
-
-
-def write_out(text):
-    """`text` to stdout in one write, now: 100k lines through click.echo one by
-    one take seconds. A reader that stopped (`policyd bans | head`) ends the
-    command quietly, as it ends `cat`."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # Python would flush stdout again at exit and complain; point it nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)

@@ -4,13 +4,12 @@ makes sense, answers without one from the state dir and the kernel.
 """
 import ipaddress
 import sys
-import time
 
 import click
 
 from policyd.operator.cli_common import (ask_daemon, format_time, handle_errors, policy_argument,
-                                policystore, write_out)
-from policyd.errors import HostError, KernelError, Refused
+                                policystore)
+from policyd.errors import HostError, Refused
 
 
 @click.command()
@@ -71,58 +70,8 @@ def bans(obj, as_json, kernel):
 
     From the running daemon, or without one from the state file (what the daemon
     restores when it starts); --kernel lists what the kernel holds instead."""
-    from policyd.operator import banlist, banprint, control
-    if kernel:
-        result = _bans_from_kernel(obj)
-    else:
-        try:
-            result, parts = control.request_parts(obj.run_dir, "bans", form=banlist.WIRE)
-        except control.DaemonUnavailable:
-            result, parts = _bans_without_daemon(obj, as_json), None
-    if parts is not None:
-        banprint.write_parts(map(_columns, parts), as_json, write_out)
-        return
-    # A kernel listing, the state file's bans, or a daemon from before the columns.
-    write_out(banprint.as_json(result) + "\n" if as_json else banprint.text(result))
-
-
-def _columns(part):
-    from policyd.operator import banlist, control
-    try:
-        return banlist.BanColumns.from_wire(part)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise control.ControlError(f"the daemon sent an unreadable ban list: {exc}") from None
-
-
-def _bans_without_daemon(obj, as_json):
-    """BanColumns of the state file, what the daemon restores when it starts; the
-    kernel's rows if there is no state file; none if nothing is committed."""
-    from policyd.operator import banlist
-    if policystore.PolicyStore(obj.state_dir).meta() is None:
-        return []
-    columns = banlist.from_state(obj.state_dir, time.time(), banned_at=as_json)
-    if columns is None:
-        return _bans_from_kernel(obj)
-    if sys.stderr.isatty():
-        click.echo("policyd: no daemon runs: bans as the state file records them "
-                   "(`policyd bans --kernel` lists the kernel's)", err=True)
-    return columns
-
-
-def _bans_from_kernel(obj):
-    """What the kernel enforces, as rows with network and seconds left only."""
-    committed = policystore.PolicyStore(obj.state_dir).committed()
-    if committed is None:
-        return []
-    from policyd.kernel.nft import BanTable
-    kernel = BanTable(obj.nft(), committed.bans_table, committed.bans.ipv6_prefix)
-    try:
-        listed = kernel.list_bans()
-    except OSError as exc:
-        raise KernelError(f"cannot list the bans: {exc.strerror or exc}") from None
-    return [{"network": str(network), "seconds_left": left, "expires_at": None,
-             "failures": None, "filter": None, "reason": None, "banned_at": None}
-            for network, left in sorted(listed.items(), key=lambda kv: kv[1])]
+    from policyd.operator import bansview  # policyd.__main__ runs its plain forms without click
+    bansview.run(obj.state_dir, obj.run_dir, as_json, kernel)
 
 
 @click.command()

@@ -52,7 +52,7 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     assert restore["flush"]["max_sample_missing"] == restore["flush"]["sample_keys"]
     assert results["apply"]["kernel_networks"] == 1000
     assert results["apply"]["churn_lines"] == 10 and results["apply"]["churn_seconds"] > 0
-    for command in ("doctor", "status", "bans", "explain", "explain_banned"):
+    for command in ("doctor", "status", "bans", "bans_after_a_ban", "explain", "explain_banned"):
         assert isinstance(results["cli"]["with_daemon"][command], float), command
     stall = results["cli"]["ban_latency"]
     assert stall["bans_runs"] >= 5 and stall["bans_failed"] == 0
