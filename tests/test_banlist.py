@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fakes import FakeBanKernel, FakeClock, Settings
 from policyd.banning import statefile
-from policyd.operator import banlist, banprint
+from policyd.operator import banlist, banprint, banstate
 from policyd.banning.bans import BanManager
 from policyd.operator.control import RawPart
 from policyd.errors import HostError
@@ -154,28 +154,28 @@ def test_the_state_file_lists_what_the_daemon_would_list(tmp_path):
     clock.advance(30)
     daemon = over_the_wire(banlist.from_snapshot(manager.snapshot(), clock(), cidr_text))
     state.close()
-    recorded = banlist.from_state(tmp_path, clock())
+    recorded = banstate.from_state(tmp_path, clock())
     assert banprint.columns_json(recorded) == banprint.columns_json(daemon)
-    assert banprint.columns_text(banlist.from_state(tmp_path, clock(), banned_at=False)) == (
+    assert banprint.columns_text(banstate.from_state(tmp_path, clock(), banned_at=False)) == (
         banprint.columns_text(daemon))
-    assert banlist.count_in_state(tmp_path, clock()) == 5
+    assert banstate.count_in_state(tmp_path, clock()) == 5
     clock.advance(60)  # the /28 expired
-    assert banlist.count_in_state(tmp_path, clock()) == 4
-    assert "203.0.113.64/28" not in banprint.columns_text(banlist.from_state(tmp_path, clock()))
+    assert banstate.count_in_state(tmp_path, clock()) == 4
+    assert "203.0.113.64/28" not in banprint.columns_text(banstate.from_state(tmp_path, clock()))
 
 
 def test_reading_the_state_file_neither_creates_nor_accepts_a_foreign_one(tmp_path):
-    assert banlist.from_state(tmp_path, NOW) is None
-    assert banlist.count_in_state(tmp_path, NOW) is None
+    assert banstate.from_state(tmp_path, NOW) is None
+    assert banstate.count_in_state(tmp_path, NOW) is None
     assert not (tmp_path / "state.db").exists()
     foreign = sqlite3.connect(tmp_path / "state.db")
     foreign.execute("CREATE TABLE bans (x)")
     foreign.commit()
     foreign.close()
     with pytest.raises(HostError, match="foreign"):
-        banlist.count_in_state(tmp_path, NOW)
+        banstate.count_in_state(tmp_path, NOW)
     with pytest.raises(HostError, match="foreign"):
-        banlist.from_state(tmp_path, NOW)
+        banstate.from_state(tmp_path, NOW)
 
 
 def test_a_kernel_listing_prints_network_and_seconds_only():
@@ -223,9 +223,9 @@ def test_the_state_file_text_is_the_same_however_many_causes_sqlite_numbers(
     clock = FakeClock(NOW)
     state, _manager = _book(tmp_path, clock)
     state.close()
-    expected = banprint.columns_text(banlist.from_state(tmp_path, clock()))
-    monkeypatch.setattr(banlist, "MAX_NUMBERED_CAUSES", numbered)
-    assert banprint.columns_text(banlist.from_state(tmp_path, clock(), banned_at=False)) == expected
+    expected = banprint.columns_text(banstate.from_state(tmp_path, clock()))
+    monkeypatch.setattr(banstate, "MAX_NUMBERED_CAUSES", numbered)
+    assert banprint.columns_text(banstate.from_state(tmp_path, clock(), banned_at=False)) == expected
     assert len(expected.splitlines()) == 5
 
 
@@ -243,12 +243,12 @@ def test_bans_of_one_cause_read_from_the_state_file_print_what_rows_printed(tmp_
         db.execute("UPDATE bans SET network = ? WHERE rowid = 5", (odd,))
         db.commit()
         db.close()
-    joined = statefile.read(tmp_path, lambda db: banlist._one_cause_columns_of(db, NOW),
+    joined = statefile.read(tmp_path, lambda db: banstate._one_cause_columns_of(db, NOW),
                                     None)
     assert (joined is None) == (odd is not None and "\n" in odd)
-    rows = banlist.from_state(tmp_path, NOW)  # every column read, as rows
+    rows = banstate.from_state(tmp_path, NOW)  # every column read, as rows
     assert rows.causes == [(0, None, "manual")] and len(rows) == 700
-    assert banprint.columns_text(banlist.from_state(tmp_path, NOW, banned_at=False)) == (
+    assert banprint.columns_text(banstate.from_state(tmp_path, NOW, banned_at=False)) == (
         banprint.columns_text(rows))
     assert banprint.columns_text(rows).count("\n") == 700 + (odd is not None and "\n" in odd)
 
@@ -258,7 +258,7 @@ def test_bans_of_several_causes_are_not_read_as_one(tmp_path):
     state, _manager = _book(tmp_path, clock)
     state.close()
     assert statefile.read(
-        tmp_path, lambda db: banlist._one_cause_columns_of(db, NOW), None) is None
+        tmp_path, lambda db: banstate._one_cause_columns_of(db, NOW), None) is None
 
 
 def wire_text(parts):
@@ -358,10 +358,41 @@ def test_the_state_file_printed_in_pieces_is_what_printing_it_whole_gives(tmp_pa
             manager.ban(f"2001:db8:{i}::/64" if i % 3 else f"198.51.100.{i % 250}/32", 600 + i)
         manager.flush()
     for as_json in (False, True):  # the text reads no banned_at (networks joined by SQLite)
-        columns = banlist.from_state(tmp_path, NOW, banned_at=as_json)
+        columns = banstate.from_state(tmp_path, NOW, banned_at=as_json)
         whole = banprint.columns_json(columns) + "\n" if as_json else banprint.columns_text(columns)
         out = []
         banprint.write_columns(columns, as_json, out.append, pieces=pieces)
         assert "".join(out) == whole
         assert len(out) > 2 or not 1 < pieces <= 150
         assert sum(map(len, columns.pieces(pieces))) == 300
+
+
+def test_a_new_listing_spells_only_the_bans_the_last_one_did_not(monkeypatch):
+    monkeypatch.setattr(banlist, "_SPELLED", {})
+    items = snapshot(3000, seed=7)
+    # Some bans gone, some new (among them a ::1.2.3.4 spelled by network_text).
+    known = {key for key, _ in items}
+    changed = items[100:] + [item for item in snapshot(50, seed=8) if item[0] not in known] + [
+        ((6, int(ipaddress.IPv6Address("::198.51.100.9")), 128), items[0][1])]
+    few = changed[:500]
+    fresh = {name: wire_text(banlist.parts_from_snapshot(book, NOW, cidr_text))
+             for name, book in (("items", items), ("changed", changed), ("few", few))}
+    spelled = []
+    real = banlist._network_texts
+
+    def counting(keys, network_text):
+        spelled.extend(keys)
+        return real(keys, network_text)
+    monkeypatch.setattr(banlist, "_network_texts", counting)
+
+    def listed(book, stamp):
+        spelled.clear()
+        return wire_text(banlist.parts_from_snapshot(dict(book), NOW, cidr_text, chunk=700,
+                                                     stamp=stamp))
+    assert listed(items, 1) == fresh["items"] and len(spelled) == 3000
+    # The new bans alone are spelled, and the text is what a fresh listing prints.
+    assert listed(changed, 2) == fresh["changed"]
+    assert set(spelled) == {key for key, _ in changed} - {key for key, _ in items}
+    # A book shrunk to under half of what was spelled starts the spellings again.
+    assert listed(few, 3) == fresh["few"]
+    assert len(banlist._SPELLED) == len(spelled) == 500

@@ -1,6 +1,7 @@
 """The ban list an operator reads (`policyd bans`), as columns: built from the
-daemon's ban book or, with no daemon, from the state file; sent over the control
-socket as raw bytes after a small JSON head instead of 100k JSON objects.
+daemon's ban book or, with no daemon, from the state file (policyd.operator.banstate);
+sent over the control socket as raw bytes after a small JSON head instead of 100k
+JSON objects.
 
 Printing them is policyd.operator.banprint's. A column is built and read with C-level
 maps where it can: with 100k bans, a Python step per ban per field is what costs.
@@ -210,20 +211,48 @@ class _Listing:
 
     def made(self, keys, entries, order, network_text):
         """Make the blocks of the bans at `order` (indexes into keys and entries),
-        yielding each as it is made."""
+        yielding each as it is made. A daemon's listing (with a stamp) spells
+        only the keys its last whole listing did not: the book changes between
+        two listings by a few bans, and spelling 100k keys is most of the work."""
+        global _SPELLED
+        spelled = _SPELLED if self.stamp is not None else {}
+        if len(spelled) > 2 * len(order) + self.chunk:
+            spelled = {}   # mostly bans long gone: start again, rather than weed
         for start in range(0, len(order), self.chunk):
             part = order[start:start + self.chunk]
-            chosen = list(map(entries.__getitem__, part))
-            texts = list(_network_texts(list(map(keys.__getitem__, part)), network_text))
-            block = ("".join(map(str.__add__, texts, repeat("\n"))).encode("ascii"),
-                     array.array("Q", accumulate(map(_PLUS_ONE, map(len, texts)), initial=0)),
+            if isinstance(part, range):   # already in expiry order (the usual): slices
+                chosen, chosen_keys = entries[part.start:part.stop], keys[part.start:part.stop]
+            else:
+                chosen = list(map(entries.__getitem__, part))
+                chosen_keys = list(map(keys.__getitem__, part))
+            lines = _spelled_lines(chosen_keys, spelled, network_text)
+            block = ("".join(lines).encode("ascii"),
+                     array.array("Q", accumulate(map(len, lines), initial=0)),
                      array.array("d", map(_EXPIRES, chosen)), array.array("d", map(_BANNED, chosen)),
                      array.array("I", map(self.causes.__getitem__, map(_CAUSE, chosen))))
             self.blocks.append(block)
             yield block
+        if self.stamp is not None:
+            _SPELLED = spelled
 
 
-_PLUS_ONE = (1).__add__
+# key -> "network\n" as the daemon's listings spelled it (~10 MB for 100k bans),
+# dropped when it holds over twice the bans in force. Server threads that list at
+# once each add to it or swap in a whole new dict: both are atomic.
+_SPELLED = {}
+
+
+def _spelled_lines(keys, spelled, network_text):
+    """"network\n" of each key, from `spelled` where it has the key; those it
+    lacks are spelled and added to it."""
+    lines = list(map(spelled.get, keys))
+    if None not in lines:
+        return lines
+    missing = [key for key, line in zip(keys, lines) if line is None]
+    made = list(map(str.__add__, _network_texts(missing, network_text), repeat("\n")))
+    spelled.update(zip(missing, made))
+    made = iter(made)
+    return [line if line is not None else next(made) for line in lines]
 
 
 def _block_wire(now, causes, block):
@@ -290,93 +319,6 @@ def rows_from_snapshot(snapshot, now, network_text):
              "banned_at": banned_at, "seconds_left": round(max(0.0, expires_at - now), 1)}
             for (version, number, prefixlen), (expires_at, failures, filter_name, reason,
                                                banned_at) in rows]
-
-
-def from_state(state_dir, now, banned_at=True):
-    """The bans a state file records as in force at `now`, or None without a file.
-
-    Read-only and without the daemon's start-up checks (policyd.banning.state runs those):
-    this is what the daemon restores when it starts, read for an operator.
-    Without `banned_at` that column is left out (None): the text needs none, and
-    reading a value per row is what costs here.
-    """
-    from policyd.banning import statefile  # sqlite3: only without a daemon
-    return statefile.read(state_dir, lambda db: _columns_of(db, now, banned_at),
-                          BanColumns(now, [], [], [], [], []))
-
-
-def count_in_state(state_dir, now):
-    """How many bans the state file records as in force at `now` (None without one)."""
-    from policyd.banning import statefile
-    return statefile.read(state_dir, lambda db: db.execute(
-        "SELECT count(*) FROM bans WHERE expires_at > ?", (now,)).fetchone()[0], 0)
-
-
-def _columns_of(db, now, banned_at):
-    """The bans in force, in the order the rows were written (one read transaction:
-    the queries below see the same rows)."""
-    if not banned_at:
-        columns = _one_cause_columns_of(db, now)
-        if columns is None:
-            columns = _text_columns_of(db, now)
-        if columns is not None:
-            return columns
-    rows = db.execute(f"SELECT network, expires_at, {'banned_at' if banned_at else 'NULL'}, "
-                      "failures, filter, reason FROM bans WHERE expires_at > ?",
-                      (now,)).fetchall()
-    causes = _Index()
-    cause = list(map(causes.__getitem__, map(itemgetter(3, 4, 5), rows)))
-    return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
-                      list(map(itemgetter(2), rows)) if banned_at else None,
-                      list(causes), cause)
-
-
-def _one_cause_columns_of(db, now):
-    """The columns the text prints when every ban in force has one cause (manual
-    bans, or a flood's), else None: the networks as SQLite joins them and the
-    expiries, so Python makes one object per ban, not four. (A network stored as
-    a BLOB, which policyd never writes, is read as its text here.)"""
-    first = db.execute("SELECT failures, filter, reason FROM bans WHERE expires_at > ? LIMIT 1",
-                       (now,)).fetchone()
-    if first is None:
-        return BanColumns(now, [], [], None, [], [])
-    if db.execute("SELECT 1 FROM bans WHERE expires_at > ? AND NOT (failures IS ? AND filter IS ? "
-                  "AND reason IS ?) LIMIT 1", (now, *first)).fetchone():
-        return None
-    lines, count = db.execute("SELECT group_concat(network, char(10)), count(*) FROM bans "
-                              "WHERE expires_at > ?", (now,)).fetchone()
-    if lines.count("\n") != count - 1:  # a network with a newline in it
-        return None
-    # Each row taken as the cursor steps (no list of 100k rows first): a third faster.
-    expires_at = list(map(itemgetter(0), db.execute(
-        "SELECT expires_at FROM bans WHERE expires_at > ?", (now,))))
-    return BanColumns(now, None, expires_at, None, [first], [0] * count, lines)
-
-
-# Distinct causes of the bans in force, up to this many, are numbered by SQLite
-# itself: a row is then (network, expires_at, small int), and Python builds no
-# failures, filter and reason objects per ban (most of reading the file's time).
-MAX_NUMBERED_CAUSES = 64
-
-
-def _text_columns_of(db, now):
-    """The columns the text prints (no banned_at), or None if the bans have too
-    many distinct causes to number in SQL."""
-    causes = db.execute("SELECT DISTINCT failures, filter, reason FROM bans "
-                        "WHERE expires_at > ?", (now,)).fetchmany(MAX_NUMBERED_CAUSES + 1)
-    if len(causes) > MAX_NUMBERED_CAUSES:
-        return None
-    numbered = " ".join("WHEN failures IS ? AND filter IS ? AND reason IS ? THEN "
-                        f"{index}" for index in range(len(causes)))
-    rows = db.execute(f"SELECT network, expires_at, CASE {numbered} ELSE -1 END FROM bans "
-                      "WHERE expires_at > ?" if causes else
-                      "SELECT network, expires_at, -1 FROM bans WHERE expires_at > ?",
-                      [value for cause in causes for value in cause] + [now]).fetchall()
-    cause = list(map(itemgetter(2), rows))
-    if cause and min(cause) < 0:  # a cause SQLite's DISTINCT and IS do not agree on
-        return None
-    return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
-                      None, causes, cause)
 
 
 def seconds_left(columns, order):

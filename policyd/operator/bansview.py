@@ -61,10 +61,10 @@ def _committed(state_dir):
 def _without_daemon(state_dir, as_json):
     """BanColumns of the state file, what the daemon restores when it starts; the
     kernel's rows if there is no state file; none if nothing is committed."""
-    from policyd.operator import banlist
+    from policyd.operator import banstate
     if not _committed(state_dir):
         return []
-    columns = banlist.from_state(state_dir, time.time(), banned_at=as_json)
+    columns = banstate.from_state(state_dir, time.time(), banned_at=as_json)
     if columns is None:
         return _from_kernel(state_dir)
     if sys.stderr.isatty():

@@ -12,13 +12,13 @@ def without_daemon(obj):
     counting the kernel's elements means a dump that takes the kernel ~0.3 s per
     100k bans, where the file counts them in milliseconds."""
     from policyd.kernel import trialstate
-    from policyd.operator import banlist
+    from policyd.operator import banstate
     store = policystore.PolicyStore(obj.state_dir)
     nft = obj.nft_or_none()
     policy = trialstate.status(store, nft=nft)
     result = {"daemon": None, "policy": policy, "bans": None, "logs": [], "fleet": None}
     if policy["committed"] is not None:
-        active = banlist.count_in_state(obj.state_dir, time.time())
+        active = banstate.count_in_state(obj.state_dir, time.time())
         result["bans"] = {"active": active or 0, "total": None, "source": "state"}
     if nft is not None:
         result["kernel"] = nft.features()
