@@ -13,7 +13,6 @@ JSON object, and candidate text lines that match no rule and are not UTF-8 are
 MALFORMED.
 """
 import enum
-from dataclasses import dataclass
 import json
 import re
 from operator import itemgetter
@@ -94,16 +93,17 @@ class _RegexRule:
         return address, (found.group("time") if self.time_parser is not None else None)
 
 
-@dataclass(eq=False)
 class _JsonRule:
-    contains: tuple
-    match: tuple
-    match_regex: tuple
-    host: tuple
-    present: tuple
-    nonempty: tuple
-    time: tuple | None = None
-    time_parser: object = None
+    # A plain class, not a dataclass: importing dataclasses (and inspect) is a
+    # tenth of test-filter's start-up.
+    def __init__(self, contains, match, match_regex, host, present, nonempty, time=None,
+                 time_parser=None):
+        self.contains, self.match, self.match_regex = contains, match, match_regex
+        self.host, self.present, self.nonempty = host, present, nonempty
+        self.time, self.time_parser = time, time_parser
+
+    def __repr__(self):
+        return f"_JsonRule(contains={self.contains!r}, host={self.host!r})"
 
     def classify(self, line):
         try:
