@@ -31,10 +31,11 @@ def load_filter(name_or_path, search_dirs=None, mode=None, journal=False, cache=
     return load(name_or_path, search_dirs=search_dirs, mode=mode, journal=journal, cache=cache)
 
 
-def scan(log_filter, path):
-    """policyd.logs.scan.scan: run `log_filter` over the file at `path`, offline."""
+def scan(log_filter, path, workers=1):
+    """policyd.logs.scan.scan: run `log_filter` over the file at `path`, offline
+    (workers: processes sharing a big file; None: one per usable CPU)."""
     from policyd.logs.scan import scan as scan_file
-    return scan_file(log_filter, path)
+    return scan_file(log_filter, path, workers)
 
 
 class Outcome(enum.Enum):

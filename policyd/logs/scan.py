@@ -49,25 +49,36 @@ class ScanResult:
         }
 
 
-def scan(log_filter, path):
-    """Run `log_filter` over the file at `path`, counting outcomes per line."""
+def scan(log_filter, path, workers=1):
+    """Run `log_filter` over the file at `path`, counting outcomes per line.
+    workers: processes sharing a big regular file (None: one per usable CPU, at
+    most MAX_WORKERS); each counts the lines starting in its part of the file,
+    reading the guard's context across the boundaries, so the counts are those
+    of one process."""
     result = ScanResult(log_filter.name, str(path))
     hosts = {}
     started = time.perf_counter()
     guard = getattr(log_filter, "guard", None) or {}
     # The bytes of whole lines either side of a slice the guard may need: one write.
     context = guard.get("entry_max_bytes", 1) + 1 if guard else 0
+    children = []
     try:
         with open(path, "rb", buffering=0) as stream:
-            regions = (_file_regions(stream.fileno(), result, context) if stream.seekable()
-                       else _regions(stream, result, context))
-            for buffer, low, high, whole in regions:
-                if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.logs.fail2ban)
-                    log_filter.scan_region(buffer, high, result, hosts)
-                elif log_filter.prefilter and _plain_region(buffer, whole):
-                    _scan_region(log_filter, buffer, low, high, whole, result, hosts)
-                else:
-                    _scan_lines(log_filter, buffer[:whole], low, high, result, hosts)
+            if not stream.seekable():
+                _scan_regions(log_filter, _regions(stream, result, context), result, hosts)
+            else:
+                fd = stream.fileno()
+                parts = _parts(fd, log_filter, workers)
+                try:
+                    for first, stop in parts[1:]:
+                        children.append(_fork_part(log_filter, fd, context, first, stop))
+                    _scan_regions(log_filter, _file_regions(fd, result, context, *parts[0]), result, hosts)
+                    for (first, stop), child in zip(parts[1:], children):
+                        if not _merge_child(child, result, hosts):   # it failed: its part here
+                            _scan_regions(log_filter, _file_regions(fd, result, context, first, stop),
+                                          result, hosts)
+                finally:
+                    _reap(children)
     except OSError as error:
         raise InputError(f"cannot read log: {error.strerror}", file=path) from None
     result.seconds = time.perf_counter() - started
@@ -78,10 +89,23 @@ def scan(log_filter, path):
     return result
 
 
-def _file_regions(fd, result, context):
+def _scan_regions(log_filter, regions, result, hosts):
+    for buffer, low, high, whole in regions:
+        if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.logs.fail2ban)
+            log_filter.scan_region(buffer, high, result, hosts)
+        elif log_filter.prefilter and _plain_region(buffer, whole):
+            _scan_region(log_filter, buffer, low, high, whole, result, hosts)
+        else:
+            _scan_lines(log_filter, buffer[:whole], low, high, result, hosts)
+
+
+def _file_regions(fd, result, context, first=0, stop=None):
     """_regions() for a file that can be read at any offset: each slice is read
-    with its context (read twice, a few kB), so no slice is copied to join it."""
-    base = low = 0          # the file offsets of buffer[0] and of the first line to count
+    with its context (read twice, a few kB), so no slice is copied to join it.
+    Only the lines starting in [first, stop) are counted (line starts; stop
+    None: to the end), with the context before and after read as ever."""
+    low = first             # the file offsets of buffer[0] and of the first line to count
+    base = _line_start_before(fd, first - context) if first and context else first
     size = max(filters.READ_CHUNK_BYTES, 2 * context)
     while True:
         at, start = base, low - base
@@ -94,6 +118,11 @@ def _file_regions(fd, result, context):
         tail = len(buffer) - whole     # a line still without its newline
         if high <= start and not end_of_file and tail > MAX_LINE_BYTES:
             high = whole               # count what precedes an over-long line now
+        if stop is not None and at + high >= stop:
+            # The last slice of this part: the context after it is in the buffer.
+            if stop - at > start:
+                yield buffer, start, stop - at, whole
+            return
         if high > start:
             yield buffer, start, high, whole
             low, size = at + high, max(filters.READ_CHUNK_BYTES, 2 * context)
@@ -122,6 +151,110 @@ def _file_regions(fd, result, context):
             base = low = skip + cut + 1
         elif high <= start:
             size *= 2   # lines too long for one slice with its context: a larger slice
+
+
+MAX_WORKERS = 2
+PARALLEL_BYTES = 8 << 20   # a part smaller than this is scanned sooner than a process is forked
+
+
+def _parts(fd, log_filter, workers):
+    """[(first, stop)] byte ranges of the file, split at line starts, one per worker."""
+    if workers is None:
+        try:
+            workers = min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            workers = 1
+    size = os.fstat(fd).st_size
+    workers = min(workers, size // PARALLEL_BYTES) if workers > 1 else 1
+    if workers <= 1 or hasattr(log_filter, "scan_region"):   # fail2ban filters: one process
+        return [(0, None)]
+    bounds = [0]
+    for number in range(1, workers):
+        at = max(bounds[-1], size * number // workers)
+        piece = os.pread(fd, MAX_LINE_BYTES, at)
+        cut = piece.find(b"\n")
+        if cut < 0 or at + cut + 1 >= size:
+            break
+        bounds.append(at + cut + 1)
+    return [(first, stop) for first, stop in zip(bounds, bounds[1:] + [None])]
+
+
+def _line_start_before(fd, offset):
+    """The start of the line holding file offset `offset` (0 if before the file)."""
+    while offset > 0:
+        at = max(0, offset - 65536)
+        found = os.pread(fd, offset - at, at).rfind(b"\n")
+        if found >= 0:
+            return at + found + 1
+        offset = at
+    return 0
+
+
+def _fork_part(log_filter, fd, context, first, stop):
+    """[pid, pipe] of a child process scanning [first, stop) and writing its counts
+    ([] if none could be started)."""
+    import marshal
+    try:
+        readable, writable = os.pipe()
+    except OSError:
+        return []
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(readable)
+        os.close(writable)
+        return []   # no process to spare: the parent scans this part too
+    if pid:
+        os.close(writable)
+        return [pid, readable]
+    status = 1
+    try:
+        os.close(readable)
+        part, hosts = ScanResult(log_filter.name, ""), {}
+        _scan_regions(log_filter, _file_regions(fd, part, context, first, stop), part, hosts)
+        data = marshal.dumps((part.lines, part.matched, part.ignored, part.malformed, part.forged,
+                              [(str(address), count) for address, count in hosts.values()]))
+        with os.fdopen(writable, "wb") as out:
+            out.write(data)
+        status = 0
+    finally:
+        os._exit(status)   # never the parent's cleanup, buffers or exit handlers
+
+
+def _merge_child(child, result, hosts):
+    """Add a child's counts to result and hosts; False if it did not finish."""
+    import marshal
+    if not child:
+        return False
+    pid, readable = child
+    with os.fdopen(readable, "rb") as stream:
+        data = stream.read()
+    _pid, status = os.waitpid(pid, 0)
+    child.clear()
+    if status != 0:
+        return False
+    try:
+        lines, matched, ignored, malformed, forged, counted = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return False
+    result.lines += lines
+    result.matched += matched
+    result.ignored += ignored
+    result.malformed += malformed
+    result.forged += forged
+    for text, count in counted:   # keyed apart from the parent's id() keys; merged by text
+        tally = hosts.setdefault(("child", text), [text, 0])
+        tally[1] += count
+    return True
+
+
+def _reap(children):
+    for child in children:
+        if child:   # not merged: an error in the parent
+            pid, readable = child
+            os.close(readable)
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
 
 
 def _regions(stream, result, context):
