@@ -14,6 +14,7 @@ from collections import Counter
 
 from policyd.logs import filters
 from policyd.errors import InputError
+from policyd.logs.filterbulk import region_failures
 from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, _plain_region
 
 _NEWLINE = re.compile(b"\n")
@@ -308,11 +309,33 @@ def _scan_region(log_filter, buffer, low, high, whole, result, hosts):
     # cut out only the lines around a hit; every other line is counted as
     # ignored without ever becoming a Python object.
     line_count = len(_NEWLINE.findall(buffer, low, high))
+    common = region_failures(log_filter, buffer, low, high)
+    region_judge = None
+    if common is not None and common[0] and log_filter.guard:
+        from policyd.logs.guardscan import RegionJudge  # the guard builds on policyd.logs.filters
+        region_judge = RegionJudge(log_filter, buffer, whole, list(zip(common[0], common[1])))
+        if region_judge.suspects or region_judge.continuation:
+            common = None   # some failures may be dropped: judged one by one below
+    if common is not None:
+        # Counted by host text, each parsed once (policyd.logs.filterbulk).
+        matched = 0
+        for key, (address, count) in common[2].items():
+            matched += count
+            counted = hosts.get(key)
+            if counted is None:
+                hosts[key] = [address, count]
+            else:
+                counted[1] += count
+        result.lines += line_count
+        result.matched += matched
+        result.ignored += line_count - matched
+        return
     failures, malformed = log_filter.classify_region(buffer, low, high)
     forged = 0
     if log_filter.guard and failures:
-        from policyd.logs.guardscan import RegionJudge  # the guard builds on policyd.logs.filters
-        region_judge = RegionJudge(log_filter, buffer, whole, [(s, e) for s, e, _ in failures])
+        if region_judge is None:
+            from policyd.logs.guardscan import RegionJudge
+            region_judge = RegionJudge(log_filter, buffer, whole, [(s, e) for s, e, _ in failures])
         if region_judge.suspects or region_judge.continuation:
             kept = [f for f in failures if not region_judge.drops(f[0], f[1])]
             forged = len(failures) - len(kept)
