@@ -250,8 +250,8 @@ def scanned_in_parts(log_filter, path, chunk, workers):
     """scanned() by `workers` processes, whatever the file's size."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("policyd.logs.filters.READ_CHUNK_BYTES", chunk)
-        patch.setattr("policyd.logs.scan.PARALLEL_BYTES", 1)
-        patch.setattr("policyd.logs.scan.MAX_WORKERS", workers)
+        patch.setattr("policyd.logs.scanparts.PARALLEL_BYTES", 1)
+        patch.setattr("policyd.logs.scanparts.MAX_WORKERS", workers)
         result = scan(log_filter, path, workers=None)
     return {"lines": result.lines, "matched": result.matched, "malformed": result.malformed,
             "forged": result.forged, "hosts": result.hosts, "ignored": result.ignored}
@@ -285,3 +285,21 @@ def test_a_log_ending_without_a_newline_or_in_an_over_long_line_counts_so_in_pro
         data = line(auth_failure(ATTACKER)) * 40 + b"y" * (MAX_LINE_BYTES + 10) + b"\n" + tail
         log.write_bytes(data)
         assert scanned_in_parts(NGINX_AUTH, log, 4096, 2) == scanned(NGINX_AUTH, log, 4096)
+
+
+def test_a_part_whose_child_fails_is_scanned_by_the_parent(tmp_path):
+    from policyd.logs import scanparts
+    data = b"".join(line(auth_failure(f"192.0.2.{n}", connection=n)) for n in range(1, 60)) + encoded_write()
+    log = tmp_path / "error.log"
+    log.write_bytes(data)
+    parent, real = os.getpid(), scanparts.scan
+
+    def failing_children(scan_part, parts, result, hosts):
+        def part(first, stop, result, hosts):
+            if os.getpid() != parent:
+                raise RuntimeError("a child that dies")
+            return scan_part(first, stop, result, hosts)
+        return real(part, parts, result, hosts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scanparts, "scan", failing_children)
+        assert scanned_in_parts(NGINX_AUTH, log, 512, 3) == per_line(NGINX_AUTH, data)

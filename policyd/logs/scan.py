@@ -6,13 +6,14 @@ and the bulk path: a slice is searched for the filter's `contains` tokens at C
 speed, only the lines around a hit become Python objects, and the guard judges
 in full only the failures near a line that could have forged them. A slice with
 a NUL byte or a very long line takes the per-line path (the daemon's judge).
+A big file is cut into parts, one per CPU (policyd.logs.scanparts).
 """
 import os
 import re
 import time
 from collections import Counter
 
-from policyd.logs import filters
+from policyd.logs import filters, scanparts
 from policyd.errors import InputError
 from policyd.logs.filterbulk import region_failures
 from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, _plain_region
@@ -53,33 +54,28 @@ class ScanResult:
 def scan(log_filter, path, workers=1):
     """Run `log_filter` over the file at `path`, counting outcomes per line.
     workers: processes sharing a big regular file (None: one per usable CPU, at
-    most MAX_WORKERS); each counts the lines starting in its part of the file,
-    reading the guard's context across the boundaries, so the counts are those
-    of one process."""
+    most policyd.logs.scanparts.MAX_WORKERS); each counts the lines starting in
+    its part of the file, reading the guard's context across the cuts, so the
+    counts are those of one process."""
     result = ScanResult(log_filter.name, str(path))
     hosts = {}
     started = time.perf_counter()
     guard = getattr(log_filter, "guard", None) or {}
     # The bytes of whole lines either side of a slice the guard may need: one write.
     context = guard.get("entry_max_bytes", 1) + 1 if guard else 0
-    children = []
     try:
         with open(path, "rb", buffering=0) as stream:
             if not stream.seekable():
                 _scan_regions(log_filter, _regions(stream, result, context), result, hosts)
             else:
                 fd = stream.fileno()
-                parts = _parts(fd, log_filter, workers)
-                try:
-                    for first, stop in parts[1:]:
-                        children.append(_fork_part(log_filter, fd, context, first, stop))
-                    _scan_regions(log_filter, _file_regions(fd, result, context, *parts[0]), result, hosts)
-                    for (first, stop), child in zip(parts[1:], children):
-                        if not _merge_child(child, result, hosts):   # it failed: its part here
-                            _scan_regions(log_filter, _file_regions(fd, result, context, first, stop),
-                                          result, hosts)
-                finally:
-                    _reap(children)
+
+                def scan_part(first, stop, result, hosts):
+                    _scan_regions(log_filter, _file_regions(fd, result, context, first, stop), result, hosts)
+                    return result, hosts
+
+                one = hasattr(log_filter, "scan_region")   # fail2ban filters: one process, as ever
+                scanparts.scan(scan_part, scanparts.parts(fd, 1 if one else workers), result, hosts)
     except OSError as error:
         raise InputError(f"cannot read log: {error.strerror}", file=path) from None
     result.seconds = time.perf_counter() - started
@@ -154,32 +150,6 @@ def _file_regions(fd, result, context, first=0, stop=None):
             size *= 2   # lines too long for one slice with its context: a larger slice
 
 
-MAX_WORKERS = 2
-PARALLEL_BYTES = 8 << 20   # a part smaller than this is scanned sooner than a process is forked
-
-
-def _parts(fd, log_filter, workers):
-    """[(first, stop)] byte ranges of the file, split at line starts, one per worker."""
-    if workers is None:
-        try:
-            workers = min(MAX_WORKERS, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):
-            workers = 1
-    size = os.fstat(fd).st_size
-    workers = min(workers, size // PARALLEL_BYTES) if workers > 1 else 1
-    if workers <= 1 or hasattr(log_filter, "scan_region"):   # fail2ban filters: one process
-        return [(0, None)]
-    bounds = [0]
-    for number in range(1, workers):
-        at = max(bounds[-1], size * number // workers)
-        piece = os.pread(fd, MAX_LINE_BYTES, at)
-        cut = piece.find(b"\n")
-        if cut < 0 or at + cut + 1 >= size:
-            break
-        bounds.append(at + cut + 1)
-    return [(first, stop) for first, stop in zip(bounds, bounds[1:] + [None])]
-
-
 def _line_start_before(fd, offset):
     """The start of the line holding file offset `offset` (0 if before the file)."""
     while offset > 0:
@@ -189,73 +159,6 @@ def _line_start_before(fd, offset):
             return at + found + 1
         offset = at
     return 0
-
-
-def _fork_part(log_filter, fd, context, first, stop):
-    """[pid, pipe] of a child process scanning [first, stop) and writing its counts
-    ([] if none could be started)."""
-    import marshal
-    try:
-        readable, writable = os.pipe()
-    except OSError:
-        return []
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(readable)
-        os.close(writable)
-        return []   # no process to spare: the parent scans this part too
-    if pid:
-        os.close(writable)
-        return [pid, readable]
-    status = 1
-    try:
-        os.close(readable)
-        part, hosts = ScanResult(log_filter.name, ""), {}
-        _scan_regions(log_filter, _file_regions(fd, part, context, first, stop), part, hosts)
-        data = marshal.dumps((part.lines, part.matched, part.ignored, part.malformed, part.forged,
-                              [(str(address), count) for address, count in hosts.values()]))
-        with os.fdopen(writable, "wb") as out:
-            out.write(data)
-        status = 0
-    finally:
-        os._exit(status)   # never the parent's cleanup, buffers or exit handlers
-
-
-def _merge_child(child, result, hosts):
-    """Add a child's counts to result and hosts; False if it did not finish."""
-    import marshal
-    if not child:
-        return False
-    pid, readable = child
-    with os.fdopen(readable, "rb") as stream:
-        data = stream.read()
-    _pid, status = os.waitpid(pid, 0)
-    child.clear()
-    if status != 0:
-        return False
-    try:
-        lines, matched, ignored, malformed, forged, counted = marshal.loads(data)
-    except (EOFError, ValueError, TypeError):
-        return False
-    result.lines += lines
-    result.matched += matched
-    result.ignored += ignored
-    result.malformed += malformed
-    result.forged += forged
-    for text, count in counted:   # keyed apart from the parent's id() keys; merged by text
-        tally = hosts.setdefault(("child", text), [text, 0])
-        tally[1] += count
-    return True
-
-
-def _reap(children):
-    for child in children:
-        if child:   # not merged: an error in the parent
-            pid, readable = child
-            os.close(readable)
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
 
 
 def _regions(stream, result, context):
