@@ -115,19 +115,12 @@ def classify_region(log_filter, buffer, low, high):
     starts, ends = _candidates(buffer, log_filter.prefilter, low, high)
     if not starts:
         return [], 0
-    find = buffer.find
-    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
-    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
-    if at_line is not None and max(map(sub, ends, starts)) <= MAX_LINE_BYTES:
-        matches = list(map(at_line, repeat(buffer), starts, ends))
-        if None not in matches:
-            addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches,
-                                                      repeat(first.regex.groupindex["host"]))))
-            seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
-            if (id(None) not in seen and id(Outcome.MALFORMED) not in seen
-                    and not any(max(map(find, repeat(required), starts, ends)) >= 0
-                                for required, _skip in log_filter._ignore)):
-                return list(zip(starts, ends, addresses)), 0
+    raws = _common_hosts(log_filter, buffer, starts, ends)
+    if raws is not None:
+        addresses = list(map(_HOST_CACHE.get, raws))
+        seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
+        if id(None) not in seen and id(Outcome.MALFORMED) not in seen:
+            return list(zip(starts, ends, addresses)), 0
     return _classify_lines(log_filter, starts, ends, list(map(buffer.__getitem__, map(slice, starts, ends))))
 
 
