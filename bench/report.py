@@ -48,6 +48,11 @@ def _verdict(ok):
     return MET if ok else MISSED
 
 
+def _one_cpu(throughput):
+    one = throughput.get("policyd_one_cpu")
+    return f"; on one CPU {one['wall_seconds']:.2f} s ({throughput['ratio_wall_one_cpu']}x)" if one else ""
+
+
 def rows(results):
     """[(measurement, policyd, fail2ban, target, verdict)] for whatever `results` holds."""
     out = []
@@ -56,7 +61,7 @@ def rows(results):
         t = results["throughput"]
         out.append((f"(a) filter throughput, nginx error.log, {t['lines']:,} lines ({t['matched']:,} failures)",
                     f"{t['policyd']['wall_seconds']:.2f} s wall ({t['policyd_lines_per_second']:,} lines/s; "
-                    f"scan {t['policyd']['scan_seconds']:.3f} s)",
+                    f"scan {t['policyd']['scan_seconds']:.3f} s)" + _one_cpu(t),
                     f"{t['fail2ban']['wall_seconds']:.2f} s wall ({t['fail2ban_lines_per_second']:,} lines/s; "
                     f"scan {t['fail2ban']['scan_seconds']:.2f} s)",
                     f">= 30x fail2ban-regex: {t['ratio_wall']}x wall, {t['ratio_scan']}x scan",
@@ -65,7 +70,7 @@ def rows(results):
         mix = f"{t['failures'] * 100:g}% failures" if t["failures"] else "no candidate lines"
         out.append((f"(a) filter throughput, {mix}, {t['lines']:,} lines ({t['matched']:,} failures)",
                     f"{t['policyd']['wall_seconds']:.2f} s wall, start-up included (scan "
-                    f"{t['policyd']['scan_seconds']:.3f} s)",
+                    f"{t['policyd']['scan_seconds']:.3f} s)" + _one_cpu(t),
                     f"{t['fail2ban']['wall_seconds']:.2f} s wall (scan {t['fail2ban']['scan_seconds']:.2f} s)",
                     f">= 30x fail2ban-regex: {t['ratio_wall']}x wall", _verdict(t["ratio_wall"] >= 30)))
     for key, label in (("latency", "(b) ban latency, real nginx, IPv4"),

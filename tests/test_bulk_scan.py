@@ -244,3 +244,62 @@ def test_a_slice_read_in_two_keeps_only_its_last_write_droppable():
     everything = first + second
     assert [f.host for f in everything if isinstance(f, Failure)] == [ipaddress.ip_address(ATTACKER)] * 40
     assert [f.sender for f in everything if isinstance(f, Forgery)] == [ipaddress.ip_address(ATTACKER)]
+
+
+def scanned_in_parts(log_filter, path, chunk, workers):
+    """scanned() by `workers` processes, whatever the file's size."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("policyd.logs.filters.READ_CHUNK_BYTES", chunk)
+        patch.setattr("policyd.logs.scanparts.PARALLEL_BYTES", 1)
+        patch.setattr("policyd.logs.scanparts.MAX_WORKERS", workers)
+        result = scan(log_filter, path, workers=None)
+    return {"lines": result.lines, "matched": result.matched, "malformed": result.malformed,
+            "forged": result.forged, "hosts": result.hosts, "ignored": result.ignored}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.sampled_from(range(len(PIECES))), min_size=1, max_size=60),
+       chunk=st.integers(min_value=64, max_value=9000), workers=st.integers(min_value=2, max_value=4))
+def test_a_scan_in_processes_counts_what_one_process_counts(tmp_path, pieces, chunk, workers):
+    # Each process counts the lines starting in its part and reads the guard's
+    # context across the cut: forged lines near a cut are dropped as in one process.
+    data = b"".join(PIECES[i] for i in pieces)
+    log = tmp_path / "error.log"
+    log.write_bytes(data)
+    assert scanned_in_parts(NGINX_AUTH, log, chunk, workers) == per_line(NGINX_AUTH, data)
+
+
+@pytest.mark.parametrize("write", [encoded_write(), truncated_write()], ids=["encoded", "truncated"])
+def test_a_forging_write_is_judged_wherever_the_processes_cut_the_log(tmp_path, write):
+    body = line(auth_failure(ATTACKER)) * 3 + write + line(auth_failure("198.51.100.30"))
+    for head in range(0, 4300, 97):
+        log, data = shifted(tmp_path, head, body)
+        expected = per_line(NGINX_AUTH, data)
+        assert expected["forged"] >= 1
+        assert scanned_in_parts(NGINX_AUTH, log, 512, 2) == expected, head
+
+
+def test_a_log_ending_without_a_newline_or_in_an_over_long_line_counts_so_in_processes(tmp_path):
+    log = tmp_path / "error.log"
+    for tail in (line(auth_failure("198.51.100.31"))[:-1], b"y" * (MAX_LINE_BYTES + 10)):
+        data = line(auth_failure(ATTACKER)) * 40 + b"y" * (MAX_LINE_BYTES + 10) + b"\n" + tail
+        log.write_bytes(data)
+        assert scanned_in_parts(NGINX_AUTH, log, 4096, 2) == scanned(NGINX_AUTH, log, 4096)
+
+
+def test_a_part_whose_child_fails_is_scanned_by_the_parent(tmp_path):
+    from policyd.logs import scanparts
+    data = b"".join(line(auth_failure(f"192.0.2.{n}", connection=n)) for n in range(1, 60)) + encoded_write()
+    log = tmp_path / "error.log"
+    log.write_bytes(data)
+    parent, real = os.getpid(), scanparts.scan
+
+    def failing_children(scan_part, parts, result, hosts):
+        def part(first, stop, result, hosts):
+            if os.getpid() != parent:
+                raise RuntimeError("a child that dies")
+            return scan_part(first, stop, result, hosts)
+        return real(part, parts, result, hosts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scanparts, "scan", failing_children)
+        assert scanned_in_parts(NGINX_AUTH, log, 512, 3) == per_line(NGINX_AUTH, data)

@@ -7,6 +7,7 @@ objects). Both inline the first rule's common case: the line matches it with a
 valid host; every other case goes through Filter.classify's own code.
 """
 import re
+from collections import Counter
 from itertools import repeat
 from operator import sub
 
@@ -66,6 +67,43 @@ def classify_batch(log_filter, lines):
     return results
 
 
+def region_failures(log_filter, buffer, low, high):
+    """What test-filter counts of buffer[low:high] (whole lines, no NUL byte) when
+    every line holding a prefilter token takes the first rule's common case (it
+    matches with a good host, and no ignore regex can match it): (starts, ends,
+    {host text: [address, failures]}) of its failure lines, found by C loops
+    alone; else None, and classify_region() must judge the region."""
+    starts, ends = _candidates(buffer, log_filter.prefilter, low, high)
+    if not starts:
+        return starts, ends, {}
+    raws = _common_hosts(log_filter, buffer, starts, ends)
+    if raws is None:
+        return None
+    tally = {}
+    for raw, count in Counter(raws).items():   # each host text parsed (or found in the cache) once
+        address = _cached_parse_host(raw)
+        if address is None:
+            return None
+        tally[raw] = [address, count]
+    return starts, ends, tally
+
+
+def _common_hosts(log_filter, buffer, starts, ends):
+    """The host texts of the candidate lines if each takes the first rule's common
+    case but for the host's validity, else None."""
+    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
+    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
+    if at_line is None or max(map(sub, ends, starts)) > MAX_LINE_BYTES:
+        return None
+    matches = list(map(at_line, repeat(buffer), starts, ends))
+    if None in matches:
+        return None
+    find = buffer.find
+    if any(max(map(find, repeat(required), starts, ends)) >= 0 for required, _skip in log_filter._ignore):
+        return None
+    return list(map(_Match.group, matches, repeat(first.regex.groupindex["host"])))
+
+
 def classify_region(log_filter, buffer, low, high):
     """classify() of every line of buffer[low:high] (whole lines, no NUL byte), in
     bulk: ([(start, end, address)] of its failures, number of MALFORMED lines).
@@ -77,19 +115,12 @@ def classify_region(log_filter, buffer, low, high):
     starts, ends = _candidates(buffer, log_filter.prefilter, low, high)
     if not starts:
         return [], 0
-    find = buffer.find
-    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
-    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
-    if at_line is not None and max(map(sub, ends, starts)) <= MAX_LINE_BYTES:
-        matches = list(map(at_line, repeat(buffer), starts, ends))
-        if None not in matches:
-            addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches,
-                                                      repeat(first.regex.groupindex["host"]))))
-            seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
-            if (id(None) not in seen and id(Outcome.MALFORMED) not in seen
-                    and not any(max(map(find, repeat(required), starts, ends)) >= 0
-                                for required, _skip in log_filter._ignore)):
-                return list(zip(starts, ends, addresses)), 0
+    raws = _common_hosts(log_filter, buffer, starts, ends)
+    if raws is not None:
+        addresses = list(map(_HOST_CACHE.get, raws))
+        seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
+        if id(None) not in seen and id(Outcome.MALFORMED) not in seen:
+            return list(zip(starts, ends, addresses)), 0
     return _classify_lines(log_filter, starts, ends, list(map(buffer.__getitem__, map(slice, starts, ends))))
 
 
@@ -144,12 +175,12 @@ def _candidates(buffer, tokens, low, high):
     find, rfind = buffer.find, buffer.rfind
     for token in tokens:
         hits, size = [], len(token)
+        add = hits.append
         position = search_token(buffer, token, low, high)
+        # bytes.find skips ahead (about 1.4 instructions a byte); a regex's search
+        # for a literal steps byte by byte, several times the cost on a slice.
         while position >= 0:
-            hits.append(position)
-            if len(hits) == _DENSE:   # many more to come: the rest by one C loop
-                hits.extend(map(_Match.start, _literal(token).finditer(buffer, position + size, high)))
-                break
+            add(position)
             position = find(token, position + size, high)
         if hits:   # their lines' starts, once each (a line may hold several tokens)
             starts.update(dict.fromkeys(map(_after, map(rfind, repeat(b"\n"), repeat(0), hits))))
@@ -157,16 +188,7 @@ def _candidates(buffer, tokens, low, high):
     return starts, list(map(find, repeat(b"\n"), starts, repeat(high)))
 
 
-_DENSE = 16
-_LITERALS = {}
 _AT_LINE = {}
-
-
-def _literal(token):
-    compiled = _LITERALS.get(token)
-    if compiled is None:
-        compiled = _LITERALS[token] = re.compile(re.escape(token))
-    return compiled
 
 
 def _at_line(regex):

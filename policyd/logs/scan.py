@@ -6,14 +6,16 @@ and the bulk path: a slice is searched for the filter's `contains` tokens at C
 speed, only the lines around a hit become Python objects, and the guard judges
 in full only the failures near a line that could have forged them. A slice with
 a NUL byte or a very long line takes the per-line path (the daemon's judge).
+A big file is cut into parts, one per CPU (policyd.logs.scanparts).
 """
 import os
 import re
 import time
 from collections import Counter
 
-from policyd.logs import filters
+from policyd.logs import filters, scanparts
 from policyd.errors import InputError
+from policyd.logs.filterbulk import region_failures
 from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, _plain_region
 
 _NEWLINE = re.compile(b"\n")
@@ -49,8 +51,12 @@ class ScanResult:
         }
 
 
-def scan(log_filter, path):
-    """Run `log_filter` over the file at `path`, counting outcomes per line."""
+def scan(log_filter, path, workers=1):
+    """Run `log_filter` over the file at `path`, counting outcomes per line.
+    workers: processes sharing a big regular file (None: one per usable CPU, at
+    most policyd.logs.scanparts.MAX_WORKERS); each counts the lines starting in
+    its part of the file, reading the guard's context across the cuts, so the
+    counts are those of one process."""
     result = ScanResult(log_filter.name, str(path))
     hosts = {}
     started = time.perf_counter()
@@ -59,15 +65,17 @@ def scan(log_filter, path):
     context = guard.get("entry_max_bytes", 1) + 1 if guard else 0
     try:
         with open(path, "rb", buffering=0) as stream:
-            regions = (_file_regions(stream.fileno(), result, context) if stream.seekable()
-                       else _regions(stream, result, context))
-            for buffer, low, high, whole in regions:
-                if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.logs.fail2ban)
-                    log_filter.scan_region(buffer, high, result, hosts)
-                elif log_filter.prefilter and _plain_region(buffer, whole):
-                    _scan_region(log_filter, buffer, low, high, whole, result, hosts)
-                else:
-                    _scan_lines(log_filter, buffer[:whole], low, high, result, hosts)
+            if not stream.seekable():
+                _scan_regions(log_filter, _regions(stream, result, context), result, hosts)
+            else:
+                fd = stream.fileno()
+
+                def scan_part(first, stop, result, hosts):
+                    _scan_regions(log_filter, _file_regions(fd, result, context, first, stop), result, hosts)
+                    return result, hosts
+
+                one = hasattr(log_filter, "scan_region")   # fail2ban filters: one process, as ever
+                scanparts.scan(scan_part, scanparts.parts(fd, 1 if one else workers), result, hosts)
     except OSError as error:
         raise InputError(f"cannot read log: {error.strerror}", file=path) from None
     result.seconds = time.perf_counter() - started
@@ -78,10 +86,23 @@ def scan(log_filter, path):
     return result
 
 
-def _file_regions(fd, result, context):
+def _scan_regions(log_filter, regions, result, hosts):
+    for buffer, low, high, whole in regions:
+        if hasattr(log_filter, "scan_region"):   # fail2ban filters (policyd.logs.fail2ban)
+            log_filter.scan_region(buffer, high, result, hosts)
+        elif log_filter.prefilter and _plain_region(buffer, whole):
+            _scan_region(log_filter, buffer, low, high, whole, result, hosts)
+        else:
+            _scan_lines(log_filter, buffer[:whole], low, high, result, hosts)
+
+
+def _file_regions(fd, result, context, first=0, stop=None):
     """_regions() for a file that can be read at any offset: each slice is read
-    with its context (read twice, a few kB), so no slice is copied to join it."""
-    base = low = 0          # the file offsets of buffer[0] and of the first line to count
+    with its context (read twice, a few kB), so no slice is copied to join it.
+    Only the lines starting in [first, stop) are counted (line starts; stop
+    None: to the end), with the context before and after read as ever."""
+    low = first             # the file offsets of buffer[0] and of the first line to count
+    base = _line_start_before(fd, first - context) if first and context else first
     size = max(filters.READ_CHUNK_BYTES, 2 * context)
     while True:
         at, start = base, low - base
@@ -94,6 +115,11 @@ def _file_regions(fd, result, context):
         tail = len(buffer) - whole     # a line still without its newline
         if high <= start and not end_of_file and tail > MAX_LINE_BYTES:
             high = whole               # count what precedes an over-long line now
+        if stop is not None and at + high >= stop:
+            # The last slice of this part: the context after it is in the buffer.
+            if stop - at > start:
+                yield buffer, start, stop - at, whole
+            return
         if high > start:
             yield buffer, start, high, whole
             low, size = at + high, max(filters.READ_CHUNK_BYTES, 2 * context)
@@ -122,6 +148,17 @@ def _file_regions(fd, result, context):
             base = low = skip + cut + 1
         elif high <= start:
             size *= 2   # lines too long for one slice with its context: a larger slice
+
+
+def _line_start_before(fd, offset):
+    """The start of the line holding file offset `offset` (0 if before the file)."""
+    while offset > 0:
+        at = max(0, offset - 65536)
+        found = os.pread(fd, offset - at, at).rfind(b"\n")
+        if found >= 0:
+            return at + found + 1
+        offset = at
+    return 0
 
 
 def _regions(stream, result, context):
@@ -175,11 +212,33 @@ def _scan_region(log_filter, buffer, low, high, whole, result, hosts):
     # cut out only the lines around a hit; every other line is counted as
     # ignored without ever becoming a Python object.
     line_count = len(_NEWLINE.findall(buffer, low, high))
+    common = region_failures(log_filter, buffer, low, high)
+    region_judge = None
+    if common is not None and common[0] and log_filter.guard:
+        from policyd.logs.guardscan import RegionJudge  # the guard builds on policyd.logs.filters
+        region_judge = RegionJudge(log_filter, buffer, whole, list(zip(common[0], common[1])))
+        if region_judge.suspects or region_judge.continuation:
+            common = None   # some failures may be dropped: judged one by one below
+    if common is not None:
+        # Counted by host text, each parsed once (policyd.logs.filterbulk).
+        matched = 0
+        for key, (address, count) in common[2].items():
+            matched += count
+            counted = hosts.get(key)
+            if counted is None:
+                hosts[key] = [address, count]
+            else:
+                counted[1] += count
+        result.lines += line_count
+        result.matched += matched
+        result.ignored += line_count - matched
+        return
     failures, malformed = log_filter.classify_region(buffer, low, high)
     forged = 0
     if log_filter.guard and failures:
-        from policyd.logs.guardscan import RegionJudge  # the guard builds on policyd.logs.filters
-        region_judge = RegionJudge(log_filter, buffer, whole, [(s, e) for s, e, _ in failures])
+        if region_judge is None:
+            from policyd.logs.guardscan import RegionJudge
+            region_judge = RegionJudge(log_filter, buffer, whole, [(s, e) for s, e, _ in failures])
         if region_judge.suspects or region_judge.continuation:
             kept = [f for f in failures if not region_judge.drops(f[0], f[1])]
             forged = len(failures) - len(kept)
