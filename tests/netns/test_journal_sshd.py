@@ -111,5 +111,8 @@ def test_failed_ssh_logins_in_the_journal_end_in_a_ban(world, tmp_path):
             sshd.wait(timeout=10)
         except subprocess.TimeoutExpired:
             sshd.kill()
+        # sshd's last words ("Received signal 15") reach the relay after the
+        # stop: it ends at their EOF, and only then may the journal pipe close.
+        relay.thread.join(timeout=10)
         pipe.close()
     assert f"addr={STRANGER_V4}/32" in err
