@@ -108,14 +108,19 @@ def shifted(tmp_path, head, body):
 
 
 @pytest.mark.parametrize("write", [encoded_write(), truncated_write()], ids=["encoded", "truncated"])
-def test_a_forging_write_is_judged_wherever_a_slice_boundary_falls(tmp_path, write):
-    # Genuine failures, then the forging write, slid over every place a slice can end.
+@pytest.mark.parametrize("cut, step", [("slices", 41), ("processes", 97)])
+def test_a_forging_write_is_judged_wherever_a_slice_or_process_boundary_falls(tmp_path, write,
+                                                                              cut, step):
+    # Genuine failures, then the forging write, slid over every place a slice
+    # can end, or (each process counting the lines starting in its part) a part.
     body = line(auth_failure(ATTACKER)) * 3 + write + line(auth_failure("198.51.100.30"))
-    for head in range(0, 4300, 41):
+    for head in range(0, 4300, step):
         log, data = shifted(tmp_path, head, body)
         expected = per_line(NGINX_AUTH, data)
         assert expected["forged"] >= 1 and expected["hosts"] == {ATTACKER: 3, "198.51.100.30": 1}
-        assert scanned(NGINX_AUTH, log, 512) == expected, head
+        found = (scanned(NGINX_AUTH, log, 512) if cut == "slices"
+                 else scanned_in_parts(NGINX_AUTH, log, 512, 2))
+        assert found == expected, head
 
 
 def test_a_failure_line_split_across_reads_counts_once(tmp_path):
@@ -267,16 +272,6 @@ def test_a_scan_in_processes_counts_what_one_process_counts(tmp_path, pieces, ch
     log = tmp_path / "error.log"
     log.write_bytes(data)
     assert scanned_in_parts(NGINX_AUTH, log, chunk, workers) == per_line(NGINX_AUTH, data)
-
-
-@pytest.mark.parametrize("write", [encoded_write(), truncated_write()], ids=["encoded", "truncated"])
-def test_a_forging_write_is_judged_wherever_the_processes_cut_the_log(tmp_path, write):
-    body = line(auth_failure(ATTACKER)) * 3 + write + line(auth_failure("198.51.100.30"))
-    for head in range(0, 4300, 97):
-        log, data = shifted(tmp_path, head, body)
-        expected = per_line(NGINX_AUTH, data)
-        assert expected["forged"] >= 1
-        assert scanned_in_parts(NGINX_AUTH, log, 512, 2) == expected, head
 
 
 def test_a_log_ending_without_a_newline_or_in_an_over_long_line_counts_so_in_processes(tmp_path):

@@ -88,9 +88,9 @@ def region_failures(log_filter, buffer, low, high):
     return starts, ends, tally
 
 
-def _common_hosts(log_filter, buffer, starts, ends):
-    """The host texts of the candidate lines if each takes the first rule's common
-    case but for the host's validity, else None."""
+def _common_matches(log_filter, buffer, starts, ends):
+    """The first rule's matches of the candidate lines if each takes its common
+    case but for the host's validity (it matches, no ignore regex can), else None."""
     first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
     at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
     if at_line is None or max(map(sub, ends, starts)) > MAX_LINE_BYTES:
@@ -101,6 +101,16 @@ def _common_hosts(log_filter, buffer, starts, ends):
     find = buffer.find
     if any(max(map(find, repeat(required), starts, ends)) >= 0 for required, _skip in log_filter._ignore):
         return None
+    return matches
+
+
+def _common_hosts(log_filter, buffer, starts, ends):
+    """The host texts of the candidate lines if each takes the first rule's common
+    case but for the host's validity, else None."""
+    matches = _common_matches(log_filter, buffer, starts, ends)
+    if matches is None:
+        return None
+    first = log_filter._checked_rules[0][0]
     return list(map(_Match.group, matches, repeat(first.regex.groupindex["host"])))
 
 
@@ -143,9 +153,8 @@ def failures_in_lines(log_filter, lines):
     starts, ends = _candidates(buffer, log_filter.prefilter, 0, len(buffer))
     if not starts:
         return [], []
-    matches = list(map(at_line, repeat(buffer), starts, ends))
-    if None in matches or any(max(map(buffer.find, repeat(required), starts, ends)) >= 0
-                              for required, _skip in log_filter._ignore):
+    matches = _common_matches(log_filter, buffer, starts, ends)
+    if matches is None:
         return None
     groups = first.regex.groupindex
     addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches, repeat(groups["host"]))))

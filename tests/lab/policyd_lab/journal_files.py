@@ -13,6 +13,15 @@ BOOT_ID = "0123456789abcdef0123456789abcdef"
 available = os.access(JOURNAL_REMOTE, os.X_OK)
 
 
+def _as_journald_writes(fields, monotonic, transport):
+    """An entry's fields with the ones journald adds itself (its "time", if given,
+    becomes the realtime stamp)."""
+    fields = dict(fields)
+    return {"__REALTIME_TIMESTAMP": str(int(fields.pop("time", time.time()) * 1e6)),
+            "__MONOTONIC_TIMESTAMP": str(monotonic), "_BOOT_ID": BOOT_ID,
+            "_HOSTNAME": "box", "_TRANSPORT": transport, **fields}
+
+
 class JournalWriter:
     """Appends entries to DIR/NAME.journal; rotate() starts a new file."""
 
@@ -37,10 +46,7 @@ class JournalWriter:
         blob = bytearray()
         for fields in entries:
             self.monotonic += 1000
-            fields = {"__REALTIME_TIMESTAMP": str(int(fields.pop("time", time.time()) * 1e6)),
-                      "__MONOTONIC_TIMESTAMP": str(self.monotonic), "_BOOT_ID": BOOT_ID,
-                      "_HOSTNAME": "box", "_TRANSPORT": "syslog", **fields}
-            for key, value in fields.items():
+            for key, value in _as_journald_writes(fields, self.monotonic, "syslog").items():
                 data = value.encode() if isinstance(value, str) else value
                 if b"\n" in data:
                     blob += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
@@ -92,10 +98,7 @@ class JournalPipe:
         blob = bytearray()
         for fields in entries:
             self.monotonic += 1000
-            fields = {"__REALTIME_TIMESTAMP": str(int(fields.pop("time", time.time()) * 1e6)),
-                      "__MONOTONIC_TIMESTAMP": str(self.monotonic), "_BOOT_ID": BOOT_ID,
-                      "_HOSTNAME": "box", "_TRANSPORT": "stdout", **fields}
-            for key, value in fields.items():
+            for key, value in _as_journald_writes(fields, self.monotonic, "stdout").items():
                 blob += f"{key}={value}\n".encode()
             blob += b"\n"
         self.proc.stdin.write(bytes(blob))
