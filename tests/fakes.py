@@ -106,6 +106,7 @@ class FakeNft:
         self.model = Ruleset()
         self.expiry = {}  # (table, set, element value) -> when its timeout ends
         self.loads = []
+        self.ban_loads = []  # (index into loads, ban table, ipv6 prefix, bans) of a load with bans
         self.refuse = None  # a message: the next load fails with it
         self.before_load = None  # called with the document before it is applied
 
@@ -113,7 +114,7 @@ class FakeNft:
     def tables(self):
         return self.model.tables
 
-    def load(self, document):
+    def load(self, document, bans=None):
         if self.before_load:
             self.before_load(document)
         if self.refuse:
@@ -134,6 +135,8 @@ class FakeNft:
                         self.expiry[key] = self.clock.now + elem["elem"]["timeout"]
         self.model = model
         self.loads.append(document)
+        if bans is not None:
+            self.ban_loads.append((len(self.loads) - 1, bans.table, bans.ipv6_prefix, bans.items))
 
     def _expire(self):
         if not self.timers:

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from policyd.banning.bankeys import BanElements
+from policyd.kernel import nfnetlink
 from policyd.kernel import nft as nft_mod
 from policyd.policy import reader as policy
 from policyd.rules.compile import compile_policy
@@ -37,13 +39,17 @@ class FakeContext:
         return 0, "", ""
 
 
-class FakeNetlink:
+class FakeNetlink(nfnetlink.Netlink):
+    """Records batches instead of sending them; encodes messages as the real one."""
+
     def __init__(self, refuse=False):
         self.refuse = refuse
         self.batches = []
 
     def send_batch(self, messages):
         if self.refuse:
+            if self.refuse is not True:  # a count: refuse that many batches
+                self.refuse -= 1
             raise OSError(22, "Invalid argument")
         self.batches.append(messages)
 
@@ -88,3 +94,28 @@ def test_a_refused_policy_is_an_error_and_nothing_is_loaded(document):
     with pytest.raises(KernelError, match="File exists"):
         nft.load(document)
     assert [dry for dry, _ in context.loads] == [True] and nft.loads % 2 == 0
+
+
+BANS = BanElements("policyd_bans", 64, [((4, 0xC6336401, 32), 600), ((6, 0x20010DB8 << 96, 64), 60)])
+BAN_HEADS = tuple(nfnetlink.set_head("policyd_bans", name) for name in ("ban4", "ban6"))
+
+
+def _ban_messages(batch):
+    return [body for kind, _flags, body in batch
+            if kind == nfnetlink.NFT_MSG_NEWSETELEM and body.startswith(BAN_HEADS)]
+
+
+def test_bans_given_with_a_load_go_in_its_batch(document):
+    """Tables put back after a flush come back with their bans in one transaction."""
+    context, netlink = FakeContext(), FakeNetlink()
+    _nft(context, netlink).load(document, bans=BANS)
+    (batch,) = netlink.batches
+    assert batch[:-2] == nft_mod.nlbatch.encode(document) and len(_ban_messages(batch)) == 2
+
+
+def test_bans_follow_a_load_through_libnftables_in_a_second_batch(document):
+    context, netlink = FakeContext(), FakeNetlink(refuse=1)  # the document's encoding only
+    _nft(context, netlink).load(document, bans=BANS)
+    assert [dry for dry, _ in context.loads] == [True, False]
+    (batch,) = netlink.batches
+    assert len(_ban_messages(batch)) == 2 == len(batch)

@@ -88,3 +88,25 @@ def test_the_worker_collects_nothing_during_a_job_and_freezes_what_a_big_one_lea
     assert gc.isenabled()
     assert gc.get_freeze_count() >= before + 2 * FREEZE_AFTER_OBJECTS
     gc.unfreeze()
+
+
+def test_flushed_tables_come_back_with_their_bans_in_the_same_transaction(world, clock):
+    """After `nft flush ruleset` the ban table must never be back without its bans:
+    a banned source would get through between the policy's load and a later one
+    of the bans. The bans in force ride in the load that puts the tables back."""
+    kernel, _store, _paths, policy, upkeep = world
+    ban = (4, 0xC6336401, 32)  # 198.51.100.1
+    expires = {ban: clock.now + 600, (4, 0xC6336402, 32): clock.now - 1}  # the second has ended
+    kernel.model.tables.clear()
+    found = upkeep.check(kernel, policy, bans_in_force=lambda: [
+        (key, int(ends - clock.now)) for key, ends in expires.items() if ends > clock.now])
+    assert "restored_ms" in found
+    assert kernel.ban_loads == [(len(kernel.loads) - 1, policy.bans_table,
+                                 policy.bans.ipv6_prefix, [(ban, 600)])]
+
+
+def test_tables_put_back_before_any_ban_book_exists_load_only_the_policy(world):
+    kernel, _store, _paths, policy, upkeep = world
+    kernel.model.tables.clear()
+    assert "restored_ms" in upkeep.check(kernel, policy)
+    assert kernel.ban_loads == []

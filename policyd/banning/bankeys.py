@@ -7,6 +7,7 @@ import ipaddress
 import itertools
 import math
 import socket
+from typing import NamedTuple
 
 from policyd import addr
 from policyd.errors import InputError
@@ -53,6 +54,14 @@ _PREFIX_BYTE = {prefixlen: bytes((prefixlen,)) for prefixlen in range(129)}  # a
 
 def key_from_blob(data):
     return (4 if len(data) == 5 else 6, int.from_bytes(data[:-1], "big"), data[-1])
+
+
+class BanElements(NamedTuple):
+    """Bans for the kernel to take in the transaction of a whole load: the ban
+    table, its IPv6 prefix (which keys go to the hash sets) and [(key, seconds left)]."""
+    table: str
+    ipv6_prefix: int
+    items: list
 
 
 def timeout(expires_at, now):

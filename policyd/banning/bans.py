@@ -312,8 +312,12 @@ class BanManager:
 
     def _in_force(self, now):
         """[(key, seconds left)] of the bans in force at `now`."""
-        return [(key, timeout(entry[0], now)) for key, entry in self.book.active.items()
-                if entry[0] > now]
+        return in_force(self.book.active.items(), now)
+
+    def in_force_now(self):
+        """_in_force for another thread (the worker putting flushed tables back):
+        read from a snapshot(), as the main thread may change the book meanwhile."""
+        return in_force(self.snapshot(), self.clock())
 
     @property
     def active_count(self):
@@ -336,6 +340,11 @@ class BanManager:
 
     def state_in_flight(self):
         return self.queue.in_flight()
+
+
+def in_force(items, now):
+    """[(key, seconds left)] of the (key, entry) items in force at `now`."""
+    return [(key, timeout(entry[0], now)) for key, entry in items if entry[0] > now]
 
 
 def active_in(snapshot, now):

@@ -151,12 +151,13 @@ class PolicyUpkeep:
             return committed, True
         return committed, False
 
-    def check(self, nft, policy, elements_drifted=False):
+    def check(self, nft, policy, elements_drifted=False, bans_in_force=None):
         """{"committed": a newer committed Policy, "rolled_back": a trial past its
         deadline was ended, "restored_ms": the tables were gone or edited (or
         elements_drifted: the element watch, policyd.kernel.drift, saw a guard set's
-        elements differ) and the committed policy is back (the caller restores
-        the bans), "trial_active": whether a trial runs now (for the metrics)}."""
+        elements differ) and the committed policy is back, with bans_in_force() in
+        its transaction (the caller then adds the bans made since), "trial_active":
+        whether a trial runs now (for the metrics)}."""
         found = {}
         meta = self.store.meta()
         if meta and meta.get("sha256") != policy.digest:
@@ -167,7 +168,7 @@ class PolicyUpkeep:
                 # A CLI apply holds the lock while it changes the kernel: look again later.
                 if got and (elements_drifted or self._drifted(nft, policy)):
                     started = time.perf_counter()
-                    trial.restore_committed_locked(nft, self.store)
+                    trial.restore_committed_locked(nft, self.store, bans_in_force)
                     found["restored_ms"] = round((time.perf_counter() - started) * 1000, 1)
         found["trial_active"] = self.store.pending() is not None
         return found

@@ -353,7 +353,9 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
         # gone or edited) runs on the worker; _upkept() takes its findings.
         policy = self.policy
         elements_drifted = self.elements.drifted  # the element watch's verdict, read here
-        self.chores.submit("upkeep", lambda nft: self._upkeep_job(nft, policy, elements_drifted),
+        bans_in_force = self.bans.in_force_now  # read on the worker, from a snapshot
+        self.chores.submit("upkeep", lambda nft: self._upkeep_job(nft, policy, elements_drifted,
+                                                                   bans_in_force),
                            self._upkept)
         try:
             for ban in self.bans.expire(write_state=False):  # _save() writes it

@@ -88,11 +88,11 @@ class PolicyKeeping:
             log.warning("policy file differs from the committed policy %s", kv(
                 file=self.policy_path, hint="policyd apply --confirm-timeout 60 to load it"))
 
-    def _upkeep_job(self, nft, policy, elements_drifted):
+    def _upkeep_job(self, nft, policy, elements_drifted, bans_in_force):
         """On the worker: housekeeping's policy half, and the list files of a newer
         committed policy read there too (100k lines parsed on the main loop would
         hold bans up)."""
-        found = self.upkeep.check(nft, policy, elements_drifted)
+        found = self.upkeep.check(nft, policy, elements_drifted, bans_in_force)
         if found.get("committed") is not None:
             self.lists.epoch += 1
             try:

@@ -91,12 +91,16 @@ class Netlink:
         down the same ban, so there is nothing to replace. The sets named in
         `flush` are emptied first, in the same transaction.
         """
+        self._send(self.add_messages(table, changes, flush))
+
+    def add_messages(self, table, changes, flush=()):
+        """add()'s messages, for a caller that sends them within a larger batch."""
         # DELSETELEM without an element list flushes the set (Linux >= 4.10).
         messages = [(NFT_MSG_DELSETELEM, 0, set_head(table, name)) for name in flush]
         for name, items in changes.items():
             messages += self._messages(NFT_MSG_NEWSETELEM, table, name, _packed(items),
                                        NLM_F_CREATE)
-        self._send(messages)
+        return messages
 
     def set_elements(self, table, name):
         """[(key bytes, milliseconds left or None, flags)] of one set's elements, by a

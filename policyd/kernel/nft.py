@@ -55,22 +55,28 @@ class Nft:
             raise KernelError(_first_error(err) or f"nft failed: {command}")
         return out
 
-    def load(self, document):
+    def load(self, document, bans=None):
         """Run `document` as one transaction; on refusal nothing changed.
 
         Sent as one raw netlink batch when policyd.kernel.nlbatch can encode it (seconds
         faster with large allowlists: no libnftables cache or interval work),
-        by libnftables otherwise.
+        by libnftables otherwise. `bans` (BanElements) are added in the same batch;
+        through libnftables they follow in a second one.
         """
         self._count_load()
         try:
+            extra = []
+            if bans is not None and bans.items:
+                extra = BanTable(self, bans.table, bans.ipv6_prefix).add_messages(bans.items)
             try:
                 messages = nlbatch.encode(document)
             except nlbatch.Unsupported:
                 self._json(document, dry_run=False)
+                if extra:
+                    self.netlink.send_batch(extra)
                 return
             try:
-                self.netlink.send_batch(messages)
+                self.netlink.send_batch(messages + extra)
             except OSError as exc:
                 # The batch changed nothing. libnftables' dry run names what the
                 # kernel refuses; if it accepts the document, the kernel refused
@@ -80,6 +86,8 @@ class Nft:
                 log.warning("kernel refused the netlink encoding (%s); loading through "
                             "libnftables", os.strerror(exc.errno or errno.EINVAL))
                 self._json(document, dry_run=False)
+                if extra:
+                    self.netlink.send_batch(extra)
         finally:
             self._count_load()
 
@@ -210,6 +218,10 @@ class BanTable:
         """
         flush = (BAN_SETS[6], RANGE_BAN_SETS[6]) if flush_ipv6 else ()
         self._netlink.add(self.table, self._changes(items), flush)
+
+    def add_messages(self, items):
+        """add_ban_keys' messages, for Nft.load to send within its batch."""
+        return self._netlink.add_messages(self.table, self._changes(items))
 
     def _changes(self, items):
         """set name -> netlink items for (key, timeout) pairs.

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 
+from policyd.banning.bankeys import BanElements
 from policyd.policy import reader as policy_mod
 from policyd.policy import preflight
 from policyd.rules.compile import TRIAL_SET, compile_policy, delete_table
@@ -242,12 +243,20 @@ def restore_committed(nft, store):
         return restore_committed_locked(nft, store)
 
 
-def restore_committed_locked(nft, store):
-    """restore_committed for a caller that already holds the store's lock."""
+def restore_committed_locked(nft, store, bans_in_force=None):
+    """restore_committed for a caller that already holds the store's lock.
+
+    bans_in_force() ([(ban key, seconds left)]): the daemon's bans, loaded in the
+    same transaction, so a ban table put back after `nft flush ruleset` is never
+    in the kernel without its bans, not even for a moment."""
     pending = store.pending()
     committed = store.committed()
     if committed is not None:
-        nft.load(compile_policy(committed).document())
+        document = compile_policy(committed).document()
+        bans = None
+        if bans_in_force is not None:
+            bans = BanElements(committed.bans_table, committed.bans.ipv6_prefix, bans_in_force())
+        nft.load(document, bans=bans)
     elif pending is not None:
         nft.load(compile_policy(empty_policy(pending.policy().table)).document())
     store.clear_pending()

@@ -16,6 +16,7 @@ from policyd_lab.netlab import TIME_SCALE, wait_for
 from policyd.rules.compile import TRIAL_SET, compile_policy
 from policyd.rules.model import FAMILY, Ruleset
 from policyd.errors import KernelError
+from policyd.banning.bankeys import BanElements
 from policyd.kernel.nft import BanTable
 
 OPEN = """\
@@ -170,8 +171,13 @@ def test_a_flushed_ruleset_is_put_back_with_bans_and_their_time(pair):
     bans("add_ban_keys", keys)
     pair.server.nft("flush", "ruleset")
     assert _reaches(pair, "v4") and _reaches(pair, "in28")
-    _load(pair, policy)
-    bans("add_ban_keys", [(key, seconds - 60) for key, seconds in keys])
+    # The tables and their bans come back in one transaction (one generation),
+    # so there is no moment with the ban table and without the bans.
+    restore = BanElements(policy.bans_table, policy.bans.ipv6_prefix,
+                          [(key, seconds - 60) for key, seconds in keys])
+    generation = pair.kernel(lambda nft: nft.netlink.generation())
+    pair.kernel(lambda nft: nft.load(compile_policy(policy).document(), bans=restore))
+    assert pair.kernel(lambda nft: nft.netlink.generation()) == generation + 1
     listed = bans("list_bans")
     assert HOUR - 120 < listed[N(f"{CLIENT['v4']}/32")] <= HOUR - 60
     assert 2 * HOUR - 120 < listed[N("203.0.113.64/28")] <= 2 * HOUR - 60
