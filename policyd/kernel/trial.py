@@ -234,13 +234,14 @@ def enforce(nft, store, now=None):
     return True
 
 
-def restore_committed(nft, store):
-    """Load only the committed policy and discard any trial (boot: a reboot is a rollback).
+def restore_committed(nft, store, bans_in_force=None):
+    """Load only the committed policy and discard any trial (boot: a reboot is a rollback),
+    with bans_in_force() in the same transaction (see restore_committed_locked).
 
     Returns the committed Policy, or None when nothing was ever committed.
     """
     with store.locked():
-        return restore_committed_locked(nft, store)
+        return restore_committed_locked(nft, store, bans_in_force)
 
 
 def restore_committed_locked(nft, store, bans_in_force=None):

@@ -15,7 +15,7 @@ import click
 from policyd.operator.cli_common import (Duration, ask_daemon, compile_policy, explain_mod, format_time,
                                 handle_errors, policy_argument, policy_mod, policystore,
                                 preflight, render, tell_daemon, trial)
-from policyd.errors import InputError, KernelError
+from policyd.errors import InputError, KernelError, PolicydError
 
 
 def _collector_paused(command):
@@ -254,13 +254,27 @@ def restore(obj):
         kept = "the trial" if store.pending() else "the committed policy"
         click.echo(f"tables in place: kept {kept}")
         return
-    policy = trial.restore_committed(nft, store)
-    tell_daemon(obj, "restore")
-    if policy is None:
+    if committed is None:
+        trial.restore_committed(nft, store)  # a first trial's candidate goes
+        tell_daemon(obj, "restore")
         click.echo("nothing committed: no policy loaded")
         return
     from policyd.operator import bandesk
-    bans = bandesk.offline(obj.state_dir, lambda desk: desk.bans.restore())
+
+    def with_bans(desk):
+        # The recorded bans go in the transaction that loads the tables: never
+        # a ban table without its bans, not even for a moment.
+        in_force = desk.bans.in_force_now()
+        return trial.restore_committed(nft, store, lambda: in_force), len(in_force)
+
+    try:
+        policy, bans = bandesk.offline(obj.state_dir, with_bans)
+    except PolicydError:
+        # No bans to read (a damaged state file): the policy goes in all the same.
+        trial.restore_committed(nft, store)
+        tell_daemon(obj, "restore")
+        raise
+    tell_daemon(obj, "restore")
     click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]}) and {bans} bans")
 
 

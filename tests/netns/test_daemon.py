@@ -6,8 +6,9 @@ byte; tests/netns/test_ban_nginx.py drives the same path through real nginx.
 import json
 import signal
 import time
+from pathlib import Path
 
-from policyd_lab.netlab import POLICYD, REPO, PolicydDaemon, wait_for
+from policyd_lab.netlab import POLICYD, REPO, PolicydDaemon, in_namespace, wait_for
 from policyd_lab.nginxlog import nginx_failure
 from policyd_lab.policies import ban_policy, log_file
 from policyd_lab.world import SERVER_V4, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4, STRANGER_V6, TRUSTED_V4
@@ -251,10 +252,37 @@ def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
     assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
     daemon.stop_and_read()
     world.server.nft("flush", "ruleset")  # what a reboot leaves
+    generation = _generation(world.server)
     result = world.server.policyd("restore")
     assert result.returncode == 0 and "and 1 bans" in result.stdout, result.stderr
+    assert _generation(world.server) == generation + 1, "tables and bans in one transaction"
     assert not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2)
     assert world.trusted.can_connect(SERVER_V4, 8080)
+
+
+def test_boot_restore_loads_the_policy_even_when_the_state_file_is_damaged(world):
+    _log, policy = _setup(world)
+    assert world.server.policyd("apply", policy, "--force").returncode == 0
+    state = Path(world.lab.policyd_env(world.server)["POLICYD_STATE_DIR"]) / "state.db"
+    state.write_bytes(b"not a database" * 100)
+    world.server.nft("flush", "ruleset")
+    result = world.server.policyd("restore")
+    assert result.returncode != 0 and "state" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    tables = world.server.nft("list", "tables").stdout
+    assert "inet policyd\n" in tables and "inet policyd_bans" in tables, tables
+
+
+def _generation(host):
+    """The ruleset's generation id in host's namespace: one step per transaction."""
+    def read():
+        from policyd.kernel.nfnetlink import Netlink
+        netlink = Netlink()
+        try:
+            return netlink.generation()
+        finally:
+            netlink.close()
+    return in_namespace(host.name, read)
 
 
 def test_an_edited_policy_file_does_not_take_effect_behind_the_operators_back(world):
