@@ -256,3 +256,17 @@ def test_a_reload_that_changes_the_logs_resumes_each_kept_log_where_it_stopped(d
     source = daemon.sources[0]
     assert daemon.state.load_position(source.path)["offset"] == daemon.log_path.stat().st_size
     assert len(daemon.state.load_failures(since=0.0)) == 200
+
+
+def test_the_loop_wakes_when_a_held_failure_is_due(daemon):
+    """A failure held for the rest of a write that never comes goes out when its
+    hold ends, not at the loop's next housekeeping turn."""
+    judge = daemon.sources[0].judge
+    now = [100.0]
+    judge.clock = lambda: now[0]
+    assert daemon._until_held_failures_are_due(0.5) == 0.5
+    line = (b'2026/11/26 20:00:00 [error] 1#1: *1 user "u": password mismatch, client: 192.0.2.7, '
+            b'server: _, request: "GET / HTTP/1.1", host: "x"')
+    assert judge.judge([line], mid_write=True) == [] and judge.holding
+    now[0] += judge.hold_seconds - 0.2
+    assert daemon._until_held_failures_are_due(0.5) == pytest.approx(0.2)

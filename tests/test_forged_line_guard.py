@@ -140,11 +140,13 @@ def test_a_held_genuine_failure_is_released_after_the_hold(nginx_auth):
     guard = NginxErrorJudge(nginx_auth, clock=lambda: now[0], hold_seconds=1.0)
     line = auth_failure(ATTACKER).encode()
     assert guard.judge([line], mid_write=True) == []
+    assert guard.release_in() == 1.0, "the daemon's loop wakes when it is due"
     now[0] = 0.5
     assert guard.judge([], mid_write=True) == []
+    assert guard.release_in() == 0.5
     now[0] = 1.0
     assert failures(guard.judge([], mid_write=True)) == [ip(ATTACKER)]
-    assert not guard.holding
+    assert not guard.holding and guard.release_in() is None
 
 
 def test_a_flood_read_in_slices_is_banned_slice_by_slice_keeping_only_the_last_write(nginx_auth):

@@ -213,6 +213,7 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
                         and not self._writer_busy()):
                     # The rest of a flood's state, piece by piece (a full writer wakes us).
                     pause = min(pause, max(0.0, self.next_state_write - time.monotonic()))
+                pause = self._until_held_failures_are_due(pause)
                 self.wake.wait(pause)
             self.wake.clear()
             if self.bans is not None:

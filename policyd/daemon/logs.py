@@ -62,6 +62,17 @@ class LogReading:
     def _on_log_change(self, _path):
         self.wake.set()
 
+    def _until_held_failures_are_due(self, pause):
+        """`pause`, or less when a log's judge holds failures for the rest of a write
+        that may never come (policyd.logs.guard): they are banned when due, not at
+        a later turn of the loop."""
+        for source in self.sources:
+            judge = getattr(source, "judge", None)
+            due = judge.release_in() if judge is not None else None
+            if due is not None:
+                pause = min(pause, due)
+        return pause
+
     def _file_failures(self, source):
         """([(host, filter, time)], more lines waiting) from one slice of a log file;
         lines a request forged into another entry are dropped and reported."""

@@ -89,6 +89,11 @@ class PlainJudge:
     def __init__(self, log_filter):
         self.filter = log_filter
 
+    def release_in(self):
+        """Seconds until held failures go out even if the rest of their write never
+        comes; None when nothing is held (the daemon's loop wakes for it)."""
+        return None
+
     def judge(self, lines, mid_write=False):
         """Failures, Forgery events and Outcome.MALFORMED, in log order."""
         return [outcome for _index, outcome in _classify_batch(self.filter, lines)]
@@ -179,6 +184,11 @@ class NginxErrorJudge(PlainJudge):
     @property
     def holding(self):
         return bool(self._held)
+
+    def release_in(self):
+        if not self._held:
+            return None
+        return max(0.0, self._held_since + self.hold_seconds - self.clock())
 
     def judge(self, lines, mid_write=False):
         results = self._held
