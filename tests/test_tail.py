@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ import policyd
 from fakes import MemoryPositions
 from policyd.banning.state import State
 from policyd.logs.logwatch import LogWatcher
+from policyd.logs import writefence
 from policyd.logs.tail import ROTATE_GRACE_SECONDS, LogFollower
 
 WATCH_TIMEOUT = 10.0
@@ -540,7 +542,8 @@ def test_skip_to_end_of_a_missing_or_empty_log_reads_it_from_the_start(log):
     empty.close()
 
 
-def test_mid_write_is_true_only_inside_a_line_or_at_a_page_boundary(log, follower):
+def test_mid_write_is_true_inside_a_line_and_at_a_page_boundary_the_kernel_cannot_vouch_for(
+        log, follower, monkeypatch):
     append(log, b"a" * 99 + b"\n")
     follower.read_lines()
     assert not follower.mid_write
@@ -549,10 +552,33 @@ def test_mid_write_is_true_only_inside_a_line_or_at_a_page_boundary(log, followe
     assert follower.mid_write
     append(log, b"x" * (4096 - 100 - len(b"partial") - 1) + b"\n")   # ends at 4096 exactly
     assert len(follower.read_lines()) == 1 and os.path.getsize(log) == 4096
+    monkeypatch.setattr(writefence, "is_fenced", lambda fd: False)   # xfs, NFS ...
     assert follower.mid_write
     append(log, b"more\n")
     follower.read_lines()
     assert not follower.mid_write
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_a_read_ending_on_a_page_boundary_between_writes_is_not_mid_write(where, tmp_path, clock):
+    """On ext4 and tmpfs the kernel says whether a write is still being copied
+    there (tests/kernel stalls one half way): with none, the read ends between
+    writes and nothing is held for a second."""
+    directory = tmp_path if where == "tmp_path" else Path(tempfile.mkdtemp(dir=where))
+    try:
+        log = str(directory / "error.log")
+        append(log, b"x" * 4095 + b"\n")
+        follower = LogFollower(log, MemoryPositions(), clock=clock)
+        with open(log, "rb") as handle:
+            fenced = writefence.is_fenced(handle.fileno())
+        assert len(follower.read_lines()) == 1 and os.path.getsize(log) == 4096
+        assert follower.mid_write is not fenced
+        follower.close()
+        if where != "tmp_path":
+            assert fenced, "/dev/shm is tmpfs"
+    finally:
+        if where != "tmp_path":
+            shutil.rmtree(directory)
 
 
 def test_a_flood_is_read_in_slices_and_each_line_comes_once(log, follower):

@@ -13,6 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from policyd.logs import writefence
+from policyd.logs.writefence import WriteFence
+
 HEAD_BYTES = 256
 READ_CHUNK = 1 << 16
 # A reader can see a write(2) in progress cut only where the kernel copies it
@@ -51,6 +54,7 @@ class _OpenLog:
         self.pending = bytearray()  # bytes after the last newline, at most max_line
         self.skipping = False       # inside a line longer than max_line
         self.last_growth = now
+        self.fence = None           # a WriteFence, False where the kernel cannot say; once asked
 
     def identity(self) -> tuple[int, int]:
         return (self.inode, self.device)
@@ -154,12 +158,19 @@ class LogFollower:
     @property
     def mid_write(self) -> bool:
         """True if the last read may have cut a write in two: it ended inside a line,
-        or at a page boundary. A caller that must see whole writes waits a little then."""
+        or at a page boundary while a write may still be copied there (on a
+        filesystem where the kernel can say, policyd.logs.writefence asks it). A
+        caller that must see whole writes waits a little then."""
         log = self._current
         if log is None:
             return False
-        return bool(log.pending) or log.skipping or (log.read_offset > 0
-                                                     and log.read_offset % PAGE_BYTES == 0)
+        if log.pending or log.skipping:
+            return True
+        if log.read_offset == 0 or log.read_offset % PAGE_BYTES:
+            return False
+        if log.fence is None:
+            log.fence = WriteFence() if writefence.is_fenced(log.fd) else False
+        return not (log.fence and log.fence.ends_between_writes(log.fd, log.read_offset))
 
     def commit(self) -> None:
         """Persist the position after the lines returned so far."""

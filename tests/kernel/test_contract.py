@@ -5,9 +5,18 @@ Each test drives policyd's kernel adapter (policyd.kernel.nft) in-process: what 
 under test is the kernel, not the CLI. Waits on the clock are scaled by
 netlab.TIME_SCALE, so emulation makes them slower, never red.
 """
+import ctypes
+import fcntl
 import ipaddress
+import mmap
 import os
+import platform
+import shutil
+import struct
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +27,9 @@ from policyd.rules.model import FAMILY, Ruleset
 from policyd.errors import KernelError
 from policyd.banning.bankeys import BanElements
 from policyd.kernel.nft import BanTable
+from policyd.logs.tail import LogFollower
+from policyd.logs.writefence import WriteFence
+from fakes import MemoryPositions
 
 OPEN = """\
     version: 1
@@ -244,3 +256,73 @@ def test_the_feature_probe_matches_the_kernel(pair):
     assert found["destroy_set_element"] == ((major, minor) >= (6, 3)), found
     assert found["kernel"] == release
     assert pair.ruleset() == before
+
+
+PAGE = mmap.PAGESIZE
+_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+_UFFDIO_API, _UFFDIO_REGISTER, _UFFDIO_COPY = 0xC018AA3F, 0xC020AA00, 0xC028AA03
+
+
+class StalledWrite:
+    """A write(2) of `first` then `second` that the kernel copies up to the end of
+    `first` and then waits for: its second half comes from a page that a
+    userfaultfd leaves missing until finish() supplies it."""
+
+    def __init__(self, fd, first, second):
+        assert len(first) <= PAGE and len(second) <= PAGE
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        self.uffd = libc.syscall(_USERFAULTFD[platform.machine()], os.O_CLOEXEC)
+        assert self.uffd >= 0, os.strerror(ctypes.get_errno())
+        fcntl.ioctl(self.uffd, _UFFDIO_API, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))
+        self.memory = mmap.mmap(-1, 2 * PAGE)
+        self.memory[PAGE - len(first):PAGE] = first  # the first page is there
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        self.missing = base + PAGE
+        fcntl.ioctl(self.uffd, _UFFDIO_REGISTER, bytearray(struct.pack("QQQQ", self.missing, PAGE, 1, 0)))
+        self.page = ctypes.create_string_buffer(second.ljust(PAGE, b"\0"), PAGE)
+        self.view = memoryview(self.memory)[PAGE - len(first):PAGE + len(second)]
+        self.writer = threading.Thread(target=os.write, args=(fd, self.view), daemon=True)
+        self.writer.start()
+
+    def finish(self):
+        fcntl.ioctl(self.uffd, _UFFDIO_COPY, bytearray(struct.pack(
+            "QQQQq", self.missing, ctypes.addressof(self.page), PAGE, 0, 0)))
+        self.writer.join(5)
+        os.close(self.uffd)
+
+
+@pytest.mark.parametrize("where", ["tmp", "/dev/shm"])
+def test_a_write_cut_at_a_page_boundary_is_fenced_until_its_last_byte(where, tmp_path):
+    """What policyd.logs.writefence relies on. A reader sees a write(2) half copied,
+    cut at a page boundary right after a complete line (a forging write shaped
+    so); lseek(SEEK_DATA) waits until the writer copied its last byte, on ext4
+    (the host's /tmp) and tmpfs (/dev/shm, and the lane's /tmp)."""
+    directory = tmp_path if where == "tmp" else Path(tempfile.mkdtemp(dir=where))
+    log = directory / "error.log"
+    log.write_bytes(b"a" * (PAGE - 101) + b"\n")
+    follower = LogFollower(str(log), MemoryPositions())
+    writing = os.open(log, os.O_WRONLY | os.O_APPEND)
+    reading = os.open(log, os.O_RDONLY)
+    stalled = None
+    try:
+        assert follower.read_lines() == [b"a" * (PAGE - 101)]
+        stalled = StalledWrite(writing, b"b" * 99 + b"\n", b"c" * 99 + b"\n")
+        assert wait_for(lambda: log.stat().st_size == PAGE, timeout=5), "the write's first half"
+        assert follower.read_lines() == [b"b" * 99] and follower.mid_write, \
+            "a complete line, but its write is still being copied"
+        fence = WriteFence(seconds=0.2)
+        assert not fence.ends_between_writes(reading, PAGE)
+        assert not fence.ends_between_writes(reading, PAGE), "still waiting, no second thread"
+        stalled.finish()
+        assert not stalled.writer.is_alive() and log.stat().st_size == PAGE + 100
+        assert wait_for(lambda: fence.ends_between_writes(reading, PAGE + 100), timeout=5)
+        assert follower.read_lines() == [b"c" * 99] and not follower.mid_write
+    finally:
+        if stalled is not None and stalled.writer.is_alive():
+            stalled.finish()
+        follower.close()
+        os.close(writing)
+        os.close(reading)
+        if where != "tmp":
+            shutil.rmtree(directory)
