@@ -11,6 +11,7 @@ blamed only on a real client, and nothing raises. Bounded for `make test`.
 import ipaddress
 import json
 import os
+from itertools import accumulate
 from urllib.parse import quote
 
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import policyd.logs.tail
+import policyd.logs.writefence
 from policyd.logs.filters import Failure, Outcome, load_filter
 from policyd.logs.guard import Forgery, judge_for
 from fakes import MemoryPositions
@@ -183,16 +185,32 @@ def read_points(writes, page, draw_cuts):
     return sorted(set(p for p in points if draw_cuts(p)) | {offset})
 
 
+class SimulatedFence:
+    """policyd.logs.writefence.WriteFence as the kernel would answer for the writes
+    below: each is cut by separate write(2) calls here, where the kernel copies
+    one write page by page under one inode lock. It ends between writes only
+    where a whole write ended."""
+
+    write_ends = set()
+
+    def ends_between_writes(self, fd, offset):
+        return offset in self.write_ends and os.fstat(fd).st_size == offset
+
+
+@pytest.mark.parametrize("fenced", [True, False], ids=["kernel-says", "kernel-cannot-say"])
 @pytest.mark.parametrize("name", SHIPPED)
-def test_only_real_clients_are_ever_reported(name, tmp_path, monkeypatch):
+def test_only_real_clients_are_ever_reported(name, fenced, tmp_path, monkeypatch):
     log_filter = load_filter(name)
     # Small pages make cuts inside writes common.
     monkeypatch.setattr(policyd.logs.tail, "PAGE_BYTES", 64)
+    monkeypatch.setattr(policyd.logs.writefence, "is_fenced", lambda _fd: fenced)
+    monkeypatch.setattr(policyd.logs.tail, "WriteFence", SimulatedFence)
 
     @LIMITS
     @given(entries(name), st.randoms(use_true_random=False))
     def check(batch, random):
         writes = [WRITERS[name](client, fails, text, text2) for client, fails, text, text2 in batch]
+        SimulatedFence.write_ends = set(accumulate(map(len, writes)))
         # The issue's invariant: the server-written client of a real entry. (A request
         # may make its own non-failure look like a failure; it can never name another.)
         real = {ip(c) for c, _, _, _ in batch}
