@@ -281,16 +281,19 @@ class BanManager:
         immutable pairs, a few ms for 100k bans where building them all takes 1 s."""
         return list(self.book.active.items())
 
-    def restore(self, flush_ipv6=False):
+    def restore(self, flush_ipv6=False, with_tables=None):
         """Push every active ban to the kernel with its remaining time, in one batch.
 
         For a restart or a kernel whose tables were flushed by someone else;
         flush_ipv6 after bans.ipv6_prefix changed (the kernel's IPv6 elements
-        are replaced, atomically). Raises what the kernel raises; returns the
-        number of bans pushed."""
+        are replaced, atomically); with_tables(bans): the tables are gone, and
+        it loads them with these bans in one transaction. Raises what the
+        kernel raises; returns the number of bans pushed."""
         now = self.clock()
         additions = self._in_force(now)
-        if flush_ipv6:
+        if with_tables is not None:
+            with_tables(additions)
+        elif flush_ipv6:
             self.kernel.add_ban_keys(additions, flush_ipv6=True)
         elif additions:
             self.kernel.add_ban_keys(additions)

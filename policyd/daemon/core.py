@@ -80,6 +80,7 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
         self.registry = metrics.new_registry()
         self.metrics = metrics.standard_metrics(self.registry)
         self.held_back = None  # why nothing is enforced yet, or None
+        self.tables_gone = False  # at start: the committed policy waits for its bans
         self.trial_active = False  # as the worker's last housekeeping found
         self.problems = {}  # what failed -> why, until it works again (status)
         self.bans = None
@@ -127,7 +128,12 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
         if self.policy is None:
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             return
-        self._start_enforcing()
+        try:
+            self._start_enforcing()
+        except BaseException:
+            if self.tables_gone:  # no bans to read (a damaged state file): the policy all the same
+                self._restore_tables()
+            raise
         self._warn_if_file_differs()
         gc.freeze()
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
@@ -140,7 +146,7 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
         self.bans = BanManager(self.policy.bans, self.state, self._ban_table(self.policy),
                                writer=self.state_writer)
         self.positions = QueuedPositions(self.state, self.bans.queue_position)
-        restored = self.bans.restore()
+        restored = self.bans.restore(with_tables=self._restore_tables if self.tables_gone else None)
         # restore() just put every ban in: the first full comparison can wait.
         self.next_reconcile = self.clock() + RECONCILE_SECONDS
         self._follow(self.policy)

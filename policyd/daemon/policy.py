@@ -60,7 +60,8 @@ class PolicyKeeping:
                 self._hold_back(exc)
                 return None
         if not self._tables_present(committed):
-            trial.restore_committed(self.nft, self.store)
+            # Loaded with the bans, once the state file is read (_start_enforcing).
+            self.tables_gone = True
         else:
             # A live trial survives a daemon restart; one past its deadline ends.
             trial.enforce(self.nft, self.store)
@@ -174,6 +175,12 @@ class PolicyKeeping:
             if len(kernel_set):  # an empty set is not in the ruleset at all
                 sets[name] = (kernel_set.bits // 8, kernel_set.intervals())
         return sets
+
+    def _restore_tables(self, bans=()):
+        """The committed policy back in a kernel that lost the tables, with `bans`
+        ([(key, seconds left)]) in the same transaction."""
+        trial.restore_committed(self.nft, self.store, lambda: bans)
+        self.tables_gone = False
 
     def _tables_present(self, policy):
         names = self.nft.tables()

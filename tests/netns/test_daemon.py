@@ -273,6 +273,37 @@ def test_boot_restore_loads_the_policy_even_when_the_state_file_is_damaged(world
     assert "inet policyd\n" in tables and "inet policyd_bans" in tables, tables
 
 
+def test_a_daemon_started_on_a_flushed_kernel_puts_tables_and_bans_back_together(world):
+    """Without `policyd restore` first (ExecStartPre), the daemon itself finds the
+    tables gone: the transaction that makes the ban table again holds its bans."""
+    log, policy = _setup(world)
+    daemon = PolicydDaemon(world.server, policy).start()
+    with log.open("a") as out:
+        out.write(nginx_failure(STRANGER_V4) * 3)
+    assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
+    daemon.stop_and_read()
+    world.server.nft("flush", "ruleset")
+    with world.server.transactions() as transactions:
+        daemon = PolicydDaemon(world.server, policy).start()
+        daemon.stop_and_read()
+    made = [t for t in transactions if "add table inet policyd_bans" in t]
+    assert len(made) == 1, transactions
+    assert any(line.startswith("add element inet policyd_bans ban4 ") and STRANGER_V4 in line
+               for line in made[0]), made[0]
+
+
+def test_a_daemon_that_cannot_read_its_state_file_still_puts_the_policy_back(world):
+    _log, policy = _setup(world)
+    assert world.server.policyd("apply", policy, "--force").returncode == 0
+    state = Path(world.lab.policyd_env(world.server)["POLICYD_STATE_DIR"]) / "state.db"
+    state.write_bytes(b"not a database" * 100)
+    world.server.nft("flush", "ruleset")
+    result = world.server.policyd("run", policy, timeout=30)
+    assert result.returncode != 0 and "state" in result.stderr, result.stderr
+    tables = world.server.nft("list", "tables").stdout
+    assert "inet policyd\n" in tables and "inet policyd_bans" in tables, tables
+
+
 def _generation(host):
     """The ruleset's generation id in host's namespace: one step per transaction."""
     def read():

@@ -90,6 +90,41 @@ class Host:
     def nft(self, *args, check=True):
         return self.exec("nft", *args, check=check)
 
+    @contextlib.contextmanager
+    def transactions(self):
+        """`nft monitor` in this namespace while the block runs: yields a list that
+        holds, once the block is over, the lines of each transaction committed
+        meanwhile. A marker table made before and after the block tells when the
+        monitor listens and when it has printed everything."""
+        lines = []
+        proc = self.popen("nft", "monitor", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        reader = threading.Thread(target=lambda: lines.extend(
+            line.decode().rstrip("\n") for line in proc.stdout), daemon=True)
+        reader.start()
+
+        def mark(name):
+            self.nft("add", "table", "inet", name)
+            self.nft("delete", "table", "inet", name)
+            if not wait_for(lambda: f"add table inet {name}" in lines, 10 * TIME_SCALE):
+                raise RuntimeError("nft monitor printed nothing")
+
+        found = []
+        try:
+            mark("lab_monitor_start")
+            yield found
+            mark("lab_monitor_end")
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        current = []
+        for line in lines[lines.index("add table inet lab_monitor_start"):]:
+            if line.startswith("# new generation"):
+                found.append(current)
+                current = []
+            else:
+                current.append(line)
+        found[:] = [t for t in found if not any("lab_monitor_" in line for line in t)]
+
     def ruleset(self):
         return self.nft("list", "ruleset").stdout
 
