@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from policyd_lab.netlab import POLICYD, REPO, PolicydDaemon, in_namespace, wait_for
 from policyd_lab.nginxlog import nginx_failure
 from policyd_lab.policies import ban_policy, log_file
@@ -260,19 +262,6 @@ def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
     assert world.trusted.can_connect(SERVER_V4, 8080)
 
 
-def test_boot_restore_loads_the_policy_even_when_the_state_file_is_damaged(world):
-    _log, policy = _setup(world)
-    assert world.server.policyd("apply", policy, "--force").returncode == 0
-    state = Path(world.lab.policyd_env(world.server)["POLICYD_STATE_DIR"]) / "state.db"
-    state.write_bytes(b"not a database" * 100)
-    world.server.nft("flush", "ruleset")
-    result = world.server.policyd("restore")
-    assert result.returncode != 0 and "state" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    tables = world.server.nft("list", "tables").stdout
-    assert "inet policyd\n" in tables and "inet policyd_bans" in tables, tables
-
-
 def test_a_daemon_started_on_a_flushed_kernel_puts_tables_and_bans_back_together(world):
     """Without `policyd restore` first (ExecStartPre), the daemon itself finds the
     tables gone: the transaction that makes the ban table again holds its bans."""
@@ -292,14 +281,20 @@ def test_a_daemon_started_on_a_flushed_kernel_puts_tables_and_bans_back_together
                for line in made[0]), made[0]
 
 
-def test_a_daemon_that_cannot_read_its_state_file_still_puts_the_policy_back(world):
+@pytest.mark.parametrize("command", ["restore", "run"])
+def test_the_policy_is_put_back_even_when_the_state_file_is_damaged(world, command):
+    """Bans go in with the tables, but bans that cannot be read never keep the
+    policy out: `policyd restore` and a starting daemon load it, then fail."""
     _log, policy = _setup(world)
     assert world.server.policyd("apply", policy, "--force").returncode == 0
     state = Path(world.lab.policyd_env(world.server)["POLICYD_STATE_DIR"]) / "state.db"
     state.write_bytes(b"not a database" * 100)
     world.server.nft("flush", "ruleset")
-    result = world.server.policyd("run", policy, timeout=30)
+    result = world.server.policyd(*(["restore"] if command == "restore" else ["run", policy]),
+                                  timeout=30)
     assert result.returncode != 0 and "state" in result.stderr, result.stderr
+    if command == "restore":
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     tables = world.server.nft("list", "tables").stdout
     assert "inet policyd\n" in tables and "inet policyd_bans" in tables, tables
 

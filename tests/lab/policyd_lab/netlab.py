@@ -103,21 +103,28 @@ class Host:
         reader.start()
 
         def mark(name):
-            self.nft("add", "table", "inet", name)
-            self.nft("delete", "table", "inet", name)
-            if not wait_for(lambda: f"add table inet {name}" in lines, 10 * TIME_SCALE):
-                raise RuntimeError("nft monitor printed nothing")
+            """Make marker tables until the monitor prints one (it may not listen
+            yet); the first line of the one it printed."""
+            deadline = time.monotonic() + 10 * TIME_SCALE
+            for number in itertools.count():
+                table = f"{name}_{number}"
+                self.nft("add", "table", "inet", table)
+                self.nft("delete", "table", "inet", table)
+                if wait_for(lambda: f"add table inet {table}" in lines, 0.5 * TIME_SCALE):
+                    return f"add table inet {table}"
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nft monitor printed none of its marker tables")
 
         found = []
         try:
-            mark("lab_monitor_start")
+            first = mark("lab_monitor_start")
             yield found
             mark("lab_monitor_end")
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
         current = []
-        for line in lines[lines.index("add table inet lab_monitor_start"):]:
+        for line in lines[lines.index(first):]:
             if line.startswith("# new generation"):
                 found.append(current)
                 current = []
