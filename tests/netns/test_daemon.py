@@ -246,14 +246,21 @@ def test_metrics_count_what_the_cli_did(world):
         daemon.stop_and_read()
 
 
-def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
+def _banned_then_flushed(world):
+    """A daemon bans the stranger and stops; then the tables go, as at a reboot.
+    Returns the policy."""
     log, policy = _setup(world)
     daemon = PolicydDaemon(world.server, policy).start()
     with log.open("a") as out:
         out.write(nginx_failure(STRANGER_V4) * 3)
     assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
     daemon.stop_and_read()
-    world.server.nft("flush", "ruleset")  # what a reboot leaves
+    world.server.nft("flush", "ruleset")
+    return policy
+
+
+def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
+    _banned_then_flushed(world)
     generation = _generation(world.server)
     result = world.server.policyd("restore")
     assert result.returncode == 0 and "and 1 bans" in result.stdout, result.stderr
@@ -265,13 +272,7 @@ def test_boot_restore_enforces_bans_before_the_daemon_runs(world):
 def test_a_daemon_started_on_a_flushed_kernel_puts_tables_and_bans_back_together(world):
     """Without `policyd restore` first (ExecStartPre), the daemon itself finds the
     tables gone: the transaction that makes the ban table again holds its bans."""
-    log, policy = _setup(world)
-    daemon = PolicydDaemon(world.server, policy).start()
-    with log.open("a") as out:
-        out.write(nginx_failure(STRANGER_V4) * 3)
-    assert wait_for(lambda: not world.stranger.can_connect(SERVER_WAN_V4, 8080, 0.2), 3)
-    daemon.stop_and_read()
-    world.server.nft("flush", "ruleset")
+    policy = _banned_then_flushed(world)
     with world.server.transactions() as transactions:
         daemon = PolicydDaemon(world.server, policy).start()
         daemon.stop_and_read()
