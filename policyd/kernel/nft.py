@@ -69,14 +69,10 @@ class Nft:
             if bans is not None and bans.items:
                 extra = BanTable(self, bans.table, bans.ipv6_prefix).add_messages(bans.items)
             try:
-                messages = nlbatch.encode(document)
-            except nlbatch.Unsupported:
-                self._json(document, dry_run=False)
-                if extra:
-                    self.netlink.send_batch(extra)
+                self.netlink.send_batch(nlbatch.encode(document) + extra)
                 return
-            try:
-                self.netlink.send_batch(messages + extra)
+            except nlbatch.Unsupported:
+                pass
             except OSError as exc:
                 # The batch changed nothing. libnftables' dry run names what the
                 # kernel refuses; if it accepts the document, the kernel refused
@@ -85,9 +81,9 @@ class Nft:
                 self.check(document)
                 log.warning("kernel refused the netlink encoding (%s); loading through "
                             "libnftables", os.strerror(exc.errno or errno.EINVAL))
-                self._json(document, dry_run=False)
-                if extra:
-                    self.netlink.send_batch(extra)
+            self._json(document, dry_run=False)
+            if extra:
+                self.netlink.send_batch(extra)
         finally:
             self._count_load()
 

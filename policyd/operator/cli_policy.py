@@ -272,9 +272,9 @@ def restore(obj):
     except PolicydError:
         # No bans to read (a damaged state file): the policy goes in all the same.
         trial.restore_committed(nft, store)
-        tell_daemon(obj, "restore")
         raise
-    tell_daemon(obj, "restore")
+    finally:
+        tell_daemon(obj, "restore")
     click.echo(f"restored {policy.source} (sha256 {policy.digest[:12]}) and {bans} bans")
 
 
