@@ -57,7 +57,11 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     stall = results["cli"]["ban_latency"]
     assert stall["bans_runs"] >= 5 and stall["bans_failed"] == 0
     assert stall["during_bans"]["n"] >= 60 and stall["during_bans"]["max_ms"] < 5000
-    assert 0 < results["memory"]["rss_idle_mb"] <= results["memory"]["peak_rss_bans_mb"]
+    # Idle and with-bans RSS come from two daemon processes: with 200 bans the
+    # second may well be smaller than the first, so only each one's own peak is
+    # comparable.
+    memory = results["memory"]
+    assert memory["rss_idle_mb"] > 0 and 0 < memory["rss_bans_mb"] <= memory["peak_rss_bans_mb"]
     fleet = results["fleet"]
     assert fleet["trials"] == 2 and fleet["misses"] == 0 and fleet["last_node_applied"] == 3
 
