@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_forged_line_guard import ATTACKER, VICTIM, auth_failure, forging, nginx_404
 
+from policyd.logs import filters
 from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter
 from policyd.logs.guard import Forgery, judge_for
 from policyd.logs.scan import scan
@@ -130,6 +131,21 @@ def test_a_failure_line_split_across_reads_counts_once(tmp_path):
         result = scanned(NGINX_AUTH, log, 256)
         assert result == per_line(NGINX_AUTH, data)
         assert result["matched"] == 39
+
+
+def test_hosts_count_right_when_the_host_cache_is_cleared_mid_scan(tmp_path, monkeypatch):
+    # The bulk path counts host texts it found good in filters' host cache,
+    # which is cleared whole when full; a bad host text stays bad when it
+    # comes back in a later slice, whether the cache still holds it or not.
+    body = b"".join(line(auth_failure(f"198.51.100.{n}", connection=n)) for n in range(1, 50))
+    bad = line(auth_failure("192.0.2.300"))
+    log = tmp_path / "error.log"
+    log.write_bytes(body + bad + body + bad + body)
+    monkeypatch.setattr("policyd.logs.filters._HOST_CACHE_LIMIT", 16)
+    filters._HOST_CACHE.clear()
+    result = scanned(NGINX_AUTH, log, 600)
+    assert result == per_line(NGINX_AUTH, log.read_bytes())
+    assert result["matched"] == 147 and result["malformed"] == 2 and len(result["hosts"]) == 49
 
 
 def test_an_over_long_line_between_slices_is_one_malformed_line(tmp_path):

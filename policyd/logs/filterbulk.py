@@ -7,7 +7,6 @@ objects). Both inline the first rule's common case: the line matches it with a
 valid host; every other case goes through Filter.classify's own code.
 """
 import re
-from collections import Counter
 from itertools import repeat
 from operator import sub
 
@@ -71,21 +70,24 @@ def region_failures(log_filter, buffer, low, high):
     """What test-filter counts of buffer[low:high] (whole lines, no NUL byte) when
     every line holding a prefilter token takes the first rule's common case (it
     matches with a good host, and no ignore regex can match it): (starts, ends,
-    {host text: [address, failures]}) of its failure lines, found by C loops
-    alone; else None, and classify_region() must judge the region."""
+    [host text]) of its failure lines, found by C loops alone, each host text
+    in the host cache as a good address; else None, and classify_region()
+    must judge the region."""
     starts, ends = _candidates(buffer, log_filter.prefilter, low, high)
     if not starts:
-        return starts, ends, {}
+        return starts, ends, []
     raws = _common_hosts(log_filter, buffer, starts, ends)
     if raws is None:
         return None
-    tally = {}
-    for raw, count in Counter(raws).items():   # each host text parsed (or found in the cache) once
-        address = _cached_parse_host(raw)
-        if address is None:
-            return None
-        tally[raw] = [address, count]
-    return starts, ends, tally
+    distinct = set(raws)
+    known = set(map(id, map(_HOST_CACHE.get, distinct)))   # by id: comparing ipaddress objects is slow Python
+    if id(Outcome.MALFORMED) in known:
+        return None
+    if id(None) in known:   # host texts new to the cache: each parsed once
+        for raw in distinct.difference(_HOST_CACHE):
+            if _cached_parse_host(raw) is None:
+                return None
+    return starts, ends, raws
 
 
 def _common_matches(log_filter, buffer, starts, ends):

@@ -1,12 +1,14 @@
 """Splitting `policyd test-filter`'s scan of a big log between processes.
 
 Owns cutting a file into parts at line starts, one per process, forking a child
-for each part after the first, and adding each child's counts (hosts by text)
-to the parent's; a child that fails has its part scanned by the parent.
+for each part after the first, and adding each child's counts to the parent's
+(the failures per host in a HostTally); a child that fails has its part scanned
+by the parent.
 """
 import os
+from collections import _count_elements
 
-from policyd.logs.filters import MAX_LINE_BYTES
+from policyd.logs.filters import _HOST_CACHE, MAX_LINE_BYTES, _cached_parse_host
 
 
 class ScanCounts:
@@ -16,10 +18,47 @@ class ScanCounts:
         self.lines = self.matched = self.ignored = self.malformed = self.forged = 0
 
 
+class HostTally:
+    """Failures per host while a log is scanned, counted three ways so that no
+    path hashes an ipaddress object (slow Python code): by the address object's
+    id (the per-line paths), by host text at C speed (the bulk path, texts
+    filters' host cache holds as good), and by final text (a child's counts)."""
+
+    def __init__(self):
+        self._by_id = {}        # id(address): [address, count]; the list keeps the id's object alive
+        self._by_raw = {}       # host text as the log has it: count
+        self._by_text = {}      # str(address): count
+
+    def add(self, address, count):
+        entry = self._by_id.get(id(address))
+        if entry is None:
+            self._by_id[id(address)] = [address, count]
+        else:
+            entry[1] += count
+
+    def add_raw(self, raws):
+        """Count host texts the bulk path found good (in filters' host cache)."""
+        _count_elements(self._by_raw, raws)
+
+    def add_text(self, text, count):
+        self._by_text[text] = self._by_text.get(text, 0) + count
+
+    def counts(self):
+        """{address as text: failures}."""
+        counts = dict(self._by_text)
+        for address, count in self._by_id.values():
+            counts[str(address)] = counts.get(str(address), 0) + count
+        for raw, count in self._by_raw.items():
+            # Parsed again only if the cache was cleared meanwhile (it holds 131k hosts).
+            text = str(_HOST_CACHE.get(raw) or _cached_parse_host(raw))
+            counts[text] = counts.get(text, 0) + count
+        return counts
+
+
 def scan(scan_part, parts, result, hosts):
     """scan_part(first, stop, result, hosts) for each (first, stop) of `parts`, the
     first in this process, each other in a child; everything added to result and
-    hosts ({key: [address or host text, count]})."""
+    hosts (a HostTally)."""
     children = []
     try:
         for first, stop in parts[1:]:
@@ -78,9 +117,9 @@ def _fork(scan_part, first, stop):
     status = 1
     try:
         os.close(readable)
-        part, hosts = scan_part(first, stop, ScanCounts(), {})
+        part, hosts = scan_part(first, stop, ScanCounts(), HostTally())
         data = marshal.dumps((part.lines, part.matched, part.ignored, part.malformed, part.forged,
-                              [(str(address), count) for address, count in hosts.values()]))
+                              list(hosts.counts().items())))
         with os.fdopen(writable, "wb") as out:
             out.write(data)
         status = 0
@@ -109,9 +148,8 @@ def _merge(child, result, hosts):
     result.ignored += ignored
     result.malformed += malformed
     result.forged += forged
-    for text, count in counted:   # keyed apart from the parent's id() keys; merged by text
-        tally = hosts.setdefault(("child", text), [text, 0])
-        tally[1] += count
+    for text, count in counted:
+        hosts.add_text(text, count)
     return True
 
 

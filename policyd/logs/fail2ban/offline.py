@@ -71,18 +71,8 @@ def _add(result, line_count, outcomes, hosts):
         else:
             entry[1] += 1
     for host, count in counts.values():
-        _tally(hosts, host, count)
+        hosts.add(host, count)
     result.lines += line_count
     result.matched += matched
     result.malformed += malformed
     result.ignored += line_count - matched - malformed
-
-
-def _tally(hosts, host, count):
-    """Count into filters.scan's tally: id(address) -> [address, count] (the list
-    keeps the address alive, so its id cannot be reused meanwhile)."""
-    entry = hosts.get(id(host))
-    if entry is None:
-        hosts[id(host)] = [host, count]
-    else:
-        entry[1] += count
