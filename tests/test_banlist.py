@@ -243,8 +243,8 @@ def test_bans_of_one_cause_read_from_the_state_file_print_what_rows_printed(tmp_
         db.execute("UPDATE bans SET network = ? WHERE rowid = 5", (odd,))
         db.commit()
         db.close()
-    joined = statefile.read(tmp_path, lambda db: banstate._one_cause_columns_of(db, NOW),
-                                    None)
+    joined = statefile.read(tmp_path, lambda db: banstate._one_cause_columns_of(db, NOW, (0, None, "manual")),
+                            None)
     assert (joined is None) == (odd is not None and "\n" in odd)
     rows = banstate.from_state(tmp_path, NOW)  # every column read, as rows
     assert rows.causes == [(0, None, "manual")] and len(rows) == 700
@@ -257,8 +257,8 @@ def test_bans_of_several_causes_are_not_read_as_one(tmp_path):
     clock = FakeClock(NOW)
     state, _manager = _book(tmp_path, clock)
     state.close()
-    assert statefile.read(
-        tmp_path, lambda db: banstate._one_cause_columns_of(db, NOW), None) is None
+    causes = statefile.read(tmp_path, lambda db: banstate._distinct_causes(db, NOW), None)
+    assert len(causes) == 3 and (0, None, "manual") in causes   # 3 manual bans, 2 filters' bans
 
 
 def wire_text(parts):

@@ -31,9 +31,11 @@ def _columns_of(db, now, banned_at):
     """The bans in force, in the order the rows were written (one read transaction:
     the queries below see the same rows)."""
     if not banned_at:
-        columns = _one_cause_columns_of(db, now)
-        if columns is None:
-            columns = _text_columns_of(db, now)
+        causes = _distinct_causes(db, now)
+        columns = None
+        if causes is not None:
+            columns = (_text_columns_of(db, now, causes) if len(causes) > 1 else
+                       _one_cause_columns_of(db, now, causes[0] if causes else None))
         if columns is not None:
             return columns
     rows = db.execute(f"SELECT network, expires_at, {'banned_at' if banned_at else 'NULL'}, "
@@ -46,18 +48,28 @@ def _columns_of(db, now, banned_at):
                       list(causes), cause)
 
 
-def _one_cause_columns_of(db, now):
-    """The columns the text prints when every ban in force has one cause (manual
-    bans, or a flood's), else None: the networks as SQLite joins them and the
-    expiries, so Python makes one object per ban, not four. (A network stored as
-    a BLOB, which policyd never writes, is read as its text here.)"""
-    first = db.execute("SELECT failures, filter, reason FROM bans WHERE expires_at > ? LIMIT 1",
-                       (now,)).fetchone()
-    if first is None:
+# Distinct causes of the bans in force, up to this many, are numbered by SQLite
+# itself: a row is then (network, expires_at, small int), and Python builds no
+# failures, filter and reason objects per ban (most of reading the file's time).
+MAX_NUMBERED_CAUSES = 64
+
+
+def _distinct_causes(db, now):
+    """The distinct (failures, filter, reason) of the bans in force, in the order
+    SQLite meets them, or None if there are more than MAX_NUMBERED_CAUSES."""
+    causes = db.execute("SELECT DISTINCT failures, filter, reason FROM bans "
+                        "WHERE expires_at > ?", (now,)).fetchmany(MAX_NUMBERED_CAUSES + 1)
+    return None if len(causes) > MAX_NUMBERED_CAUSES else causes
+
+
+def _one_cause_columns_of(db, now, cause):
+    """The columns the text prints when every ban in force has `cause` (manual
+    bans, or a flood's; None: there are no bans), else None: the networks as
+    SQLite joins them and the expiries, so Python makes one object per ban, not
+    four. (A network stored as a BLOB, which policyd never writes, is read as
+    its text here.)"""
+    if cause is None:
         return BanColumns(now, [], [], None, [], [])
-    if db.execute("SELECT 1 FROM bans WHERE expires_at > ? AND NOT (failures IS ? AND filter IS ? "
-                  "AND reason IS ?) LIMIT 1", (now, *first)).fetchone():
-        return None
     lines, count = db.execute("SELECT group_concat(network, char(10)), count(*) FROM bans "
                               "WHERE expires_at > ?", (now,)).fetchone()
     if lines.count("\n") != count - 1:  # a network with a newline in it
@@ -65,30 +77,18 @@ def _one_cause_columns_of(db, now):
     # Each row taken as the cursor steps (no list of 100k rows first): a third faster.
     expires_at = list(map(itemgetter(0), db.execute(
         "SELECT expires_at FROM bans WHERE expires_at > ?", (now,))))
-    return BanColumns(now, None, expires_at, None, [first], [0] * count, lines)
+    return BanColumns(now, None, expires_at, None, [cause], [0] * count, lines)
 
 
-# Distinct causes of the bans in force, up to this many, are numbered by SQLite
-# itself: a row is then (network, expires_at, small int), and Python builds no
-# failures, filter and reason objects per ban (most of reading the file's time).
-MAX_NUMBERED_CAUSES = 64
-
-
-def _text_columns_of(db, now):
-    """The columns the text prints (no banned_at), or None if the bans have too
-    many distinct causes to number in SQL."""
-    causes = db.execute("SELECT DISTINCT failures, filter, reason FROM bans "
-                        "WHERE expires_at > ?", (now,)).fetchmany(MAX_NUMBERED_CAUSES + 1)
-    if len(causes) > MAX_NUMBERED_CAUSES:
-        return None
+def _text_columns_of(db, now, causes):
+    """The columns the text prints (no banned_at) of bans of several `causes`,
+    each numbered by SQLite; None if SQLite's DISTINCT and IS disagree."""
     numbered = " ".join("WHEN failures IS ? AND filter IS ? AND reason IS ? THEN "
                         f"{index}" for index in range(len(causes)))
     rows = db.execute(f"SELECT network, expires_at, CASE {numbered} ELSE -1 END FROM bans "
-                      "WHERE expires_at > ?" if causes else
-                      "SELECT network, expires_at, -1 FROM bans WHERE expires_at > ?",
-                      [value for cause in causes for value in cause] + [now]).fetchall()
+                      "WHERE expires_at > ?", [value for cause in causes for value in cause] + [now]).fetchall()
     cause = list(map(itemgetter(2), rows))
-    if cause and min(cause) < 0:  # a cause SQLite's DISTINCT and IS do not agree on
+    if min(cause) < 0:  # a cause SQLite's DISTINCT and IS do not agree on
         return None
     return BanColumns(now, list(map(itemgetter(0), rows)), list(map(itemgetter(1), rows)),
                       None, causes, cause)
