@@ -2,9 +2,10 @@
 
 Owns generating the nginx error.log (bench/gen_nginx_error_log.py) in each mix
 of failure lines, timing both tools as a user runs them (wall clock, start-up
-included, best of a few runs; policyd with its bytecode compiled, as installed;
-policyd also pinned to one CPU) and by their own account of the scan, and
-checking that both found the same failures.
+included, best of a few runs; policyd as installed: its bytecode compiled, and
+started by /usr/bin/python3 as fail2ban-regex is; policyd also pinned to one
+CPU) and by their own account of the scan, and checking that both found the
+same failures.
 """
 import json
 import os
@@ -15,9 +16,9 @@ import time
 from pathlib import Path
 
 import gen_nginx_error_log
+from policyd_lab.netlab import INSTALLED_POLICYD
 
 REPO = Path(__file__).resolve().parents[1]
-POLICYD = [sys.executable, "-m", "policyd"]
 FAIL2BAN_FILTER = "/etc/fail2ban/filter.d/nginx-http-auth.conf"
 
 
@@ -55,7 +56,7 @@ def policyd_scan(path, runs, one_cpu=False):
     compile_policyd()
     best = None
     for _ in range(runs):
-        wall, stdout = _timed([*POLICYD, "test-filter", "nginx-auth", str(path), "--json"], cwd=REPO,
+        wall, stdout = _timed([*INSTALLED_POLICYD, "test-filter", "nginx-auth", str(path), "--json"], cwd=REPO,
                               preexec_fn=_one_cpu if one_cpu else None)
         report = json.loads(stdout)
         if best is None or wall < best["wall_seconds"]:

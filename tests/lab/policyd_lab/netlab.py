@@ -21,6 +21,10 @@ CLONE_NEWNET = 0x40000000
 # This file is tests/lab/policyd_lab/netlab.py in the checkout.
 REPO = Path(__file__).resolve().parents[3]
 POLICYD = [sys.executable, "-m", "policyd"]
+# The CLI as the Debian package runs it (/usr/bin/policyd is a /usr/bin/python3
+# script): without this checkout's venv, whose editable-install finder every
+# start imports (10-14 ms), which an operator's command never pays.
+INSTALLED_POLICYD = ["/usr/bin/python3", "-m", "policyd"]
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
 _libc = ctypes.CDLL(None, use_errno=True)
 # The kernel lane (tests/kernel/lane.sh) runs tests under emulation, many times
@@ -80,10 +84,13 @@ class Host:
         self.lab.processes.append(proc)
         return proc
 
-    def policyd(self, *args, check=False, env=None, input=None, timeout=60 * TIME_SCALE):
-        """Run the real CLI inside this namespace with the lab's own state dirs."""
+    def policyd(self, *args, check=False, env=None, input=None, timeout=60 * TIME_SCALE,
+                installed=False):
+        """Run the real CLI inside this namespace with the lab's own state dirs;
+        installed: as the package runs it (INSTALLED_POLICYD), for timing it."""
         full_env = dict(os.environ, **self.lab.policyd_env(self), **(env or {}))
-        return subprocess.run(["ip", "netns", "exec", self.name, *POLICYD, *args],
+        command = INSTALLED_POLICYD if installed else POLICYD
+        return subprocess.run(["ip", "netns", "exec", self.name, *command, *args],
                               capture_output=True, text=True, check=check, env=full_env,
                               input=input, timeout=timeout, cwd=REPO)
 
