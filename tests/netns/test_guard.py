@@ -1,6 +1,9 @@
 """The allowlist in a real kernel: who connects, who does not, and atomic loads."""
+import json
+import platform
 import threading
-import time
+
+import pytest
 
 from policyd_lab.world import (SERVER_V4, SERVER_V6, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4,
                       TRUSTED_V4)
@@ -54,15 +57,14 @@ def test_reject_answers_at_once_instead_of_timing_out(world):
     assert world.server.policyd("apply", policy).returncode == 0
     sock = world.stranger.socket(__import__("socket").AF_INET)
     sock.settimeout(3)
-    started = time.monotonic()
     try:
         sock.connect((SERVER_WAN_V4, 11434))
         refused = False
-    except ConnectionRefusedError:
+    except ConnectionRefusedError:   # a drop would time out instead
         refused = True
     finally:
         sock.close()
-    assert refused and time.monotonic() - started < 2
+    assert refused
 
 
 def test_interface_allow(world):
@@ -151,27 +153,56 @@ def test_other_tables_are_left_alone(world):
     assert world.server.nft("list", "table", "inet", "filter").stdout == foreign
 
 
-def _handshake_seconds(host, address, port):
-    """Seconds the TCP handshake took, or None if it failed within 5 s.
-
-    The handshake is the kernel's alone, so it is not slowed by a loaded
-    machine the way a userspace greeting is; a SYN the firewall drops shows up
-    as a retransmission, one second or more.
-    """
+def _handshake(host, address, port):
+    """Whether a TCP handshake completes within 5 s."""
     sock = host.socket(__import__("socket").AF_INET)
     sock.settimeout(5)
-    started = time.monotonic()
     try:
         sock.connect((address, port))
-        return time.monotonic() - started
+        return True
     except OSError:
-        return None
+        return False
     finally:
         sock.close()
 
 
+# Counts the packets to 11434 at the input hook before policyd's chains run
+# (priority -100) and after them (100): an accept in one base chain lets a
+# packet go on to the next, a drop ends it, so the difference is exactly what
+# the chains in between dropped, whatever the timing of the machine.
+PROBE = """table inet probe {
+    counter before {}
+    counter after {}
+    chain first { type filter hook input priority -100; policy accept; tcp dport 11434 counter name "before"; }
+    chain last { type filter hook input priority 100; policy accept; tcp dport 11434 counter name "after"; }
+}
+"""
+
+
+def _probe_counts(host):
+    """(packets before policyd's chains, packets after them) to port 11434."""
+    counts = []
+    for name in ("before", "after"):
+        listed = json.loads(host.nft("-j", "list", "counter", "inet", "probe", name).stdout)
+        counts.append(next(item["counter"]["packets"] for item in listed["nftables"] if "counter" in item))
+    return tuple(counts)
+
+
+# A table swapped in one transaction must drop nothing the old and the new
+# policy both allow. Debian 12's 6.1 holds that (0 drops in 300 swaps of a plain
+# `nft -f` table with an interval set). Linux 6.18 was seen to drop about one
+# packet in 40 such swaps, with plain nft as with policyd, and none when the set
+# already exists before the transaction that makes rules use it: a set made in
+# the transaction is not yet searchable when its rules go live. `make
+# test-kernel` runs this test on Debian 12's kernel, where it must pass.
+KERNEL_SEARCHES_NEW_SETS_AT_COMMIT = platform.release().startswith("6.1.")
+
+
+@pytest.mark.xfail(not KERNEL_SEARCHES_NEW_SETS_AT_COMMIT, strict=False,
+                   reason="kernels after 6.1 (6.18 seen) may miss in an interval set made "
+                          "in the transaction that makes its rules live")
 def test_reapply_is_atomic_for_a_connecting_client(world):
-    """While policies are swapped again and again, an allowed client's SYN is never dropped."""
+    """While policies are swapped again and again, no packet of an allowed client is dropped."""
     world.server.listen(11434)
     first = world.policy(LAN_POLICY, "a.yaml")
     second = world.policy("""\
@@ -182,17 +213,16 @@ def test_reapply_is_atomic_for_a_connecting_client(world):
             allow: [192.0.2.0/25, 192.0.2.128/25, 203.0.113.0/24]
     """, "b.yaml")
     assert world.server.policyd("apply", first).returncode == 0
-    slow, attempts, stop = [], [0], threading.Event()
+    world.server.exec("nft", "-f", "-", input=PROBE)
+    failed, attempts, stop = [], [0], threading.Event()
 
     def client():
         # Paced: unpaced, thousands of handshakes a second overflow the listener's
-        # accept queue while the applies starve it of CPU, and a full queue drops
-        # SYNs too (seen: even `policyd show` in a loop did it).
+        # accept queue while the applies starve it of CPU.
         while not stop.wait(0.005):
             attempts[0] += 1
-            seconds = _handshake_seconds(world.trusted, SERVER_V4, 11434)
-            if seconds is None or seconds > 0.9:
-                slow.append(seconds)
+            if not _handshake(world.trusted, SERVER_V4, 11434):
+                failed.append(attempts[0])
 
     thread = threading.Thread(target=client)
     thread.start()
@@ -203,10 +233,13 @@ def test_reapply_is_atomic_for_a_connecting_client(world):
     finally:
         stop.set()
         thread.join()
-    assert attempts[0] > 20
-    assert slow == []
-    # The same probe does see a drop: the stranger's SYNs go unanswered.
-    assert _handshake_seconds(world.stranger, SERVER_WAN_V4, 11434) is None
+    before, after = _probe_counts(world.server)
+    assert attempts[0] > 20 and before >= 2 * attempts[0]   # a SYN and an ACK at least each
+    assert before == after and failed == []
+    # The same probe does see a drop: the stranger's SYNs go unanswered, and counted so.
+    assert not _handshake(world.stranger, SERVER_WAN_V4, 11434)
+    before, after = _probe_counts(world.server)
+    assert before - after >= 2
 
 
 def test_show_output_loads_into_nft_as_the_same_ruleset(world, lab):
