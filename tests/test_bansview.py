@@ -89,6 +89,20 @@ def test_the_state_file_prints_the_same_both_ways(tmp_path, args, causes):
     assert out.returncode == 0 and len(out.stdout.splitlines()) >= 40
 
 
+def test_a_listing_runs_without_the_collector_and_gives_it_back(tmp_path, monkeypatch, capsys):
+    import gc
+
+    from policyd.operator import banprint
+    commit(tmp_path)
+    record_bans(tmp_path)
+    collecting, write_columns = [], banprint.write_columns
+    monkeypatch.setattr(banprint, "write_columns", lambda *args: (
+        collecting.append(gc.isenabled()), write_columns(*args)))
+    bansview.run(tmp_path / "state", tmp_path / "run", False, False)
+    assert collecting == [False] and gc.isenabled()
+    assert len(capsys.readouterr().out.splitlines()) == 40
+
+
 def test_a_foreign_state_file_is_refused_the_same_both_ways(tmp_path):
     commit(tmp_path)
     foreign = sqlite3.connect(tmp_path / "state" / "state.db")

@@ -6,7 +6,7 @@ for each part after the first, and adding each child's counts to the parent's
 by the parent.
 """
 import os
-from collections import _count_elements
+from collections import _count_elements   # Counter's own C loop, counting into any dict
 
 from policyd.logs.filters import _HOST_CACHE, MAX_LINE_BYTES, _cached_parse_host
 

@@ -2,8 +2,6 @@
 confirm, rollback and restore. Each parses its arguments, calls the module that
 decides (policy, compile, trial, explain) and prints the outcome.
 """
-import functools
-import gc
 import os
 import select
 import shlex
@@ -16,22 +14,7 @@ from policyd.operator.cli_common import (Duration, ask_daemon, compile_policy, e
                                 handle_errors, policy_argument, policy_mod, policystore,
                                 preflight, render, tell_daemon, trial)
 from policyd.errors import InputError, KernelError, PolicydError
-
-
-def _collector_paused(command):
-    """No cyclic garbage collection while `command` runs: compiling 100k networks
-    makes a million short-lived, acyclic objects, and the collector walking them
-    over and over cost ~15% of an apply's CPU. Back as it was afterwards."""
-    @functools.wraps(command)
-    def paused(*args, **kwargs):
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return command(*args, **kwargs)
-        finally:
-            if enabled:
-                gc.enable()
-    return paused
+from policyd.operator.gcpause import collector_paused
 
 
 @click.command()
@@ -128,7 +111,7 @@ def _live_bans(obj, policy, address=None):
                    "established connection on a guarded port.")
 @click.pass_obj
 @handle_errors
-@_collector_paused
+@collector_paused
 def apply(obj, policy_path, confirm_timeout, wait, force):
     """Load POLICY atomically and make it the committed policy (or try it, on a timer)."""
     nft, store = obj.nft(), policystore.PolicyStore(obj.state_dir)
@@ -211,7 +194,7 @@ def _ask_until(prompt, deadline):
 @click.command()
 @click.pass_obj
 @handle_errors
-@_collector_paused
+@collector_paused
 def confirm(obj):
     """Keep the policy on trial: it becomes the committed policy."""
     policy = trial.confirm(obj.nft(), policystore.PolicyStore(obj.state_dir))
@@ -222,7 +205,7 @@ def confirm(obj):
 @click.command()
 @click.pass_obj
 @handle_errors
-@_collector_paused
+@collector_paused
 def rollback(obj):
     """End the trial now: reload the committed policy."""
     store = policystore.PolicyStore(obj.state_dir)
