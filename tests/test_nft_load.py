@@ -5,7 +5,7 @@ import json
 import pytest
 
 from policyd.banning.bankeys import BanElements
-from policyd.kernel import nfnetlink
+from policyd.kernel import nfnetlink, nlattr
 from policyd.kernel import nft as nft_mod
 from policyd.policy import reader as policy
 from policyd.rules.compile import compile_policy
@@ -40,11 +40,17 @@ class FakeContext:
 
 
 class FakeNetlink(nfnetlink.Netlink):
-    """Records batches instead of sending them; encodes messages as the real one."""
+    """Records batches instead of sending them; encodes messages as the real one.
+    tables: {table: (chain names, set names)} the kernel has (none by default)."""
 
-    def __init__(self, refuse=False):
+    def __init__(self, refuse=False, tables=None):
         self.refuse = refuse
         self.batches = []
+        self.tables = tables or {}
+
+    def skeleton(self, table):
+        chains, sets = self.tables.get(table, ((), ()))
+        return frozenset((name, 1) for name in chains), frozenset(sets)
 
     def send_batch(self, messages):
         if self.refuse:
@@ -119,3 +125,58 @@ def test_bans_follow_a_load_through_libnftables_in_a_second_batch(document):
     assert [dry for dry, _ in context.loads] == [True, False]
     (batch,) = netlink.batches
     assert len(_ban_messages(batch)) == 2 == len(batch)
+
+
+# What the kernel has of the guard table after POLICY was applied, plus a chain
+# and a set an earlier policy had.
+KERNEL_TABLE = {"policyd": ({"input", "forward", "committed_input", "committed_forward",
+                             "committed_svc_ollama", "committed_svc_old"},
+                            {"committed_ollama_v4", "committed_ollama_v6", "committed_old_v4"})}
+
+
+def _verbs(batch, table="policyd"):
+    """The deleting and flushing messages of `batch` for `table`, in order."""
+    names = {nft_mod.nlbatch.DELTABLE: "delete table", nft_mod.nlbatch.DELCHAIN: "delete chain",
+             nft_mod.nlbatch.DELSET: "delete set", nft_mod.nlbatch.DELRULE: "flush chain",
+             nft_mod.nlbatch.DELSETELEM: "flush set"}
+    head = nlattr.string(1, table)
+    return [names[kind] for kind, _flags, body in batch if kind in names and body.startswith(head)]
+
+
+def test_a_table_the_kernel_has_is_updated_in_place(document):
+    """Its sets and chains stay (a set made in the transaction that makes its rules
+    live may miss lookups: policyd.kernel.inplace); what the policy dropped goes."""
+    context, netlink = FakeContext(), FakeNetlink(tables=KERNEL_TABLE)
+    _nft(context, netlink).load(document, bans=BANS)
+    (batch,) = netlink.batches
+    verbs = _verbs(batch)
+    assert "delete table" not in verbs and verbs.count("flush chain") == 6
+    assert verbs.count("delete chain") == 1 and verbs.count("delete set") == 1
+    assert verbs.count("flush set") >= 2 and len(_ban_messages(batch)) == 2
+    # Every rule goes before anything is deleted: the kernel refuses to delete
+    # a set or chain a rule still names.
+    assert verbs.index("delete set") > max(i for i, v in enumerate(verbs) if v == "flush chain")
+
+
+def test_a_kernel_refusing_the_update_in_place_gets_the_table_replaced(document, caplog):
+    context, netlink = FakeContext(), FakeNetlink(refuse=1, tables=KERNEL_TABLE)
+    caplog.set_level("INFO")
+    _nft(context, netlink).load(document)
+    (batch,) = netlink.batches
+    assert batch == nft_mod.nlbatch.encode(document) and "delete table" in _verbs(batch)
+    assert "replacing it whole" in caplog.text and context.loads == []
+
+
+def test_a_table_the_kernel_lacks_is_loaded_as_written(document):
+    context, netlink = FakeContext(), FakeNetlink(tables={"other": ({"input"}, set())})
+    _nft(context, netlink).load(document)
+    assert netlink.batches == [nft_mod.nlbatch.encode(document)]
+
+
+def test_a_table_only_deleted_stays_deleted():
+    from policyd.rules.compile import delete_table
+    from policyd.rules.model import Ruleset
+    document = delete_table(Ruleset(), "policyd").document()
+    context, netlink = FakeContext(), FakeNetlink(tables=KERNEL_TABLE)
+    _nft(context, netlink).load(document)
+    assert _verbs(netlink.batches[0]) == ["delete table"]

@@ -15,7 +15,7 @@ import threading
 
 import nftables
 
-from policyd.kernel import nfnetlink, nlbatch, reloaddiff
+from policyd.kernel import inplace, nfnetlink, nlbatch, reloaddiff
 from policyd.policy import lists
 from policyd.rules.compile import BAN_SETS, RANGE_BAN_SETS
 from policyd.rules.model import FAMILY
@@ -60,14 +60,25 @@ class Nft:
 
         Sent as one raw netlink batch when policyd.kernel.nlbatch can encode it (seconds
         faster with large allowlists: no libnftables cache or interval work),
-        by libnftables otherwise. `bans` (BanElements) are added in the same batch;
-        through libnftables they follow in a second one.
+        by libnftables otherwise. A table the document replaces and the kernel
+        has is updated in place if the kernel takes that (policyd.kernel.inplace).
+        `bans` (BanElements) are added in the same batch; through libnftables
+        they follow in a second one.
         """
         self._count_load()
         try:
             extra = []
             if bans is not None and bans.items:
                 extra = BanTable(self, bans.table, bans.ipv6_prefix).add_messages(bans.items)
+            updated = self._in_place(document)
+            if updated is not None:
+                try:
+                    self.netlink.send_batch(nlbatch.encode(updated) + extra)
+                    return
+                except (nlbatch.Unsupported, OSError) as exc:
+                    # Nothing changed: a kept set or chain the document defines
+                    # otherwise, say. Replacing the table whole is what it asks.
+                    log.info("table not updated in place (%s); replacing it whole", exc)
             try:
                 self.netlink.send_batch(nlbatch.encode(document) + extra)
                 return
@@ -86,6 +97,21 @@ class Nft:
                 self.netlink.send_batch(extra)
         finally:
             self._count_load()
+
+    def _in_place(self, document):
+        """policyd.kernel.inplace's rewrite of `document` for the tables the kernel has,
+        or None (none of them there, or the kernel cannot be asked)."""
+        tables = inplace.replaced_tables(document)
+        if not tables:
+            return None
+        try:
+            existing = {}
+            for table in tables:
+                chains, sets = self.netlink.skeleton(table)
+                existing[table] = ({name for name, _rules in chains}, set(sets))
+        except OSError:
+            return None
+        return inplace.in_place(document, existing)
 
     def load_changes(self, new, old, table, held):
         """Take the kernel from Ruleset `old` to `new` by one transaction of only

@@ -14,8 +14,8 @@ from policyd.kernel import nlrules
 from policyd.kernel.nlattr import NESTED, Unsupported, attr, big_endian, nest, string, u32, u64
 from policyd.kernel.nlrules import PROTOCOLS
 
-NEWTABLE, DELTABLE, NEWCHAIN, NEWRULE, DELRULE = 0, 2, 3, 6, 8
-NEWSET, NEWSETELEM, DELSETELEM = 9, 12, 14
+NEWTABLE, DELTABLE, NEWCHAIN, DELCHAIN, NEWRULE, DELRULE = 0, 2, 3, 5, 6, 8
+NEWSET, DELSET, NEWSETELEM, DELSETELEM = 9, 11, 12, 14
 NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
 # Set attributes and flags (linux/netfilter/nf_tables.h).
 SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN = 1, 2, 3, 4, 5
@@ -84,6 +84,9 @@ class Encoder:
     def _flush_chain(self, obj):
         self._emit(DELRULE, string(1, obj["table"]) + string(2, obj["name"]))
 
+    def _delete_chain(self, obj):
+        self._emit(DELCHAIN, string(1, obj["table"]) + string(3, obj["name"]))
+
     # ------------------------------------------------------------ sets, elements
 
     def _add_set(self, obj):
@@ -146,6 +149,9 @@ class Encoder:
 
     def _flush_set(self, obj):
         self._emit(DELSETELEM, string(1, obj["table"]) + string(2, obj["name"]))
+
+    def _delete_set(self, obj):
+        self._emit(DELSET, string(SET_TABLE, obj["table"]) + string(SET_NAME, obj["name"]))
 
     def _set_type(self, table, name):
         if (table, name) not in self.set_types:

@@ -10,8 +10,8 @@
 # on), LANE_ACCEL (kvm|tcg, default kvm only where the CPU has VMX/SVM),
 # LANE_TESTS (pytest arguments, default the contract suite, the ban-agreement
 # test and the daemon putting a flushed ruleset back, which drive the daemon and
-# CLI on the same sets, and a client's packets while policies are swapped, which
-# newer kernels may drop), LANE_TIMEOUT (seconds).
+# CLI on the same sets, and a client's packets counted while policies are
+# swapped), LANE_TIMEOUT (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)

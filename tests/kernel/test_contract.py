@@ -8,6 +8,7 @@ netlab.TIME_SCALE, so emulation makes them slower, never red.
 import ctypes
 import fcntl
 import ipaddress
+import json
 import mmap
 import os
 import platform
@@ -89,6 +90,43 @@ def test_table_swap_is_atomic_and_a_refused_load_changes_nothing(pair):
     with pytest.raises(KernelError):
         _load(pair, opened, refused)
     assert pair.ruleset() == before
+    assert _shut(pair, "v4")
+
+
+def _listed(pair):
+    """The ruleset as `nft -j` lists it, without handles: objects in a stable
+    order, each chain's rules in theirs."""
+    objects, rules = [], {}
+    for item in json.loads(pair.server.nft("-j", "list", "ruleset").stdout)["nftables"]:
+        (kind, obj), = item.items()
+        obj = {key: value for key, value in obj.items() if key != "handle"}
+        if kind == "rule":
+            rules.setdefault((obj["table"], obj["chain"]), []).append(obj)
+        elif kind != "metainfo":
+            objects.append(json.dumps({kind: obj}, sort_keys=True))
+    return sorted(objects), rules
+
+
+def _set_handle(pair, table, name):
+    listed = json.loads(pair.server.nft("-j", "list", "set", FAMILY, table, name).stdout)
+    return next(item["set"]["handle"] for item in listed["nftables"] if "set" in item)
+
+
+def test_a_table_reloaded_in_place_is_the_table_a_fresh_load_makes(pair):
+    """policyd.kernel.nft loads a table the kernel has in place (its sets kept,
+    flushed and filled again); what it leaves must be what a first load makes."""
+    wider = pair.policy(CLOSED.replace("[192.0.2.0/24]", "[192.0.2.0/24, 198.51.100.0/24]"), "w.yaml")
+    opened, closed = pair.policy(OPEN), pair.policy(CLOSED, "closed.yaml")
+    _load(pair, None, compile_policy(wider, opened, HOUR).document())   # on trial: more of each
+    kept = _set_handle(pair, closed.table, "committed_proxy_v4")
+    before = pair.kernel(lambda nft: nft.netlink.generation())
+    _load(pair, closed)   # 198.51.100.0/24, the candidate's chains and sets, the trial set go
+    assert pair.kernel(lambda nft: nft.netlink.generation()) == before + 1
+    assert _set_handle(pair, closed.table, "committed_proxy_v4") == kept
+    reloaded = _listed(pair)
+    pair.server.nft("flush", "ruleset")
+    _load(pair, closed)
+    assert reloaded == _listed(pair)
     assert _shut(pair, "v4")
 
 
