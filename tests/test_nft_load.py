@@ -180,3 +180,40 @@ def test_a_table_only_deleted_stays_deleted():
     context, netlink = FakeContext(), FakeNetlink(tables=KERNEL_TABLE)
     _nft(context, netlink).load(document)
     assert _verbs(netlink.batches[0]) == ["delete table"]
+
+
+class RefusingNth(FakeNetlink):
+    """Refuses only the batches of the given numbers (0: the first sent)."""
+
+    def __init__(self, refused, tables):
+        super().__init__(tables=tables)
+        self.refused, self.sent = refused, 0
+
+    def send_batch(self, messages):
+        self.sent += 1
+        if self.sent - 1 in self.refused:
+            raise OSError(17, "File exists")
+        self.batches.append(messages)
+
+
+WITHOUT_V6 = {"policyd": (KERNEL_TABLE["policyd"][0], {"committed_ollama_v4"})}
+
+
+def test_an_interval_set_the_kernel_lacks_is_made_empty_in_a_transaction_before(document):
+    """By the update that makes rules name it, the set exists (and is searchable)."""
+    context, netlink = FakeContext(), FakeNetlink(tables=WITHOUT_V6)
+    _nft(context, netlink).load(document)
+    made, update = netlink.batches
+    assert [kind for kind, _f, _b in made] == [nft_mod.nlbatch.NEWSET]
+    assert b"committed_ollama_v6" in made[0][2]
+    assert "delete table" not in _verbs(update) and nft_mod.nlbatch.NEWSETELEM in [k for k, _f, _b in update]
+
+
+def test_sets_made_for_a_refused_update_are_deleted_before_the_table_is_replaced(document):
+    context, netlink = FakeContext(), RefusingNth({1}, WITHOUT_V6)
+    _nft(context, netlink).load(document)
+    made, unmade, whole = netlink.batches
+    assert [kind for kind, _f, _b in made] == [nft_mod.nlbatch.NEWSET]
+    assert [kind for kind, _f, _b in unmade] == [nft_mod.nlbatch.DELSET]
+    assert b"committed_ollama_v6" in unmade[0][2]
+    assert whole == nft_mod.nlbatch.encode(document)

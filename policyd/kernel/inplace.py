@@ -29,25 +29,49 @@ def replaced_tables(document):
 
 
 def in_place(document, existing):
-    """`document` with each table it replaces that the kernel has updated in place
-    instead, or None if the kernel has none of them.
+    """(first, update) for each table `document` replaces that the kernel has, or
+    None if the kernel has none of them.
 
     existing: {table: (chain names, set names)} as the kernel has them now.
+    first: a transaction to commit before `update`, or None: the interval sets
+    `update` needs that the kernel lacks, made empty (a set no rule names yet
+    changes no packet's fate; by `update` it exists, and is searchable).
+    update: `document` with those tables updated in place instead of replaced.
     """
     replaced = set(replaced_tables(document))
     present = {name: objects for name, objects in existing.items()
                if name in replaced and (objects[0] or objects[1])}
     if not present:
         return None
+    made = [{"add": {"set": {key: value for key, value in body["set"].items() if key != "elem"}}}
+            for command in document["nftables"] for verb, body in command.items()
+            if verb == "add" and "set" in body and body["set"]["table"] in present
+            and body["set"]["name"] not in present[body["set"]["table"]][1]
+            and "interval" in _flags(body["set"])]
     commands = []
     for command in document["nftables"]:
         (verb, body), = command.items()
         table = body.get("table", {}).get("name") if verb == "delete" else None
         if table in present:
-            commands += _keeping(document, table, *present[table])
+            chains, sets = present[table]
+            commands += _keeping(document, table, chains, set(sets) | {
+                made_set["add"]["set"]["name"] for made_set in made
+                if made_set["add"]["set"]["table"] == table})
         else:
             commands.append(command)
-    return {"nftables": commands}
+    return ({"nftables": made} if made else None), {"nftables": commands}
+
+
+def unmade(first):
+    """The transaction that deletes the sets `first` made."""
+    return {"nftables": [{"delete": {"set": {key: command["add"]["set"][key]
+                                            for key in ("family", "table", "name")}}}
+                         for command in first["nftables"]]}
+
+
+def _flags(obj):
+    flags = obj.get("flags", [])
+    return [flags] if isinstance(flags, str) else flags
 
 
 def _keeping(document, table, chains, sets):

@@ -70,15 +70,8 @@ class Nft:
             extra = []
             if bans is not None and bans.items:
                 extra = BanTable(self, bans.table, bans.ipv6_prefix).add_messages(bans.items)
-            updated = self._in_place(document)
-            if updated is not None:
-                try:
-                    self.netlink.send_batch(nlbatch.encode(updated) + extra)
-                    return
-                except (nlbatch.Unsupported, OSError) as exc:
-                    # Nothing changed: a kept set or chain the document defines
-                    # otherwise, say. Replacing the table whole is what it asks.
-                    log.info("table not updated in place (%s); replacing it whole", exc)
+            if self._loaded_in_place(document, extra):
+                return
             try:
                 self.netlink.send_batch(nlbatch.encode(document) + extra)
                 return
@@ -98,20 +91,45 @@ class Nft:
         finally:
             self._count_load()
 
-    def _in_place(self, document):
-        """policyd.kernel.inplace's rewrite of `document` for the tables the kernel has,
-        or None (none of them there, or the kernel cannot be asked)."""
+    def _loaded_in_place(self, document, extra):
+        """Load `document` (and the `extra` messages) with the tables it replaces that
+        the kernel has updated in place (policyd.kernel.inplace); False, with the
+        kernel as it was, if that cannot be done."""
         tables = inplace.replaced_tables(document)
         if not tables:
-            return None
+            return False
         try:
             existing = {}
             for table in tables:
                 chains, sets = self.netlink.skeleton(table)
                 existing[table] = ({name for name, _rules in chains}, set(sets))
-        except OSError:
-            return None
-        return inplace.in_place(document, existing)
+            plan = inplace.in_place(document, existing)
+            if plan is None:
+                return False
+            first, update = plan
+            messages = nlbatch.encode(update) + extra
+            made = nlbatch.encode(first) if first is not None else []
+        except (OSError, nlbatch.Unsupported):
+            return False
+        try:
+            if made:
+                self.netlink.send_batch(made)
+        except OSError as exc:
+            log.info("sets not made before the update in place (%s); replacing the table whole", exc)
+            return False
+        try:
+            self.netlink.send_batch(messages)
+            return True
+        except OSError as exc:
+            # Nothing changed: a kept set or chain the document defines otherwise,
+            # say. Replacing the table whole is what the document asks for.
+            log.info("table not updated in place (%s); replacing it whole", exc)
+        if made:   # the sets made for the update, which no rule names: gone again
+            try:
+                self.netlink.send_batch(nlbatch.encode(inplace.unmade(first)))
+            except (OSError, nlbatch.Unsupported) as exc:
+                log.warning("could not delete the sets made for an update in place: %s", exc)
+        return False
 
     def load_changes(self, new, old, table, held):
         """Take the kernel from Ruleset `old` to `new` by one transaction of only

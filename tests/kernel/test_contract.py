@@ -130,6 +130,30 @@ def test_a_table_reloaded_in_place_is_the_table_a_fresh_load_makes(pair):
     assert _shut(pair, "v4")
 
 
+def test_a_set_new_to_the_table_is_made_first_and_a_refused_reload_leaves_no_trace(pair):
+    """An interval set the kernel's table lacks is made, empty, in a transaction
+    of its own before the update in place names it; if the update is refused,
+    it is deleted again and the ruleset is as it was."""
+    opened, closed = pair.policy(OPEN), pair.policy(CLOSED, "closed.yaml")
+    _load(pair, opened)   # allow any: no allowlist set
+    before = pair.ruleset()
+    refused = compile_policy(closed).document()   # encoded, then refused by the kernel
+    refused["nftables"].append({"add": {"rule": {"family": FAMILY, "table": closed.table,
+                                                 "chain": "input",
+                                                 "expr": [{"goto": {"target": "no_such_chain"}}]}}})
+    with pytest.raises(KernelError):
+        _load(pair, closed, refused)
+    assert pair.ruleset() == before
+    generation = pair.kernel(lambda nft: nft.netlink.generation())
+    _load(pair, closed)
+    assert pair.kernel(lambda nft: nft.netlink.generation()) == generation + 2
+    assert _shut(pair, "v4")
+    reloaded = _listed(pair)
+    pair.server.nft("flush", "ruleset")
+    _load(pair, closed)
+    assert reloaded == _listed(pair)
+
+
 def test_trial_expiry_falls_back_to_committed_and_a_late_confirm_fails_whole(pair):
     opened, closed = pair.policy(OPEN), pair.policy(CLOSED, "closed.yaml")
     seconds = max(3, round(TIME_SCALE))
