@@ -7,9 +7,10 @@ elements are flushed and loaded anew, and whatever the document no longer has
 is deleted. Linux 6.18 was seen to miss lookups in an interval set made in the
 transaction that makes its rules live (an allowed client's packet dropped in
 about one swap in 40); a set that exists before the transaction is searchable
-throughout it. The kernel checks that a kept set or base chain is what the
-document defines: it refuses the transaction otherwise, and the caller loads
-the document as written.
+throughout it; so an interval set the table lacks is made, empty and named
+by no rule, in a transaction before. The kernel checks that a kept set or base
+chain is what the document defines: it refuses the transaction otherwise, and
+the caller loads the document as written.
 """
 from policyd.rules.model import FAMILY
 

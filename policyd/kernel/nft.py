@@ -121,8 +121,8 @@ class Nft:
             self.netlink.send_batch(messages)
             return True
         except OSError as exc:
-            # Nothing changed: a kept set or chain the document defines otherwise,
-            # say. Replacing the table whole is what the document asks for.
+            # The update changed nothing: a kept set or chain the document defines
+            # otherwise, say. Replacing the table whole is what the document asks for.
             log.info("table not updated in place (%s); replacing it whole", exc)
         if made:   # the sets made for the update, which no rule names: gone again
             try:
