@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kernel_lab import CLIENT, MARKS, SERVER, lab, pair  # noqa: F401 (fixtures)
-from policyd_lab.netlab import TIME_SCALE, wait_for
+from policyd_lab.netlab import TIME_SCALE, in_namespace, wait_for
 from policyd.rules.compile import TRIAL_SET, compile_policy
 from policyd.rules.model import FAMILY, Ruleset
 from policyd.errors import KernelError
@@ -93,11 +93,12 @@ def test_table_swap_is_atomic_and_a_refused_load_changes_nothing(pair):
     assert _shut(pair, "v4")
 
 
-def _listed(pair):
-    """The ruleset as `nft -j` lists it, without handles: objects in a stable
-    order, each chain's rules in theirs."""
+def _listed(pair, host=None):
+    """The ruleset as `nft -j` lists it (on the server, or `host`), without
+    handles: objects in a stable order, each chain's rules in theirs."""
     objects, rules = [], {}
-    for item in json.loads(pair.server.nft("-j", "list", "ruleset").stdout)["nftables"]:
+    host = host or pair.server
+    for item in json.loads(host.nft("-j", "list", "ruleset").stdout)["nftables"]:
         (kind, obj), = item.items()
         obj = {key: value for key, value in obj.items() if key != "handle"}
         if kind == "rule":
@@ -152,6 +153,54 @@ def test_a_set_new_to_the_table_is_made_first_and_a_refused_reload_leaves_no_tra
     pair.server.nft("flush", "ruleset")
     _load(pair, closed)
     assert reloaded == _listed(pair)
+
+
+RICHER = """\
+    version: 1
+    services:
+      proxy:
+        ports: [8080]
+        allow: [192.0.2.0/24, "2001:db8:2::/64"]
+        deny: [192.0.2.9, "2001:db8:2::9"]
+        rate: 20/second
+      dns:
+        ports: [5353]
+        proto: udp
+        action: reject
+        allow: [198.51.100.0/24]
+"""
+
+
+def _fresh_listing(pair, document):
+    """_listed() of `document` loaded first, in the client's namespace (which
+    holds no other table: its ruleset is flushed before)."""
+    from policyd.kernel.nft import Nft
+    pair.client.nft("flush", "ruleset")
+
+    def load():
+        nft = Nft()
+        try:
+            nft.load(document)
+        finally:
+            nft.close()
+    in_namespace(pair.client.name, load)
+    return _listed(pair, pair.client)
+
+
+def test_every_reload_in_place_lists_as_a_first_load(pair, caplog):
+    """A sequence of policies and trials, each loaded in place over the last:
+    services, lists, a deny list, a rate set and a UDP service come and go."""
+    caplog.set_level("INFO", logger="policyd.kernel.nft")
+    opened, closed = pair.policy(OPEN), pair.policy(CLOSED, "closed.yaml")
+    richer = pair.policy(RICHER, "richer.yaml")
+    steps = [compile_policy(opened), compile_policy(richer), compile_policy(closed),
+             compile_policy(closed, richer, HOUR), compile_policy(richer),
+             compile_policy(opened, closed, HOUR), compile_policy(opened)]
+    for number, ruleset in enumerate(steps):
+        document = ruleset.document()
+        _load(pair, None, document)
+        assert _listed(pair) == _fresh_listing(pair, ruleset.document()), number
+    assert "whole" not in caplog.text   # every step was loaded in place
 
 
 def test_trial_expiry_falls_back_to_committed_and_a_late_confirm_fails_whole(pair):
