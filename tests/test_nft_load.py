@@ -1,6 +1,7 @@
 """Nft.load: one raw netlink batch when the encoder knows the document, libnftables
 otherwise, and never a half-loaded or silently dropped policy."""
 import json
+import os
 
 import pytest
 
@@ -58,6 +59,13 @@ class FakeNetlink(nfnetlink.Netlink):
                 self.refuse -= 1
             raise OSError(22, "Invalid argument")
         self.batches.append(messages)
+
+
+@pytest.fixture(autouse=True)
+def in_place_kernel(monkeypatch):
+    """A kernel that gets tables updated in place (6.18 and later)."""
+    monkeypatch.setattr(nft_mod.os, "uname", lambda: os.uname_result(
+        ("Linux", "host", "6.18.44-1-amd64", "#1", "x86_64")))
 
 
 def _nft(context, netlink):
@@ -217,3 +225,21 @@ def test_sets_made_for_a_refused_update_are_deleted_before_the_table_is_replaced
     assert [kind for kind, _f, _b in unmade] == [nft_mod.nlbatch.DELSET]
     assert b"committed_ollama_v6" in unmade[0][2]
     assert whole == nft_mod.nlbatch.encode(document)
+
+
+def test_a_kernel_before_6_18_gets_the_table_replaced_whole(document, monkeypatch):
+    """Debian 12's 6.1 misses lookups while a set's ranges are replaced in place,
+    not in a new set: there the table is swapped whole, as policyd always did."""
+    monkeypatch.setattr(nft_mod.os, "uname", lambda: os.uname_result(
+        ("Linux", "host", "6.1.0-57-amd64", "#1", "x86_64")))
+    context, netlink = FakeContext(), FakeNetlink(tables=KERNEL_TABLE)
+    _nft(context, netlink).load(document)
+    assert netlink.batches == [nft_mod.nlbatch.encode(document)]
+
+
+@pytest.mark.parametrize("release, in_place", [
+    ("6.18.44-fc-v1045", True), ("6.19.0", True), ("7.0.1-1-amd64", True),
+    ("6.1.0-57-amd64", False), ("6.12.48+deb13-amd64", False), ("5.10.0-32-amd64", False),
+    ("garbage", False), ("", False)])
+def test_which_kernels_load_in_place(release, in_place):
+    assert nft_mod.loads_in_place(release) is in_place

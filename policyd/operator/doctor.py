@@ -205,4 +205,5 @@ def check_kernel(features):
     how = {True: "DESTROYSETELEM present", False: "no DESTROYSETELEM (Linux < 6.3)",
            None: "DESTROYSETELEM unknown (no CAP_NET_ADMIN)"}[features["destroy_set_element"]]
     return [ok("kernel", f"Linux {features['kernel']}: {how}; a re-ban sets its new "
-               f"timeout by {features['reban']} in one transaction")]
+               f"timeout by {features['reban']} in one transaction; reload: "
+               f"{features.get('reload', 'whole table')}")]

@@ -68,7 +68,8 @@ def to_text(result):
         lines.append(_bans_line(result["bans"]))
     kernel = result.get("kernel")
     if kernel:
-        lines.append(f"kernel:    {kernel['kernel']}, re-ban by {kernel['reban']}")
+        reload = f", reload {kernel['reload']}" if kernel.get("reload") else ""   # daemons before it
+        lines.append(f"kernel:    {kernel['kernel']}, re-ban by {kernel['reban']}{reload}")
     for entry in result.get("logs", []):
         state = "ok" if entry.get("exists") and not entry.get("error") else (
             f"NOT FOLLOWED: {entry['error']}" if entry.get("error") else "missing")

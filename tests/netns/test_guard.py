@@ -187,8 +187,9 @@ def _probe_counts(host):
 
 # A table swapped in one transaction must drop nothing the old and the new
 # policy both allow. Linux 6.18 misses lookups in an interval set made in the
-# transaction that makes its rules live (with plain `nft -f` too: 8 drops in 300
-# swaps; Debian 12's 6.1: none); policyd.kernel.inplace keeps the sets instead.
+# transaction that makes its rules live, Debian 12's 6.1 in a set whose ranges
+# are replaced in place (policyd.kernel.nft.IN_PLACE_FROM says which way each
+# kernel gets); `make test-kernel` runs this test on 6.1.
 def test_reapply_is_atomic_for_a_connecting_client(world):
     """While policies are swapped again and again, no packet of an allowed client is dropped."""
     world.server.listen(11434)
