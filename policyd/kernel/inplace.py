@@ -55,11 +55,8 @@ def in_place(document, existing):
     for command in document["nftables"]:
         (verb, body), = command.items()
         table = body.get("table", {}).get("name") if verb == "delete" else None
-        if table in present:
-            chains, sets = present[table]
-            commands += _keeping(document, table, chains, set(sets) | {
-                made_set["add"]["set"]["name"] for made_set in made
-                if made_set["add"]["set"]["table"] == table})
+        if table in present:   # (a set made first is empty: nothing to flush)
+            commands += _keeping(document, table, *present[table])
         else:
             commands.append(command)
     return ({"nftables": made} if made else None), {"nftables": commands}

@@ -112,20 +112,18 @@ class Nft:
             made = nlbatch.encode(first) if first is not None else []
         except (OSError, nlbatch.Unsupported):
             return False
+        sets_made = False
         try:
             if made:
                 self.netlink.send_batch(made)
-        except OSError as exc:
-            log.info("sets not made before the update in place (%s); replacing the table whole", exc)
-            return False
-        try:
+                sets_made = True
             self.netlink.send_batch(messages)
             return True
         except OSError as exc:
-            # The update changed nothing: a kept set or chain the document defines
-            # otherwise, say. Replacing the table whole is what the document asks for.
+            # The refused batch changed nothing: a kept set or chain the document
+            # defines otherwise, say. Replacing the table whole is what it asks for.
             log.info("table not updated in place (%s); replacing it whole", exc)
-        if made:   # the sets made for the update, which no rule names: gone again
+        if sets_made:   # the sets made for the update, which no rule names: gone again
             try:
                 self.netlink.send_batch(nlbatch.encode(inplace.unmade(first)))
             except (OSError, nlbatch.Unsupported) as exc:

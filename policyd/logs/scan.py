@@ -10,7 +10,6 @@ A big file is cut into parts, one per CPU (policyd.logs.scanparts).
 """
 import os
 import time
-from collections import Counter
 
 from policyd.logs import filters, scanparts
 from policyd.errors import InputError
@@ -237,11 +236,7 @@ def _scan_region(log_filter, buffer, low, high, whole, result, hosts):
             kept = [f for f in failures if not region_judge.drops(f[0], f[1])]
             forged = len(failures) - len(kept)
             failures = kept
-    # Counted by the (cached) address object's id, at C speed.
-    addresses = [address for _start, _end, address in failures]
-    by_id = dict(zip(map(id, addresses), addresses))
-    for key, count in Counter(map(id, addresses)).items():
-        hosts.add(by_id[key], count)
+    hosts.add_all([address for _start, _end, address in failures])
     result.lines += line_count
     result.matched += len(failures)
     result.malformed += malformed

@@ -6,7 +6,7 @@ for each part after the first, and adding each child's counts to the parent's
 by the parent.
 """
 import os
-from collections import _count_elements   # Counter's own C loop, counting into any dict
+from collections import Counter, _count_elements   # the latter: Counter's own C loop, into any dict
 
 from policyd.logs.filters import _HOST_CACHE, MAX_LINE_BYTES, _cached_parse_host
 
@@ -35,6 +35,13 @@ class HostTally:
             self._by_id[id(address)] = [address, count]
         else:
             entry[1] += count
+
+    def add_all(self, addresses):
+        """Count each of `addresses` (cached address objects, so one object per
+        host) once, by id at C speed."""
+        by_id = dict(zip(map(id, addresses), addresses))
+        for key, count in Counter(map(id, addresses)).items():
+            self.add(by_id[key], count)
 
     def add_raw(self, raws):
         """Count host texts the bulk path found good (in filters' host cache)."""

@@ -56,22 +56,17 @@ def scan_text(flt, text, result, hosts):
 def _add(result, line_count, outcomes, hosts):
     """Count `line_count` lines into `result`, of which `outcomes` are the ones
     classified (the rest were ignored unread); each match tallied by host."""
-    matched = malformed = 0
-    counts = {}   # by the host object's id: ipaddress hashes slowly; _address caches objects
+    malformed = 0
+    addresses = []   # _address caches objects: HostTally counts them by id
     for outcome in outcomes:
         if outcome is Outcome.IGNORED:
             continue
         if outcome is Outcome.MALFORMED:
             malformed += 1
             continue
-        matched += 1
-        entry = counts.get(id(outcome.host))
-        if entry is None:
-            counts[id(outcome.host)] = [outcome.host, 1]
-        else:
-            entry[1] += 1
-    for host, count in counts.values():
-        hosts.add(host, count)
+        addresses.append(outcome.host)
+    hosts.add_all(addresses)
+    matched = len(addresses)
     result.lines += line_count
     result.matched += matched
     result.malformed += malformed
