@@ -26,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "netns"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flood import MAXRETRY, POLICY, source  # noqa: E402
+from flood import MAXRETRY, source  # noqa: E402
 from policyd_lab.netlab import Lab, in_namespace  # noqa: E402
+from policyd_lab.policies import ban_policy, log_file  # noqa: E402
 
 
 def flood_failures(sources, per_source, seed=14):
@@ -51,7 +52,8 @@ def measure(workdir, sources=100000, per_source=MAXRETRY, profile=None):
         log_path = workdir / "flood.log"
         log_path.write_text("")
         policy_path = workdir / "policy.yaml"
-        policy_path.write_text(POLICY.format(maxretry=MAXRETRY, error_log=workdir / "other.log", flood_log=log_path))
+        policy_path.write_text(ban_policy(log_file(workdir / "other.log"), log_file(log_path), ollama=True,
+                                           maxretry=MAXRETRY))
         applied = host.policyd("apply", str(policy_path))
         if applied.returncode != 0:
             raise RuntimeError(f"policyd apply failed: {applied.stderr}")

@@ -6,6 +6,7 @@ leave nothing behind (namespaces, the committed bench/RESULTS.md).
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -106,3 +107,28 @@ def test_report_marks_a_missed_target():
     assert report.missed({"fleet": fleet}) == ["(f) fleet: ban on n1's kernel -> all 5 kernels, over Redis"]
     fleet["p99_ms"] = 90.0
     assert report.missed({"fleet": fleet}) == []
+
+
+# The tools make bench does not run (profiling, and the other log kinds' targets):
+# each on tiny inputs, as bench/README.md shows them, so none falls behind the
+# code it measures unnoticed.
+SIDE_TOOLS = {
+    "flood_cost.py": (["--sources", "300"], '"kernel_bans": 300'),
+    "flood_classify.py": (["--sources", "300", "--runs", "1"], '"bulk_failures": 900'),
+    "fail2ban_filter_throughput.py": (["--lines", "1000", "--mixes", "0.3"], "30.0% failures"),
+    "journal_ban_latency.py": (["--trials", "2"], "misses 0"),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(SIDE_TOOLS))
+def test_side_tool_runs_on_tiny_inputs(tool):
+    for needed in ("fail2ban-regex", "systemd-journal-remote"):
+        if shutil.which(needed) is None and not os.path.exists(f"/lib/systemd/{needed}"):
+            pytest.skip(f"`{needed}` is not installed (make setup installs it)")
+    args, expected = SIDE_TOOLS[tool]
+    before = set(leftover_namespaces("pd"))
+    out = subprocess.run([sys.executable, str(REPO / "bench" / tool), *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expected in out.stdout, out.stdout[-2000:]
+    assert set(leftover_namespaces("pd")) <= before, "the tool left a namespace behind"
