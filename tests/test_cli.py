@@ -352,3 +352,19 @@ def cli_show_uncached(tmp_path, path):
     state = tmp_path / "other-state"
     runner = CliRunner(mix_stderr=False)
     return runner.invoke(cli.main, ["--state-dir", str(state), "show", str(path)]).stdout
+
+
+def test_status_reads_a_damaged_commit_record_without_a_traceback(tmp_path, monkeypatch):
+    """committed.json is policyd's own, written whole; one a hand or a bad disk
+    changed into other JSON is shown as far as it goes, never a traceback."""
+    store = policystore.PolicyStore(tmp_path / "state")
+    policy = trial.policy_mod.loads(GOOD.encode(), "/etc/policyd/policy.yaml")
+    store.commit(GOOD.encode(), policy, now=1000.0)
+    monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
+    for record in (b'{"generation": 1}', b'{"sha256": 7, "source": null, "committed_at": "x"}',
+                   b"[1, 2]", b'"text"', b"null"):
+        (tmp_path / "state" / policystore.COMMITTED_META).write_bytes(record)
+        result = invoke(tmp_path, "status")
+        assert result.exit_code == 0 and result.exception is None, (record, result.output)
+        assert "policy:" in result.output, record
+        assert json.loads(invoke(tmp_path, "status", "--json").output)["policy"] is not None

@@ -15,6 +15,9 @@ from policyd.errors import KernelError
 TRIAL_SET = "trial"
 
 
+_COMMIT_FIELDS = {"sha256": str, "source": str, "committed_at": (int, float)}
+
+
 def status(store, now=None, nft=None):
     """The committed policy and the trial, for `policyd status`.
 
@@ -30,8 +33,10 @@ def status(store, now=None, nft=None):
     now = time.time() if now is None else now
     meta = store.meta()
     committed = None
-    if meta:
-        committed = {key: meta.get(key) for key in ("sha256", "source", "committed_at")}
+    if meta is not None:
+        # Each field as policyd writes it, or None (a record changed by hand).
+        committed = {key: meta.get(key) if isinstance(meta.get(key), kinds) and not isinstance(
+            meta.get(key), bool) else None for key, kinds in _COMMIT_FIELDS.items()}
     pending = store.pending()
     trial = ended = None
     if pending is not None and now >= pending.deadline:

@@ -58,7 +58,7 @@ def _committed(state_dir):
     not None (importing that module, with dataclasses and tempfile, costs 25 ms)."""
     try:
         with open(os.path.join(state_dir, COMMITTED_META), "rb") as meta:
-            return json.loads(meta.read().decode()) is not None
+            return isinstance(json.loads(meta.read().decode()), dict)
     except (OSError, ValueError):
         return False
 

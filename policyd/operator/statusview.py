@@ -28,8 +28,9 @@ def without_daemon(obj):
 def _policy_lines(policy):
     committed, held_back = policy["committed"], policy.get("held_back")
     if committed:
-        return [f"policy:    {committed['source']} (sha256 {committed['sha256'][:12]}, "
-                f"committed {format_time(committed['committed_at'])})"]
+        when = committed["committed_at"]
+        return [f"policy:    {committed['source'] or '?'} (sha256 {(committed['sha256'] or '?')[:12]}, "
+                f"committed {'?' if when is None else format_time(when)})"]
     if not held_back:
         return ["policy:    nothing committed"]
     return [f"policy:    NOT ENFORCED: {held_back['source']} was not loaded: {held_back['reason']}",

@@ -129,10 +129,14 @@ class PolicyStore:
         return None if committed is None else (committed.table, committed.bans_table)
 
     def meta(self):
+        """The committed policy's record ({"source", "sha256", "committed_at"}), None
+        if there is none or it is not a JSON object (a field may still be missing
+        or of another type: policyd.kernel.trialstate.status reads it for show)."""
         try:
-            return json.loads((self.dir / COMMITTED_META).read_text())
+            record = json.loads((self.dir / COMMITTED_META).read_text())
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) else None
 
     def commit(self, data, policy, now=None):
         atomic_write(self.dir / COMMITTED, data)
