@@ -11,7 +11,7 @@
 # LANE_TESTS (pytest arguments, default the contract suite, the ban-agreement
 # test and the daemon putting a flushed ruleset back, which drive the daemon and
 # CLI on the same sets, and a client's packets counted while policies are
-# swapped), LANE_TIMEOUT (seconds).
+# swapped and while list changes go in as changed elements), LANE_TIMEOUT (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
@@ -76,7 +76,8 @@ else
 fi
 TESTS=${LANE_TESTS:-tests/kernel tests/netns/test_bans_agree.py \
 tests/netns/test_daemon.py::test_bans_survive_apply_restart_and_a_flushed_ruleset \
-tests/netns/test_guard.py::test_reapply_is_atomic_for_a_connecting_client}
+tests/netns/test_guard.py::test_reapply_is_atomic_for_a_connecting_client \
+tests/netns/test_lists_netns.py::test_a_list_change_drops_no_packet_of_a_client_it_keeps}
 LOG=$BUILD/console.log
 echo "test-kernel: booting $KV ($ACCEL, waits x$SCALE): pytest $TESTS"
 # Kernel arguments with '=' and no '.' reach /init as environment variables.

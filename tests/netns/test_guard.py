@@ -1,7 +1,5 @@
 """The allowlist in a real kernel: who connects, who does not, and atomic loads."""
-import json
-import threading
-
+from policyd_lab.packetcount import add_probe, connecting, handshake, probe_counts
 from policyd_lab.world import (SERVER_V4, SERVER_V6, SERVER_WAN_V4, SERVER_WAN_V6, STRANGER_V4,
                       TRUSTED_V4)
 
@@ -150,41 +148,6 @@ def test_other_tables_are_left_alone(world):
     assert world.server.nft("list", "table", "inet", "filter").stdout == foreign
 
 
-def _handshake(host, address, port):
-    """Whether a TCP handshake completes within 5 s."""
-    sock = host.socket(__import__("socket").AF_INET)
-    sock.settimeout(5)
-    try:
-        sock.connect((address, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
-# Counts the packets to 11434 at the input hook before policyd's chains run
-# (priority -100) and after them (100): an accept in one base chain lets a
-# packet go on to the next, a drop ends it, so the difference is exactly what
-# the chains in between dropped, whatever the timing of the machine.
-PROBE = """table inet probe {
-    counter before {}
-    counter after {}
-    chain first { type filter hook input priority -100; policy accept; tcp dport 11434 counter name "before"; }
-    chain last { type filter hook input priority 100; policy accept; tcp dport 11434 counter name "after"; }
-}
-"""
-
-
-def _probe_counts(host):
-    """(packets before policyd's chains, packets after them) to port 11434."""
-    counts = []
-    for name in ("before", "after"):
-        listed = json.loads(host.nft("-j", "list", "counter", "inet", "probe", name).stdout)
-        counts.append(next(item["counter"]["packets"] for item in listed["nftables"] if "counter" in item))
-    return tuple(counts)
-
-
 # A table swapped in one transaction must drop nothing the old and the new
 # policy both allow. Linux 6.18 misses lookups in an interval set made in the
 # transaction that makes its rules live, Debian 12's 6.1 in a set whose ranges
@@ -202,32 +165,17 @@ def test_reapply_is_atomic_for_a_connecting_client(world):
             allow: [192.0.2.0/25, 192.0.2.128/25, 203.0.113.0/24]
     """, "b.yaml")
     assert world.server.policyd("apply", first).returncode == 0
-    world.server.exec("nft", "-f", "-", input=PROBE)
-    failed, attempts, stop = [], [0], threading.Event()
-
-    def client():
-        # Paced: unpaced, thousands of handshakes a second overflow the listener's
-        # accept queue while the applies starve it of CPU.
-        while not stop.wait(0.005):
-            attempts[0] += 1
-            if not _handshake(world.trusted, SERVER_V4, 11434):
-                failed.append(attempts[0])
-
-    thread = threading.Thread(target=client)
-    thread.start()
-    try:
+    add_probe(world.server, 11434)
+    with connecting(world.trusted, SERVER_V4, 11434) as client:
         for i in range(8):
             result = world.server.policyd("apply", second if i % 2 == 0 else first)
             assert result.returncode == 0, result.stderr
-    finally:
-        stop.set()
-        thread.join()
-    before, after = _probe_counts(world.server)
-    assert attempts[0] > 20 and before >= 2 * attempts[0]   # a SYN and an ACK at least each
-    assert before == after and failed == []
+    before, after = probe_counts(world.server)
+    assert client["attempts"] > 20 and before >= 2 * client["attempts"]   # a SYN and an ACK at least each
+    assert before == after and client["failed"] == []
     # The same probe does see a drop: the stranger's SYNs go unanswered, and counted so.
-    assert not _handshake(world.stranger, SERVER_WAN_V4, 11434)
-    before, after = _probe_counts(world.server)
+    assert not handshake(world.stranger, SERVER_WAN_V4, 11434)
+    before, after = probe_counts(world.server)
     assert before - after >= 2
 
 
