@@ -200,7 +200,12 @@ def _cli_rows(c):
             text += f" (a banned source: {cell(daemon['explain_banned'])})"
         if command in alone:
             text += f"; no daemon {cell(alone[command])}"
+        if command == "bans" and "bans_reading_the_rows" in alone:
+            text += f" (no listing file to reuse, the rows read: {cell(alone['bans_reading_the_rows'])})"
+        # The listing without a daemon is judged as an operator meets it after a
+        # stop (the file the daemon left); the rows read again are shown beside.
         values = ([daemon[command]] + ([daemon["explain_banned"]] if command == "explain" else [])
+                  + ([daemon["bans_after_a_ban"]] if command == "bans" and "bans_after_a_ban" in daemon else [])
                   + ([alone[command]] if command in alone else []))
         out.append((f"(f) `{command}` with {what}", text, "", "<= 0.2 s",
                     _verdict(all(ok(v, 0.2) for v in values))))

@@ -148,6 +148,20 @@ def _book(tmp_path, clock):
     return state, manager
 
 
+def _fresh(tmp_path, now, banned_at=True):
+    """What the state file lists at `now`, read from its rows (the listing file untouched)."""
+    return statefile.read(tmp_path, lambda db: banstate._columns_of(db, now, banned_at), None)
+
+
+def _rows(tmp_path, now):
+    """The same, every field of every row read the plain way."""
+    return statefile.read(tmp_path, lambda db: banstate._rows_of(db, now, True), None)
+
+
+def _printed(columns):
+    return banprint.columns_text(columns), banprint.columns_json(columns) if columns.banned_at else None
+
+
 def test_the_state_file_lists_what_the_daemon_would_list(tmp_path):
     clock = FakeClock(NOW)
     state, manager = _book(tmp_path, clock)
@@ -223,10 +237,12 @@ def test_the_state_file_text_is_the_same_however_many_causes_sqlite_numbers(
     clock = FakeClock(NOW)
     state, _manager = _book(tmp_path, clock)
     state.close()
-    expected = banprint.columns_text(banstate.from_state(tmp_path, clock()))
+    expected = _printed(_rows(tmp_path, clock()))
     monkeypatch.setattr(banstate, "MAX_NUMBERED_CAUSES", numbered)
-    assert banprint.columns_text(banstate.from_state(tmp_path, clock(), banned_at=False)) == expected
-    assert len(expected.splitlines()) == 5
+    assert _printed(_fresh(tmp_path, clock())) == expected
+    assert _fresh(tmp_path, clock(), banned_at=False).banned_at is None
+    assert banprint.columns_text(_fresh(tmp_path, clock(), banned_at=False)) == expected[0]
+    assert len(expected[0].splitlines()) == 5
 
 
 @pytest.mark.parametrize("odd", [None, "192.0.2.9/32%s", "192.0.2.9/32\n198.51.100.1"])
@@ -243,13 +259,13 @@ def test_bans_of_one_cause_read_from_the_state_file_print_what_rows_printed(tmp_
         db.execute("UPDATE bans SET network = ? WHERE rowid = 5", (odd,))
         db.commit()
         db.close()
-    joined = statefile.read(tmp_path, lambda db: banstate._one_cause_columns_of(db, NOW, (0, None, "manual")),
+    joined = statefile.read(tmp_path, lambda db: banstate._one_cause_columns_of(db, NOW, (0, None, "manual"), False),
                             None)
     assert (joined is None) == (odd is not None and "\n" in odd)
-    rows = banstate.from_state(tmp_path, NOW)  # every column read, as rows
+    rows = _rows(tmp_path, NOW)
     assert rows.causes == [(0, None, "manual")] and len(rows) == 700
-    assert banprint.columns_text(banstate.from_state(tmp_path, NOW, banned_at=False)) == (
-        banprint.columns_text(rows))
+    assert _printed(_fresh(tmp_path, NOW)) == _printed(rows)
+    assert banprint.columns_text(_fresh(tmp_path, NOW, banned_at=False)) == banprint.columns_text(rows)
     assert banprint.columns_text(rows).count("\n") == 700 + (odd is not None and "\n" in odd)
 
 
@@ -396,3 +412,133 @@ def test_a_new_listing_spells_only_the_bans_the_last_one_did_not(monkeypatch):
     # A book shrunk to under half of what was spelled starts the spellings again.
     assert listed(few, 3) == fresh["few"]
     assert len(banlist._SPELLED) == len(spelled) == 500
+
+
+def _rows_not_read(monkeypatch):
+    def refuse(*_args):
+        raise AssertionError("the rows were read again")
+    monkeypatch.setattr(banstate, "_columns_of", refuse)
+
+
+@pytest.mark.parametrize("banned_at", [True, False])
+def test_a_second_listing_is_the_listing_file_and_prints_the_same(tmp_path, monkeypatch, banned_at):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    first = _printed(banstate.from_state(tmp_path, clock(), banned_at))
+    assert (tmp_path / banstate.LISTING_FILE).stat().st_mode & 0o777 == 0o600
+    clock.advance(5)
+    expected = _printed(_fresh(tmp_path, clock(), banned_at))
+    banstate.from_state(tmp_path, clock() - 5, banned_at)   # the file again
+    with monkeypatch.context() as patched:
+        _rows_not_read(patched)
+        again = _printed(banstate.from_state(tmp_path, clock(), banned_at))
+        assert again == expected and again[0] != first[0]   # seconds left moved on
+        if not banned_at:   # a listing read without banned_at cannot answer --json
+            with pytest.raises(AssertionError, match="read again"):
+                banstate.from_state(tmp_path, clock(), banned_at=True)
+
+
+def _ban(manager):
+    manager.ban("198.51.100.77", 300)
+
+
+def _unban(manager):
+    manager.unban("192.0.2.7")
+
+
+def _extend(manager):
+    manager.ban("2001:db8:1::/64", 5000)
+
+
+def _auto(manager):
+    manager.record_failures([(ipaddress.ip_address("198.51.100.33"), "caddy-auth", None)])
+
+
+def _unban_the_last_and_ban_another(manager):
+    manager.unban("203.0.113.64/28")
+    manager.ban("203.0.113.80/28", 60)
+
+
+@pytest.mark.parametrize("change", [_ban, _unban, _extend, _auto, _unban_the_last_and_ban_another])
+def test_any_change_of_the_bans_reads_the_rows_again(tmp_path, change):
+    clock = FakeClock(NOW)
+    state, manager = _book(tmp_path, clock)
+    banstate.from_state(tmp_path, clock())          # the listing file is written
+    clock.advance(1)
+    unchanged = _printed(_fresh(tmp_path, clock()))
+    change(manager)
+    manager.flush()
+    state.close()
+    listed = _printed(banstate.from_state(tmp_path, clock()))
+    assert listed == _printed(_fresh(tmp_path, clock())) and listed != unchanged
+
+
+def test_bans_that_expired_since_the_listing_are_left_out(tmp_path, monkeypatch):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    banstate.from_state(tmp_path, clock())
+    clock.advance(90)   # the /28 of 60 s is over
+    expected = _printed(_fresh(tmp_path, clock()))
+    banstate.from_state(tmp_path, clock() - 90)
+    _rows_not_read(monkeypatch)
+    listed = banstate.from_state(tmp_path, clock())
+    assert _printed(listed) == expected and "203.0.113.64/28" not in _printed(listed)[0]
+
+
+def test_a_clock_gone_back_reads_the_rows_again(tmp_path, monkeypatch):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    banstate.from_state(tmp_path, clock())
+    _rows_not_read(monkeypatch)
+    with pytest.raises(AssertionError, match="read again"):
+        banstate.from_state(tmp_path, clock() - 1)
+
+
+def _spoiled_data(path):
+    record, _newline, data = path.read_bytes().partition(b"\n")
+    return record + b"\n" + data[:-3]
+
+
+def _other_fingerprint(path):
+    record, _newline, data = path.read_bytes().partition(b"\n")
+    head = json.loads(record)
+    head["fingerprint"][0] += 1
+    return json.dumps(head).encode() + b"\n" + data
+
+
+def _more_bans_same_fingerprint(path):
+    record, _newline, data = path.read_bytes().partition(b"\n")
+    head = json.loads(record)
+    head["columns"]["count"] += 1
+    return json.dumps(head).encode() + b"\n" + data
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda path: b"", lambda path: b"\n", lambda path: b"[1, 2]\n", lambda path: b"\xff\xfe\n\x00",
+    lambda path: path.read_bytes()[:100], _spoiled_data, _other_fingerprint,
+    _more_bans_same_fingerprint,
+    lambda path: path.read_bytes().replace(b'"banned_at": true', b'"banned_at": 1'),
+])
+def test_a_listing_file_that_does_not_check_out_is_read_again(tmp_path, spoil):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    banstate.from_state(tmp_path, clock())
+    listing = tmp_path / banstate.LISTING_FILE
+    listing.write_bytes(spoil(listing))
+    assert _printed(banstate.from_state(tmp_path, clock())) == _printed(_fresh(tmp_path, clock()))
+
+
+def test_a_state_dir_that_takes_no_listing_file_still_lists(tmp_path):
+    clock = FakeClock(NOW)
+    state, _manager = _book(tmp_path, clock)
+    state.close()
+    expected = _printed(_fresh(tmp_path, clock()))
+    (tmp_path / banstate.LISTING_FILE).mkdir()   # the rename over it fails
+    for _ in range(2):
+        assert _printed(banstate.from_state(tmp_path, clock())) == expected
+    assert sorted(path.name for path in tmp_path.iterdir() if "listing" in path.name) == [
+        banstate.LISTING_FILE]

@@ -85,9 +85,11 @@ class BanColumns:
     def to_wire(self):
         """A control.RawPart: a small JSON head and the columns as bytes (networks
         joined by newlines, then native doubles and uint32s: the socket never
-        leaves this host), neither JSON-escaped nor base64'd."""
+        leaves this host), neither JSON-escaped nor base64'd. banned_at not read
+        (None) is sent as zeros."""
+        banned_at = self.banned_at if self.banned_at is not None else repeat(0.0, len(self))
         return _wire(self.now, self.causes, self.lines.encode(), array.array("d", self.expires_at),
-                     array.array("d", self.banned_at), array.array("I", self.cause))
+                     array.array("d", banned_at), array.array("I", self.cause))
 
     @classmethod
     def from_wire(cls, part):

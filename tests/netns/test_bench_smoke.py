@@ -55,6 +55,8 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     assert results["apply"]["churn_lines"] == 10 and results["apply"]["churn_seconds"] > 0
     for command in ("doctor", "status", "bans", "bans_after_a_ban", "explain", "explain_banned"):
         assert isinstance(results["cli"]["with_daemon"][command], float), command
+    for command in ("status", "bans", "bans_reading_the_rows", "explain"):
+        assert isinstance(results["cli"]["without_daemon"][command], float), command
     stall = results["cli"]["ban_latency"]
     assert stall["bans_runs"] >= 5 and stall["bans_failed"] == 0
     assert stall["during_bans"]["n"] >= 60 and stall["during_bans"]["max_ms"] < 5000

@@ -136,6 +136,38 @@ def test_restart_neither_misses_nor_double_counts(world):
         daemon.stop_and_read()
 
 
+def _listed_without_daemon(world):
+    """`policyd bans --json` with no daemon, less the seconds left (they move on)."""
+    out = world.server.policyd("bans", "--json")
+    assert out.returncode == 0, out.stderr
+    return [{k: v for k, v in ban.items() if k != "seconds_left"} for ban in json.loads(out.stdout)]
+
+
+def test_a_stopped_daemon_leaves_a_listing_that_is_what_the_state_file_holds(world):
+    log, policy = _setup(world)
+    listing = world.lab.tmp / world.server.role / "state" / "bans.listing"
+    daemon = PolicydDaemon(world.server, policy).start()
+    try:
+        assert world.server.policyd("ban", "203.0.113.9", "--for", "1h").returncode == 0
+        with log.open("a") as out:
+            out.write(nginx_failure(STRANGER_V4) * 3)
+        assert wait_for(lambda: len(json.loads(world.server.policyd("bans", "--json").stdout)) == 2, 3)
+    finally:
+        daemon.stop_and_read()
+    assert listing.exists()
+    left = _listed_without_daemon(world)
+    assert sorted(ban["network"] for ban in left) == ["198.51.100.20/32", "203.0.113.9/32"]
+    listing.unlink()   # read row by row: the same
+    assert _listed_without_daemon(world) == left
+    # A daemon killed after a change leaves the old listing; it no longer matches.
+    daemon = PolicydDaemon(world.server, policy).start()
+    try:
+        assert world.server.policyd("unban", "203.0.113.9").returncode == 0
+    finally:
+        daemon.stop_and_read(signal.SIGKILL)
+    assert [ban["network"] for ban in _listed_without_daemon(world)] == ["198.51.100.20/32"]
+
+
 def test_sighup_reloads_and_sigkill_leaves_the_kernel_guarding(world):
     log, policy = _setup(world)
     daemon = PolicydDaemon(world.server, policy).start()
