@@ -361,10 +361,15 @@ def test_status_reads_a_damaged_commit_record_without_a_traceback(tmp_path, monk
     policy = trial.policy_mod.loads(GOOD.encode(), "/etc/policyd/policy.yaml")
     store.commit(GOOD.encode(), policy, now=1000.0)
     monkeypatch.setattr(cli.Context, "nft_or_none", lambda obj: None)
+
+    def strict(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
     for record in (b'{"generation": 1}', b'{"sha256": 7, "source": null, "committed_at": "x"}',
-                   b"[1, 2]", b'"text"', b"null"):
+                   b"[1, 2]", b'"text"', b"null", b'{"committed_at": 1e300}',
+                   b'{"committed_at": NaN, "sha256": ""}'):
         (tmp_path / "state" / policystore.COMMITTED_META).write_bytes(record)
         result = invoke(tmp_path, "status")
         assert result.exit_code == 0 and result.exception is None, (record, result.output)
         assert "policy:" in result.output, record
-        assert json.loads(invoke(tmp_path, "status", "--json").output)["policy"] is not None
+        assert json.loads(invoke(tmp_path, "status", "--json").output, parse_constant=strict)["policy"]

@@ -6,6 +6,7 @@ policyd.kernel.trial.status says the same (a test holds them together); without 
 daemon `status` imports this module only: the compiler and yaml alone cost
 most of its 0.2 s.
 """
+import math
 import time
 
 from policyd.errors import KernelError
@@ -15,7 +16,15 @@ from policyd.errors import KernelError
 TRIAL_SET = "trial"
 
 
-_COMMIT_FIELDS = {"sha256": str, "source": str, "committed_at": (int, float)}
+def _commit_record(meta):
+    """The committed policy's record with each field as policyd writes it, or None
+    in its place (a record changed by hand)."""
+    when = meta.get("committed_at")
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+        when = None
+    return {"sha256": meta.get("sha256") if isinstance(meta.get("sha256"), str) else None,
+            "source": meta.get("source") if isinstance(meta.get("source"), str) else None,
+            "committed_at": when}
 
 
 def status(store, now=None, nft=None):
@@ -32,11 +41,7 @@ def status(store, now=None, nft=None):
     """
     now = time.time() if now is None else now
     meta = store.meta()
-    committed = None
-    if meta is not None:
-        # Each field as policyd writes it, or None (a record changed by hand).
-        committed = {key: meta.get(key) if isinstance(meta.get(key), kinds) and not isinstance(
-            meta.get(key), bool) else None for key, kinds in _COMMIT_FIELDS.items()}
+    committed = None if meta is None else _commit_record(meta)
     pending = store.pending()
     trial = ended = None
     if pending is not None and now >= pending.deadline:

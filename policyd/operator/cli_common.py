@@ -108,5 +108,9 @@ def tell_daemon(obj, kind):
 
 def format_time(timestamp):
     """Local time as every command prints it (policyd.kernel.trial's format, without
-    importing the policy compiler that trial needs for `status`)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(timestamp))
+    importing the policy compiler that trial needs for `status`); "?" for a time
+    no clock can show (a state file changed by hand)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(timestamp))
+    except (OverflowError, OSError, ValueError):
+        return "?"
