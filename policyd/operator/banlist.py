@@ -228,10 +228,12 @@ class _Listing:
                 chosen = list(map(entries.__getitem__, part))
                 chosen_keys = list(map(keys.__getitem__, part))
             lines = _spelled_lines(chosen_keys, spelled, network_text)
+            # An array made from a list is sized once; from a map it grows item by
+            # item (a third slower: ~10 ms a listing of 100k bans).
             block = ("".join(lines).encode("ascii"),
-                     array.array("Q", accumulate(map(len, lines), initial=0)),
-                     array.array("d", map(_EXPIRES, chosen)), array.array("d", map(_BANNED, chosen)),
-                     array.array("I", map(self.causes.__getitem__, map(_CAUSE, chosen))))
+                     array.array("Q", list(accumulate(map(len, lines), initial=0))),
+                     array.array("d", list(map(_EXPIRES, chosen))), array.array("d", list(map(_BANNED, chosen))),
+                     array.array("I", list(map(self.causes.__getitem__, map(_CAUSE, chosen)))))
             self.blocks.append(block)
             yield block
         if self.stamp is not None:
