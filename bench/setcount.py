@@ -43,19 +43,24 @@ class SetCounter:
 
     def missing(self, table, set_name, keys):
         """How many of `keys` (packed addresses) the set lacks; all of them if it does not exist."""
+        return len(self.absent(table, set_name, keys))
+
+    def absent(self, table, set_name, keys):
+        """Those of `keys` (packed addresses) the set lacks, in order; all of them if it
+        does not exist."""
         head = (struct.pack("=BBH", nl.NFPROTO_INET, 0, 0)
                 + nl._attr(nl.NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + nl._attr(nl.NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
         kind = (nl.NFNL_SUBSYS_NFTABLES << 8) | nl.NFT_MSG_GETSETELEM
-        requests, waiting = [], set()
+        requests, waiting = [], {}
         for key in keys:
             self.seq += 1
             body = head + nl._attr(nl.NFTA_SET_ELEM_LIST_ELEMENTS | nl.NLA_F_NESTED,
                                    nl._element(key, None))
             requests.append(HEADER.pack(16 + len(body), kind, nl.NLM_F_REQUEST, self.seq, 0) + body)
-            waiting.add(self.seq)
+            waiting[self.seq] = key
         self.sock.send(b"".join(requests))
-        absent = 0
+        absent = set()
         while waiting:
             data = self.sock.recv(1 << 20)
             offset = 0
@@ -64,11 +69,12 @@ class SetCounter:
                 if length < 16:
                     break
                 if seq in waiting:
-                    waiting.discard(seq)
+                    key = waiting.pop(seq)
                     if msg_kind == nl.NLMSG_ERROR:
                         (code,) = struct.unpack_from("=i", data, offset + 16)
                         if code and -code != errno.ENOENT:
                             raise OSError(-code, f"looking up an element of {table}/{set_name}")
-                        absent += code != 0
+                        if code:
+                            absent.add(key)
                 offset += (length + 3) & ~3
-        return absent
+        return [key for key in keys if key in absent]
