@@ -10,6 +10,7 @@ proxies, ollama_standin, webclient: nginx and Caddy in front of a stand-in
 Ollama, and the HTTP client that talks to them from another namespace.
 fleetlab: several nodes and a Redis on one bridge. journal_files: real
 journal files written by systemd-journal-remote. policies, nginxlog: the policy
-texts and nginx failure lines the tests write. fixtures: `lab` and `world`
-for pytest.
+texts and nginx failure lines the tests write. packetcount: a client that
+connects in a loop and kernel counters that say how many of its packets
+policyd's chains dropped. fixtures: `lab` and `world` for pytest.
 """
