@@ -66,6 +66,14 @@ def without(items, other):
         out.update(filterfalse(other.__contains__, chunk))
 
 
+def kept(items, drop):
+    """The items of a sequence that are not in `drop` (a set), in their order."""
+    out = []
+    for chunk in chunks(items):
+        out.extend(filterfalse(drop.__contains__, chunk))
+    return out
+
+
 def equal(a, b):
     """a == b for two sequences, compared piece by piece."""
     return len(a) == len(b) and all(x == y for x, y in zip(chunks(a), chunks(b)))
@@ -82,12 +90,12 @@ def sort(items):
         else:
             runs.append(run)
     while len(runs) > 1:
-        runs = [_merge(runs[i], runs[i + 1]) if i + 1 < len(runs) else runs[i]
+        runs = [merge(runs[i], runs[i + 1]) if i + 1 < len(runs) else runs[i]
                 for i in range(0, len(runs), 2)]
     return runs[0] if runs else []
 
 
-def _merge(a, b):
+def merge(a, b):
     """Two sorted lists as one (a's items first among equals): whole blocks of one
     that come before the other's next item are found by bisection and copied."""
     out, i, j = [], 0, 0

@@ -112,3 +112,24 @@ def test_the_disjoint_sweep_in_pieces_keeps_what_the_plain_sweep_keeps(entries):
         assert kept == _sweep(32, entries)
         assert elements.Elements(4, kept).intervals == [
             (first, first + (1 << (32 - prefixlen)) - 1) for first, prefixlen in kept]
+
+
+@settings(max_examples=300, deadline=None)
+@given(held=st.sets(st.integers(0, 200), max_size=80), gone=st.data(),
+       new=st.sets(st.integers(201, 400), max_size=80), small=st.integers(0, 100))
+def test_a_kernel_set_committed_in_pieces_holds_what_one_pass_gives(held, gone, new, small):
+    """A list change's intervals out and in, one by one (a few) or as a merge of
+    the kept ones with the new (many): the same sorted list either way."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pieces, "PIECE", 3)
+        patch.setattr(listmodel, "FEW_CHANGES", small)
+        kernel_set = listmodel._KernelSet("s", 4, [], [])
+        kernel_set.ordered = sorted((n * 4, n * 4 + 1) for n in held)
+        kernel_set.count = len(kernel_set.ordered)
+        before = kernel_set.ordered
+        remove = sorted(gone.draw(st.sets(st.sampled_from(before)) if before else st.just(set())))
+        add = sorted((n * 4, n * 4 + 1) for n in new)
+        kernel_set.commit_delta(remove, add)
+        assert kernel_set.ordered == sorted(set(before) - set(remove) | set(add))
+        assert kernel_set.count == len(kernel_set.ordered)
+        assert before == sorted((n * 4, n * 4 + 1) for n in held)   # a new list, not changed in place

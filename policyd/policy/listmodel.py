@@ -131,6 +131,11 @@ def _line_of(data, text):
     return next((number for number, entry in _entry_lines(data) if entry == text), None)
 
 
+# Up to this many intervals out and in, a list change is committed to a set one
+# by one; more, by a pass over the whole set.
+FEW_CHANGES = 64
+
+
 class _KernelSet:
     """One committed-slot set fed by lists: what it holds as sorted (first, last)
     intervals (the form the kernel and policyd.kernel.drift want: no second copy), and
@@ -172,12 +177,19 @@ class _KernelSet:
         return gone, new
 
     def commit_delta(self, remove, add):
-        # A new list, never changed in place: policyd.kernel.drift reads it from its thread.
-        ordered = list(self.ordered)
-        for interval in remove:
-            del ordered[bisect.bisect_left(ordered, interval)]
-        for interval in add:
-            bisect.insort(ordered, interval)
+        """The set as it is once `remove` (intervals it holds) are out and `add` in,
+        both sorted. A new list, never changed in place: policyd.kernel.drift reads
+        it from its thread."""
+        if len(remove) + len(add) <= FEW_CHANGES:
+            ordered = list(self.ordered)
+            for interval in remove:
+                del ordered[bisect.bisect_left(ordered, interval)]
+            for interval in add:
+                bisect.insort(ordered, interval)
+        else:
+            # Each delete or insert above moves half the list: 1000 of them in 50k
+            # intervals took 15 ms. Kept ones filtered and merged with the new: O(n).
+            ordered = pieces.merge(pieces.kept(self.ordered, set(remove)), add)
         self.ordered = ordered
         self.count += len(add) - len(remove)
 
