@@ -57,6 +57,7 @@ def policyd_scan(path, runs, one_cpu=False):
     best = None
     for _ in range(runs):
         wall, stdout = _timed([*INSTALLED_POLICYD, "test-filter", "nginx-auth", str(path), "--json"], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)),
                               preexec_fn=_one_cpu if one_cpu else None)
         report = json.loads(stdout)
         if best is None or wall < best["wall_seconds"]:

@@ -93,6 +93,9 @@ fi
 check "/usr/bin/policyd is installed and executable" test -x /usr/bin/policyd
 check "/usr/bin/policyd runs the system python3" \
     grep -qx '#! */usr/bin/python3' <(head -n 1 /usr/bin/policyd)
+# The bench times commands through a copy of it (tests/lab/installed/policyd).
+check "the bench's copy of /usr/bin/policyd runs the same code" \
+    diff <(grep -v '^#' /usr/bin/policyd) <(grep -v '^#' "$repo/tests/lab/installed/policyd")
 check "/etc/policyd/policy.yaml is a conffile" \
     grep -q ' /etc/policyd/policy.yaml ' <(dpkg-query -W -f='${Conffiles}\n' policyd)
 check "filters are installed under /usr/share/policyd/filters" \

@@ -21,10 +21,11 @@ CLONE_NEWNET = 0x40000000
 # This file is tests/lab/policyd_lab/netlab.py in the checkout.
 REPO = Path(__file__).resolve().parents[3]
 POLICYD = [sys.executable, "-m", "policyd"]
-# The CLI as the Debian package runs it (/usr/bin/policyd is a /usr/bin/python3
-# script): without this checkout's venv, whose editable-install finder every
-# start imports (10-14 ms), which an operator's command never pays.
-INSTALLED_POLICYD = ["/usr/bin/python3", "-m", "policyd"]
+# The CLI as the Debian package runs it: /usr/bin/policyd, a /usr/bin/python3
+# console script (a copy here; the checkout must be on PYTHONPATH). Without this
+# checkout's venv, whose editable-install finder every start imports (10-14 ms),
+# and without runpy (`-m`), neither of which an operator's command pays.
+INSTALLED_POLICYD = ["/usr/bin/python3", str(REPO / "tests" / "lab" / "installed" / "policyd")]
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
 _libc = ctypes.CDLL(None, use_errno=True)
 # The kernel lane (tests/kernel/lane.sh) runs tests under emulation, many times
