@@ -154,7 +154,7 @@ def test_bad_yaml_names_the_line(tmp_path):
     path = write_filter(tmp_path, "rules:\n  - regex: [unclosed\n")
     with pytest.raises(InputError) as raised:
         load_filter(str(path))
-    assert raised.value.file == path and raised.value.line == 3
+    assert str(raised.value.file) == str(path) and raised.value.line == 3
 
 
 def test_lookup_by_name_searches_dirs_in_order(tmp_path):

@@ -30,17 +30,18 @@ passed to policyd.addr.parse_host. A host that is not exactly one address makes
 the line MALFORMED, never a ban. Lines over MAX_LINE_BYTES, lines with NUL bytes,
 candidate JSON lines that do not parse as a JSON object, and candidate text lines
 that match no rule and are not UTF-8 are MALFORMED."""
+import os
 import re
-from pathlib import Path
 
 from policyd.errors import InputError
 from policyd.logs.filters import Filter, _JsonRule, _RegexRule
 from policyd.logs.logtime import TimeParser, valid_format
 
+# Paths as text: pathlib (with urllib.parse) is a tenth of test-filter's start-up.
 DEFAULT_SEARCH_DIRS = (
-    Path(__file__).resolve().parents[2] / "filters",
-    Path("/usr/share/policyd/filters"),
-    Path("/etc/policyd/filters"),
+    os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "filters"),
+    "/usr/share/policyd/filters",
+    "/etc/policyd/filters",
 )
 _FILTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _TOP_KEYS = {"description", "rules", "ignore", "guard"}
@@ -61,13 +62,13 @@ def load_filter(name_or_path, search_dirs=None, mode=None, journal=False, cache=
     if mode is not None:
         raise InputError(f"filter {text!r} has no modes (only fail2ban filters do)", key="mode")
     if "/" in text or text.endswith(".yaml"):
-        return _load_file(Path(text), cache)
+        return _load_file(text, cache)
     if not _FILTER_NAME.match(text):
         raise InputError(f"invalid filter name {text!r}", key="filter")
     dirs = DEFAULT_SEARCH_DIRS if search_dirs is None else search_dirs
     for directory in dirs:
-        candidate = Path(directory) / f"{text}.yaml"
-        if candidate.is_file():
+        candidate = os.path.join(directory, f"{text}.yaml")
+        if os.path.isfile(candidate):
             return _load_file(candidate, cache)
     searched = ", ".join(str(d) for d in dirs)
     raise InputError(f"unknown filter {text!r} (searched {searched})", key="filter")
@@ -76,7 +77,8 @@ def load_filter(name_or_path, search_dirs=None, mode=None, journal=False, cache=
 def _load_file(path, cache=False):
     """cache: keep the parsed filter in policyd.logs.filtercache (test-filter only)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as stream:
+            data = stream.read()
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read filter: {error}", file=path) from None
@@ -116,7 +118,8 @@ def _parse(path, text):
     if "description" in top:
         loader.string(top["description"], "description")
     guard = loader.guard(top["guard"]) if "guard" in top else None
-    return Filter(path.stem, rules, ignore, source=path, guard=guard)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return Filter(stem, rules, ignore, source=path, guard=guard)
 
 
 class _Loader:
