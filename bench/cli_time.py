@@ -35,48 +35,39 @@ RUNS = 5
 BEST = {}  # "command [address]" -> the fastest of its RUNS runs, for result["best"]
 
 
-def _time(host, *args, expect=(0,)):
-    """Median seconds of RUNS runs, or the error of a run that failed."""
+def _time(host, *args, expect=(0,), before=None, name=None):
+    """Median seconds of RUNS runs, or the error of a run that failed. before(i), if
+    given, runs untimed ahead of each run (an error text from it ends the timing);
+    `name` is the runs' key in BEST (default: the command and its address)."""
     seconds = []
-    for _ in range(RUNS):
+    for i in range(RUNS):
+        failed = before(i) if before is not None else None
+        if failed:
+            return failed
         started = time.perf_counter()
         out = host.policyd(*args, timeout=120, installed=True)
         seconds.append(time.perf_counter() - started)
         if out.returncode not in expect:
             return f"failed ({out.returncode}): {out.stderr.strip()[-200:]}"
-    BEST[" ".join(args[:1] + args[2:3])] = round(min(seconds), 3)
+    BEST[name or " ".join(args[:1] + args[2:3])] = round(min(seconds), 3)
     return round(statistics.median(seconds), 3)
 
 
 def _time_reading_the_rows(host, listing):
-    """Median seconds of `bans` without a daemon when no listing file matches the
-    bans table (a daemon killed after a change): the rows are read again."""
-    seconds = []
-    for _ in range(RUNS):
-        listing.unlink(missing_ok=True)
-        started = time.perf_counter()
-        out = host.policyd("bans", timeout=120, installed=True)
-        seconds.append(time.perf_counter() - started)
-        if out.returncode != 0:
-            return f"failed ({out.returncode}): {out.stderr.strip()[-200:]}"
-    BEST["bans reading the rows"] = round(min(seconds), 3)
-    return round(statistics.median(seconds), 3)
+    """`bans` without a daemon when no listing file matches the bans table (a
+    daemon killed after a change): the rows are read again."""
+    return _time(host, "bans", before=lambda _i: listing.unlink(missing_ok=True),
+                 name="bans reading the rows")
 
 
 def _time_after_a_ban(host):
-    """Median seconds of `bans` right after a new ban each: the daemon has no listing
-    of its book as it is then, and spells every ban again (the _time runs reuse it)."""
-    seconds = []
-    for i in range(RUNS):
+    """`bans` right after a new ban each: the daemon has no listing of its book as
+    it is then, and spells every ban again (the _time runs reuse it)."""
+    def ban(i):
         if host.policyd("ban", f"2001:db8:1::{i + 1}", timeout=60).returncode != 0:
             return "failed: ban"
-        started = time.perf_counter()
-        out = host.policyd("bans", timeout=120, installed=True)
-        seconds.append(time.perf_counter() - started)
-        if out.returncode != 0:
-            return f"failed ({out.returncode}): {out.stderr.strip()[-200:]}"
-    BEST["bans after a ban"] = round(min(seconds), 3)
-    return round(statistics.median(seconds), 3)
+        return None
+    return _time(host, "bans", before=ban, name="bans after a ban")
 
 
 def _failure(address):
