@@ -1,7 +1,7 @@
 # Two commands: `make setup` on a fresh Debian machine, then `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nftables python3-nftables python3-pyroute2 python3-watchdog \
+APT_PACKAGES := nftables python3-nftables python3-watchdog \
 	python3-click python3-yaml python3-pytest python3-venv python3-setuptools \
 	iproute2 nginx-light apache2-utils curl caddy procps util-linux \
 	fail2ban python3-pyinotify openssh-server openssl \

@@ -37,7 +37,7 @@ def ssh_peer(environ):
 def operator_peers(policy, environ=None):
     """SSH_CONNECTION's client plus the peers of established TCP connections on
     the ports `policy` guards, as this host's sockets show them now."""
-    from policyd.operator import netdiag  # pyroute2 only where the host is asked
+    from policyd.operator import netdiag
     peers = []
     ssh = ssh_peer(os.environ if environ is None else environ)
     if ssh is not None:
@@ -93,8 +93,8 @@ def refuse_cuts(policy, peers, iface_of):
 
 
 def lint_in_child(policy, peers=operator_peers, iface_of=route_iface):
-    """refuse_cuts in a forked child, for the daemon's first start: the sock_diag queries
-    load pyroute2 (~11 MB), which must not stay resident in a long-running daemon.
+    """refuse_cuts in a forked child, for the daemon's first start: whatever the
+    queries load or leave behind stays out of a long-running daemon.
     Raises LockoutRisk as refuse_cuts does; any other failure of the child is a LockoutRisk
     too (it could not prove that nobody is cut)."""
     read_end, write_end = os.pipe()

@@ -45,7 +45,7 @@ class HostEnvironment:
         return self._kernel().features()
 
     def listeners(self, ports, proto="tcp"):
-        from policyd.operator import netdiag  # pyroute2 only where the host is asked
+        from policyd.operator import netdiag
         return netdiag.listeners(ports, proto)
 
     def socket_owners(self, inodes):
@@ -76,12 +76,8 @@ class HostEnvironment:
         return {inode: sorted(pairs) for inode, pairs in owners.items()}
 
     def interfaces(self):
-        from pyroute2 import IPRoute, NetlinkError
-        try:
-            with IPRoute() as ipr:
-                return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-        except NetlinkError as exc:
-            raise OSError(exc.code, f"rtnetlink: {exc}") from None
+        """Names of this namespace's network interfaces (glibc asks rtnetlink)."""
+        return [name for _index, name in socket.if_nameindex()]
 
     def open_log(self, path):
         """Open and close `path` for reading; OSError says why it cannot be read."""
