@@ -46,11 +46,7 @@ def in_place(document, existing):
                if name in replaced and (objects[0] or objects[1])}
     if not present:
         return None
-    made = [{"add": {"set": {key: value for key, value in body["set"].items() if key != "elem"}}}
-            for command in document["nftables"] for verb, body in command.items()
-            if verb == "add" and "set" in body and body["set"]["table"] in present
-            and body["set"]["name"] not in present[body["set"]["table"]][1]
-            and "interval" in _flags(body["set"])]
+    made = _made_first(document, present)
     commands = []
     for command in document["nftables"]:
         (verb, body), = command.items()
@@ -60,6 +56,21 @@ def in_place(document, existing):
         else:
             commands.append(command)
     return ({"nftables": made} if made else None), {"nftables": commands}
+
+
+def _made_first(document, present):
+    """`add set` commands, without elements, for the interval sets `document` adds
+    to a table in `present` ({table: (chains, sets)}) that the table lacks."""
+    made = []
+    for command in document["nftables"]:
+        (verb, body), = command.items()
+        if verb != "add" or "set" not in body:
+            continue
+        declared = body["set"]
+        if (declared["table"] in present and declared["name"] not in present[declared["table"]][1]
+                and "interval" in _flags(declared)):
+            made.append({"add": {"set": {key: value for key, value in declared.items() if key != "elem"}}})
+    return made
 
 
 def unmade(first):
