@@ -1,9 +1,10 @@
 """Apply time of 100k networks as `policyd apply` takes it, beside `nft -f`, in namespaces.
 
 Owns throwaway namespaces and: the first apply and a re-apply of a list file of
-50k IPv4 /28 and 50k IPv6 /64 (none adjacent), `nft -f` of the same ruleset
-(as `policyd show` prints it) first and again, the same networks from YAML, and
-a 1% churn of the list file followed by the running daemon (write -> kernel).
+50k IPv4 /28 and 50k IPv6 /64 (none adjacent) taking turns with `nft -f` of the
+same ruleset (as `policyd show` prints it) first and again, in ROUNDS rounds;
+the same networks from YAML; and CHURN_CHANGES 1% changes of the list file
+followed by the running daemon (write -> kernel).
 """
 import json
 import resource
@@ -16,6 +17,11 @@ from policyd_lab.netlab import Lab, PolicydDaemon, in_namespace
 from throughput import compile_policyd
 
 TABLE = "policyd"
+# Rounds of policyd's and nft -f's first and second load; the medians are reported.
+ROUNDS = 3
+# 1% changes of the list under one daemon; the median is reported.
+CHURN_CHANGES = 5
+APPLY_KEYS = ("first_apply_seconds", "reapply_seconds", "nft_f_first_seconds", "nft_f_again_seconds")
 # Set elements only, never traffic: 10.0.0.0/8 holds 50k spaced /28s.
 LIST_POLICY = """\
 version: 1
@@ -63,6 +69,11 @@ def _nft_file(host, path):
     return round(seconds, 3)
 
 
+def median(samples):
+    """The middle (wall, cpu) pair of an odd number of samples, by wall time."""
+    return sorted(samples)[len(samples) // 2]
+
+
 def _with_cpu(result, key, seconds):
     """result[key] = wall seconds, and beside it the same command's CPU seconds."""
     result[key] = seconds
@@ -91,17 +102,29 @@ def measure_apply(workdir, count=100000, churn=0.01):
                            + "".join(f'      - "{n}"\n' for n in v4 + v6))
     lab = Lab(workdir)
     try:
-        host, reference, yaml_host = lab.host("srv"), lab.host("nft"), lab.host("yaml")
-        result = {"networks": count}
-        for key in ("first_apply_seconds", "reapply_seconds"):
-            _with_cpu(result, key, _timed(host, "apply", str(list_policy), "--force"))
+        yaml_host = lab.host("yaml")
+        result = {"networks": count, "rounds": ROUNDS}
         # nft -f of what policyd loads, replacing the tables the same way.
-        shown = host.policyd("show", str(list_policy), timeout=300).stdout
+        shown = yaml_host.policyd("show", str(list_policy), timeout=300).stdout
         nft_path = workdir / "ruleset.nft"
         nft_path.write_text("".join(f"table inet {t} {{}}\ndelete table inet {t}\n"
                                     for t in (TABLE, TABLE + "_bans")) + shown)
-        for key in ("nft_f_first_seconds", "nft_f_again_seconds"):
-            _with_cpu(result, key, _nft_file(reference, nft_path))
+        # policyd and nft -f take turns, each first in every other round, in fresh
+        # namespaces: this host's speed moves within minutes, and one sample of
+        # each, one after the other, compared its phases as much as the tools.
+        samples = {key: [] for key in APPLY_KEYS}
+        for number in range(ROUNDS):
+            host, reference = lab.host(f"srv{number}"), lab.host(f"nft{number}")
+            turns = [(host, ("first_apply_seconds", "reapply_seconds")),
+                     (reference, ("nft_f_first_seconds", "nft_f_again_seconds"))]
+            for target, keys in (turns if number % 2 == 0 else turns[::-1]):
+                for key in keys:
+                    seconds = (_timed(target, "apply", str(list_policy), "--force") if target is host
+                               else _nft_file(target, nft_path))
+                    samples[key].append((seconds, last_cpu[0]))
+        for key, taken in samples.items():
+            result[key], result[key.replace("_seconds", "_cpu_seconds")] = median(taken)
+            result[key.replace("_seconds", "_samples")] = [seconds for seconds, _cpu in taken]
         for key in ("yaml_first_seconds", "yaml_reapply_seconds"):
             _with_cpu(result, key, _timed(yaml_host, "apply", str(yaml_policy), "--force"))
         loaded = sum(_kernel_count(host, f"committed_proxy_v{v}") for v in (4, 6))
@@ -172,24 +195,28 @@ def _churn_network(i):
     return f"10.{200 + (i >> 12)}.{(i >> 4) & 255}.{(i & 15) * 16}/28"
 
 
-def _churn(host, policy, list_path, v4, v6, churn):
-    """Replace `churn` of the list's lines while the daemon runs; time write -> kernel."""
+def _churn(host, policy, list_path, v4, v6, churn, changes=CHURN_CHANGES):
+    """Replace `churn` of the list's lines while the daemon runs, `changes` times
+    (each time the lines the last change wrote); time write -> kernel of each."""
     daemon = PolicydDaemon(host, policy).start()
+    taken = []
     try:
         changed = int(len(v4) * churn)
-        new4 = [_churn_network(i) for i in range(changed)]
-        target = _churn_network(changed - 1).split("/")[0]
-
         time.sleep(1.0)  # the daemon's start-up work is over
-        tmp = list_path.with_suffix(".new")
-        tmp.write_text("\n".join(new4 + v4[changed:] + v6) + "\n")
-        seconds = in_namespace(host.name, _time_until_present, tmp, list_path,
-                               socket.inet_aton(target))
+        for number in range(changes):
+            new4 = [_churn_network(number * changed + i) for i in range(changed)]
+            target = new4[-1].split("/")[0]
+            tmp = list_path.with_suffix(".new")
+            tmp.write_text("\n".join(new4 + v4[changed:] + v6) + "\n")
+            taken.append(in_namespace(host.name, _time_until_present, tmp, list_path,
+                                      socket.inet_aton(target)))
+            time.sleep(0.5)  # the daemon's bookkeeping after the change is over
     finally:
         log = daemon.stop_and_read()
     applied = [line for line in log.splitlines() if "list applied" in line]
-    return {"churn_lines": 2 * int(len(v4) * churn), "churn_seconds": round(seconds, 3),
-            "churn_daemon_log": applied[-1] if applied else log[-500:]}
+    return {"churn_lines": 2 * int(len(v4) * churn), "churn_seconds": round(sorted(taken)[len(taken) // 2], 3),
+            "churn_samples": [round(seconds, 3) for seconds in taken],
+            "churn_daemon_log": applied[-changes:] if applied else log[-500:]}
 
 
 if __name__ == "__main__":

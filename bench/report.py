@@ -132,6 +132,18 @@ def _seconds_spread(values):
     return f"each {statistics.median(values):.2f} s median, {max(values):.2f} s at most"
 
 
+def _flood_runs(flood):
+    """', median of N runs (all: ...; CPU ...)' when the flood was run more than once."""
+    runs = flood.get("runs") or []
+    if len(runs) < 2:
+        return ""
+
+    def seconds(key):
+        return " / ".join("-" if run[key] is None else f"{run[key]:.2f}" for run in runs)
+    return (f", median of {len(runs)} runs (all: {seconds('all_banned_seconds')} s; "
+            f"the daemon's CPU until then: {seconds('all_banned_cpu_seconds')} s)")
+
+
 def _flood_rows(flood, fail2ban):
     if not flood:
         return []
@@ -146,7 +158,7 @@ def _flood_rows(flood, fail2ban):
     return [
         (f"(f) flood: {flood['lines']:,} failure lines from {flood['sources']:,} sources written at once",
          ("never all banned" if banned is None else f"all banned {banned:.2f} s after the write")
-         + f" ({flood['kernel_bans']:,} in the kernel)", f2b, "<= 3 s",
+         + _flood_runs(flood) + f" ({flood['kernel_bans']:,} in the kernel)", f2b, "<= 3 s",
          _verdict(banned is not None and banned <= 3 and flood["kernel_bans"] >= flood["sources"])),
         ("(f) ban latency of new attackers during the flood (another log)",
          f"median {lat['median_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms ({lat['trials']} trials)", "",
@@ -158,24 +170,39 @@ def _flood_rows(flood, fail2ban):
     ]
 
 
+def _samples(a, key):
+    """'x / y / z' of a key's samples in seconds."""
+    return " / ".join(f"{seconds:.2f}" for seconds in a[key.replace("_seconds", "_samples")])
+
+
 def _apply_rows(a):
     n = a["networks"]
     first, again = a["first_apply_seconds"], a["reapply_seconds"]
+    rounds = "rounds" in a   # before rounds: one sample of each
     row = (f"(d) apply {n:,} networks from a list file (half IPv4 /28, half IPv6 /64), "
-           "first / re-apply", f"{first:.2f} s / {again:.2f} s")
+           "first / re-apply", f"{first:.2f} s / {again:.2f} s"
+           + (f", median of {a['rounds']} rounds taking turns with `nft -f` (first: "
+              f"{_samples(a, 'first_apply_seconds')} s; re-apply: {_samples(a, 'reapply_seconds')} s)"
+              if rounds else ""))
     if "nft_f_first_seconds" not in a:  # a result from before the reference was measured
         return [row + ("", "<= 1.5 s and faster than `nft -f`", _verdict(max(first, again) <= 1.5))]
     nft_first, nft_again = a["nft_f_first_seconds"], a["nft_f_again_seconds"]
     out = [row + (f"`nft -f` of the same ruleset: {nft_first:.2f} s / {nft_again:.2f} s "
-                  f"({first / nft_first:.2f}x / {again / nft_again:.2f}x)",
+                  f"({first / nft_first:.2f}x / {again / nft_again:.2f}x)"
+                  + (f" (first: {_samples(a, 'nft_f_first_seconds')} s; again: "
+                     f"{_samples(a, 'nft_f_again_seconds')} s)" if rounds else ""),
                   "<= 1.5 s and faster than `nft -f`",
                   _verdict(max(first, again) <= 1.5 and first < nft_first and again < nft_again))]
     out.append((f"(d) apply the same {n:,} networks from YAML, first / re-apply",
                 f"{a['yaml_first_seconds']:.2f} s / {a['yaml_reapply_seconds']:.2f} s", "",
                 "<= 2.5 s", _verdict(max(a["yaml_first_seconds"], a["yaml_reapply_seconds"]) <= 2.5)))
+    churns = a.get("churn_samples") or [a["churn_seconds"]]
     out.append((f"(d) list file change, {a['churn_lines']:,} lines of {n:,} (1% churn), "
                 "under the daemon: write -> in the kernel",
-                f"{a['churn_seconds'] * 1000:.0f} ms", "", "<= 100 ms",
+                f"{a['churn_seconds'] * 1000:.0f} ms"
+                + (f", median of {len(churns)} changes (all: "
+                   + " / ".join(f"{seconds * 1000:.0f}" for seconds in churns) + " ms)"
+                   if len(churns) > 1 else ""), "", "<= 100 ms",
                 _verdict(a["churn_seconds"] <= 0.1)))
     return out
 

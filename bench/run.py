@@ -23,7 +23,7 @@ sys.path.insert(0, str(BENCH))
 import report  # noqa: E402
 from apply_time import measure_apply  # noqa: E402
 from fleet_latency import measure_fleet  # noqa: E402
-from flood import measure_fail2ban_flood, measure_policyd_flood  # noqa: E402
+from flood import measure_fail2ban_flood, measure_policyd_floods  # noqa: E402
 from cli_time import measure_cli  # noqa: E402
 from policyd_latency import measure_policyd  # noqa: E402
 from reload_latency import measure_reload_latency  # noqa: E402
@@ -96,7 +96,7 @@ def measure_all(sizes, workdir, quiet=False):
     results["throughput_mixes"] = measure_mixes(workdir / "mixes", sizes["lines"])
     step(f"(f) flood: {sizes['flood_sources'] * 3:,} failure lines from {sizes['flood_sources']:,} sources "
          "at once; new attackers meanwhile; daemon memory")
-    results["flood"] = measure_policyd_flood(workdir / "flood", sizes["flood_sources"])
+    results["flood"] = measure_policyd_floods(workdir / "flood", sizes["flood_sources"])
     step(f"(f) fail2ban on the same flood, stopped after {sizes['fail2ban_flood_seconds']} s")
     results["fail2ban_flood"] = (measure_fail2ban_flood(workdir / "flood-f2b", sizes["flood_sources"],
                                                         bound=sizes["fail2ban_flood_seconds"])

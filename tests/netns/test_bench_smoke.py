@@ -52,7 +52,12 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     # A flush removes every ban until the daemon puts them back.
     assert restore["flush"]["max_sample_missing"] == restore["flush"]["sample_keys"]
     assert results["apply"]["kernel_networks"] == 1000
-    assert results["apply"]["churn_lines"] == 10 and results["apply"]["churn_seconds"] > 0
+    apply = results["apply"]
+    assert apply["churn_lines"] == 10 and apply["churn_seconds"] in apply["churn_samples"]
+    assert len(apply["churn_samples"]) == 5 and min(apply["churn_samples"]) > 0
+    for key in ("first_apply", "reapply", "nft_f_first", "nft_f_again"):
+        assert len(apply[f"{key}_samples"]) == apply["rounds"] == 3, key
+        assert apply[f"{key}_seconds"] == sorted(apply[f"{key}_samples"])[1], key
     for command in ("doctor", "status", "bans", "bans_after_a_ban", "explain", "explain_banned"):
         assert isinstance(results["cli"]["with_daemon"][command], float), command
     for command in ("status", "bans", "bans_reading_the_rows", "explain"):
@@ -73,6 +78,9 @@ def test_bench_runs_every_measurement_on_tiny_inputs(tmp_path):
     assert mixes[-1]["matched"] == 0 and mixes[2]["matched"] > mixes[1]["matched"]
     flood = results["flood"]
     assert flood["kernel_bans"] == 300 and flood["all_banned_seconds"] is not None
+    assert len(flood["runs"]) == 3 and all(run["kernel_bans"] == 300 for run in flood["runs"])
+    assert flood["all_banned_seconds"] == sorted(run["all_banned_seconds"] for run in flood["runs"])[1]
+    assert flood["latency"]["trials"] >= 3
     assert flood["rss_after_mb"] > 0 and flood["latency"]["misses"] == 0
     assert results["fail2ban_flood"]["bound_seconds"] == 5
     reloads = results["reload_latency"]
