@@ -16,7 +16,7 @@ from test_forged_line_guard import ATTACKER, VICTIM, auth_failure, forging, ngin
 
 from policyd.logs import filters
 from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter
-from policyd.logs.guard import Forgery, judge_for
+from policyd.logs.guard import Forgery, failures_from, judge_for
 from policyd.logs.scan import scan
 
 NGINX_AUTH = load_filter("nginx-auth")
@@ -253,6 +253,26 @@ def test_the_daemons_c_loop_path_is_classify_line_by_line(lines):
     if fast is not None:
         offsets, failures = fast
         assert [(o, f, f.time) for o, f in zip(offsets, failures)] == expected
+
+
+def test_a_guarded_filter_without_contains_bans_in_the_daemon(tmp_path):
+    # Without `contains` a filter has no prefilter: every line is a candidate.
+    # The daemon's C-loop path found no candidate and so no failure at all,
+    # while test-filter (and classify) found them.
+    custom = tmp_path / "no-contains.yaml"
+    custom.write_text(
+        "rules:\n"
+        "  - regex: '^(?P<time>\\d{4}/\\d\\d/\\d\\d \\d\\d:\\d\\d:\\d\\d) \\[error\\] \\d+#\\d+: \\*\\d+ "
+        "user \"[^:]*\": password mismatch, client: (?P<host>[0-9A-Fa-f:.]+), server: '\n"
+        "    time_format: '%Y/%m/%d %H:%M:%S'\n"
+        "guard:\n  kind: nginx-error\n  entry_max_bytes: 2048\n")
+    log_filter = load_filter(str(custom))
+    assert log_filter.prefilter == ()
+    lines = [line(auth_failure(ATTACKER, connection=n)).rstrip(b"\n") for n in range(3)]
+    expected = [log_filter.classify(text) for text in lines]
+    assert all(isinstance(outcome, Failure) for outcome in expected)
+    failures, malformed, forgeries = failures_from(judge_for(log_filter), lines)
+    assert failures == expected and not malformed and not forgeries
 
 
 def test_a_slice_read_in_two_keeps_only_its_last_write_droppable():

@@ -144,7 +144,8 @@ def failures_in_lines(log_filter, lines):
     match), and classify_batch() must judge it line by line."""
     first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
     at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
-    if at_line is None or (lines and max(map(len, lines)) > MAX_LINE_BYTES):
+    # Without a prefilter every line is a candidate: the token search would find none.
+    if at_line is None or not log_filter.prefilter or (lines and max(map(len, lines)) > MAX_LINE_BYTES):
         return None
     if not lines:
         return [], []
