@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from policyd.errors import InputError
 from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter, scan
+from policyd.logs.guard import failures_from, judge_for
 
 SAMPLES = Path(__file__).parent / "samples"
 FILTERS = Path(__file__).parent.parent / "filters"
@@ -69,9 +71,21 @@ def test_samples_cover_ipv6_and_mapped_ipv4_and_never_ban_injected_addresses(nam
     assert any(b"203.0.113.9" in line for _, _, line in cases)
 
 
+def _every_line_variant(name, tmp_path):
+    """The shipped filter with its rules' `contains` removed: no prefilter, so
+    every line is a candidate (as in a filter an operator writes without it)."""
+    data = yaml.safe_load((FILTERS / f"{name}.yaml").read_text())
+    for rule in data["rules"]:
+        rule.pop("contains", None)
+    path = tmp_path / f"{name}-every-line.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_filter(str(path))
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_scan_agrees_with_classify_on_the_sample(name, tmp_path):
-    log_filter = load_filter(name)
+@pytest.mark.parametrize("variant", ["shipped", "without contains"])
+def test_scan_agrees_with_classify_on_the_sample(name, variant, tmp_path):
+    log_filter = load_filter(name) if variant == "shipped" else _every_line_variant(name, tmp_path)
     cases = annotated_lines(SAMPLES / f"{name}.log")
     log = tmp_path / "sample.log"
     log.write_bytes(b"\n".join(line for _, _, line in cases) + b"\n")
@@ -81,6 +95,37 @@ def test_scan_agrees_with_classify_on_the_sample(name, tmp_path):
     assert result.matched == sum(isinstance(o, Failure) for o in outcomes)
     assert result.malformed == sum(o is Outcome.MALFORMED for o in outcomes)
     assert result.ignored == sum(o is Outcome.IGNORED for o in outcomes)
+
+
+def _is_subsequence(part, whole):
+    rest = iter(whole)
+    return all(any(item == other for other in rest) for item in part)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("variant", ["shipped", "without contains"])
+def test_the_daemons_path_agrees_with_classify_on_the_sample(name, variant, tmp_path):
+    # What test-filter and explain say a line is must be what the daemon bans:
+    # its bulk path, slice by slice, against classify() line by line.
+    log_filter = load_filter(name) if variant == "shipped" else _every_line_variant(name, tmp_path)
+    assert bool(log_filter.prefilter) == (variant == "shipped")
+    lines = [line for _, _, line in annotated_lines(SAMPLES / f"{name}.log")]
+    outcomes = [log_filter.classify(line) for line in lines]
+    expected = [o for o in outcomes if isinstance(o, Failure)]
+    assert expected
+    for size in (1, 3, len(lines)):
+        judge = judge_for(log_filter)
+        failures, malformed, dropped = [], 0, 0
+        for at in range(0, len(lines), size):
+            found, bad, forgeries = failures_from(judge, lines[at:at + size])
+            failures += found
+            malformed += bad
+            dropped += sum(forgery.dropped for _before, forgery in forgeries)
+        assert malformed == outcomes.count(Outcome.MALFORMED), size
+        # The guard may drop lines a request wrote into another entry; nothing else.
+        assert len(failures) + dropped == len(expected), size
+        assert _is_subsequence(failures, expected), size
+        assert not dropped or log_filter.guard, size
 
 
 NGINX_FAIL = (b'2024/05/01 10:00:01 [error] 1#1: *1 user "a": password mismatch, client: 192.0.2.1, '
