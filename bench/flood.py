@@ -73,6 +73,25 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_memory_mb(pid):
+    """(RSS, PSS) of the process's children together (the lookahead child during a
+    flood): its RSS counts the pages it shares with the daemon, its PSS a share."""
+    rss = pss = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return rss, pss
+    for child in children:
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{child}/smaps_rollup").read_text()
+                          .splitlines()[1:])
+        except (OSError, ValueError):
+            continue   # gone meanwhile
+        rss += int(fields["Rss"].split()[0]) / 1024
+        pss += int(fields["Pss"].split()[0]) / 1024
+    return rss, pss
+
+
 def rss_mb(pid):
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -90,6 +109,7 @@ class FloodWatch:
         self.keys, self.pid = keys, pid
         self.done_at = self.done_cpu = None
         self.rss = []
+        self.children = []   # (RSS, PSS) of the daemon's children, when it had any
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -112,6 +132,9 @@ class FloodWatch:
             if now - last_rss >= 0.05:
                 last_rss = now
                 self.rss.append((now, rss_mb(self.pid)[0]))
+                children = children_memory_mb(self.pid)
+                if children[0]:
+                    self.children.append(children)
             time.sleep(0.002)
 
     def stop(self):
@@ -187,6 +210,8 @@ def measure_policyd_flood(workdir, sources=100000, per_source=3, settle=2.0, giv
                 "latency": _latency_summary(latencies, misses),
                 "rss_idle_mb": round(idle_rss, 1), "rss_max_during_mb": round(max(during), 1) if during else None,
                 "rss_after_mb": round(after_rss, 1), "rss_peak_mb": round(peak, 1),
+                "child_rss_max_mb": round(max((rss for rss, _pss in watch.children), default=0.0), 1),
+                "child_pss_max_mb": round(max((pss for _rss, pss in watch.children), default=0.0), 1),
             }
         finally:
             if watch is not None and watch._thread.is_alive():
@@ -205,7 +230,7 @@ def measure_policyd_floods(workdir, sources=100000, per_source=3, runs=FLOOD_RUN
     result["runs"] = [{key: run[key] for key in ("all_banned_seconds", "all_banned_cpu_seconds", "kernel_bans",
                                                   "rss_peak_mb")} for run in taken]
     result["kernel_bans"] = min(run["kernel_bans"] for run in taken)
-    for key in ("rss_max_during_mb", "rss_after_mb", "rss_peak_mb"):
+    for key in ("rss_max_during_mb", "rss_after_mb", "rss_peak_mb", "child_rss_max_mb", "child_pss_max_mb"):
         result[key] = max(run[key] or 0 for run in taken)
     latencies = [ms / 1000 for run in taken for ms in run["latency"]["latencies_ms"]]
     misses = sum(run["latency"]["misses"] for run in taken)

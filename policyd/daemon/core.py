@@ -204,7 +204,7 @@ class Daemon(LogReading, PolicyKeeping, ControlAnswers):
         for source in self.sources:
             if source.follower:
                 source.follower.commit()  # queued: one transaction with the last state
-                source.follower.close()
+                source.close()
         self.bans.flush()
         self.state.close()
         self._leave_listing()

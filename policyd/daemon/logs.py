@@ -6,6 +6,7 @@ sources, watcher, positions, metrics and bans on the main thread)."""
 import logging
 import os
 from collections import Counter
+from operator import itemgetter
 
 from policyd.errors import InputError
 from policyd.logs.filters import Outcome
@@ -32,7 +33,7 @@ class LogReading:
         first, by _write_everything, so a log followed anew resumes where it stopped)."""
         for source in self.sources:
             if source.follower:
-                source.follower.close()
+                source.close()
         if self.watcher is not None:
             self.watcher.stop()
         self.sources = [self._source(config) for config in policy.bans.logs]
@@ -76,12 +77,12 @@ class LogReading:
     def _file_failures(self, source):
         """([(host, filter, time)], more lines waiting) from one slice of a log file;
         lines a request forged into another entry are dropped and reported."""
-        lines = source.follower.read_lines(max_lines=READ_SLICE_LINES)
+        lines, known = source.read_slice(READ_SLICE_LINES)
         if not lines and not source.judge.holding:
             return [], False
         if lines:
             self.metrics.log_lines.labels(log=source.path).inc(len(lines))
-        failures, malformed, forgeries = failures_from(source.judge, lines, source.follower.mid_write)
+        failures, malformed, forgeries = failures_from(source.judge, lines, source.follower.mid_write, known)
         source.matched += len(failures)
         made = [(before, forgery.failure()) for before, forgery in forgeries
                 if self._forged(source, forgery)]
@@ -111,7 +112,7 @@ class LogReading:
         if malformed:
             source.malformed += malformed
             self.metrics.log_malformed.labels(log=source.path).inc(malformed)
-        for name, count in Counter(name for _host, name, _when in failures).items():
+        for name, count in Counter(map(itemgetter(1), failures)).items():
             self.metrics.failures.labels(filter=name).inc(count)
 
     def _forged(self, source, forgery):

@@ -142,43 +142,74 @@ def failures_in_lines(log_filter, lines):
     order; or None when any line of the slice is unusual (a NUL byte, an over-long
     line, a candidate the first rule does not take, a bad host, a possible ignore
     match), and classify_batch() must judge it line by line."""
-    first, look = log_filter._checked_rules[0] if log_filter._checked_rules else (None, True)
-    at_line = _at_line(first.regex) if isinstance(first, _RegexRule) and not look else None
+    texts = failure_texts(log_filter, lines)
+    if texts is None:
+        return None
+    starts, hosts, times = texts
+    failures = failures_of_texts(log_filter, hosts, times)
+    return None if failures is None else (starts, failures)
+
+
+def usable_in_bulk(log_filter):
+    """Whether failure_texts() can ever answer for this filter (else it is None for
+    every slice): a Filter whose first rule is a regex every line can be held to,
+    and a prefilter."""
+    if not getattr(log_filter, "_checked_rules", None) or not log_filter.prefilter:
+        return False
+    first, look = log_filter._checked_rules[0]
+    return isinstance(first, _RegexRule) and not look and _at_line(first.regex) is not None
+
+
+def failure_texts(log_filter, lines):
+    """failures_in_lines() but for the hosts' validity, as text: (offsets, [host
+    text], [time text or None]); None when a line of the slice is unusual. No
+    address is parsed (policyd.logs.lookahead runs this in a child process)."""
     # Without a prefilter every line is a candidate: the token search would find none.
-    if at_line is None or not log_filter.prefilter or (lines and max(map(len, lines)) > MAX_LINE_BYTES):
+    if not usable_in_bulk(log_filter) or (lines and max(map(len, lines)) > MAX_LINE_BYTES):
         return None
     if not lines:
-        return [], []
+        return [], [], []
+    first = log_filter._checked_rules[0][0]
     buffer = b"\n".join(lines) + b"\n"
     # One newline per line joined: no line holds one of its own.
     if b"\x00" in buffer or buffer.count(b"\n") != len(lines):
         return None
     starts, ends = _candidates(buffer, log_filter.prefilter, 0, len(buffer))
     if not starts:
-        return [], []
+        return [], [], []
     matches = _common_matches(log_filter, buffer, starts, ends)
     if matches is None:
         return None
     groups = first.regex.groupindex
-    addresses = list(map(_HOST_CACHE.get, map(_Match.group, matches, repeat(groups["host"]))))
+    hosts = list(map(_Match.group, matches, repeat(groups["host"])))
+    times = (list(map(_Match.group, matches, repeat(groups["time"]))) if first.time_parser is not None
+             else [None] * len(matches))
+    return starts, hosts, times
+
+
+def failures_of_texts(log_filter, hosts, times):
+    """[Failure] of failure_texts()' host and time texts, or None if a host is not
+    an address. Each host text is parsed once (the host cache); times likewise."""
+    addresses = list(map(_HOST_CACHE.get, hosts))
     seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
     if id(None) in seen:
-        for number, address in enumerate(addresses):
-            if address is None:
-                addresses[number] = _cached_parse_host(matches[number].group(groups["host"]))
+        # Host texts new to the cache: each parsed once (a flood's are mostly new).
+        for raw in set(hosts).difference(_HOST_CACHE):
+            _cached_parse_host(raw)
+        addresses = list(map(_HOST_CACHE.get, hosts))
         seen = set(map(id, addresses))
     if id(None) in seen or id(Outcome.MALFORMED) in seen:
         return None
-    parse_time = first.time_parser
+    parse_time = log_filter._checked_rules[0][0].time_parser
     if parse_time is None:
         times = repeat(None)
     else:
-        raw = list(map(_Match.group, matches, repeat(groups["time"])))
-        times = list(map(parse_time.texts.get, raw))
-        for number, when in enumerate(times):
-            if when is None and raw[number] is not None:
-                times[number] = parse_time(raw[number])
-    return starts, list(map(tuple.__new__, repeat(Failure), zip(addresses, repeat(log_filter.name), times)))
+        raw, times = times, list(map(parse_time.texts.get, times))
+        if None in times:   # a time text new to the parser's cache (a flood's share a few)
+            for number, when in enumerate(times):
+                if when is None and raw[number] is not None:
+                    times[number] = parse_time(raw[number])
+    return list(map(tuple.__new__, repeat(Failure), zip(addresses, repeat(log_filter.name), times)))
 
 
 def _candidates(buffer, tokens, low, high):

@@ -64,14 +64,18 @@ def judge_for(log_filter, clock=time.monotonic, hold_seconds=HOLD_SECONDS):
     return PlainJudge(log_filter)
 
 
-def failures_from(judge, lines, mid_write=False):
+def failures_from(judge, lines, mid_write=False, known=None):
     """The daemon's text -> failures step for one slice of a log: ([Failure], the
-    number of MALFORMED lines, [(i, Forgery)]) from judge.judge(lines, mid_write),
-    where i is how many failures came before the forgery in the log. A Failure
-    is the tuple (host, filter, time) the ban engine reads."""
+    number of MALFORMED lines, [(i, Forgery)]) from judge.judge(lines, mid_write,
+    known), where i is how many failures came before the forgery in the log. A
+    Failure is the tuple (host, filter, time) the ban engine reads. known: the
+    slice's failures_in_lines() result if already worked out (policyd.logs.lookahead)."""
+    outcomes = judge.judge(lines, mid_write, known)
+    if set(map(type, outcomes)) <= {Failure}:
+        return outcomes, 0, []   # failures alone: the common case, and a flood's
     failures, forgeries, malformed = [], [], 0
     add, is_malformed = failures.append, Outcome.MALFORMED
-    for outcome in judge.judge(lines, mid_write):
+    for outcome in outcomes:
         if outcome.__class__ is Failure:
             add(outcome)
         elif outcome is is_malformed:
@@ -85,6 +89,7 @@ class PlainJudge:
     """A log no request can write a line into: every line stands on its own."""
 
     holding = False
+    takes_known = True   # judge() can use a slice's failures worked out elsewhere
 
     def __init__(self, log_filter):
         self.filter = log_filter
@@ -94,8 +99,12 @@ class PlainJudge:
         comes; None when nothing is held (the daemon's loop wakes for it)."""
         return None
 
-    def judge(self, lines, mid_write=False):
-        """Failures, Forgery events and Outcome.MALFORMED, in log order."""
+    def judge(self, lines, mid_write=False, known=None):
+        """Failures, Forgery events and Outcome.MALFORMED, in log order. known: the
+        lines' policyd.logs.filterbulk.failures_in_lines() result, if worked out:
+        every line not a failure then is IGNORED."""
+        if known is not None:
+            return list(known[1])
         return [outcome for _index, outcome in _classify_batch(self.filter, lines)]
 
 
@@ -116,6 +125,8 @@ class ContinuationJudge(PlainJudge):
     `whole` when it holds that skeleton; a failure line right after a line that is
     not whole was written by the request inside an entry, and is dropped."""
 
+    takes_known = False
+
     def __init__(self, log_filter):
         super().__init__(log_filter)
         self.whole = log_filter.guard["whole"]
@@ -123,7 +134,8 @@ class ContinuationJudge(PlainJudge):
         self.after_whole = True   # a resumed log starts after a whole entry
         self.entry_sender = None  # the client named by the line the current entry began with
 
-    def judge(self, lines, mid_write=False):
+    def judge(self, lines, mid_write=False, known=None):
+        # Every line's outcome is needed: whether it is whole decides the next one's.
         classify, whole = self.filter.classify, self.whole.search
         results = []
         for line in lines:
@@ -150,8 +162,19 @@ class _Line:
 
 def _outcomes(entries):
     """What a judge hands on: the outcomes of lines not dropped, and reports."""
-    return [e.outcome if isinstance(e, _Line) else e for e in entries
-            if not isinstance(e, _Line) or e.outcome is not None]
+    # Only the few _Line entries (the lines of the last write, held or recent) are
+    # looked at one by one; what lies between them is handed on in slices, since
+    # a flood's slices are hundreds of failures.
+    kinds = list(map(type, entries))
+    handed, at = [], 0
+    for _ in range(kinds.count(_Line)):
+        found = kinds.index(_Line, at)
+        handed += entries[at:found]
+        if entries[found].outcome is not None:
+            handed.append(entries[found].outcome)
+        at = found + 1
+    handed += entries[at:]
+    return handed
 
 
 class NginxErrorJudge(PlainJudge):
@@ -190,9 +213,9 @@ class NginxErrorJudge(PlainJudge):
             return None
         return max(0.0, self._held_since + self.hold_seconds - self.clock())
 
-    def judge(self, lines, mid_write=False):
+    def judge(self, lines, mid_write=False, known=None):
         results = self._held
-        self._process(lines, results)
+        self._process(lines, results, known)
         if mid_write and any(isinstance(e.outcome, Failure) for e in results if isinstance(e, _Line)):
             if self._held_since is None:
                 self._held_since = self.clock()
@@ -216,20 +239,22 @@ class NginxErrorJudge(PlainJudge):
             self._tail.clear()      # no write goes on past a read that ends between writes
         return _outcomes(results)
 
-    def _process(self, lines, results):
+    def _process(self, lines, results, known=None):
         if not results:
             self._recent.clear()   # what was returned can no longer be dropped
         blob = b"\n".join(lines) + b"\n"
         if _NGINX.encoded_newline.search(blob) or _NGINX.cut_line.search(blob):
             self._judge_each(lines, results)
         else:
-            self._classify_each(lines, results)
+            self._classify_each(lines, results, known)
 
-    def _classify_each(self, lines, results):
+    def _classify_each(self, lines, results, known=None):
         """The common case, nothing in the batch could end a forging write: classify only."""
         position, index, recent = self._position, self._index, self._recent
         end = position + sum(map(len, lines)) + len(lines)
-        fast = failures_in_lines(self.filter, lines) if isinstance(self.filter, Filter) else None
+        fast = known
+        if fast is None and isinstance(self.filter, Filter):
+            fast = failures_in_lines(self.filter, lines)
         if fast is not None:
             offsets, failures = fast
             # No line still to come can drop or hold a failure before the batch's last write.

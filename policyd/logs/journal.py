@@ -281,6 +281,9 @@ class JournalSource:
                 results.append((self.filter.classify(message), when))
         return results
 
+    def close(self):
+        self.follower.close()
+
     def stats(self):
         # A journal entry is one record: no request can write another into it.
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,

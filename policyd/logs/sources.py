@@ -1,12 +1,18 @@
-"""The logs the daemon follows: a file with its filter and forged-line judge, or a
-bans.logs entry that stopped loading (reported, costing only that log). Journal
-sources are policyd.logs.journal's.
+"""The logs the daemon follows: a file with its filter, forged-line judge and, in
+a flood, the child classifying its backlog ahead; or a bans.logs entry that
+stopped loading (reported, costing only that log). Journal sources are
+policyd.logs.journal's.
 """
+import logging
 import os
 
+from policyd.logfmt import kv
+from policyd.logs import lookahead
 from policyd.logs.filters import load_filter
 from policyd.logs.guard import judge_for
 from policyd.logs.tail import LogFollower
+
+log = logging.getLogger(__name__)
 
 
 class LogSource:
@@ -31,6 +37,36 @@ class LogSource:
             self.follower.commit()
         self.judge = judge_for(self.filter)
         self.forged = 0
+        self.ahead = None   # a policyd.logs.lookahead.Lookahead while a backlog is read
+
+    def read_slice(self, max_lines):
+        """(lines, what the lookahead worked out for them or None): the follower's next
+        slice. A full slice with megabytes still unread starts the lookahead."""
+        lines = self.follower.read_lines(max_lines=max_lines)
+        known = None
+        if self.ahead is not None:
+            known = self.ahead.take(lines)
+            if self.ahead.finished:
+                self._stop_ahead()
+        elif len(lines) >= max_lines and self.judge.takes_known:
+            try:
+                self.ahead = lookahead.start(self.filter, self.follower)
+            except OSError as error:   # no fork (a process limit): classified here, as before
+                log.warning("lookahead not started %s", kv(log=self.path, error=error))
+            if self.ahead is not None:
+                log.info("lookahead started %s", kv(log=self.path, pid=self.ahead.pid))
+        return lines, known
+
+    def _stop_ahead(self):
+        ahead, self.ahead = self.ahead, None
+        ahead.close()
+        log.info("lookahead done %s", kv(log=self.path, lines=ahead.cursor, answered=ahead.served,
+                                         behind=ahead.behind))
+
+    def close(self):
+        if self.ahead is not None:
+            self._stop_ahead()
+        self.follower.close()
 
     def stats(self):
         return dict(self.follower.stats, filter=self.filter.name, matched=self.matched,

@@ -126,6 +126,19 @@ class LogFollower:
         self._lines += len(lines)
         return lines
 
+    def unread(self) -> tuple[int, int, int] | None:
+        """(descriptor, offset, size) of the current file: its lines from offset on
+        are what read_lines() returns next. None while a rotated file is still
+        read first, or inside an over-long line (policyd.logs.lookahead)."""
+        log = self._current
+        if log is None or self._retired or log.skipping:
+            return None
+        try:
+            size = os.fstat(log.fd).st_size
+        except OSError:
+            return None
+        return log.fd, log.line_end, size
+
     def skip_to_end(self) -> None:
         """Follow the log from its current end without reading what is there (a log
         seen for the first time: its old failures must not ban anyone today)."""
@@ -389,7 +402,9 @@ class LogFollower:
             elif log.pending:
                 parts[0] = bytes(log.pending) + parts[0]
                 log.pending.clear()
-            kept = [line for line in parts if len(line) <= self.max_line]
+            # Looked at line by line only when one is too long (a flood is 300k lines).
+            kept = parts if max(map(len, parts)) <= self.max_line else \
+                [line for line in parts if len(line) <= self.max_line]
             self._oversized += len(parts) - len(kept)
             lines.extend(kept)
             log.line_end = log.read_offset - len(rest)
