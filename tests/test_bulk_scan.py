@@ -16,6 +16,7 @@ from test_forged_line_guard import ATTACKER, VICTIM, auth_failure, forging, ngin
 
 from policyd.logs import filters
 from policyd.logs.filters import MAX_LINE_BYTES, Failure, Outcome, load_filter
+from policyd.logs.filterbulk import failures_in_lines
 from policyd.logs.guard import Forgery, failures_from, judge_for
 from policyd.logs.scan import scan
 
@@ -240,7 +241,6 @@ CLEAN = [line(auth_failure(host, connection=n)).rstrip(b"\n") for n, host in
 @given(lines=st.lists(st.one_of(st.sampled_from(CLEAN), st.lists(LINE_PARTS, max_size=6).map(b"".join)),
                       max_size=30))
 def test_the_daemons_c_loop_path_is_classify_line_by_line(lines):
-    from policyd.logs.filterbulk import failures_in_lines
     expected, offset = [], 0
     for text in lines:
         outcome = NGINX_AUTH.classify(text)
@@ -253,6 +253,18 @@ def test_the_daemons_c_loop_path_is_classify_line_by_line(lines):
     if fast is not None:
         offsets, failures = fast
         assert [(o, f, f.time) for o, f in zip(offsets, failures)] == expected
+
+
+def test_the_host_cache_filling_up_mid_slice_loses_no_failure(monkeypatch):
+    # The cache is cleared whole when full; a slice of new hosts that fills it must
+    # still get each line's own address (and take the C-loop path).
+    monkeypatch.setattr(filters, "_HOST_CACHE_LIMIT", 50)
+    filters._HOST_CACHE.clear()
+    lines = [line(auth_failure(f"198.51.100.{n}", connection=n)).rstrip(b"\n") for n in range(200)]
+    fast = failures_in_lines(NGINX_AUTH, lines)
+    assert fast is not None
+    assert fast[1] == [NGINX_AUTH.classify(text) for text in lines]
+    filters._HOST_CACHE.clear()
 
 
 def test_a_guarded_filter_without_contains_bans_in_the_daemon(tmp_path):

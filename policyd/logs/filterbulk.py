@@ -193,10 +193,11 @@ def failures_of_texts(log_filter, hosts, times):
     addresses = list(map(_HOST_CACHE.get, hosts))
     seen = set(map(id, addresses))   # by id: comparing ipaddress objects is slow Python
     if id(None) in seen:
-        # Host texts new to the cache: each parsed once (a flood's are mostly new).
-        for raw in set(hosts).difference(_HOST_CACHE):
-            _cached_parse_host(raw)
-        addresses = list(map(_HOST_CACHE.get, hosts))
+        # Host texts new to the cache: each parsed once (a flood's are mostly new),
+        # and taken from here: the cache may be cleared while they are parsed.
+        parsed = {raw: _cached_parse_host(raw) or Outcome.MALFORMED
+                  for raw in set(hosts).difference(_HOST_CACHE)}
+        addresses = list(map(parsed.get, hosts, addresses))
         seen = set(map(id, addresses))
     if id(None) in seen or id(Outcome.MALFORMED) in seen:
         return None
