@@ -44,6 +44,11 @@ def small_backlogs(monkeypatch):
     monkeypatch.setattr(lookahead, "BLOCK_BYTES", 4096)
 
 
+class _Config:
+    def __init__(self, path):
+        self.path, self.filter, self.mode = str(path), "nginx-auth", None
+
+
 def followed(path, max_line=1 << 20):
     follower = LogFollower(str(path), MemoryPositions(), max_line=max_line)
     follower.read_lines()   # an empty file: followed from its start
@@ -127,6 +132,42 @@ def test_a_log_unusual_in_every_block_stops_the_child(tmp_path):
         os.waitpid(ahead.pid, os.WNOHANG)
 
 
+def test_a_log_that_defeats_the_lookahead_is_read_without_one_for_a_while(tmp_path, monkeypatch):
+    # Given up once, it is not forked again every few slices; nor after a failed fork.
+    path = tmp_path / "error.log"
+    path.write_bytes(b"")
+    source = LogSource(_Config(path), MemoryPositions())
+    lines = flood(12000)
+    for n in range(0, 12000, 10):
+        lines[n] = auth_failure("192.0.2.6").replace("user", "us\0er")
+    write(path, lines)
+    started_pids = []
+    real_start = lookahead.start
+
+    def counted(*args):
+        ahead = real_start(*args)
+        started_pids.append(ahead.pid)
+        return ahead
+
+    monkeypatch.setattr(lookahead, "start", counted)
+    while source.read_slice(100)[0]:
+        time.sleep(0.001)
+    assert len(started_pids) == 1 and source.ahead is None
+    source.close()
+
+    def refused(*args):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    calls = []
+    monkeypatch.setattr(lookahead, "start", lambda *args: calls.append(args) or refused())
+    source = LogSource(_Config(path), MemoryPositions())
+    write(path, flood(3000))
+    while source.read_slice(100)[0]:
+        pass
+    assert len(calls) == 1 and source.ahead is None
+    source.close()
+
+
 def test_lines_longer_than_the_follower_takes_are_skipped_alike(tmp_path):
     path = tmp_path / "error.log"
     path.write_bytes(b"")
@@ -189,13 +230,7 @@ def test_a_slice_the_child_answered_judges_as_one_it_did_not(tmp_path):
 def test_the_daemons_source_starts_and_ends_a_lookahead(tmp_path):
     path = tmp_path / "error.log"
     path.write_bytes(b"")
-    positions = MemoryPositions()
-
-    class Config:
-        def __init__(self):
-            self.path, self.filter, self.mode = str(path), "nginx-auth", None
-
-    source = LogSource(Config(), positions)
+    source = LogSource(_Config(path), MemoryPositions())
     write(path, flood(3000))
     failures, answered = 0, 0
     while True:

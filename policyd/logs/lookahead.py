@@ -85,6 +85,7 @@ class Lookahead:
         self.behind = 0          # slices read before the child answered for them
         self.unusual = 0         # slices with a line only the daemon's own path judges
         self.finished = False    # nothing more will be answered
+        self.gave_up = False     # finished because its answers were of no use
         self._blocks = deque()
         self._buffer = bytearray()
         self._received = 0       # lines the child has answered so far
@@ -144,6 +145,7 @@ class Lookahead:
                     # A log unusual all along (a NUL byte in every block, say) costs
                     # the child's CPU for nothing: the daemon reads it alone.
                     self.close()
+                    self.gave_up = True
                 return None
             covering.append(block)
         crcs = array("I")
@@ -153,6 +155,7 @@ class Lookahead:
             # Not the lines the child read (the file was truncated and written
             # again under the same name): nothing more it says can be used.
             self.close()
+            self.gave_up = True
             return None
         lines_before, hosts, times = [], [], []
         for block in covering:

@@ -5,6 +5,7 @@ policyd.logs.journal's.
 """
 import logging
 import os
+import time
 
 from policyd.logfmt import kv
 from policyd.logs import lookahead
@@ -13,6 +14,10 @@ from policyd.logs.guard import judge_for
 from policyd.logs.tail import LogFollower
 
 log = logging.getLogger(__name__)
+
+# After a lookahead that could not start or gave up, this log is read without
+# one for this long: a log that defeats it must not cost a fork every few slices.
+LOOKAHEAD_RETRY_SECONDS = 60.0
 
 
 class LogSource:
@@ -38,6 +43,7 @@ class LogSource:
         self.judge = judge_for(self.filter)
         self.forged = 0
         self.ahead = None   # a policyd.logs.lookahead.Lookahead while a backlog is read
+        self._ahead_after = 0.0   # no lookahead before this time.monotonic()
 
     def read_slice(self, max_lines):
         """(lines, what the lookahead worked out for them or None): the follower's next
@@ -48,10 +54,11 @@ class LogSource:
             known = self.ahead.take(lines)
             if self.ahead.finished:
                 self._stop_ahead()
-        elif len(lines) >= max_lines and self.judge.takes_known:
+        elif len(lines) >= max_lines and self.judge.takes_known and time.monotonic() >= self._ahead_after:
             try:
                 self.ahead = lookahead.start(self.filter, self.follower)
             except OSError as error:   # no fork (a process limit): classified here, as before
+                self._ahead_after = time.monotonic() + LOOKAHEAD_RETRY_SECONDS
                 log.warning("lookahead not started %s", kv(log=self.path, error=error))
             if self.ahead is not None:
                 log.info("lookahead started %s", kv(log=self.path, pid=self.ahead.pid))
@@ -60,8 +67,10 @@ class LogSource:
     def _stop_ahead(self):
         ahead, self.ahead = self.ahead, None
         ahead.close()
+        if ahead.gave_up:
+            self._ahead_after = time.monotonic() + LOOKAHEAD_RETRY_SECONDS
         log.info("lookahead done %s", kv(log=self.path, lines=ahead.cursor, answered=ahead.served,
-                                         behind=ahead.behind))
+                                         behind=ahead.behind, gave_up=ahead.gave_up))
 
     def close(self):
         if self.ahead is not None:
