@@ -70,7 +70,7 @@ def _nft_file(host, path):
 
 
 def median(samples):
-    """The middle (wall, cpu) pair of an odd number of samples, by wall time."""
+    """The middle of an odd number of samples (of (wall, cpu) pairs: by wall time)."""
     return sorted(samples)[len(samples) // 2]
 
 
@@ -214,7 +214,7 @@ def _churn(host, policy, list_path, v4, v6, churn, changes=CHURN_CHANGES):
     finally:
         log = daemon.stop_and_read()
     applied = [line for line in log.splitlines() if "list applied" in line]
-    return {"churn_lines": 2 * int(len(v4) * churn), "churn_seconds": round(sorted(taken)[len(taken) // 2], 3),
+    return {"churn_lines": 2 * int(len(v4) * churn), "churn_seconds": round(median(taken), 3),
             "churn_samples": [round(seconds, 3) for seconds in taken],
             "churn_daemon_log": applied[-changes:] if applied else log[-500:]}
 

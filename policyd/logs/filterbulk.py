@@ -7,8 +7,8 @@ objects). Both inline the first rule's common case: the line matches it with a
 valid host; every other case goes through Filter.classify's own code.
 """
 import re
-from itertools import repeat
-from operator import sub
+from itertools import accumulate, count, repeat
+from operator import add, sub
 
 from policyd.logs.filters import (_HOST_CACHE, MAX_LINE_BYTES, Failure, Outcome, _cached_parse_host, _RegexRule,
                              search_token)
@@ -134,6 +134,12 @@ def classify_region(log_filter, buffer, low, high):
         if id(None) not in seen and id(Outcome.MALFORMED) not in seen:
             return list(zip(starts, ends, addresses)), 0
     return _classify_lines(log_filter, starts, ends, list(map(buffer.__getitem__, map(slice, starts, ends))))
+
+
+def line_starts(lines):
+    """Where each line starts in b"\\n".join(lines), and one past the last newline
+    after them: summed at C speed."""
+    return list(map(add, accumulate(map(len, lines), initial=0), count()))
 
 
 def failures_in_lines(log_filter, lines):

@@ -11,10 +11,9 @@ import re
 import time
 from bisect import bisect_left
 from collections import deque
-from itertools import accumulate, count
-from operator import add
+from itertools import accumulate
 
-from policyd.logs.filterbulk import failures_in_lines
+from policyd.logs.filterbulk import failures_in_lines, line_starts
 from policyd.logs.filters import Failure, Filter, Outcome, _cached_parse_host
 from policyd.logs.nginxentry import (_NGINX, ending_tails, newline_requests, nginx_sender,  # noqa: F401
                                      write_head, write_start)   # nginx_sender: one line's sender, for callers
@@ -261,9 +260,9 @@ class NginxErrorJudge(PlainJudge):
             keep = 0 if self.every_line else bisect_left(offsets, end - self.max_bytes - position)
             results.extend(failures[:keep])
             if keep < len(offsets):
-                line_starts = list(map(add, accumulate(map(len, lines), initial=0), count()))
+                starts = line_starts(lines)
                 for number in range(keep, len(offsets)):
-                    line = bisect_left(line_starts, offsets[number])
+                    line = bisect_left(starts, offsets[number])
                     start = position + offsets[number]
                     entry = _Line(index + line, start, start + len(lines[line]), failures[number])
                     recent.append(entry)

@@ -18,10 +18,9 @@ import zlib
 from array import array
 from bisect import bisect_left
 from collections import deque
-from itertools import accumulate, count, repeat
-from operator import add
+from itertools import repeat
 
-from policyd.logs.filterbulk import failure_texts, failures_of_texts, usable_in_bulk
+from policyd.logs.filterbulk import failure_texts, failures_of_texts, line_starts, usable_in_bulk
 
 # A backlog smaller than this is read as fast as a fork would pay off.
 MIN_BACKLOG_BYTES = 4 << 20
@@ -38,11 +37,6 @@ WAIT_SECONDS = 0.003
 # lookahead stops.
 UNUSUAL_SLICES = 16
 _FRAME = struct.Struct("=I")
-
-
-def _line_starts(lines):
-    """Where each line starts in b"\\n".join(lines) (and one past the end), summed in C."""
-    return list(map(add, accumulate(map(len, lines), initial=0), count()))
 
 
 def start(log_filter, follower):
@@ -168,9 +162,9 @@ class Lookahead:
         failures = failures_of_texts(self.filter, hosts, times)
         if failures is None:
             return None
-        line_starts = _line_starts(lines)
+        where = line_starts(lines)
         self.served += 1
-        return list(map(line_starts.__getitem__, lines_before)), failures
+        return list(map(where.__getitem__, lines_before)), failures
 
     def close(self):
         """Stop the child (if it still runs) and forget its answers."""
@@ -250,8 +244,8 @@ def _answer(log_filter, lines, out):  # pragma: no cover (runs in the child)
     if texts is not None:
         starts, hosts, times = texts
         # Where each line starts in the block's b"\n".join: a failure's line number.
-        line_starts = _line_starts(lines)
-        texts = (list(map(bisect_left, repeat(line_starts), starts)), hosts, times)
+        where = line_starts(lines)
+        texts = (list(map(bisect_left, repeat(where), starts)), hosts, times)
     frame = marshal.dumps((len(lines), crcs, texts))
     view = memoryview(_FRAME.pack(len(frame)) + frame)
     while view:
